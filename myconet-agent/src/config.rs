@@ -1,0 +1,253 @@
+//! Agent settings: command-line flags, optionally layered over a TOML file.
+//!
+//! Flags win over the file, so an operator can override one setting of a deployed
+//! config without editing it.
+
+use std::{
+    net::{Ipv6Addr, SocketAddrV6},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use myconet_common::wire::DEFAULT_PORT;
+use serde::Deserialize;
+
+use crate::{
+    dataplane::XdpModeChoice,
+    rib::{NextHop, Prefix},
+};
+
+/// Command-line flags.
+#[derive(Debug, Parser)]
+#[command(name = "myconet-agent", version, about = "Myconet node agent")]
+pub struct Cli {
+    /// TOML configuration file; flags given here override its values.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Underlay interface to attach the XDP relay to (repeat for several).
+    #[arg(long = "interface", short = 'i')]
+    pub interfaces: Vec<String>,
+    /// Underlay UDP port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Directory for the identity key and other state.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Unix socket of the gRPC control API.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Permission bits of the control socket, in octal.
+    #[arg(long, value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+    /// XDP attach mode.
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<XdpModeChoice>,
+    /// Leave the interfaces' IPv6 forwarding/accept_ra sysctls alone (the fast path then
+    /// passes relayed traffic to userspace unless forwarding is already enabled).
+    #[arg(long)]
+    pub no_sysctl: bool,
+    /// Static peer, `[ADDR]:PORT` or `ADDR` (repeat for several).
+    #[arg(long = "peer")]
+    pub peers: Vec<String>,
+}
+
+/// The file format; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    interfaces: Option<Vec<String>>,
+    port: Option<u16>,
+    state_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    socket_mode: Option<String>,
+    xdp_mode: Option<String>,
+    manage_sysctl: Option<bool>,
+    #[serde(default)]
+    peers: Vec<String>,
+    #[serde(default)]
+    routes: Vec<FileRoute>,
+}
+
+/// A static route in the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    prefix: String,
+    via: String,
+    port: Option<u16>,
+    ifindex: Option<u32>,
+}
+
+/// Resolved settings.
+#[derive(Debug)]
+pub struct Settings {
+    /// Interfaces to attach to.
+    pub interfaces: Vec<String>,
+    /// Underlay port.
+    pub port: u16,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Control socket path.
+    pub socket: PathBuf,
+    /// Control socket mode.
+    pub socket_mode: u32,
+    /// XDP attach mode.
+    pub xdp_mode: XdpModeChoice,
+    /// Whether to set forwarding/accept_ra.
+    pub manage_sysctl: bool,
+    /// Static peers.
+    pub peers: Vec<SocketAddrV6>,
+    /// Static routes.
+    pub routes: Vec<(Prefix, NextHop)>,
+}
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/myconet";
+/// Default control socket.
+pub const DEFAULT_SOCKET: &str = "/run/myconet/agent.sock";
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("not an octal mode: {s}"))?;
+    if mode > 0o777 {
+        return Err(format!("mode {s} has bits beyond 0777"));
+    }
+    Ok(mode)
+}
+
+/// Parses `[ADDR]:PORT` or a bare `ADDR` (default port).
+pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddrV6> {
+    if let Ok(sa) = s.parse::<SocketAddrV6>() {
+        return Ok(sa);
+    }
+    let addr: Ipv6Addr = s
+        .parse()
+        .with_context(|| format!("not an IPv6 endpoint ([ADDR]:PORT or ADDR): {s}"))?;
+    Ok(SocketAddrV6::new(addr, DEFAULT_PORT, 0, 0))
+}
+
+impl Cli {
+    /// Merges flags over the file (if any) and validates everything.
+    pub fn resolve(self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let interfaces = if self.interfaces.is_empty() {
+            file.interfaces.unwrap_or_default()
+        } else {
+            self.interfaces
+        };
+        let port = self.port.or(file.port).unwrap_or(DEFAULT_PORT);
+        if port == 0 {
+            bail!("port must not be 0");
+        }
+        let socket_mode = match (self.socket_mode, file.socket_mode) {
+            (Some(m), _) => m,
+            (None, Some(m)) => parse_mode(&m).map_err(anyhow::Error::msg)?,
+            (None, None) => 0o600,
+        };
+        let xdp_mode = match (self.xdp_mode, file.xdp_mode) {
+            (Some(m), _) => m,
+            (None, Some(m)) => <XdpModeChoice as clap::ValueEnum>::from_str(&m, true)
+                .map_err(|_| anyhow::anyhow!("xdp_mode must be auto, driver or generic: {m}"))?,
+            (None, None) => XdpModeChoice::Auto,
+        };
+        let mut peers = Vec::new();
+        for p in file.peers.iter().chain(self.peers.iter()) {
+            peers.push(parse_endpoint(p)?);
+        }
+        let mut routes = Vec::new();
+        for r in file.routes {
+            let prefix: Prefix = r
+                .prefix
+                .parse()
+                .with_context(|| format!("route {}", r.prefix))?;
+            let addr: Ipv6Addr = r
+                .via
+                .parse()
+                .with_context(|| format!("route {}: bad next hop {}", r.prefix, r.via))?;
+            routes.push((
+                prefix,
+                NextHop {
+                    addr,
+                    port: r.port.unwrap_or(DEFAULT_PORT),
+                    ifindex: r.ifindex.unwrap_or(0),
+                },
+            ));
+        }
+        Ok(Settings {
+            interfaces,
+            port,
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            socket: self
+                .socket
+                .or(file.socket)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+            socket_mode,
+            xdp_mode,
+            manage_sysctl: !self.no_sysctl && file.manage_sysctl.unwrap_or(true),
+            peers,
+            routes,
+        })
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file() {
+        let dir = std::env::temp_dir().join(format!("myconet-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("agent.toml");
+        std::fs::write(
+            &f,
+            r#"
+interfaces = ["eth0"]
+port = 7000
+socket_mode = "0660"
+peers = ["[fd00::1]:7000", "fd00::2"]
+[[routes]]
+prefix = "fd6d:1:2:3::/64"
+via = "fd00::1"
+"#,
+        )
+        .unwrap();
+        let cli = Cli::parse_from(["myconet-agent", "-c", f.to_str().unwrap(), "--port", "7001"]);
+        let s = cli.resolve().unwrap();
+        assert_eq!(s.interfaces, vec!["eth0"]);
+        assert_eq!(s.port, 7001);
+        assert_eq!(s.socket_mode, 0o660);
+        assert_eq!(s.peers[1].port(), DEFAULT_PORT);
+        assert_eq!(s.routes.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let dir = std::env::temp_dir().join(format!("myconet-cfg-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("agent.toml");
+        std::fs::write(&f, "prot = 1\n").unwrap();
+        let err = Cli::parse_from(["a", "-c", f.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("prot"), "{err:#}");
+        assert!(parse_endpoint("not-an-address").is_err());
+        assert!(parse_mode("999").is_err());
+        assert!(Cli::try_parse_from(["a", "--socket-mode", "rw"]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

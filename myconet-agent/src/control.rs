@@ -1,0 +1,827 @@
+//! The gRPC control API (`proto/myconet.proto`) served on a Unix socket.
+//!
+//! A Unix socket rather than TCP so that access control is plain file permissions: the
+//! socket is created with the requested mode before anyone can reach it (it is bound in a
+//! private directory and renamed into place), so there is no window in which a client
+//! with fewer rights could connect. Every RPC is a thin translation between the proto
+//! messages and [`Node`]; validation beyond syntax lives in `Node`, and every refusal is
+//! mapped to a gRPC code the CLI can show as is.
+
+use std::{
+    future::Future,
+    io,
+    net::Ipv6Addr,
+    os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, bail};
+use myconet_common::wire::DEFAULT_PORT;
+use myconet_proto::v1 as pb;
+use myconet_proto::v1::control_server::{Control, ControlServer};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::{error, info, warn};
+
+use crate::{
+    node::{Node, NodeError},
+    rib::{NextHop, Origin, Prefix, RouteTarget},
+};
+
+/// Serves the control API on `socket` until `shutdown` completes, then removes the socket.
+///
+/// Refuses to start when another agent answers on the same path, because silently
+/// replacing its socket would leave that agent unreachable. A socket file nobody answers
+/// on is a leftover from a crash and is replaced. `mode` is applied to the socket before
+/// it becomes reachable under `socket`.
+pub async fn serve(
+    node: Arc<Node>,
+    socket: &Path,
+    mode: u32,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (listener, identity) = bind(socket, mode).await?;
+    info!(
+        socket = %socket.display(),
+        mode = format_args!("{:o}", mode & 0o7777),
+        "control API listening"
+    );
+    let served = tonic::transport::Server::builder()
+        .add_service(ControlServer::new(ControlService::new(node)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .with_context(|| format!("serving the control API on {}", socket.display()));
+    remove_if_ours(socket, identity);
+    served
+}
+
+/// Longest path a Unix socket can be bound at (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Device and inode of the socket we created, so shutdown never removes a file that
+/// someone else put at the same path in the meantime.
+type FileIdentity = (u64, u64);
+
+async fn bind(socket: &Path, mode: u32) -> anyhow::Result<(UnixListener, FileIdentity)> {
+    if socket.file_name().is_none() {
+        bail!("control socket path {} has no file name", socket.display());
+    }
+    let len = socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        bail!(
+            "control socket path {} is {len} bytes long; Unix sockets allow at most {MAX_SOCKET_PATH}",
+            socket.display()
+        );
+    }
+    let parent = match socket.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&parent)
+        .with_context(|| format!("creating {}", parent.display()))?;
+
+    match std::fs::symlink_metadata(socket) {
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(socket).await {
+            Ok(_) => bail!("another agent is already serving on {}", socket.display()),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                warn!(socket = %socket.display(), "removing stale control socket");
+                std::fs::remove_file(socket)
+                    .with_context(|| format!("removing stale socket {}", socket.display()))?;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "checking whether an agent is serving on {}",
+                        socket.display()
+                    )
+                });
+            }
+        },
+        Ok(_) => bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            socket.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", socket.display())),
+    }
+
+    // Bind inside a directory only we can enter, fix the mode, then rename into place:
+    // the socket is never reachable with the umask's permissions.
+    // Short names: the staged path must fit in sun_path just like the final one.
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let private = parent.join(format!(".{:x}{nonce:x}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("creating {}", private.display()))?;
+    let staged = private.join("s");
+    let bound = stage(&staged, socket, mode);
+    let _ = std::fs::remove_file(&staged);
+    if let Err(e) = std::fs::remove_dir(&private) {
+        warn!(dir = %private.display(), error = %e, "could not remove temporary directory");
+    }
+    let listener = bound?;
+    let meta = std::fs::symlink_metadata(socket)
+        .with_context(|| format!("inspecting {}", socket.display()))?;
+    Ok((listener, (meta.dev(), meta.ino())))
+}
+
+/// Binds at `staged`, applies `mode` and moves the socket to `socket`.
+fn stage(staged: &Path, socket: &Path, mode: u32) -> anyhow::Result<UnixListener> {
+    let listener =
+        UnixListener::bind(staged).with_context(|| format!("binding {}", staged.display()))?;
+    std::fs::set_permissions(staged, std::fs::Permissions::from_mode(mode & 0o7777))
+        .with_context(|| format!("setting mode {:o} on {}", mode, staged.display()))?;
+    std::fs::rename(staged, socket)
+        .with_context(|| format!("moving the control socket to {}", socket.display()))?;
+    Ok(listener)
+}
+
+fn remove_if_ours(socket: &Path, identity: FileIdentity) {
+    match std::fs::symlink_metadata(socket) {
+        Ok(meta) if (meta.dev(), meta.ino()) == identity => {
+            if let Err(e) = std::fs::remove_file(socket) {
+                warn!(socket = %socket.display(), error = %e, "could not remove control socket");
+            }
+        }
+        Ok(_) => warn!(
+            socket = %socket.display(),
+            "control socket was replaced by someone else; leaving it"
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warn!(socket = %socket.display(), error = %e, "could not inspect control socket"),
+    }
+}
+
+/// The `Control` service: translates proto messages to [`Node`] calls and back.
+#[derive(Debug, Clone)]
+pub struct ControlService {
+    node: Arc<Node>,
+}
+
+impl ControlService {
+    /// Wraps the node the RPCs act on.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+/// Maps a node refusal to the gRPC code that tells the caller whether retrying with
+/// different input can help.
+fn node_status(e: NodeError) -> Status {
+    match e {
+        NodeError::OwnPrefix(_) => Status::failed_precondition(e.to_string()),
+        NodeError::InvalidNextHop(..) | NodeError::InvalidPeer(..) => {
+            Status::invalid_argument(e.to_string())
+        }
+        NodeError::Dataplane(_) => {
+            error!(error = %e, "data plane operation failed");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+fn parse_addr(field: &str, value: &str) -> Result<Ipv6Addr, Status> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    trimmed.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "{field} {value:?} is not an IPv6 address (the underlay is IPv6-only)"
+        ))
+    })
+}
+
+/// Port 0 (the proto default) means the Myconet default port.
+fn parse_port(field: &str, value: u32) -> Result<u16, Status> {
+    match value {
+        0 => Ok(DEFAULT_PORT),
+        v => u16::try_from(v).map_err(|_| {
+            Status::invalid_argument(format!("{field} {v} is out of range (1-65535)"))
+        }),
+    }
+}
+
+fn parse_prefix(value: &str) -> Result<Prefix, Status> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(Status::invalid_argument("prefix is required"));
+    }
+    trimmed
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("prefix {value:?}: {e}")))
+}
+
+fn route_entry(target: RouteTarget, origin: Option<Origin>) -> pb::RouteEntry {
+    pb::RouteEntry {
+        action: target.action_name().to_string(),
+        next_hop: match target {
+            RouteTarget::Local => None,
+            RouteTarget::Forward(nh) => Some(pb::NextHop {
+                address: nh.addr.to_string(),
+                port: u32::from(nh.port),
+                ifindex: nh.ifindex,
+            }),
+        },
+        origin: origin.map(|o| o.as_str().to_string()).unwrap_or_default(),
+    }
+}
+
+fn counter(name: &str, c: myconet_common::maps::Counter) -> pb::Counter {
+    pb::Counter {
+        name: name.to_string(),
+        packets: c.packets,
+        bytes: c.bytes,
+    }
+}
+
+fn saturating_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::Status>, Status> {
+        let s = self.node.status();
+        Ok(Response::new(pb::Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            public_key: s.public_key,
+            node_prefix: s.node_prefix.to_string(),
+            node_address: s.node_address.to_string(),
+            port: u32::from(s.port),
+            interfaces: s
+                .interfaces
+                .iter()
+                .map(|a| pb::Interface {
+                    name: a.name.clone(),
+                    ifindex: a.ifindex,
+                    xdp_mode: a.mode.as_str().to_string(),
+                })
+                .collect(),
+            uptime_seconds: s.uptime_seconds,
+            peer_count: saturating_u32(s.peer_count),
+            route_count: saturating_u32(s.route_count),
+        }))
+    }
+
+    async fn list_peers(
+        &self,
+        _request: Request<pb::ListPeersRequest>,
+    ) -> Result<Response<pb::ListPeersResponse>, Status> {
+        let peers = self
+            .node
+            .peers()
+            .map_err(node_status)?
+            .into_iter()
+            .map(|((addr, port), in_kernel)| pb::Peer {
+                address: addr.to_string(),
+                port: u32::from(port),
+                in_kernel,
+            })
+            .collect();
+        Ok(Response::new(pb::ListPeersResponse { peers }))
+    }
+
+    async fn add_peer(
+        &self,
+        request: Request<pb::AddPeerRequest>,
+    ) -> Result<Response<pb::Peer>, Status> {
+        let req = request.into_inner();
+        let addr = parse_addr("address", &req.address)?;
+        let port = parse_port("port", req.port)?;
+        self.node.add_peer(addr, port).map_err(node_status)?;
+        info!(peer = %format_args!("[{addr}]:{port}"), "peer added via control API");
+        let in_kernel = self
+            .node
+            .peers()
+            .map_err(node_status)?
+            .into_iter()
+            .any(|(e, k)| e == (addr, port) && k);
+        Ok(Response::new(pb::Peer {
+            address: addr.to_string(),
+            port: u32::from(port),
+            in_kernel,
+        }))
+    }
+
+    async fn remove_peer(
+        &self,
+        request: Request<pb::RemovePeerRequest>,
+    ) -> Result<Response<pb::RemovePeerResponse>, Status> {
+        let req = request.into_inner();
+        let addr = parse_addr("address", &req.address)?;
+        let port = parse_port("port", req.port)?;
+        let removed = self.node.remove_peer(addr, port).map_err(node_status)?;
+        if removed {
+            info!(peer = %format_args!("[{addr}]:{port}"), "peer removed via control API");
+        }
+        Ok(Response::new(pb::RemovePeerResponse { removed }))
+    }
+
+    async fn list_routes(
+        &self,
+        _request: Request<pb::ListRoutesRequest>,
+    ) -> Result<Response<pb::ListRoutesResponse>, Status> {
+        let routes = self
+            .node
+            .routes()
+            .map_err(node_status)?
+            .into_iter()
+            .map(|row| pb::RouteRow {
+                prefix: row.prefix.to_string(),
+                agent: row.agent.map(|e| route_entry(e.target, Some(e.origin))),
+                kernel: row.kernel.map(|t| route_entry(t, None)),
+                in_sync: row.in_sync(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListRoutesResponse { routes }))
+    }
+
+    async fn add_route(
+        &self,
+        request: Request<pb::AddRouteRequest>,
+    ) -> Result<Response<pb::Route>, Status> {
+        let req = request.into_inner();
+        let prefix = parse_prefix(&req.prefix)?;
+        let nh = req
+            .next_hop
+            .ok_or_else(|| Status::invalid_argument("next_hop is required"))?;
+        let next_hop = NextHop {
+            addr: parse_addr("next_hop.address", &nh.address)?,
+            port: parse_port("next_hop.port", nh.port)?,
+            ifindex: nh.ifindex,
+        };
+        let entry = self.node.add_route(prefix, next_hop).map_err(node_status)?;
+        info!(
+            %prefix,
+            next_hop = %format_args!("[{}]:{}", next_hop.addr, next_hop.port),
+            ifindex = next_hop.ifindex,
+            "route added via control API"
+        );
+        Ok(Response::new(pb::Route {
+            prefix: prefix.to_string(),
+            entry: Some(route_entry(entry.target, Some(entry.origin))),
+        }))
+    }
+
+    async fn remove_route(
+        &self,
+        request: Request<pb::RemoveRouteRequest>,
+    ) -> Result<Response<pb::RemoveRouteResponse>, Status> {
+        let prefix = parse_prefix(&request.into_inner().prefix)?;
+        let removed = self.node.remove_route(prefix).map_err(node_status)?;
+        if removed {
+            info!(%prefix, "route removed via control API");
+        }
+        Ok(Response::new(pb::RemoveRouteResponse { removed }))
+    }
+
+    async fn get_stats(
+        &self,
+        _request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::Stats>, Status> {
+        let xdp = self
+            .node
+            .xdp_stats()
+            .map_err(node_status)?
+            .into_iter()
+            .map(|(stat, c)| counter(stat.name(), c))
+            .collect();
+        let agent = self
+            .node
+            .agent_stats()
+            .into_iter()
+            .map(|(stat, c)| counter(stat.name(), c))
+            .collect();
+        Ok(Response::new(pb::Stats { xdp, agent }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        time::Duration,
+    };
+
+    use myconet_proto::v1::control_client::ControlClient;
+    use tonic::Code;
+
+    use super::*;
+    use crate::{identity::Identity, node::AgentStat};
+
+    /// A directory removed on drop (the agent has no tempfile dependency).
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "myconet-ctl-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn node(dir: &TempDir) -> Arc<Node> {
+        let identity = Identity::load_or_create(&dir.0.join("state")).unwrap();
+        Arc::new(Node::new(identity, DEFAULT_PORT, None, Vec::new()).unwrap())
+    }
+
+    fn service() -> (TempDir, ControlService) {
+        let dir = TempDir::new();
+        let svc = ControlService::new(node(&dir));
+        (dir, svc)
+    }
+
+    fn add_route_req(prefix: &str, addr: &str, port: u32) -> Request<pb::AddRouteRequest> {
+        Request::new(pb::AddRouteRequest {
+            prefix: prefix.into(),
+            next_hop: Some(pb::NextHop {
+                address: addr.into(),
+                port,
+                ifindex: 0,
+            }),
+        })
+    }
+
+    fn peer_req(addr: &str, port: u32) -> Request<pb::AddPeerRequest> {
+        Request::new(pb::AddPeerRequest {
+            address: addr.into(),
+            port,
+        })
+    }
+
+    #[tokio::test]
+    async fn status_reports_identity_and_counts() {
+        let (_dir, svc) = service();
+        let s = svc
+            .get_status(Request::new(pb::GetStatusRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(s.node_prefix, svc.node.node_prefix().to_string());
+        assert!(s.node_prefix.ends_with("/64"), "{}", s.node_prefix);
+        assert_eq!(
+            s.node_address,
+            svc.node.identity().node_address().to_string()
+        );
+        assert_eq!(s.public_key, svc.node.identity().public_key_hex());
+        assert_eq!(s.port, u32::from(DEFAULT_PORT));
+        assert!(s.interfaces.is_empty());
+        assert_eq!((s.peer_count, s.route_count), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn peers_add_list_remove() {
+        let (_dir, svc) = service();
+        let p = svc
+            .add_peer(peer_req("fd00::2", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(p.address, "fd00::2");
+        assert_eq!(p.port, u32::from(DEFAULT_PORT));
+        assert!(!p.in_kernel);
+        svc.add_peer(peer_req(" fd00::3 ", 9000)).await.unwrap();
+
+        let list = svc
+            .list_peers(Request::new(pb::ListPeersRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let shown: Vec<_> = list
+            .peers
+            .iter()
+            .map(|p| (p.address.as_str(), p.port))
+            .collect();
+        assert_eq!(
+            shown,
+            [("fd00::2", u32::from(DEFAULT_PORT)), ("fd00::3", 9000)]
+        );
+
+        let remove = |addr: &str, port| {
+            svc.remove_peer(Request::new(pb::RemovePeerRequest {
+                address: addr.into(),
+                port,
+            }))
+        };
+        assert!(remove("fd00::2", 0).await.unwrap().into_inner().removed);
+        assert!(!remove("fd00::2", 0).await.unwrap().into_inner().removed);
+        assert!(!remove("fd00::3", 9001).await.unwrap().into_inner().removed);
+        assert_eq!(
+            remove("nope", 0).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_peers_are_invalid_arguments() {
+        let (_dir, svc) = service();
+        for (addr, port, needle) in [
+            ("not-an-address", 0, "not-an-address"),
+            ("192.0.2.1", 0, "192.0.2.1"),
+            ("", 0, "required"),
+            ("fd00::2", 70_000, "70000"),
+            ("fd6d::1", 0, "underlay"),
+            ("ff02::1", 0, "unicast"),
+        ] {
+            let e = svc.add_peer(peer_req(addr, port)).await.unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{addr}: {e:?}");
+            assert!(e.message().contains(needle), "{addr}: {}", e.message());
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_add_list_remove() {
+        let (_dir, svc) = service();
+        let r = svc
+            .add_route(add_route_req("fd6d:1:2:3:4::/64", "fd00::2", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.prefix, "fd6d:1:2:3::/64");
+        let entry = r.entry.unwrap();
+        assert_eq!(entry.action, "forward");
+        assert_eq!(entry.origin, "static");
+        let nh = entry.next_hop.unwrap();
+        assert_eq!(
+            (nh.address.as_str(), nh.port, nh.ifindex),
+            ("fd00::2", u32::from(DEFAULT_PORT), 0)
+        );
+
+        let rows = svc
+            .list_routes(Request::new(pb::ListRoutesRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .routes;
+        assert_eq!(rows.len(), 2);
+        let own = rows
+            .iter()
+            .find(|r| r.prefix == svc.node.node_prefix().to_string())
+            .unwrap();
+        let own_agent = own.agent.as_ref().unwrap();
+        assert_eq!(
+            (own_agent.action.as_str(), own_agent.origin.as_str()),
+            ("local", "local")
+        );
+        assert!(own_agent.next_hop.is_none());
+        let added = rows.iter().find(|r| r.prefix == "fd6d:1:2:3::/64").unwrap();
+        assert_eq!(added.agent.as_ref().unwrap().origin, "static");
+        // No data plane: the kernel side holds nothing, so the row is out of sync.
+        assert!(added.kernel.is_none());
+        assert!(!added.in_sync);
+
+        let remove =
+            |p: &str| svc.remove_route(Request::new(pb::RemoveRouteRequest { prefix: p.into() }));
+        assert!(
+            remove("fd6d:1:2:3::/64")
+                .await
+                .unwrap()
+                .into_inner()
+                .removed
+        );
+        assert!(
+            !remove("fd6d:1:2:3::/64")
+                .await
+                .unwrap()
+                .into_inner()
+                .removed
+        );
+        assert!(!remove("fd6d:9::/32").await.unwrap().into_inner().removed);
+    }
+
+    #[tokio::test]
+    async fn bad_routes_are_refused_with_the_right_code() {
+        let (_dir, svc) = service();
+        let own = svc.node.node_prefix().to_string();
+        for (prefix, addr, port, code, needle) in [
+            ("garbage", "fd00::2", 0, Code::InvalidArgument, "garbage"),
+            (
+                "2001:db8::/64",
+                "fd00::2",
+                0,
+                Code::InvalidArgument,
+                "2001:db8::/64",
+            ),
+            ("fd6d::/129", "fd00::2", 0, Code::InvalidArgument, "129"),
+            (
+                "",
+                "fd00::2",
+                0,
+                Code::InvalidArgument,
+                "prefix is required",
+            ),
+            ("fd6d:1::/64", "bogus", 0, Code::InvalidArgument, "bogus"),
+            (
+                "fd6d:1::/64",
+                "fd6d::1",
+                0,
+                Code::InvalidArgument,
+                "underlay",
+            ),
+            ("fd6d:1::/64", "::", 0, Code::InvalidArgument, "unicast"),
+            (
+                "fd6d:1::/64",
+                "fd00::2",
+                65_536,
+                Code::InvalidArgument,
+                "65536",
+            ),
+            (
+                own.as_str(),
+                "fd00::2",
+                0,
+                Code::FailedPrecondition,
+                "own prefix",
+            ),
+        ] {
+            let e = svc
+                .add_route(add_route_req(prefix, addr, port))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), code, "{prefix} via {addr}: {e:?}");
+            assert!(e.message().contains(needle), "{prefix}: {}", e.message());
+        }
+
+        let e = svc
+            .add_route(Request::new(pb::AddRouteRequest {
+                prefix: "fd6d:1::/64".into(),
+                next_hop: None,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("next_hop"));
+
+        let e = svc
+            .remove_route(Request::new(pb::RemoveRouteRequest { prefix: own }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        let e = svc
+            .remove_route(Request::new(pb::RemoveRouteRequest {
+                prefix: "fd6d::".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn stats_name_every_agent_counter() {
+        let (_dir, svc) = service();
+        svc.node.count(AgentStat::RxControl, 100);
+        let stats = svc
+            .get_stats(Request::new(pb::GetStatsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(stats.xdp.is_empty());
+        let names: Vec<_> = stats.agent.iter().map(|c| c.name.as_str()).collect();
+        let expected: Vec<_> = AgentStat::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(names, expected);
+        let rx = stats.agent.iter().find(|c| c.name == "rx_control").unwrap();
+        assert_eq!((rx.packets, rx.bytes), (1, 100));
+    }
+
+    async fn wait_for(path: &Path) {
+        for _ in 0..500 {
+            if path.exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} never appeared", path.display());
+    }
+
+    #[tokio::test]
+    async fn serves_on_a_unix_socket_and_cleans_up() {
+        let dir = TempDir::new();
+        let node = node(&dir);
+        // The parent directory does not exist yet: serve creates it.
+        let socket = dir.0.join("run").join("agent.sock");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn({
+            let node = node.clone();
+            let socket = socket.clone();
+            async move {
+                serve(node, &socket, 0o600, async {
+                    let _ = stopped.await;
+                })
+                .await
+            }
+        });
+        wait_for(&socket).await;
+
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Nothing but the socket is left in the directory (no staging leftovers).
+        let entries: Vec<_> = std::fs::read_dir(socket.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, ["agent.sock"]);
+
+        let channel = tonic::transport::Endpoint::from_shared(format!("unix:{}", socket.display()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = ControlClient::new(channel);
+        let status = client
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(status.node_prefix, node.node_prefix().to_string());
+        let e = client
+            .add_route(pb::AddRouteRequest {
+                prefix: "nonsense".into(),
+                next_hop: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+
+        let second = tokio::time::timeout(
+            Duration::from_secs(5),
+            serve(node.clone(), &socket, 0o600, std::future::pending()),
+        )
+        .await
+        .expect("second serve must fail fast")
+        .unwrap_err();
+        assert!(
+            second
+                .to_string()
+                .contains("another agent is already serving on"),
+            "{second:#}"
+        );
+        // The refused second agent left the first one's socket alone.
+        assert!(client.get_status(pb::GetStatusRequest {}).await.is_ok());
+
+        stop.send(()).unwrap();
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("server stops on shutdown")
+            .unwrap()
+            .unwrap();
+        assert!(!socket.exists(), "socket removed after shutdown");
+    }
+
+    #[tokio::test]
+    async fn overlong_socket_paths_are_refused_up_front() {
+        let dir = TempDir::new();
+        let socket = dir.0.join("x".repeat(120));
+        let e = serve(node(&dir), &socket, 0o600, async {})
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("Unix sockets allow at most 107"),
+            "{e:#}"
+        );
+    }
+
+    #[tokio::test]
+    async fn replaces_a_stale_socket_but_not_other_files() {
+        let dir = TempDir::new();
+        let node = node(&dir);
+        let socket = dir.0.join("agent.sock");
+        // A socket file nobody listens on any more, as after a crash.
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        assert!(socket.exists());
+        serve(node.clone(), &socket, 0o600, async {}).await.unwrap();
+        assert!(!socket.exists());
+
+        std::fs::write(&socket, b"precious").unwrap();
+        let e = serve(node, &socket, 0o600, async {}).await.unwrap_err();
+        assert!(e.to_string().contains("not a socket"), "{e:#}");
+        assert_eq!(std::fs::read(&socket).unwrap(), b"precious");
+    }
+}

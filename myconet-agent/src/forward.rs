@@ -1,0 +1,149 @@
+//! The userspace forwarding decision, with exactly the XDP program's semantics (local
+//! delivery first, then the peer check, the route lookup and the hop limit). Pure: no
+//! sockets, so it is tested directly and shared by every path that relays in userspace.
+
+use std::{collections::BTreeSet, net::Ipv6Addr};
+
+use myconet_common::wire::{PacketType, Repr};
+
+use crate::rib::{NextHop, Rib, RouteTarget};
+
+/// An underlay UDP endpoint.
+pub type Endpoint = (Ipv6Addr, u16);
+
+/// What to do with a data packet that reached the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// For this node.
+    Deliver,
+    /// Relay to `next_hop` with the hop limit already decremented.
+    Forward {
+        /// Where to send it.
+        next_hop: NextHop,
+        /// The hop limit to write into the header.
+        hop_limit: u8,
+    },
+    /// Drop and count.
+    Drop(DropReason),
+}
+
+/// Why the userspace path dropped a packet (mirrors the XDP drop reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a data packet; handshakes and control are handled elsewhere.
+    NotData,
+    /// The sender is not an authenticated neighbour.
+    UnknownPeer,
+    /// No route to the destination.
+    NoRoute,
+    /// Hop limit would reach zero.
+    HopLimit,
+}
+
+/// Decides the fate of a data packet received from `from`.
+pub fn decide(rib: &Rib, peers: &BTreeSet<Endpoint>, from: Endpoint, header: &Repr) -> Decision {
+    if header.packet_type != PacketType::Data {
+        return Decision::Drop(DropReason::NotData);
+    }
+    let route = rib.lookup(header.dst_addr);
+    if let Some((_, entry)) = route
+        && entry.target == RouteTarget::Local
+    {
+        return Decision::Deliver;
+    }
+    if !peers.contains(&from) {
+        return Decision::Drop(DropReason::UnknownPeer);
+    }
+    let Some((_, entry)) = route else {
+        return Decision::Drop(DropReason::NoRoute);
+    };
+    let RouteTarget::Forward(next_hop) = entry.target else {
+        return Decision::Drop(DropReason::NoRoute);
+    };
+    if header.hop_limit <= 1 {
+        return Decision::Drop(DropReason::HopLimit);
+    }
+    Decision::Forward {
+        next_hop,
+        hop_limit: header.hop_limit - 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rib::{Origin, RibEntry};
+
+    fn setup() -> (Rib, BTreeSet<Endpoint>, NextHop) {
+        let mut rib = Rib::default();
+        let nh = NextHop {
+            addr: "fd00::2".parse().unwrap(),
+            port: 9651,
+            ifindex: 0,
+        };
+        rib.insert(
+            "fd6d:c::/64".parse().unwrap(),
+            RibEntry {
+                target: RouteTarget::Forward(nh),
+                origin: Origin::Static,
+            },
+        );
+        rib.insert(
+            "fd6d:b::/64".parse().unwrap(),
+            RibEntry {
+                target: RouteTarget::Local,
+                origin: Origin::Local,
+            },
+        );
+        let peers = BTreeSet::from([("fd00::1".parse().unwrap(), 9651)]);
+        (rib, peers, nh)
+    }
+
+    fn header(dst: &str, hop_limit: u8) -> Repr {
+        Repr {
+            packet_type: PacketType::Data,
+            hop_limit,
+            flags: 0,
+            session_id: 1,
+            counter: 1,
+            dst_addr: dst.parse().unwrap(),
+            src_addr: "fd6d:a::1".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn same_verdicts_as_xdp() {
+        let (rib, peers, nh) = setup();
+        let peer = ("fd00::1".parse().unwrap(), 9651);
+        let stranger = ("fd00::9".parse().unwrap(), 9651);
+        assert_eq!(
+            decide(&rib, &peers, peer, &header("fd6d:c::1", 64)),
+            Decision::Forward {
+                next_hop: nh,
+                hop_limit: 63
+            }
+        );
+        assert_eq!(
+            decide(&rib, &peers, stranger, &header("fd6d:b::1", 64)),
+            Decision::Deliver
+        );
+        assert_eq!(
+            decide(&rib, &peers, stranger, &header("fd6d:c::1", 64)),
+            Decision::Drop(DropReason::UnknownPeer)
+        );
+        assert_eq!(
+            decide(&rib, &peers, peer, &header("fd6d:d::1", 64)),
+            Decision::Drop(DropReason::NoRoute)
+        );
+        assert_eq!(
+            decide(&rib, &peers, peer, &header("fd6d:c::1", 1)),
+            Decision::Drop(DropReason::HopLimit)
+        );
+        let mut control = header("fd6d:c::1", 64);
+        control.packet_type = PacketType::Control;
+        assert_eq!(
+            decide(&rib, &peers, peer, &control),
+            Decision::Drop(DropReason::NotData)
+        );
+    }
+}

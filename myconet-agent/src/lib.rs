@@ -1,0 +1,22 @@
+//! The Myconet node agent as a library: the binary in `main.rs` wires these modules to
+//! tokio; tests and benchmarks drive them directly.
+//!
+//! Where things live:
+//! - `dataplane`: the XDP program, its maps (route map, peer map, counters) and attach.
+//! - `rib`: the agent's routing table; `forward`: the userspace forwarding decision.
+//! - `node`: identity + RIB + peers + data plane behind one lock, the operations the
+//!   control API calls.
+//! - `underlay`: the UDP socket and what happens to packets the kernel passes up.
+//! - `control`: the gRPC control API on a Unix socket.
+//! - `identity`: the Ed25519 key and the /64 derived from it.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod forward;
+pub mod identity;
+pub mod node;
+pub mod rib;
+pub mod sysctl;
+pub mod underlay;

@@ -1,0 +1,108 @@
+//! `myconet-agent`: loads the XDP relay, serves the control API (`mod control` in lib.rs)
+//! and handles what the kernel passes up, until SIGTERM or SIGINT.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use myconet_agent::{
+    config::Cli, control, dataplane::XdpDataplane, identity::Identity, node::Node, sysctl, underlay,
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let settings = Cli::parse().resolve()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(settings))
+}
+
+async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
+    let identity = Identity::load_or_create(&settings.state_dir)?;
+    info!(
+        address = %identity.node_address(),
+        prefix = %identity.node_prefix(),
+        "identity loaded"
+    );
+
+    let mut saved_sysctls = Vec::new();
+    let dataplane = if settings.interfaces.is_empty() {
+        warn!("no --interface given: running without the XDP fast path");
+        None
+    } else {
+        let mut dp = XdpDataplane::load(settings.port)?;
+        for iface in &settings.interfaces {
+            if settings.manage_sysctl {
+                match sysctl::prepare(iface) {
+                    Ok(saved) => saved_sysctls.extend(saved),
+                    Err(e) => {
+                        sysctl::restore(saved_sysctls);
+                        return Err(e).with_context(|| format!("setting IPv6 sysctls on {iface}"));
+                    }
+                }
+            }
+            if let Err(e) = dp.attach(iface, settings.xdp_mode) {
+                sysctl::restore(saved_sysctls);
+                return Err(e.into());
+            }
+        }
+        Some(dp)
+    };
+
+    let node = Arc::new(Node::new(
+        identity,
+        settings.port,
+        dataplane,
+        saved_sysctls,
+    )?);
+    let result = serve(&node, &settings).await;
+    node.shutdown();
+    info!("stopped");
+    result
+}
+
+async fn serve(node: &Arc<Node>, settings: &myconet_agent::config::Settings) -> anyhow::Result<()> {
+    for p in &settings.peers {
+        node.add_peer(*p.ip(), p.port())
+            .with_context(|| format!("static peer {p}"))?;
+    }
+    for (prefix, nh) in &settings.routes {
+        node.add_route(*prefix, *nh)
+            .with_context(|| format!("static route {prefix}"))?;
+    }
+    let socket = Arc::new(
+        underlay::bind(settings.port)
+            .with_context(|| format!("binding UDP [::]:{}", settings.port))?,
+    );
+    let rx = tokio::spawn(underlay::run(node.clone(), socket));
+
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+        }
+    };
+    info!(socket = %settings.socket.display(), port = settings.port, "agent ready");
+    let served = control::serve(
+        node.clone(),
+        &settings.socket,
+        settings.socket_mode,
+        shutdown,
+    )
+    .await;
+    rx.abort();
+    served
+}

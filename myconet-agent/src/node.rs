@@ -1,0 +1,435 @@
+//! The node: identity, RIB, peers and the kernel data plane behind one lock, with the
+//! operations the control API and the packet loop need.
+//!
+//! Every change goes to the kernel map first and to the RIB only once the kernel took
+//! it, so the two never disagree after a failed update. A route change is one map
+//! update (BPF_ANY), so a prefix is never unroutable while it changes.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv6Addr,
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use myconet_common::{
+    addr::{NODE_PREFIX_LEN, is_overlay},
+    maps::{Counter, PeerKey, Stat},
+    wire::Repr,
+};
+
+use crate::{
+    dataplane::{Attachment, DataplaneError, XdpDataplane},
+    forward::{self, Decision, Endpoint},
+    identity::Identity,
+    rib::{NextHop, Origin, Prefix, Rib, RibEntry, RouteTarget},
+    sysctl,
+};
+
+/// Why an operation on the node was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The kernel refused a map update.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// The node's own prefix cannot be replaced or removed by hand.
+    #[error("{0} is this node's own prefix")]
+    OwnPrefix(Prefix),
+    /// A next hop that cannot be an underlay neighbour.
+    #[error("invalid next hop {0}: {1}")]
+    InvalidNextHop(String, &'static str),
+    /// A peer endpoint that cannot be an underlay neighbour.
+    #[error("invalid peer {0}: {1}")]
+    InvalidPeer(String, &'static str),
+}
+
+/// Counters of what reached the agent's UDP socket, i.e. what the XDP program passed up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum AgentStat {
+    /// Every data packet, whatever became of it.
+    RxData,
+    /// Data for this node.
+    RxDataLocal,
+    /// Data relayed by the userspace path.
+    RxDataRelayed,
+    /// Data dropped: sender not a neighbour.
+    RxDataUnknownPeer,
+    /// Data dropped: no route.
+    RxDataNoRoute,
+    /// Data dropped: hop limit.
+    RxDataHopLimit,
+    /// Handshake and cookie packets.
+    RxHandshake,
+    /// Link-level control packets.
+    RxControl,
+    /// Not a valid Myconet header.
+    RxMalformed,
+    /// Sends that failed.
+    TxError,
+}
+
+impl AgentStat {
+    /// Every counter in index order.
+    pub const ALL: [AgentStat; 10] = [
+        AgentStat::RxData,
+        AgentStat::RxDataLocal,
+        AgentStat::RxDataRelayed,
+        AgentStat::RxDataUnknownPeer,
+        AgentStat::RxDataNoRoute,
+        AgentStat::RxDataHopLimit,
+        AgentStat::RxHandshake,
+        AgentStat::RxControl,
+        AgentStat::RxMalformed,
+        AgentStat::TxError,
+    ];
+
+    /// Stable name for the API and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentStat::RxData => "rx_data",
+            AgentStat::RxDataLocal => "rx_data_local",
+            AgentStat::RxDataRelayed => "rx_data_relayed",
+            AgentStat::RxDataUnknownPeer => "rx_data_unknown_peer",
+            AgentStat::RxDataNoRoute => "rx_data_no_route",
+            AgentStat::RxDataHopLimit => "rx_data_hop_limit",
+            AgentStat::RxHandshake => "rx_handshake",
+            AgentStat::RxControl => "rx_control",
+            AgentStat::RxMalformed => "rx_malformed",
+            AgentStat::TxError => "tx_error",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct AgentCounters {
+    packets: [AtomicU64; AgentStat::ALL.len()],
+    bytes: [AtomicU64; AgentStat::ALL.len()],
+}
+
+/// A point-in-time view for `status`.
+#[derive(Debug, Clone)]
+pub struct StatusSnapshot {
+    /// Hex public key.
+    pub public_key: String,
+    /// The node's /64.
+    pub node_prefix: Prefix,
+    /// The node's address.
+    pub node_address: Ipv6Addr,
+    /// Underlay port.
+    pub port: u16,
+    /// Interfaces with XDP attached.
+    pub interfaces: Vec<Attachment>,
+    /// Seconds since start.
+    pub uptime_seconds: u64,
+    /// Number of peers.
+    pub peer_count: usize,
+    /// Number of RIB routes.
+    pub route_count: usize,
+}
+
+/// One prefix as the agent and the kernel see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRow {
+    /// The prefix.
+    pub prefix: Prefix,
+    /// The agent's entry.
+    pub agent: Option<RibEntry>,
+    /// The kernel map's entry (`None` if absent or no data plane).
+    pub kernel: Option<RouteTarget>,
+}
+
+impl RouteRow {
+    /// Whether both sides agree.
+    pub fn in_sync(&self) -> bool {
+        self.agent.map(|e| e.target) == self.kernel
+    }
+}
+
+struct State {
+    rib: Rib,
+    peers: BTreeSet<Endpoint>,
+    dataplane: Option<XdpDataplane>,
+    sysctls: Vec<sysctl::Saved>,
+}
+
+/// The running node.
+pub struct Node {
+    identity: Identity,
+    node_prefix: Prefix,
+    port: u16,
+    started: Instant,
+    state: Mutex<State>,
+    counters: AgentCounters,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_prefix", &self.node_prefix)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Builds the node and installs its own prefix as a local route.
+    pub fn new(
+        identity: Identity,
+        port: u16,
+        dataplane: Option<XdpDataplane>,
+        sysctls: Vec<sysctl::Saved>,
+    ) -> Result<Self, NodeError> {
+        let node_prefix = Prefix::new(identity.node_prefix(), NODE_PREFIX_LEN)
+            .map_err(|_| NodeError::InvalidNextHop("own prefix".into(), "not in overlay"))?;
+        let node = Self {
+            identity,
+            node_prefix,
+            port,
+            started: Instant::now(),
+            state: Mutex::new(State {
+                rib: Rib::default(),
+                peers: BTreeSet::new(),
+                dataplane,
+                sysctls,
+            }),
+            counters: AgentCounters::default(),
+        };
+        node.install(
+            node_prefix,
+            RibEntry {
+                target: RouteTarget::Local,
+                origin: Origin::Local,
+            },
+        )?;
+        Ok(node)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn install(&self, prefix: Prefix, entry: RibEntry) -> Result<(), NodeError> {
+        let mut st = self.state();
+        if let Some(dp) = st.dataplane.as_mut() {
+            dp.set_route(
+                prefix.addr(),
+                prefix.prefix_len(),
+                entry.target.to_map_value(),
+            )?;
+        }
+        st.rib.insert(prefix, entry);
+        Ok(())
+    }
+
+    /// The node identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The node's /64.
+    pub fn node_prefix(&self) -> Prefix {
+        self.node_prefix
+    }
+
+    /// Underlay port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A snapshot for `status`.
+    pub fn status(&self) -> StatusSnapshot {
+        let st = self.state();
+        StatusSnapshot {
+            public_key: self.identity.public_key_hex(),
+            node_prefix: self.node_prefix,
+            node_address: self.identity.node_address(),
+            port: self.port,
+            interfaces: st
+                .dataplane
+                .as_ref()
+                .map(XdpDataplane::attachments)
+                .unwrap_or_default(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            peer_count: st.peers.len(),
+            route_count: st.rib.len(),
+        }
+    }
+
+    /// Adds or replaces a static route.
+    pub fn add_route(&self, prefix: Prefix, next_hop: NextHop) -> Result<RibEntry, NodeError> {
+        let shown = next_hop.addr.to_string();
+        if next_hop.addr.is_unspecified() || next_hop.addr.is_multicast() {
+            return Err(NodeError::InvalidNextHop(
+                shown,
+                "must be a unicast address",
+            ));
+        }
+        if is_overlay(&next_hop.addr) {
+            return Err(NodeError::InvalidNextHop(
+                shown,
+                "must be an underlay address, not an overlay one",
+            ));
+        }
+        if next_hop.port == 0 {
+            return Err(NodeError::InvalidNextHop(shown, "port must not be 0"));
+        }
+        if self.is_own(&prefix) {
+            return Err(NodeError::OwnPrefix(prefix));
+        }
+        let entry = RibEntry {
+            target: RouteTarget::Forward(next_hop),
+            origin: Origin::Static,
+        };
+        self.install(prefix, entry)?;
+        Ok(entry)
+    }
+
+    /// Removes a static route; `false` if the agent held none for the prefix.
+    pub fn remove_route(&self, prefix: Prefix) -> Result<bool, NodeError> {
+        if self.is_own(&prefix) {
+            return Err(NodeError::OwnPrefix(prefix));
+        }
+        let mut st = self.state();
+        let in_kernel = match st.dataplane.as_mut() {
+            Some(dp) => dp.remove_route(prefix.addr(), prefix.prefix_len())?,
+            None => false,
+        };
+        Ok(st.rib.remove(&prefix).is_some() || in_kernel)
+    }
+
+    fn is_own(&self, prefix: &Prefix) -> bool {
+        *prefix == self.node_prefix
+    }
+
+    /// Every prefix held by the agent or the kernel, side by side.
+    pub fn routes(&self) -> Result<Vec<RouteRow>, NodeError> {
+        let st = self.state();
+        let mut rows: std::collections::BTreeMap<Prefix, RouteRow> = st
+            .rib
+            .iter()
+            .map(|(p, e)| {
+                (
+                    *p,
+                    RouteRow {
+                        prefix: *p,
+                        agent: Some(*e),
+                        kernel: None,
+                    },
+                )
+            })
+            .collect();
+        if let Some(dp) = st.dataplane.as_ref() {
+            for (addr, len, value) in dp.routes()? {
+                let target = RouteTarget::from_map_value(&value);
+                // The kernel map may hold anything someone wrote there; show what parses.
+                let Ok(prefix) = Prefix::new(addr, len) else {
+                    continue;
+                };
+                rows.entry(prefix)
+                    .or_insert(RouteRow {
+                        prefix,
+                        agent: None,
+                        kernel: None,
+                    })
+                    .kernel = target;
+            }
+        }
+        Ok(rows.into_values().collect())
+    }
+
+    /// Allows an underlay endpoint to relay through this node.
+    pub fn add_peer(&self, addr: Ipv6Addr, port: u16) -> Result<(), NodeError> {
+        let shown = format!("[{addr}]:{port}");
+        if addr.is_unspecified() || addr.is_multicast() {
+            return Err(NodeError::InvalidPeer(shown, "must be a unicast address"));
+        }
+        if is_overlay(&addr) {
+            return Err(NodeError::InvalidPeer(shown, "must be an underlay address"));
+        }
+        if port == 0 {
+            return Err(NodeError::InvalidPeer(shown, "port must not be 0"));
+        }
+        let mut st = self.state();
+        if let Some(dp) = st.dataplane.as_mut() {
+            dp.add_peer(PeerKey::new(addr.octets(), port))?;
+        }
+        st.peers.insert((addr, port));
+        Ok(())
+    }
+
+    /// Revokes an endpoint; `false` if it was not a peer.
+    pub fn remove_peer(&self, addr: Ipv6Addr, port: u16) -> Result<bool, NodeError> {
+        let mut st = self.state();
+        let in_kernel = match st.dataplane.as_mut() {
+            Some(dp) => dp.remove_peer(PeerKey::new(addr.octets(), port))?,
+            None => false,
+        };
+        Ok(st.peers.remove(&(addr, port)) || in_kernel)
+    }
+
+    /// Peers with whether each is in the kernel map.
+    pub fn peers(&self) -> Result<Vec<(Endpoint, bool)>, NodeError> {
+        let st = self.state();
+        let kernel: BTreeSet<Endpoint> = match st.dataplane.as_ref() {
+            Some(dp) => dp
+                .peers()?
+                .into_iter()
+                .map(|k| (Ipv6Addr::from(k.addr), k.port))
+                .collect(),
+            None => BTreeSet::new(),
+        };
+        let mut all: BTreeSet<Endpoint> = st.peers.clone();
+        all.extend(kernel.iter().copied());
+        Ok(all.into_iter().map(|e| (e, kernel.contains(&e))).collect())
+    }
+
+    /// XDP counters summed over CPUs; empty without a data plane.
+    pub fn xdp_stats(&self) -> Result<Vec<(Stat, Counter)>, NodeError> {
+        Ok(match self.state().dataplane.as_ref() {
+            Some(dp) => dp.stats()?,
+            None => Vec::new(),
+        })
+    }
+
+    /// The agent's own counters.
+    pub fn agent_stats(&self) -> Vec<(AgentStat, Counter)> {
+        AgentStat::ALL
+            .iter()
+            .map(|&s| {
+                (
+                    s,
+                    Counter {
+                        packets: self.counters.packets[s as usize].load(Ordering::Relaxed),
+                        bytes: self.counters.bytes[s as usize].load(Ordering::Relaxed),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Counts one packet of `len` bytes.
+    pub fn count(&self, stat: AgentStat, len: usize) {
+        self.counters.packets[stat as usize].fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes[stat as usize].fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// The userspace forwarding decision for a data packet from `from`.
+    pub fn decide(&self, from: Endpoint, header: &Repr) -> Decision {
+        let st = self.state();
+        forward::decide(&st.rib, &st.peers, from, header)
+    }
+
+    /// Detaches XDP and restores sysctls; idempotent.
+    pub fn shutdown(&self) {
+        let mut st = self.state();
+        if let Some(dp) = st.dataplane.as_mut() {
+            dp.detach_all();
+        }
+        sysctl::restore(std::mem::take(&mut st.sysctls));
+    }
+}

@@ -1,0 +1,231 @@
+//! Keys, values and names of the BPF maps the agent fills and the XDP program reads.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so both sides agree on the layout;
+//! padding is always written as zero because hash maps compare keys byte for byte.
+
+/// LPM trie from overlay prefix to [`RouteValue`] (key: `Key<[u8; 16]>`).
+pub const ROUTES_MAP: &str = "ROUTES";
+/// Hash from [`PeerKey`] to [`PeerValue`]: the underlay endpoints allowed to use us as a relay.
+pub const PEERS_MAP: &str = "PEERS";
+/// Per-CPU array of [`Counter`], indexed by [`Stat`].
+pub const STATS_MAP: &str = "STATS";
+/// One-entry array holding the [`Config`].
+pub const CONFIG_MAP: &str = "CONFIG";
+/// Device map (hash) from egress ifindex to itself, for redirects between interfaces.
+pub const DEVMAP_MAP: &str = "DEVMAP";
+/// Name of the XDP program in the object.
+pub const PROGRAM_NAME: &str = "myconet_xdp";
+
+/// Capacity of the route map.
+pub const ROUTES_CAPACITY: u32 = 65_536;
+/// Capacity of the peer map.
+pub const PEERS_CAPACITY: u32 = 16_384;
+/// Capacity of the device map.
+pub const DEVMAP_CAPACITY: u32 = 64;
+
+/// What the XDP program does with a packet matching a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RouteAction {
+    /// A prefix this node owns: hand the packet to the stack and the agent.
+    Local = 1,
+    /// Relay the packet to the next hop.
+    Forward = 2,
+}
+
+impl RouteAction {
+    /// Maps the stored byte back to an action.
+    #[inline(always)]
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Local),
+            2 => Some(Self::Forward),
+            _ => None,
+        }
+    }
+}
+
+/// Value of the route map: where packets for a prefix go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct RouteValue {
+    /// Next hop's underlay IPv6 address (unused for [`RouteAction::Local`]).
+    pub next_hop: [u8; 16],
+    /// Interface towards the next hop (0: let the FIB choose).
+    pub ifindex: u32,
+    /// Next hop's underlay UDP port, host byte order.
+    pub port: u16,
+    /// A [`RouteAction`] as its byte.
+    pub action: u8,
+    /// Always zero.
+    pub reserved: u8,
+}
+
+/// Key of the peer map: an authenticated neighbour's underlay endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct PeerKey {
+    /// Underlay IPv6 address.
+    pub addr: [u8; 16],
+    /// Underlay UDP port, host byte order.
+    pub port: u16,
+    /// Always zero (part of the hashed key).
+    pub pad: u16,
+}
+
+impl PeerKey {
+    /// Builds a key with its padding zeroed.
+    pub const fn new(addr: [u8; 16], port: u16) -> Self {
+        Self { addr, port, pad: 0 }
+    }
+}
+
+/// Value of the peer map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct PeerValue {
+    /// Reserved flag bits, zero today.
+    pub flags: u32,
+}
+
+/// Data-plane configuration written by the agent before it attaches the program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct Config {
+    /// Myconet underlay UDP port, host byte order; 0 disables the program (all pass).
+    pub port: u16,
+    /// Always zero.
+    pub pad: u16,
+    /// Reserved flag bits, zero today.
+    pub flags: u32,
+}
+
+/// Packets and bytes seen for one [`Stat`] on one CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct Counter {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes of the whole frame.
+    pub bytes: u64,
+}
+
+/// Every verdict and drop reason the XDP program counts, as indices of [`STATS_MAP`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Stat {
+    /// Not Myconet: not IPv6/UDP, another port, IPv6 extension headers, or too short for
+    /// the outer headers. Left to the kernel untouched.
+    PassNotMyconet = 0,
+    /// Data for a prefix this node owns.
+    PassLocal = 1,
+    /// Handshake, cookie and control packets: the agent's judgement.
+    PassControl = 2,
+    /// Next hop's link-layer address unknown; the kernel resolves it and later packets
+    /// take the fast path.
+    PassNoNeighbour = 3,
+    /// The FIB could not decide in the kernel fast path (forwarding disabled, MTU, no
+    /// device map entry); the agent's userspace path handles it.
+    PassSlowPath = 4,
+    /// Relayed back out of the interface it came in on (XDP_TX).
+    Tx = 5,
+    /// Relayed out of another interface (DEVMAP redirect).
+    Redirect = 6,
+    /// Addressed to the Myconet port but not a whole header, or an unknown packet type.
+    DropMalformed = 7,
+    /// A header version this data plane does not speak.
+    DropBadVersion = 8,
+    /// Hop limit would reach zero.
+    DropHopLimit = 9,
+    /// Sent by an underlay endpoint that is not an authenticated neighbour.
+    DropUnknownPeer = 10,
+    /// No route to the destination prefix.
+    DropNoRoute = 11,
+    /// The underlay FIB says the next hop is unreachable, blackholed or prohibited.
+    DropUnreachable = 12,
+}
+
+impl Stat {
+    /// Number of entries in [`STATS_MAP`].
+    pub const COUNT: u32 = 13;
+
+    /// Every stat in index order.
+    pub const ALL: [Stat; Self::COUNT as usize] = [
+        Stat::PassNotMyconet,
+        Stat::PassLocal,
+        Stat::PassControl,
+        Stat::PassNoNeighbour,
+        Stat::PassSlowPath,
+        Stat::Tx,
+        Stat::Redirect,
+        Stat::DropMalformed,
+        Stat::DropBadVersion,
+        Stat::DropHopLimit,
+        Stat::DropUnknownPeer,
+        Stat::DropNoRoute,
+        Stat::DropUnreachable,
+    ];
+
+    /// Stable snake_case name for the API and the CLI.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::PassNotMyconet => "pass_not_myconet",
+            Stat::PassLocal => "pass_local",
+            Stat::PassControl => "pass_control",
+            Stat::PassNoNeighbour => "pass_no_neighbour",
+            Stat::PassSlowPath => "pass_slow_path",
+            Stat::Tx => "tx",
+            Stat::Redirect => "redirect",
+            Stat::DropMalformed => "drop_malformed",
+            Stat::DropBadVersion => "drop_bad_version",
+            Stat::DropHopLimit => "drop_hop_limit",
+            Stat::DropUnknownPeer => "drop_unknown_peer",
+            Stat::DropNoRoute => "drop_no_route",
+            Stat::DropUnreachable => "drop_unreachable",
+        }
+    }
+
+    /// Whether packets counted here were relayed in the kernel.
+    pub const fn is_forwarded(self) -> bool {
+        matches!(self, Stat::Tx | Stat::Redirect)
+    }
+
+    /// Whether packets counted here were dropped.
+    pub const fn is_drop(self) -> bool {
+        (self as u32) >= (Stat::DropMalformed as u32)
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] plain data with explicit padding fields and
+    // no invalid bit patterns.
+    unsafe impl aya::Pod for super::RouteValue {}
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::PeerValue {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_stable() {
+        assert_eq!(core::mem::size_of::<RouteValue>(), 24);
+        assert_eq!(core::mem::size_of::<PeerKey>(), 20);
+        assert_eq!(core::mem::size_of::<Config>(), 8);
+        assert_eq!(core::mem::size_of::<Counter>(), 16);
+    }
+
+    #[test]
+    fn stats_are_indexed_in_order() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i);
+        }
+        assert!(Stat::DropNoRoute.is_drop());
+        assert!(!Stat::Redirect.is_drop());
+        assert!(Stat::Tx.is_forwarded());
+    }
+}

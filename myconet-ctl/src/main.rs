@@ -1,0 +1,119 @@
+//! `myconet-ctl`: the operator's view of a running `myconet-agent`, over the agent's
+//! gRPC control socket. Tables for people, `--json` (the proto messages as they are)
+//! for scripts and tests.
+
+mod cli;
+mod client;
+mod render;
+
+use std::{io::Write, process::ExitCode};
+
+use anyhow::Context;
+use clap::Parser;
+use myconet_proto::v1 as pb;
+
+use crate::{
+    cli::{Cli, Command, PeersCommand, RouteCommand},
+    client::CtlError,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("myconet-ctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(text) => write_stdout(&text),
+        Err(e) => {
+            eprintln!("myconet-ctl: {e:#}");
+            ExitCode::from(e.downcast_ref::<CtlError>().map_or(1, CtlError::exit_code))
+        }
+    }
+}
+
+/// Writes the output; a closed pipe (`myconet-ctl routes | head -1`) is not an error.
+fn write_stdout(text: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("myconet-ctl: writing output: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The response as pretty JSON with the proto field names, or the human rendering.
+fn show<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    human: impl FnOnce(&T) -> String,
+) -> anyhow::Result<String> {
+    if json {
+        let mut s = serde_json::to_string_pretty(value).context("encoding JSON")?;
+        s.push('\n');
+        Ok(s)
+    } else {
+        Ok(human(value))
+    }
+}
+
+/// Runs one command and returns what to print.
+async fn run(cli: Cli) -> anyhow::Result<String> {
+    let json = cli.json;
+    let mut client = client::connect(&cli.socket).await?;
+    match cli.command {
+        Command::Status => show(json, &client.status().await?, render::status),
+        Command::Peers { action } => match action.unwrap_or(PeersCommand::List) {
+            PeersCommand::List => show(json, &client.peers().await?, render::peers),
+            PeersCommand::Add(e) => {
+                let req = pb::AddPeerRequest {
+                    address: e.addr.to_string(),
+                    port: u32::from(e.port),
+                };
+                show(json, &client.add_peer(req).await?, render::peer_added)
+            }
+            PeersCommand::Remove(e) => {
+                let req = pb::RemovePeerRequest {
+                    address: e.addr.to_string(),
+                    port: u32::from(e.port),
+                };
+                let (address, port) = (req.address.clone(), req.port);
+                show(json, &client.remove_peer(req).await?, |r| {
+                    render::peer_removed(&address, port, r.removed)
+                })
+            }
+        },
+        Command::Routes => show(json, &client.routes().await?, render::routes),
+        Command::Route { action } => match action {
+            RouteCommand::Add(a) => {
+                let req = pb::AddRouteRequest {
+                    prefix: a.prefix,
+                    next_hop: Some(pb::NextHop {
+                        address: a.next_hop.to_string(),
+                        port: u32::from(a.port),
+                        ifindex: a.ifindex,
+                    }),
+                };
+                show(json, &client.add_route(req).await?, render::route_added)
+            }
+            RouteCommand::Del { prefix } => {
+                let req = pb::RemoveRouteRequest {
+                    prefix: prefix.clone(),
+                };
+                show(json, &client.remove_route(req).await?, |r| {
+                    render::route_removed(&prefix, r.removed)
+                })
+            }
+        },
+        Command::Stats { all } => show(json, &client.stats().await?, |s| render::stats(s, all)),
+    }
+}

@@ -1,0 +1,487 @@
+//! Human-readable output: pure functions from proto messages to text, so the layout is
+//! tested without an agent. `--json` bypasses all of this.
+
+use myconet_proto::v1 as pb;
+
+/// Column alignment in [`table`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// Lays out `rows` under `headers`, two spaces between columns, no trailing blanks.
+fn table(headers: &[&str], align: &[Align], rows: &[Vec<String>]) -> String {
+    let width = |i: usize| {
+        rows.iter()
+            .filter_map(|r| r.get(i))
+            .map(|c| c.chars().count())
+            .chain(std::iter::once(headers[i].chars().count()))
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..headers.len()).map(width).collect();
+    let mut out = String::new();
+    let header_row: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut line = String::new();
+        for (i, w) in widths.iter().enumerate() {
+            let cell = row.get(i).map(String::as_str).unwrap_or("");
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = w.saturating_sub(cell.chars().count());
+            match align.get(i).copied().unwrap_or(Align::Left) {
+                Align::Left => {
+                    line.push_str(cell);
+                    line.push_str(&" ".repeat(pad));
+                }
+                Align::Right => {
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(cell);
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `3d 4h 5m 6s`, leading zero units left out.
+pub fn uptime(seconds: u64) -> String {
+    let units = [
+        (seconds / 86_400, "d"),
+        (seconds / 3_600 % 24, "h"),
+        (seconds / 60 % 60, "m"),
+        (seconds % 60, "s"),
+    ];
+    let first = units.iter().position(|(n, _)| *n != 0).unwrap_or(3);
+    units[first..]
+        .iter()
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `[addr]:port`, the way the underlay endpoint is written everywhere.
+pub fn endpoint(address: &str, port: u32) -> String {
+    format!("[{address}]:{port}")
+}
+
+/// `forward [fd00::2]:9651 dev 3 (static)`; the origin only when given and wanted.
+pub fn route_entry(entry: Option<&pb::RouteEntry>, with_origin: bool) -> String {
+    let Some(e) = entry else {
+        return "-".to_string();
+    };
+    let mut s = e.action.clone();
+    if let Some(nh) = &e.next_hop {
+        s.push(' ');
+        s.push_str(&endpoint(&nh.address, nh.port));
+        if nh.ifindex != 0 {
+            s.push_str(&format!(" dev {}", nh.ifindex));
+        }
+    }
+    if with_origin && !e.origin.is_empty() {
+        s.push_str(&format!(" ({})", e.origin));
+    }
+    s
+}
+
+/// `status`: one `key: value` line per fact.
+pub fn status(s: &pb::Status) -> String {
+    let interfaces: Vec<String> = if s.interfaces.is_empty() {
+        vec!["none (userspace only, no XDP)".to_string()]
+    } else {
+        s.interfaces
+            .iter()
+            .map(|i| format!("{} (ifindex {}, XDP {})", i.name, i.ifindex, i.xdp_mode))
+            .collect()
+    };
+    let mut lines: Vec<(&str, String)> = vec![
+        ("node address", s.node_address.clone()),
+        ("node prefix", s.node_prefix.clone()),
+        ("public key", s.public_key.clone()),
+        ("port", s.port.to_string()),
+    ];
+    for (i, iface) in interfaces.into_iter().enumerate() {
+        lines.push((if i == 0 { "interfaces" } else { "" }, iface));
+    }
+    lines.extend([
+        ("uptime", uptime(s.uptime_seconds)),
+        ("peers", s.peer_count.to_string()),
+        ("routes", s.route_count.to_string()),
+        ("version", s.version.clone()),
+    ]);
+    let key_width = lines.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
+    lines
+        .iter()
+        .map(|(k, v)| {
+            let key = if k.is_empty() {
+                String::new()
+            } else {
+                format!("{k}:")
+            };
+            format!("{key:<key_width$}  {v}\n")
+        })
+        .collect()
+}
+
+/// `peers`: ENDPOINT | IN KERNEL.
+pub fn peers(r: &pb::ListPeersResponse) -> String {
+    if r.peers.is_empty() {
+        return "no peers\n".to_string();
+    }
+    let rows: Vec<Vec<String>> = r
+        .peers
+        .iter()
+        .map(|p| {
+            vec![
+                endpoint(&p.address, p.port),
+                yes_no(p.in_kernel).to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["ENDPOINT", "IN KERNEL"],
+        &[Align::Left, Align::Left],
+        &rows,
+    )
+}
+
+/// `routes`: what the agent and the kernel map hold per prefix, and whether they agree.
+pub fn routes(r: &pb::ListRoutesResponse) -> String {
+    if r.routes.is_empty() {
+        return "no routes\n".to_string();
+    }
+    let rows: Vec<Vec<String>> = r
+        .routes
+        .iter()
+        .map(|row| {
+            vec![
+                row.prefix.clone(),
+                route_entry(row.agent.as_ref(), true),
+                route_entry(row.kernel.as_ref(), false),
+                if row.in_sync { "yes" } else { "NO" }.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["PREFIX", "AGENT", "KERNEL MAP", "SYNC"],
+        &[Align::Left; 4],
+        &rows,
+    )
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn counter_table(counters: &[pb::Counter], all: bool) -> String {
+    let rows: Vec<Vec<String>> = counters
+        .iter()
+        .filter(|c| all || c.packets != 0 || c.bytes != 0)
+        .map(|c| vec![c.name.clone(), c.packets.to_string(), c.bytes.to_string()])
+        .collect();
+    if rows.is_empty() {
+        return "  all counters are zero (--all lists them)\n".to_string();
+    }
+    table(
+        &["NAME", "PACKETS", "BYTES"],
+        &[Align::Left, Align::Right, Align::Right],
+        &rows,
+    )
+}
+
+/// Packets relayed in the kernel, passed up and dropped, from the verdict names.
+fn xdp_summary(counters: &[pb::Counter]) -> (u64, u64, u64) {
+    let sum = |pred: &dyn Fn(&str) -> bool| {
+        counters
+            .iter()
+            .filter(|c| pred(&c.name))
+            .fold(0u64, |acc, c| acc.saturating_add(c.packets))
+    };
+    (
+        sum(&|n| n == "tx" || n == "redirect"),
+        sum(&|n| n.starts_with("pass_")),
+        sum(&|n| n.starts_with("drop_")),
+    )
+}
+
+/// `stats`: XDP verdicts with a forwarded/passed/dropped summary, then agent counters.
+/// Zero counters are hidden unless `all`.
+pub fn stats(s: &pb::Stats, all: bool) -> String {
+    let mut out = String::from("XDP (kernel fast path)\n");
+    if s.xdp.is_empty() {
+        out.push_str("  no XDP program attached (userspace only)\n");
+    } else {
+        out.push_str(&counter_table(&s.xdp, all));
+        let (forwarded, passed, dropped) = xdp_summary(&s.xdp);
+        out.push_str(&format!(
+            "forwarded {forwarded} (tx + redirect), passed {passed}, dropped {dropped} packets\n"
+        ));
+    }
+    out.push_str("\nAgent (userspace)\n");
+    out.push_str(&counter_table(&s.agent, all));
+    out
+}
+
+/// One line confirming `peers add`.
+pub fn peer_added(p: &pb::Peer) -> String {
+    format!(
+        "added peer {} (in kernel map: {})\n",
+        endpoint(&p.address, p.port),
+        yes_no(p.in_kernel)
+    )
+}
+
+/// One line for `peers remove`.
+pub fn peer_removed(address: &str, port: u32, removed: bool) -> String {
+    if removed {
+        format!("removed peer {}\n", endpoint(address, port))
+    } else {
+        format!(
+            "{} was not a peer; nothing removed\n",
+            endpoint(address, port)
+        )
+    }
+}
+
+/// One line confirming `route add`.
+pub fn route_added(r: &pb::Route) -> String {
+    format!(
+        "route {}: {}\n",
+        r.prefix,
+        route_entry(r.entry.as_ref(), true)
+    )
+}
+
+/// One line for `route del`.
+pub fn route_removed(prefix: &str, removed: bool) -> String {
+    if removed {
+        format!("removed route {prefix}\n")
+    } else {
+        format!("no route for {prefix}; nothing removed\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counter(name: &str, packets: u64, bytes: u64) -> pb::Counter {
+        pb::Counter {
+            name: name.into(),
+            packets,
+            bytes,
+        }
+    }
+
+    fn forward(addr: &str, port: u32, ifindex: u32, origin: &str) -> pb::RouteEntry {
+        pb::RouteEntry {
+            action: "forward".into(),
+            next_hop: Some(pb::NextHop {
+                address: addr.into(),
+                port,
+                ifindex,
+            }),
+            origin: origin.into(),
+        }
+    }
+
+    #[test]
+    fn uptime_is_compact() {
+        assert_eq!(uptime(0), "0s");
+        assert_eq!(uptime(59), "59s");
+        assert_eq!(uptime(65), "1m 5s");
+        assert_eq!(uptime(3_600), "1h 0m 0s");
+        assert_eq!(uptime(2 * 86_400 + 3 * 3_600 + 4 * 60 + 5), "2d 3h 4m 5s");
+    }
+
+    #[test]
+    fn status_lines_are_aligned() {
+        let s = pb::Status {
+            version: "0.1.0".into(),
+            public_key: "ab".repeat(32),
+            node_prefix: "fd6d:1:2:3::/64".into(),
+            node_address: "fd6d:1:2:3::1".into(),
+            port: 9651,
+            interfaces: vec![
+                pb::Interface {
+                    name: "eth0".into(),
+                    ifindex: 2,
+                    xdp_mode: "driver".into(),
+                },
+                pb::Interface {
+                    name: "eth1".into(),
+                    ifindex: 3,
+                    xdp_mode: "generic".into(),
+                },
+            ],
+            uptime_seconds: 3_725,
+            peer_count: 2,
+            route_count: 3,
+        };
+        let text = status(&s);
+        let expected = format!(
+            "node address:  fd6d:1:2:3::1\n\
+             node prefix:   fd6d:1:2:3::/64\n\
+             public key:    {}\n\
+             port:          9651\n\
+             interfaces:    eth0 (ifindex 2, XDP driver)\n               \
+             eth1 (ifindex 3, XDP generic)\n\
+             uptime:        1h 2m 5s\n\
+             peers:         2\n\
+             routes:        3\n\
+             version:       0.1.0\n",
+            "ab".repeat(32)
+        );
+        assert_eq!(text, expected);
+
+        let bare = status(&pb::Status {
+            interfaces: Vec::new(),
+            ..s
+        });
+        assert!(bare.contains("interfaces:    none (userspace only, no XDP)\n"));
+    }
+
+    #[test]
+    fn routes_table_shows_both_sides() {
+        let r = pb::ListRoutesResponse {
+            routes: vec![
+                pb::RouteRow {
+                    prefix: "fd6d:1:2:3::/64".into(),
+                    agent: Some(pb::RouteEntry {
+                        action: "local".into(),
+                        next_hop: None,
+                        origin: "local".into(),
+                    }),
+                    kernel: Some(pb::RouteEntry {
+                        action: "local".into(),
+                        next_hop: None,
+                        origin: String::new(),
+                    }),
+                    in_sync: true,
+                },
+                pb::RouteRow {
+                    prefix: "fd6d:9::/32".into(),
+                    agent: Some(forward("fd00::2", 9000, 3, "static")),
+                    kernel: None,
+                    in_sync: false,
+                },
+                pb::RouteRow {
+                    prefix: "fd6d:a::/48".into(),
+                    agent: None,
+                    kernel: Some(forward("fd00::3", 9651, 0, "")),
+                    in_sync: false,
+                },
+            ],
+        };
+        assert_eq!(
+            routes(&r),
+            "PREFIX           AGENT                                  KERNEL MAP              SYNC\n\
+             fd6d:1:2:3::/64  local (local)                          local                   yes\n\
+             fd6d:9::/32      forward [fd00::2]:9000 dev 3 (static)  -                       NO\n\
+             fd6d:a::/48      -                                      forward [fd00::3]:9651  NO\n"
+        );
+        assert_eq!(
+            routes(&pb::ListRoutesResponse { routes: vec![] }),
+            "no routes\n"
+        );
+    }
+
+    #[test]
+    fn peers_table() {
+        let r = pb::ListPeersResponse {
+            peers: vec![
+                pb::Peer {
+                    address: "fd00::2".into(),
+                    port: 9651,
+                    in_kernel: true,
+                },
+                pb::Peer {
+                    address: "fd00::1:3".into(),
+                    port: 7,
+                    in_kernel: false,
+                },
+            ],
+        };
+        assert_eq!(
+            peers(&r),
+            "ENDPOINT        IN KERNEL\n\
+             [fd00::2]:9651  yes\n\
+             [fd00::1:3]:7   no\n"
+        );
+        assert_eq!(
+            peers(&pb::ListPeersResponse { peers: vec![] }),
+            "no peers\n"
+        );
+    }
+
+    #[test]
+    fn stats_hide_zeros_and_summarise() {
+        let s = pb::Stats {
+            xdp: vec![
+                counter("pass_not_myconet", 100, 10_000),
+                counter("pass_local", 5, 500),
+                counter("tx", 7, 700),
+                counter("redirect", 1_000, 1_500_000),
+                counter("drop_malformed", 0, 0),
+                counter("drop_no_route", 3, 300),
+            ],
+            agent: vec![counter("rx_data", 0, 0), counter("rx_control", 2, 180)],
+        };
+        let text = stats(&s, false);
+        assert_eq!(
+            text,
+            "XDP (kernel fast path)\n\
+             NAME              PACKETS    BYTES\n\
+             pass_not_myconet      100    10000\n\
+             pass_local              5      500\n\
+             tx                      7      700\n\
+             redirect             1000  1500000\n\
+             drop_no_route           3      300\n\
+             forwarded 1007 (tx + redirect), passed 105, dropped 3 packets\n\
+             \n\
+             Agent (userspace)\n\
+             NAME        PACKETS  BYTES\n\
+             rx_control        2    180\n"
+        );
+        let all = stats(&s, true);
+        assert!(all.contains("drop_malformed"));
+        assert!(all.contains("rx_data"));
+
+        let idle = stats(
+            &pb::Stats {
+                xdp: vec![],
+                agent: vec![counter("rx_data", 0, 0)],
+            },
+            false,
+        );
+        assert_eq!(
+            idle,
+            "XDP (kernel fast path)\n  no XDP program attached (userspace only)\n\n\
+             Agent (userspace)\n  all counters are zero (--all lists them)\n"
+        );
+    }
+
+    #[test]
+    fn confirmations() {
+        let r = pb::Route {
+            prefix: "fd6d:1::/64".into(),
+            entry: Some(forward("fd00::2", 9000, 0, "static")),
+        };
+        assert_eq!(
+            route_added(&r),
+            "route fd6d:1::/64: forward [fd00::2]:9000 (static)\n"
+        );
+        assert_eq!(
+            route_removed("fd6d:1::/64", false),
+            "no route for fd6d:1::/64; nothing removed\n"
+        );
+        assert_eq!(
+            peer_removed("fd00::2", 9651, true),
+            "removed peer [fd00::2]:9651\n"
+        );
+    }
+}

@@ -1,0 +1,311 @@
+//! The Myconet relay fast path: an XDP program on each underlay interface.
+//!
+//! It parses Ethernet → IPv6 → UDP (Myconet port) → Myconet header with a bounds check
+//! before every access. Data packets for a prefix this node does not own, sent by an
+//! authenticated neighbour, are relayed in the kernel: the outer headers are rewritten
+//! from a `bpf_fib_lookup`, the hop limit is decremented, the UDP checksum is patched
+//! incrementally and the frame leaves by XDP_TX or a DEVMAP redirect. Everything that
+//! needs judgement (handshakes, control, local traffic) goes up with XDP_PASS.
+//! Every verdict is counted per CPU; nothing is logged per packet.
+#![no_std]
+#![no_main]
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, BPF_FIB_LOOKUP_OUTPUT,
+        BPF_FIB_LOOKUP_SRC, bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::generated::bpf_fib_lookup,
+    macros::{map, xdp},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::XdpContext,
+};
+use myconet_common::{
+    checksum::Incremental,
+    maps::{
+        Config, Counter, DEVMAP_CAPACITY, PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY,
+        RouteAction, RouteValue, Stat,
+    },
+    wire::{self, PacketType, field},
+};
+
+#[map]
+static ROUTES: LpmTrie<[u8; 16], RouteValue> = LpmTrie::with_max_entries(ROUTES_CAPACITY, 0);
+
+#[map]
+static PEERS: HashMap<PeerKey, PeerValue> = HashMap::with_max_entries(PEERS_CAPACITY, 0);
+
+#[map]
+static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+static DEVMAP: DevMapHash = DevMapHash::with_max_entries(DEVMAP_CAPACITY, 0);
+
+const ETH_HLEN: usize = 14;
+const IPV6_HLEN: usize = 40;
+const UDP_HLEN: usize = 8;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_UDP: u8 = 17;
+const AF_INET6: u8 = 10;
+
+const IP_OFF: usize = ETH_HLEN;
+const UDP_OFF: usize = IP_OFF + IPV6_HLEN;
+const MYC_OFF: usize = UDP_OFF + UDP_HLEN;
+const MYC_END: usize = MYC_OFF + wire::HEADER_LEN;
+
+/// Hop limit of the underlay packet a relay originates.
+const UNDERLAY_HOP_LIMIT: u8 = 64;
+
+#[xdp]
+pub fn myconet_xdp(ctx: XdpContext) -> u32 {
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    let (action, stat) = relay(&ctx);
+    if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += frame_len;
+        }
+    }
+    action
+}
+
+// Packet fields are read and written a byte at a time: the IPv6 header sits at an odd
+// 16-bit offset, and byte accesses keep LLVM from staging unaligned copies on the
+// 512-byte BPF stack. Every caller has bounds-checked the bytes it touches.
+
+#[inline(always)]
+fn byte(addr: usize) -> u8 {
+    // SAFETY: bounds-checked by the caller against data_end.
+    unsafe { *(addr as *const u8) }
+}
+
+#[inline(always)]
+fn set_byte(addr: usize, value: u8) {
+    // SAFETY: bounds-checked by the caller against data_end.
+    unsafe { *(addr as *mut u8) = value }
+}
+
+#[inline(always)]
+fn be16(addr: usize) -> u16 {
+    u16::from_be_bytes([byte(addr), byte(addr + 1)])
+}
+
+#[inline(always)]
+fn set_be16(addr: usize, value: u16) {
+    let b = value.to_be_bytes();
+    set_byte(addr, b[0]);
+    set_byte(addr + 1, b[1]);
+}
+
+#[inline(always)]
+fn be32(addr: usize) -> u32 {
+    u32::from_be_bytes([byte(addr), byte(addr + 1), byte(addr + 2), byte(addr + 3)])
+}
+
+#[inline(always)]
+fn set_be32(addr: usize, value: u32) {
+    let b = value.to_be_bytes();
+    set_byte(addr, b[0]);
+    set_byte(addr + 1, b[1]);
+    set_byte(addr + 2, b[2]);
+    set_byte(addr + 3, b[3]);
+}
+
+#[inline(always)]
+fn copy_in(dst: &mut [u8; 16], addr: usize) {
+    let mut i = 0;
+    while i < 16 {
+        dst[i] = byte(addr + i);
+        i += 1;
+    }
+}
+
+#[inline(always)]
+fn relay(ctx: &XdpContext) -> (u32, Stat) {
+    const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
+
+    let start = ctx.data();
+    let end = ctx.data_end();
+
+    // Outer headers: anything that is not a whole Ethernet/IPv6/UDP header is the
+    // kernel's business, not ours.
+    if start + MYC_OFF > end {
+        return (PASS, Stat::PassNotMyconet);
+    }
+    if be16(start + 12) != ETH_P_IPV6
+        || byte(start + IP_OFF) >> 4 != 6
+        || byte(start + IP_OFF + 6) != IPPROTO_UDP
+    {
+        return (PASS, Stat::PassNotMyconet);
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return (PASS, Stat::PassNotMyconet);
+    };
+    let port = config.port;
+    if port == 0 || be16(start + UDP_OFF + 2) != port {
+        return (PASS, Stat::PassNotMyconet);
+    }
+
+    // From here on the packet claims to be Myconet: malformed ones are dropped, not
+    // handed to the agent.
+    if start + MYC_END > end {
+        return (DROP, Stat::DropMalformed);
+    }
+    let ip_payload_len = be16(start + IP_OFF + 4) as usize;
+    let udp_len = be16(start + UDP_OFF + 4) as usize;
+    let old_csum = be16(start + UDP_OFF + 6);
+    if udp_len != ip_payload_len
+        || udp_len < UDP_HLEN + wire::HEADER_LEN
+        || start + UDP_OFF + udp_len > end
+        || old_csum == 0
+    {
+        return (DROP, Stat::DropMalformed);
+    }
+    if byte(start + MYC_OFF + field::VERSION) != wire::VERSION {
+        return (DROP, Stat::DropBadVersion);
+    }
+    match PacketType::from_u8(byte(start + MYC_OFF + field::TYPE)) {
+        Some(PacketType::Data) => {}
+        Some(_) => return (PASS, Stat::PassControl),
+        None => return (DROP, Stat::DropMalformed),
+    }
+
+    let mut dst = [0u8; 16];
+    copy_in(&mut dst, start + MYC_OFF + field::DST.start);
+    let route_key = Key::new(128, dst);
+    let route = ROUTES.get(&route_key);
+    if let Some(r) = route
+        && r.action == RouteAction::Local as u8
+    {
+        return (PASS, Stat::PassLocal);
+    }
+
+    // Only authenticated neighbours may use this node as a relay.
+    let src_port = be16(start + UDP_OFF);
+    let mut peer = PeerKey::new([0u8; 16], src_port);
+    copy_in(&mut peer.addr, start + IP_OFF + 8);
+    // SAFETY: read-only lookup of a plain-data value.
+    if unsafe { PEERS.get(peer) }.is_none() {
+        return (DROP, Stat::DropUnknownPeer);
+    }
+    let Some(route) = route else {
+        return (DROP, Stat::DropNoRoute);
+    };
+    if route.action != RouteAction::Forward as u8 {
+        return (DROP, Stat::DropNoRoute);
+    }
+    let hop_limit = byte(start + MYC_OFF + field::HOP_LIMIT);
+    if hop_limit <= 1 {
+        return (DROP, Stat::DropHopLimit);
+    }
+
+    // Where does the next hop live on the underlay?
+    let ingress = ctx.ingress_ifindex() as u32;
+    let nh = route.next_hop;
+    let next_hop = [
+        u32::from_ne_bytes([nh[0], nh[1], nh[2], nh[3]]),
+        u32::from_ne_bytes([nh[4], nh[5], nh[6], nh[7]]),
+        u32::from_ne_bytes([nh[8], nh[9], nh[10], nh[11]]),
+        u32::from_ne_bytes([nh[12], nh[13], nh[14], nh[15]]),
+    ];
+    let next_port = route.port;
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET6;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.__bindgen_anon_1.tot_len = (IPV6_HLEN + ip_payload_len) as u16;
+    fib.__bindgen_anon_4.ipv6_dst = next_hop;
+    let mut flags = BPF_FIB_LOOKUP_SRC;
+    if route.ifindex != 0 {
+        fib.ifindex = route.ifindex;
+        flags |= BPF_FIB_LOOKUP_OUTPUT;
+    } else {
+        fib.ifindex = ingress;
+    }
+    // SAFETY: helper call with a stack buffer of the size we pass.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut fib,
+            size_of::<FibParams>() as i32,
+            flags,
+        )
+    };
+    if rc < 0 {
+        return (PASS, Stat::PassSlowPath);
+    }
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return (PASS, Stat::PassNoNeighbour),
+        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
+            return (DROP, Stat::DropUnreachable);
+        }
+        _ => return (PASS, Stat::PassSlowPath),
+    }
+    let egress = fib.ifindex;
+    if egress != ingress && DEVMAP.get(egress).is_none() {
+        return (PASS, Stat::PassSlowPath);
+    }
+
+    // Rewrite: Ethernet, outer IPv6 source/destination, UDP ports, Myconet hop limit,
+    // with the UDP checksum patched for each change, one 32-bit word at a time.
+    // SAFETY: reading the union member the helper filled for AF_INET6.
+    let new_src = unsafe { fib.__bindgen_anon_3.ipv6_src };
+    let mut csum = Incremental::new(old_csum);
+    let mut i = 0;
+    while i < 4 {
+        let src_at = start + IP_OFF + 8 + 4 * i;
+        let dst_at = start + IP_OFF + 24 + 4 * i;
+        let (src_new, dst_new) = (u32::from_be(new_src[i]), u32::from_be(next_hop[i]));
+        csum.replace_u32(be32(src_at), src_new);
+        csum.replace_u32(be32(dst_at), dst_new);
+        set_be32(src_at, src_new);
+        set_be32(dst_at, dst_new);
+        i += 1;
+    }
+    let old_dport = be16(start + UDP_OFF + 2);
+    let old_hop_word = be16(start + MYC_OFF + field::HOP_LIMIT);
+    let new_hop_word = old_hop_word - 0x0100;
+    csum.replace_u16(src_port, port);
+    csum.replace_u16(old_dport, next_port);
+    csum.replace_u16(old_hop_word, new_hop_word);
+
+    let mut i = 0;
+    while i < 6 {
+        set_byte(start + i, fib.dmac[i]);
+        set_byte(start + 6 + i, fib.smac[i]);
+        i += 1;
+    }
+    set_byte(start + IP_OFF + 7, UNDERLAY_HOP_LIMIT);
+    set_be16(start + UDP_OFF, port);
+    set_be16(start + UDP_OFF + 2, next_port);
+    set_be16(start + UDP_OFF + 6, csum.finish_udp());
+    set_byte(start + MYC_OFF + field::HOP_LIMIT, hop_limit - 1);
+
+    if egress == ingress {
+        return (xdp_action::XDP_TX, Stat::Tx);
+    }
+    match DEVMAP.redirect(egress, u64::from(xdp_action::XDP_DROP)) {
+        Ok(action) if action == xdp_action::XDP_REDIRECT => (action, Stat::Redirect),
+        _ => (DROP, Stat::DropUnreachable),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// bpf_fib_lookup is GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

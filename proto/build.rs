@@ -1,0 +1,12 @@
+//! Generates the tonic client and server from myconet.proto with a vendored protoc,
+//! so a fresh machine needs no system protobuf compiler.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    println!("cargo:rerun-if-changed=myconet.proto");
+    tonic_prost_build::configure()
+        .type_attribute(".", "#[derive(serde::Serialize)]")
+        .compile_protos(&["myconet.proto"], &["."])?;
+    Ok(())
+}

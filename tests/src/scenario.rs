@@ -1,0 +1,189 @@
+//! The reference scenario behind the relay test, the demo and the relay benchmark:
+//! three namespaces a — b — c, an agent in each with XDP on every link, static routes
+//! for c's /64 (a → b → c), and b accepting a's test sender as a peer.
+//!
+//! Keeping it in one place means the test proves exactly what the demo shows and the
+//! benchmark measures.
+
+use std::{
+    net::{Ipv6Addr, SocketAddrV6},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, ensure};
+use myconet_common::wire::{DEFAULT_HOP_LIMIT, PacketType, Repr};
+use serde_json::Value;
+
+use crate::{
+    agent::{AgentOptions, AgentProcess},
+    packet,
+    topology::{Chain, Topology},
+    traffic::UdpSender,
+};
+
+/// Underlay port every agent uses.
+pub const PORT: u16 = 9651;
+/// Port of the test sender in a (a peer of b, distinct from a's agent).
+pub const SENDER_PORT: u16 = 9700;
+
+/// The running a — b — c chain.
+#[derive(Debug)]
+pub struct RelayChain {
+    /// Agents of a, b and c (dropped before the topology).
+    pub agents: Vec<AgentProcess>,
+    /// The namespaces and links.
+    pub topo: Topology,
+    /// a's overlay address (source of test traffic).
+    pub a_overlay: Ipv6Addr,
+    /// c's /64, as `addr/64`.
+    pub c_prefix: String,
+    /// c's overlay address (destination of test traffic).
+    pub c_overlay: Ipv6Addr,
+}
+
+/// Reads a string field of a JSON object.
+pub fn json_str<'a>(v: &'a Value, key: &str) -> Result<&'a str> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .with_context(|| format!("no string {key:?} in {v}"))
+}
+
+impl RelayChain {
+    /// Builds the topology, starts the agents with `xdp_mode` and installs routes and
+    /// peers; neighbours are resolved (ping) so the first packets take the fast path.
+    pub fn start(bin_dir: &Path, xdp_mode: &str) -> Result<Self> {
+        let topo = Chain::new(3).tag("relay").build()?;
+        let mut agents = Vec::new();
+        for node in topo.nodes() {
+            let options = AgentOptions {
+                port: PORT,
+                xdp_mode: Some(xdp_mode.to_string()),
+                ..AgentOptions::default()
+            };
+            agents.push(AgentProcess::start(node, bin_dir, options)?);
+        }
+        let (a, b, c) = (topo.node(0), topo.node(1), topo.node(2));
+        let a_status = agents[0].status()?;
+        let c_status = agents[2].status()?;
+        let a_overlay: Ipv6Addr = json_str(&a_status, "node_address")?.parse()?;
+        let c_overlay: Ipv6Addr = json_str(&c_status, "node_address")?.parse()?;
+        let c_prefix = json_str(&c_status, "node_prefix")?.to_string();
+
+        let port = PORT.to_string();
+        let b_from_a = b.addr_to(0)?;
+        let c_from_b = c.addr_to(1)?;
+        agents[0].ctl(&[
+            "route",
+            "add",
+            &c_prefix,
+            "via",
+            &b_from_a.to_string(),
+            "--port",
+            &port,
+        ])?;
+        agents[1].ctl(&[
+            "route",
+            "add",
+            &c_prefix,
+            "via",
+            &c_from_b.to_string(),
+            "--port",
+            &port,
+        ])?;
+        agents[1].ctl(&[
+            "peers",
+            "add",
+            &a.addr_to(1)?.to_string(),
+            "--port",
+            &SENDER_PORT.to_string(),
+        ])?;
+        // Resolve neighbours both ways so no packet waits on neighbour discovery.
+        a.ping(b_from_a, 3)?;
+        b.ping(c_from_b, 3)?;
+        c.ping(b.addr_to(2)?, 3)?;
+        Ok(Self {
+            agents,
+            topo,
+            a_overlay,
+            c_prefix,
+            c_overlay,
+        })
+    }
+
+    /// A sender in a, bound to `[a's address towards b]:port`, aimed at b's agent port.
+    pub fn sender(&self, port: u16) -> Result<UdpSender> {
+        let a = self.topo.node(0);
+        let local = SocketAddrV6::new(a.addr_to(1)?, port, 0, 0);
+        let dst = SocketAddrV6::new(self.topo.node(1).addr_to(0)?, PORT, 0, 0);
+        UdpSender::bind(a.netns(), local, dst)
+    }
+
+    /// `n` distinct Myconet data datagrams from a to c: counters 0..n, payload sizes
+    /// cycling through 0..=1200 bytes, each payload a pattern derived from its counter.
+    pub fn datagrams(&self, n: u64, hop_limit: u8) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| {
+                let repr = Repr {
+                    packet_type: PacketType::Data,
+                    hop_limit,
+                    flags: 0,
+                    session_id: 7,
+                    counter: i,
+                    dst_addr: self.c_overlay,
+                    src_addr: self.a_overlay,
+                };
+                let len = (i as usize * 37) % 1201;
+                let payload: Vec<u8> = (0..len).map(|j| (i as usize * 31 + j) as u8).collect();
+                packet::datagram(&repr, &payload)
+            })
+            .collect()
+    }
+
+    /// The default datagrams (hop limit 64).
+    pub fn default_datagrams(&self, n: u64) -> Vec<Vec<u8>> {
+        self.datagrams(n, DEFAULT_HOP_LIMIT)
+    }
+
+    /// Name of c's interface towards b (where relayed frames arrive).
+    pub fn c_ingress(&self) -> Result<String> {
+        Ok(self.topo.node(2).iface_to(1)?.name.clone())
+    }
+
+    /// Waits (bounded) until `f` holds on fresh stats of agent `i`; returns the last stats.
+    pub fn wait_stats(
+        &self,
+        i: usize,
+        timeout: Duration,
+        f: impl Fn(&Value) -> Result<bool>,
+    ) -> Result<Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let stats = self.agents[i].stats()?;
+            if f(&stats)? || std::time::Instant::now() >= deadline {
+                return Ok(stats);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Checks that every agent's route table agrees with its kernel map.
+    pub fn assert_routes_in_sync(&self) -> Result<()> {
+        for agent in &self.agents {
+            let routes = agent.ctl_json(&["routes"])?;
+            let rows = routes
+                .get("routes")
+                .and_then(Value::as_array)
+                .context("routes JSON has no list")?;
+            ensure!(!rows.is_empty(), "{}: no routes at all", agent.ns_name());
+            for row in rows {
+                ensure!(
+                    row.get("in_sync").and_then(Value::as_bool) == Some(true),
+                    "{}: route out of sync: {row}",
+                    agent.ns_name()
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,152 @@
+//! Myconet's task runner (`cargo xtask <command>`): one place that knows how to prepare
+//! a machine, build, and run the full test gate, so developers and CI do the same thing.
+
+mod cmd;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use myconet_testbed::topology::{self, Chain, fmt_mac};
+
+/// Tag of the namespaces `netns up` creates (`myc<tag>-a`, …), fixed so `netns down`
+/// finds them again.
+const DEV_TAG: &str = "dev";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Myconet development tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install missing system packages, nightly rust-src and bpf-linker (idempotent).
+    Setup,
+    /// Setup, then build the release binaries.
+    Build,
+    /// Setup, then fmt check, clippy (host and eBPF), build and all tests; needs root.
+    ///
+    /// Arguments after `--` go to `cargo test`, e.g. `cargo xtask test -- relay`.
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Bring up or tear down a chain of namespaces for manual experiments; needs root.
+    Netns {
+        #[command(subcommand)]
+        action: NetnsCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NetnsCmd {
+    /// Create a chain `myc<tag>-a — myc<tag>-b — …` and leave it running.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// Delete the namespaces `netns up` created.
+    Down,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = cmd::workspace_root()?;
+    match cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => {
+            setup::run()?;
+            cmd::run(cmd::cargo(&root).args(["build", "--release", "--bins"]))
+        }
+        Cmd::Test { cargo_test_args } => test::run(&root, &cargo_test_args),
+        Cmd::Netns { action } => match action {
+            NetnsCmd::Up { nodes } => netns_up(nodes),
+            NetnsCmd::Down => netns_down(),
+        },
+    }
+}
+
+fn netns_up(nodes: usize) -> Result<()> {
+    let topo = Chain::new(nodes).fixed_tag(DEV_TAG).build().context(
+        "could not build the chain (left over from an earlier `up`? run `cargo xtask netns down`)",
+    )?;
+    topo.ping_all_links()?;
+    for node in topo.nodes() {
+        println!("{}", node.ns_name());
+        for iface in node.ifaces() {
+            println!(
+                "  {:<6} ifindex {:<3} {} {}/64  -> {} ({}) {}",
+                iface.name,
+                iface.ifindex,
+                fmt_mac(&iface.mac),
+                iface.addr,
+                topo.node(iface.peer).ns_name(),
+                iface.peer_name,
+                iface.peer_addr,
+            );
+        }
+    }
+    if let (Some(first), Some(second)) = (topo.nodes().first(), topo.nodes().get(1)) {
+        println!(
+            "\ntry: ip netns exec {} ping -6 -c1 {}",
+            first.ns_name(),
+            first.peer_addr(second.index())?
+        );
+    }
+    println!("tear down with: cargo xtask netns down");
+    topo.persist();
+    Ok(())
+}
+
+fn netns_down() -> Result<()> {
+    let deleted = topology::teardown_tag(DEV_TAG)?;
+    if deleted.is_empty() {
+        println!("no namespaces from `cargo xtask netns up` found");
+    }
+    for name in deleted {
+        println!("deleted {name}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_args_after_double_dash_reach_cargo_test() {
+        let cli =
+            Cli::try_parse_from(["xtask", "test", "--", "relay", "--", "--nocapture"]).unwrap();
+        match cli.command {
+            Cmd::Test { cargo_test_args } => {
+                assert_eq!(cargo_test_args, ["relay", "--", "--nocapture"]);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["xtask", "test"]).unwrap();
+        assert!(matches!(cli.command, Cmd::Test { cargo_test_args } if cargo_test_args.is_empty()));
+        assert!(Cli::try_parse_from(["xtask", "test", "relay"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "netns", "up", "--nodes", "4"]).is_ok());
+        assert!(Cli::try_parse_from(["xtask", "demo"]).is_err());
+    }
+}
