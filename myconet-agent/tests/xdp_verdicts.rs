@@ -1,7 +1,8 @@
 //! Every verdict of the XDP program, proven with BPF_PROG_TEST_RUN on crafted frames.
 //!
 //! The program runs inside a private network namespace with two veth links, static
-//! neighbours and a blackhole route, so `bpf_fib_lookup` answers deterministically. Each
+//! neighbours and a blackhole route (`myconet_testbed::fixture`), so `bpf_fib_lookup`
+//! answers deterministically. Each
 //! fixture checks the action, the exact bytes of the frame the program leaves behind
 //! (every rewritten byte of a relayed frame, and that its UDP checksum validates) and that
 //! exactly the expected per-CPU counter moved. Needs root (CI runs as root).
@@ -17,7 +18,7 @@ use myconet_common::{
     wire::{DEFAULT_HOP_LIMIT, HEADER_LEN, PacketType, Repr, field},
 };
 use myconet_testbed::{
-    netns::{Netns, unique_name},
+    fixture::{NEIGH2_MAC, PEER_MAC, V0_MAC, V2_MAC, fib_namespace},
     packet::{self, ETH_LEN, IPV6_LEN, UDP_LEN},
 };
 
@@ -28,89 +29,9 @@ const XDP_REDIRECT: u32 = 4;
 
 const PORT: u16 = 9651;
 const NEXT_PORT: u16 = 9652;
-const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const NEIGH2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x22];
-const V0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const V2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x21];
 
 fn a(s: &str) -> Ipv6Addr {
     s.parse().unwrap()
-}
-
-/// The namespace: v0 (ingress, fd00:1::1) with neighbour fd00:1::2 and v2 (second
-/// egress, fd00:2::1) with neighbour fd00:2::2; fd00:1::3 has no neighbour entry and
-/// fd00:99::/64 is a blackhole.
-fn namespace() -> Netns {
-    let ns = Netns::create(&unique_name("xdpv")).expect("create netns");
-    let cmds: &[&[&str]] = &[
-        &["link", "set", "lo", "up"],
-        &[
-            "link",
-            "add",
-            "v0",
-            "address",
-            "02:00:00:00:00:01",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "v1",
-        ],
-        &[
-            "link",
-            "add",
-            "v2",
-            "address",
-            "02:00:00:00:00:21",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "v3",
-        ],
-        &["link", "set", "v0", "up"],
-        &["link", "set", "v1", "up"],
-        &["link", "set", "v2", "up"],
-        &["link", "set", "v3", "up"],
-        &["-6", "addr", "add", "fd00:1::1/64", "dev", "v0", "nodad"],
-        &["-6", "addr", "add", "fd00:2::1/64", "dev", "v2", "nodad"],
-        &[
-            "-6",
-            "neigh",
-            "add",
-            "fd00:1::2",
-            "lladdr",
-            "02:00:00:00:00:02",
-            "dev",
-            "v0",
-            "nud",
-            "permanent",
-        ],
-        &[
-            "-6",
-            "neigh",
-            "add",
-            "fd00:2::2",
-            "lladdr",
-            "02:00:00:00:00:22",
-            "dev",
-            "v2",
-            "nud",
-            "permanent",
-        ],
-        &["-6", "route", "add", "blackhole", "fd00:99::/64"],
-    ];
-    for c in cmds {
-        ns.ip(*c).unwrap_or_else(|e| panic!("ip {c:?}: {e:#}"));
-    }
-    for dev in ["v0", "v2"] {
-        ns.exec(
-            "sysctl",
-            ["-qw", &format!("net.ipv6.conf.{dev}.forwarding=1")],
-        )
-        .expect("enable forwarding");
-    }
-    ns
 }
 
 struct Fixture {
@@ -259,7 +180,7 @@ fn assert_unchanged(fx: &Fixture, f: &[u8], want_act: u32, want: Stat) {
 
 #[test]
 fn every_verdict() {
-    let ns = namespace();
+    let ns = fib_namespace().expect("fixture namespace");
     ns.run_in(|| {
         let fx = Fixture::new();
         let peer_frame = |dst: &str, hops: u8| frame_from(PORT, &header(dst, hops));

@@ -8,6 +8,9 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod bench;
+pub mod demo;
+pub mod fixture;
 pub mod netns;
 pub mod packet;
 pub mod scenario;

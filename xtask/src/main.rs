@@ -1,6 +1,7 @@
 //! Myconet's task runner (`cargo xtask <command>`): one place that knows how to prepare
 //! a machine, build, and run the full test gate, so developers and CI do the same thing.
 
+mod bench;
 mod cmd;
 mod setup;
 mod test;
@@ -40,10 +41,27 @@ enum Cmd {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Setup, release build, then the three-namespace relay demo; needs root.
+    Demo,
+    /// Setup, release build, then a benchmark; needs root.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
     /// Bring up or tear down a chain of namespaces for manual experiments; needs root.
     Netns {
         #[command(subcommand)]
         action: NetnsCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// XDP relay packets/s in a — b — c next to the BPF_PROG_TEST_RUN ns/packet figures.
+    Relay {
+        /// Seconds the generator runs per datagram size.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
     },
 }
 
@@ -79,11 +97,32 @@ fn run(cli: Cli) -> Result<()> {
             cmd::run(cmd::cargo(&root).args(["build", "--release", "--bins"]))
         }
         Cmd::Test { cargo_test_args } => test::run(&root, &cargo_test_args),
+        Cmd::Demo => {
+            require_root()?;
+            setup::run()?;
+            cmd::run(cmd::cargo(&root).args(["build", "--release", "--bins"]))?;
+            myconet_testbed::demo::run(&cmd::target_dir(&root)?.join("release"))
+        }
+        Cmd::Bench { which } => {
+            require_root()?;
+            setup::run()?;
+            cmd::run(cmd::cargo(&root).args(["build", "--release", "--bins"]))?;
+            match which {
+                BenchCmd::Relay { seconds } => bench::relay(&root, seconds.clamp(1, 60)),
+            }
+        }
         Cmd::Netns { action } => match action {
             NetnsCmd::Up { nodes } => netns_up(nodes),
             NetnsCmd::Down => netns_down(),
         },
     }
+}
+
+fn require_root() -> Result<()> {
+    if !cmd::is_root() {
+        anyhow::bail!("this needs root (network namespaces, XDP): run it with sudo or as root");
+    }
+    Ok(())
 }
 
 fn netns_up(nodes: usize) -> Result<()> {
@@ -147,6 +186,8 @@ mod tests {
         assert!(matches!(cli.command, Cmd::Test { cargo_test_args } if cargo_test_args.is_empty()));
         assert!(Cli::try_parse_from(["xtask", "test", "relay"]).is_err());
         assert!(Cli::try_parse_from(["xtask", "netns", "up", "--nodes", "4"]).is_ok());
-        assert!(Cli::try_parse_from(["xtask", "demo"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "demo"]).is_ok());
+        assert!(Cli::try_parse_from(["xtask", "bench", "relay", "--seconds", "2"]).is_ok());
+        assert!(Cli::try_parse_from(["xtask", "bench", "nonsense"]).is_err());
     }
 }

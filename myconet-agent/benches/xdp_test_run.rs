@@ -1,0 +1,123 @@
+//! Per-packet cost of the XDP program by verdict, measured by the kernel with
+//! BPF_PROG_TEST_RUN `repeat` (run by `cargo xtask bench relay`; needs root).
+//!
+//! Prints one JSON object per line: `{"case": …, "action": …, "ns_per_packet": …}`.
+//!
+//! Relayed frames are rewritten in place, and `repeat` runs the program on the same
+//! buffer again, so the relay cases are built to stay relayable: the next hop's port is
+//! the Myconet port and the relay's own addresses are peers, so every repetition takes
+//! the full forward path. The hop limit still decrements once per repetition, which
+//! bounds `repeat` for those cases to [`RELAY_REPEAT`]; the result is averaged over many
+//! such batches, each starting from a fresh copy of the frame.
+
+use std::{net::Ipv6Addr, time::Duration};
+
+use myconet_agent::{
+    dataplane::{XdpDataplane, ifindex},
+    rib::{NextHop, RouteTarget},
+};
+use myconet_common::{
+    maps::PeerKey,
+    wire::{PacketType, Repr},
+};
+use myconet_testbed::{
+    fixture::{PEER_MAC, V0_MAC, fib_namespace},
+    packet,
+};
+
+const PORT: u16 = 9651;
+/// Repetitions per batch for relay cases (hop limit 255 allows up to 254).
+const RELAY_REPEAT: u32 = 250;
+/// Repetitions per batch for verdicts that leave the frame unchanged.
+const STATIC_REPEAT: u32 = 100_000;
+
+fn a(s: &str) -> Ipv6Addr {
+    s.parse().expect("literal address")
+}
+
+fn frame(dst: &str, sport: u16, hop_limit: u8) -> Vec<u8> {
+    let repr = Repr {
+        packet_type: PacketType::Data,
+        hop_limit,
+        flags: 0,
+        session_id: 1,
+        counter: 1,
+        dst_addr: a(dst),
+        src_addr: a("fd6d:a::1"),
+    };
+    packet::frame(
+        PEER_MAC,
+        V0_MAC,
+        a("fd00:1::2"),
+        a("fd00:1::1"),
+        sport,
+        PORT,
+        &repr,
+        &[0x5a; 1200],
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; any other argument selects nothing here.
+    let batches: u32 = std::env::var("MYCONET_BENCH_BATCHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let ns = fib_namespace()?;
+    let results = ns.run_in(move || -> anyhow::Result<Vec<(String, u32, f64)>> {
+        let mut dp = XdpDataplane::load(PORT)?;
+        let v0 = ifindex("v0")?;
+        dp.allow_redirect(v0)?;
+        dp.allow_redirect(ifindex("v2")?)?;
+        let fwd = |addr: &str| {
+            RouteTarget::Forward(NextHop {
+                addr: a(addr),
+                port: PORT,
+                ifindex: 0,
+            })
+            .to_map_value()
+        };
+        dp.set_route(a("fd6d:b::"), 64, RouteTarget::Local.to_map_value())?;
+        dp.set_route(a("fd6d:c::"), 64, fwd("fd00:1::2"))?;
+        dp.set_route(a("fd6d:d::"), 64, fwd("fd00:2::2"))?;
+        for peer in ["fd00:1::2", "fd00:1::1", "fd00:2::1"] {
+            dp.add_peer(PeerKey::new(a(peer).octets(), PORT))?;
+        }
+        let cases: [(&str, Vec<u8>, u32); 5] = [
+            ("relay_xdp_tx", frame("fd6d:c::1", PORT, 255), RELAY_REPEAT),
+            (
+                "relay_redirect",
+                frame("fd6d:d::1", PORT, 255),
+                RELAY_REPEAT,
+            ),
+            ("pass_local", frame("fd6d:b::1", PORT, 64), STATIC_REPEAT),
+            (
+                "drop_unknown_peer",
+                frame("fd6d:c::1", 4444, 64),
+                STATIC_REPEAT,
+            ),
+            ("drop_no_route", frame("fd6d:9::1", PORT, 64), STATIC_REPEAT),
+        ];
+        let mut out = Vec::new();
+        for (name, f, repeat) in cases {
+            let runs = if repeat == RELAY_REPEAT { batches } else { 20 };
+            let mut total = Duration::ZERO;
+            let mut action = 0;
+            for _ in 0..runs {
+                let r = dp.test_run(&f, v0, repeat)?;
+                total += r.duration;
+                action = r.action;
+            }
+            out.push((
+                name.to_string(),
+                action,
+                total.as_nanos() as f64 / f64::from(runs),
+            ));
+        }
+        Ok(out)
+    })??;
+    for (case, action, ns) in results {
+        println!("{{\"case\": \"{case}\", \"action\": {action}, \"ns_per_packet\": {ns:.1}}}");
+    }
+    Ok(())
+}
