@@ -31,31 +31,77 @@ use crate::{
     rib::{NextHop, Origin, Prefix, RouteTarget},
 };
 
-/// Serves the control API on `socket` until `shutdown` completes, then removes the socket.
+/// A control socket claimed by this agent, not yet serving.
 ///
-/// Refuses to start when another agent answers on the same path, because silently
-/// replacing its socket would leave that agent unreachable. A socket file nobody answers
-/// on is a leftover from a crash and is replaced. `mode` is applied to the socket before
-/// it becomes reachable under `socket`.
+/// Claiming happens first at start-up, before XDP or sysctls are touched, so a second
+/// agent started by mistake fails with "already serving" and changes nothing.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: Option<UnixListener>,
+    identity: FileIdentity,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Claims `socket` with permission bits `mode`.
+    ///
+    /// Refuses when another agent answers on the same path, because silently replacing
+    /// its socket would leave that agent unreachable. A socket file nobody answers on is
+    /// a leftover from a crash and is replaced. `mode` is applied before the socket
+    /// becomes reachable under `socket`.
+    pub async fn claim(socket: &Path, mode: u32) -> anyhow::Result<Self> {
+        let (listener, identity) = bind(socket, mode).await?;
+        info!(
+            socket = %socket.display(),
+            mode = format_args!("{:o}", mode & 0o7777),
+            "control API listening"
+        );
+        Ok(Self {
+            listener: Some(listener),
+            identity,
+            path: socket.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        remove_if_ours(&self.path, self.identity);
+    }
+}
+
+/// Serves the control API on a claimed socket until `shutdown` completes, then removes
+/// the socket.
+pub async fn serve_on(
+    node: Arc<Node>,
+    socket: ControlSocket,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let mut socket = socket;
+    let listener = socket
+        .listener
+        .take()
+        .context("control socket already served")?;
+    let served = tonic::transport::Server::builder()
+        .add_service(ControlServer::new(ControlService::new(node)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .with_context(|| format!("serving the control API on {}", socket.path.display()));
+    // Dropping `socket` removes the socket file if it is still ours.
+    drop(socket);
+    served
+}
+
+/// Claims `socket` and serves on it until `shutdown` completes (see
+/// [`ControlSocket::claim`] and [`serve_on`]).
 pub async fn serve(
     node: Arc<Node>,
     socket: &Path,
     mode: u32,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (listener, identity) = bind(socket, mode).await?;
-    info!(
-        socket = %socket.display(),
-        mode = format_args!("{:o}", mode & 0o7777),
-        "control API listening"
-    );
-    let served = tonic::transport::Server::builder()
-        .add_service(ControlServer::new(ControlService::new(node)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await
-        .with_context(|| format!("serving the control API on {}", socket.display()));
-    remove_if_ours(socket, identity);
-    served
+    let claimed = ControlSocket::claim(socket, mode).await?;
+    serve_on(node, claimed, shutdown).await
 }
 
 /// Longest path a Unix socket can be bound at (`sun_path` is 108 bytes with its NUL).
@@ -448,7 +494,7 @@ mod tests {
 
     fn node(dir: &TempDir) -> Arc<Node> {
         let identity = Identity::load_or_create(&dir.0.join("state")).unwrap();
-        Arc::new(Node::new(identity, DEFAULT_PORT, None, Vec::new()).unwrap())
+        Arc::new(Node::new(identity, DEFAULT_PORT, None, Default::default()).unwrap())
     }
 
     fn service() -> (TempDir, ControlService) {

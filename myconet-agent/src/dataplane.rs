@@ -260,14 +260,18 @@ impl XdpDataplane {
                 Err(driver_err) => {
                     warn!(
                         iface,
-                        error = %driver_err,
+                        error = %error_chain(&driver_err),
                         "driver-mode XDP unavailable, falling back to generic mode (slower)"
                     );
                     let link = program
                         .attach_to_if_index(ifindex, XdpMode::Skb)
                         .map_err(|e| DataplaneError::Attach {
                             iface: iface.to_string(),
-                            reason: format!("driver mode: {driver_err}; generic mode: {e}"),
+                            reason: format!(
+                                "driver mode: {}; generic mode: {}",
+                                error_chain(&driver_err),
+                                error_chain(&e)
+                            ),
                         })?;
                     (link, AttachedMode::Generic)
                 }
@@ -400,8 +404,21 @@ where
 fn attach_err(iface: &str, e: ProgramError) -> DataplaneError {
     DataplaneError::Attach {
         iface: iface.to_string(),
-        reason: e.to_string(),
+        reason: error_chain(&e),
     }
+}
+
+/// An error with every `source()` behind it, because aya's top-level attach errors
+/// ("bpf_link_create failed") hide the kernel's reason one level down.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }
 
 /// Includes the verifier log, which is where the reason for a rejection lives.

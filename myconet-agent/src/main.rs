@@ -6,7 +6,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use myconet_agent::{
-    config::Cli, control, dataplane::XdpDataplane, identity::Identity, node::Node, sysctl, underlay,
+    config::Cli,
+    control::{self, ControlSocket},
+    dataplane::{self, XdpDataplane},
+    identity::Identity,
+    node::Node,
+    sysctl, underlay,
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -29,6 +34,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
+    // Claim the control socket before touching the system: a second agent started by
+    // mistake must fail with "already serving" and change nothing.
+    let control_socket = ControlSocket::claim(&settings.socket, settings.socket_mode).await?;
+    for iface in &settings.interfaces {
+        dataplane::ifindex(iface)?;
+    }
     let identity = Identity::load_or_create(&settings.state_dir)?;
     info!(
         address = %identity.node_address(),
@@ -36,43 +47,53 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
         "identity loaded"
     );
 
-    let mut saved_sysctls = Vec::new();
+    let mut journal = sysctl::Journal::open(&settings.state_dir).with_context(|| {
+        format!(
+            "opening the sysctl journal in {}",
+            settings.state_dir.display()
+        )
+    })?;
     let dataplane = if settings.interfaces.is_empty() {
         warn!("no --interface given: running without the XDP fast path");
         None
     } else {
-        let mut dp = XdpDataplane::load(settings.port)?;
-        for iface in &settings.interfaces {
-            if settings.manage_sysctl {
-                match sysctl::prepare(iface) {
-                    Ok(saved) => saved_sysctls.extend(saved),
-                    Err(e) => {
-                        sysctl::restore(saved_sysctls);
-                        return Err(e).with_context(|| format!("setting IPv6 sysctls on {iface}"));
-                    }
-                }
-            }
-            if let Err(e) = dp.attach(iface, settings.xdp_mode) {
-                sysctl::restore(saved_sysctls);
-                return Err(e.into());
+        match attach_all(&settings, &mut journal) {
+            Ok(dp) => Some(dp),
+            Err(e) => {
+                journal.restore_and_clear();
+                return Err(e);
             }
         }
-        Some(dp)
     };
 
-    let node = Arc::new(Node::new(
-        identity,
-        settings.port,
-        dataplane,
-        saved_sysctls,
-    )?);
-    let result = serve(&node, &settings).await;
+    let node = Arc::new(Node::new(identity, settings.port, dataplane, journal)?);
+    let result = serve(&node, &settings, control_socket).await;
     node.shutdown();
     info!("stopped");
     result
 }
 
-async fn serve(node: &Arc<Node>, settings: &myconet_agent::config::Settings) -> anyhow::Result<()> {
+fn attach_all(
+    settings: &myconet_agent::config::Settings,
+    journal: &mut sysctl::Journal,
+) -> anyhow::Result<XdpDataplane> {
+    let mut dp = XdpDataplane::load(settings.port)?;
+    for iface in &settings.interfaces {
+        if settings.manage_sysctl {
+            journal
+                .prepare(iface)
+                .with_context(|| format!("setting IPv6 sysctls on {iface}"))?;
+        }
+        dp.attach(iface, settings.xdp_mode)?;
+    }
+    Ok(dp)
+}
+
+async fn serve(
+    node: &Arc<Node>,
+    settings: &myconet_agent::config::Settings,
+    control_socket: ControlSocket,
+) -> anyhow::Result<()> {
     for p in &settings.peers {
         node.add_peer(*p.ip(), p.port())
             .with_context(|| format!("static peer {p}"))?;
@@ -96,13 +117,7 @@ async fn serve(node: &Arc<Node>, settings: &myconet_agent::config::Settings) -> 
         }
     };
     info!(socket = %settings.socket.display(), port = settings.port, "agent ready");
-    let served = control::serve(
-        node.clone(),
-        &settings.socket,
-        settings.socket_mode,
-        shutdown,
-    )
-    .await;
+    let served = control::serve_on(node.clone(), control_socket, shutdown).await;
     rx.abort();
     served
 }

@@ -153,7 +153,7 @@ struct State {
     rib: Rib,
     peers: BTreeSet<Endpoint>,
     dataplane: Option<XdpDataplane>,
-    sysctls: Vec<sysctl::Saved>,
+    sysctls: sysctl::Journal,
 }
 
 /// The running node.
@@ -181,7 +181,7 @@ impl Node {
         identity: Identity,
         port: u16,
         dataplane: Option<XdpDataplane>,
-        sysctls: Vec<sysctl::Saved>,
+        sysctls: sysctl::Journal,
     ) -> Result<Self, NodeError> {
         let node_prefix = Prefix::new(identity.node_prefix(), NODE_PREFIX_LEN)
             .map_err(|_| NodeError::InvalidNextHop("own prefix".into(), "not in overlay"))?;
@@ -430,6 +430,6 @@ impl Node {
         if let Some(dp) = st.dataplane.as_mut() {
             dp.detach_all();
         }
-        sysctl::restore(std::mem::take(&mut st.sysctls));
+        st.sysctls.restore_and_clear();
     }
 }

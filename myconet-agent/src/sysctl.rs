@@ -1,56 +1,172 @@
 //! The per-interface IPv6 sysctls the fast path depends on, set on attach and restored
-//! on shutdown.
+//! on shutdown — even after a crash.
 //!
 //! `bpf_fib_lookup` refuses to resolve a next hop (BPF_FIB_LKUP_RET_FWD_DISABLED) unless
 //! IPv6 forwarding is enabled on the interface. Enabling it makes the kernel ignore
 //! router advertisements there when `accept_ra` is 1, so that is raised to 2 to keep
 //! SLAAC-configured hosts configured.
+//!
+//! Original values are written to a journal in the state directory *before* anything is
+//! changed. A clean shutdown restores them and removes the journal; an agent that finds
+//! a journal at start-up (its predecessor was killed) restores those values first, so a
+//! crash never turns the agent's setting into the "original" one.
 
-use std::{fs, io, path::PathBuf};
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
 
 use tracing::{info, warn};
 
-/// A sysctl value to put back when the agent stops.
-#[derive(Debug)]
-pub struct Saved {
+/// File name of the journal inside the state directory.
+pub const JOURNAL_FILE: &str = "sysctl-restore";
+
+/// One sysctl value to put back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Saved {
     path: PathBuf,
     value: String,
 }
 
-fn path(iface: &str, key: &str) -> PathBuf {
+/// The sysctls this agent changed, with their original values, mirrored on disk.
+#[derive(Debug, Default)]
+pub struct Journal {
+    file: Option<PathBuf>,
+    saved: Vec<Saved>,
+}
+
+fn sysctl_path(iface: &str, key: &str) -> PathBuf {
     PathBuf::from(format!("/proc/sys/net/ipv6/conf/{iface}/{key}"))
 }
 
-fn set(iface: &str, key: &str, want: &str, saved: &mut Vec<Saved>) -> io::Result<()> {
-    let p = path(iface, key);
-    let old = fs::read_to_string(&p)?.trim().to_string();
-    if old != want {
-        fs::write(&p, want)?;
-        info!(iface, key, from = %old, to = want, "sysctl set");
-        saved.push(Saved {
-            path: p,
-            value: old,
-        });
-    }
-    Ok(())
-}
-
-/// Prepares `iface` for in-kernel relaying; returns what to restore.
-pub fn prepare(iface: &str) -> io::Result<Vec<Saved>> {
-    let mut saved = Vec::new();
-    let accept_ra = fs::read_to_string(path(iface, "accept_ra"))?;
-    if accept_ra.trim() == "1" {
-        set(iface, "accept_ra", "2", &mut saved)?;
-    }
-    set(iface, "forwarding", "1", &mut saved)?;
-    Ok(saved)
-}
-
-/// Puts values back, newest first; failures are logged, not fatal.
-pub fn restore(saved: Vec<Saved>) {
-    for s in saved.into_iter().rev() {
-        if let Err(e) = fs::write(&s.path, &s.value) {
-            warn!(path = %s.path.display(), error = %e, "could not restore sysctl");
+impl Journal {
+    /// Opens the journal in `state_dir`, first restoring whatever a previous agent that
+    /// did not shut down cleanly left changed.
+    pub fn open(state_dir: &Path) -> io::Result<Self> {
+        let file = state_dir.join(JOURNAL_FILE);
+        match fs::read_to_string(&file) {
+            Ok(text) => {
+                let leftover = Self {
+                    file: Some(file.clone()),
+                    saved: parse(&text),
+                };
+                warn!(
+                    entries = leftover.saved.len(),
+                    "restoring sysctls left changed by an agent that did not shut down cleanly"
+                );
+                leftover.restore();
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
+        Ok(Self {
+            file: Some(file),
+            saved: Vec::new(),
+        })
+    }
+
+    /// Prepares `iface` for in-kernel relaying.
+    pub fn prepare(&mut self, iface: &str) -> io::Result<()> {
+        let accept_ra = fs::read_to_string(sysctl_path(iface, "accept_ra"))?;
+        if accept_ra.trim() == "1" {
+            self.set(iface, "accept_ra", "2")?;
+        }
+        self.set(iface, "forwarding", "1")
+    }
+
+    fn set(&mut self, iface: &str, key: &str, want: &str) -> io::Result<()> {
+        let path = sysctl_path(iface, key);
+        let old = fs::read_to_string(&path)?.trim().to_string();
+        if old == want {
+            return Ok(());
+        }
+        if !self.saved.iter().any(|s| s.path == path) {
+            self.saved.push(Saved {
+                path: path.clone(),
+                value: old.clone(),
+            });
+            self.persist()?;
+        }
+        fs::write(&path, want)?;
+        info!(iface, key, from = %old, to = want, "sysctl set");
+        Ok(())
+    }
+
+    fn persist(&self) -> io::Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let text: String = self
+            .saved
+            .iter()
+            .map(|s| format!("{}\t{}\n", s.path.display(), s.value))
+            .collect();
+        let tmp = file.with_extension("tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, file)
+    }
+
+    /// Puts every value back, newest first, and removes the journal; failures are
+    /// logged, not fatal (an interface may be gone by now).
+    pub fn restore(&self) {
+        for s in self.saved.iter().rev() {
+            if let Err(e) = fs::write(&s.path, &s.value) {
+                warn!(path = %s.path.display(), error = %e, "could not restore sysctl");
+            }
+        }
+        if let Some(file) = &self.file
+            && let Err(e) = fs::remove_file(file)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            warn!(file = %file.display(), error = %e, "could not remove the sysctl journal");
+        }
+    }
+
+    /// Restores and forgets; idempotent.
+    pub fn restore_and_clear(&mut self) {
+        self.restore();
+        self.saved.clear();
+    }
+}
+
+/// Parses journal lines `path<TAB>value`, keeping only paths under
+/// /proc/sys/net/ipv6/conf so a tampered journal cannot make the agent write elsewhere.
+fn parse(text: &str) -> Vec<Saved> {
+    text.lines()
+        .filter_map(|line| {
+            let (path, value) = line.split_once('\t')?;
+            let path = PathBuf::from(path);
+            let safe = path.starts_with("/proc/sys/net/ipv6/conf/")
+                && !path
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+                && value.chars().all(|c| c.is_ascii_digit() || c == '-');
+            safe.then(|| Saved {
+                path,
+                value: value.to_string(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_lines_are_validated() {
+        let text = "/proc/sys/net/ipv6/conf/eth0/forwarding\t0\n\
+                    /etc/passwd\t0\n\
+                    /proc/sys/net/ipv6/conf/../../kernel/x\t1\n\
+                    /proc/sys/net/ipv6/conf/eth0/accept_ra\t1; rm\n\
+                    garbage\n";
+        let saved = parse(text);
+        assert_eq!(
+            saved,
+            vec![Saved {
+                path: PathBuf::from("/proc/sys/net/ipv6/conf/eth0/forwarding"),
+                value: "0".into()
+            }]
+        );
     }
 }

@@ -1,0 +1,995 @@
+//! The agent's life cycle with real processes in network namespaces: attaching the XDP
+//! program in the mode asked for, leaving nothing behind on SIGTERM or SIGKILL, refusing
+//! to start with a clear message when it cannot do its job, and the control API driven
+//! end to end through the real `myconet-ctl`.
+//!
+//! Runs as root (CI is root). Every wait is a bounded poll; every namespace, process and
+//! temporary directory is removed again, and each test checks its namespaces are gone.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use myconet_common::{maps::PROGRAM_NAME, wire::DEFAULT_PORT};
+use myconet_testbed::{
+    AgentOptions, AgentProcess, Chain, Netns, Topology,
+    agent::{AGENT_BIN, CTL_BIN, bin_dir},
+    netns::{self, NsChild},
+    util::{self, COMMAND_TIMEOUT, TempDir},
+};
+use serde_json::Value;
+
+/// Upper bound for an agent that is expected to give up to actually exit.
+const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound for an agent to answer `status`, and for the kernel to catch up.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A static route used by the control API test; anything in fd6d::/16 that is not the
+/// node's own /64 would do.
+const ROUTE_PREFIX: &str = "fd6d:feed:1:2::/64";
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+/// How `ip -d link show` reports XDP on a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XdpAttach {
+    /// No `xdp*` flag and no `prog/xdp` line.
+    None,
+    /// `xdp` in the flags (native / driver mode) and a `prog/xdp` line.
+    Driver,
+    /// `xdpgeneric` in the flags and a `prog/xdp` line.
+    Generic,
+    /// Anything else (offload, several programs, a flag without a program line, …).
+    Other,
+}
+
+/// Reads the XDP state of `iface` as iproute2 prints it. With a program attached the
+/// first line carries `xdp` (driver mode) or `xdpgeneric` between `mtu N` and `qdisc`,
+/// and `-d` adds a line `prog/xdp id N name <prog> tag … jited`.
+fn xdp_attach(ns: &Netns, iface: &str) -> Result<(XdpAttach, String)> {
+    let out = ns.ip(["-d", "link", "show", "dev", iface])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let first = text.lines().next().unwrap_or_default();
+    let flags: Vec<&str> = first
+        .split_whitespace()
+        .filter(|t| t.starts_with("xdp"))
+        .collect();
+    let prog_line = text.contains("prog/xdp");
+    let state = match (flags.as_slice(), prog_line) {
+        ([], false) => XdpAttach::None,
+        (["xdp"], true) => XdpAttach::Driver,
+        (["xdpgeneric"], true) => XdpAttach::Generic,
+        _ => XdpAttach::Other,
+    };
+    Ok((state, text))
+}
+
+/// Checks that `iface` carries Myconet's program in `want` mode.
+fn ensure_ours_attached(ns: &Netns, iface: &str, want: XdpAttach) -> Result<()> {
+    let (state, text) = xdp_attach(ns, iface)?;
+    ensure!(
+        state == want,
+        "{iface} in {}: expected {want:?}, ip link shows {state:?}:\n{text}",
+        ns.name()
+    );
+    // The kernel keeps at most 15 bytes of a program name.
+    let name: String = PROGRAM_NAME.chars().take(15).collect();
+    ensure!(
+        text.contains(&format!("name {name} ")),
+        "{iface}: the attached program is not {name}:\n{text}"
+    );
+    Ok(())
+}
+
+/// Checks that no XDP program is attached to `iface`.
+fn ensure_detached(ns: &Netns, iface: &str) -> Result<()> {
+    let (state, text) = xdp_attach(ns, iface)?;
+    ensure!(
+        state == XdpAttach::None,
+        "{iface} in {}: XDP still attached ({state:?}):\n{text}",
+        ns.name()
+    );
+    Ok(())
+}
+
+/// `net.ipv6.conf.<iface>.forwarding` inside the namespace, via `ip netns exec … cat`.
+fn forwarding(ns: &Netns, iface: &str) -> Result<String> {
+    let path = format!("/proc/sys/net/ipv6/conf/{iface}/forwarding");
+    Ok(ns.exec_stdout("cat", [path.as_str()])?.trim().to_owned())
+}
+
+/// Polls `probe` until it yields a value. Unlike `util::poll` an error ends the wait at
+/// once (a dead agent should fail the test now, not after the timeout).
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe()? {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Drops tracing's colour codes (the agent's log is not a terminal, but the subscriber
+/// colours anyway), so log assertions match plain text.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters… final byte in @..~
+            if chars.next() == Some('[') {
+                for d in chars.by_ref() {
+                    if ('@'..='~').contains(&d) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn read_log(path: &Path) -> String {
+    match fs::read(path) {
+        Ok(bytes) => strip_ansi(&String::from_utf8_lossy(&bytes)),
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+/// Runs `myconet-ctl --socket <socket> <args…>` whatever its exit status.
+fn ctl_raw(socket: &Path, args: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(bin_dir()?.join(CTL_BIN));
+    cmd.arg("--socket").arg(socket).args(args);
+    util::run_with_timeout(&mut cmd, COMMAND_TIMEOUT)
+}
+
+/// Runs `myconet-ctl` expecting failure; returns its exit code and stderr.
+fn ctl_failure(socket: &Path, args: &[&str]) -> Result<(i32, String)> {
+    let out = ctl_raw(socket, args)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success(),
+        "myconet-ctl {} succeeded but should have failed: {stdout}",
+        args.join(" ")
+    );
+    let code = out
+        .status
+        .code()
+        .with_context(|| format!("myconet-ctl {} died by a signal: {stderr}", args.join(" ")))?;
+    Ok((code, stderr))
+}
+
+/// Starts `myconet-agent <args…>` in `ns` with info logging (so warnings are in the log
+/// whatever RUST_LOG the test runner has), output to `log`.
+fn spawn_agent(ns: &Netns, args: &[String], log: &Path) -> Result<NsChild> {
+    let agent = bin_dir()?.join(AGENT_BIN);
+    let mut full = vec!["RUST_LOG=info".to_owned(), agent.display().to_string()];
+    full.extend(args.iter().cloned());
+    ns.spawn("env", &full, Some(log))
+}
+
+/// Starts an agent that must refuse to run: it has to exit by itself within
+/// [`FAIL_TIMEOUT`] with exit status 1 (an error, not a panic or a signal). Returns its
+/// log without colour codes.
+fn agent_must_fail(ns: &Netns, args: &[String], log: &Path) -> Result<String> {
+    let started = Instant::now();
+    let mut child = spawn_agent(ns, args, log)?;
+    let status = child.wait_timeout(FAIL_TIMEOUT)?;
+    let text = read_log(log);
+    let Some(status) = status else {
+        bail!(
+            "agent {args:?} still running after {FAIL_TIMEOUT:?}; it should have given up. Log:\n{text}"
+        );
+    };
+    ensure!(
+        status.code() == Some(1),
+        "agent {args:?} should exit with status 1 (an error), got {} after {:?}. Log:\n{text}",
+        util::status_text(status),
+        started.elapsed()
+    );
+    Ok(text)
+}
+
+/// Waits until an agent started by hand answers `status`, failing at once if it exits.
+fn wait_ready(child: &mut NsChild, socket: &Path, log: &Path) -> Result<Value> {
+    wait_for("the agent to answer status", READY_TIMEOUT, || {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "agent exited during startup ({}). Log:\n{}",
+                util::status_text(status),
+                read_log(log)
+            );
+        }
+        if !socket.exists() {
+            return Ok(None);
+        }
+        let out = ctl_raw(socket, &["--json", "status"])?;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        Ok(Some(
+            serde_json::from_slice(&out.stdout).context("status printed invalid JSON")?,
+        ))
+    })
+}
+
+/// Removes a directory the test asked the testbed to keep (so it could look at what the
+/// agent left behind in it).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The agent's temporary directory (socket, state, log), kept past the agent's exit.
+fn keep_agent_dir(agent: &mut AgentProcess) -> Result<RemoveOnDrop> {
+    agent.keep_files();
+    let dir = agent
+        .socket_path()
+        .parent()
+        .context("socket path has no parent")?
+        .to_path_buf();
+    Ok(RemoveOnDrop(dir))
+}
+
+fn ensure_namespaces_gone(names: &[String]) -> Result<()> {
+    let left: Vec<String> = netns::list()?
+        .into_iter()
+        .filter(|n| names.contains(n))
+        .collect();
+    ensure!(left.is_empty(), "namespaces left behind: {left:?}");
+    Ok(())
+}
+
+/// Tears the topology down and checks `ip netns list` no longer shows its namespaces.
+fn teardown(topo: Topology) -> Result<()> {
+    let names: Vec<String> = topo
+        .nodes()
+        .iter()
+        .map(|n| n.ns_name().to_owned())
+        .collect();
+    ensure!(!names.is_empty(), "topology without namespaces");
+    drop(topo);
+    ensure_namespaces_gone(&names)
+}
+
+fn teardown_ns(ns: Netns) -> Result<()> {
+    let name = ns.name().to_owned();
+    drop(ns);
+    ensure_namespaces_gone(&[name])
+}
+
+/// A namespace with one up, addressed device that has no native XDP support, named
+/// `name`. Returns the device type used.
+///
+/// `dummy` is the first choice: it has no `ndo_bpf`, so the kernel refuses driver-mode
+/// XDP on it with EOPNOTSUPP. Some kernels are built without the dummy driver (the
+/// testbed VM's, for one: `ip link add … type dummy` fails with "Unknown device type"),
+/// so a port-less `bridge` stands in there: a bridge has no `ndo_bpf` either, on every
+/// kernel, and like dummy it is an Ethernet device with IPv6 configuration, so generic
+/// XDP and the agent's sysctls work on it.
+fn namespace_with_non_xdp_device(label: &str, name: &str) -> Result<(Netns, &'static str)> {
+    let ns = Netns::create(&netns::unique_name(label))?;
+    ns.ip(["link", "set", "dev", "lo", "up"])?;
+    let kind = match ns.ip(["link", "add", name, "type", "dummy"]) {
+        Ok(_) => "dummy",
+        Err(dummy_err) => {
+            ns.ip(["link", "add", name, "type", "bridge"])
+                .with_context(|| format!("no dummy device either: {dummy_err:#}"))?;
+            "bridge"
+        }
+    };
+    ns.ip(["link", "set", "dev", name, "up"])?;
+    ns.ip(["addr", "add", "fd00:6c63::1/64", "dev", name, "nodad"])?;
+    Ok((ns, kind))
+}
+
+/// Options for an agent with info logging and the given XDP mode.
+fn options(xdp_mode: &str) -> AgentOptions {
+    AgentOptions {
+        xdp_mode: Some(xdp_mode.to_owned()),
+        log_filter: Some("info".to_owned()),
+        ..AgentOptions::default()
+    }
+}
+
+/// The `interfaces` list of a `status` JSON as `(name, ifindex, xdp_mode)`.
+fn status_interfaces(status: &Value) -> Result<Vec<(String, u64, String)>> {
+    status["interfaces"]
+        .as_array()
+        .with_context(|| format!("status has no interfaces list: {status}"))?
+        .iter()
+        .map(|i| {
+            Ok((
+                i["name"].as_str().context("interface name")?.to_owned(),
+                i["ifindex"].as_u64().context("interface ifindex")?,
+                i["xdp_mode"]
+                    .as_str()
+                    .context("interface xdp_mode")?
+                    .to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// The row for `prefix` in a `routes` JSON, if any.
+fn route_row<'a>(routes: &'a Value, prefix: &str) -> Result<Option<&'a Value>> {
+    Ok(routes["routes"]
+        .as_array()
+        .with_context(|| format!("routes JSON has no routes list: {routes}"))?
+        .iter()
+        .find(|r| r["prefix"] == prefix))
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Attach in driver mode, clean detach on SIGTERM
+// ---------------------------------------------------------------------------------------
+
+/// Driver-mode attach is visible in the kernel and in `status`, the agent enables IPv6
+/// forwarding on its interface, and SIGTERM undoes all of it: exit 0, program gone,
+/// forwarding back to 0, socket removed, and the CLI then reports "no agent" (exit 2).
+#[test]
+fn sigterm_detaches_restores_sysctls_and_removes_the_socket() -> Result<()> {
+    let bin = bin_dir()?;
+    let topo = Chain::new(2).ipv6_forwarding(false).tag("lcterm").build()?;
+    let a = topo.node(0);
+    let ns = a.netns();
+    let iface = a.iface_to(1)?.clone();
+    ensure!(
+        forwarding(ns, &iface.name)? == "0",
+        "precondition: the chain was built without forwarding"
+    );
+    ensure_detached(ns, &iface.name)?;
+
+    let mut agent = AgentProcess::start(a, &bin, options("driver"))?;
+    // Keep the agent's directory past its exit, so the socket's absence afterwards is
+    // the agent's doing and not the testbed deleting the directory.
+    let dir = keep_agent_dir(&mut agent)?;
+    let socket = agent.socket_path().to_path_buf();
+    let log = agent.log_path().to_path_buf();
+
+    ensure_ours_attached(ns, &iface.name, XdpAttach::Driver)?;
+    let status = agent.status()?;
+    ensure!(
+        status_interfaces(&status)?
+            == [(
+                iface.name.clone(),
+                u64::from(iface.ifindex),
+                "driver".to_owned()
+            )],
+        "status should list {} in driver mode: {status}",
+        iface.name
+    );
+    ensure!(
+        forwarding(ns, &iface.name)? == "1",
+        "forwarding not enabled on {} while the agent runs",
+        iface.name
+    );
+    ensure!(
+        fs::symlink_metadata(&socket)?.file_type().is_socket(),
+        "{} is not a socket while the agent runs",
+        socket.display()
+    );
+
+    let exit = agent.stop()?;
+    ensure!(
+        exit.success(),
+        "agent exited with {} on SIGTERM. Log:\n{}",
+        util::status_text(exit),
+        read_log(&log)
+    );
+    // Detaching happens before the process exits, so no waiting is needed here.
+    ensure_detached(ns, &iface.name)?;
+    ensure!(
+        forwarding(ns, &iface.name)? == "0",
+        "forwarding on {} not restored to 0",
+        iface.name
+    );
+    ensure!(
+        log.is_file(),
+        "the kept agent directory vanished: {}",
+        log.display()
+    );
+    ensure!(
+        fs::symlink_metadata(&socket).is_err(),
+        "control socket {} left behind",
+        socket.display()
+    );
+    let (code, stderr) = ctl_failure(&socket, &["status"])?;
+    ensure!(
+        code == 2,
+        "ctl against a stopped agent: exit {code}, want 2: {stderr}"
+    );
+    ensure!(
+        stderr.contains("no agent socket"),
+        "ctl message should say there is no agent socket: {stderr}"
+    );
+    let text = read_log(&log);
+    ensure!(
+        text.contains("XDP detached") && text.contains("stopped"),
+        "the log should record the orderly shutdown:\n{text}"
+    );
+
+    drop(dir);
+    teardown(topo)
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Generic mode on request
+// ---------------------------------------------------------------------------------------
+
+/// `--xdp-mode generic` attaches in generic (skb) mode even where driver mode would work
+/// (veth supports native XDP), and says so in `status`.
+#[test]
+fn generic_mode_on_request() -> Result<()> {
+    let bin = bin_dir()?;
+    let topo = Chain::new(2).ipv6_forwarding(false).tag("lcgen").build()?;
+    let a = topo.node(0);
+    let iface = a.iface_to(1)?.name.clone();
+
+    let agent = AgentProcess::start(a, &bin, options("generic"))?;
+    ensure_ours_attached(a.netns(), &iface, XdpAttach::Generic)?;
+    let status = agent.status()?;
+    let ifaces = status_interfaces(&status)?;
+    ensure!(
+        ifaces.len() == 1 && ifaces[0].0 == iface && ifaces[0].2 == "generic",
+        "status should list {iface} in generic mode: {status}"
+    );
+    let exit = agent.stop()?;
+    ensure!(exit.success(), "exit {}", util::status_text(exit));
+    ensure_detached(a.netns(), &iface)?;
+    teardown(topo)
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Auto mode falls back to generic where there is no native XDP
+// ---------------------------------------------------------------------------------------
+
+/// On a device without native XDP, `--xdp-mode auto` attaches in generic mode, reports
+/// "generic" and logs a warning about the fallback naming the device.
+#[test]
+fn auto_mode_falls_back_to_generic_with_a_warning() -> Result<()> {
+    let bin = bin_dir()?;
+    let (ns, kind) = namespace_with_non_xdp_device("lcauto", "d0")?;
+
+    let agent = AgentProcess::start_in(&ns, &["d0".to_owned()], &bin, options("auto"))?;
+    let status = agent.status()?;
+    let ifaces = status_interfaces(&status)?;
+    ensure!(
+        ifaces.len() == 1 && ifaces[0].0 == "d0" && ifaces[0].2 == "generic",
+        "auto mode on a {kind} device should end up generic: {status}"
+    );
+    ensure_ours_attached(&ns, "d0", XdpAttach::Generic)?;
+    let log = read_log(agent.log_path());
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("falling back to generic"));
+    let Some(warning) = warning else {
+        bail!("no fallback warning in the log:\n{log}");
+    };
+    ensure!(
+        warning.contains("d0"),
+        "the fallback warning should name the device: {warning}"
+    );
+
+    let exit = agent.stop()?;
+    ensure!(exit.success(), "exit {}", util::status_text(exit));
+    ensure_detached(&ns, "d0")?;
+    teardown_ns(ns)
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Clear errors when the agent cannot attach
+// ---------------------------------------------------------------------------------------
+
+/// An interface that does not exist: the agent exits promptly with an error that names
+/// it and serves nothing, with or without sysctl management.
+#[test]
+fn unknown_interface_is_refused_promptly_by_name() -> Result<()> {
+    let ns = Netns::create(&netns::unique_name("lcnoif"))?;
+    let dir = TempDir::new("lc-noif")?;
+    let socket = dir.path().join("agent.sock");
+    for (i, extra) in [&[][..], &["--no-sysctl"][..]].iter().enumerate() {
+        let mut argv = args(&["--interface", "nonexistent0", "--xdp-mode", "auto"]);
+        argv.extend(args(extra));
+        argv.extend([
+            "--state-dir".to_owned(),
+            dir.path().join("state").display().to_string(),
+            "--socket".to_owned(),
+            socket.display().to_string(),
+        ]);
+        let log = agent_must_fail(&ns, &argv, &dir.path().join(format!("agent{i}.log")))?;
+        ensure!(
+            log.contains("Error:") && log.contains("nonexistent0"),
+            "{extra:?}: the error should name the interface:\n{log}"
+        );
+        ensure!(
+            !socket.exists(),
+            "{extra:?}: a control socket appeared although the agent refused to start"
+        );
+    }
+    drop(dir);
+    teardown_ns(ns)
+}
+
+/// The error for an unknown interface says what is wrong ("no such interface"), not
+/// what the agent happened to try first.
+///
+/// Fails until the agent checks that interfaces exist before writing their sysctls:
+/// today, without `--no-sysctl`, it reports "setting IPv6 sysctls on nonexistent0 …
+/// No such file or directory" (main.rs calls `sysctl::prepare` before
+/// `XdpDataplane::attach`, which is what would say "no such interface").
+#[test]
+fn unknown_interface_error_says_no_such_interface() -> Result<()> {
+    let ns = Netns::create(&netns::unique_name("lcnoif2"))?;
+    let dir = TempDir::new("lc-noif2")?;
+    for (i, extra) in [&["--no-sysctl"][..], &[][..]].iter().enumerate() {
+        let mut argv = args(&["--interface", "nonexistent0"]);
+        argv.extend(args(extra));
+        argv.extend([
+            "--state-dir".to_owned(),
+            dir.path().join("state").display().to_string(),
+            "--socket".to_owned(),
+            dir.path().join("agent.sock").display().to_string(),
+        ]);
+        let log = agent_must_fail(&ns, &argv, &dir.path().join(format!("agent{i}.log")))?;
+        ensure!(
+            log.contains("no such interface: nonexistent0"),
+            "{extra:?}: expected \"no such interface: nonexistent0\" in:\n{log}"
+        );
+    }
+    drop(dir);
+    teardown_ns(ns)
+}
+
+/// `--xdp-mode driver` on a device without native XDP: the agent refuses with an attach
+/// error naming the device, and leaves neither a program nor changed sysctls behind.
+#[test]
+fn driver_mode_without_native_xdp_is_refused_cleanly() -> Result<()> {
+    let (ns, kind) = namespace_with_non_xdp_device("lcdrv", "d0")?;
+    let dir = TempDir::new("lc-drv")?;
+    let socket = dir.path().join("agent.sock");
+    let forwarding_before = forwarding(&ns, "d0")?;
+    ensure!(
+        forwarding_before == "0",
+        "precondition: forwarding off on d0, is {forwarding_before}"
+    );
+
+    let argv = vec![
+        "--interface".to_owned(),
+        "d0".to_owned(),
+        "--xdp-mode".to_owned(),
+        "driver".to_owned(),
+        "--state-dir".to_owned(),
+        dir.path().join("state").display().to_string(),
+        "--socket".to_owned(),
+        socket.display().to_string(),
+    ];
+    let log = agent_must_fail(&ns, &argv, &dir.path().join("agent.log"))?;
+    ensure!(
+        log.contains("Error: attaching XDP to d0 failed"),
+        "expected an attach error for the {kind} device d0:\n{log}"
+    );
+    ensure_detached(&ns, "d0")?;
+    ensure!(
+        forwarding(&ns, "d0")? == forwarding_before,
+        "the refused agent left forwarding changed on d0"
+    );
+    ensure!(!socket.exists(), "a control socket appeared");
+    drop(dir);
+    teardown_ns(ns)
+}
+
+/// The driver-mode attach error carries the kernel's reason, as docs/operations.md
+/// promises ("the agent exits with the kernel's reason"): EOPNOTSUPP, "Operation not
+/// supported".
+///
+/// Fails until dataplane.rs keeps the error's source: today the message ends at
+/// "`bpf_link_create` failed" because `attach_err` uses `ProgramError::to_string()`,
+/// which drops the `io::Error` that aya keeps as the source.
+#[test]
+fn driver_mode_attach_error_carries_the_kernels_reason() -> Result<()> {
+    let (ns, kind) = namespace_with_non_xdp_device("lcdrv2", "d0")?;
+    let dir = TempDir::new("lc-drv2")?;
+    let argv = vec![
+        "--interface".to_owned(),
+        "d0".to_owned(),
+        "--xdp-mode".to_owned(),
+        "driver".to_owned(),
+        "--state-dir".to_owned(),
+        dir.path().join("state").display().to_string(),
+        "--socket".to_owned(),
+        dir.path().join("agent.sock").display().to_string(),
+    ];
+    let log = agent_must_fail(&ns, &argv, &dir.path().join("agent.log"))?;
+    let error = log
+        .lines()
+        .find(|l| l.starts_with("Error:"))
+        .with_context(|| format!("no error line in the log:\n{log}"))?;
+    ensure!(
+        log.contains("Operation not supported"),
+        "the attach error on the {kind} device should include the kernel's reason \
+         (EOPNOTSUPP); it says: {error}"
+    );
+    drop(dir);
+    teardown_ns(ns)
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Crash safety
+// ---------------------------------------------------------------------------------------
+
+/// SIGKILL cannot run any cleanup, yet the program is detached because it hangs on a BPF
+/// link owned by the process. A new agent then starts on the same state directory and
+/// socket path: it replaces the stale socket and keeps the node's identity.
+#[test]
+fn sigkill_detaches_and_a_restart_reuses_identity_and_socket() -> Result<()> {
+    let bin = bin_dir()?;
+    let topo = Chain::new(2).ipv6_forwarding(false).tag("lckill").build()?;
+    let a = topo.node(0);
+    let ns = a.netns();
+    let iface = a.iface_to(1)?.name.clone();
+
+    let mut agent = AgentProcess::start(a, &bin, options("driver"))?;
+    let dir = keep_agent_dir(&mut agent)?;
+    let socket = agent.socket_path().to_path_buf();
+    let state_dir = agent.state_dir().to_path_buf();
+    let before = agent.status()?;
+    ensure_ours_attached(ns, &iface, XdpAttach::Driver)?;
+
+    let pid = libc::pid_t::try_from(agent.pid()).context("pid out of range")?;
+    // SAFETY: the agent is our unreaped child (AgentProcess reaps it only in
+    // is_running/stop/drop, none of which has run), so the pid is still its.
+    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+    ensure!(
+        rc == 0,
+        "kill -9 {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+    wait_for("the killed agent to exit", READY_TIMEOUT, || {
+        Ok((!agent.is_running()?).then_some(()))
+    })?;
+    wait_for("the kernel to drop the XDP link", READY_TIMEOUT, || {
+        Ok((xdp_attach(ns, &iface)?.0 == XdpAttach::None).then_some(()))
+    })?;
+    ensure_detached(ns, &iface)?;
+    ensure!(
+        forwarding(ns, &iface)? == "1",
+        "precondition: a killed agent cannot restore forwarding itself"
+    );
+
+    // The socket file outlives the process; nobody answers on it.
+    ensure!(
+        fs::symlink_metadata(&socket)?.file_type().is_socket(),
+        "precondition: the killed agent's socket file should still be there"
+    );
+    let (code, stderr) = ctl_failure(&socket, &["status"])?;
+    ensure!(
+        code == 1 && stderr.contains("stale socket"),
+        "ctl on the dead agent's socket: exit {code}: {stderr}"
+    );
+    drop(agent);
+
+    let log = dir.0.join("restart.log");
+    let argv = vec![
+        "--interface".to_owned(),
+        iface.clone(),
+        "--xdp-mode".to_owned(),
+        "driver".to_owned(),
+        "--state-dir".to_owned(),
+        state_dir.display().to_string(),
+        "--socket".to_owned(),
+        socket.display().to_string(),
+    ];
+    let mut second = spawn_agent(ns, &argv, &log)?;
+    let after = wait_ready(&mut second, &socket, &log)?;
+    for field in ["node_address", "node_prefix", "public_key"] {
+        ensure!(
+            after[field].is_string() && after[field] == before[field],
+            "{field} changed across the restart: {} → {}",
+            before[field],
+            after[field]
+        );
+    }
+    let ifaces = status_interfaces(&after)?;
+    ensure!(
+        ifaces.len() == 1 && ifaces[0].0 == iface && ifaces[0].2 == "driver",
+        "restarted agent should be attached in driver mode: {after}"
+    );
+    ensure_ours_attached(ns, &iface, XdpAttach::Driver)?;
+    let text = read_log(&log);
+    ensure!(
+        text.contains("removing stale control socket"),
+        "the restarted agent should say it replaced the stale socket:\n{text}"
+    );
+
+    let exit = second.terminate(netns::STOP_GRACE)?;
+    ensure!(
+        exit.success(),
+        "restarted agent exited with {} on SIGTERM",
+        util::status_text(exit)
+    );
+    ensure_detached(ns, &iface)?;
+    ensure!(!socket.exists(), "socket left behind after SIGTERM");
+    // The restarted agent restored the killed one's journal first, so the value it put
+    // back is the one from before either agent ran, not the killed agent's "1".
+    ensure!(
+        forwarding(ns, &iface)? == "0",
+        "forwarding should be back to its original 0 after a crash and a clean restart"
+    );
+    ensure!(
+        !state_dir.join("sysctl-restore").exists(),
+        "the sysctl journal must be removed on clean shutdown"
+    );
+    drop(second);
+    drop(dir);
+    teardown(topo)
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. The control API end to end through the real CLI
+// ---------------------------------------------------------------------------------------
+
+/// Routes and peers through `myconet-ctl` against a live agent with XDP attached:
+/// refusals carry a message and exit 1, accepted changes reach both the agent and the
+/// kernel maps and go away again; the socket and key are private; a second agent on the
+/// same socket refuses to start and leaves its own interface as it found it.
+#[test]
+fn control_api_end_to_end_through_the_cli() -> Result<()> {
+    let bin = bin_dir()?;
+    let topo = Chain::new(2).ipv6_forwarding(false).tag("lcctl").build()?;
+    let (a, b) = (topo.node(0), topo.node(1));
+    let agent = AgentProcess::start(a, &bin, options("driver"))?;
+    let socket = agent.socket_path().to_path_buf();
+    let status = agent.status()?;
+    let own_prefix = status["node_prefix"]
+        .as_str()
+        .context("status has no node_prefix")?
+        .to_owned();
+    ensure!(
+        own_prefix != ROUTE_PREFIX,
+        "the test prefix collides with the node's own"
+    );
+    let peer = a.peer_addr(1)?.to_string();
+
+    // Refusals: outside the overlay, and the node's own prefix.
+    let (code, stderr) = ctl_failure(&socket, &["route", "add", "2001:db8:1::/64", "via", &peer])?;
+    ensure!(
+        code == 1 && stderr.contains("2001:db8:1::/64") && stderr.contains("fd6d::/16"),
+        "route outside fd6d::/16: exit {code}: {stderr}"
+    );
+    let (code, stderr) = ctl_failure(&socket, &["route", "add", &own_prefix, "via", &peer])?;
+    ensure!(
+        code == 1 && stderr.contains("own prefix"),
+        "route for the own prefix: exit {code}: {stderr}"
+    );
+    ensure!(
+        route_row(&agent.ctl_json(&["routes"])?, "2001:db8:1::/64")?.is_none(),
+        "a refused route was installed anyway"
+    );
+
+    // A valid route shows up on both sides, in sync.
+    let port = DEFAULT_PORT.to_string();
+    let added = agent.ctl(&["route", "add", ROUTE_PREFIX, "via", &peer, "--port", &port])?;
+    ensure!(
+        added.contains(ROUTE_PREFIX) && added.contains(&format!("[{peer}]:{port}")),
+        "route add confirmation: {added}"
+    );
+    let table = agent.ctl(&["routes"])?;
+    let line = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(ROUTE_PREFIX))
+        .with_context(|| format!("{ROUTE_PREFIX} missing from the routes table:\n{table}"))?;
+    ensure!(
+        line.split_whitespace().last() == Some("yes"),
+        "the SYNC column for {ROUTE_PREFIX} should say yes:\n{table}"
+    );
+    let routes = agent.ctl_json(&["routes"])?;
+    let row = route_row(&routes, ROUTE_PREFIX)?
+        .with_context(|| format!("{ROUTE_PREFIX} missing from --json routes: {routes}"))?;
+    ensure!(row["in_sync"] == true, "route not in sync: {row}");
+    for side in ["agent", "kernel"] {
+        let entry = &row[side];
+        ensure!(
+            entry["action"] == "forward"
+                && entry["next_hop"]["address"] == peer.as_str()
+                && entry["next_hop"]["port"] == u64::from(DEFAULT_PORT),
+            "{side} entry for {ROUTE_PREFIX} should forward to [{peer}]:{port}: {row}"
+        );
+    }
+    ensure!(
+        row["agent"]["origin"] == "static",
+        "origin should be static: {row}"
+    );
+
+    // Deleting it removes it from both sides.
+    let removed = agent.ctl(&["route", "del", ROUTE_PREFIX])?;
+    ensure!(
+        removed.contains("removed route"),
+        "route del confirmation: {removed}"
+    );
+    let routes = agent.ctl_json(&["routes"])?;
+    ensure!(
+        route_row(&routes, ROUTE_PREFIX)?.is_none(),
+        "{ROUTE_PREFIX} still listed after route del: {routes}"
+    );
+    ensure!(
+        route_row(&routes, &own_prefix)?.is_some_and(|r| r["in_sync"] == true),
+        "the own prefix should still be listed and in sync: {routes}"
+    );
+
+    // Peers round trip, landing in the kernel map.
+    let added = agent.ctl_json(&["peers", "add", &peer])?;
+    ensure!(
+        added["address"] == peer.as_str()
+            && added["port"] == u64::from(DEFAULT_PORT)
+            && added["in_kernel"] == true,
+        "peers add: {added}"
+    );
+    let peers = agent.ctl_json(&["peers"])?;
+    let listed = peers["peers"]
+        .as_array()
+        .with_context(|| format!("peers JSON: {peers}"))?;
+    ensure!(
+        listed.len() == 1 && listed[0] == added,
+        "peers should list exactly the added peer: {peers}"
+    );
+    let removed = agent.ctl_json(&["peers", "remove", &peer])?;
+    ensure!(removed["removed"] == true, "peers remove: {removed}");
+    let peers = agent.ctl_json(&["peers"])?;
+    ensure!(
+        peers["peers"].as_array().is_some_and(Vec::is_empty),
+        "peer still listed after removal: {peers}"
+    );
+
+    // The socket and the key are private to the agent's user.
+    let meta = fs::symlink_metadata(&socket)?;
+    ensure!(
+        meta.file_type().is_socket() && meta.permissions().mode() & 0o7777 == 0o600,
+        "control socket mode {:o}, want 600",
+        meta.permissions().mode() & 0o7777
+    );
+    let key = agent.state_dir().join("identity.pk8");
+    let mode = fs::metadata(&key)
+        .with_context(|| format!("no identity file at {}", key.display()))?
+        .permissions()
+        .mode();
+    ensure!(
+        mode & 0o7777 == 0o600,
+        "identity file mode {:o}, want 600",
+        mode & 0o7777
+    );
+
+    // A second agent (in b, on its own interface) pointed at a's socket refuses.
+    let b_iface = b.iface_to(0)?.name.clone();
+    let b_forwarding = forwarding(b.netns(), &b_iface)?;
+    ensure!(
+        b_forwarding == "0",
+        "precondition: forwarding off on {b_iface}, is {b_forwarding}"
+    );
+    let dir = TempDir::new("lc-second")?;
+    let argv = vec![
+        "--interface".to_owned(),
+        b_iface.clone(),
+        "--xdp-mode".to_owned(),
+        "generic".to_owned(),
+        "--state-dir".to_owned(),
+        dir.path().join("state").display().to_string(),
+        "--socket".to_owned(),
+        socket.display().to_string(),
+    ];
+    let log = agent_must_fail(b.netns(), &argv, &dir.path().join("agent.log"))?;
+    ensure!(
+        log.contains("already serving"),
+        "the second agent should refuse because another is serving:\n{log}"
+    );
+    let still = agent.status()?;
+    ensure!(
+        still["public_key"] == status["public_key"],
+        "the first agent no longer answers on its socket: {still}"
+    );
+    ensure_detached(b.netns(), &b_iface)?;
+    ensure!(
+        forwarding(b.netns(), &b_iface)? == b_forwarding,
+        "the refused agent left forwarding changed on {b_iface}"
+    );
+
+    let exit = agent.stop()?;
+    ensure!(exit.success(), "exit {}", util::status_text(exit));
+    drop(dir);
+    teardown(topo)
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. A corrupt identity is never replaced
+// ---------------------------------------------------------------------------------------
+
+/// A key file that is not a valid PKCS#8 Ed25519 key stops the agent with an error that
+/// says so; the file is left byte for byte and mode for mode as it was. A key file others
+/// can read is refused too, with the fix in the message.
+#[test]
+fn corrupt_or_exposed_identity_is_refused_and_left_alone() -> Result<()> {
+    let ns = Netns::create(&netns::unique_name("lcid"))?;
+    let dir = TempDir::new("lc-identity")?;
+    let garbage: &[u8] = b"this is not a PKCS#8 document\x00\x01\x02\xff";
+
+    for (case, mode, needle) in [
+        ("corrupt", 0o600, "not a valid Ed25519 PKCS#8 key"),
+        ("exposed", 0o640, "chmod 600"),
+    ] {
+        let state = dir.path().join(case);
+        fs::create_dir(&state)?;
+        let key = state.join("identity.pk8");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)?;
+        f.write_all(garbage)?;
+        drop(f);
+        fs::set_permissions(&key, fs::Permissions::from_mode(mode))?;
+        let socket = dir.path().join(format!("{case}.sock"));
+
+        let argv = vec![
+            "--state-dir".to_owned(),
+            state.display().to_string(),
+            "--socket".to_owned(),
+            socket.display().to_string(),
+        ];
+        let log = agent_must_fail(&ns, &argv, &dir.path().join(format!("{case}.log")))?;
+        ensure!(
+            log.contains("Error:") && log.contains(&key.display().to_string()),
+            "{case}: the error should name the key file:\n{log}"
+        );
+        ensure!(
+            log.contains(needle),
+            "{case}: expected {needle:?} in:\n{log}"
+        );
+        ensure!(
+            fs::read(&key)? == garbage,
+            "{case}: the key file was modified"
+        );
+        let after = fs::metadata(&key)?.permissions().mode() & 0o7777;
+        ensure!(
+            after == mode,
+            "{case}: key file mode changed from {mode:o} to {after:o}"
+        );
+        let entries: Vec<_> = fs::read_dir(&state)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        ensure!(
+            entries == ["identity.pk8"],
+            "{case}: the state directory changed: {entries:?}"
+        );
+        ensure!(!socket.exists(), "{case}: a control socket appeared");
+    }
+    drop(dir);
+    teardown_ns(ns)
+}
