@@ -18,5 +18,6 @@ pub mod forward;
 pub mod identity;
 pub mod node;
 pub mod rib;
+pub mod session;
 pub mod sysctl;
 pub mod underlay;

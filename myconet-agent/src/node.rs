@@ -216,10 +216,14 @@ impl Node {
     fn install(&self, prefix: Prefix, entry: RibEntry) -> Result<(), NodeError> {
         let mut st = self.state();
         if let Some(dp) = st.dataplane.as_mut() {
+            let src = match entry.target {
+                RouteTarget::Forward(nh) => nh.underlay_source(),
+                RouteTarget::Local => None,
+            };
             dp.set_route(
                 prefix.addr(),
                 prefix.prefix_len(),
-                entry.target.to_map_value(),
+                entry.target.to_map_value_with_src(src),
             )?;
         }
         st.rib.insert(prefix, entry);

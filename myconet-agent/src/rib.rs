@@ -101,6 +101,18 @@ impl NextHop {
     pub fn socket_addr(&self) -> SocketAddrV6 {
         SocketAddrV6::new(self.addr, self.port, 0, self.ifindex)
     }
+
+    /// The source address the kernel picks for packets to this next hop (a connected
+    /// UDP socket sends nothing; it only asks the routing table), or `None` when there
+    /// is no route to it yet.
+    pub fn underlay_source(&self) -> Option<Ipv6Addr> {
+        let socket = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).ok()?;
+        socket.connect(self.socket_addr()).ok()?;
+        match socket.local_addr().ok()? {
+            std::net::SocketAddr::V6(a) if !a.ip().is_unspecified() => Some(*a.ip()),
+            _ => None,
+        }
+    }
 }
 
 /// What happens to packets for a prefix.
@@ -113,11 +125,20 @@ pub enum RouteTarget {
 }
 
 impl RouteTarget {
-    /// The kernel map value that encodes this target.
+    /// The kernel map value that encodes this target, leaving the underlay source
+    /// address to the FIB (slower per packet; see [`RouteTarget::to_map_value_with_src`]).
     pub fn to_map_value(self) -> RouteValue {
+        self.to_map_value_with_src(None)
+    }
+
+    /// The kernel map value with this node's underlay source address towards the next
+    /// hop already resolved, so the XDP program need not ask the FIB for it.
+    pub fn to_map_value_with_src(self, src: Option<Ipv6Addr>) -> RouteValue {
+        let src = src.map(|a| a.octets()).unwrap_or([0; 16]);
         match self {
             RouteTarget::Local => RouteValue {
                 next_hop: [0; 16],
+                src: [0; 16],
                 ifindex: 0,
                 port: 0,
                 action: RouteAction::Local as u8,
@@ -125,6 +146,7 @@ impl RouteTarget {
             },
             RouteTarget::Forward(nh) => RouteValue {
                 next_hop: nh.addr.octets(),
+                src,
                 ifindex: nh.ifindex,
                 port: nh.port,
                 action: RouteAction::Forward as u8,

@@ -47,13 +47,19 @@ impl Fixture {
         let v2 = ifindex("v2").expect("v2");
         dp.allow_redirect(v0).unwrap();
         dp.allow_redirect(v2).unwrap();
+        // Routes via fd00:2::2 carry the source address the agent resolved; the others
+        // leave it to the FIB (BPF_FIB_LOOKUP_SRC), so both ways are covered.
         let fwd = |addr: &str, ifindex: u32| {
-            RouteTarget::Forward(NextHop {
+            let target = RouteTarget::Forward(NextHop {
                 addr: a(addr),
                 port: NEXT_PORT,
                 ifindex,
-            })
-            .to_map_value()
+            });
+            if addr == "fd00:2::2" {
+                target.to_map_value_with_src(Some(a("fd00:2::1")))
+            } else {
+                target.to_map_value()
+            }
         };
         dp.set_route(a("fd6d:b::"), 64, RouteTarget::Local.to_map_value())
             .unwrap();

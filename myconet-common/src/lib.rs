@@ -2,7 +2,7 @@
 //!
 //! Everything here is `no_std` so the eBPF object and the agent agree byte for byte
 //! on the wire header and on the layout of every BPF map key and value.
-#![cfg_attr(not(feature = "std"), no_std)]
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![deny(missing_docs)]
 
 pub mod addr;

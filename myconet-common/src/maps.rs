@@ -51,6 +51,10 @@ impl RouteAction {
 pub struct RouteValue {
     /// Next hop's underlay IPv6 address (unused for [`RouteAction::Local`]).
     pub next_hop: [u8; 16],
+    /// This node's underlay address towards the next hop, resolved by the agent when it
+    /// installs the route. All zero: ask the FIB per packet (`BPF_FIB_LOOKUP_SRC`),
+    /// which costs about twice the rest of the relay path.
+    pub src: [u8; 16],
     /// Interface towards the next hop (0: let the FIB choose).
     pub ifindex: u32,
     /// Next hop's underlay UDP port, host byte order.
@@ -213,7 +217,7 @@ mod tests {
 
     #[test]
     fn layouts_are_stable() {
-        assert_eq!(core::mem::size_of::<RouteValue>(), 24);
+        assert_eq!(core::mem::size_of::<RouteValue>(), 40);
         assert_eq!(core::mem::size_of::<PeerKey>(), 20);
         assert_eq!(core::mem::size_of::<Config>(), 8);
         assert_eq!(core::mem::size_of::<Counter>(), 16);

@@ -223,7 +223,9 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     fib.l4_protocol = IPPROTO_UDP;
     fib.__bindgen_anon_1.tot_len = (IPV6_HLEN + ip_payload_len) as u16;
     fib.__bindgen_anon_4.ipv6_dst = next_hop;
-    let mut flags = BPF_FIB_LOOKUP_SRC;
+    let src = route.src;
+    let src_known = src != [0u8; 16];
+    let mut flags = if src_known { 0 } else { BPF_FIB_LOOKUP_SRC };
     if route.ifindex != 0 {
         fib.ifindex = route.ifindex;
         flags |= BPF_FIB_LOOKUP_OUTPUT;
@@ -257,8 +259,17 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
 
     // Rewrite: Ethernet, outer IPv6 source/destination, UDP ports, Myconet hop limit,
     // with the UDP checksum patched for each change, one 32-bit word at a time.
-    // SAFETY: reading the union member the helper filled for AF_INET6.
-    let new_src = unsafe { fib.__bindgen_anon_3.ipv6_src };
+    let new_src = if src_known {
+        [
+            u32::from_ne_bytes([src[0], src[1], src[2], src[3]]),
+            u32::from_ne_bytes([src[4], src[5], src[6], src[7]]),
+            u32::from_ne_bytes([src[8], src[9], src[10], src[11]]),
+            u32::from_ne_bytes([src[12], src[13], src[14], src[15]]),
+        ]
+    } else {
+        // SAFETY: reading the union member the helper filled for AF_INET6.
+        unsafe { fib.__bindgen_anon_3.ipv6_src }
+    };
     let mut csum = Incremental::new(old_csum);
     let mut i = 0;
     while i < 4 {

@@ -43,7 +43,7 @@ pub fn relay(root: &Path, seconds: u64) -> Result<()> {
     for row in &test_run {
         let want = match row.case.as_str() {
             "relay_xdp_tx" => 3,
-            "relay_redirect" => 4,
+            "relay_redirect" | "relay_redirect_fib_src" => 4,
             "pass_local" => 2,
             _ => 1,
         };

@@ -1,0 +1,233 @@
+//! The sans-IO end-to-end security core: handshake, transport sessions and their DoS
+//! defences, written as pure state machines in the style of quinn-proto.
+//!
+//! Nothing here touches a socket or a clock. Time comes in as [`std::time::Instant`] on
+//! every call, randomness as a [`ring::rand::SecureRandom`] on the calls that need it, and
+//! datagrams go in and out as byte buffers that already carry the 48-byte Myconet header
+//! (`myconet_common::wire`), so the agent's I/O shell can put them straight on UDP. That
+//! keeps every protocol decision testable deterministically with a simulated clock.
+//!
+//! Layers, bottom up:
+//! - [`ReplayWindow`]: the sliding anti-replay bitmap of one receive key.
+//! - [`Session`]: one authenticated session with a peer: sealing and opening `Data`
+//!   packets, key phases (in-session rekey), idle and lifetime expiry.
+//! - `handshake` (crate-private): the signed X25519 handshake that creates sessions.
+//! - [`CookieChecker`] and [`RateLimiter`]: what a loaded responder uses so that an
+//!   unverified initiator costs it no state.
+//! - [`SessionTable`]: everything per remote node: sessions by receiver index, pending
+//!   handshakes with retransmission, queued plaintext, timers and events. This is what the
+//!   I/O shell drives.
+//!
+//! The protocol itself (message layouts with byte offsets, key schedule, cookie, replay
+//! window, rekey, timers, threat model) is documented in `docs/handshake.md`.
+
+mod cookie;
+mod error;
+mod handshake;
+mod msg;
+mod ratelimit;
+mod replay;
+mod table;
+mod transport;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use ring::{
+    aead,
+    signature::{Ed25519KeyPair, KeyPair},
+};
+
+pub use cookie::CookieChecker;
+pub use error::{
+    ConfigError, HandshakeError, InboundError, OpenError, SealError, SendError, SignerError,
+};
+pub use ratelimit::{RateLimitConfig, RateLimiter};
+pub use replay::{REPLAY_WINDOW, ReplayError, ReplayWindow};
+pub use table::{
+    Event, FailReason, HandshakeProgress, Inbound, SendStatus, SessionTable, Stats, Transmit,
+};
+pub use transport::{
+    DataHeader, ExpiryReason, MAX_PHASE_SKIP, PHASE_SHIFT, Session, TransportConfig,
+};
+
+/// Length of an Ed25519 public key, the node's static identity on the wire.
+pub const PUBLIC_KEY_LEN: usize = 32;
+
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+
+/// Length of the AEAD tag of every supported suite; fixed so the overhead is known up front.
+pub const TAG_LEN: usize = 16;
+
+/// Which side of the handshake created a session; decides which derived key sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Sent the HandshakeInit.
+    Initiator,
+    /// Answered it with a HandshakeResponse.
+    Responder,
+}
+
+/// An AEAD suite for `Data` packets. Both have 256-bit keys and 16-byte tags, so the
+/// header, overhead and key schedule are the same whichever is negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Suite {
+    /// ChaCha20-Poly1305 (RFC 8439): the default, fast everywhere without AES hardware.
+    ChaCha20Poly1305 = 1,
+    /// AES-256-GCM: selectable for hosts with AES-NI / ARMv8 crypto extensions.
+    Aes256Gcm = 2,
+}
+
+impl Suite {
+    /// Maps a wire byte to a suite; `None` for ids this version does not know (ignored in
+    /// offers, so a future suite can be offered to an old responder).
+    pub const fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::ChaCha20Poly1305),
+            2 => Some(Self::Aes256Gcm),
+            _ => None,
+        }
+    }
+
+    /// The ring AEAD algorithm behind this suite.
+    pub fn algorithm(self) -> &'static aead::Algorithm {
+        match self {
+            Self::ChaCha20Poly1305 => &aead::CHACHA20_POLY1305,
+            Self::Aes256Gcm => &aead::AES_256_GCM,
+        }
+    }
+}
+
+/// The node's long-term signing key as the handshake needs it: a public key to send and a
+/// signature over the transcript. A trait so the table does not own the agent's
+/// [`crate::identity::Identity`] (the node keeps that) and tests can use fixed keys.
+pub trait Signer: Send + Sync {
+    /// The raw 32-byte Ed25519 public key.
+    fn public_key(&self) -> &[u8];
+    /// An Ed25519 signature over `message`.
+    fn sign(&self, message: &[u8]) -> Vec<u8>;
+}
+
+impl Signer for Ed25519KeyPair {
+    fn public_key(&self) -> &[u8] {
+        KeyPair::public_key(self).as_ref()
+    }
+
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        Ed25519KeyPair::sign(self, message).as_ref().to_vec()
+    }
+}
+
+impl Signer for crate::identity::Identity {
+    fn public_key(&self) -> &[u8] {
+        crate::identity::Identity::public_key(self)
+    }
+
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.key_pair().sign(message).as_ref().to_vec()
+    }
+}
+
+/// Everything tunable about handshakes, sessions and DoS defences. One value configures a
+/// whole [`SessionTable`]; [`Config::default`] is what production should use, tests shrink
+/// the packet counts and timers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// AEAD suites in preference order. The initiator offers them (at most two); the
+    /// responder picks the first offered suite it also lists. Must not be empty.
+    pub suites: Vec<Suite>,
+    /// Per-session transport limits: rekey, grace, idle and hard lifetime.
+    pub transport: TransportConfig,
+    /// Start a fresh handshake when the current session is this close to its hard
+    /// lifetime and still in use, so traffic moves to new keys before the old ones die.
+    pub rehandshake_before: Duration,
+    /// After receiving data and sending nothing for this long, send an empty keepalive so
+    /// the peer's session does not go idle (one-way flows keep both ends alive).
+    pub keepalive_after: Duration,
+    /// First HandshakeInit retransmission timeout; doubles on every retry.
+    pub handshake_timeout: Duration,
+    /// Cap on the doubled retransmission timeout.
+    pub handshake_max_timeout: Duration,
+    /// Transmissions of one HandshakeInit (first send included) before giving up.
+    pub handshake_attempts: u32,
+    /// How long a responder keeps a session the initiator has not yet confirmed by sending
+    /// on it, and how long it holds back its own initiation while waiting for that.
+    pub unconfirmed_timeout: Duration,
+    /// Cookie secret rotation period; a cookie is accepted for one to two periods.
+    pub cookie_rotation: Duration,
+    /// HandshakeInits per second above which the responder demands cookies even if the
+    /// caller has not signalled load.
+    pub load_threshold: u32,
+    /// Per-source token bucket for handshake processing.
+    pub rate_limit: RateLimitConfig,
+    /// Sessions a remote may make this node create (responder side); beyond it the oldest
+    /// unconfirmed one is evicted, and if none is unconfirmed the init is refused.
+    pub max_sessions: usize,
+    /// Plaintext packets queued per remote while a handshake runs; the oldest is dropped
+    /// (and counted) when full.
+    pub max_queued: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            suites: vec![Suite::ChaCha20Poly1305, Suite::Aes256Gcm],
+            transport: TransportConfig::default(),
+            rehandshake_before: Duration::from_secs(60),
+            keepalive_after: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(1),
+            handshake_max_timeout: Duration::from_secs(8),
+            handshake_attempts: 6,
+            unconfirmed_timeout: Duration::from_secs(15),
+            cookie_rotation: Duration::from_secs(120),
+            load_threshold: 1000,
+            rate_limit: RateLimitConfig::default(),
+            max_sessions: 65_536,
+            max_queued: 64,
+        }
+    }
+}
+
+impl Config {
+    /// Rejects settings the state machines cannot honour (zero periods, empty lists, a
+    /// rekey count beyond what one key phase can number), so they fail at start-up
+    /// instead of misbehaving later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.suites.is_empty() {
+            return Err(ConfigError::NoSuites);
+        }
+        if self.suites.len() > 2 || (self.suites.len() == 2 && self.suites[0] == self.suites[1]) {
+            return Err(ConfigError::BadSuiteList);
+        }
+        self.transport.validate()?;
+        self.rate_limit.validate()?;
+        for (name, value) in [
+            ("keepalive_after", self.keepalive_after),
+            ("handshake_timeout", self.handshake_timeout),
+            ("handshake_max_timeout", self.handshake_max_timeout),
+            ("unconfirmed_timeout", self.unconfirmed_timeout),
+            ("cookie_rotation", self.cookie_rotation),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(name));
+            }
+        }
+        if self.rehandshake_before >= self.transport.max_lifetime {
+            return Err(ConfigError::RehandshakeMargin);
+        }
+        if self.handshake_attempts == 0 {
+            return Err(ConfigError::ZeroCount("handshake_attempts"));
+        }
+        if self.max_sessions == 0 {
+            return Err(ConfigError::ZeroCount("max_sessions"));
+        }
+        if self.max_queued == 0 {
+            return Err(ConfigError::ZeroCount("max_queued"));
+        }
+        Ok(())
+    }
+}

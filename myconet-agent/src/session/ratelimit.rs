@@ -1,0 +1,237 @@
+//! Per-source token buckets for handshake processing, sans-IO and bounded in memory.
+//!
+//! Every HandshakeInit that reaches signature verification costs the responder an
+//! Ed25519 verify and an X25519 agreement, so each underlay source gets `burst` of them
+//! at once and `per_second` after that. Sources are keyed by IPv6 prefix (default /64,
+//! because one host usually controls a whole /64) or by IPv4 address. At most
+//! `max_sources` buckets exist; a new source evicts the oldest-created one, which only
+//! ever resets that source to a full bucket (fail-open), so an attacker with many
+//! addresses cannot lock legitimate sources out, only not be slowed by this limiter,
+//! which is where the cookies take over.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use myconet_common::addr::mask;
+
+use super::ConfigError;
+
+/// Token-bucket parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Handshakes a source may start back to back.
+    pub burst: u32,
+    /// Sustained handshakes per second per source.
+    pub per_second: u32,
+    /// Buckets kept at most (memory bound).
+    pub max_sources: usize,
+    /// IPv6 sources sharing this many leading bits share a bucket.
+    pub ipv6_prefix_len: u8,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            burst: 10,
+            per_second: 5,
+            max_sources: 4096,
+            ipv6_prefix_len: 64,
+        }
+    }
+}
+
+impl RateLimitConfig {
+    /// Rejects zero rates or capacity and impossible prefix lengths.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.burst == 0 {
+            return Err(ConfigError::ZeroCount("rate_limit.burst"));
+        }
+        if self.per_second == 0 {
+            return Err(ConfigError::ZeroCount("rate_limit.per_second"));
+        }
+        if self.max_sources == 0 {
+            return Err(ConfigError::ZeroCount("rate_limit.max_sources"));
+        }
+        if self.ipv6_prefix_len > 128 {
+            return Err(ConfigError::PrefixLen);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    /// Accumulated time credit; one handshake costs `interval`.
+    credit: Duration,
+    last: Instant,
+}
+
+/// Token buckets keyed by source prefix.
+#[derive(Debug, Clone)]
+pub struct RateLimiter {
+    config: RateLimitConfig,
+    interval: Duration,
+    capacity: Duration,
+    buckets: HashMap<IpAddr, Bucket>,
+    order: VecDeque<IpAddr>,
+}
+
+impl RateLimiter {
+    /// A limiter with no buckets yet.
+    pub fn new(config: RateLimitConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let interval = Duration::from_secs(1) / config.per_second;
+        Ok(Self {
+            config,
+            interval,
+            capacity: interval.saturating_mul(config.burst),
+            buckets: HashMap::new(),
+            order: VecDeque::new(),
+        })
+    }
+
+    fn key(&self, source: IpAddr) -> IpAddr {
+        match source {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(mask(v6, self.config.ipv6_prefix_len)),
+            },
+            v4 @ IpAddr::V4(_) => v4,
+        }
+    }
+
+    /// Whether `source` may have one more handshake processed at `now`; takes a token
+    /// if so. Times that go backwards refill nothing.
+    pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
+        let key = self.key(source);
+        if let Some(bucket) = self.buckets.get_mut(&key) {
+            let elapsed = now.saturating_duration_since(bucket.last);
+            bucket.last = bucket.last.max(now);
+            bucket.credit = bucket.credit.saturating_add(elapsed).min(self.capacity);
+            return match bucket.credit.checked_sub(self.interval) {
+                Some(rest) => {
+                    bucket.credit = rest;
+                    true
+                }
+                None => false,
+            };
+        }
+        while self.buckets.len() >= self.config.max_sources {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.buckets.remove(&old);
+                }
+                None => break,
+            }
+        }
+        self.buckets.insert(
+            key,
+            Bucket {
+                credit: self.capacity.saturating_sub(self.interval),
+                last: now,
+            },
+        );
+        self.order.push_back(key);
+        true
+    }
+
+    /// Buckets currently held (never more than `max_sources`).
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Whether no bucket is held.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv6Addr;
+
+    fn limiter(burst: u32, per_second: u32, max_sources: usize) -> RateLimiter {
+        RateLimiter::new(RateLimitConfig {
+            burst,
+            per_second,
+            max_sources,
+            ipv6_prefix_len: 64,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn burst_then_refill_at_rate() {
+        let mut l = limiter(3, 2, 16);
+        let t0 = Instant::now();
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        assert!((0..3).all(|_| l.allow(a, t0)));
+        assert!(!l.allow(a, t0));
+        // 2/s: one token every 500 ms.
+        assert!(!l.allow(a, t0 + Duration::from_millis(499)));
+        assert!(l.allow(a, t0 + Duration::from_millis(500)));
+        assert!(!l.allow(a, t0 + Duration::from_millis(500)));
+        // Over a long idle period the bucket refills to the burst only.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!((0..10).filter(|_| l.allow(a, later)).count(), 3);
+        // Same /64 shares the bucket, another /64 does not.
+        assert!(!l.allow("2001:db8::ffff".parse().unwrap(), later));
+        assert!(l.allow("2001:db8:0:1::1".parse().unwrap(), later));
+        // Time going backwards grants nothing.
+        assert!(!l.allow(a, t0));
+    }
+
+    #[test]
+    fn total_over_time_is_bounded() {
+        let mut l = limiter(5, 10, 16);
+        let t0 = Instant::now();
+        let a: IpAddr = "192.0.2.7".parse().unwrap();
+        // 10 s of attempts every millisecond: at most burst + 10/s * 10 s.
+        let allowed = (0..10_000u64)
+            .filter(|ms| l.allow(a, t0 + Duration::from_millis(*ms)))
+            .count();
+        assert!(allowed <= 5 + 100, "{allowed}");
+        assert!(allowed >= 100, "{allowed}");
+    }
+
+    #[test]
+    fn memory_is_bounded_by_eviction() {
+        let mut l = limiter(1, 1, 100);
+        let t0 = Instant::now();
+        for i in 0..10_000u32 {
+            let src = Ipv6Addr::new(0x2001, 0xdb8, (i >> 16) as u16, i as u16, 0, 0, 0, 1);
+            assert!(l.allow(IpAddr::V6(src), t0));
+            assert!(l.len() <= 100);
+        }
+        assert_eq!(l.len(), 100);
+        assert_eq!(l.order.len(), 100);
+    }
+
+    #[test]
+    fn rejects_bad_config() {
+        for bad in [
+            RateLimitConfig {
+                burst: 0,
+                ..Default::default()
+            },
+            RateLimitConfig {
+                per_second: 0,
+                ..Default::default()
+            },
+            RateLimitConfig {
+                max_sources: 0,
+                ..Default::default()
+            },
+            RateLimitConfig {
+                ipv6_prefix_len: 129,
+                ..Default::default()
+            },
+        ] {
+            assert!(RateLimiter::new(bad).is_err());
+        }
+    }
+}

@@ -1,0 +1,1393 @@
+//! Deterministic end-to-end tests of the session layer: two or three tables exchange
+//! datagrams through an in-memory network under a simulated clock. No sockets, no
+//! sleeping, no timed assertions: time only moves when a test advances it.
+//!
+//! Identities come from fixed seeds so every run takes the same tie-break branches;
+//! ephemerals and indices come from the system RNG, and no outcome depends on them.
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use myconet_common::{
+    addr::{NODE_PREFIX_LEN, key_owns, mask, node_address},
+    wire::{HEADER_LEN, Packet, PacketType, Repr, field},
+};
+use proptest::prelude::*;
+use ring::{
+    rand::SystemRandom,
+    signature::{Ed25519KeyPair, KeyPair},
+};
+
+use super::{
+    handshake::{self, Initiation},
+    msg::{self, InitMsg},
+    *,
+};
+
+fn keypair(seed: u8) -> Arc<Ed25519KeyPair> {
+    Arc::new(Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).expect("32-byte seed"))
+}
+
+fn public(key: &Ed25519KeyPair) -> [u8; 32] {
+    <[u8; 32]>::try_from(KeyPair::public_key(key).as_ref()).expect("ed25519 key")
+}
+
+/// Defaults, with a rate limit generous enough that tests sending many inits from one
+/// source measure what they mean to (the limiter has its own tests).
+fn config() -> Config {
+    Config {
+        rate_limit: RateLimitConfig {
+            burst: 100_000,
+            per_second: 100_000,
+            ..RateLimitConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
+struct Node {
+    key: Arc<Ed25519KeyPair>,
+    table: SessionTable,
+    underlay: SocketAddr,
+    received: Vec<Vec<u8>>,
+    errors: Vec<InboundError>,
+    events: Vec<Event>,
+}
+
+impl Node {
+    fn addr(&self) -> Ipv6Addr {
+        self.table.local_addr()
+    }
+}
+
+struct Net {
+    nodes: Vec<Node>,
+    now: Instant,
+    rng: SystemRandom,
+    /// Transmits whose destination no node owns.
+    undeliverable: usize,
+}
+
+impl Net {
+    fn new(seeds: &[u8], configs: Vec<Config>) -> Self {
+        let now = Instant::now();
+        let nodes = seeds
+            .iter()
+            .zip(configs)
+            .enumerate()
+            .map(|(i, (seed, cfg))| {
+                let key = keypair(*seed);
+                let signer: Arc<dyn Signer> = key.clone();
+                Node {
+                    key,
+                    table: SessionTable::new(signer, cfg, now).expect("valid config"),
+                    underlay: SocketAddr::new(
+                        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, i as u16 + 1, 0, 0, 0, 1)),
+                        9651,
+                    ),
+                    received: Vec::new(),
+                    errors: Vec::new(),
+                    events: Vec::new(),
+                }
+            })
+            .collect();
+        Self {
+            nodes,
+            now,
+            rng: SystemRandom::new(),
+            undeliverable: 0,
+        }
+    }
+
+    fn pair() -> Self {
+        Self::new(&[1, 2], vec![config(), config()])
+    }
+
+    fn addr(&self, i: usize) -> Ipv6Addr {
+        self.nodes[i].addr()
+    }
+
+    fn send(&mut self, from: usize, to: usize, payload: &[u8]) -> SendStatus {
+        let dst = self.addr(to);
+        self.nodes[from]
+            .table
+            .send(dst, payload.to_vec(), self.now, &self.rng)
+            .expect("send")
+    }
+
+    /// Drains node `i`'s transmits.
+    fn take(&mut self, i: usize) -> Vec<Transmit> {
+        std::iter::from_fn(|| self.nodes[i].table.poll_transmit()).collect()
+    }
+
+    fn owner(&self, dst: Ipv6Addr) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| mask(n.addr(), NODE_PREFIX_LEN) == mask(dst, NODE_PREFIX_LEN))
+    }
+
+    /// Hands one datagram to node `to` as if it came from node `from`'s endpoint.
+    fn deliver(
+        &mut self,
+        from: usize,
+        to: usize,
+        datagram: &[u8],
+    ) -> Result<Inbound, InboundError> {
+        let src = self.nodes[from].underlay;
+        self.deliver_from(src, to, datagram)
+    }
+
+    fn deliver_from(
+        &mut self,
+        src: SocketAddr,
+        to: usize,
+        datagram: &[u8],
+    ) -> Result<Inbound, InboundError> {
+        let now = self.now;
+        let node = &mut self.nodes[to];
+        let result = node.table.handle_datagram(src, datagram, now, &self.rng);
+        match &result {
+            Ok(Inbound::Data { payload, .. }) => node.received.push(payload.clone()),
+            Ok(_) => {}
+            Err(e) => node.errors.push(e.clone()),
+        }
+        node.events
+            .extend(std::iter::from_fn(|| node.table.poll_event()));
+        result
+    }
+
+    /// Delivers everything in flight, and whatever that causes, until quiet.
+    fn pump(&mut self) {
+        for _ in 0..1000 {
+            let mut moved = false;
+            for i in 0..self.nodes.len() {
+                for t in self.take(i) {
+                    moved = true;
+                    match self.owner(t.destination) {
+                        Some(j) => {
+                            let _ = self.deliver(i, j, &t.datagram);
+                        }
+                        None => self.undeliverable += 1,
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("network did not settle");
+    }
+
+    /// Moves the clock and runs every node's timers.
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        let now = self.now;
+        for node in &mut self.nodes {
+            node.table.handle_timeout(now);
+            node.events
+                .extend(std::iter::from_fn(|| node.table.poll_event()));
+            // Everything due has been handled: the timer never asks to fire in the past
+            // (which would make the I/O shell spin).
+            let next = node.table.poll_timeout();
+            assert!(next.is_none_or(|t| t > now), "timer stuck at {next:?}");
+        }
+    }
+
+    fn established(&self, i: usize) -> usize {
+        self.nodes[i]
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Established { .. }))
+            .count()
+    }
+
+    /// Both ends use one session pair: each side's current session sends to the index
+    /// the other side's current session receives on.
+    fn assert_paired(&self, a: usize, b: usize) {
+        let sa = self.nodes[a]
+            .table
+            .current_session(self.addr(b))
+            .expect("a current");
+        let sb = self.nodes[b]
+            .table
+            .current_session(self.addr(a))
+            .expect("b current");
+        assert_eq!(sa.remote_index(), sb.local_index());
+        assert_eq!(sb.remote_index(), sa.local_index());
+        assert_eq!(sa.remote_key(), &public(&self.nodes[b].key));
+        assert_eq!(sb.remote_key(), &public(&self.nodes[a].key));
+    }
+}
+
+/// Two sessions from the crate-internal handshake functions, for `Session`-level tests.
+fn session_pair(transport: TransportConfig, now: Instant) -> (Session, Session) {
+    let rng = SystemRandom::new();
+    let (ka, kb) = (keypair(1), keypair(2));
+    let (pa, pb) = (public(&ka), public(&kb));
+    let init = Initiation::new(
+        &*ka,
+        pa,
+        node_address(&pa),
+        node_address(&pb),
+        11,
+        None,
+        &[Suite::ChaCha20Poly1305],
+        &rng,
+    )
+    .expect("init");
+    let verified = handshake::verify_init(InitMsg::parse(init.message()).expect("parse"))
+        .expect("verify init");
+    let (response, responder) = handshake::respond(
+        &*kb,
+        &pb,
+        &verified,
+        22,
+        Suite::ChaCha20Poly1305,
+        transport,
+        now,
+        &rng,
+    )
+    .expect("respond");
+    let msg = msg::ResponseMsg::parse(&response).expect("parse response");
+    let v = init.verify_response(&msg).expect("verify response");
+    let initiator = init.complete(v, transport, now).expect("complete");
+    (initiator, responder)
+}
+
+fn data(i: u32) -> Vec<u8> {
+    format!("packet {i}").into_bytes()
+}
+
+#[test]
+fn handshake_then_data_both_ways() {
+    let mut net = Net::pair();
+    assert_eq!(
+        net.send(0, 1, b"hello"),
+        SendStatus::Queued {
+            handshake_started: true
+        }
+    );
+    net.pump();
+    assert_eq!(net.nodes[1].received, vec![b"hello".to_vec()]);
+    assert_eq!(net.send(1, 0, b"world"), SendStatus::Sent);
+    net.pump();
+    assert_eq!(net.nodes[0].received, vec![b"world".to_vec()]);
+    assert_eq!(net.established(0), 1);
+    assert_eq!(net.established(1), 1);
+    assert!(matches!(
+        net.nodes[0].events[0],
+        Event::Established {
+            role: Role::Initiator,
+            ..
+        }
+    ));
+    assert!(matches!(
+        net.nodes[1].events[0],
+        Event::Established {
+            role: Role::Responder,
+            ..
+        }
+    ));
+    net.assert_paired(0, 1);
+    for n in &net.nodes {
+        assert_eq!(n.table.session_count(), 1);
+        assert_eq!(n.table.pending_handshakes(), 0);
+        assert!(n.errors.is_empty(), "{:?}", n.errors);
+    }
+    let s = net.nodes[0].table.current_session(net.addr(1)).unwrap();
+    assert_eq!(s.suite(), Suite::ChaCha20Poly1305);
+}
+
+#[test]
+fn connect_confirms_with_a_keepalive() {
+    let mut net = Net::pair();
+    let b = net.addr(1);
+    let now = net.now;
+    net.nodes[0]
+        .table
+        .connect(b, None, now, &net.rng)
+        .expect("connect");
+    net.pump();
+    assert_eq!(net.established(0), 1);
+    assert_eq!(net.established(1), 1);
+    assert!(net.nodes[1].received.is_empty());
+    net.assert_paired(0, 1);
+    // A pinned key must own the address.
+    let wrong = public(&keypair(9));
+    assert_eq!(
+        net.nodes[0].table.connect(b, Some(wrong), now, &net.rng),
+        Err(SendError::KeyDoesNotOwn(b))
+    );
+    let own = net.addr(0);
+    assert_eq!(
+        net.nodes[0].table.send(own, vec![1], now, &net.rng),
+        Err(SendError::SelfAddress(own))
+    );
+    let v4ish: Ipv6Addr = "2001:db8::1".parse().unwrap();
+    assert_eq!(
+        net.nodes[0].table.send(v4ish, vec![1], now, &net.rng),
+        Err(SendError::NotOverlay(v4ish))
+    );
+}
+
+#[test]
+fn lost_init_is_retransmitted() {
+    let mut net = Net::pair();
+    net.send(0, 1, b"x");
+    assert_eq!(net.take(0).len(), 1, "the init, dropped");
+    let at = net.nodes[0].table.poll_timeout().expect("retransmit timer");
+    assert_eq!(at, net.now + Duration::from_secs(1));
+    net.advance(Duration::from_secs(1));
+    net.pump();
+    assert_eq!(net.nodes[1].received, vec![b"x".to_vec()]);
+    assert_eq!(net.nodes[0].table.stats().retransmissions, 1);
+    net.assert_paired(0, 1);
+}
+
+#[test]
+fn lost_response_is_recovered_without_a_second_session() {
+    let mut net = Net::pair();
+    net.send(0, 1, b"x");
+    let init = net.take(0).remove(0);
+    assert_eq!(
+        net.deliver(0, 1, &init.datagram),
+        Ok(Inbound::Handshake(HandshakeProgress::Responded))
+    );
+    let lost = net.take(1);
+    assert_eq!(lost.len(), 1, "the response, dropped");
+    assert_eq!(net.nodes[1].table.pending_handshakes(), 1);
+    net.advance(Duration::from_secs(1));
+    let retry = net.take(0);
+    assert_eq!(retry.len(), 1);
+    assert_eq!(
+        retry[0].datagram, init.datagram,
+        "retransmission is identical"
+    );
+    assert_eq!(
+        net.deliver(0, 1, &retry[0].datagram),
+        Ok(Inbound::Handshake(HandshakeProgress::DuplicateInit))
+    );
+    let resent = net.take(1);
+    assert_eq!(
+        resent[0].datagram, lost[0].datagram,
+        "cached response resent"
+    );
+    assert_eq!(
+        net.deliver(1, 0, &resent[0].datagram),
+        Ok(Inbound::Handshake(HandshakeProgress::Established))
+    );
+    net.pump();
+    assert_eq!(net.nodes[1].received, vec![b"x".to_vec()]);
+    assert_eq!(net.nodes[0].table.session_count(), 1);
+    assert_eq!(net.nodes[1].table.session_count(), 1);
+    net.assert_paired(0, 1);
+}
+
+#[test]
+fn duplicated_and_reordered_handshake_messages() {
+    let mut net = Net::pair();
+    net.send(0, 1, b"one");
+    let init = net.take(0).remove(0).datagram;
+    assert_eq!(
+        net.deliver(0, 1, &init),
+        Ok(Inbound::Handshake(HandshakeProgress::Responded))
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            net.deliver(0, 1, &init),
+            Ok(Inbound::Handshake(HandshakeProgress::DuplicateInit))
+        );
+    }
+    let responses = net.take(1);
+    assert_eq!(responses.len(), 3);
+    assert_eq!(net.nodes[1].table.session_count(), 1);
+    // The first response completes; the copies find no pending handshake.
+    assert_eq!(
+        net.deliver(1, 0, &responses[2].datagram),
+        Ok(Inbound::Handshake(HandshakeProgress::Established))
+    );
+    for r in &responses[..2] {
+        assert!(matches!(
+            net.deliver(1, 0, &r.datagram),
+            Err(InboundError::UnknownIndex(_))
+        ));
+    }
+    // The queued data reaches b out of order with a late duplicate init.
+    let data = net.take(0);
+    assert_eq!(data.len(), 1);
+    assert_eq!(
+        net.deliver(0, 1, &data[0].datagram),
+        Ok(Inbound::Data {
+            remote: net.addr(0),
+            payload: b"one".to_vec()
+        })
+    );
+    assert_eq!(
+        net.deliver(0, 1, &init),
+        Ok(Inbound::Handshake(HandshakeProgress::DuplicateInit))
+    );
+    assert!(net.take(1).is_empty(), "confirmed: no response resent");
+    assert!(matches!(
+        net.deliver(0, 1, &data[0].datagram),
+        Err(InboundError::Open(OpenError::Replay(_)))
+    ));
+    assert_eq!(net.nodes[0].table.session_count(), 1);
+    assert_eq!(net.nodes[1].table.session_count(), 1);
+    assert_eq!(net.established(0), 1);
+    assert_eq!(net.established(1), 1);
+    net.assert_paired(0, 1);
+}
+
+#[test]
+fn tampered_init_is_rejected_at_every_byte() {
+    let mut net = Net::pair();
+    net.send(0, 1, b"x");
+    let init = net.take(0).remove(0).datagram;
+    assert_eq!(init.len(), msg::init::LEN);
+    for i in 0..init.len() {
+        if i == field::HOP_LIMIT {
+            continue;
+        }
+        for flip in [0x01u8, 0x80] {
+            let mut bad = init.clone();
+            bad[i] ^= flip;
+            let r = net.deliver(0, 1, &bad);
+            assert!(r.is_err(), "byte {i} ^ {flip:#x} accepted: {r:?}");
+            let b = &mut net.nodes[1].table;
+            assert_eq!(b.session_count(), 0, "byte {i}");
+            assert_eq!(b.pending_handshakes(), 0, "byte {i}");
+            assert!(b.poll_transmit().is_none(), "byte {i}: responder answered");
+        }
+    }
+    // Truncated and extended copies too.
+    for cut in 0..init.len() {
+        assert!(net.deliver(0, 1, &init[..cut]).is_err());
+    }
+    let mut long = init.clone();
+    long.push(0);
+    assert!(net.deliver(0, 1, &long).is_err());
+    assert_eq!(net.nodes[1].table.session_count(), 0);
+    // Relays decrement the hop limit: it is the one byte outside the signature.
+    let mut hop = init.clone();
+    hop[field::HOP_LIMIT] = 3;
+    assert_eq!(
+        net.deliver(0, 1, &hop),
+        Ok(Inbound::Handshake(HandshakeProgress::Responded))
+    );
+    net.pump();
+    net.assert_paired(0, 1);
+    assert_eq!(net.nodes[1].received, vec![b"x".to_vec()]);
+}
+
+#[test]
+fn tampered_response_is_rejected_and_the_handshake_survives() {
+    let mut net = Net::pair();
+    net.send(0, 1, b"x");
+    let init = net.take(0).remove(0).datagram;
+    net.deliver(0, 1, &init).expect("respond");
+    let response = net.take(1).remove(0).datagram;
+    for i in 0..response.len() {
+        if i == field::HOP_LIMIT {
+            continue;
+        }
+        for flip in [0x01u8, 0x80] {
+            let mut bad = response.clone();
+            bad[i] ^= flip;
+            let r = net.deliver(1, 0, &bad);
+            assert!(r.is_err(), "byte {i} ^ {flip:#x} accepted: {r:?}");
+            let a = &net.nodes[0].table;
+            assert_eq!(a.session_count(), 0, "byte {i}");
+            assert_eq!(a.pending_handshakes(), 1, "byte {i}: initiation lost");
+        }
+    }
+    assert!(net.nodes[0].events.is_empty());
+    assert_eq!(
+        net.deliver(1, 0, &response),
+        Ok(Inbound::Handshake(HandshakeProgress::Established))
+    );
+    net.pump();
+    assert_eq!(net.nodes[1].received, vec![b"x".to_vec()]);
+}
+
+#[test]
+fn wrong_identities_are_rejected() {
+    let mut net = Net::new(&[1, 2, 3], vec![config(), config(), config()]);
+    let rng = SystemRandom::new();
+    let (pa, pb) = (public(&net.nodes[0].key), public(&net.nodes[1].key));
+    let c_addr = net.addr(2);
+
+    // The responder's key does not own the dialled address: a dials c, b answers.
+    net.send(0, 2, b"for c");
+    let init = net.take(0).remove(0).datagram;
+    assert_eq!(
+        net.deliver(0, 1, &init),
+        Err(InboundError::Handshake(HandshakeError::NotForUs(c_addr))),
+        "an honest b refuses inits for c"
+    );
+    let verified =
+        handshake::verify_init(InitMsg::parse(&init).unwrap()).expect("a's init is genuine");
+    let b_key = net.nodes[1].key.clone();
+    let (forged, _) = handshake::respond(
+        &*b_key,
+        &pb,
+        &verified,
+        99,
+        Suite::ChaCha20Poly1305,
+        TransportConfig::default(),
+        net.now,
+        &rng,
+    )
+    .expect("b signs a response for c's address");
+    assert_eq!(
+        net.deliver(1, 0, &forged),
+        Err(InboundError::Handshake(HandshakeError::ResponderIdentity(
+            c_addr
+        )))
+    );
+    assert_eq!(net.nodes[0].table.session_count(), 0);
+    assert_eq!(
+        net.nodes[0].table.pending_handshakes(),
+        1,
+        "still waiting for c"
+    );
+    // The real c still completes it once the init is retransmitted.
+    net.advance(Duration::from_secs(1));
+    net.pump();
+    assert_eq!(net.nodes[2].received, vec![b"for c".to_vec()]);
+
+    // The initiator's key does not own its source address: a claims to be c.
+    let a_key = net.nodes[0].key.clone();
+    let spoof = Initiation::new(
+        &*a_key,
+        pa,
+        c_addr,
+        net.addr(1),
+        1234,
+        None,
+        &[Suite::ChaCha20Poly1305],
+        &rng,
+    )
+    .unwrap();
+    assert_eq!(
+        net.deliver(0, 1, spoof.message()),
+        Err(InboundError::Handshake(HandshakeError::InitiatorIdentity(
+            c_addr
+        )))
+    );
+    assert_eq!(net.nodes[1].table.session_count(), 0);
+    assert_eq!(net.nodes[1].table.pending_handshakes(), 0);
+    assert!(net.take(1).is_empty());
+}
+
+#[test]
+fn replayed_data_is_rejected_and_reordering_accepted_once() {
+    let mut net = Net::pair();
+    net.send(0, 1, b"warm-up");
+    net.pump();
+    let packets: Vec<Vec<u8>> = (0..10)
+        .map(|i| {
+            net.send(0, 1, &data(i));
+            net.take(0).remove(0).datagram
+        })
+        .collect();
+    let never_delivered = {
+        net.send(0, 1, b"late");
+        net.take(0).remove(0).datagram
+    };
+    for p in &packets[..5] {
+        net.deliver(0, 1, p).expect("in order");
+    }
+    assert_eq!(
+        net.deliver(0, 1, &packets[2]),
+        Err(InboundError::Open(OpenError::Replay(
+            ReplayError::Duplicate(3)
+        )))
+    );
+    for i in [9, 7, 8, 5, 6] {
+        net.deliver(0, 1, &packets[i])
+            .expect("reordered within window");
+        assert!(net.deliver(0, 1, &packets[i]).is_err(), "only once");
+    }
+    let b_received: Vec<Vec<u8>> = net.nodes[1].received[1..].to_vec();
+    let mut expected: Vec<Vec<u8>> = [0, 1, 2, 3, 4, 9, 7, 8, 5, 6].map(data).to_vec();
+    assert_eq!(b_received, expected);
+    // Push the window past the undelivered packet.
+    for i in 0..(REPLAY_WINDOW as u32 + 5) {
+        net.send(0, 1, &data(1000 + i));
+        let p = net.take(0).remove(0).datagram;
+        net.deliver(0, 1, &p).expect("fresh");
+        expected.push(data(1000 + i));
+    }
+    assert!(matches!(
+        net.deliver(0, 1, &never_delivered),
+        Err(InboundError::Open(OpenError::Replay(ReplayError::TooOld(
+            _
+        ))))
+    ));
+    assert_eq!(net.nodes[1].received[1..], expected[..]);
+}
+
+#[test]
+fn tampered_data_is_rejected_at_every_byte_and_the_session_survives() {
+    let mut net = Net::pair();
+    net.send(0, 1, b"warm-up");
+    net.pump();
+    net.send(0, 1, b"payload under test");
+    let packet = net.take(0).remove(0).datagram;
+    for i in 0..packet.len() {
+        if i == field::HOP_LIMIT {
+            continue;
+        }
+        for flip in [0x01u8, 0x80] {
+            let mut bad = packet.clone();
+            bad[i] ^= flip;
+            let r = net.deliver(0, 1, &bad);
+            assert!(r.is_err(), "byte {i} ^ {flip:#x} accepted: {r:?}");
+        }
+    }
+    for cut in 0..packet.len() {
+        assert!(net.deliver(0, 1, &packet[..cut]).is_err(), "cut {cut}");
+    }
+    // Nothing moved: the genuine packet opens, once.
+    assert_eq!(
+        net.deliver(0, 1, &packet),
+        Ok(Inbound::Data {
+            remote: net.addr(0),
+            payload: b"payload under test".to_vec()
+        })
+    );
+    // The hop limit is not authenticated: relays change it.
+    net.send(0, 1, b"relayed");
+    let mut relayed = net.take(0).remove(0).datagram;
+    relayed[field::HOP_LIMIT] = 1;
+    assert!(net.deliver(0, 1, &relayed).is_ok());
+    net.send(1, 0, b"reply");
+    net.pump();
+    assert_eq!(net.nodes[0].received, vec![b"reply".to_vec()]);
+}
+
+#[test]
+fn session_level_tamper_and_address_checks() {
+    let now = Instant::now();
+    let (mut a, mut b) = session_pair(TransportConfig::default(), now);
+    let header = a.default_header();
+    let packet = a.seal(b"abc", &header, now).unwrap();
+    for i in (0..packet.len()).filter(|i| *i != field::HOP_LIMIT) {
+        let mut bad = packet.clone();
+        bad[i] ^= 0x20;
+        assert!(b.open(&bad, now).is_err(), "byte {i}");
+    }
+    assert_eq!(b.open(&packet, now).unwrap(), b"abc");
+    // Addresses must stay within the two /64s.
+    let mut h = header;
+    h.src_addr = b.local_addr();
+    assert_eq!(a.seal(b"x", &h, now), Err(SealError::AddressMismatch));
+    let mut h = header;
+    h.dst_addr = a.local_addr();
+    assert_eq!(a.seal(b"x", &h, now), Err(SealError::AddressMismatch));
+    // Another address in the same /64 is fine.
+    let mut h = header;
+    let mut o = h.dst_addr.octets();
+    o[15] = 0x42;
+    h.dst_addr = Ipv6Addr::from(o);
+    let p = a.seal(b"y", &h, now).unwrap();
+    assert_eq!(b.open(&p, now).unwrap(), b"y");
+    // Both directions use different keys: a packet cannot be reflected back.
+    let back = b.seal(b"z", &b.default_header(), now).unwrap();
+    assert!(b.open(&back, now).is_err());
+    assert_eq!(a.open(&back, now).unwrap(), b"z");
+}
+
+#[test]
+fn rekey_under_continuous_traffic_loses_nothing() {
+    let mut cfg = config();
+    cfg.transport.rekey_after_packets = 8;
+    let mut net = Net::new(&[1, 2], vec![cfg.clone(), cfg]);
+    net.send(0, 1, b"start");
+    net.pump();
+    net.nodes[1].received.clear();
+    let rounds = 60u32;
+    let per_round = 3u32;
+    // Deliver with a lag of two rounds, each batch in reverse order, so packets of the
+    // old key phase keep arriving after the first ones of the new phase.
+    let mut in_flight: std::collections::VecDeque<Vec<(usize, usize, Vec<u8>)>> =
+        Default::default();
+    for round in 0..rounds + 2 {
+        if round < rounds {
+            let mut batch = Vec::new();
+            for k in 0..per_round {
+                let n = round * per_round + k;
+                net.send(0, 1, &data(n));
+                net.send(1, 0, &data(n));
+                batch.extend(net.take(0).into_iter().map(|t| (0, 1, t.datagram)));
+                batch.extend(net.take(1).into_iter().map(|t| (1, 0, t.datagram)));
+            }
+            batch.reverse();
+            in_flight.push_back(batch);
+        }
+        if (in_flight.len() > 2 || round >= rounds)
+            && let Some(batch) = in_flight.pop_front()
+        {
+            for (from, to, d) in batch {
+                net.deliver(from, to, &d).expect("every packet opens");
+            }
+        }
+        net.advance(Duration::from_millis(10));
+        // Keepalives (none expected at this pace) would go through too.
+        net.pump();
+    }
+    for side in 0..2 {
+        let mut got = net.nodes[side].received.clone();
+        got.sort();
+        let mut want: Vec<Vec<u8>> = (0..rounds * per_round).map(data).collect();
+        want.sort();
+        assert_eq!(got, want, "side {side} lost or duplicated packets");
+        assert!(
+            net.nodes[side].errors.is_empty(),
+            "{:?}",
+            net.nodes[side].errors
+        );
+    }
+    let s = net.nodes[0].table.current_session(net.addr(1)).unwrap();
+    assert!(
+        s.send_phase() >= (rounds * per_round) / 8 - 1,
+        "{}",
+        s.send_phase()
+    );
+    assert!(
+        s.recv_phase() >= (rounds * per_round) / 8 - 1,
+        "{}",
+        s.recv_phase()
+    );
+}
+
+#[test]
+fn rekey_by_age_and_old_phase_grace() {
+    let t = TransportConfig {
+        rekey_after_time: Duration::from_secs(2),
+        rekey_grace: Duration::from_secs(5),
+        ..TransportConfig::default()
+    };
+    let mut now = Instant::now();
+    let (mut a, mut b) = session_pair(t, now);
+    let h = a.default_header();
+    let p0 = a.seal(b"phase 0", &h, now).unwrap();
+    let held = a.seal(b"phase 0, delayed", &h, now).unwrap();
+    assert_eq!(b.open(&p0, now).unwrap(), b"phase 0");
+    now += Duration::from_secs(2);
+    let p1 = a.seal(b"phase 1", &h, now).unwrap();
+    assert_eq!(a.send_phase(), 1);
+    assert_eq!(Packet::new_unchecked(&p1[..]).counter(), 1 << PHASE_SHIFT);
+    assert_eq!(b.open(&p1, now).unwrap(), b"phase 1");
+    assert_eq!(b.recv_phase(), 1);
+    // The old phase still opens within the grace period, once.
+    now += Duration::from_secs(1);
+    assert_eq!(b.open(&held, now).unwrap(), b"phase 0, delayed");
+    assert!(b.open(&held, now).is_err());
+    // After the grace period the old key is gone.
+    let held2 = {
+        let (mut a2, mut b2) = session_pair(t, now);
+        let h2 = a2.default_header();
+        let old = a2.seal(b"old", &h2, now).unwrap();
+        b2.open(&a2.seal(b"first", &h2, now).unwrap(), now).unwrap();
+        let later = now + Duration::from_secs(2);
+        b2.open(&a2.seal(b"new", &h2, later).unwrap(), later)
+            .unwrap();
+        let after_grace = later + Duration::from_secs(5);
+        b2.handle_timeout(after_grace);
+        assert_eq!(b2.open(&old, after_grace), Err(OpenError::StaleKeyPhase(0)));
+        old
+    };
+    assert!(b.open(&held2, now).is_err(), "other session's packet");
+    // A counter far ahead is refused without deriving keys forever.
+    let mut far = a.seal(b"x", &h, now).unwrap();
+    far[field::COUNTER.start] = 0x7f;
+    assert!(matches!(
+        b.open(&far, now),
+        Err(OpenError::KeyPhaseTooFar(_))
+    ));
+}
+
+#[test]
+fn idle_sessions_expire_and_are_reported() {
+    let mut net = Net::pair();
+    net.send(0, 1, b"x");
+    net.pump();
+    net.send(1, 0, b"y");
+    net.pump();
+    for _ in 0..20 {
+        net.advance(Duration::from_secs(10));
+        net.pump();
+    }
+    for side in 0..2 {
+        assert_eq!(net.nodes[side].table.session_count(), 0, "side {side}");
+        assert!(
+            net.nodes[side].events.iter().any(|e| matches!(
+                e,
+                Event::Expired {
+                    reason: ExpiryReason::Idle,
+                    ..
+                }
+            )),
+            "side {side}: {:?}",
+            net.nodes[side].events
+        );
+    }
+    // Sending again starts a fresh handshake.
+    assert_eq!(
+        net.send(0, 1, b"again"),
+        SendStatus::Queued {
+            handshake_started: true
+        }
+    );
+    net.pump();
+    assert_eq!(net.nodes[1].received.last().unwrap(), b"again");
+    net.assert_paired(0, 1);
+}
+
+#[test]
+fn keepalives_keep_one_way_flows_alive() {
+    let mut net = Net::pair();
+    // a streams to b for ten minutes; b never sends data.
+    for i in 0..600u32 {
+        net.send(0, 1, &data(i));
+        net.advance(Duration::from_secs(1));
+        net.pump();
+    }
+    assert_eq!(net.nodes[1].received.len(), 600);
+    assert!(net.nodes[1].table.stats().keepalives_sent > 0);
+    assert!(!net.nodes[0].events.iter().any(|e| matches!(
+        e,
+        Event::Expired {
+            reason: ExpiryReason::Idle,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn sessions_are_replaced_before_their_hard_lifetime_without_loss() {
+    let mut cfg = config();
+    cfg.transport.max_lifetime = Duration::from_secs(60);
+    cfg.rehandshake_before = Duration::from_secs(10);
+    let mut net = Net::new(&[1, 2], vec![cfg.clone(), cfg]);
+    let total = 400u32;
+    for i in 0..total {
+        net.send(0, 1, &data(i));
+        net.send(1, 0, &data(i));
+        net.advance(Duration::from_millis(500));
+        net.pump();
+    }
+    for side in 0..2 {
+        assert_eq!(
+            net.nodes[side].received.len(),
+            total as usize,
+            "side {side}"
+        );
+        assert!(
+            net.established(side) >= 3,
+            "side {side}: {}",
+            net.established(side)
+        );
+        assert!(!net.nodes[side].events.iter().any(|e| matches!(
+            e,
+            Event::Expired {
+                reason: ExpiryReason::Lifetime | ExpiryReason::Idle,
+                ..
+            } | Event::Failed { .. }
+        )));
+    }
+    net.assert_paired(0, 1);
+}
+
+#[test]
+fn simultaneous_initiation_converges() {
+    for seeds in [[1u8, 2], [2, 1]] {
+        let mut net = Net::new(&seeds, vec![config(), config()]);
+        net.send(0, 1, b"from a");
+        net.send(1, 0, b"from b");
+        let ia = net.take(0).remove(0).datagram;
+        let ib = net.take(1).remove(0).datagram;
+        // The inits cross.
+        let ra = net.deliver(1, 0, &ib);
+        let rb = net.deliver(0, 1, &ia);
+        let a_smaller = public(&net.nodes[0].key) < public(&net.nodes[1].key);
+        let (winner_result, loser_result) = if a_smaller { (ra, rb) } else { (rb, ra) };
+        assert_eq!(
+            winner_result,
+            Ok(Inbound::Handshake(HandshakeProgress::SimultaneousIgnored))
+        );
+        assert_eq!(
+            loser_result,
+            Ok(Inbound::Handshake(HandshakeProgress::Responded))
+        );
+        net.pump();
+        assert_eq!(net.nodes[0].received, vec![b"from b".to_vec()]);
+        assert_eq!(net.nodes[1].received, vec![b"from a".to_vec()]);
+        for side in 0..2 {
+            assert_eq!(net.nodes[side].table.session_count(), 1, "side {side}");
+            assert_eq!(net.nodes[side].table.pending_handshakes(), 0, "side {side}");
+            assert_eq!(net.established(side), 1);
+        }
+        net.assert_paired(0, 1);
+        // Retransmission timers of the abandoned initiation are gone too.
+        for _ in 0..40 {
+            net.advance(Duration::from_secs(1));
+            net.send(0, 1, b"more a");
+            net.send(1, 0, b"more b");
+            net.pump();
+        }
+        net.assert_paired(0, 1);
+        assert_eq!(net.nodes[0].received.len(), 41);
+        assert_eq!(net.nodes[1].received.len(), 41);
+        assert!(net.nodes[0].errors.is_empty() && net.nodes[1].errors.is_empty());
+    }
+}
+
+#[test]
+fn cookie_flow_under_load() {
+    let mut net = Net::pair();
+    net.nodes[1].table.set_under_load(true);
+    net.send(0, 1, b"x");
+    let init = net.take(0).remove(0).datagram;
+    assert_eq!(
+        net.deliver(0, 1, &init),
+        Ok(Inbound::Handshake(HandshakeProgress::CookieSent))
+    );
+    assert_eq!(net.nodes[1].table.pending_handshakes(), 0);
+    assert_eq!(net.nodes[1].table.session_count(), 0);
+    let reply = net.take(1).remove(0);
+    assert_eq!(reply.underlay, Some(net.nodes[0].underlay), "straight back");
+    assert!(reply.datagram.len() < init.len(), "no amplification");
+    assert_eq!(
+        net.deliver(1, 0, &reply.datagram),
+        Ok(Inbound::Handshake(HandshakeProgress::CookieAccepted))
+    );
+    // A repeated reply does not make the initiator resend.
+    let retry = net.take(0).remove(0).datagram;
+    assert_eq!(
+        net.deliver(1, 0, &reply.datagram),
+        Ok(Inbound::Handshake(HandshakeProgress::CookieAccepted))
+    );
+    assert!(net.take(0).is_empty());
+    // The cookie is bound to the source endpoint: from elsewhere it is refused.
+    let elsewhere: SocketAddr = "[2001:db8:ffff::9]:9651".parse().unwrap();
+    assert_eq!(
+        net.deliver_from(elsewhere, 1, &retry),
+        Ok(Inbound::Handshake(HandshakeProgress::CookieSent))
+    );
+    net.take(1);
+    assert_eq!(
+        net.deliver(0, 1, &retry),
+        Ok(Inbound::Handshake(HandshakeProgress::Responded))
+    );
+    net.pump();
+    assert_eq!(net.nodes[1].received, vec![b"x".to_vec()]);
+    net.assert_paired(0, 1);
+}
+
+#[test]
+fn spoofed_init_flood_leaves_no_responder_state() {
+    let mut net = Net::pair();
+    net.nodes[1].table.set_under_load(true);
+    let rng = SystemRandom::new();
+    let b_addr = net.addr(1);
+    for i in 0..500u32 {
+        // Genuinely signed inits from fresh identities, spoofed underlay sources.
+        let key = Ed25519KeyPair::from_seed_unchecked(&{
+            let mut s = [0u8; 32];
+            s[..4].copy_from_slice(&i.to_be_bytes());
+            s[31] = 0xee;
+            s
+        })
+        .unwrap();
+        let pk = public(&key);
+        let init = Initiation::new(
+            &key,
+            pk,
+            node_address(&pk),
+            b_addr,
+            i + 1,
+            None,
+            &[Suite::ChaCha20Poly1305],
+            &rng,
+        )
+        .unwrap();
+        let src = SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xbad, i as u16, 0, 0, 0, 1)),
+            40000,
+        );
+        assert_eq!(
+            net.deliver_from(src, 1, init.message()),
+            Ok(Inbound::Handshake(HandshakeProgress::CookieSent))
+        );
+        // And some garbage with a plausible header.
+        let mut junk = init.message().to_vec();
+        junk[100] ^= 0xff;
+        let _ = net.deliver_from(src, 1, &junk);
+    }
+    let b = &net.nodes[1].table;
+    assert_eq!(b.pending_handshakes(), 0);
+    assert_eq!(b.session_count(), 0);
+    assert_eq!(b.stats().cookies_sent, 1000);
+    // Cookie replies go back to each spoofed source, never larger than the init.
+    let replies = net.take(1);
+    assert_eq!(replies.len(), 1000);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.datagram.len() == msg::cookie_reply::LEN)
+    );
+    // The legitimate initiator still gets through.
+    net.send(0, 1, b"legit");
+    net.pump();
+    assert_eq!(net.nodes[1].received, vec![b"legit".to_vec()]);
+}
+
+#[test]
+fn built_in_load_meter_demands_cookies() {
+    let mut cfg = config();
+    cfg.load_threshold = 2;
+    let mut net = Net::new(&[1, 2], vec![config(), cfg]);
+    net.send(0, 1, b"x");
+    let init = net.take(0).remove(0).datagram;
+    let results: Vec<_> = (0..4).map(|_| net.deliver(0, 1, &init)).collect();
+    assert_eq!(
+        results[0],
+        Ok(Inbound::Handshake(HandshakeProgress::Responded))
+    );
+    assert_eq!(
+        results[1],
+        Ok(Inbound::Handshake(HandshakeProgress::DuplicateInit))
+    );
+    assert_eq!(
+        results[2],
+        Ok(Inbound::Handshake(HandshakeProgress::CookieSent))
+    );
+    // A second later the meter has reset.
+    net.advance(Duration::from_secs(1));
+    net.take(1);
+    assert_eq!(
+        net.deliver(0, 1, &init),
+        Ok(Inbound::Handshake(HandshakeProgress::DuplicateInit))
+    );
+}
+
+#[test]
+fn stale_cookies_are_dropped_and_replaced() {
+    let mut net = Net::pair();
+    net.nodes[1].table.set_under_load(true);
+    net.send(0, 1, b"x");
+    // Let the init, the cookie reply and the retry run, but lose every response.
+    let init = net.take(0).remove(0).datagram;
+    net.deliver(0, 1, &init).unwrap();
+    let reply = net.take(1).remove(0).datagram;
+    net.deliver(1, 0, &reply).unwrap();
+    let with_cookie = net.take(0).remove(0).datagram;
+    // Much later (past two rotations) that cookie is no longer accepted...
+    net.now += Duration::from_secs(300);
+    assert_eq!(
+        net.deliver(0, 1, &with_cookie),
+        Ok(Inbound::Handshake(HandshakeProgress::CookieSent))
+    );
+    // ...and the initiator has dropped it; the fresh reply gets it through.
+    net.take(1);
+    net.advance(Duration::ZERO);
+    net.pump();
+    assert_eq!(net.nodes[1].received, vec![b"x".to_vec()]);
+}
+
+#[test]
+fn rate_limiter_bounds_handshake_processing() {
+    let mut cfg = config();
+    cfg.rate_limit = RateLimitConfig {
+        burst: 3,
+        per_second: 1,
+        max_sources: 8,
+        ipv6_prefix_len: 64,
+    };
+    let mut net = Net::new(&[1, 2], vec![config(), cfg]);
+    let rng = SystemRandom::new();
+    let b_addr = net.addr(1);
+    let src = net.nodes[0].underlay;
+    let inits: Vec<Vec<u8>> = (0..10u8)
+        .map(|i| {
+            let key = keypair(100 + i);
+            let pk = public(&key);
+            Initiation::new(
+                &*key,
+                pk,
+                node_address(&pk),
+                b_addr,
+                7,
+                None,
+                &[Suite::Aes256Gcm],
+                &rng,
+            )
+            .unwrap()
+            .message()
+            .to_vec()
+        })
+        .collect();
+    let results: Vec<_> = inits.iter().map(|m| net.deliver_from(src, 1, m)).collect();
+    assert!(results[..3].iter().all(|r| r.is_ok()), "{results:?}");
+    assert!(
+        results[3..]
+            .iter()
+            .all(|r| matches!(r, Err(InboundError::RateLimited(_)))),
+        "{results:?}"
+    );
+    assert_eq!(net.nodes[1].table.pending_handshakes(), 3);
+    net.now += Duration::from_secs(1);
+    assert!(net.deliver_from(src, 1, &inits[3]).is_ok());
+    assert!(net.deliver_from(src, 1, &inits[4]).is_err());
+    // Another source is not affected.
+    let other: SocketAddr = "[2001:db8:42::1]:9651".parse().unwrap();
+    assert!(net.deliver_from(other, 1, &inits[5]).is_ok());
+}
+
+#[test]
+fn queue_is_bounded_and_drops_the_oldest() {
+    let mut cfg = config();
+    cfg.max_queued = 4;
+    let mut net = Net::new(&[1, 2], vec![cfg, config()]);
+    for i in 0..10 {
+        net.send(0, 1, &data(i));
+    }
+    assert_eq!(net.nodes[0].table.stats().queue_dropped, 6);
+    net.pump();
+    assert_eq!(net.nodes[1].received, (6..10).map(data).collect::<Vec<_>>());
+}
+
+#[test]
+fn handshake_gives_up_after_bounded_attempts_with_backoff() {
+    let mut net = Net::pair();
+    // A destination nobody owns.
+    let nowhere = node_address(&public(&keypair(77)));
+    let now = net.now;
+    net.nodes[0]
+        .table
+        .send(nowhere, b"lost".to_vec(), now, &net.rng)
+        .unwrap();
+    let mut gaps = Vec::new();
+    let mut sends = net.take(0).len();
+    while let Some(at) = net.nodes[0].table.poll_timeout() {
+        gaps.push(at - net.now);
+        net.advance(at - net.now);
+        sends += net.take(0).len();
+    }
+    let secs: Vec<u64> = gaps.iter().map(Duration::as_secs).collect();
+    assert_eq!(secs, vec![1, 2, 4, 8, 8, 8]);
+    assert_eq!(sends, 6);
+    assert_eq!(
+        net.nodes[0].events,
+        vec![Event::Failed {
+            remote: nowhere,
+            reason: FailReason::Timeout,
+            dropped: 1
+        }]
+    );
+    assert_eq!(net.nodes[0].table.pending_handshakes(), 0);
+}
+
+#[test]
+fn suite_negotiation() {
+    let aes_first = Config {
+        suites: vec![Suite::Aes256Gcm, Suite::ChaCha20Poly1305],
+        ..config()
+    };
+    let mut net = Net::new(&[1, 2], vec![aes_first, config()]);
+    net.send(0, 1, b"x");
+    net.pump();
+    let s = net.nodes[0].table.current_session(net.addr(1)).unwrap();
+    assert_eq!(
+        s.suite(),
+        Suite::Aes256Gcm,
+        "the initiator's preference wins"
+    );
+    net.send(1, 0, b"y");
+    net.pump();
+    assert_eq!(net.nodes[0].received, vec![b"y".to_vec()]);
+
+    let aes_only = Config {
+        suites: vec![Suite::Aes256Gcm],
+        ..config()
+    };
+    let chacha_only = Config {
+        suites: vec![Suite::ChaCha20Poly1305],
+        ..config()
+    };
+    let mut net = Net::new(&[1, 2], vec![aes_only, chacha_only]);
+    net.send(0, 1, b"x");
+    net.pump();
+    assert_eq!(
+        net.nodes[1].errors,
+        vec![InboundError::Handshake(HandshakeError::NoCommonSuite)]
+    );
+    assert_eq!(net.nodes[1].table.pending_handshakes(), 0);
+}
+
+#[test]
+fn config_validation() {
+    assert!(Config::default().validate().is_ok());
+    let bad = [
+        Config {
+            suites: vec![],
+            ..Config::default()
+        },
+        Config {
+            suites: vec![Suite::Aes256Gcm, Suite::Aes256Gcm],
+            ..Config::default()
+        },
+        Config {
+            handshake_attempts: 0,
+            ..Config::default()
+        },
+        Config {
+            rehandshake_before: Duration::from_secs(600),
+            ..Config::default()
+        },
+        Config {
+            transport: TransportConfig {
+                rekey_after_packets: (1 << 32) + 1,
+                ..TransportConfig::default()
+            },
+            ..Config::default()
+        },
+    ];
+    for c in bad {
+        assert!(c.validate().is_err(), "{c:?}");
+    }
+}
+
+#[test]
+fn unconfirmed_responder_sessions_time_out() {
+    let mut net = Net::pair();
+    net.send(0, 1, b"x");
+    let init = net.take(0).remove(0).datagram;
+    net.deliver(0, 1, &init).unwrap();
+    net.take(1);
+    // The initiator gives up (responses lost) and the responder drops its half.
+    for _ in 0..40 {
+        net.advance(Duration::from_secs(1));
+        net.take(0);
+        net.take(1);
+    }
+    assert_eq!(net.nodes[1].table.session_count(), 0);
+    assert_eq!(net.nodes[1].table.pending_handshakes(), 0);
+    assert!(net.nodes[1].events.iter().any(|e| matches!(
+        e,
+        Event::Expired {
+            reason: ExpiryReason::Unconfirmed,
+            ..
+        }
+    )));
+}
+
+/// A pair with an established session plus one message of each kind, for fuzzing.
+fn fuzz_fixture() -> (Net, Vec<Vec<u8>>) {
+    let mut net = Net::pair();
+    net.nodes[1].table.set_under_load(true);
+    net.send(0, 1, b"x");
+    let init = net.take(0).remove(0).datagram;
+    net.deliver(0, 1, &init).unwrap();
+    let cookie = net.take(1).remove(0).datagram;
+    net.nodes[1].table.set_under_load(false);
+    net.deliver(1, 0, &cookie).unwrap();
+    let init2 = net.take(0).remove(0).datagram;
+    net.deliver(0, 1, &init2).unwrap();
+    let response = net.take(1).remove(0).datagram;
+    net.deliver(1, 0, &response).unwrap();
+    let data = net.take(0).remove(0).datagram;
+    net.deliver(0, 1, &data).unwrap();
+    (net, vec![init, cookie, init2, response, data])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Arbitrary bytes into every entry point never panic, and never create sessions.
+    #[test]
+    fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300),
+                            header in proptest::collection::vec(any::<u8>(), HEADER_LEN)) {
+        let mut net = Net::pair();
+        let _ = net.deliver(0, 1, &bytes);
+        // Garbage behind a valid header of every type.
+        for ty in [PacketType::Data, PacketType::HandshakeInit, PacketType::HandshakeResponse,
+                   PacketType::CookieReply, PacketType::Control] {
+            let mut buf = header.clone();
+            buf.extend_from_slice(&bytes);
+            let mut p = Packet::new_unchecked(&mut buf[..]);
+            p.set_version(myconet_common::wire::VERSION);
+            p.set_packet_type(ty as u8);
+            prop_assert!(Repr::parse(&p).is_ok());
+            let _ = net.deliver(0, 1, &buf);
+            let _ = net.deliver(1, 0, &buf);
+        }
+        prop_assert_eq!(net.nodes[1].table.session_count(), 0);
+        prop_assert_eq!(net.nodes[1].table.pending_handshakes(), 0);
+        let _ = InitMsg::parse(&bytes);
+        let _ = msg::ResponseMsg::parse(&bytes);
+        let _ = msg::CookieReplyMsg::parse(&bytes);
+    }
+
+    /// Mutations of genuine messages into both ends of a live session never panic,
+    /// never open as something else, and never break the session.
+    #[test]
+    fn mutated_messages_never_panic(which in 0usize..5,
+                                    flips in proptest::collection::vec((any::<usize>(), 1u8..=255), 1..4),
+                                    cut in proptest::option::of(any::<usize>()),
+                                    extra in proptest::collection::vec(any::<u8>(), 0..4)) {
+        let (mut net, msgs) = fuzz_fixture();
+        let mut m = msgs[which].clone();
+        for (pos, x) in &flips {
+            let i = pos % m.len();
+            m[i] ^= x;
+        }
+        if let Some(c) = cut {
+            m.truncate(c % (m.len() + 1));
+        }
+        m.extend_from_slice(&extra);
+        for to in [0, 1] {
+            if let Ok(Inbound::Data { payload, .. }) = net.deliver(1 - to, to, &m) {
+                // Only the hop limit may have changed; anything else must not open.
+                prop_assert_eq!(payload, b"x".to_vec());
+            }
+        }
+        net.nodes[0].received.clear();
+        net.send(0, 1, b"still alive");
+        net.send(1, 0, b"still alive");
+        net.pump();
+        prop_assert_eq!(net.nodes[1].received.last().map(Vec::as_slice), Some(&b"still alive"[..]));
+        prop_assert_eq!(net.nodes[0].received.last().map(Vec::as_slice), Some(&b"still alive"[..]));
+    }
+
+    /// `Session::open` on arbitrary bytes never panics or changes state.
+    #[test]
+    fn session_open_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let now = Instant::now();
+        let (mut a, mut b) = session_pair(TransportConfig::default(), now);
+        let _ = b.open(&bytes, now);
+        let p = a.seal(b"ok", &a.default_header(), now).unwrap();
+        prop_assert_eq!(b.open(&p, now).unwrap(), b"ok".to_vec());
+    }
+}
+
+#[test]
+fn table_can_move_to_the_io_task() {
+    fn send<T: Send>() {}
+    send::<SessionTable>();
+    send::<Session>();
+}
+
+#[test]
+fn node_addresses_are_key_owned() {
+    // Sanity for the fixtures the other tests rely on.
+    let k = keypair(1);
+    let pk = public(&k);
+    assert!(key_owns(&pk, &node_address(&pk)));
+    assert!(!key_owns(&public(&keypair(2)), &node_address(&pk)));
+}

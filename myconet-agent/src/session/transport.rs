@@ -1,0 +1,556 @@
+//! One end-to-end session: sealing and opening `Data` packets with per-direction keys,
+//! in-session rekeying by key phase, replay protection and expiry.
+//!
+//! Nonces: the header's 64-bit `counter` is the nonce (`0u32 || counter`, big-endian, 96
+//! bits). Its upper 32 bits are the **key phase** and its lower 32 bits count packets
+//! within the phase, so the counter strictly increases per direction and therefore per
+//! key, and the receiver reads the phase (the key id) straight off the header. A sender
+//! moves to the next phase (a fresh key ratcheted from the previous secret) after
+//! `rekey_after_packets` packets or `rekey_after_time`, by jumping its counter to the
+//! next multiple of 2^32. The phase is taken from the counter rather than a flag bit
+//! because without acknowledgements a one-bit phase becomes ambiguous as soon as a
+//! whole phase of packets is lost; the counter never is.
+//!
+//! The receiver keeps the current phase's key and, for `rekey_grace` after a switch, the
+//! previous one, each with its own replay window, so packets in flight across the switch
+//! still open. Nothing changes unless a packet authenticates.
+
+use std::{
+    net::Ipv6Addr,
+    time::{Duration, Instant},
+};
+
+use myconet_common::{
+    addr::{NODE_PREFIX_LEN, prefix_contains},
+    wire::{self, HEADER_LEN, Packet, PacketType, Repr},
+};
+use ring::{aead, hkdf};
+
+use super::{ConfigError, OpenError, Role, SealError, Suite, TAG_LEN, replay::ReplayWindow};
+
+/// Bits of the counter below the key phase: the phase is `counter >> PHASE_SHIFT`.
+pub const PHASE_SHIFT: u32 = 32;
+
+/// How many key phases a receiver derives forward in one step. Phases advance one at a
+/// time on the sender, so a larger jump means that many whole phases were lost; the
+/// bound caps the work a forged far-ahead counter can cause.
+pub const MAX_PHASE_SKIP: u32 = 16;
+
+/// Packets one key phase can number.
+const PHASE_CAPACITY: u64 = 1 << PHASE_SHIFT;
+
+/// Largest plaintext that still fits one UDP datagram with header and tag.
+const MAX_PLAINTEXT: usize = u16::MAX as usize - 8 - HEADER_LEN - TAG_LEN;
+
+const LABEL_PHASE_KEY: &[u8] = b"myconet v1 phase key";
+const LABEL_PHASE_UPDATE: &[u8] = b"myconet v1 phase update";
+
+/// Per-session limits. Both ends may use different values: they are local sender policy
+/// (when to rekey) and local receiver policy (how long to keep old keys and sessions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportConfig {
+    /// Packets sealed under one key before moving to the next phase (1..=2^32).
+    pub rekey_after_packets: u64,
+    /// Age of a send key after which the next packet moves to the next phase.
+    pub rekey_after_time: Duration,
+    /// How long the previous receive key stays usable after the peer switched phase.
+    pub rekey_grace: Duration,
+    /// A session that has not authenticated a packet for this long is dead.
+    pub idle_timeout: Duration,
+    /// Hard lifetime: the session is dropped this long after the handshake, so fresh
+    /// ephemeral keys (forward secrecy) are negotiated regularly.
+    pub max_lifetime: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            rekey_after_packets: PHASE_CAPACITY,
+            rekey_after_time: Duration::from_secs(120),
+            rekey_grace: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(180),
+            max_lifetime: Duration::from_secs(600),
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Rejects zero periods and packet counts one phase cannot number.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.rekey_after_packets == 0 || self.rekey_after_packets > PHASE_CAPACITY {
+            return Err(ConfigError::RekeyPackets);
+        }
+        for (name, value) in [
+            ("rekey_after_time", self.rekey_after_time),
+            ("rekey_grace", self.rekey_grace),
+            ("idle_timeout", self.idle_timeout),
+            ("max_lifetime", self.max_lifetime),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a session ended, reported so the agent can drop its state and count causes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExpiryReason {
+    /// No packet authenticated for `idle_timeout`.
+    Idle,
+    /// `max_lifetime` since the handshake.
+    Lifetime,
+    /// A newer session took over and the grace period for in-flight packets ended.
+    Replaced,
+    /// A responder session the initiator never confirmed by sending on it.
+    Unconfirmed,
+}
+
+/// Header fields the sender chooses for one `Data` packet; everything else (type, session
+/// id, counter, flags) belongs to the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHeader {
+    /// Relay hop budget (not authenticated: relays decrement it).
+    pub hop_limit: u8,
+    /// Source overlay address; must lie in this node's /64.
+    pub src_addr: Ipv6Addr,
+    /// Destination overlay address; must lie in the peer's /64.
+    pub dst_addr: Ipv6Addr,
+}
+
+/// A 32-byte HKDF secret from which one direction's phase keys are ratcheted.
+#[derive(Clone)]
+struct ChainSecret([u8; 32]);
+
+impl ChainSecret {
+    fn prk(&self) -> hkdf::Prk {
+        hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &self.0)
+    }
+
+    /// The AEAD key of this phase.
+    fn key(&self, suite: Suite) -> Option<aead::LessSafeKey> {
+        let prk = self.prk();
+        let okm = prk.expand(&[LABEL_PHASE_KEY], suite.algorithm()).ok()?;
+        Some(aead::LessSafeKey::new(aead::UnboundKey::from(okm)))
+    }
+
+    /// The secret of the next phase; the old one can then be forgotten (key erasure).
+    fn next(&self) -> Option<Self> {
+        let mut out = [0u8; 32];
+        self.prk()
+            .expand(&[LABEL_PHASE_UPDATE], Len32)
+            .ok()?
+            .fill(&mut out)
+            .ok()?;
+        Some(Self(out))
+    }
+}
+
+/// HKDF output length marker for 32-byte secrets.
+pub(crate) struct Len32;
+
+impl hkdf::KeyType for Len32 {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+struct SendState {
+    secret: ChainSecret,
+    key: aead::LessSafeKey,
+    phase: u32,
+    /// Packets sealed in this phase, i.e. the in-phase part of the next counter.
+    sent_in_phase: u64,
+    phase_started: Instant,
+}
+
+struct RecvKey {
+    phase: u32,
+    key: aead::LessSafeKey,
+    window: ReplayWindow,
+}
+
+struct RecvState {
+    /// Secret of `current.phase`, for deriving later phases.
+    secret: ChainSecret,
+    current: RecvKey,
+    previous: Option<(RecvKey, Instant)>,
+}
+
+/// Where an incoming packet's key comes from.
+enum KeySlot {
+    Current,
+    Previous,
+    /// Boxed: a derived key is large and this path is rare (once per phase).
+    Future(Box<(ChainSecret, aead::LessSafeKey)>),
+}
+
+/// One established end-to-end session with a peer node. Created by a completed handshake;
+/// the agent only calls [`Session::seal`] and [`Session::open`] (the
+/// [`super::SessionTable`] does that for it) and drops it when it expires.
+pub struct Session {
+    role: Role,
+    suite: Suite,
+    local_index: u32,
+    remote_index: u32,
+    local_addr: Ipv6Addr,
+    remote_addr: Ipv6Addr,
+    remote_key: [u8; 32],
+    config: TransportConfig,
+    tx: SendState,
+    rx: RecvState,
+    created: Instant,
+    last_rx: Option<Instant>,
+    last_tx: Option<Instant>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("role", &self.role)
+            .field("suite", &self.suite)
+            .field("local_index", &self.local_index)
+            .field("remote_index", &self.remote_index)
+            .field("remote_addr", &self.remote_addr)
+            .field("send_phase", &self.tx.phase)
+            .field("recv_phase", &self.rx.current.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the handshake hands to [`Session::new`].
+pub(crate) struct SessionParams {
+    pub role: Role,
+    pub suite: Suite,
+    pub local_index: u32,
+    pub remote_index: u32,
+    pub local_addr: Ipv6Addr,
+    pub remote_addr: Ipv6Addr,
+    pub remote_key: [u8; 32],
+    pub send_secret: [u8; 32],
+    pub recv_secret: [u8; 32],
+}
+
+fn nonce(counter: u64) -> aead::Nonce {
+    let mut n = [0u8; aead::NONCE_LEN];
+    n[4..].copy_from_slice(&counter.to_be_bytes());
+    aead::Nonce::assume_unique_for_key(n)
+}
+
+fn phase_of(counter: u64) -> u32 {
+    // The shift leaves at most 32 significant bits.
+    u32::try_from(counter >> PHASE_SHIFT).unwrap_or(u32::MAX)
+}
+
+impl Session {
+    /// Builds phase 0 of both directions from the handshake's secrets. `None` only if
+    /// ring refuses the key derivation, which valid inputs never cause.
+    pub(crate) fn new(p: SessionParams, config: TransportConfig, now: Instant) -> Option<Self> {
+        let send_secret = ChainSecret(p.send_secret);
+        let recv_secret = ChainSecret(p.recv_secret);
+        let tx_key = send_secret.key(p.suite)?;
+        let rx_key = recv_secret.key(p.suite)?;
+        Some(Self {
+            role: p.role,
+            suite: p.suite,
+            local_index: p.local_index,
+            remote_index: p.remote_index,
+            local_addr: p.local_addr,
+            remote_addr: p.remote_addr,
+            remote_key: p.remote_key,
+            config,
+            tx: SendState {
+                secret: send_secret,
+                key: tx_key,
+                phase: 0,
+                sent_in_phase: 0,
+                phase_started: now,
+            },
+            rx: RecvState {
+                secret: recv_secret,
+                current: RecvKey {
+                    phase: 0,
+                    key: rx_key,
+                    window: ReplayWindow::new(),
+                },
+                previous: None,
+            },
+            created: now,
+            last_rx: None,
+            last_tx: None,
+        })
+    }
+
+    /// Which side of the handshake this node was.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The negotiated AEAD suite.
+    pub fn suite(&self) -> Suite {
+        self.suite
+    }
+
+    /// The index peers put in the header of packets to this node.
+    pub fn local_index(&self) -> u32 {
+        self.local_index
+    }
+
+    /// The index this node puts in the header of packets to the peer.
+    pub fn remote_index(&self) -> u32 {
+        self.remote_index
+    }
+
+    /// This node's overlay address as used in the handshake.
+    pub fn local_addr(&self) -> Ipv6Addr {
+        self.local_addr
+    }
+
+    /// The peer's overlay address as used in the handshake.
+    pub fn remote_addr(&self) -> Ipv6Addr {
+        self.remote_addr
+    }
+
+    /// The peer's verified Ed25519 public key.
+    pub fn remote_key(&self) -> &[u8; 32] {
+        &self.remote_key
+    }
+
+    /// When the handshake completed.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    /// When a packet last authenticated, if ever; a responder session that has never
+    /// received is still unconfirmed.
+    pub fn last_received(&self) -> Option<Instant> {
+        self.last_rx
+    }
+
+    /// When a packet was last sealed, if ever.
+    pub fn last_sent(&self) -> Option<Instant> {
+        self.last_tx
+    }
+
+    /// Current send key phase (upper half of the next counter).
+    pub fn send_phase(&self) -> u32 {
+        self.tx.phase
+    }
+
+    /// Current receive key phase.
+    pub fn recv_phase(&self) -> u32 {
+        self.rx.current.phase
+    }
+
+    /// The header [`Session::seal`] uses by default: full hop budget, the handshake's
+    /// addresses.
+    pub fn default_header(&self) -> DataHeader {
+        DataHeader {
+            hop_limit: wire::DEFAULT_HOP_LIMIT,
+            src_addr: self.local_addr,
+            dst_addr: self.remote_addr,
+        }
+    }
+
+    /// Whether the session is dead at `now`, and why. Both ends apply the same rule so
+    /// they drop state at about the same time.
+    pub fn expiry(&self, now: Instant) -> Option<ExpiryReason> {
+        if now.saturating_duration_since(self.created) >= self.config.max_lifetime {
+            return Some(ExpiryReason::Lifetime);
+        }
+        let last = self.last_rx.unwrap_or(self.created);
+        if now.saturating_duration_since(last) >= self.config.idle_timeout {
+            return Some(ExpiryReason::Idle);
+        }
+        None
+    }
+
+    /// The next instant at which something changes without a packet: expiry, or the
+    /// previous receive key retiring.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        let lifetime = self.created.checked_add(self.config.max_lifetime);
+        let idle = self
+            .last_rx
+            .unwrap_or(self.created)
+            .checked_add(self.config.idle_timeout);
+        let retire = self.rx.previous.as_ref().map(|(_, at)| *at);
+        [lifetime, idle, retire].into_iter().flatten().min()
+    }
+
+    /// Forgets the previous receive key once its grace period is over (key erasure).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if matches!(&self.rx.previous, Some((_, at)) if now >= *at) {
+            self.rx.previous = None;
+        }
+    }
+
+    /// Encrypts `plaintext` into a complete `Data` datagram (header, ciphertext, tag).
+    /// Moves to the next key phase first when the current key has sealed
+    /// `rekey_after_packets` packets or is older than `rekey_after_time`. An empty
+    /// plaintext makes a keepalive.
+    pub fn seal(
+        &mut self,
+        plaintext: &[u8],
+        header: &DataHeader,
+        now: Instant,
+    ) -> Result<Vec<u8>, SealError> {
+        if let Some(reason) = self.expiry(now) {
+            return Err(SealError::Expired(reason));
+        }
+        if !prefix_contains(self.local_addr, NODE_PREFIX_LEN, header.src_addr)
+            || !prefix_contains(self.remote_addr, NODE_PREFIX_LEN, header.dst_addr)
+        {
+            return Err(SealError::AddressMismatch);
+        }
+        if plaintext.len() > MAX_PLAINTEXT {
+            return Err(SealError::TooLarge(plaintext.len()));
+        }
+        let age = now.saturating_duration_since(self.tx.phase_started);
+        if self.tx.sent_in_phase >= self.config.rekey_after_packets
+            || self.tx.sent_in_phase >= PHASE_CAPACITY
+            || age >= self.config.rekey_after_time
+        {
+            self.next_send_phase(now)?;
+        }
+        let counter = (u64::from(self.tx.phase) << PHASE_SHIFT) | self.tx.sent_in_phase;
+        let repr = Repr {
+            packet_type: PacketType::Data,
+            hop_limit: header.hop_limit,
+            flags: 0,
+            session_id: self.remote_index,
+            counter,
+            dst_addr: header.dst_addr,
+            src_addr: header.src_addr,
+        };
+        let body_end = HEADER_LEN + plaintext.len();
+        let mut buf = vec![0u8; body_end + TAG_LEN];
+        repr.emit(&mut Packet::new_unchecked(&mut buf[..]));
+        buf[HEADER_LEN..body_end].copy_from_slice(plaintext);
+        let aad = Packet::new_unchecked(&buf[..]).associated_data();
+        let tag = self
+            .tx
+            .key
+            .seal_in_place_separate_tag(
+                nonce(counter),
+                aead::Aad::from(aad),
+                &mut buf[HEADER_LEN..body_end],
+            )
+            .map_err(|_| SealError::Crypto)?;
+        buf[body_end..].copy_from_slice(tag.as_ref());
+        self.tx.sent_in_phase += 1;
+        self.last_tx = Some(now);
+        Ok(buf)
+    }
+
+    fn next_send_phase(&mut self, now: Instant) -> Result<(), SealError> {
+        let phase = self.tx.phase.checked_add(1).ok_or(SealError::Exhausted)?;
+        let secret = self.tx.secret.next().ok_or(SealError::Crypto)?;
+        let key = secret.key(self.suite).ok_or(SealError::Crypto)?;
+        self.tx = SendState {
+            secret,
+            key,
+            phase,
+            sent_in_phase: 0,
+            phase_started: now,
+        };
+        Ok(())
+    }
+
+    /// Authenticates and decrypts one `Data` datagram addressed to this session, returning
+    /// the plaintext (empty for a keepalive). The header (hop limit aside) is the
+    /// associated data, so any changed byte fails. On any error the session is exactly as
+    /// before; on success the replay window, key phase and idle timer advance.
+    pub fn open(&mut self, datagram: &[u8], now: Instant) -> Result<Vec<u8>, OpenError> {
+        let packet = Packet::new_checked(datagram)?;
+        let repr = Repr::parse(&packet)?;
+        if repr.packet_type != PacketType::Data {
+            return Err(OpenError::NotData(repr.packet_type as u8));
+        }
+        if repr.session_id != self.local_index {
+            return Err(OpenError::WrongSession {
+                expected: self.local_index,
+                got: repr.session_id,
+            });
+        }
+        if let Some(reason) = self.expiry(now) {
+            return Err(OpenError::Expired(reason));
+        }
+        let payload = packet.payload();
+        if payload.len() < TAG_LEN {
+            return Err(OpenError::Truncated(payload.len()));
+        }
+        if !prefix_contains(self.remote_addr, NODE_PREFIX_LEN, repr.src_addr)
+            || !prefix_contains(self.local_addr, NODE_PREFIX_LEN, repr.dst_addr)
+        {
+            return Err(OpenError::AddressMismatch);
+        }
+        let counter = repr.counter;
+        let phase = phase_of(counter);
+        let slot = self.key_slot(phase, counter, now)?;
+        let key = match &slot {
+            KeySlot::Current => &self.rx.current.key,
+            KeySlot::Previous => match &self.rx.previous {
+                Some((k, _)) => &k.key,
+                None => return Err(OpenError::StaleKeyPhase(phase)),
+            },
+            KeySlot::Future(future) => &future.1,
+        };
+        let mut buf = payload.to_vec();
+        let aad = packet.associated_data();
+        let len = key
+            .open_in_place(nonce(counter), aead::Aad::from(aad), &mut buf)
+            .map_err(|_| OpenError::Authentication)?
+            .len();
+        buf.truncate(len);
+
+        // Authenticated: only now may state change.
+        match slot {
+            KeySlot::Current => self.rx.current.window.accept(counter)?,
+            KeySlot::Previous => {
+                if let Some((k, _)) = &mut self.rx.previous {
+                    k.window.accept(counter)?;
+                }
+            }
+            KeySlot::Future(future) => {
+                let (secret, key) = *future;
+                let mut window = ReplayWindow::new();
+                window.accept(counter)?;
+                let retire = now.checked_add(self.config.rekey_grace).unwrap_or(now);
+                let old = std::mem::replace(&mut self.rx.current, RecvKey { phase, key, window });
+                self.rx.secret = secret;
+                self.rx.previous = Some((old, retire));
+            }
+        }
+        self.last_rx = Some(now);
+        Ok(buf)
+    }
+
+    /// Picks the receive key for `phase`, checking the replay window where one exists.
+    fn key_slot(&self, phase: u32, counter: u64, now: Instant) -> Result<KeySlot, OpenError> {
+        let current = self.rx.current.phase;
+        if phase == current {
+            self.rx.current.window.check(counter)?;
+            return Ok(KeySlot::Current);
+        }
+        if phase < current {
+            return match &self.rx.previous {
+                Some((k, retire)) if k.phase == phase && now < *retire => {
+                    k.window.check(counter).map_err(OpenError::from)?;
+                    Ok(KeySlot::Previous)
+                }
+                _ => Err(OpenError::StaleKeyPhase(phase)),
+            };
+        }
+        let steps = phase - current;
+        if steps > MAX_PHASE_SKIP {
+            return Err(OpenError::KeyPhaseTooFar(phase));
+        }
+        let mut secret = self.rx.secret.clone();
+        for _ in 0..steps {
+            secret = secret.next().ok_or(OpenError::Authentication)?;
+        }
+        let key = secret.key(self.suite).ok_or(OpenError::Authentication)?;
+        Ok(KeySlot::Future(Box::new((secret, key))))
+    }
+}
