@@ -43,6 +43,10 @@ pub struct Cli {
     /// XDP attach mode.
     #[arg(long, value_enum)]
     pub xdp_mode: Option<XdpModeChoice>,
+    /// Which path relays packets: the XDP fast path, the userspace path, or XDP where it
+    /// attaches and userspace otherwise.
+    #[arg(long, value_enum)]
+    pub dataplane: Option<DataplaneChoice>,
     /// Leave the interfaces' IPv6 forwarding/accept_ra sysctls alone (the fast path then
     /// passes relayed traffic to userspace unless forwarding is already enabled).
     #[arg(long)]
@@ -50,6 +54,23 @@ pub struct Cli {
     /// Static peer, `[ADDR]:PORT` or `ADDR` (repeat for several).
     #[arg(long = "peer")]
     pub peers: Vec<String>,
+    /// Name of the overlay TUN device unmodified applications use.
+    #[arg(long)]
+    pub tun_name: Option<String>,
+    /// Do not create a TUN device (a pure relay).
+    #[arg(long)]
+    pub no_tun: bool,
+}
+
+/// Which forwarding path the node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataplaneChoice {
+    /// XDP on every interface; failing to attach is an error.
+    Xdp,
+    /// No XDP: the agent relays every packet itself.
+    Userspace,
+    /// XDP where it attaches, the userspace path (with a warning) where it does not.
+    Auto,
 }
 
 /// The file format; every key optional.
@@ -62,7 +83,10 @@ pub struct FileConfig {
     socket: Option<PathBuf>,
     socket_mode: Option<String>,
     xdp_mode: Option<String>,
+    dataplane: Option<String>,
     manage_sysctl: Option<bool>,
+    tun_name: Option<String>,
+    tun: Option<bool>,
     #[serde(default)]
     peers: Vec<String>,
     #[serde(default)]
@@ -94,13 +118,20 @@ pub struct Settings {
     pub socket_mode: u32,
     /// XDP attach mode.
     pub xdp_mode: XdpModeChoice,
+    /// Which path relays packets.
+    pub dataplane: DataplaneChoice,
     /// Whether to set forwarding/accept_ra.
     pub manage_sysctl: bool,
     /// Static peers.
     pub peers: Vec<SocketAddrV6>,
     /// Static routes.
     pub routes: Vec<(Prefix, NextHop)>,
+    /// The TUN device to create, `None` for a pure relay.
+    pub tun_name: Option<String>,
 }
+
+/// Default name of the overlay TUN device.
+pub const DEFAULT_TUN_NAME: &str = "myconet0";
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/myconet";
@@ -154,6 +185,15 @@ impl Cli {
                 .map_err(|_| anyhow::anyhow!("xdp_mode must be auto, driver or generic: {m}"))?,
             (None, None) => XdpModeChoice::Auto,
         };
+        let dataplane = match (self.dataplane, file.dataplane) {
+            (Some(d), _) => d,
+            (None, Some(d)) => <DataplaneChoice as clap::ValueEnum>::from_str(&d, true)
+                .map_err(|_| anyhow::anyhow!("dataplane must be xdp, userspace or auto: {d}"))?,
+            // Asking for a specific XDP mode means asking for XDP: failing to attach is
+            // then an error rather than a quiet fall-back to the userspace path.
+            (None, None) if xdp_mode != XdpModeChoice::Auto => DataplaneChoice::Xdp,
+            (None, None) => DataplaneChoice::Auto,
+        };
         let mut peers = Vec::new();
         for p in file.peers.iter().chain(self.peers.iter()) {
             peers.push(parse_endpoint(p)?);
@@ -177,8 +217,23 @@ impl Cli {
                 },
             ));
         }
+        let tun_name = if self.no_tun || file.tun == Some(false) {
+            None
+        } else {
+            let name = self
+                .tun_name
+                .or(file.tun_name)
+                .unwrap_or_else(|| DEFAULT_TUN_NAME.to_string());
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+                bail!(
+                    "tun name {name:?} is not a valid interface name (1-15 bytes, no '/' or spaces)"
+                );
+            }
+            Some(name)
+        };
         Ok(Settings {
             interfaces,
+            tun_name,
             port,
             state_dir: self
                 .state_dir
@@ -190,6 +245,7 @@ impl Cli {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
             socket_mode,
             xdp_mode,
+            dataplane,
             manage_sysctl: !self.no_sysctl && file.manage_sysctl.unwrap_or(true),
             peers,
             routes,

@@ -11,7 +11,7 @@ use crate::rib::{NextHop, Rib, RouteTarget};
 /// An underlay UDP endpoint.
 pub type Endpoint = (Ipv6Addr, u16);
 
-/// What to do with a data packet that reached the agent.
+/// What to do with an end-to-end packet (data, handshake, cookie) that reached the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// For this node.
@@ -30,8 +30,8 @@ pub enum Decision {
 /// Why the userspace path dropped a packet (mirrors the XDP drop reasons).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
-    /// Not a data packet; handshakes and control are handled elsewhere.
-    NotData,
+    /// Link-level control: addressed to a neighbour, never relayed.
+    NotRelayable,
     /// The sender is not an authenticated neighbour.
     UnknownPeer,
     /// No route to the destination.
@@ -40,10 +40,13 @@ pub enum DropReason {
     HopLimit,
 }
 
-/// Decides the fate of a data packet received from `from`.
+/// Decides the fate of an end-to-end packet received from `from`.
+///
+/// Data, handshake and cookie packets all travel end to end and get the same rules; the
+/// XDP program relays only data in the kernel and passes the rest up to be relayed here.
 pub fn decide(rib: &Rib, peers: &BTreeSet<Endpoint>, from: Endpoint, header: &Repr) -> Decision {
-    if header.packet_type != PacketType::Data {
-        return Decision::Drop(DropReason::NotData);
+    if header.packet_type == PacketType::Control {
+        return Decision::Drop(DropReason::NotRelayable);
     }
     let route = rib.lookup(header.dst_addr);
     if let Some((_, entry)) = route
@@ -143,7 +146,26 @@ mod tests {
         control.packet_type = PacketType::Control;
         assert_eq!(
             decide(&rib, &peers, peer, &control),
-            Decision::Drop(DropReason::NotData)
+            Decision::Drop(DropReason::NotRelayable)
         );
+        // Handshakes follow the same rules as data.
+        for t in [
+            PacketType::HandshakeInit,
+            PacketType::HandshakeResponse,
+            PacketType::CookieReply,
+        ] {
+            let mut h = header("fd6d:c::1", 64);
+            h.packet_type = t;
+            assert!(matches!(
+                decide(&rib, &peers, peer, &h),
+                Decision::Forward { .. }
+            ));
+            assert_eq!(
+                decide(&rib, &peers, stranger, &h),
+                Decision::Drop(DropReason::UnknownPeer)
+            );
+            h.dst_addr = "fd6d:b::1".parse().unwrap();
+            assert_eq!(decide(&rib, &peers, stranger, &h), Decision::Deliver);
+        }
     }
 }

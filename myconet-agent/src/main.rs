@@ -6,12 +6,16 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use myconet_agent::{
-    config::Cli,
+    config::{Cli, DataplaneChoice},
     control::{self, ControlSocket},
     dataplane::{self, XdpDataplane},
     identity::Identity,
+    netlink::{self, Netlink},
     node::Node,
-    sysctl, underlay,
+    overlay::{self, Overlay},
+    sysctl,
+    tun::{Tun, TunOptions},
+    underlay,
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -54,14 +58,24 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
         )
     })?;
     let dataplane = if settings.interfaces.is_empty() {
-        warn!("no --interface given: running without the XDP fast path");
+        warn!("no --interface given: relaying on the userspace path only");
+        None
+    } else if settings.dataplane == DataplaneChoice::Userspace {
+        info!("--dataplane userspace: XDP not attached, the agent relays every packet");
         None
     } else {
         match attach_all(&settings, &mut journal) {
             Ok(dp) => Some(dp),
             Err(e) => {
                 journal.restore_and_clear();
-                return Err(e);
+                if settings.dataplane == DataplaneChoice::Xdp {
+                    return Err(e);
+                }
+                warn!(
+                    error = format!("{e:#}"),
+                    "XDP unavailable: falling back to the userspace data path (slower)"
+                );
+                None
             }
         }
     };
@@ -106,7 +120,21 @@ async fn serve(
         underlay::bind(settings.port)
             .with_context(|| format!("binding UDP [::]:{}", settings.port))?,
     );
-    let rx = tokio::spawn(underlay::run(node.clone(), socket));
+    let tun = match &settings.tun_name {
+        Some(name) => Some(open_tun(node, settings, name).await?),
+        None => None,
+    };
+    let overlay = Arc::new(Overlay::new(
+        node.clone(),
+        socket.clone(),
+        tun,
+        overlay::session_config(),
+    )?);
+    let tasks = [
+        tokio::spawn(underlay::run(node.clone(), socket, overlay.clone())),
+        tokio::spawn(overlay.clone().run_tun()),
+        tokio::spawn(overlay.run_timers()),
+    ];
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -118,6 +146,35 @@ async fn serve(
     };
     info!(socket = %settings.socket.display(), port = settings.port, "agent ready");
     let served = control::serve_on(node.clone(), control_socket, shutdown).await;
-    rx.abort();
+    for t in tasks {
+        t.abort();
+    }
     served
+}
+
+/// Creates the TUN device and gives it the node's address, the overlay route and an MTU
+/// that fits the smallest underlay link after encapsulation.
+async fn open_tun(
+    node: &Node,
+    settings: &myconet_agent::config::Settings,
+    name: &str,
+) -> anyhow::Result<Tun> {
+    let tun = Tun::create(name, TunOptions::default())
+        .with_context(|| format!("creating TUN device {name}"))?;
+    let nl = Netlink::connect().context("opening rtnetlink")?;
+    let mut underlay_mtu = u32::MAX;
+    for iface in &settings.interfaces {
+        let index = dataplane::ifindex(iface)?;
+        underlay_mtu = underlay_mtu.min(nl.underlay_mtu(index).await?);
+    }
+    if underlay_mtu == u32::MAX {
+        underlay_mtu = 1500;
+    }
+    let mtu = netlink::overlay_mtu(underlay_mtu)?;
+    let index = nl.link_index(tun.name()).await?;
+    nl.configure_tun(index, node.identity().node_address(), mtu)
+        .await
+        .with_context(|| format!("configuring {name}"))?;
+    info!(tun = name, mtu, address = %node.identity().node_address(), "overlay interface up");
+    Ok(tun)
 }

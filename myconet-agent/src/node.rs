@@ -9,7 +9,7 @@ use std::{
     collections::BTreeSet,
     net::Ipv6Addr,
     sync::{
-        Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
     time::Instant,
@@ -52,7 +52,7 @@ pub enum NodeError {
 pub enum AgentStat {
     /// Every data packet, whatever became of it.
     RxData,
-    /// Data for this node.
+    /// Data for this node, delivered (to the TUN device when there is one).
     RxDataLocal,
     /// Data relayed by the userspace path.
     RxDataRelayed,
@@ -62,19 +62,41 @@ pub enum AgentStat {
     RxDataNoRoute,
     /// Data dropped: hop limit.
     RxDataHopLimit,
-    /// Handshake and cookie packets.
+    /// Handshake and cookie packets for this node.
     RxHandshake,
+    /// Handshake and cookie packets relayed for others.
+    RxHandshakeRelayed,
+    /// Handshake and cookie packets dropped by the relay rules.
+    RxHandshakeDropped,
     /// Link-level control packets.
     RxControl,
     /// Not a valid Myconet header.
     RxMalformed,
+    /// Data for this node that failed to open (bad tag, replay, wrong key).
+    RxOpenFailed,
+    /// Data for a session index this node does not have.
+    RxUnknownSession,
+    /// Decrypted packets whose inner addresses do not belong to the session.
+    RxInnerInvalid,
+    /// Handshake messages refused (bad signature, wrong identity, malformed).
+    HandshakeRejected,
+    /// Handshake messages over the per-source rate.
+    HandshakeRateLimited,
+    /// Initiations that gave up.
+    HandshakeFailed,
+    /// Packets read from the TUN device.
+    TunRx,
+    /// TUN packets that could not be sent (not overlay, no session possible).
+    TunDropped,
+    /// Datagrams with no route to their overlay destination.
+    TxNoRoute,
     /// Sends that failed.
     TxError,
 }
 
 impl AgentStat {
     /// Every counter in index order.
-    pub const ALL: [AgentStat; 10] = [
+    pub const ALL: [AgentStat; 21] = [
         AgentStat::RxData,
         AgentStat::RxDataLocal,
         AgentStat::RxDataRelayed,
@@ -82,8 +104,19 @@ impl AgentStat {
         AgentStat::RxDataNoRoute,
         AgentStat::RxDataHopLimit,
         AgentStat::RxHandshake,
+        AgentStat::RxHandshakeRelayed,
+        AgentStat::RxHandshakeDropped,
         AgentStat::RxControl,
         AgentStat::RxMalformed,
+        AgentStat::RxOpenFailed,
+        AgentStat::RxUnknownSession,
+        AgentStat::RxInnerInvalid,
+        AgentStat::HandshakeRejected,
+        AgentStat::HandshakeRateLimited,
+        AgentStat::HandshakeFailed,
+        AgentStat::TunRx,
+        AgentStat::TunDropped,
+        AgentStat::TxNoRoute,
         AgentStat::TxError,
     ];
 
@@ -97,8 +130,19 @@ impl AgentStat {
             AgentStat::RxDataNoRoute => "rx_data_no_route",
             AgentStat::RxDataHopLimit => "rx_data_hop_limit",
             AgentStat::RxHandshake => "rx_handshake",
+            AgentStat::RxHandshakeRelayed => "rx_handshake_relayed",
+            AgentStat::RxHandshakeDropped => "rx_handshake_dropped",
             AgentStat::RxControl => "rx_control",
             AgentStat::RxMalformed => "rx_malformed",
+            AgentStat::RxOpenFailed => "rx_open_failed",
+            AgentStat::RxUnknownSession => "rx_unknown_session",
+            AgentStat::RxInnerInvalid => "rx_inner_invalid",
+            AgentStat::HandshakeRejected => "handshake_rejected",
+            AgentStat::HandshakeRateLimited => "handshake_rate_limited",
+            AgentStat::HandshakeFailed => "handshake_failed",
+            AgentStat::TunRx => "tun_rx",
+            AgentStat::TunDropped => "tun_dropped",
+            AgentStat::TxNoRoute => "tx_no_route",
             AgentStat::TxError => "tx_error",
         }
     }
@@ -158,7 +202,7 @@ struct State {
 
 /// The running node.
 pub struct Node {
-    identity: Identity,
+    identity: Arc<Identity>,
     node_prefix: Prefix,
     port: u16,
     started: Instant,
@@ -186,7 +230,7 @@ impl Node {
         let node_prefix = Prefix::new(identity.node_prefix(), NODE_PREFIX_LEN)
             .map_err(|_| NodeError::InvalidNextHop("own prefix".into(), "not in overlay"))?;
         let node = Self {
-            identity,
+            identity: Arc::new(identity),
             node_prefix,
             port,
             started: Instant::now(),
@@ -233,6 +277,20 @@ impl Node {
     /// The node identity.
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// The node identity, shared with the session layer that signs handshakes.
+    pub fn identity_arc(&self) -> Arc<Identity> {
+        self.identity.clone()
+    }
+
+    /// Where packets for overlay address `dst` go next, if this node has a route and
+    /// does not own the address.
+    pub fn next_hop_for(&self, dst: Ipv6Addr) -> Option<NextHop> {
+        match self.state().rib.lookup(dst)?.1.target {
+            RouteTarget::Forward(nh) => Some(nh),
+            RouteTarget::Local => None,
+        }
     }
 
     /// The node's /64.

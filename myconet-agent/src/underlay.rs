@@ -1,10 +1,9 @@
 //! The agent's underlay UDP socket: everything the XDP program passes up arrives here.
 //!
-//! Data for this node is counted (end-to-end sessions and the TUN device consume it
-//! next); data for others that the kernel could not relay (next hop's neighbour entry
-//! missing, XDP unavailable) is relayed here with the XDP program's exact semantics, so
-//! nothing is lost while the fast path warms up. Handshake and control packets are
-//! counted for the protocols that own them.
+//! Data, handshake and cookie packets for this node go to the end-to-end layer
+//! (`overlay`); those for others that the kernel did not relay (handshakes always, data
+//! when the next hop's neighbour entry is missing or XDP is unavailable) are relayed here
+//! with the XDP program's exact semantics. Control packets belong to the peer layer.
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
@@ -18,6 +17,7 @@ use tracing::{debug, warn};
 use crate::{
     forward::{Decision, DropReason},
     node::{AgentStat, Node},
+    overlay::Overlay,
 };
 
 /// Largest datagram the agent accepts.
@@ -39,8 +39,9 @@ pub fn bind(port: u16) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// Receives and handles datagrams until the task is cancelled.
-pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>) {
+/// Receives and handles datagrams until the task is cancelled; what is for this node
+/// goes to `overlay`.
+pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (len, from) = match socket.recv_from(&mut buf).await {
@@ -54,11 +55,26 @@ pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>) {
         let IpAddr::V6(from_addr) = from.ip() else {
             continue;
         };
-        handle(&node, &socket, &mut buf[..len], (from_addr, from.port())).await;
+        handle(
+            &node,
+            &socket,
+            &overlay,
+            &mut buf[..len],
+            from,
+            (from_addr, from.port()),
+        )
+        .await;
     }
 }
 
-async fn handle(node: &Node, socket: &UdpSocket, datagram: &mut [u8], from: (Ipv6Addr, u16)) {
+async fn handle(
+    node: &Node,
+    socket: &UdpSocket,
+    overlay: &Overlay,
+    datagram: &mut [u8],
+    from_sa: SocketAddr,
+    from: (Ipv6Addr, u16),
+) {
     let len = datagram.len();
     let header = match Repr::parse(&Packet::new_unchecked(&*datagram)) {
         Ok(h) => h,
@@ -68,39 +84,43 @@ async fn handle(node: &Node, socket: &UdpSocket, datagram: &mut [u8], from: (Ipv
             return;
         }
     };
+    let is_data = header.packet_type == PacketType::Data;
     match header.packet_type {
-        PacketType::Data => {}
-        PacketType::HandshakeInit | PacketType::HandshakeResponse | PacketType::CookieReply => {
-            node.count(AgentStat::RxHandshake, len);
-            return;
-        }
         PacketType::Control => {
             node.count(AgentStat::RxControl, len);
             return;
         }
+        PacketType::Data => node.count(AgentStat::RxData, len),
+        _ => {}
     }
-    node.count(AgentStat::RxData, len);
     match node.decide(from, &header) {
-        Decision::Deliver => node.count(AgentStat::RxDataLocal, len),
+        Decision::Deliver => {
+            if !is_data {
+                node.count(AgentStat::RxHandshake, len);
+            }
+            overlay.on_datagram(from_sa, datagram).await;
+        }
         Decision::Forward {
             next_hop,
             hop_limit,
         } => {
             datagram[field::HOP_LIMIT] = hop_limit;
             match socket.send_to(datagram, next_hop.socket_addr()).await {
-                Ok(_) => node.count(AgentStat::RxDataRelayed, len),
+                Ok(_) if is_data => node.count(AgentStat::RxDataRelayed, len),
+                Ok(_) => node.count(AgentStat::RxHandshakeRelayed, len),
                 Err(e) => {
                     warn!(next_hop = %next_hop.addr, error = %e, "userspace relay send failed");
                     node.count(AgentStat::TxError, len);
                 }
             }
         }
+        Decision::Drop(_) if !is_data => node.count(AgentStat::RxHandshakeDropped, len),
         Decision::Drop(reason) => node.count(
             match reason {
                 DropReason::UnknownPeer => AgentStat::RxDataUnknownPeer,
                 DropReason::NoRoute => AgentStat::RxDataNoRoute,
                 DropReason::HopLimit => AgentStat::RxDataHopLimit,
-                DropReason::NotData => AgentStat::RxMalformed,
+                DropReason::NotRelayable => AgentStat::RxMalformed,
             },
             len,
         ),

@@ -26,7 +26,7 @@ pub struct RelayRun {
     pub relayed_xdp: u64,
     /// Datagrams that reached b's agent (should stay ~0).
     pub relay_agent_rx: u64,
-    /// Datagrams c's agent received.
+    /// Datagrams c's kernel accepted and handed to c's agent (valid checksums).
     pub delivered: u64,
 }
 
@@ -86,7 +86,7 @@ pub fn relay(
             offered: report.packets,
             relayed_xdp: d(&b1, &b0, "xdp", "redirect")? + d(&b1, &b0, "xdp", "tx")?,
             relay_agent_rx: d(&b1, &b0, "agent", "rx_data")?,
-            delivered: d(&c1, &c0, "agent", "rx_data_local")?,
+            delivered: d(&c1, &c0, "agent", "rx_data")?,
         });
     }
     Ok(runs)

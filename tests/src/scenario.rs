@@ -187,3 +187,62 @@ impl RelayChain {
         Ok(())
     }
 }
+
+/// The a — b — c chain as an overlay: TUN devices on a and c, routes both ways, b
+/// accepting both agents as peers, so unmodified applications on a and c talk to each
+/// other's overlay addresses through b.
+#[derive(Debug)]
+pub struct OverlayChain {
+    /// Agents of a, b and c (dropped before the topology).
+    pub agents: Vec<AgentProcess>,
+    /// The namespaces and links.
+    pub topo: Topology,
+    /// a's overlay address.
+    pub a_overlay: Ipv6Addr,
+    /// c's overlay address.
+    pub c_overlay: Ipv6Addr,
+}
+
+impl OverlayChain {
+    /// Starts the chain; `relay_dataplane` (`xdp`, `userspace`) is b's `--dataplane`.
+    pub fn start(bin_dir: &Path, relay_dataplane: &str) -> Result<Self> {
+        let topo = Chain::new(3).tag("ovl").build()?;
+        let mut agents = Vec::new();
+        for (i, node) in topo.nodes().iter().enumerate() {
+            let mut extra_args = Vec::new();
+            if i == 1 {
+                extra_args.extend(["--no-tun".to_string(), "--dataplane".to_string()]);
+                extra_args.push(relay_dataplane.to_string());
+            }
+            let options = AgentOptions {
+                port: PORT,
+                extra_args,
+                ..AgentOptions::default()
+            };
+            agents.push(AgentProcess::start(node, bin_dir, options)?);
+        }
+        let status = |i: usize| agents[i].status();
+        let (a_status, c_status) = (status(0)?, status(2)?);
+        let a_overlay: Ipv6Addr = json_str(&a_status, "node_address")?.parse()?;
+        let c_overlay: Ipv6Addr = json_str(&c_status, "node_address")?.parse()?;
+        let a_prefix = json_str(&a_status, "node_prefix")?.to_string();
+        let c_prefix = json_str(&c_status, "node_prefix")?.to_string();
+        let (a, b, c) = (topo.node(0), topo.node(1), topo.node(2));
+        let s = |addr: Ipv6Addr| addr.to_string();
+        agents[0].ctl(&["route", "add", &c_prefix, "via", &s(b.addr_to(0)?)])?;
+        agents[2].ctl(&["route", "add", &a_prefix, "via", &s(b.addr_to(2)?)])?;
+        agents[1].ctl(&["route", "add", &c_prefix, "via", &s(c.addr_to(1)?)])?;
+        agents[1].ctl(&["route", "add", &a_prefix, "via", &s(a.addr_to(1)?)])?;
+        agents[1].ctl(&["peers", "add", &s(a.addr_to(1)?)])?;
+        agents[1].ctl(&["peers", "add", &s(c.addr_to(1)?)])?;
+        a.ping(b.addr_to(0)?, 3)?;
+        b.ping(c.addr_to(1)?, 3)?;
+        c.ping(b.addr_to(2)?, 3)?;
+        Ok(Self {
+            agents,
+            topo,
+            a_overlay,
+            c_overlay,
+        })
+    }
+}

@@ -1,0 +1,214 @@
+//! Underlay neighbours: who they are, whether they are alive, and how to find them.
+//!
+//! Written like the session core: a sans-IO state machine ([`PeerManager`]) that gets
+//! time as [`std::time::Instant`] and bytes as slices and answers with [`Action`]s, plus a
+//! thin tokio shell ([`discovery::Beaconer`]) for the one piece of I/O that belongs to
+//! this layer alone, link-local multicast discovery. Every protocol decision is therefore
+//! testable with a simulated clock.
+//!
+//! What the manager does and does not do:
+//! - It never does cryptography on links. When a neighbour needs a link session it emits
+//!   [`Action::StartLinkHandshake`]; the session layer runs the handshake and reports
+//!   [`PeerManager::on_link_authenticated`]. Only then does the manager emit
+//!   [`Action::PeerUp`], which is what lets the agent put the endpoint into the XDP peer
+//!   map, so only authenticated neighbours can ever relay through this node.
+//! - It defines the plaintext of link-level control messages ([`control`]); sealing
+//!   them into `Control` packets under the link session is the session layer's job.
+//! - It verifies discovery beacons (signed with the node's Ed25519 key, sent in the
+//!   clear), because they arrive before any session exists.
+//!
+//! Modules:
+//! - [`control`]: wire format of hello, hello-ack, keepalive and discovery beacons.
+//! - [`manager`]: the per-neighbour state machine, RTT/loss estimation, discovery intake.
+//! - [`discovery`]: the tokio beacon sender/receiver on link-local multicast.
+
+pub mod control;
+pub mod discovery;
+pub mod manager;
+
+mod limit;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    fmt,
+    net::{Ipv6Addr, SocketAddrV6},
+};
+
+use myconet_common::addr::is_overlay;
+
+pub use control::{
+    Beacon, BeaconError, ControlError, ControlMessage, Hello, HelloAck, Kind, SignedBeacon,
+};
+pub use discovery::{BeaconSigner, Beaconer, DiscoveryConfig, DiscoveryError, ReceivedBeacon};
+pub use manager::{
+    Action, BeaconOutcome, BeaconReject, Origin, PeerConfig, PeerError, PeerManager, PeerSnapshot,
+    PeerState, PeerStats,
+};
+
+/// Length of an Ed25519 public key, the identity every neighbour is known by.
+pub const NODE_KEY_LEN: usize = 32;
+
+/// A node's Ed25519 public key.
+///
+/// A newtype rather than a bare array so that it prints as hex (logs, the control API)
+/// and cannot be confused with the other 32-byte values around (X25519 keys, digests).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeKey(pub [u8; NODE_KEY_LEN]);
+
+impl NodeKey {
+    /// Takes a key from a slice; `None` unless it is exactly [`NODE_KEY_LEN`] bytes, so
+    /// callers holding a `&[u8]` (ring's `public_key().as_ref()`) need no panicking copy.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        <[u8; NODE_KEY_LEN]>::try_from(bytes).ok().map(Self)
+    }
+
+    /// The raw key bytes, for signature verification and address derivation.
+    pub fn as_bytes(&self) -> &[u8; NODE_KEY_LEN] {
+        &self.0
+    }
+
+    /// Lowercase hex, the form the control API and the CLI show keys in.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The overlay address this key owns, to compare with what a beacon announces.
+    pub fn node_address(&self) -> Ipv6Addr {
+        myconet_common::addr::node_address(&self.0)
+    }
+}
+
+impl From<[u8; NODE_KEY_LEN]> for NodeKey {
+    fn from(bytes: [u8; NODE_KEY_LEN]) -> Self {
+        Self(bytes)
+    }
+}
+
+impl fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeKey({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Why an underlay endpoint cannot be a neighbour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// `::`, a multicast address or an IPv4-mapped one cannot be a unicast IPv6 peer.
+    #[error("{0} is not a unicast IPv6 address")]
+    NotUnicast(Ipv6Addr),
+    /// Overlay addresses are reached through Myconet, never used as its underlay.
+    #[error("{0} is an overlay address, not an underlay one")]
+    Overlay(Ipv6Addr),
+    /// Port 0 cannot be sent to.
+    #[error("port must not be 0")]
+    ZeroPort,
+    /// A link-local address means nothing without the interface it lives on.
+    #[error("link-local address {0} needs a scope id (interface index)")]
+    MissingScope(Ipv6Addr),
+}
+
+/// A neighbour's underlay UDP endpoint: address, port and, for link-local addresses, the
+/// interface (scope id) it is reachable on.
+///
+/// The manager keys neighbours by this value, so it is normalised on construction: the
+/// scope id is kept only for link-local unicast addresses, where it is part of the
+/// address, and dropped elsewhere (the kernel reports 0 there anyway), and flow labels
+/// are never part of it. Two reports of the same neighbour therefore always compare
+/// equal, whichever socket call produced them.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinkEndpoint {
+    addr: Ipv6Addr,
+    port: u16,
+    scope_id: u32,
+}
+
+impl LinkEndpoint {
+    /// Builds a normalised endpoint (see the type documentation).
+    pub fn new(addr: Ipv6Addr, port: u16, scope_id: u32) -> Self {
+        let scope_id = if addr.is_unicast_link_local() {
+            scope_id
+        } else {
+            0
+        };
+        Self {
+            addr,
+            port,
+            scope_id,
+        }
+    }
+
+    /// The underlay address.
+    pub fn addr(&self) -> Ipv6Addr {
+        self.addr
+    }
+
+    /// The underlay UDP port (the neighbour's Myconet data port).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Interface index for link-local addresses, 0 otherwise.
+    pub fn scope_id(&self) -> u32 {
+        self.scope_id
+    }
+
+    /// The socket address to send to (the scope id picks the interface for link-local).
+    pub fn socket_addr(&self) -> SocketAddrV6 {
+        SocketAddrV6::new(self.addr, self.port, 0, self.scope_id)
+    }
+
+    /// The `(address, port)` pair the XDP peer map and `forward::decide` key on; the
+    /// kernel program sees no scope ids, only the packet's source address and port.
+    pub fn underlay(&self) -> crate::forward::Endpoint {
+        (self.addr, self.port)
+    }
+
+    /// Checks that this endpoint can be a neighbour at all, so nonsense from the config
+    /// file or the control API is refused before it costs handshakes.
+    pub fn validate(&self) -> Result<(), EndpointError> {
+        let addr = self.addr;
+        if addr.is_unspecified() || addr.is_multicast() || addr.to_ipv4_mapped().is_some() {
+            return Err(EndpointError::NotUnicast(addr));
+        }
+        if is_overlay(&addr) {
+            return Err(EndpointError::Overlay(addr));
+        }
+        if self.port == 0 {
+            return Err(EndpointError::ZeroPort);
+        }
+        if addr.is_unicast_link_local() && self.scope_id == 0 {
+            return Err(EndpointError::MissingScope(addr));
+        }
+        Ok(())
+    }
+}
+
+impl From<SocketAddrV6> for LinkEndpoint {
+    fn from(sa: SocketAddrV6) -> Self {
+        Self::new(*sa.ip(), sa.port(), sa.scope_id())
+    }
+}
+
+impl fmt::Display for LinkEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.scope_id == 0 {
+            write!(f, "[{}]:{}", self.addr, self.port)
+        } else {
+            write!(f, "[{}%{}]:{}", self.addr, self.scope_id, self.port)
+        }
+    }
+}
+
+impl fmt::Debug for LinkEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
