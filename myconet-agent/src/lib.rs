@@ -11,6 +11,7 @@
 //! - `identity`: the Ed25519 key and the /64 derived from it.
 #![deny(missing_docs)]
 
+pub mod batch_io;
 pub mod config;
 pub mod control;
 pub mod dataplane;

@@ -6,22 +6,20 @@
 //! with the XDP program's exact semantics. Control packets belong to the peer layer.
 
 use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6},
     sync::Arc,
 };
 
 use myconet_common::wire::{Packet, PacketType, Repr, field};
 use tokio::net::UdpSocket;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
+    batch_io::{BATCH, RecvBatch, recv_batch, send_batch},
     forward::{Decision, DropReason},
     node::{AgentStat, Node},
     overlay::Overlay,
 };
-
-/// Largest datagram the agent accepts.
-const MAX_DATAGRAM: usize = 65_535;
 
 /// Binds the IPv6-only underlay socket on `[::]:port`.
 pub fn bind(port: u16) -> std::io::Result<UdpSocket> {
@@ -40,89 +38,107 @@ pub fn bind(port: u16) -> std::io::Result<UdpSocket> {
 }
 
 /// Receives and handles datagrams until the task is cancelled; what is for this node
-/// goes to `overlay`.
+/// goes to `overlay`. Datagrams arrive and are relayed in batches (`recvmmsg` /
+/// `sendmmsg`), relayed ones rewritten in place.
 pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut batch = RecvBatch::default();
+    let mut next_hops: Vec<Option<SocketAddr>> = Vec::with_capacity(BATCH);
     loop {
-        let (len, from) = match socket.recv_from(&mut buf).await {
-            Ok(r) => r,
+        let n = match recv_batch(&socket, &mut batch).await {
+            Ok(n) => n,
             Err(e) => {
                 // ICMP errors surface here as ECONNREFUSED etc.; keep serving.
                 debug!(error = %e, "underlay receive error");
                 continue;
             }
         };
-        let IpAddr::V6(from_addr) = from.ip() else {
+        next_hops.clear();
+        for i in 0..n {
+            let next = match batch.get_mut(i) {
+                Some((datagram, from)) => handle(&node, &overlay, datagram, from).await,
+                None => None,
+            };
+            next_hops.push(next);
+        }
+        let out: Vec<(&[u8], SocketAddr)> = next_hops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, to)| Some((batch.get(i)?.0, (*to)?)))
+            .collect();
+        if out.is_empty() {
             continue;
-        };
-        handle(
-            &node,
-            &socket,
-            &overlay,
-            &mut buf[..len],
-            from,
-            (from_addr, from.port()),
-        )
-        .await;
+        }
+        let failed = send_batch(&socket, &out).await;
+        for (i, (datagram, to)) in out.iter().enumerate() {
+            let stat = if failed.contains(&i) {
+                debug!(%to, "userspace relay send failed");
+                AgentStat::TxError
+            } else if datagram.get(field::TYPE) == Some(&(PacketType::Data as u8)) {
+                AgentStat::RxDataRelayed
+            } else {
+                AgentStat::RxHandshakeRelayed
+            };
+            node.count(stat, datagram.len());
+        }
     }
 }
 
+/// Handles one datagram; returns where to relay it (already rewritten) if it is to be
+/// relayed.
 async fn handle(
     node: &Node,
-    socket: &UdpSocket,
     overlay: &Overlay,
     datagram: &mut [u8],
-    from_sa: SocketAddr,
-    from: (Ipv6Addr, u16),
-) {
+    from: SocketAddrV6,
+) -> Option<SocketAddr> {
     let len = datagram.len();
     let header = match Repr::parse(&Packet::new_unchecked(&*datagram)) {
         Ok(h) => h,
         Err(e) => {
-            debug!(?from, error = %e, "malformed datagram");
+            debug!(%from, error = %e, "malformed datagram");
             node.count(AgentStat::RxMalformed, len);
-            return;
+            return None;
         }
     };
     let is_data = header.packet_type == PacketType::Data;
     match header.packet_type {
         PacketType::Control => {
             node.count(AgentStat::RxControl, len);
-            return;
+            return None;
         }
         PacketType::Data => node.count(AgentStat::RxData, len),
         _ => {}
     }
-    match node.decide(from, &header) {
+    match node.decide((*from.ip(), from.port()), &header) {
         Decision::Deliver => {
             if !is_data {
                 node.count(AgentStat::RxHandshake, len);
             }
-            overlay.on_datagram(from_sa, datagram).await;
+            overlay.on_datagram(SocketAddr::V6(from), datagram).await;
+            None
         }
         Decision::Forward {
             next_hop,
             hop_limit,
         } => {
             datagram[field::HOP_LIMIT] = hop_limit;
-            match socket.send_to(datagram, next_hop.socket_addr()).await {
-                Ok(_) if is_data => node.count(AgentStat::RxDataRelayed, len),
-                Ok(_) => node.count(AgentStat::RxHandshakeRelayed, len),
-                Err(e) => {
-                    warn!(next_hop = %next_hop.addr, error = %e, "userspace relay send failed");
-                    node.count(AgentStat::TxError, len);
-                }
-            }
+            Some(SocketAddr::V6(next_hop.socket_addr()))
         }
-        Decision::Drop(_) if !is_data => node.count(AgentStat::RxHandshakeDropped, len),
-        Decision::Drop(reason) => node.count(
-            match reason {
-                DropReason::UnknownPeer => AgentStat::RxDataUnknownPeer,
-                DropReason::NoRoute => AgentStat::RxDataNoRoute,
-                DropReason::HopLimit => AgentStat::RxDataHopLimit,
-                DropReason::NotRelayable => AgentStat::RxMalformed,
-            },
-            len,
-        ),
+        Decision::Drop(_) if !is_data => {
+            node.count(AgentStat::RxHandshakeDropped, len);
+            None
+        }
+        Decision::Drop(reason) => {
+            node.count(
+                match reason {
+                    DropReason::UnknownPeer => AgentStat::RxDataUnknownPeer,
+                    DropReason::NoRoute => AgentStat::RxDataNoRoute,
+                    DropReason::HopLimit => AgentStat::RxDataHopLimit,
+                    DropReason::NotRelayable => AgentStat::RxMalformed,
+                },
+                len,
+            );
+            None
+        }
     }
 }
