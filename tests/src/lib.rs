@@ -14,6 +14,7 @@ pub mod fixture;
 pub mod netns;
 pub mod packet;
 pub mod scenario;
+pub mod throughput;
 pub mod topology;
 pub mod traffic;
 pub mod util;

@@ -5,6 +5,7 @@ mod bench;
 mod cmd;
 mod setup;
 mod test;
+mod throughput;
 
 use std::process::ExitCode;
 
@@ -63,6 +64,13 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         seconds: u64,
     },
+    /// TCP throughput a → c through relay b, XDP relay next to userspace relay, with
+    /// relay CPU time per packet for each.
+    Throughput {
+        /// Seconds each iperf3 run lasts (one run per relay data plane).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +117,7 @@ fn run(cli: Cli) -> Result<()> {
             cmd::run(cmd::cargo(&root).args(["build", "--release", "--bins"]))?;
             match which {
                 BenchCmd::Relay { seconds } => bench::relay(&root, seconds.clamp(1, 60)),
+                BenchCmd::Throughput { seconds } => throughput::run(&root, seconds.clamp(1, 120)),
             }
         }
         Cmd::Netns { action } => match action {
