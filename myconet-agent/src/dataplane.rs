@@ -8,14 +8,14 @@ use std::{ffi::CString, net::Ipv6Addr};
 use aya::{
     Ebpf,
     maps::{
-        Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues,
+        Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
         lpm_trie::Key as LpmKey,
     },
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use myconet_common::maps::{
-    CONFIG_MAP, Config, Counter, DEVMAP_MAP, PEERS_MAP, PROGRAM_NAME, PeerKey, PeerValue,
-    ROUTES_MAP, RouteValue, STATS_MAP, Stat,
+    CONFIG_MAP, Config, Counter, DEVMAP_MAP, NEXTHOP_CACHE_MAP, NextHopEntry, NextHopKey,
+    PEERS_MAP, PROGRAM_NAME, PeerKey, PeerValue, ROUTES_MAP, RouteValue, STATS_MAP, Stat,
 };
 use tracing::{info, warn};
 
@@ -118,6 +118,7 @@ pub struct XdpDataplane {
     peers: HashMap<MapData, PeerKey, PeerValue>,
     stats: PerCpuArray<MapData, Counter>,
     devmap: DevMapHash<MapData>,
+    nexthop_cache: PerCpuHashMap<MapData, NextHopKey, NextHopEntry>,
     attachments: Vec<(Attachment, XdpLinkId)>,
 }
 
@@ -158,12 +159,14 @@ impl XdpDataplane {
         let peers = take(&mut ebpf, PEERS_MAP)?;
         let stats = take(&mut ebpf, STATS_MAP)?;
         let devmap = take(&mut ebpf, DEVMAP_MAP)?;
+        let nexthop_cache = take(&mut ebpf, NEXTHOP_CACHE_MAP)?;
         Ok(Self {
             ebpf,
             routes,
             peers,
             stats,
             devmap,
+            nexthop_cache,
             attachments: Vec::new(),
         })
     }
@@ -321,13 +324,26 @@ impl XdpDataplane {
         let key = LpmKey::new(u32::from(len), prefix.octets());
         self.routes
             .insert(&key, value, 0)
-            .map_err(map_err(ROUTES_MAP))
+            .map_err(map_err(ROUTES_MAP))?;
+        self.flush_nexthop_cache();
+        Ok(())
+    }
+
+    /// Forgets every cached FIB answer, so a changed route or source address takes
+    /// effect on the next packet rather than when the cache entry expires.
+    pub fn flush_nexthop_cache(&mut self) {
+        let keys: Vec<NextHopKey> = self.nexthop_cache.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.nexthop_cache.remove(&k);
+        }
     }
 
     /// Removes the route for `prefix/len`; `false` if there was none.
     pub fn remove_route(&mut self, prefix: Ipv6Addr, len: u8) -> Result<bool, DataplaneError> {
         let key = LpmKey::new(u32::from(len), prefix.octets());
-        match self.routes.remove(&key) {
+        let removed = self.routes.remove(&key);
+        self.flush_nexthop_cache();
+        match removed {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
             Err(e) => Err(map_err(ROUTES_MAP)(e)),

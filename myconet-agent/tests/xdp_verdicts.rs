@@ -309,3 +309,102 @@ fn every_verdict() {
     })
     .expect("run in namespace");
 }
+
+/// Pins the calling thread to CPU 0: the next-hop cache is per CPU, and BPF_PROG_TEST_RUN
+/// runs on the caller's CPU.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; we set one bit and apply it to this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin to CPU 0"
+        );
+    }
+}
+
+fn set_neighbour_mac(mac: &str) {
+    let out = std::process::Command::new("ip")
+        .args([
+            "-6",
+            "neigh",
+            "replace",
+            "fd00:1::2",
+            "lladdr",
+            mac,
+            "dev",
+            "v0",
+            "nud",
+            "permanent",
+        ])
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn fib_answers_are_cached_flushed_on_route_change_and_rechecked_for_larger_packets() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        pin_to_cpu0();
+        let mut fx = Fixture::new();
+        let small = frame_from(PORT, &header("fd6d:c::1", 64));
+        let eth_dst = |fx: &Fixture, f: &[u8]| -> [u8; 6] {
+            let (act, out, stat) = fx.run(f);
+            assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+            out[..6].try_into().unwrap()
+        };
+        assert_eq!(eth_dst(&fx, &small), PEER_MAC);
+
+        // The neighbour's MAC changes; the cached answer is still used (for up to
+        // NEXTHOP_CACHE_TTL_NS), which proves the FIB is not consulted per packet.
+        const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+        set_neighbour_mac("02:00:00:00:00:99");
+        assert_eq!(
+            eth_dst(&fx, &small),
+            PEER_MAC,
+            "served from the next-hop cache"
+        );
+
+        // Any route change flushes the cache: the next packet sees the new neighbour.
+        fx.dp
+            .set_route(a("fd6d:77::"), 64, RouteTarget::Local.to_map_value())
+            .unwrap();
+        assert_eq!(eth_dst(&fx, &small), NEW_MAC, "flushed by the route change");
+
+        // A packet larger than any the FIB approved on this path is looked up afresh
+        // (the MTU check is never skipped).
+        set_neighbour_mac("02:00:00:00:00:02");
+        assert_eq!(
+            eth_dst(&fx, &small),
+            NEW_MAC,
+            "small packets still hit the cache"
+        );
+        let mut big_header = header("fd6d:c::1", 64);
+        big_header.counter += 1;
+        let big = packet::frame(
+            PEER_MAC,
+            V0_MAC,
+            a("fd00:1::2"),
+            a("fd00:1::1"),
+            PORT,
+            PORT,
+            &big_header,
+            &[0x42; 1200],
+        );
+        let (act, out, stat) = fx.run(&big);
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+        assert_eq!(
+            out[..6],
+            PEER_MAC,
+            "a larger packet triggers a fresh lookup"
+        );
+    })
+    .expect("run in namespace");
+}

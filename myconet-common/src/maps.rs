@@ -13,6 +13,9 @@ pub const STATS_MAP: &str = "STATS";
 pub const CONFIG_MAP: &str = "CONFIG";
 /// Device map (hash) from egress ifindex to itself, for redirects between interfaces.
 pub const DEVMAP_MAP: &str = "DEVMAP";
+/// Per-CPU LRU hash from [`NextHopKey`] to [`NextHopEntry`]: recent `bpf_fib_lookup`
+/// answers, so the relay path does not pay for a FIB lookup on every packet.
+pub const NEXTHOP_CACHE_MAP: &str = "NEXTHOP_CACHE";
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "myconet_xdp";
 
@@ -22,6 +25,11 @@ pub const ROUTES_CAPACITY: u32 = 65_536;
 pub const PEERS_CAPACITY: u32 = 16_384;
 /// Capacity of the device map.
 pub const DEVMAP_CAPACITY: u32 = 64;
+/// Capacity of the next-hop cache (per CPU).
+pub const NEXTHOP_CACHE_CAPACITY: u32 = 4096;
+/// How long a cached FIB answer is used before it is looked up again: bounds how long a
+/// neighbour's changed MAC address or a changed underlay route goes unnoticed.
+pub const NEXTHOP_CACHE_TTL_NS: u64 = 1_000_000_000;
 
 /// What the XDP program does with a packet matching a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +90,38 @@ impl PeerKey {
     pub const fn new(addr: [u8; 16], port: u16) -> Self {
         Self { addr, port, pad: 0 }
     }
+}
+
+/// Key of the next-hop cache: the next hop and the interface the FIB lookup is made
+/// from (the route's interface, or the ingress interface when the route names none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct NextHopKey {
+    /// Next hop's underlay address.
+    pub addr: [u8; 16],
+    /// Interface the lookup is made from.
+    pub ifindex: u32,
+}
+
+/// A cached `bpf_fib_lookup` success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct NextHopEntry {
+    /// Source address to put on relayed packets.
+    pub src: [u8; 16],
+    /// `bpf_ktime_get_ns` after which the entry is stale.
+    pub expires_ns: u64,
+    /// Egress interface.
+    pub egress: u32,
+    /// Largest outer IPv6 packet the FIB approved for this path (MTU check): larger
+    /// packets are looked up afresh.
+    pub max_len: u16,
+    /// Egress interface's MAC address.
+    pub smac: [u8; 6],
+    /// Next hop's MAC address.
+    pub dmac: [u8; 6],
+    /// Always zero.
+    pub pad: [u8; 6],
 }
 
 /// Value of the peer map.
@@ -209,6 +249,8 @@ mod pod {
     unsafe impl aya::Pod for super::PeerValue {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::NextHopKey {}
+    unsafe impl aya::Pod for super::NextHopEntry {}
 }
 
 #[cfg(test)]
@@ -221,6 +263,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<PeerKey>(), 20);
         assert_eq!(core::mem::size_of::<Config>(), 8);
         assert_eq!(core::mem::size_of::<Counter>(), 16);
+        assert_eq!(core::mem::size_of::<NextHopKey>(), 20);
+        assert_eq!(core::mem::size_of::<NextHopEntry>(), 48);
     }
 
     #[test]

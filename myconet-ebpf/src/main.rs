@@ -18,16 +18,17 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, BPF_FIB_LOOKUP_OUTPUT,
         BPF_FIB_LOOKUP_SRC, bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::generated::bpf_fib_lookup,
+    helpers::generated::{bpf_fib_lookup, bpf_ktime_get_ns},
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use myconet_common::{
     checksum::Incremental,
     maps::{
-        Config, Counter, DEVMAP_CAPACITY, PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY,
-        RouteAction, RouteValue, Stat,
+        Config, Counter, DEVMAP_CAPACITY, NEXTHOP_CACHE_CAPACITY, NEXTHOP_CACHE_TTL_NS,
+        NextHopEntry, NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY, RouteAction,
+        RouteValue, Stat,
     },
     wire::{self, PacketType, field},
 };
@@ -46,6 +47,20 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map]
 static DEVMAP: DevMapHash = DevMapHash::with_max_entries(DEVMAP_CAPACITY, 0);
+
+/// Per-CPU working space for [`resolve`].
+#[repr(C)]
+struct Scratch {
+    fib: FibParams,
+    entry: NextHopEntry,
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static NEXTHOP_CACHE: LruPerCpuHashMap<NextHopKey, NextHopEntry> =
+    LruPerCpuHashMap::with_max_entries(NEXTHOP_CACHE_CAPACITY, 0);
 
 const ETH_HLEN: usize = 14;
 const IPV6_HLEN: usize = 40;
@@ -217,59 +232,25 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         u32::from_ne_bytes([nh[12], nh[13], nh[14], nh[15]]),
     ];
     let next_port = route.port;
-    // SAFETY: an all-zero bpf_fib_lookup is a valid input.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET6;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.__bindgen_anon_1.tot_len = (IPV6_HLEN + ip_payload_len) as u16;
-    fib.__bindgen_anon_4.ipv6_dst = next_hop;
-    let src = route.src;
-    let src_known = src != [0u8; 16];
-    let mut flags = if src_known { 0 } else { BPF_FIB_LOOKUP_SRC };
-    if route.ifindex != 0 {
-        fib.ifindex = route.ifindex;
-        flags |= BPF_FIB_LOOKUP_OUTPUT;
-    } else {
-        fib.ifindex = ingress;
-    }
-    // SAFETY: helper call with a stack buffer of the size we pass.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            &mut fib,
-            size_of::<FibParams>() as i32,
-            flags,
-        )
+    let tot_len = (IPV6_HLEN + ip_payload_len) as u16;
+    let path = match resolve(ctx, route, ingress, tot_len) {
+        Ok(p) => p,
+        Err(verdict) => return verdict,
     };
-    if rc < 0 {
-        return (PASS, Stat::PassSlowPath);
-    }
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH => return (PASS, Stat::PassNoNeighbour),
-        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            return (DROP, Stat::DropUnreachable);
-        }
-        _ => return (PASS, Stat::PassSlowPath),
-    }
-    let egress = fib.ifindex;
+    let egress = path.egress;
     if egress != ingress && DEVMAP.get(egress).is_none() {
         return (PASS, Stat::PassSlowPath);
     }
 
     // Rewrite: Ethernet, outer IPv6 source/destination, UDP ports, Myconet hop limit,
     // with the UDP checksum patched for each change, one 32-bit word at a time.
-    let new_src = if src_known {
-        [
-            u32::from_ne_bytes([src[0], src[1], src[2], src[3]]),
-            u32::from_ne_bytes([src[4], src[5], src[6], src[7]]),
-            u32::from_ne_bytes([src[8], src[9], src[10], src[11]]),
-            u32::from_ne_bytes([src[12], src[13], src[14], src[15]]),
-        ]
-    } else {
-        // SAFETY: reading the union member the helper filled for AF_INET6.
-        unsafe { fib.__bindgen_anon_3.ipv6_src }
-    };
+    let src = path.src;
+    let new_src = [
+        u32::from_ne_bytes([src[0], src[1], src[2], src[3]]),
+        u32::from_ne_bytes([src[4], src[5], src[6], src[7]]),
+        u32::from_ne_bytes([src[8], src[9], src[10], src[11]]),
+        u32::from_ne_bytes([src[12], src[13], src[14], src[15]]),
+    ];
     let mut csum = Incremental::new(old_csum);
     let mut i = 0;
     while i < 4 {
@@ -291,8 +272,8 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
 
     let mut i = 0;
     while i < 6 {
-        set_byte(start + i, fib.dmac[i]);
-        set_byte(start + 6 + i, fib.smac[i]);
+        set_byte(start + i, path.dmac[i]);
+        set_byte(start + 6 + i, path.smac[i]);
         i += 1;
     }
     set_byte(start + IP_OFF + 7, UNDERLAY_HOP_LIMIT);
@@ -308,6 +289,115 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         Ok(action) if action == xdp_action::XDP_REDIRECT => (action, Stat::Redirect),
         _ => (DROP, Stat::DropUnreachable),
     }
+}
+
+/// The egress interface, MAC addresses and source address for `route`'s next hop:
+/// from the next-hop cache when it holds a fresh answer that covers a packet this size,
+/// else from `bpf_fib_lookup` (whose successes are cached; a missing neighbour never is,
+/// so the kernel keeps resolving it and the next packets take the fast path).
+#[inline(always)]
+// By reference on purpose: passing the key by value makes a stack copy per call, and
+// this path shares the 512-byte BPF stack with the rest of the program.
+#[allow(clippy::needless_borrows_for_generic_args)]
+fn resolve(
+    ctx: &XdpContext,
+    route: &RouteValue,
+    ingress: u32,
+    tot_len: u16,
+) -> Result<&'static NextHopEntry, (u32, Stat)> {
+    let nh = route.next_hop;
+    let next_hop = [
+        u32::from_ne_bytes([nh[0], nh[1], nh[2], nh[3]]),
+        u32::from_ne_bytes([nh[4], nh[5], nh[6], nh[7]]),
+        u32::from_ne_bytes([nh[8], nh[9], nh[10], nh[11]]),
+        u32::from_ne_bytes([nh[12], nh[13], nh[14], nh[15]]),
+    ];
+    let lookup_ifindex = if route.ifindex != 0 {
+        route.ifindex
+    } else {
+        ingress
+    };
+    let key = NextHopKey {
+        addr: route.next_hop,
+        ifindex: lookup_ifindex,
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: read-only lookup of a plain-data value in this CPU's slot.
+    if let Some(e) = unsafe { NEXTHOP_CACHE.get(&key) }
+        && e.expires_ns > now
+        && tot_len <= e.max_len
+    {
+        return Ok(e);
+    }
+
+    // The lookup parameters and the new cache entry live in per-CPU scratch space: the
+    // two BPF frames on this path must share 512 bytes of stack.
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err((xdp_action::XDP_PASS, Stat::PassSlowPath));
+    };
+    // SAFETY: this CPU's scratch slot, used by nothing else while the program runs.
+    let scratch = unsafe { &mut *scratch };
+    let fib = &mut scratch.fib;
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    unsafe { core::ptr::write_bytes(fib as *mut FibParams, 0, 1) };
+    fib.family = AF_INET6;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.__bindgen_anon_1.tot_len = tot_len;
+    fib.__bindgen_anon_4.ipv6_dst = next_hop;
+    fib.ifindex = lookup_ifindex;
+    let src_known = route.src != [0u8; 16];
+    let mut flags = if src_known { 0 } else { BPF_FIB_LOOKUP_SRC };
+    if route.ifindex != 0 {
+        flags |= BPF_FIB_LOOKUP_OUTPUT;
+    }
+    // SAFETY: helper call with a buffer of the size we pass.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            fib as *mut FibParams,
+            size_of::<FibParams>() as i32,
+            flags,
+        )
+    };
+    if rc < 0 {
+        return Err((xdp_action::XDP_PASS, Stat::PassSlowPath));
+    }
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Err((xdp_action::XDP_PASS, Stat::PassNoNeighbour)),
+        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
+            return Err((xdp_action::XDP_DROP, Stat::DropUnreachable));
+        }
+        _ => return Err((xdp_action::XDP_PASS, Stat::PassSlowPath)),
+    }
+    let entry = &mut scratch.entry;
+    if src_known {
+        entry.src = route.src;
+    } else {
+        // SAFETY: reading the union member the helper filled for AF_INET6.
+        let w = unsafe { scratch.fib.__bindgen_anon_3.ipv6_src };
+        let mut i = 0;
+        while i < 4 {
+            let b = w[i].to_ne_bytes();
+            entry.src[4 * i] = b[0];
+            entry.src[4 * i + 1] = b[1];
+            entry.src[4 * i + 2] = b[2];
+            entry.src[4 * i + 3] = b[3];
+            i += 1;
+        }
+    }
+    entry.expires_ns = now + NEXTHOP_CACHE_TTL_NS;
+    entry.egress = scratch.fib.ifindex;
+    entry.max_len = tot_len;
+    entry.smac = scratch.fib.smac;
+    entry.dmac = scratch.fib.dmac;
+    entry.pad = [0; 6];
+    // Served from the map (not the stack): the 512-byte BPF stack has no room for
+    // another copy. If the insert failed, this packet takes the slow path.
+    let _ = NEXTHOP_CACHE.insert(&key, &scratch.entry, 0);
+    // SAFETY: read-only lookup of a plain-data value in this CPU's slot.
+    unsafe { NEXTHOP_CACHE.get(&key) }.ok_or((xdp_action::XDP_PASS, Stat::PassSlowPath))
 }
 
 #[cfg(not(test))]
