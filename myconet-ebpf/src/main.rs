@@ -224,13 +224,7 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
 
     // Where does the next hop live on the underlay?
     let ingress = ctx.ingress_ifindex() as u32;
-    let nh = route.next_hop;
-    let next_hop = [
-        u32::from_ne_bytes([nh[0], nh[1], nh[2], nh[3]]),
-        u32::from_ne_bytes([nh[4], nh[5], nh[6], nh[7]]),
-        u32::from_ne_bytes([nh[8], nh[9], nh[10], nh[11]]),
-        u32::from_ne_bytes([nh[12], nh[13], nh[14], nh[15]]),
-    ];
+    let next_hop = addr_words(&route.next_hop);
     let next_port = route.port;
     let tot_len = (IPV6_HLEN + ip_payload_len) as u16;
     let path = match resolve(ctx, route, ingress, tot_len) {
@@ -244,13 +238,7 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
 
     // Rewrite: Ethernet, outer IPv6 source/destination, UDP ports, Myconet hop limit,
     // with the UDP checksum patched for each change, one 32-bit word at a time.
-    let src = path.src;
-    let new_src = [
-        u32::from_ne_bytes([src[0], src[1], src[2], src[3]]),
-        u32::from_ne_bytes([src[4], src[5], src[6], src[7]]),
-        u32::from_ne_bytes([src[8], src[9], src[10], src[11]]),
-        u32::from_ne_bytes([src[12], src[13], src[14], src[15]]),
-    ];
+    let new_src = addr_words(&path.src);
     let mut csum = Incremental::new(old_csum);
     let mut i = 0;
     while i < 4 {
@@ -305,13 +293,7 @@ fn resolve(
     ingress: u32,
     tot_len: u16,
 ) -> Result<&'static NextHopEntry, (u32, Stat)> {
-    let nh = route.next_hop;
-    let next_hop = [
-        u32::from_ne_bytes([nh[0], nh[1], nh[2], nh[3]]),
-        u32::from_ne_bytes([nh[4], nh[5], nh[6], nh[7]]),
-        u32::from_ne_bytes([nh[8], nh[9], nh[10], nh[11]]),
-        u32::from_ne_bytes([nh[12], nh[13], nh[14], nh[15]]),
-    ];
+    let next_hop = addr_words(&route.next_hop);
     let lookup_ifindex = if route.ifindex != 0 {
         route.ifindex
     } else {
@@ -376,16 +358,7 @@ fn resolve(
         entry.src = route.src;
     } else {
         // SAFETY: reading the union member the helper filled for AF_INET6.
-        let w = unsafe { scratch.fib.__bindgen_anon_3.ipv6_src };
-        let mut i = 0;
-        while i < 4 {
-            let b = w[i].to_ne_bytes();
-            entry.src[4 * i] = b[0];
-            entry.src[4 * i + 1] = b[1];
-            entry.src[4 * i + 2] = b[2];
-            entry.src[4 * i + 3] = b[3];
-            i += 1;
-        }
+        entry.src = words_addr(unsafe { scratch.fib.__bindgen_anon_3.ipv6_src });
     }
     entry.expires_ns = now + NEXTHOP_CACHE_TTL_NS;
     entry.egress = scratch.fib.ifindex;
@@ -398,6 +371,32 @@ fn resolve(
     let _ = NEXTHOP_CACHE.insert(&key, &scratch.entry, 0);
     // SAFETY: read-only lookup of a plain-data value in this CPU's slot.
     unsafe { NEXTHOP_CACHE.get(&key) }.ok_or((xdp_action::XDP_PASS, Stat::PassSlowPath))
+}
+
+/// An IPv6 address as the four native-endian words `bpf_fib_lookup` uses (same bytes).
+#[inline(always)]
+fn addr_words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// The inverse of [`addr_words`].
+#[inline(always)]
+fn words_addr(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
 }
 
 #[cfg(not(test))]
