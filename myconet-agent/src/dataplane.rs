@@ -232,7 +232,7 @@ impl XdpDataplane {
         }
     }
 
-    /// Attaches to `iface` and lets other attached interfaces redirect into it.
+    /// Attaches to `iface`; in driver mode, other attached interfaces may redirect into it.
     pub fn attach(
         &mut self,
         iface: &str,
@@ -280,7 +280,11 @@ impl XdpDataplane {
                 }
             },
         };
-        self.allow_redirect(ifindex)?;
+        // Only native attachments can take redirected frames (ndo_xdp_xmit); frames
+        // routed out of a generic-mode interface go to the slow path instead of vanishing.
+        if mode == AttachedMode::Driver {
+            self.allow_redirect(ifindex)?;
+        }
         let attachment = Attachment {
             name: iface.to_string(),
             ifindex,

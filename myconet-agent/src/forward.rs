@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, net::Ipv6Addr};
 
-use myconet_common::wire::{PacketType, Repr};
+use myconet_common::wire::{DEFAULT_HOP_LIMIT, PacketType, Repr};
 
 use crate::rib::{NextHop, Rib, RouteTarget};
 
@@ -66,9 +66,10 @@ pub fn decide(rib: &Rib, peers: &BTreeSet<Endpoint>, from: Endpoint, header: &Re
     if header.hop_limit <= 1 {
         return Decision::Drop(DropReason::HopLimit);
     }
+    // Relays clamp to the default, as the XDP program does.
     Decision::Forward {
         next_hop,
-        hop_limit: header.hop_limit - 1,
+        hop_limit: (header.hop_limit - 1).min(DEFAULT_HOP_LIMIT),
     }
 }
 
@@ -141,6 +142,14 @@ mod tests {
         assert_eq!(
             decide(&rib, &peers, peer, &header("fd6d:c::1", 1)),
             Decision::Drop(DropReason::HopLimit)
+        );
+        assert_eq!(
+            decide(&rib, &peers, peer, &header("fd6d:c::1", 255)),
+            Decision::Forward {
+                next_hop: nh,
+                hop_limit: DEFAULT_HOP_LIMIT
+            },
+            "relays clamp oversized hop limits"
         );
         let mut control = header("fd6d:c::1", 64);
         control.packet_type = PacketType::Control;

@@ -29,6 +29,23 @@ pub fn bind(port: u16) -> std::io::Result<UdpSocket> {
         Some(socket2::Protocol::UDP),
     )?;
     socket.set_only_v6(true)?;
+    // Only multicast groups this socket joins: with the Linux default, datagrams sent to
+    // ff02::1 on our port would reach every relay on the link and be relayed N times.
+    const IPV6_MULTICAST_ALL: libc::c_int = 29;
+    let off: libc::c_int = 0;
+    // SAFETY: valid fd, option value points at a live c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IPV6,
+            IPV6_MULTICAST_ALL,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     socket.set_nonblocking(true)?;
     // Room for bursts while the fast path is cold.
     let _ = socket.set_recv_buffer_size(4 << 20);

@@ -235,16 +235,52 @@ fn every_verdict() {
             Stat::DropUnreachable,
         );
 
+        // Handshakes go to the agent (which relays them under its rate limits) only
+        // after the local and peer checks; control always goes to the agent.
         for t in [
             PacketType::HandshakeInit,
             PacketType::HandshakeResponse,
             PacketType::CookieReply,
-            PacketType::Control,
         ] {
             let mut r = header("fd6d:c::1", 64);
             r.packet_type = t;
             unchanged(&frame_from(PORT, &r), XDP_PASS, Stat::PassControl);
+            unchanged(&frame_from(4444, &r), XDP_DROP, Stat::DropUnknownPeer);
+            r.dst_addr = a("fd6d:b::1");
+            unchanged(&frame_from(4444, &r), XDP_PASS, Stat::PassControl);
         }
+        let mut control = header("fd6d:c::1", 64);
+        control.packet_type = PacketType::Control;
+        unchanged(&frame_from(4444, &control), XDP_PASS, Stat::PassControl);
+
+        // Multicast and broadcast copies are never relayed.
+        let mut group_mac = peer_frame("fd6d:c::1", 64);
+        group_mac[0] = 0x33;
+        unchanged(&group_mac, XDP_DROP, Stat::DropNotUnicast);
+        let to_all_nodes = packet::frame(
+            PEER_MAC,
+            V0_MAC,
+            a("fd00:1::2"),
+            a("ff02::1"),
+            PORT,
+            PORT,
+            &header("fd6d:c::1", 64),
+            PAYLOAD,
+        );
+        unchanged(&to_all_nodes, XDP_DROP, Stat::DropNotUnicast);
+
+        // Bytes after the UDP datagram would be relayed unchecked: dropped.
+        let mut trailing = peer_frame("fd6d:c::1", 64);
+        trailing.extend_from_slice(&[0; 4]);
+        unchanged(&trailing, XDP_DROP, Stat::DropMalformed);
+
+        // Oversized hop limits are clamped to the default by relays.
+        let f = peer_frame("fd6d:c::1", 255);
+        let (act, out, stat) = fx.run(&f);
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+        let myc = ETH_LEN + IPV6_LEN + UDP_LEN;
+        assert_eq!(out[myc + field::HOP_LIMIT], DEFAULT_HOP_LIMIT);
+        assert!(packet::parse_frame(&out).unwrap().checksum_valid());
 
         // Garbled headers.
         let myc = ETH_LEN + IPV6_LEN + UDP_LEN;

@@ -187,11 +187,14 @@ pub enum Stat {
     DropNoRoute = 11,
     /// The underlay FIB says the next hop is unreachable, blackholed or prohibited.
     DropUnreachable = 12,
+    /// Sent to a multicast or broadcast address: relaying it would let one packet be
+    /// copied by every relay on the link.
+    DropNotUnicast = 13,
 }
 
 impl Stat {
     /// Number of entries in [`STATS_MAP`].
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Every stat in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
@@ -208,6 +211,7 @@ impl Stat {
         Stat::DropUnknownPeer,
         Stat::DropNoRoute,
         Stat::DropUnreachable,
+        Stat::DropNotUnicast,
     ];
 
     /// Stable snake_case name for the API and the CLI.
@@ -226,6 +230,7 @@ impl Stat {
             Stat::DropUnknownPeer => "drop_unknown_peer",
             Stat::DropNoRoute => "drop_no_route",
             Stat::DropUnreachable => "drop_unreachable",
+            Stat::DropNotUnicast => "drop_not_unicast",
         }
     }
 

@@ -174,12 +174,17 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     if start + MYC_END > end {
         return (DROP, Stat::DropMalformed);
     }
+    // Group bit of the Ethernet destination, or an IPv6 multicast destination.
+    if byte(start) & 1 != 0 || byte(start + IP_OFF + 24) == 0xff {
+        return (DROP, Stat::DropNotUnicast);
+    }
     let ip_payload_len = be16(start + IP_OFF + 4) as usize;
     let udp_len = be16(start + UDP_OFF + 4) as usize;
     let old_csum = be16(start + UDP_OFF + 6);
     if udp_len != ip_payload_len
         || udp_len < UDP_HLEN + wire::HEADER_LEN
-        || start + UDP_OFF + udp_len > end
+        // Exactly the UDP datagram: trailing bytes would be relayed unchecked.
+        || start + UDP_OFF + udp_len != end
         || old_csum == 0
     {
         return (DROP, Stat::DropMalformed);
@@ -187,11 +192,15 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     if byte(start + MYC_OFF + field::VERSION) != wire::VERSION {
         return (DROP, Stat::DropBadVersion);
     }
-    match PacketType::from_u8(byte(start + MYC_OFF + field::TYPE)) {
-        Some(PacketType::Data) => {}
-        Some(_) => return (PASS, Stat::PassControl),
+    // Control is link-level: always the agent's. Handshakes travel end to end like data
+    // but are relayed by the agent (its rate limits apply), after the same local and
+    // peer checks here, so strangers cannot make a relay's agent do work for them.
+    let is_data = match PacketType::from_u8(byte(start + MYC_OFF + field::TYPE)) {
+        Some(PacketType::Data) => true,
+        Some(PacketType::Control) => return (PASS, Stat::PassControl),
+        Some(_) => false,
         None => return (DROP, Stat::DropMalformed),
-    }
+    };
 
     let mut dst = [0u8; 16];
     copy_in(&mut dst, start + MYC_OFF + field::DST.start);
@@ -200,7 +209,14 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     if let Some(r) = route
         && r.action == RouteAction::Local as u8
     {
-        return (PASS, Stat::PassLocal);
+        return (
+            PASS,
+            if is_data {
+                Stat::PassLocal
+            } else {
+                Stat::PassControl
+            },
+        );
     }
 
     // Only authenticated neighbours may use this node as a relay.
@@ -210,6 +226,9 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     // SAFETY: read-only lookup of a plain-data value.
     if unsafe { PEERS.get(peer) }.is_none() {
         return (DROP, Stat::DropUnknownPeer);
+    }
+    if !is_data {
+        return (PASS, Stat::PassControl);
     }
     let Some(route) = route else {
         return (DROP, Stat::DropNoRoute);
@@ -252,8 +271,15 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         i += 1;
     }
     let old_dport = be16(start + UDP_OFF + 2);
+    // Relays clamp the hop limit to the default, so a packet sent with 255 cannot
+    // circle a transient loop four times longer than any real path needs.
+    let new_hop = if hop_limit > wire::DEFAULT_HOP_LIMIT {
+        wire::DEFAULT_HOP_LIMIT
+    } else {
+        hop_limit - 1
+    };
     let old_hop_word = be16(start + MYC_OFF + field::HOP_LIMIT);
-    let new_hop_word = old_hop_word - 0x0100;
+    let new_hop_word = (u16::from(new_hop) << 8) | (old_hop_word & 0x00ff);
     csum.replace_u16(src_port, port);
     csum.replace_u16(old_dport, next_port);
     csum.replace_u16(old_hop_word, new_hop_word);
@@ -268,7 +294,7 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     set_be16(start + UDP_OFF, port);
     set_be16(start + UDP_OFF + 2, next_port);
     set_be16(start + UDP_OFF + 6, csum.finish_udp());
-    set_byte(start + MYC_OFF + field::HOP_LIMIT, hop_limit - 1);
+    set_byte(start + MYC_OFF + field::HOP_LIMIT, new_hop);
 
     if egress == ingress {
         return (xdp_action::XDP_TX, Stat::Tx);
@@ -305,21 +331,24 @@ fn resolve(
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: read-only lookup of a plain-data value in this CPU's slot.
-    if let Some(e) = unsafe { NEXTHOP_CACHE.get(&key) }
-        && e.expires_ns > now
-        && tot_len <= e.max_len
-    {
-        return Ok(e);
-    }
-
-    // The lookup parameters and the new cache entry live in per-CPU scratch space: the
-    // two BPF frames on this path must share 512 bytes of stack.
+    // The lookup parameters and the entry in use live in per-CPU scratch space, off the
+    // 512-byte BPF stack.
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return Err((xdp_action::XDP_PASS, Stat::PassSlowPath));
     };
     // SAFETY: this CPU's scratch slot, used by nothing else while the program runs.
     let scratch = unsafe { &mut *scratch };
+    // SAFETY: read-only lookup of a plain-data value in this CPU's slot.
+    if let Some(e) = unsafe { NEXTHOP_CACHE.get(&key) }
+        && e.expires_ns > now
+        && tot_len <= e.max_len
+    {
+        // Copied out at once: an LRU entry deleted by the agent's flush can be reused
+        // by another CPU's insert while this packet is still being rewritten.
+        scratch.entry = *e;
+        return Ok(&scratch.entry);
+    }
+
     let fib = &mut scratch.fib;
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     unsafe { core::ptr::write_bytes(fib as *mut FibParams, 0, 1) };
@@ -366,11 +395,9 @@ fn resolve(
     entry.smac = scratch.fib.smac;
     entry.dmac = scratch.fib.dmac;
     entry.pad = [0; 6];
-    // Served from the map (not the stack): the 512-byte BPF stack has no room for
-    // another copy. If the insert failed, this packet takes the slow path.
+    // A full cache only costs a later packet another lookup.
     let _ = NEXTHOP_CACHE.insert(&key, &scratch.entry, 0);
-    // SAFETY: read-only lookup of a plain-data value in this CPU's slot.
-    unsafe { NEXTHOP_CACHE.get(&key) }.ok_or((xdp_action::XDP_PASS, Stat::PassSlowPath))
+    Ok(&scratch.entry)
 }
 
 /// An IPv6 address as the four native-endian words `bpf_fib_lookup` uses (same bytes).
