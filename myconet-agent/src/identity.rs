@@ -21,6 +21,45 @@ use ring::{
 /// File name of the key inside the state directory.
 pub const KEY_FILE: &str = "identity.pk8";
 
+/// File name of the lock that keeps two agents off one state directory.
+pub const LOCK_FILE: &str = "agent.lock";
+
+/// An exclusive lock on a state directory, held for the agent's lifetime: two agents
+/// sharing one would share an identity and undo each other's sysctl changes.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: fs::File,
+}
+
+impl StateLock {
+    /// Takes the lock or fails at once if another process holds it.
+    pub fn acquire(state_dir: &Path) -> Result<Self, IdentityError> {
+        let io = |source| IdentityError::Io {
+            path: state_dir.join(LOCK_FILE),
+            source,
+        };
+        fs::create_dir_all(state_dir).map_err(io)?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(state_dir.join(LOCK_FILE))
+            .map_err(io)?;
+        // SAFETY: valid fd owned by `file` for the duration of the call.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc != 0 {
+            return Err(IdentityError::Locked(state_dir.to_path_buf()));
+        }
+        Ok(Self { _file: file })
+    }
+}
+
 /// Why the identity could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -47,6 +86,9 @@ pub enum IdentityError {
         /// Its mode bits.
         mode: u32,
     },
+    /// Another agent holds the state directory.
+    #[error("{0}: another agent is using this state directory")]
+    Locked(PathBuf),
     /// The system random generator failed.
     #[error("could not generate a key: system randomness unavailable")]
     Random,
@@ -161,6 +203,19 @@ mod tests {
         let b = Identity::load_or_create(&d).unwrap();
         assert_eq!(a.public_key(), b.public_key());
         assert!(addr::key_owns(a.public_key(), &a.node_address()));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_state_directory_is_locked_by_one_agent() {
+        let d = tmpdir("lock");
+        let held = StateLock::acquire(&d).unwrap();
+        assert!(matches!(
+            StateLock::acquire(&d),
+            Err(IdentityError::Locked(_))
+        ));
+        drop(held);
+        assert!(StateLock::acquire(&d).is_ok());
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -9,7 +9,7 @@ use myconet_agent::{
     config::{Cli, DataplaneChoice},
     control::{self, ControlSocket},
     dataplane::{self, XdpDataplane},
-    identity::Identity,
+    identity::{Identity, StateLock},
     netlink::{self, Netlink},
     node::Node,
     overlay::{self, Overlay},
@@ -44,6 +44,7 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
     for iface in &settings.interfaces {
         dataplane::ifindex(iface)?;
     }
+    let _state_lock = StateLock::acquire(&settings.state_dir)?;
     let identity = Identity::load_or_create(&settings.state_dir)?;
     info!(
         address = %identity.node_address(),

@@ -413,6 +413,14 @@ impl Node {
         if is_overlay(&addr) {
             return Err(NodeError::InvalidPeer(shown, "must be an underlay address"));
         }
+        if addr.is_unicast_link_local() {
+            // The kernel peer map is keyed by address and port only: the same fe80::
+            // address on another link would pass the relay check too.
+            return Err(NodeError::InvalidPeer(
+                shown,
+                "link-local peers are not supported yet (use a global or ULA address)",
+            ));
+        }
         if port == 0 {
             return Err(NodeError::InvalidPeer(shown, "port must not be 0"));
         }
