@@ -41,7 +41,7 @@ pub fn relay(root: &Path, seconds: u64) -> Result<()> {
         bail!("the xdp_test_run bench printed no results");
     }
     for row in &test_run {
-        let want = match row.case.as_str() {
+        let want = match row.case.split('@').next().unwrap_or_default() {
             "relay_xdp_tx" => 3,
             "relay_redirect" | "relay_redirect_fib_src" => 4,
             "pass_local" => 2,
