@@ -6,7 +6,7 @@
 //! `forward::decide` on the userspace path) relays it without touching sessions.
 
 use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard},
     time::Instant,
 };
@@ -279,11 +279,6 @@ fn ipv6_addrs(packet: &[u8]) -> Option<(Ipv6Addr, Ipv6Addr)> {
     src.copy_from_slice(&packet[8..24]);
     dst.copy_from_slice(&packet[24..40]);
     Some((Ipv6Addr::from(src), Ipv6Addr::from(dst)))
-}
-
-/// Whether `from` is an IPv6 endpoint (the underlay is IPv6-only).
-pub fn is_ipv6(from: &SocketAddr) -> bool {
-    matches!(from.ip(), IpAddr::V6(_))
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ pub fn bind(port: u16) -> std::io::Result<UdpSocket> {
 /// `sendmmsg`), relayed ones rewritten in place.
 pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>) {
     let mut batch = RecvBatch::default();
-    let mut next_hops: Vec<Option<SocketAddr>> = Vec::with_capacity(BATCH);
+    let mut relays: Vec<Option<Relay>> = Vec::with_capacity(BATCH);
     loop {
         let n = match recv_batch(&socket, &mut batch).await {
             Ok(n) => n,
@@ -69,35 +69,42 @@ pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>)
                 continue;
             }
         };
-        next_hops.clear();
+        relays.clear();
         for i in 0..n {
-            let next = match batch.get_mut(i) {
+            let relay = match batch.get_mut(i) {
                 Some((datagram, from)) => handle(&node, &overlay, datagram, from).await,
                 None => None,
             };
-            next_hops.push(next);
+            relays.push(relay);
         }
-        let out: Vec<(&[u8], SocketAddr)> = next_hops
+        let (out, stats): (Vec<(&[u8], SocketAddr)>, Vec<AgentStat>) = relays
             .iter()
             .enumerate()
-            .filter_map(|(i, to)| Some((batch.get(i)?.0, (*to)?)))
-            .collect();
+            .filter_map(|(i, r)| {
+                let r = r.as_ref()?;
+                Some(((batch.get(i)?.0, r.to), r.stat))
+            })
+            .unzip();
         if out.is_empty() {
             continue;
         }
         let failed = send_batch(&socket, &out).await;
-        for (i, (datagram, to)) in out.iter().enumerate() {
+        for (i, ((datagram, to), stat)) in out.iter().zip(stats).enumerate() {
             let stat = if failed.contains(&i) {
                 debug!(%to, "userspace relay send failed");
                 AgentStat::TxError
-            } else if datagram.get(field::TYPE) == Some(&(PacketType::Data as u8)) {
-                AgentStat::RxDataRelayed
             } else {
-                AgentStat::RxHandshakeRelayed
+                stat
             };
             node.count(stat, datagram.len());
         }
     }
+}
+
+/// A datagram to relay: where to, and what to count once it is sent.
+struct Relay {
+    to: SocketAddr,
+    stat: AgentStat,
 }
 
 /// Handles one datagram; returns where to relay it (already rewritten) if it is to be
@@ -107,7 +114,7 @@ async fn handle(
     overlay: &Overlay,
     datagram: &mut [u8],
     from: SocketAddrV6,
-) -> Option<SocketAddr> {
+) -> Option<Relay> {
     let len = datagram.len();
     let header = match Repr::parse(&Packet::new_unchecked(&*datagram)) {
         Ok(h) => h,
@@ -139,7 +146,14 @@ async fn handle(
             hop_limit,
         } => {
             datagram[field::HOP_LIMIT] = hop_limit;
-            Some(SocketAddr::V6(next_hop.socket_addr()))
+            Some(Relay {
+                to: SocketAddr::V6(next_hop.socket_addr()),
+                stat: if is_data {
+                    AgentStat::RxDataRelayed
+                } else {
+                    AgentStat::RxHandshakeRelayed
+                },
+            })
         }
         Decision::Drop(_) if !is_data => {
             node.count(AgentStat::RxHandshakeDropped, len);
