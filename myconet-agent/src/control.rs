@@ -27,7 +27,9 @@ use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
 use crate::{
+    link::Links,
     node::{Node, NodeError},
+    peers::LinkEndpoint,
     rib::{NextHop, Origin, Prefix, RouteTarget},
 };
 
@@ -74,6 +76,7 @@ impl Drop for ControlSocket {
 /// the socket.
 pub async fn serve_on(
     node: Arc<Node>,
+    links: Arc<Links>,
     socket: ControlSocket,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -83,7 +86,7 @@ pub async fn serve_on(
         .take()
         .context("control socket already served")?;
     let served = tonic::transport::Server::builder()
-        .add_service(ControlServer::new(ControlService::new(node)))
+        .add_service(ControlServer::new(ControlService::new(node, links)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .with_context(|| format!("serving the control API on {}", socket.path.display()));
@@ -96,12 +99,13 @@ pub async fn serve_on(
 /// [`ControlSocket::claim`] and [`serve_on`]).
 pub async fn serve(
     node: Arc<Node>,
+    links: Arc<Links>,
     socket: &Path,
     mode: u32,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let claimed = ControlSocket::claim(socket, mode).await?;
-    serve_on(node, claimed, shutdown).await
+    serve_on(node, links, claimed, shutdown).await
 }
 
 /// Longest path a Unix socket can be bound at (`sun_path` is 108 bytes with its NUL).
@@ -212,12 +216,75 @@ fn remove_if_ours(socket: &Path, identity: FileIdentity) {
 #[derive(Debug, Clone)]
 pub struct ControlService {
     node: Arc<Node>,
+    links: Arc<Links>,
 }
 
 impl ControlService {
-    /// Wraps the node the RPCs act on.
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    /// Wraps the node and the neighbour layer the RPCs act on.
+    pub fn new(node: Arc<Node>, links: Arc<Links>) -> Self {
+        Self { node, links }
+    }
+
+    /// The endpoint a peer request names: a link-local address needs its interface.
+    fn endpoint(&self, address: &str, port: u32, interface: &str) -> Result<LinkEndpoint, Status> {
+        let addr = parse_addr("address", address)?;
+        let port = parse_port("port", port)?;
+        let interface = interface.trim();
+        let scope = if addr.is_unicast_link_local() {
+            if interface.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "{addr} is link-local: name the interface it is on"
+                )));
+            }
+            crate::dataplane::ifindex(interface)
+                .map_err(|e| Status::invalid_argument(format!("interface {interface:?}: {e}")))?
+        } else {
+            0
+        };
+        let endpoint = LinkEndpoint::new(addr, port, scope);
+        endpoint
+            .validate()
+            .map_err(|e| Status::invalid_argument(format!("peer {endpoint}: {e}")))?;
+        Ok(endpoint)
+    }
+
+    /// Every neighbour with its link state, and whether the relay peer map holds it.
+    fn peer_rows(&self) -> Result<Vec<pb::Peer>, Status> {
+        let in_map: std::collections::BTreeSet<(Ipv6Addr, u16)> = self
+            .node
+            .peers()
+            .map_err(node_status)?
+            .into_iter()
+            .filter(|(_, in_kernel)| *in_kernel || !self.node.has_dataplane())
+            .map(|(e, _)| e)
+            .collect();
+        let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        Ok(self
+            .links
+            .snapshot(std::time::Instant::now())
+            .into_iter()
+            .map(|p| pb::Peer {
+                address: p.endpoint.addr().to_string(),
+                port: u32::from(p.endpoint.port()),
+                in_kernel: in_map.contains(&p.endpoint.underlay()),
+                state: p.state_name().to_string(),
+                origin: p.origin.name().to_string(),
+                node_key: p.node_key_hex().unwrap_or_default(),
+                node_address: p
+                    .node_key
+                    .or(p.announced_key)
+                    .map(|k| k.node_address().to_string())
+                    .unwrap_or_default(),
+                interface: p.endpoint.scope_id(),
+                last_seen_ms: p.last_seen_age.map(millis),
+                state_age_ms: millis(p.state_age),
+                rtt_us: p.srtt.map(micros),
+                rttvar_us: p.rttvar.map(micros),
+                loss: p.loss,
+                connect_attempts: p.connect_attempts,
+            })
+            .collect())
     }
 }
 
@@ -327,40 +394,30 @@ impl Control for ControlService {
         &self,
         _request: Request<pb::ListPeersRequest>,
     ) -> Result<Response<pb::ListPeersResponse>, Status> {
-        let peers = self
-            .node
-            .peers()
-            .map_err(node_status)?
-            .into_iter()
-            .map(|((addr, port), in_kernel)| pb::Peer {
-                address: addr.to_string(),
-                port: u32::from(port),
-                in_kernel,
-            })
-            .collect();
-        Ok(Response::new(pb::ListPeersResponse { peers }))
+        Ok(Response::new(pb::ListPeersResponse {
+            peers: self.peer_rows()?,
+        }))
     }
 
+    /// Adds a configured neighbour. It starts "connecting" and enters the relay peer map
+    /// only once its link handshake proves a key.
     async fn add_peer(
         &self,
         request: Request<pb::AddPeerRequest>,
     ) -> Result<Response<pb::Peer>, Status> {
         let req = request.into_inner();
-        let addr = parse_addr("address", &req.address)?;
-        let port = parse_port("port", req.port)?;
-        self.node.add_peer(addr, port).map_err(node_status)?;
-        info!(peer = %format_args!("[{addr}]:{port}"), "peer added via control API");
-        let in_kernel = self
-            .node
-            .peers()
-            .map_err(node_status)?
+        let endpoint = self.endpoint(&req.address, req.port, &req.interface)?;
+        self.links
+            .add_static(endpoint)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!(peer = %endpoint, "peer added via control API");
+        self.peer_rows()?
             .into_iter()
-            .any(|(e, k)| e == (addr, port) && k);
-        Ok(Response::new(pb::Peer {
-            address: addr.to_string(),
-            port: u32::from(port),
-            in_kernel,
-        }))
+            .find(|p| {
+                p.address == endpoint.addr().to_string() && p.port == u32::from(endpoint.port())
+            })
+            .map(Response::new)
+            .ok_or_else(|| Status::internal("peer vanished right after it was added"))
     }
 
     async fn remove_peer(
@@ -368,11 +425,10 @@ impl Control for ControlService {
         request: Request<pb::RemovePeerRequest>,
     ) -> Result<Response<pb::RemovePeerResponse>, Status> {
         let req = request.into_inner();
-        let addr = parse_addr("address", &req.address)?;
-        let port = parse_port("port", req.port)?;
-        let removed = self.node.remove_peer(addr, port).map_err(node_status)?;
+        let endpoint = self.endpoint(&req.address, req.port, &req.interface)?;
+        let removed = self.links.remove(endpoint);
         if removed {
-            info!(peer = %format_args!("[{addr}]:{port}"), "peer removed via control API");
+            info!(peer = %endpoint, "peer removed via control API");
         }
         Ok(Response::new(pb::RemovePeerResponse { removed }))
     }
@@ -497,9 +553,25 @@ mod tests {
         Arc::new(Node::new(identity, DEFAULT_PORT, None, Default::default()).unwrap())
     }
 
+    fn links(node: &Arc<Node>) -> Arc<Links> {
+        let config = crate::peers::PeerConfig::default();
+        Arc::new(Links::new(node.clone(), config, std::time::Instant::now(), 1).unwrap())
+    }
+
+    async fn serve_test(
+        node: Arc<Node>,
+        socket: &Path,
+        mode: u32,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let links = links(&node);
+        serve(node, links, socket, mode, shutdown).await
+    }
+
     fn service() -> (TempDir, ControlService) {
         let dir = TempDir::new();
-        let svc = ControlService::new(node(&dir));
+        let node = node(&dir);
+        let svc = ControlService::new(node.clone(), links(&node));
         (dir, svc)
     }
 
@@ -518,6 +590,7 @@ mod tests {
         Request::new(pb::AddPeerRequest {
             address: addr.into(),
             port,
+            interface: String::new(),
         })
     }
 
@@ -539,7 +612,8 @@ mod tests {
         assert_eq!(s.public_key, svc.node.identity().public_key_hex());
         assert_eq!(s.port, u32::from(DEFAULT_PORT));
         assert!(s.interfaces.is_empty());
-        assert_eq!((s.peer_count, s.route_count), (0, 1));
+        // The node's /64 and the reserved link address.
+        assert_eq!((s.peer_count, s.route_count), (0, 2));
     }
 
     #[tokio::test]
@@ -552,7 +626,13 @@ mod tests {
             .into_inner();
         assert_eq!(p.address, "fd00::2");
         assert_eq!(p.port, u32::from(DEFAULT_PORT));
+        // Configured, not yet authenticated: connecting, and not a relay peer.
+        assert_eq!(
+            (p.state.as_str(), p.origin.as_str()),
+            ("connecting", "static")
+        );
         assert!(!p.in_kernel);
+        assert!(p.node_key.is_empty() && p.rtt_us.is_none() && p.last_seen_ms.is_none());
         svc.add_peer(peer_req(" fd00::3 ", 9000)).await.unwrap();
 
         let list = svc
@@ -574,6 +654,7 @@ mod tests {
             svc.remove_peer(Request::new(pb::RemovePeerRequest {
                 address: addr.into(),
                 port,
+                interface: String::new(),
             }))
         };
         assert!(remove("fd00::2", 0).await.unwrap().into_inner().removed);
@@ -626,7 +707,9 @@ mod tests {
             .unwrap()
             .into_inner()
             .routes;
-        assert_eq!(rows.len(), 2);
+        // The own /64, the reserved link address and the added route.
+        assert_eq!(rows.len(), 3);
+        assert!(rows.iter().any(|r| r.prefix == "fd6d::/128"));
         let own = rows
             .iter()
             .find(|r| r.prefix == svc.node.node_prefix().to_string())
@@ -777,7 +860,7 @@ mod tests {
             let node = node.clone();
             let socket = socket.clone();
             async move {
-                serve(node, &socket, 0o600, async {
+                serve_test(node, &socket, 0o600, async {
                     let _ = stopped.await;
                 })
                 .await
@@ -817,7 +900,7 @@ mod tests {
 
         let second = tokio::time::timeout(
             Duration::from_secs(5),
-            serve(node.clone(), &socket, 0o600, std::future::pending()),
+            serve_test(node.clone(), &socket, 0o600, std::future::pending()),
         )
         .await
         .expect("second serve must fail fast")
@@ -845,7 +928,7 @@ mod tests {
     async fn overlong_socket_paths_are_refused_up_front() {
         let dir = TempDir::new();
         let socket = dir.0.join("x".repeat(120));
-        let e = serve(node(&dir), &socket, 0o600, async {})
+        let e = serve_test(node(&dir), &socket, 0o600, async {})
             .await
             .unwrap_err();
         assert!(
@@ -862,11 +945,15 @@ mod tests {
         // A socket file nobody listens on any more, as after a crash.
         drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
         assert!(socket.exists());
-        serve(node.clone(), &socket, 0o600, async {}).await.unwrap();
+        serve_test(node.clone(), &socket, 0o600, async {})
+            .await
+            .unwrap();
         assert!(!socket.exists());
 
         std::fs::write(&socket, b"precious").unwrap();
-        let e = serve(node, &socket, 0o600, async {}).await.unwrap_err();
+        let e = serve_test(node, &socket, 0o600, async {})
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("not a socket"), "{e:#}");
         assert_eq!(std::fs::read(&socket).unwrap(), b"precious");
     }

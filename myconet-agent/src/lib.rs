@@ -17,6 +17,7 @@ pub mod control;
 pub mod dataplane;
 pub mod forward;
 pub mod identity;
+pub mod link;
 pub mod netlink;
 pub mod node;
 pub mod overlay;

@@ -1,7 +1,7 @@
 //! `myconet-agent`: loads the XDP relay, serves the control API (`mod control` in lib.rs)
 //! and handles what the kernel passes up, until SIGTERM or SIGINT.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use anyhow::Context;
 use clap::Parser;
@@ -10,9 +10,11 @@ use myconet_agent::{
     control::{self, ControlSocket},
     dataplane::{self, XdpDataplane},
     identity::{Identity, StateLock},
+    link::Links,
     netlink::{self, Netlink},
     node::Node,
     overlay::{self, Overlay},
+    peers::{LinkEndpoint, PeerConfig},
     sysctl,
     tun::{Tun, TunOptions},
     underlay,
@@ -109,8 +111,17 @@ async fn serve(
     settings: &myconet_agent::config::Settings,
     control_socket: ControlSocket,
 ) -> anyhow::Result<()> {
+    let links = Arc::new(Links::new(
+        node.clone(),
+        PeerConfig::default(),
+        Instant::now(),
+        jitter_seed(),
+    )?);
     for p in &settings.peers {
-        node.add_peer(*p.ip(), p.port())
+        // Configured neighbours are known by endpoint; they enter the relay peer map
+        // only once their link handshake proves a key.
+        links
+            .add_static(LinkEndpoint::from(*p))
             .with_context(|| format!("static peer {p}"))?;
     }
     for (prefix, nh) in &settings.routes {
@@ -129,6 +140,7 @@ async fn serve(
         node.clone(),
         socket.clone(),
         tun,
+        links.clone(),
         overlay::session_config(),
     )?);
     let tasks = [
@@ -146,11 +158,25 @@ async fn serve(
         }
     };
     info!(socket = %settings.socket.display(), port = settings.port, "agent ready");
-    let served = control::serve_on(node.clone(), control_socket, shutdown).await;
+    let served = control::serve_on(node.clone(), links, control_socket, shutdown).await;
     for t in tasks {
         t.abort();
     }
     served
+}
+
+/// Fresh randomness for timer jitter, so neighbours' hellos do not synchronise.
+fn jitter_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    // Without randomness the jitter is merely predictable; the time still varies it.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        seed[..4].copy_from_slice(&nanos.to_le_bytes());
+    }
+    u64::from_le_bytes(seed)
 }
 
 /// Creates the TUN device and gives it the node's address, the overlay route and an MTU

@@ -16,7 +16,7 @@ use std::{
 };
 
 use myconet_common::{
-    addr::{NODE_PREFIX_LEN, is_overlay},
+    addr::{LINK_ADDRESS, NODE_PREFIX_LEN, is_overlay},
     maps::{Counter, PeerKey, Stat},
     wire::Repr,
 };
@@ -84,6 +84,9 @@ pub enum AgentStat {
     HandshakeRateLimited,
     /// Initiations that gave up.
     HandshakeFailed,
+    /// Authenticated link handshakes the neighbour policy refused (inbound peers not
+    /// accepted, a key other than the announced one, too many peers).
+    LinkRefused,
     /// Packets read from the TUN device.
     TunRx,
     /// TUN packets that could not be sent (not overlay, no session possible).
@@ -96,7 +99,7 @@ pub enum AgentStat {
 
 impl AgentStat {
     /// Every counter in index order.
-    pub const ALL: [AgentStat; 21] = [
+    pub const ALL: [AgentStat; 22] = [
         AgentStat::RxData,
         AgentStat::RxDataLocal,
         AgentStat::RxDataRelayed,
@@ -114,6 +117,7 @@ impl AgentStat {
         AgentStat::HandshakeRejected,
         AgentStat::HandshakeRateLimited,
         AgentStat::HandshakeFailed,
+        AgentStat::LinkRefused,
         AgentStat::TunRx,
         AgentStat::TunDropped,
         AgentStat::TxNoRoute,
@@ -140,6 +144,7 @@ impl AgentStat {
             AgentStat::HandshakeRejected => "handshake_rejected",
             AgentStat::HandshakeRateLimited => "handshake_rate_limited",
             AgentStat::HandshakeFailed => "handshake_failed",
+            AgentStat::LinkRefused => "link_refused",
             AgentStat::TunRx => "tun_rx",
             AgentStat::TunDropped => "tun_dropped",
             AgentStat::TxNoRoute => "tx_no_route",
@@ -242,13 +247,19 @@ impl Node {
             }),
             counters: AgentCounters::default(),
         };
-        node.install(
-            node_prefix,
-            RibEntry {
-                target: RouteTarget::Local,
-                origin: Origin::Local,
-            },
-        )?;
+        // Link handshakes and link control packets are addressed to the reserved link
+        // address: local on every node, so neither XDP nor the userspace path relays them.
+        let link = Prefix::new(LINK_ADDRESS, 128)
+            .map_err(|_| NodeError::InvalidNextHop("link address".into(), "not in overlay"))?;
+        for prefix in [node_prefix, link] {
+            node.install(
+                prefix,
+                RibEntry {
+                    target: RouteTarget::Local,
+                    origin: Origin::Local,
+                },
+            )?;
+        }
         Ok(node)
     }
 
@@ -364,8 +375,9 @@ impl Node {
         Ok(st.rib.remove(&prefix).is_some() || in_kernel)
     }
 
+    /// The node's /64 and the reserved link address are local by construction.
     fn is_own(&self, prefix: &Prefix) -> bool {
-        *prefix == self.node_prefix
+        *prefix == self.node_prefix || (prefix.addr() == LINK_ADDRESS && prefix.prefix_len() == 128)
     }
 
     /// Every prefix held by the agent or the kernel, side by side.
@@ -440,6 +452,11 @@ impl Node {
             None => false,
         };
         Ok(st.peers.remove(&(addr, port)) || in_kernel)
+    }
+
+    /// Whether the XDP data plane is attached (otherwise the userspace path relays).
+    pub fn has_dataplane(&self) -> bool {
+        self.state().dataplane.is_some()
     }
 
     /// Peers with whether each is in the kernel map.

@@ -17,6 +17,7 @@ use tokio::{net::UdpSocket, sync::Notify};
 use tracing::{debug, info, warn};
 
 use crate::{
+    link::Links,
     node::{AgentStat, Node},
     session::{Config, Event, Inbound, InboundError, SessionTable, Suite, Transmit},
     tun::Tun,
@@ -31,6 +32,7 @@ pub struct Overlay {
     socket: Arc<UdpSocket>,
     sessions: Mutex<SessionTable>,
     tun: Option<Tun>,
+    links: Arc<Links>,
     rng: SystemRandom,
     timers: Notify,
 }
@@ -73,11 +75,13 @@ pub fn session_config() -> Config {
 }
 
 impl Overlay {
-    /// Builds the endpoint; `tun` is `None` on nodes that only relay.
+    /// Builds the endpoint; `tun` is `None` on nodes that only relay. `links` is the
+    /// neighbour layer whose link sessions live in this endpoint's session table.
     pub fn new(
         node: Arc<Node>,
         socket: Arc<UdpSocket>,
         tun: Option<Tun>,
+        links: Arc<Links>,
         config: Config,
     ) -> anyhow::Result<Self> {
         let sessions = SessionTable::new(node.identity_arc(), config, Instant::now())?;
@@ -86,6 +90,7 @@ impl Overlay {
             socket,
             sessions: Mutex::new(sessions),
             tun,
+            links,
             rng: SystemRandom::new(),
             timers: Notify::new(),
         })
@@ -95,13 +100,25 @@ impl Overlay {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Handles a data, handshake or cookie datagram addressed to this node.
+    /// The neighbour layer.
+    pub fn links(&self) -> &Arc<Links> {
+        &self.links
+    }
+
+    /// Handles a data, control, handshake or cookie datagram addressed to this node.
     pub async fn on_datagram(&self, from: SocketAddr, datagram: &[u8]) {
         let (delivered, transmits) = {
             let mut st = self.sessions();
-            let result = st.handle_datagram(from, datagram, Instant::now(), &self.rng);
+            let now = Instant::now();
+            let result = st.handle_datagram(from, datagram, now, &self.rng);
             let delivered = match result {
                 Ok(Inbound::Data { remote, payload }) => Some((remote, payload)),
+                Ok(Inbound::Control {
+                    endpoint, payload, ..
+                }) => {
+                    self.links.on_control(endpoint, &payload, now);
+                    None
+                }
                 Ok(Inbound::Keepalive { .. }) | Ok(Inbound::Handshake(_)) => None,
                 Err(e) => {
                     self.node.count(stat_for(&e), datagram.len());
@@ -187,56 +204,88 @@ impl Overlay {
         self.send_all(transmits).await;
     }
 
-    /// Drives retransmissions, rekeys, keepalives and expiry until cancelled.
+    /// Drives retransmissions, rekeys, keepalives, expiry and the neighbour layer's
+    /// hellos and retries until cancelled.
     pub async fn run_timers(self: Arc<Self>) {
         loop {
-            let deadline = self.sessions().poll_timeout();
+            let deadline = {
+                let sessions = self.sessions().poll_timeout();
+                let links = self.links.poll_timeout();
+                sessions.into_iter().chain(links).min()
+            };
             let notified = self.timers.notified();
+            let kicked = self.links.kicked();
             match deadline {
                 Some(at) => {
                     tokio::select! {
                         _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
                         _ = notified => continue,
+                        // A peer was added or removed: apply its actions now.
+                        _ = kicked => {}
                     }
                 }
                 None => {
-                    notified.await;
-                    continue;
+                    tokio::select! {
+                        _ = notified => continue,
+                        _ = kicked => {}
+                    }
                 }
             }
             let transmits = {
                 let mut st = self.sessions();
-                st.handle_timeout(Instant::now());
+                let now = Instant::now();
+                st.handle_timeout(now);
+                self.links.handle_timeout(now);
                 self.drain(&mut st)
             };
             self.send_all(transmits).await;
         }
     }
 
-    /// Takes every pending transmit and logs every event.
+    /// Passes session events to the neighbour layer and applies its actions until both
+    /// settle, then takes every pending transmit.
     fn drain(&self, st: &mut SessionTable) -> Vec<Transmit> {
-        while let Some(event) = st.poll_event() {
-            match event {
-                Event::Established {
-                    remote,
-                    role,
-                    local_index,
-                    ..
-                } => info!(%remote, ?role, local_index, "session established"),
-                Event::Failed {
-                    remote,
-                    reason,
-                    dropped,
-                } => {
-                    warn!(%remote, ?reason, dropped, "handshake failed");
-                    self.node.count(AgentStat::HandshakeFailed, 0);
-                }
-                Event::Expired { remote, reason, .. } => {
-                    debug!(%remote, ?reason, "session expired")
-                }
+        let now = Instant::now();
+        // Each round either consumes events or actions; a bound keeps a bug from spinning.
+        for _ in 0..64 {
+            let mut events = 0;
+            while let Some(event) = st.poll_event() {
+                events += 1;
+                self.log_event(&event);
+                self.links.on_session_event(&event, now);
+            }
+            if self.links.apply_actions(st, now, &self.rng) == 0 && events == 0 {
+                break;
             }
         }
         std::iter::from_fn(|| st.poll_transmit()).collect()
+    }
+
+    fn log_event(&self, event: &Event) {
+        match event {
+            Event::Established {
+                remote,
+                role,
+                local_index,
+                link,
+                ..
+            } => info!(%remote, ?role, local_index, ?link, "session established"),
+            Event::Failed {
+                remote,
+                reason,
+                dropped,
+                link,
+            } => {
+                warn!(%remote, ?link, ?reason, dropped, "handshake failed");
+                self.node.count(AgentStat::HandshakeFailed, 0);
+            }
+            Event::Expired {
+                remote,
+                reason,
+                link,
+                ..
+            } => debug!(%remote, ?link, ?reason, "session expired"),
+        }
     }
 
     async fn send_all(&self, transmits: Vec<Transmit>) {

@@ -127,7 +127,9 @@ async fn handle(
     let is_data = header.packet_type == PacketType::Data;
     match header.packet_type {
         PacketType::Control => {
+            // Link-level: opened (or refused) under the neighbour's link session.
             node.count(AgentStat::RxControl, len);
+            overlay.on_datagram(SocketAddr::V6(from), datagram).await;
             return None;
         }
         PacketType::Data => node.count(AgentStat::RxData, len),

@@ -22,6 +22,19 @@ pub const NODE_PREFIX_CONTEXT: &str = "myconet 2026-11 overlay node prefix v1";
 /// The overlay prefix as an address.
 pub const OVERLAY_NETWORK: Ipv6Addr = Ipv6Addr::new(0xfd6d, 0, 0, 0, 0, 0, 0, 0);
 
+/// Where a link-level handshake is sent: "whichever node answers at this underlay
+/// endpoint". A configured neighbour is known by its endpoint only, so the initiator
+/// cannot name its overlay address; the responder's key is learned from the (signed)
+/// response instead. Its /64 (`fd6d::/64`) is reserved: no key may own it (a key whose
+/// derived prefix is all zero is refused, a 2^-48 event), so link and end-to-end
+/// handshakes can never be confused, and every node treats the address as local.
+pub const LINK_ADDRESS: Ipv6Addr = OVERLAY_NETWORK;
+
+/// Whether `addr` lies in the reserved link /64 (see [`LINK_ADDRESS`]).
+pub fn is_link_reserved(addr: &Ipv6Addr) -> bool {
+    prefix_contains(LINK_ADDRESS, NODE_PREFIX_LEN, *addr)
+}
+
 /// Whether an address lies inside the overlay prefix.
 pub const fn is_overlay(addr: &Ipv6Addr) -> bool {
     let o = addr.octets();

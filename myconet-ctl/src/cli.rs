@@ -63,11 +63,12 @@ pub enum Command {
 /// `peers ...`
 #[derive(Debug, Subcommand)]
 pub enum PeersCommand {
-    /// List peers.
+    /// List peers with their link state, last seen time and RTT.
     List,
-    /// Allow an underlay endpoint to relay through this node.
+    /// Add a configured neighbour: it may relay through this node once its link
+    /// handshake has authenticated it.
     Add(EndpointArgs),
-    /// Revoke an underlay endpoint.
+    /// Forget a neighbour (it leaves the relay peer map at once).
     #[command(visible_alias = "del")]
     Remove(EndpointArgs),
 }
@@ -81,6 +82,9 @@ pub struct EndpointArgs {
     /// Underlay UDP port.
     #[arg(long, default_value_t = DEFAULT_PORT, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
+    /// Interface the neighbour is on; required for link-local (fe80::/10) addresses.
+    #[arg(long, short = 'i')]
+    pub interface: Option<String>,
 }
 
 /// `route ...`

@@ -78,6 +78,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 let req = pb::AddPeerRequest {
                     address: e.addr.to_string(),
                     port: u32::from(e.port),
+                    interface: e.interface.unwrap_or_default(),
                 };
                 show(json, &client.add_peer(req).await?, render::peer_added)
             }
@@ -85,6 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 let req = pb::RemovePeerRequest {
                     address: e.addr.to_string(),
                     port: u32::from(e.port),
+                    interface: e.interface.unwrap_or_default(),
                 };
                 let (address, port) = (req.address.clone(), req.port);
                 show(json, &client.remove_peer(req).await?, |r| {

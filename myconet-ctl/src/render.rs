@@ -137,16 +137,59 @@ pub fn peers(r: &pb::ListPeersResponse) -> String {
         .iter()
         .map(|p| {
             vec![
-                endpoint(&p.address, p.port),
+                scoped_endpoint(p),
+                p.state.clone(),
+                p.origin.clone(),
+                if p.node_address.is_empty() {
+                    "-".to_string()
+                } else {
+                    p.node_address.clone()
+                },
+                p.last_seen_ms
+                    .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+                    .unwrap_or_else(|| "never".to_string()),
+                p.rtt_us
+                    .map(|us| format!("{:.2}ms", us as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".to_string()),
+                p.loss
+                    .map(|l| format!("{:.0}%", l * 100.0))
+                    .unwrap_or_else(|| "-".to_string()),
                 yes_no(p.in_kernel).to_string(),
             ]
         })
         .collect();
     table(
-        &["ENDPOINT", "IN KERNEL"],
-        &[Align::Left, Align::Left],
+        &[
+            "ENDPOINT",
+            "STATE",
+            "ORIGIN",
+            "NODE",
+            "LAST SEEN",
+            "RTT",
+            "LOSS",
+            "RELAY PEER",
+        ],
+        &[
+            Align::Left,
+            Align::Left,
+            Align::Left,
+            Align::Left,
+            Align::Right,
+            Align::Right,
+            Align::Right,
+            Align::Left,
+        ],
         &rows,
     )
+}
+
+/// `[addr%ifindex]:port` for link-local neighbours, `[addr]:port` otherwise.
+fn scoped_endpoint(p: &pb::Peer) -> String {
+    if p.interface == 0 {
+        endpoint(&p.address, p.port)
+    } else {
+        format!("[{}%{}]:{}", p.address, p.interface, p.port)
+    }
 }
 
 /// `routes`: what the agent and the kernel map hold per prefix, and whether they agree.
@@ -229,9 +272,9 @@ pub fn stats(s: &pb::Stats, all: bool) -> String {
 /// One line confirming `peers add`.
 pub fn peer_added(p: &pb::Peer) -> String {
     format!(
-        "added peer {} (in kernel map: {})\n",
-        endpoint(&p.address, p.port),
-        yes_no(p.in_kernel)
+        "added peer {} ({}; it may relay through this node once its link handshake authenticates it)\n",
+        scoped_endpoint(p),
+        p.state
     )
 }
 
@@ -398,19 +441,29 @@ mod tests {
                     address: "fd00::2".into(),
                     port: 9651,
                     in_kernel: true,
+                    state: "up".into(),
+                    origin: "static".into(),
+                    node_address: "fd6d:1:2:3::1".into(),
+                    last_seen_ms: Some(1500),
+                    rtt_us: Some(250),
+                    loss: Some(0.0),
+                    ..Default::default()
                 },
                 pb::Peer {
-                    address: "fd00::1:3".into(),
+                    address: "fe80::3".into(),
                     port: 7,
-                    in_kernel: false,
+                    interface: 4,
+                    state: "connecting".into(),
+                    origin: "discovered".into(),
+                    ..Default::default()
                 },
             ],
         };
         assert_eq!(
             peers(&r),
-            "ENDPOINT        IN KERNEL\n\
-             [fd00::2]:9651  yes\n\
-             [fd00::1:3]:7   no\n"
+            "ENDPOINT        STATE       ORIGIN      NODE           LAST SEEN     RTT  LOSS  RELAY PEER\n\
+             [fd00::2]:9651  up          static      fd6d:1:2:3::1       1.5s  0.25ms    0%  yes\n\
+             [fe80::3%4]:7   connecting  discovered  -                  never       -     -  no\n"
         );
         assert_eq!(
             peers(&pb::ListPeersResponse { peers: vec![] }),

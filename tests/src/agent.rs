@@ -1,6 +1,7 @@
 //! Running the real `myconet-agent` inside a namespace and talking to it with the real
 //! `myconet-ctl`, so integration tests exercise exactly what users run.
 
+use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
@@ -230,6 +231,25 @@ impl AgentProcess {
                 args.join(" ")
             )
         })
+    }
+
+    /// Waits until every endpoint in `endpoints` is an authenticated neighbour of this
+    /// agent ("up") and in its relay peer map; returns the last `peers` listing.
+    pub fn wait_peers_up(&self, endpoints: &[(Ipv6Addr, u16)], timeout: Duration) -> Result<Value> {
+        util::poll("neighbours up", timeout, Duration::from_millis(100), || {
+            let peers = self.ctl_json(&["peers"])?;
+            let rows = peers["peers"].as_array().cloned().unwrap_or_default();
+            let all_up = endpoints.iter().all(|(addr, port)| {
+                rows.iter().any(|r| {
+                    r["address"] == addr.to_string().as_str()
+                        && r["port"] == u64::from(*port)
+                        && r["state"] == "up"
+                        && r["in_kernel"] == true
+                })
+            });
+            Ok(all_up.then_some(peers))
+        })
+        .with_context(|| format!("agent peers: {:?}", self.ctl(&["peers"]).ok()))
     }
 
     /// The agent's `status` as JSON.

@@ -1,6 +1,7 @@
 //! The reference scenario behind the relay test, the demo and the relay benchmark:
 //! three namespaces a — b — c, an agent in each with XDP on every link, static routes
-//! for c's /64 (a → b → c), and b accepting a's test sender as a peer.
+//! for c's /64 (a → b → c), and b accepting a's agent as an authenticated neighbour;
+//! the test sender in a sends as that neighbour's endpoint.
 //!
 //! Keeping it in one place means the test proves exactly what the demo shows and the
 //! benchmark measures.
@@ -24,8 +25,13 @@ use crate::{
 
 /// Underlay port every agent uses.
 pub const PORT: u16 = 9651;
-/// Port of the test sender in a (a peer of b, distinct from a's agent).
-pub const SENDER_PORT: u16 = 9700;
+/// Source port of the test sender in a: a's agent's own port, so b's relay sees the
+/// endpoint it authenticated (the sender writes its own UDP header, see
+/// [`UdpSender::spoofing`]).
+pub const SENDER_PORT: u16 = PORT;
+
+/// How long neighbours may take to authenticate each other after start.
+pub const LINK_UP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The running a — b — c chain.
 #[derive(Debug)]
@@ -91,13 +97,9 @@ impl RelayChain {
             "--port",
             &port,
         ])?;
-        agents[1].ctl(&[
-            "peers",
-            "add",
-            &a.addr_to(1)?.to_string(),
-            "--port",
-            &SENDER_PORT.to_string(),
-        ])?;
+        // b authenticates a's agent at the link level before it may relay for it.
+        agents[1].ctl(&["peers", "add", &a.addr_to(1)?.to_string(), "--port", &port])?;
+        agents[1].wait_peers_up(&[(a.addr_to(1)?, PORT)], LINK_UP_TIMEOUT)?;
         // Resolve neighbours both ways so no packet waits on neighbour discovery.
         a.ping(b_from_a, 3)?;
         b.ping(c_from_b, 3)?;
@@ -111,12 +113,14 @@ impl RelayChain {
         })
     }
 
-    /// A sender in a, bound to `[a's address towards b]:port`, aimed at b's agent port.
+    /// A sender in a, sending from `[a's address towards b]:port` to b's agent port;
+    /// with [`SENDER_PORT`] it sends as b's authenticated neighbour, with any other
+    /// port as a stranger.
     pub fn sender(&self, port: u16) -> Result<UdpSender> {
         let a = self.topo.node(0);
         let local = SocketAddrV6::new(a.addr_to(1)?, port, 0, 0);
         let dst = SocketAddrV6::new(self.topo.node(1).addr_to(0)?, PORT, 0, 0);
-        UdpSender::bind(a.netns(), local, dst)
+        UdpSender::spoofing(a.netns(), local, dst)
     }
 
     /// `n` distinct Myconet data datagrams from a to c: counters 0..n, payload sizes
@@ -235,6 +239,10 @@ impl OverlayChain {
         agents[1].ctl(&["route", "add", &a_prefix, "via", &s(a.addr_to(1)?)])?;
         agents[1].ctl(&["peers", "add", &s(a.addr_to(1)?)])?;
         agents[1].ctl(&["peers", "add", &s(c.addr_to(1)?)])?;
+        agents[1].wait_peers_up(
+            &[(a.addr_to(1)?, PORT), (c.addr_to(1)?, PORT)],
+            LINK_UP_TIMEOUT,
+        )?;
         a.ping(b.addr_to(0)?, 3)?;
         b.ping(c.addr_to(1)?, 3)?;
         c.ping(b.addr_to(2)?, 3)?;

@@ -63,9 +63,34 @@ impl SendReport {
 /// `sendmmsg` batches so one core can approach line rate on a veth.
 #[derive(Debug)]
 pub struct UdpSender {
-    socket: UdpSocket,
+    socket: SenderSocket,
     dst: SocketAddrV6,
     batch: usize,
+}
+
+/// A plain UDP socket, or a raw one that writes its own UDP header (see
+/// [`UdpSender::spoofing`]).
+#[derive(Debug)]
+enum SenderSocket {
+    Udp(UdpSocket),
+    Raw { fd: OwnedFd, local: SocketAddrV6 },
+}
+
+impl SenderSocket {
+    fn fd(&self) -> RawFd {
+        match self {
+            Self::Udp(s) => s.as_raw_fd(),
+            Self::Raw { fd, .. } => fd.as_raw_fd(),
+        }
+    }
+
+    /// Source and destination ports when this side writes the UDP header itself.
+    fn udp_ports(&self, dst: &SocketAddrV6) -> Option<(u16, u16)> {
+        match self {
+            Self::Udp(_) => None,
+            Self::Raw { local, .. } => Some((local.port(), dst.port())),
+        }
+    }
 }
 
 impl UdpSender {
@@ -78,7 +103,30 @@ impl UdpSender {
             .set_write_timeout(Some(Duration::from_secs(1)))
             .context("failed to set SO_SNDTIMEO")?;
         Ok(Self {
-            socket,
+            socket: SenderSocket::Udp(socket),
+            dst,
+            batch: DEFAULT_BATCH,
+        })
+    }
+
+    /// Sends from `local` (address and port) through a raw IPv6 socket inside `netns`
+    /// that writes the UDP header itself, so the datagrams carry `local`'s port even
+    /// while another process (the node's agent) owns it. The relay tests use this to
+    /// send as an authenticated neighbour's endpoint: the relay's peer check is by
+    /// address and port, exactly what an on-path sender could forge, which is why only
+    /// the destination's end-to-end authentication decides what a packet is worth. The
+    /// kernel fills in the UDP checksum (`IPV6_CHECKSUM`).
+    pub fn spoofing(netns: &Netns, local: SocketAddrV6, dst: SocketAddrV6) -> Result<Self> {
+        let fd = netns
+            .run_in(move || open_raw_udp(local))?
+            .with_context(|| {
+                format!(
+                    "failed to open a raw UDP socket on {local} in {}",
+                    netns.name()
+                )
+            })?;
+        Ok(Self {
+            socket: SenderSocket::Raw { fd, local },
             dst,
             batch: DEFAULT_BATCH,
         })
@@ -92,7 +140,10 @@ impl UdpSender {
 
     /// The bound local address (useful after binding port 0).
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        self.socket.local_addr().context("getsockname failed")
+        match &self.socket {
+            SenderSocket::Udp(s) => s.local_addr().context("getsockname failed"),
+            SenderSocket::Raw { local, .. } => Ok(SocketAddr::V6(*local)),
+        }
     }
 
     /// The destination.
@@ -137,9 +188,9 @@ impl UdpSender {
         let start = Instant::now();
         let mut report = SendReport::default();
         let batch: Vec<&[u8]> = vec![payload; self.batch];
-        let mut msgs = Batch::new(&self.dst, &batch);
+        let mut msgs = Batch::new(&self.dst, &batch, self.socket.udp_ports(&self.dst));
         while start.elapsed() < duration {
-            match msgs.send(self.socket.as_raw_fd(), 0) {
+            match msgs.send(self.socket.fd(), 0) {
                 Ok(sent) => {
                     report.packets += sent as u64;
                     report.bytes += (sent * payload.len()) as u64;
@@ -153,7 +204,7 @@ impl UdpSender {
     }
 
     fn send_all(&self, datagrams: &[&[u8]], start: Instant, report: &mut SendReport) -> Result<()> {
-        let mut msgs = Batch::new(&self.dst, datagrams);
+        let mut msgs = Batch::new(&self.dst, datagrams, self.socket.udp_ports(&self.dst));
         let mut offset = 0;
         while offset < datagrams.len() {
             if start.elapsed() > SEND_TIMEOUT {
@@ -163,7 +214,7 @@ impl UdpSender {
                     report.packets
                 );
             }
-            match msgs.send(self.socket.as_raw_fd(), offset) {
+            match msgs.send(self.socket.fd(), offset) {
                 Ok(sent) => {
                     report.packets += sent as u64;
                     report.bytes += datagrams[offset..offset + sent]
@@ -197,34 +248,63 @@ fn is_backpressure(e: &std::io::Error) -> bool {
 struct Batch<'a> {
     // Held only so the pointers in `hdrs` stay valid.
     _addr: Box<libc::sockaddr_in6>,
+    _udp_headers: Vec<[u8; 8]>,
     _iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
     _data: std::marker::PhantomData<&'a [u8]>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(dst: &SocketAddrV6, datagrams: &[&'a [u8]]) -> Self {
-        let mut addr = Box::new(sockaddr_in6(dst));
-        let iovs: Vec<libc::iovec> = datagrams
-            .iter()
-            .map(|d| libc::iovec {
+    /// `udp_ports` is set for raw sockets: each message then starts with a UDP header
+    /// built here, and the destination's port in the address must be 0.
+    fn new(dst: &SocketAddrV6, datagrams: &[&'a [u8]], udp_ports: Option<(u16, u16)>) -> Self {
+        let mut target = *dst;
+        if udp_ports.is_some() {
+            target.set_port(0);
+        }
+        let mut addr = Box::new(sockaddr_in6(&target));
+        let udp_headers: Vec<[u8; 8]> = match udp_ports {
+            Some((src, dst)) => datagrams
+                .iter()
+                .map(|d| {
+                    let len = u16::try_from(d.len() + 8).unwrap_or(u16::MAX);
+                    let mut h = [0u8; 8];
+                    h[0..2].copy_from_slice(&src.to_be_bytes());
+                    h[2..4].copy_from_slice(&dst.to_be_bytes());
+                    h[4..6].copy_from_slice(&len.to_be_bytes());
+                    h
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let per_message = if udp_ports.is_some() { 2 } else { 1 };
+        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(datagrams.len() * per_message);
+        for (i, d) in datagrams.iter().enumerate() {
+            if let Some(h) = udp_headers.get(i) {
+                iovs.push(libc::iovec {
+                    iov_base: h.as_ptr() as *mut libc::c_void,
+                    iov_len: h.len(),
+                });
+            }
+            iovs.push(libc::iovec {
                 iov_base: d.as_ptr() as *mut libc::c_void,
                 iov_len: d.len(),
-            })
-            .collect();
-        let mut hdrs = Vec::with_capacity(iovs.len());
+            });
+        }
+        let mut hdrs = Vec::with_capacity(datagrams.len());
         let name: *mut libc::sockaddr_in6 = &mut *addr;
-        for iov in &iovs {
+        for chunk in iovs.chunks(per_message) {
             // SAFETY: mmsghdr is plain data; all-zero is a valid (empty) value.
             let mut h: libc::mmsghdr = unsafe { mem::zeroed() };
             h.msg_hdr.msg_name = name.cast();
             h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = (iov as *const libc::iovec).cast_mut();
-            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_iov = chunk.as_ptr().cast_mut();
+            h.msg_hdr.msg_iovlen = chunk.len();
             hdrs.push(h);
         }
         Self {
             _addr: addr,
+            _udp_headers: udp_headers,
             _iovs: iovs,
             hdrs,
             _data: std::marker::PhantomData,
@@ -243,6 +323,70 @@ impl<'a> Batch<'a> {
         }
         usize::try_from(rc).map_err(|_| std::io::Error::other("negative sendmmsg count"))
     }
+}
+
+/// A raw IPv6 socket for UDP bound to `local`'s address, with the kernel computing the
+/// UDP checksum at offset 6 of what we write.
+fn open_raw_udp(local: SocketAddrV6) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_UDP,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let offset: libc::c_int = 6;
+    // SAFETY: the option value is a live c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_CHECKSUM,
+            (&offset as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut bind_to = local;
+    bind_to.set_port(0);
+    let sa = sockaddr_in6(&bind_to);
+    // SAFETY: `sa` is a valid sockaddr_in6 of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in6).cast(),
+            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let timeout = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: the option value is a live timeval of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 fn sockaddr_in6(addr: &SocketAddrV6) -> libc::sockaddr_in6 {

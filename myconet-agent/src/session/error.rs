@@ -57,6 +57,10 @@ pub enum HandshakeError {
     /// The init is addressed outside this node's /64.
     #[error("handshake addressed to {0}, which this node does not own")]
     NotForUs(Ipv6Addr),
+    /// The init comes from or goes to an address no handshake may use: the reserved
+    /// link /64 as a source, or a link handshake over IPv4.
+    #[error("handshake uses reserved address {0}")]
+    ReservedAddress(Ipv6Addr),
     /// The initiator's static key does not own the source address it claims.
     #[error("initiator key does not own its source address {0}")]
     InitiatorIdentity(Ipv6Addr),
@@ -183,6 +187,9 @@ pub enum InboundError {
     /// A `Control` packet: link-level, not for the session layer.
     #[error("control packets are not session traffic")]
     NotSessionTraffic,
+    /// A link-session packet from another underlay endpoint than the neighbour's.
+    #[error("link packet from {0}, not from the neighbour's endpoint")]
+    WrongEndpoint(std::net::SocketAddr),
     /// No session or pending handshake uses this receiver index.
     #[error("no session or handshake with receiver index {0}")]
     UnknownIndex(u32),

@@ -22,7 +22,7 @@
 use std::{net::Ipv6Addr, time::Instant};
 
 use myconet_common::{
-    addr::key_owns,
+    addr::{LINK_ADDRESS, key_owns},
     wire::{HEADER_LEN, PacketType},
 };
 use ring::{
@@ -286,7 +286,9 @@ impl Initiation {
         {
             return Err(HandshakeError::Mismatch);
         }
-        if !key_owns(&msg.static_key, &self.remote_addr) {
+        // A link handshake dials whoever answers at the endpoint: any key may, unless
+        // one is pinned (below). Otherwise the key must own the dialled address.
+        if self.remote_addr != LINK_ADDRESS && !key_owns(&msg.static_key, &self.remote_addr) {
             return Err(HandshakeError::ResponderIdentity(self.remote_addr));
         }
         if self.expected_key.is_some_and(|k| k != msg.static_key) {

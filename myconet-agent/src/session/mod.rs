@@ -47,7 +47,8 @@ pub use error::{
 pub use ratelimit::{RateLimitConfig, RateLimiter};
 pub use replay::{REPLAY_WINDOW, ReplayError, ReplayWindow};
 pub use table::{
-    Event, FailReason, HandshakeProgress, Inbound, SendStatus, SessionTable, Stats, Transmit,
+    Event, FailReason, HandshakeProgress, Inbound, RemoteId, SendStatus, SessionTable, Stats,
+    Transmit,
 };
 pub use transport::{
     DataHeader, ExpiryReason, MAX_PHASE_SKIP, PHASE_SHIFT, Session, TransportConfig,

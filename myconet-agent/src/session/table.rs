@@ -34,10 +34,14 @@ use std::{
 };
 
 use myconet_common::{
-    addr::{NODE_PREFIX_LEN, is_overlay, key_owns, mask, node_address},
+    addr::{
+        LINK_ADDRESS, NODE_PREFIX_LEN, is_link_reserved, is_overlay, key_owns, mask, node_address,
+    },
     wire::{self, Packet, PacketType, Repr},
 };
 use ring::rand::SecureRandom;
+
+use crate::peers::LinkEndpoint;
 
 use super::{
     Config, ConfigError, DataHeader, ExpiryReason, HandshakeError, InboundError, PUBLIC_KEY_LEN,
@@ -64,6 +68,33 @@ pub struct Transmit {
     pub datagram: Vec<u8>,
 }
 
+/// Whom a session is with. End-to-end sessions belong to a remote node's /64 and their
+/// packets are routed; link sessions belong to a neighbour's underlay endpoint (whoever
+/// proves a key there) and their packets go straight to it. Both kinds share one table,
+/// so one receiver-index space, one rate limiter and one cookie clock guard them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RemoteId {
+    /// A remote node, by its /64.
+    Node(Ipv6Addr),
+    /// A neighbour, by its underlay endpoint.
+    Link(LinkEndpoint),
+}
+
+impl RemoteId {
+    /// The neighbour's endpoint for link sessions.
+    pub fn link(&self) -> Option<LinkEndpoint> {
+        match self {
+            Self::Link(e) => Some(*e),
+            Self::Node(_) => None,
+        }
+    }
+
+    /// Where this remote's packets must go regardless of routes (link sessions only).
+    fn underlay(&self) -> Option<SocketAddr> {
+        self.link().map(|e| SocketAddr::V6(e.socket_addr()))
+    }
+}
+
 /// Why an initiation gave up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FailReason {
@@ -87,11 +118,15 @@ pub enum Event {
         role: Role,
         /// Our receiver index for the new session.
         local_index: u32,
+        /// The neighbour's endpoint if this is a link session.
+        link: Option<LinkEndpoint>,
     },
     /// An initiation to `remote` failed; `dropped` queued packets were discarded.
     Failed {
-        /// The dialled address.
+        /// The dialled address ([`LINK_ADDRESS`] for link handshakes).
         remote: Ipv6Addr,
+        /// The neighbour's endpoint if this was a link handshake.
+        link: Option<LinkEndpoint>,
         /// Why.
         reason: FailReason,
         /// Queued plaintext packets discarded.
@@ -105,6 +140,8 @@ pub enum Event {
         local_index: u32,
         /// Why.
         reason: ExpiryReason,
+        /// The neighbour's endpoint if this was a link session.
+        link: Option<LinkEndpoint>,
     },
 }
 
@@ -122,6 +159,16 @@ pub enum Inbound {
     Keepalive {
         /// Source overlay address.
         remote: Ipv6Addr,
+    },
+    /// A link-session packet from a neighbour: a control message for the peer layer (an
+    /// empty payload is a keepalive; it still proves the neighbour alive).
+    Control {
+        /// The neighbour's underlay endpoint (checked against the session's).
+        endpoint: LinkEndpoint,
+        /// The key the link handshake proved.
+        remote_key: [u8; PUBLIC_KEY_LEN],
+        /// The plaintext control message.
+        payload: Vec<u8>,
     },
     /// A handshake message was consumed.
     Handshake(HandshakeProgress),
@@ -185,8 +232,8 @@ pub struct Stats {
 }
 
 struct Slot {
-    /// The peer's /64.
-    peer: Ipv6Addr,
+    /// Whom the session is with.
+    peer: RemoteId,
     session: Session,
     /// Responder sessions: the initiator's ephemeral, to recognise duplicate inits.
     init_ephemeral: Option<[u8; 32]>,
@@ -238,9 +285,9 @@ pub struct SessionTable {
     local_key: [u8; PUBLIC_KEY_LEN],
     local_addr: Ipv6Addr,
     config: Config,
-    peers: HashMap<Ipv6Addr, Peer>,
+    peers: HashMap<RemoteId, Peer>,
     sessions: HashMap<u32, Slot>,
-    pending_index: HashMap<u32, Ipv6Addr>,
+    pending_index: HashMap<u32, RemoteId>,
     cookies: CookieChecker,
     limiter: RateLimiter,
     load: LoadMeter,
@@ -326,7 +373,15 @@ impl SessionTable {
 
     /// The session used for sending to `remote`'s /64, if one is up.
     pub fn current_session(&self, remote: Ipv6Addr) -> Option<&Session> {
-        let peer = self.peers.get(&mask(remote, NODE_PREFIX_LEN))?;
+        let peer = self
+            .peers
+            .get(&RemoteId::Node(mask(remote, NODE_PREFIX_LEN)))?;
+        self.sessions.get(&peer.current?).map(|s| &s.session)
+    }
+
+    /// The link session with the neighbour at `endpoint`, if one is up.
+    pub fn link_session(&self, endpoint: LinkEndpoint) -> Option<&Session> {
+        let peer = self.peers.get(&RemoteId::Link(endpoint))?;
         self.sessions.get(&peer.current?).map(|s| &s.session)
     }
 
@@ -345,14 +400,14 @@ impl SessionTable {
         self.events.pop_front()
     }
 
-    fn remote_prefix(&self, remote: Ipv6Addr) -> Result<Ipv6Addr, SendError> {
-        if !is_overlay(&remote) {
+    fn node_id(&self, remote: Ipv6Addr) -> Result<RemoteId, SendError> {
+        if !is_overlay(&remote) || is_link_reserved(&remote) {
             return Err(SendError::NotOverlay(remote));
         }
         if key_owns(&self.local_key, &remote) {
             return Err(SendError::SelfAddress(remote));
         }
-        Ok(mask(remote, NODE_PREFIX_LEN))
+        Ok(RemoteId::Node(mask(remote, NODE_PREFIX_LEN)))
     }
 
     /// Starts a handshake with `remote` now (if none is up or under way), optionally
@@ -365,18 +420,70 @@ impl SessionTable {
         now: Instant,
         rng: &dyn SecureRandom,
     ) -> Result<(), SendError> {
-        let prefix = self.remote_prefix(remote)?;
+        let id = self.node_id(remote)?;
         if let Some(key) = expected_key {
             if !key_owns(&key, &remote) {
                 return Err(SendError::KeyDoesNotOwn(remote));
             }
-            self.peers.entry(prefix).or_default().pinned = Some(key);
+            self.peers.entry(id).or_default().pinned = Some(key);
         }
-        if self.usable_current(prefix, now).is_some() {
+        if self.usable_current(id, now).is_some() {
             return Ok(());
         }
-        self.ensure_handshake(prefix, remote, now, rng)?;
+        self.ensure_handshake(id, remote, now, rng)?;
         Ok(())
+    }
+
+    /// Starts a link handshake with the neighbour at `endpoint` (if no link session is
+    /// up or under way). `expected_key` pins the key it must prove (a beacon announced
+    /// it); `None` accepts whichever key answers there, which the
+    /// [`Event::Established`] reports.
+    pub fn connect_link(
+        &mut self,
+        endpoint: LinkEndpoint,
+        expected_key: Option<[u8; PUBLIC_KEY_LEN]>,
+        now: Instant,
+        rng: &dyn SecureRandom,
+    ) -> Result<(), SendError> {
+        let id = RemoteId::Link(endpoint);
+        self.peers.entry(id).or_default().pinned = expected_key;
+        if self.usable_current(id, now).is_some() {
+            return Ok(());
+        }
+        self.ensure_handshake(id, LINK_ADDRESS, now, rng)?;
+        Ok(())
+    }
+
+    /// Seals a control message for the neighbour at `endpoint` on its link session, or
+    /// queues it and starts a link handshake.
+    pub fn send_link(
+        &mut self,
+        endpoint: LinkEndpoint,
+        plaintext: Vec<u8>,
+        now: Instant,
+        rng: &dyn SecureRandom,
+    ) -> Result<SendStatus, SendError> {
+        self.send_on(RemoteId::Link(endpoint), LINK_ADDRESS, plaintext, now, rng)
+    }
+
+    /// Forgets everything about the neighbour at `endpoint`: its link sessions (reported
+    /// as expired, [`ExpiryReason::Closed`]), any link handshake and queued messages.
+    pub fn close_link(&mut self, endpoint: LinkEndpoint) {
+        let id = RemoteId::Link(endpoint);
+        let indexes: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, slot)| slot.peer == id)
+            .map(|(i, _)| *i)
+            .collect();
+        for index in indexes {
+            self.remove_session(index, ExpiryReason::Closed);
+        }
+        if let Some(peer) = self.peers.remove(&id)
+            && let Some(pending) = peer.pending
+        {
+            self.pending_index.remove(&pending.initiation.local_index);
+        }
     }
 
     /// Seals `plaintext` for `remote` if a session is up, else queues it (bounded, oldest
@@ -389,37 +496,49 @@ impl SessionTable {
         now: Instant,
         rng: &dyn SecureRandom,
     ) -> Result<SendStatus, SendError> {
-        let prefix = self.remote_prefix(remote)?;
+        let id = self.node_id(remote)?;
+        self.send_on(id, remote, plaintext, now, rng)
+    }
+
+    fn send_on(
+        &mut self,
+        id: RemoteId,
+        remote: Ipv6Addr,
+        plaintext: Vec<u8>,
+        now: Instant,
+        rng: &dyn SecureRandom,
+    ) -> Result<SendStatus, SendError> {
         if plaintext.len() > MAX_PLAINTEXT {
             return Err(SendError::TooLarge(plaintext.len()));
         }
-        if let Some(index) = self.usable_current(prefix, now)
-            && self.seal_to(prefix, index, remote, &plaintext, now)
+        if let Some(index) = self.usable_current(id, now)
+            && self.seal_to(id, index, remote, &plaintext, now)
         {
-            self.maybe_rehandshake(prefix, index, now, rng);
+            self.maybe_rehandshake(id, index, now, rng);
             return Ok(SendStatus::Sent);
         }
-        let peer = self.peers.entry(prefix).or_default();
+        let peer = self.peers.entry(id).or_default();
         if peer.queue.len() >= self.config.max_queued {
             peer.queue.pop_front();
             self.stats.queue_dropped += 1;
         }
         peer.queue.push_back((remote, plaintext));
-        let handshake_started = self.ensure_handshake(prefix, remote, now, rng)?;
+        let handshake_started = self.ensure_handshake(id, remote, now, rng)?;
         Ok(SendStatus::Queued { handshake_started })
     }
 
     /// The current session's index if it can still send.
-    fn usable_current(&self, prefix: Ipv6Addr, now: Instant) -> Option<u32> {
-        let index = self.peers.get(&prefix)?.current?;
+    fn usable_current(&self, id: RemoteId, now: Instant) -> Option<u32> {
+        let index = self.peers.get(&id)?.current?;
         let slot = self.sessions.get(&index)?;
         slot.session.expiry(now).is_none().then_some(index)
     }
 
     /// Seals onto session `index` and queues the datagram; false if the session refused.
+    /// Link sessions always address the neighbour as the handshake named it.
     fn seal_to(
         &mut self,
-        prefix: Ipv6Addr,
+        id: RemoteId,
         index: u32,
         dst: Ipv6Addr,
         plaintext: &[u8],
@@ -427,6 +546,10 @@ impl SessionTable {
     ) -> bool {
         let Some(slot) = self.sessions.get_mut(&index) else {
             return false;
+        };
+        let dst = match id {
+            RemoteId::Link(_) => slot.session.remote_addr(),
+            RemoteId::Node(_) => dst,
         };
         let header = DataHeader {
             hop_limit: wire::DEFAULT_HOP_LIMIT,
@@ -437,10 +560,10 @@ impl SessionTable {
             Ok(datagram) => {
                 self.transmits.push_back(Transmit {
                     destination: dst,
-                    underlay: None,
+                    underlay: id.underlay(),
                     datagram,
                 });
-                if let Some(peer) = self.peers.get_mut(&prefix) {
+                if let Some(peer) = self.peers.get_mut(&id) {
                     peer.keepalive_due = None;
                 }
                 true
@@ -451,7 +574,7 @@ impl SessionTable {
 
     fn maybe_rehandshake(
         &mut self,
-        prefix: Ipv6Addr,
+        id: RemoteId,
         index: u32,
         now: Instant,
         rng: &dyn SecureRandom,
@@ -468,25 +591,30 @@ impl SessionTable {
         if age >= due {
             let remote = slot.session.remote_addr();
             // A failure (no randomness) is retried on the next send; the packet went out.
-            let _ = self.ensure_handshake(prefix, remote, now, rng);
+            let _ = self.ensure_handshake(id, remote, now, rng);
         }
     }
 
     /// Starts an initiation unless one is under way or the peer is mid-handshake with us.
     fn ensure_handshake(
         &mut self,
-        prefix: Ipv6Addr,
+        id: RemoteId,
         dialled: Ipv6Addr,
         now: Instant,
         rng: &dyn SecureRandom,
     ) -> Result<bool, HandshakeError> {
-        if let Some(peer) = self.peers.get(&prefix)
+        // Link sessions always dial the endpoint, never an address the session had.
+        let dialled = match id {
+            RemoteId::Link(_) => LINK_ADDRESS,
+            RemoteId::Node(_) => dialled,
+        };
+        if let Some(peer) = self.peers.get(&id)
             && (peer.pending.is_some() || peer.next.is_some())
         {
             return Ok(false);
         }
         let index = self.fresh_index(rng)?;
-        let pinned = self.peers.get(&prefix).and_then(|p| p.pinned);
+        let pinned = self.peers.get(&id).and_then(|p| p.pinned);
         let initiation = Initiation::new(
             &*self.signer,
             self.local_key,
@@ -499,17 +627,17 @@ impl SessionTable {
         )?;
         self.transmits.push_back(Transmit {
             destination: dialled,
-            underlay: None,
+            underlay: id.underlay(),
             datagram: initiation.message().to_vec(),
         });
         let retransmit_at = self.deadline(now, self.config.handshake_timeout);
-        self.peers.entry(prefix).or_default().pending = Some(Pending {
+        self.peers.entry(id).or_default().pending = Some(Pending {
             initiation,
             attempts: 1,
             retransmit_at,
             cookie_expires: None,
         });
-        self.pending_index.insert(index, prefix);
+        self.pending_index.insert(index, id);
         self.stats.handshakes_initiated += 1;
         Ok(true)
     }
@@ -547,16 +675,20 @@ impl SessionTable {
         let packet = Packet::new_checked(datagram)?;
         let repr = Repr::parse(&packet)?;
         match repr.packet_type {
-            PacketType::Data => self.handle_data(&repr, datagram, now),
+            // The session's own packet type is checked when it opens: a Data packet
+            // never opens on a link session, nor Control on an end-to-end one.
+            PacketType::Data | PacketType::Control => {
+                self.handle_sealed(from, &repr, datagram, now)
+            }
             PacketType::HandshakeInit => self.handle_init(from, datagram, now, rng),
             PacketType::HandshakeResponse => self.handle_response(datagram, now),
             PacketType::CookieReply => self.handle_cookie_reply(datagram, now),
-            PacketType::Control => Err(InboundError::NotSessionTraffic),
         }
     }
 
-    fn handle_data(
+    fn handle_sealed(
         &mut self,
+        from: SocketAddr,
         repr: &Repr,
         datagram: &[u8],
         now: Instant,
@@ -566,36 +698,52 @@ impl SessionTable {
             .sessions
             .get_mut(&index)
             .ok_or(InboundError::UnknownIndex(index))?;
+        // A link session is bound to the neighbour's endpoint: what the peer layer
+        // learns (liveness, RTT) must be about that endpoint, not wherever a copy came from.
+        if let RemoteId::Link(endpoint) = slot.peer {
+            let matches = match from {
+                SocketAddr::V6(a) => LinkEndpoint::from(a) == endpoint,
+                SocketAddr::V4(_) => false,
+            };
+            if !matches {
+                return Err(InboundError::WrongEndpoint(from));
+            }
+        }
         let payload = slot.session.open(datagram, now)?;
-        let prefix = slot.peer;
+        let remote_key = *slot.session.remote_key();
+        let id = slot.peer;
         let remote = repr.src_addr;
         let keepalive_due = self.deadline(now, self.config.keepalive_after);
         let confirms = self
             .peers
-            .get(&prefix)
+            .get(&id)
             .is_some_and(|p| p.next.is_some_and(|(n, _)| n == index));
-        if let Some(peer) = self.peers.get_mut(&prefix)
+        if let Some(peer) = self.peers.get_mut(&id)
             && !payload.is_empty()
             && peer.keepalive_due.is_none()
         {
             peer.keepalive_due = Some(keepalive_due);
         }
         if confirms {
-            self.install_current(prefix, index, now);
+            self.install_current(id, index, now);
         }
-        Ok(if payload.is_empty() {
-            Inbound::Keepalive { remote }
-        } else {
-            Inbound::Data { remote, payload }
+        Ok(match id {
+            RemoteId::Link(endpoint) => Inbound::Control {
+                endpoint,
+                remote_key,
+                payload,
+            },
+            RemoteId::Node(_) if payload.is_empty() => Inbound::Keepalive { remote },
+            RemoteId::Node(_) => Inbound::Data { remote, payload },
         })
     }
 
-    /// Makes session `index` the one that sends to `prefix`: the old current becomes
+    /// Makes session `index` the one that sends to `id`: the old current becomes
     /// previous (receive-only for `rekey_grace`), the old previous goes. Then seals
     /// whatever was queued.
-    fn install_current(&mut self, prefix: Ipv6Addr, index: u32, now: Instant) -> usize {
+    fn install_current(&mut self, id: RemoteId, index: u32, now: Instant) -> usize {
         let retire = self.deadline(now, self.config.transport.rekey_grace);
-        let Some(peer) = self.peers.get_mut(&prefix) else {
+        let Some(peer) = self.peers.get_mut(&id) else {
             return 0;
         };
         if peer.next.is_some_and(|(n, _)| n == index) {
@@ -618,18 +766,19 @@ impl SessionTable {
             remote_key: *slot.session.remote_key(),
             role: slot.session.role(),
             local_index: index,
+            link: id.link(),
         });
-        self.flush_queue(prefix, index, now)
+        self.flush_queue(id, index, now)
     }
 
-    fn flush_queue(&mut self, prefix: Ipv6Addr, index: u32, now: Instant) -> usize {
-        let queued = match self.peers.get_mut(&prefix) {
+    fn flush_queue(&mut self, id: RemoteId, index: u32, now: Instant) -> usize {
+        let queued = match self.peers.get_mut(&id) {
             Some(peer) => std::mem::take(&mut peer.queue),
             None => return 0,
         };
         let mut sent = 0;
         for (dst, plaintext) in queued {
-            if self.seal_to(prefix, index, dst, &plaintext, now) {
+            if self.seal_to(id, index, dst, &plaintext, now) {
                 sent += 1;
             } else {
                 self.stats.queue_dropped += 1;
@@ -659,6 +808,7 @@ impl SessionTable {
             remote: slot.session.remote_addr(),
             local_index: index,
             reason,
+            link: slot.peer.link(),
         });
     }
 
@@ -684,9 +834,19 @@ impl SessionTable {
         let msg = InitMsg::parse(datagram)?;
         let src = msg.header.src_addr;
         let dst = msg.header.dst_addr;
-        if !key_owns(&self.local_key, &dst) {
-            return Err(HandshakeError::NotForUs(dst).into());
+        if is_link_reserved(&src) {
+            return Err(HandshakeError::ReservedAddress(src).into());
         }
+        let id = if dst == LINK_ADDRESS {
+            match from {
+                SocketAddr::V6(a) => RemoteId::Link(LinkEndpoint::from(a)),
+                SocketAddr::V4(_) => return Err(HandshakeError::ReservedAddress(dst).into()),
+            }
+        } else if key_owns(&self.local_key, &dst) {
+            RemoteId::Node(mask(src, NODE_PREFIX_LEN))
+        } else {
+            return Err(HandshakeError::NotForUs(dst).into());
+        };
         if msg.static_key == self.local_key || key_owns(&self.local_key, &src) {
             return Err(HandshakeError::SelfHandshake.into());
         }
@@ -716,18 +876,17 @@ impl SessionTable {
 
         // Verified: the initiator holds the key that owns `src`.
         let m = &verified.msg;
-        let prefix = mask(src, NODE_PREFIX_LEN);
-        if let Some(peer) = self.peers.get(&prefix)
+        if let Some(peer) = self.peers.get(&id)
             && peer.pinned.is_some_and(|k| k != m.static_key)
         {
             return Err(HandshakeError::UnexpectedKey(src).into());
         }
         let suite = handshake::choose_suite(m.suites, &self.config.suites)
             .ok_or(HandshakeError::NoCommonSuite)?;
-        if let Some(progress) = self.duplicate_init(prefix, &m.ephemeral, from) {
+        if let Some(progress) = self.duplicate_init(id, &m.ephemeral, from) {
             return Ok(Inbound::Handshake(progress));
         }
-        if let Some(peer) = self.peers.get_mut(&prefix)
+        if let Some(peer) = self.peers.get_mut(&id)
             && let Some(pending) = &peer.pending
         {
             // Simultaneous initiation: the smaller static key's handshake wins.
@@ -752,21 +911,25 @@ impl SessionTable {
             now,
             rng,
         )?;
-        let old_next = self.peers.get(&prefix).and_then(|p| p.next).map(|(i, _)| i);
+        let session = match id {
+            RemoteId::Link(_) => session.into_link(),
+            RemoteId::Node(_) => session,
+        };
+        let old_next = self.peers.get(&id).and_then(|p| p.next).map(|(i, _)| i);
         if let Some(old) = old_next {
             self.remove_session(old, ExpiryReason::Unconfirmed);
         }
         self.sessions.insert(
             index,
             Slot {
-                peer: prefix,
+                peer: id,
                 session,
                 init_ephemeral: Some(verified.msg.ephemeral),
                 response: Some(response.clone()),
             },
         );
         let drop_at = self.deadline(now, self.config.unconfirmed_timeout);
-        self.peers.entry(prefix).or_default().next = Some((index, drop_at));
+        self.peers.entry(id).or_default().next = Some((index, drop_at));
         self.transmits.push_back(Transmit {
             destination: src,
             underlay: Some(from),
@@ -780,11 +943,11 @@ impl SessionTable {
     /// session is unconfirmed, otherwise just ignore it. Never new state.
     fn duplicate_init(
         &mut self,
-        prefix: Ipv6Addr,
+        id: RemoteId,
         ephemeral: &[u8; 32],
         from: SocketAddr,
     ) -> Option<HandshakeProgress> {
-        let peer = self.peers.get(&prefix)?;
+        let peer = self.peers.get(&id)?;
         let slots = [
             peer.next.map(|(i, _)| i),
             peer.current,
@@ -826,13 +989,13 @@ impl SessionTable {
     fn handle_response(&mut self, datagram: &[u8], now: Instant) -> Result<Inbound, InboundError> {
         let msg = ResponseMsg::parse(datagram)?;
         let index = msg.header.session_id;
-        let prefix = *self
+        let id = *self
             .pending_index
             .get(&index)
             .ok_or(InboundError::UnknownIndex(index))?;
         let peer = self
             .peers
-            .get_mut(&prefix)
+            .get_mut(&id)
             .ok_or(InboundError::UnknownIndex(index))?;
         let pending = peer
             .pending
@@ -850,33 +1013,37 @@ impl SessionTable {
             .complete(verified, self.config.transport, now)
         {
             Ok(session) => {
+                let session = match id {
+                    RemoteId::Link(_) => session.into_link(),
+                    RemoteId::Node(_) => session,
+                };
                 self.sessions.insert(
                     index,
                     Slot {
-                        peer: prefix,
+                        peer: id,
                         session,
                         init_ephemeral: None,
                         response: None,
                     },
                 );
-                let flushed = self.install_current(prefix, index, now);
+                let flushed = self.install_current(id, index, now);
                 if flushed == 0 {
                     // Confirm the session to the responder right away.
-                    if self.seal_to(prefix, index, remote, &[], now) {
+                    if self.seal_to(id, index, remote, &[], now) {
                         self.stats.keepalives_sent += 1;
                     }
                 }
                 Ok(Inbound::Handshake(HandshakeProgress::Established))
             }
             Err(e) => {
-                self.fail(prefix, remote, FailReason::Handshake(e.clone()));
+                self.fail(id, remote, FailReason::Handshake(e.clone()));
                 Err(e.into())
             }
         }
     }
 
-    fn fail(&mut self, prefix: Ipv6Addr, remote: Ipv6Addr, reason: FailReason) {
-        let dropped = match self.peers.get_mut(&prefix) {
+    fn fail(&mut self, id: RemoteId, remote: Ipv6Addr, reason: FailReason) {
+        let dropped = match self.peers.get_mut(&id) {
             Some(peer) => {
                 let n = peer.queue.len();
                 peer.queue.clear();
@@ -888,6 +1055,7 @@ impl SessionTable {
         self.stats.handshakes_failed += 1;
         self.events.push_back(Event::Failed {
             remote,
+            link: id.link(),
             reason,
             dropped,
         });
@@ -900,7 +1068,7 @@ impl SessionTable {
     ) -> Result<Inbound, InboundError> {
         let msg = CookieReplyMsg::parse(datagram)?;
         let index = msg.header.session_id;
-        let prefix = *self
+        let id = *self
             .pending_index
             .get(&index)
             .ok_or(InboundError::UnknownIndex(index))?;
@@ -908,7 +1076,7 @@ impl SessionTable {
         let retransmit_after = self.config.handshake_timeout;
         let peer = self
             .peers
-            .get_mut(&prefix)
+            .get_mut(&id)
             .ok_or(InboundError::UnknownIndex(index))?;
         let pending = peer
             .pending
@@ -926,7 +1094,7 @@ impl SessionTable {
         let datagram = pending.initiation.message().to_vec();
         self.transmits.push_back(Transmit {
             destination: remote,
-            underlay: None,
+            underlay: id.underlay(),
             datagram,
         });
         Ok(Inbound::Handshake(HandshakeProgress::CookieAccepted))
@@ -995,7 +1163,7 @@ impl SessionTable {
 
     fn pending_timeouts(&mut self, now: Instant) {
         let mut failed = Vec::new();
-        for (prefix, peer) in &mut self.peers {
+        for (id, peer) in &mut self.peers {
             let Some(pending) = &mut peer.pending else {
                 continue;
             };
@@ -1010,7 +1178,7 @@ impl SessionTable {
             }
             if pending.attempts >= self.config.handshake_attempts {
                 failed.push((
-                    *prefix,
+                    *id,
                     pending.initiation.remote_addr,
                     pending.initiation.local_index,
                 ));
@@ -1026,37 +1194,37 @@ impl SessionTable {
             self.stats.retransmissions += 1;
             self.transmits.push_back(Transmit {
                 destination: pending.initiation.remote_addr,
-                underlay: None,
+                underlay: id.underlay(),
                 datagram: pending.initiation.message().to_vec(),
             });
         }
-        for (prefix, remote, index) in failed {
+        for (id, remote, index) in failed {
             self.pending_index.remove(&index);
-            if let Some(peer) = self.peers.get_mut(&prefix) {
+            if let Some(peer) = self.peers.get_mut(&id) {
                 peer.pending = None;
             }
-            self.fail(prefix, remote, FailReason::Timeout);
+            self.fail(id, remote, FailReason::Timeout);
         }
     }
 
     fn keepalives(&mut self, now: Instant) {
-        let due: Vec<Ipv6Addr> = self
+        let due: Vec<RemoteId> = self
             .peers
             .iter()
             .filter(|(_, p)| p.keepalive_due.is_some_and(|at| now >= at))
-            .map(|(prefix, _)| *prefix)
+            .map(|(id, _)| *id)
             .collect();
-        for prefix in due {
-            if let Some(peer) = self.peers.get_mut(&prefix) {
+        for id in due {
+            if let Some(peer) = self.peers.get_mut(&id) {
                 peer.keepalive_due = None;
             }
-            let Some(index) = self.usable_current(prefix, now) else {
+            let Some(index) = self.usable_current(id, now) else {
                 continue;
             };
             let Some(remote) = self.sessions.get(&index).map(|s| s.session.remote_addr()) else {
                 continue;
             };
-            if self.seal_to(prefix, index, remote, &[], now) {
+            if self.seal_to(id, index, remote, &[], now) {
                 self.stats.keepalives_sent += 1;
             }
         }

@@ -53,6 +53,8 @@ struct Node {
     table: SessionTable,
     underlay: SocketAddr,
     received: Vec<Vec<u8>>,
+    /// Control messages opened under link sessions: (neighbour endpoint, key, payload).
+    control: Vec<(crate::peers::LinkEndpoint, [u8; 32], Vec<u8>)>,
     errors: Vec<InboundError>,
     events: Vec<Event>,
 }
@@ -89,6 +91,7 @@ impl Net {
                         9651,
                     ),
                     received: Vec::new(),
+                    control: Vec::new(),
                     errors: Vec::new(),
                     events: Vec::new(),
                 }
@@ -151,6 +154,11 @@ impl Net {
         let result = node.table.handle_datagram(src, datagram, now, &self.rng);
         match &result {
             Ok(Inbound::Data { payload, .. }) => node.received.push(payload.clone()),
+            Ok(Inbound::Control {
+                endpoint,
+                remote_key,
+                payload,
+            }) => node.control.push((*endpoint, *remote_key, payload.clone())),
             Ok(_) => {}
             Err(e) => node.errors.push(e.clone()),
         }
@@ -166,7 +174,12 @@ impl Net {
             for i in 0..self.nodes.len() {
                 for t in self.take(i) {
                     moved = true;
-                    match self.owner(t.destination) {
+                    // Link traffic goes to an endpoint, end-to-end traffic to an owner.
+                    let target = match t.underlay {
+                        Some(u) => self.nodes.iter().position(|n| n.underlay == u),
+                        None => self.owner(t.destination),
+                    };
+                    match target {
                         Some(j) => {
                             let _ = self.deliver(i, j, &t.datagram);
                         }
@@ -1187,7 +1200,8 @@ fn handshake_gives_up_after_bounded_attempts_with_backoff() {
         vec![Event::Failed {
             remote: nowhere,
             reason: FailReason::Timeout,
-            dropped: 1
+            dropped: 1,
+            link: None,
         }]
     );
     assert_eq!(net.nodes[0].table.pending_handshakes(), 0);
@@ -1390,4 +1404,239 @@ fn node_addresses_are_key_owned() {
     let pk = public(&k);
     assert!(key_owns(&pk, &node_address(&pk)));
     assert!(!key_owns(&public(&keypair(2)), &node_address(&pk)));
+}
+
+// ---- Link sessions: neighbours known by underlay endpoint ----
+
+fn endpoint(net: &Net, i: usize) -> crate::peers::LinkEndpoint {
+    match net.nodes[i].underlay {
+        SocketAddr::V6(a) => crate::peers::LinkEndpoint::from(a),
+        SocketAddr::V4(_) => unreachable!("test nodes are IPv6"),
+    }
+}
+
+fn link_events(net: &Net, i: usize) -> Vec<(crate::peers::LinkEndpoint, [u8; 32])> {
+    net.nodes[i]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Established {
+                link: Some(ep),
+                remote_key,
+                ..
+            } => Some((*ep, *remote_key)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn link_handshake_learns_the_neighbours_key_and_carries_control_both_ways() {
+    let mut net = Net::pair();
+    let (ep0, ep1) = (endpoint(&net, 0), endpoint(&net, 1));
+    let (k0, k1) = (public(&net.nodes[0].key), public(&net.nodes[1].key));
+    let now = net.now;
+    net.nodes[0]
+        .table
+        .connect_link(ep1, None, now, &net.rng)
+        .unwrap();
+    let init = net.take(0);
+    assert_eq!(init.len(), 1);
+    // Sent to the endpoint, addressed to "whoever answers there".
+    assert_eq!(init[0].underlay, Some(net.nodes[1].underlay));
+    assert_eq!(init[0].destination, myconet_common::addr::LINK_ADDRESS);
+    let _ = net.deliver(0, 1, &init[0].datagram);
+    net.pump();
+    // The initiator learned the key from the signed response; the responder's session is
+    // confirmed by the initiator's first packet.
+    assert_eq!(link_events(&net, 0), vec![(ep1, k1)]);
+    assert_eq!(link_events(&net, 1), vec![(ep0, k0)]);
+    assert!(net.nodes[0].table.link_session(ep1).unwrap().is_link());
+
+    let now = net.now;
+    net.nodes[0]
+        .table
+        .send_link(ep1, b"hello".to_vec(), now, &net.rng)
+        .unwrap();
+    net.nodes[1]
+        .table
+        .send_link(ep0, b"ack".to_vec(), now, &net.rng)
+        .unwrap();
+    let sent: Vec<Transmit> = net.take(0);
+    assert_eq!(sent.len(), 1);
+    let header = Repr::parse(&Packet::new_checked(&sent[0].datagram[..]).unwrap()).unwrap();
+    assert_eq!(header.packet_type, PacketType::Control);
+    assert!(
+        !sent[0].datagram.windows(5).any(|w| w == b"hello"),
+        "control messages are encrypted"
+    );
+    let _ = net.deliver(0, 1, &sent[0].datagram);
+    net.pump();
+    assert!(
+        net.nodes[1]
+            .control
+            .iter()
+            .any(|(ep, k, p)| *ep == ep0 && *k == k0 && p == b"hello")
+    );
+    assert!(
+        net.nodes[0]
+            .control
+            .iter()
+            .any(|(ep, k, p)| *ep == ep1 && *k == k1 && p == b"ack")
+    );
+    // Link traffic never shows up as overlay data.
+    assert!(net.nodes[0].received.is_empty() && net.nodes[1].received.is_empty());
+    assert!(net.nodes[0].errors.is_empty(), "{:?}", net.nodes[0].errors);
+    assert!(net.nodes[1].errors.is_empty(), "{:?}", net.nodes[1].errors);
+}
+
+#[test]
+fn link_and_end_to_end_sessions_with_one_node_are_separate() {
+    let mut net = Net::pair();
+    let ep1 = endpoint(&net, 1);
+    let now = net.now;
+    net.nodes[0]
+        .table
+        .connect_link(ep1, None, now, &net.rng)
+        .unwrap();
+    net.pump();
+    assert_eq!(
+        net.send(0, 1, b"data"),
+        SendStatus::Queued {
+            handshake_started: true
+        }
+    );
+    net.pump();
+    assert_eq!(net.nodes[1].received, vec![b"data".to_vec()]);
+    assert_eq!(net.nodes[0].table.session_count(), 2);
+    assert_eq!(net.nodes[1].table.session_count(), 2);
+    let link_index = net.nodes[0].table.link_session(ep1).unwrap().local_index();
+    let e2e_index = net.nodes[0]
+        .table
+        .current_session(net.addr(1))
+        .unwrap()
+        .local_index();
+    assert_ne!(link_index, e2e_index);
+
+    // A data packet sealed on the end-to-end session but carrying the link session's
+    // index (or the reverse) does not open: the packet type is authenticated.
+    let (now, a0) = (net.now, net.addr(0));
+    net.nodes[1]
+        .table
+        .send(a0, b"x".to_vec(), now, &net.rng)
+        .unwrap();
+    let mut data = net.take(1).remove(0).datagram;
+    data[field::SESSION].copy_from_slice(&link_index.to_be_bytes());
+    let before = net.nodes[0]
+        .table
+        .link_session(ep1)
+        .unwrap()
+        .last_received();
+    assert!(matches!(
+        net.deliver(1, 0, &data),
+        Err(InboundError::Open(_))
+    ));
+    assert_eq!(
+        net.nodes[0]
+            .table
+            .link_session(ep1)
+            .unwrap()
+            .last_received(),
+        before
+    );
+}
+
+#[test]
+fn link_packets_from_another_endpoint_are_refused() {
+    let mut net = Net::pair();
+    let ep1 = endpoint(&net, 1);
+    let now = net.now;
+    net.nodes[0]
+        .table
+        .connect_link(ep1, None, now, &net.rng)
+        .unwrap();
+    net.pump();
+    let now = net.now;
+    let ep0 = endpoint(&net, 0);
+    net.nodes[1]
+        .table
+        .send_link(ep0, b"hi".to_vec(), now, &net.rng)
+        .unwrap();
+    let datagram = net.take(1).remove(0).datagram;
+    let elsewhere: SocketAddr = "[2001:db8:ffff::9]:9651".parse().unwrap();
+    assert!(matches!(
+        net.deliver_from(elsewhere, 0, &datagram),
+        Err(InboundError::WrongEndpoint(_))
+    ));
+    // The genuine copy still opens: the refusal changed nothing.
+    assert!(matches!(
+        net.deliver(1, 0, &datagram),
+        Ok(Inbound::Control { .. })
+    ));
+}
+
+#[test]
+fn a_pinned_link_key_refuses_whoever_else_answers() {
+    let mut net = Net::new(&[1, 2, 3], vec![config(), config(), config()]);
+    let ep1 = endpoint(&net, 1);
+    let k2 = public(&net.nodes[2].key);
+    let now = net.now;
+    net.nodes[0]
+        .table
+        .connect_link(ep1, Some(k2), now, &net.rng)
+        .unwrap();
+    net.pump();
+    assert!(link_events(&net, 0).is_empty());
+    assert!(
+        net.nodes[0]
+            .errors
+            .iter()
+            .any(|e| matches!(e, InboundError::Handshake(HandshakeError::UnexpectedKey(_)))),
+        "{:?}",
+        net.nodes[0].errors
+    );
+    assert!(net.nodes[0].table.link_session(ep1).is_none());
+}
+
+#[test]
+fn closing_a_link_forgets_its_sessions() {
+    let mut net = Net::pair();
+    let ep1 = endpoint(&net, 1);
+    let now = net.now;
+    net.nodes[0]
+        .table
+        .connect_link(ep1, None, now, &net.rng)
+        .unwrap();
+    net.pump();
+    assert!(net.nodes[0].table.link_session(ep1).is_some());
+    net.nodes[0].table.close_link(ep1);
+    let events: Vec<Event> = std::iter::from_fn(|| net.nodes[0].table.poll_event()).collect();
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::Expired {
+            link: Some(ep),
+            reason: ExpiryReason::Closed,
+            ..
+        } if *ep == ep1
+    )));
+    assert!(net.nodes[0].table.link_session(ep1).is_none());
+    assert_eq!(net.nodes[0].table.session_count(), 0);
+    assert_eq!(net.nodes[0].table.pending_handshakes(), 0);
+}
+
+#[test]
+fn nobody_may_speak_from_the_reserved_link_prefix() {
+    let mut net = Net::pair();
+    let now = net.now;
+    // Node 0 claims fd6d::1 as its source: no key owns it, so the init cannot verify,
+    // and the table refuses it before even checking the signature.
+    assert!(matches!(
+        net.nodes[0].table.send(
+            myconet_common::addr::LINK_ADDRESS,
+            b"x".to_vec(),
+            now,
+            &net.rng
+        ),
+        Err(SendError::NotOverlay(_))
+    ));
 }

@@ -105,6 +105,8 @@ pub enum ExpiryReason {
     Replaced,
     /// A responder session the initiator never confirmed by sending on it.
     Unconfirmed,
+    /// The agent closed it (a link session whose neighbour was removed).
+    Closed,
 }
 
 /// Header fields the sender chooses for one `Data` packet; everything else (type, session
@@ -203,6 +205,9 @@ pub struct Session {
     created: Instant,
     last_rx: Option<Instant>,
     last_tx: Option<Instant>,
+    /// `Data` for end-to-end sessions, `Control` for link sessions: the type is in the
+    /// associated data, so a packet of one kind can never be opened as the other.
+    packet_type: PacketType,
 }
 
 impl std::fmt::Debug for Session {
@@ -279,6 +284,7 @@ impl Session {
             created: now,
             last_rx: None,
             last_tx: None,
+            packet_type: PacketType::Data,
         })
     }
 
@@ -326,6 +332,18 @@ impl Session {
     /// received is still unconfirmed.
     pub fn last_received(&self) -> Option<Instant> {
         self.last_rx
+    }
+
+    /// Turns a fresh session into a link session: it seals and opens `Control` packets
+    /// only. Called by the session table before the first packet.
+    pub(crate) fn into_link(mut self) -> Self {
+        self.packet_type = PacketType::Control;
+        self
+    }
+
+    /// Whether this is a link session (carries neighbour control messages, not traffic).
+    pub fn is_link(&self) -> bool {
+        self.packet_type == PacketType::Control
     }
 
     /// When a packet was last sealed, if ever.
@@ -415,7 +433,7 @@ impl Session {
         }
         let counter = (u64::from(self.tx.phase) << PHASE_SHIFT) | self.tx.sent_in_phase;
         let repr = Repr {
-            packet_type: PacketType::Data,
+            packet_type: self.packet_type,
             hop_limit: header.hop_limit,
             flags: 0,
             session_id: self.remote_index,
@@ -464,7 +482,7 @@ impl Session {
     pub fn open(&mut self, datagram: &[u8], now: Instant) -> Result<Vec<u8>, OpenError> {
         let packet = Packet::new_checked(datagram)?;
         let repr = Repr::parse(&packet)?;
-        if repr.packet_type != PacketType::Data {
+        if repr.packet_type != self.packet_type {
             return Err(OpenError::NotData(repr.packet_type as u8));
         }
         if repr.session_id != self.local_index {
