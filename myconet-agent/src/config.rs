@@ -54,6 +54,10 @@ pub struct Cli {
     /// Static peer, `[ADDR]:PORT` or `ADDR` (repeat for several).
     #[arg(long = "peer")]
     pub peers: Vec<String>,
+    /// Find neighbours on this interface by signed link-local multicast beacons
+    /// (repeat for several; off everywhere unless named).
+    #[arg(long = "discover")]
+    pub discover: Vec<String>,
     /// Name of the overlay TUN device unmodified applications use.
     #[arg(long)]
     pub tun_name: Option<String>,
@@ -90,6 +94,8 @@ pub struct FileConfig {
     #[serde(default)]
     peers: Vec<String>,
     #[serde(default)]
+    discover: Vec<String>,
+    #[serde(default)]
     routes: Vec<FileRoute>,
 }
 
@@ -124,6 +130,8 @@ pub struct Settings {
     pub manage_sysctl: bool,
     /// Static peers.
     pub peers: Vec<SocketAddrV6>,
+    /// Interfaces to discover neighbours on.
+    pub discover: Vec<String>,
     /// Static routes.
     pub routes: Vec<(Prefix, NextHop)>,
     /// The TUN device to create, `None` for a pure relay.
@@ -248,6 +256,11 @@ impl Cli {
             dataplane,
             manage_sysctl: !self.no_sysctl && file.manage_sysctl.unwrap_or(true),
             peers,
+            discover: if self.discover.is_empty() {
+                file.discover
+            } else {
+                self.discover
+            },
             routes,
         })
     }

@@ -14,13 +14,13 @@ use myconet_agent::{
     netlink::{self, Netlink},
     node::Node,
     overlay::{self, Overlay},
-    peers::{LinkEndpoint, PeerConfig},
+    peers::{Beaconer, DiscoveryConfig, LinkEndpoint, PeerConfig, ReceivedBeacon},
     sysctl,
     tun::{Tun, TunOptions},
     underlay,
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -143,11 +143,14 @@ async fn serve(
         links.clone(),
         overlay::session_config(),
     )?);
-    let tasks = [
+    let mut tasks = vec![
         tokio::spawn(underlay::run(node.clone(), socket, overlay.clone())),
         tokio::spawn(overlay.clone().run_tun()),
         tokio::spawn(overlay.run_timers()),
     ];
+    if !settings.discover.is_empty() {
+        tasks.extend(start_discovery(node, &links, settings)?);
+    }
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -163,6 +166,44 @@ async fn serve(
         t.abort();
     }
     served
+}
+
+/// Starts beaconing on the `--discover` interfaces and feeds what arrives to the
+/// neighbour layer, which verifies each beacon and starts a link handshake that must
+/// prove the announced key.
+fn start_discovery(
+    node: &Arc<Node>,
+    links: &Arc<Links>,
+    settings: &myconet_agent::config::Settings,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut ifindexes = Vec::new();
+    for iface in &settings.discover {
+        let index = dataplane::ifindex(iface)?;
+        links.enable_discovery(index);
+        ifindexes.push(index);
+    }
+    let beaconer = Beaconer::bind(DiscoveryConfig::new(settings.port), &ifindexes)
+        .context("opening the discovery sockets")?;
+    info!(interfaces = ?settings.discover, "discovering neighbours by link-local beacons");
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ReceivedBeacon>(256);
+    let signer = node.clone();
+    let beacons = tokio::spawn(async move {
+        if let Err(e) = beaconer.run(signer, tx).await {
+            warn!(error = %e, "discovery stopped");
+        }
+    });
+    let links = links.clone();
+    let intake = tokio::spawn(async move {
+        while let Some(beacon) = rx.recv().await {
+            match links.with_manager(|m| beacon.deliver(m)) {
+                Ok(outcome) => debug!(?outcome, from = %beacon.from, "beacon"),
+                Err(reason) => {
+                    debug!(reason = reason.name(), from = %beacon.from, "beacon rejected")
+                }
+            }
+        }
+    });
+    Ok(vec![beacons, intake])
 }
 
 /// Fresh randomness for timer jitter, so neighbours' hellos do not synchronise.
