@@ -54,6 +54,10 @@ pub struct Cli {
     /// Static peer, `[ADDR]:PORT` or `ADDR` (repeat for several).
     #[arg(long = "peer")]
     pub peers: Vec<String>,
+    /// Milliseconds between hellos to each neighbour; a neighbour silent for three
+    /// intervals and a half is down, which bounds how long a dead relay keeps routes.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub hello_interval_ms: Option<u64>,
     /// Find neighbours on this interface by signed link-local multicast beacons
     /// (repeat for several; off everywhere unless named).
     #[arg(long = "discover")]
@@ -95,6 +99,7 @@ pub struct FileConfig {
     peers: Vec<String>,
     #[serde(default)]
     discover: Vec<String>,
+    hello_interval_ms: Option<u64>,
     #[serde(default)]
     routes: Vec<FileRoute>,
 }
@@ -132,6 +137,8 @@ pub struct Settings {
     pub peers: Vec<SocketAddrV6>,
     /// Interfaces to discover neighbours on.
     pub discover: Vec<String>,
+    /// Neighbour timers.
+    pub peer_config: crate::peers::PeerConfig,
     /// Static routes.
     pub routes: Vec<(Prefix, NextHop)>,
     /// The TUN device to create, `None` for a pure relay.
@@ -164,6 +171,24 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddrV6> {
         .parse()
         .with_context(|| format!("not an IPv6 endpoint ([ADDR]:PORT or ADDR): {s}"))?;
     Ok(SocketAddrV6::new(addr, DEFAULT_PORT, 0, 0))
+}
+
+/// Neighbour timers from the hello interval (default 1 s): down after three intervals
+/// and a half without an authenticated packet, so three lost hellos in a row take a link
+/// down and two never do.
+fn peer_config(hello_interval_ms: Option<u64>) -> anyhow::Result<crate::peers::PeerConfig> {
+    let mut config = crate::peers::PeerConfig::default();
+    let hello = std::time::Duration::from_millis(hello_interval_ms.unwrap_or(1000));
+    if !(100..=60_000).contains(&hello.as_millis()) {
+        bail!("hello_interval_ms must be 100..=60000");
+    }
+    config.hello_interval = hello;
+    config.hello_loss_timeout = hello;
+    config.dead_interval = hello * 7 / 2;
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("neighbour timers: {e}"))?;
+    Ok(config)
 }
 
 impl Cli {
@@ -256,6 +281,7 @@ impl Cli {
             dataplane,
             manage_sysctl: !self.no_sysctl && file.manage_sysctl.unwrap_or(true),
             peers,
+            peer_config: peer_config(self.hello_interval_ms.or(file.hello_interval_ms))?,
             discover: if self.discover.is_empty() {
                 file.discover
             } else {

@@ -28,9 +28,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     link::Links,
-    node::{Node, NodeError},
+    node::{Node, NodeError, RouteRow},
     peers::LinkEndpoint,
     rib::{NextHop, Origin, Prefix, RouteTarget},
+    routing::{NotChosen, RouteSnapshot, Selection},
 };
 
 /// A control socket claimed by this agent, not yet serving.
@@ -350,6 +351,67 @@ fn route_entry(target: RouteTarget, origin: Option<Origin>) -> pb::RouteEntry {
     }
 }
 
+/// A RIB/kernel row with the routing protocol's selected route for the prefix.
+fn route_row(row: &RouteRow, candidates: &[RouteSnapshot<LinkEndpoint>]) -> pb::RouteRow {
+    let mine = candidates.iter().filter(|c| {
+        Prefix::new(c.prefix, c.plen).is_ok_and(|p| p == row.prefix) && c.next_hop.is_some()
+    });
+    let count = mine.clone().count();
+    pb::RouteRow {
+        prefix: row.prefix.to_string(),
+        agent: row.agent.map(|e| route_entry(e.target, Some(e.origin))),
+        kernel: row.kernel.map(|t| route_entry(t, None)),
+        in_sync: row.in_sync(),
+        routing: mine.clone().find(|c| c.selected).map(routing_info),
+        candidates: saturating_u32(count),
+    }
+}
+
+fn hex(key: &[u8; 32]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn routing_info(r: &RouteSnapshot<LinkEndpoint>) -> pb::RoutingInfo {
+    pb::RoutingInfo {
+        next_hop: r.next_hop.map(|n| pb::NextHop {
+            address: n.addr().to_string(),
+            port: u32::from(n.port()),
+            ifindex: n.scope_id(),
+        }),
+        next_hop_key: r.next_hop_key.as_ref().map(hex).unwrap_or_default(),
+        origin_key: hex(&r.origin),
+        metric: u32::from(r.metric),
+        advertised_metric: u32::from(r.advertised_metric),
+        link_cost: u32::from(r.link_cost),
+        seqno: u32::from(r.seqno),
+        feasible: r.feasible,
+        fd_seqno: r.feasibility_distance.map(|f| u32::from(f.seqno)),
+        fd_metric: r.feasibility_distance.map(|f| u32::from(f.metric)),
+        age_ms: u64::try_from(r.age.as_millis()).unwrap_or(u64::MAX),
+        selected: r.selected,
+    }
+}
+
+fn selection_name(s: &Selection) -> &'static str {
+    match s {
+        Selection::NotOverlay => "not_overlay",
+        Selection::Local => "local",
+        Selection::NoRoute => "no_route",
+        Selection::OnlyFeasible => "only_feasible",
+        Selection::LowestMetric => "lowest_metric",
+        Selection::Hysteresis { .. } => "hysteresis",
+    }
+}
+
+fn not_chosen_name(n: &NotChosen) -> &'static str {
+    match n {
+        NotChosen::Unfeasible => "unfeasible",
+        NotChosen::InfiniteMetric => "infinite_metric",
+        NotChosen::HigherMetric => "higher_metric",
+        NotChosen::WithinHysteresis => "within_hysteresis",
+    }
+}
+
 fn counter(name: &str, c: myconet_common::maps::Counter) -> pb::Counter {
     pb::Counter {
         name: name.to_string(),
@@ -437,19 +499,52 @@ impl Control for ControlService {
         &self,
         _request: Request<pb::ListRoutesRequest>,
     ) -> Result<Response<pb::ListRoutesResponse>, Status> {
+        let candidates = self.links.route_snapshot(std::time::Instant::now());
         let routes = self
             .node
             .routes()
             .map_err(node_status)?
             .into_iter()
-            .map(|row| pb::RouteRow {
-                prefix: row.prefix.to_string(),
-                agent: row.agent.map(|e| route_entry(e.target, Some(e.origin))),
-                kernel: row.kernel.map(|t| route_entry(t, None)),
-                in_sync: row.in_sync(),
-            })
+            .map(|row| route_row(&row, &candidates))
             .collect();
         Ok(Response::new(pb::ListRoutesResponse { routes }))
+    }
+
+    async fn get_route(
+        &self,
+        request: Request<pb::GetRouteRequest>,
+    ) -> Result<Response<pb::RouteExplanation>, Status> {
+        let addr = parse_addr("address", &request.into_inner().address)?;
+        let now = std::time::Instant::now();
+        let e = self.links.explain(addr, now);
+        let candidates = self.links.route_snapshot(now);
+        let installed = self
+            .node
+            .routes()
+            .map_err(node_status)?
+            .into_iter()
+            .filter(|row| row.prefix.contains(addr))
+            .max_by_key(|row| row.prefix.prefix_len())
+            .map(|row| route_row(&row, &candidates));
+        Ok(Response::new(pb::RouteExplanation {
+            address: addr.to_string(),
+            prefix: e
+                .prefix
+                .map(|(p, l)| format!("{p}/{l}"))
+                .unwrap_or_default(),
+            selection: selection_name(&e.selection).to_string(),
+            explanation: e.to_string(),
+            selected: e.selected.as_ref().map(routing_info),
+            alternatives: e
+                .alternatives
+                .iter()
+                .map(|(r, why)| pb::RejectedRoute {
+                    route: Some(routing_info(r)),
+                    reason: not_chosen_name(why).to_string(),
+                })
+                .collect(),
+            installed,
+        }))
     }
 
     async fn add_route(
@@ -508,7 +603,21 @@ impl Control for ControlService {
             .into_iter()
             .map(|(stat, c)| counter(stat.name(), c))
             .collect();
-        Ok(Response::new(pb::Stats { xdp, agent }))
+        let routing = self
+            .links
+            .routing_counters()
+            .into_iter()
+            .map(|(name, n)| pb::Counter {
+                name: name.to_string(),
+                packets: n,
+                bytes: 0,
+            })
+            .collect();
+        Ok(Response::new(pb::Stats {
+            xdp,
+            agent,
+            routing,
+        }))
     }
 }
 
@@ -555,7 +664,8 @@ mod tests {
 
     fn links(node: &Arc<Node>) -> Arc<Links> {
         let config = crate::peers::PeerConfig::default();
-        Arc::new(Links::new(node.clone(), config, std::time::Instant::now(), 1).unwrap())
+        let routing = crate::routing::RoutingConfig::default();
+        Arc::new(Links::new(node.clone(), config, routing, std::time::Instant::now(), 1).unwrap())
     }
 
     async fn serve_test(

@@ -23,6 +23,7 @@ pub mod node;
 pub mod overlay;
 pub mod peers;
 pub mod rib;
+pub mod routing;
 pub mod session;
 pub mod sysctl;
 pub mod tun;

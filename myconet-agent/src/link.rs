@@ -15,10 +15,17 @@
 //! relay through this node, and every control message a neighbour sends is authenticated
 //! by its link session.
 //!
+//! The routing core ([`Router`]) rides on the same links: a neighbour that comes up is a
+//! routing neighbour, its measured RTT and loss set the link cost, routing payloads
+//! travel as routing frames under the link session, and the routes it selects are
+//! installed in the node's RIB and kernel route map (one in-place replace per change).
+//!
 //! Lock order: the session table's lock (held by the caller of [`Links::apply_actions`])
-//! before the manager's; nothing here takes the table's lock itself.
+//! before the manager's, the manager's before the router's; nothing here takes the
+//! table's lock itself.
 
 use std::{
+    collections::BTreeSet,
     sync::{Arc, Mutex, MutexGuard},
     time::Instant,
 };
@@ -32,14 +39,26 @@ use crate::{
     peers::{
         Action, ControlMessage, LinkEndpoint, NodeKey, PeerConfig, PeerError, PeerManager,
         PeerSnapshot, PeerStats,
+        control::{frame_routing, routing_payload},
+    },
+    rib::{NextHop, Prefix},
+    routing::{
+        Explanation, RouteEvent, RouteSnapshot, Router, RoutingConfig, RoutingStats, TransmitTo,
     },
     session::{Event, FailReason, SessionTable},
 };
+
+/// The routing core and the neighbours it may send to (those up).
+struct Routing {
+    router: Router<LinkEndpoint>,
+    up: BTreeSet<LinkEndpoint>,
+}
 
 /// The node's neighbours: who they are, whether their link is authenticated, and what
 /// their link measured (RTT, loss).
 pub struct Links {
     manager: Mutex<PeerManager>,
+    routing: Mutex<Routing>,
     node: Arc<Node>,
     kick: Notify,
 }
@@ -53,17 +72,24 @@ impl std::fmt::Debug for Links {
 }
 
 impl Links {
-    /// The neighbour layer of `node`; `seed` jitters hello timers (use fresh randomness).
+    /// The neighbour layer of `node` with its routing core; `seed` jitters hello and
+    /// update timers (use fresh randomness).
     pub fn new(
         node: Arc<Node>,
         config: PeerConfig,
+        routing: RoutingConfig,
         now: Instant,
         seed: u64,
-    ) -> Result<Self, PeerError> {
+    ) -> anyhow::Result<Self> {
         let key = NodeKey::from_slice(node.identity().public_key())
             .ok_or(PeerError::InvalidConfig("identity key is not 32 bytes"))?;
+        let router = Router::new(node.identity_arc(), routing, seed.rotate_left(17), now)?;
         Ok(Self {
             manager: Mutex::new(PeerManager::new(config, key, now, seed)?),
+            routing: Mutex::new(Routing {
+                router,
+                up: BTreeSet::new(),
+            }),
             node,
             kick: Notify::new(),
         })
@@ -71,6 +97,72 @@ impl Links {
 
     fn manager(&self) -> MutexGuard<'_, PeerManager> {
         self.manager.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn routing(&self) -> MutexGuard<'_, Routing> {
+        self.routing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every candidate route the routing core holds, for `ListRoutes`.
+    pub fn route_snapshot(&self, now: Instant) -> Vec<RouteSnapshot<LinkEndpoint>> {
+        self.routing().router.routes(now)
+    }
+
+    /// Which route carries `addr` and why, for `route get`.
+    pub fn explain(&self, addr: std::net::Ipv6Addr, now: Instant) -> Explanation<LinkEndpoint> {
+        self.routing().router.explain(addr, now)
+    }
+
+    /// The routing core's counters (messages, bytes, rejections by reason).
+    pub fn routing_stats(&self) -> RoutingStats {
+        self.routing().router.stats().clone()
+    }
+
+    /// The routing counters by stable name, for `GetStats`.
+    pub fn routing_counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.routing_stats();
+        macro_rules! named {
+            ($($field:ident),* $(,)?) => { vec![$((stringify!($field), s.$field)),*] };
+        }
+        named![
+            messages_sent,
+            bytes_sent,
+            messages_received,
+            bytes_received,
+            updates_sent,
+            retractions_sent,
+            updates_received,
+            retractions_received,
+            route_requests_sent,
+            route_requests_received,
+            seqno_requests_sent,
+            seqno_requests_received,
+            seqno_requests_forwarded,
+            seqno_requests_dropped,
+            signature_verifications,
+            verify_cache_hits,
+            rejected_unowned_prefix,
+            rejected_bad_signature,
+            rejected_conflicting_origin,
+            rejected_malformed,
+            rejected_version,
+            rejected_bad_prefix,
+            rejected_unknown_neighbour,
+            unknown_tlvs,
+            own_prefix_ignored,
+            unfeasible_updates,
+            rejected_table_full,
+            rejected_neighbour_limit,
+            requests_dropped_limit,
+            route_changes,
+            routes_expired,
+            sources_collected,
+            seqno_bumps,
+            seqno_bumps_deferred,
+            link_cost_changes,
+            neighbours_up,
+            neighbours_down,
+        ]
     }
 
     /// Adds a configured neighbour; it becomes a relay peer once its link handshake
@@ -116,14 +208,17 @@ impl Links {
         self.kick.notified().await;
     }
 
-    /// When hellos, retries or dead intervals are next due.
+    /// When hellos, retries, dead intervals or routing updates are next due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.manager().poll_timeout()
+        let peers = self.manager().poll_timeout();
+        let routing = self.routing().router.poll_timeout();
+        peers.into_iter().chain(routing).min()
     }
 
-    /// Runs due hellos, retries and dead-interval checks.
+    /// Runs due hellos, retries, dead-interval checks and routing timers.
     pub fn handle_timeout(&self, now: Instant) {
         self.manager().handle_timeout(now);
+        self.routing().router.handle_timeout(now);
     }
 
     /// Feeds a session-table event about a link session to the manager; end-to-end
@@ -165,10 +260,35 @@ impl Links {
         if payload.is_empty() {
             return;
         }
+        match routing_payload(payload) {
+            Some(Ok(message)) => {
+                drop(manager);
+                // Rejections (unowned prefixes, bad signatures...) are counted inside.
+                if let Err(e) = self.routing().router.handle_message(endpoint, message, now) {
+                    debug!(%endpoint, error = %e, "routing message refused");
+                }
+                return;
+            }
+            Some(Err(e)) => {
+                self.node.count(AgentStat::RxMalformed, payload.len());
+                debug!(%endpoint, error = %e, "malformed routing frame");
+                return;
+            }
+            None => {}
+        }
         match ControlMessage::parse(payload) {
             Ok(message) => {
                 if let Err(e) = manager.handle_control(endpoint, &message, now) {
                     debug!(%endpoint, error = %e, "control message ignored");
+                }
+                // A hello-ack is an RTT sample: let the routing core re-cost the link.
+                if matches!(message, ControlMessage::HelloAck(_))
+                    && let Some(peer) = manager.peer(endpoint, now)
+                {
+                    drop(manager);
+                    self.routing()
+                        .router
+                        .neighbour_measurement(endpoint, peer.srtt, peer.loss, now);
                 }
             }
             Err(e) => {
@@ -188,13 +308,64 @@ impl Links {
         rng: &dyn SecureRandom,
     ) -> usize {
         let mut applied = 0;
-        loop {
-            let Some(action) = self.manager().poll_action() else {
-                return applied;
-            };
+        while let Some(action) = self.manager().poll_action() {
             applied += 1;
             self.apply(action, table, now, rng);
         }
+        applied + self.apply_routing(table, now, rng)
+    }
+
+    /// Sends what the routing core wants sent and installs what it selected.
+    fn apply_routing(
+        &self,
+        table: &mut SessionTable,
+        now: Instant,
+        rng: &dyn SecureRandom,
+    ) -> usize {
+        let mut routing = self.routing();
+        let mut applied = 0;
+        while let Some(t) = routing.router.poll_transmit() {
+            applied += 1;
+            let Some(frame) = frame_routing(&t.payload) else {
+                continue;
+            };
+            let targets: Vec<LinkEndpoint> = match t.to {
+                TransmitTo::Neighbour(n) => vec![n],
+                TransmitTo::AllNeighbours => routing.up.iter().copied().collect(),
+            };
+            for n in targets {
+                if let Err(e) = table.send_link(n, frame.clone(), now, rng) {
+                    debug!(endpoint = %n, error = %e, "cannot send routing message");
+                }
+            }
+        }
+        while let Some(event) = routing.router.poll_event() {
+            applied += 1;
+            let result = match event {
+                RouteEvent::Installed {
+                    prefix,
+                    plen,
+                    next_hop,
+                    ..
+                }
+                | RouteEvent::Changed {
+                    prefix,
+                    plen,
+                    next_hop,
+                    ..
+                } => Prefix::new(prefix, plen)
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .and_then(|p| Ok(self.node.set_routed(p, next_hop_of(next_hop))?)),
+                RouteEvent::Removed { prefix, plen, .. } => Prefix::new(prefix, plen)
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .and_then(|p| Ok(self.node.unset_routed(p)?)),
+            };
+            match result {
+                Ok(()) => debug!(?event, "route change applied"),
+                Err(e) => warn!(?event, error = %e, "route change not applied"),
+            }
+        }
+        applied
     }
 
     fn apply(
@@ -219,6 +390,11 @@ impl Links {
                 }
             }
             Action::PeerUp { node_key, .. } => {
+                {
+                    let mut routing = self.routing();
+                    routing.up.insert(endpoint);
+                    routing.router.neighbour_up(endpoint, node_key.0, now);
+                }
                 let (addr, port) = endpoint.underlay();
                 match self.node.add_peer(addr, port) {
                     Ok(()) => {
@@ -232,6 +408,11 @@ impl Links {
                 }
             }
             Action::PeerDown { .. } => {
+                {
+                    let mut routing = self.routing();
+                    routing.up.remove(&endpoint);
+                    routing.router.neighbour_down(endpoint, now);
+                }
                 let (addr, port) = endpoint.underlay();
                 match self.node.remove_peer(addr, port) {
                     Ok(_) => info!(%endpoint, "neighbour down: removed from the relay peer map"),
@@ -240,8 +421,25 @@ impl Links {
                     }
                 }
             }
-            Action::CloseLink(_) => table.close_link(endpoint),
+            Action::CloseLink(_) => {
+                let mut routing = self.routing();
+                if routing.up.remove(&endpoint) {
+                    routing.router.neighbour_down(endpoint, now);
+                }
+                drop(routing);
+                table.close_link(endpoint);
+            }
             Action::SendHello(..) | Action::SendHelloAck(..) | Action::SendKeepalive(_) => {}
         }
+    }
+}
+
+/// Where traffic for a route through neighbour `n` goes: its underlay endpoint (with the
+/// interface for link-local neighbours).
+fn next_hop_of(n: LinkEndpoint) -> NextHop {
+    NextHop {
+        addr: n.addr(),
+        port: n.port(),
+        ifindex: n.scope_id(),
     }
 }

@@ -14,7 +14,8 @@ use myconet_agent::{
     netlink::{self, Netlink},
     node::Node,
     overlay::{self, Overlay},
-    peers::{Beaconer, DiscoveryConfig, LinkEndpoint, PeerConfig, ReceivedBeacon},
+    peers::{Beaconer, DiscoveryConfig, LinkEndpoint, ReceivedBeacon},
+    routing::RoutingConfig,
     sysctl,
     tun::{Tun, TunOptions},
     underlay,
@@ -113,7 +114,8 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let links = Arc::new(Links::new(
         node.clone(),
-        PeerConfig::default(),
+        settings.peer_config.clone(),
+        RoutingConfig::default(),
         Instant::now(),
         jitter_seed(),
     )?);

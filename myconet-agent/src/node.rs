@@ -200,6 +200,9 @@ impl RouteRow {
 
 struct State {
     rib: Rib,
+    /// What the routing protocol selected, kept even where a static route overrides
+    /// it, so removing the static route falls back to it at once.
+    routed: std::collections::BTreeMap<Prefix, NextHop>,
     peers: BTreeSet<Endpoint>,
     dataplane: Option<XdpDataplane>,
     sysctls: sysctl::Journal,
@@ -241,6 +244,7 @@ impl Node {
             started: Instant::now(),
             state: Mutex::new(State {
                 rib: Rib::default(),
+                routed: std::collections::BTreeMap::new(),
                 peers: BTreeSet::new(),
                 dataplane,
                 sysctls,
@@ -367,12 +371,72 @@ impl Node {
         if self.is_own(&prefix) {
             return Err(NodeError::OwnPrefix(prefix));
         }
+        let routed = self.state().routed.get(&prefix).copied();
+        if let Some(next_hop) = routed {
+            // Fall back to what the routing protocol selected: one in-place replace, so
+            // the prefix never becomes unroutable.
+            let existed = self
+                .state()
+                .rib
+                .get(&prefix)
+                .is_some_and(|e| e.origin == Origin::Static);
+            self.install(
+                prefix,
+                RibEntry {
+                    target: RouteTarget::Forward(next_hop),
+                    origin: Origin::Routing,
+                },
+            )?;
+            return Ok(existed);
+        }
         let mut st = self.state();
         let in_kernel = match st.dataplane.as_mut() {
             Some(dp) => dp.remove_route(prefix.addr(), prefix.prefix_len())?,
             None => false,
         };
         Ok(st.rib.remove(&prefix).is_some() || in_kernel)
+    }
+
+    /// Installs (or replaces in place) the routing protocol's choice for `prefix`,
+    /// unless an operator's static route overrides it.
+    pub fn set_routed(&self, prefix: Prefix, next_hop: NextHop) -> Result<(), NodeError> {
+        if self.is_own(&prefix) {
+            return Err(NodeError::OwnPrefix(prefix));
+        }
+        let overridden = {
+            let mut st = self.state();
+            st.routed.insert(prefix, next_hop);
+            st.rib
+                .get(&prefix)
+                .is_some_and(|e| e.origin == Origin::Static)
+        };
+        if overridden {
+            return Ok(());
+        }
+        self.install(
+            prefix,
+            RibEntry {
+                target: RouteTarget::Forward(next_hop),
+                origin: Origin::Routing,
+            },
+        )
+    }
+
+    /// Withdraws the routing protocol's route for `prefix` (a static route stays).
+    pub fn unset_routed(&self, prefix: Prefix) -> Result<(), NodeError> {
+        let mut st = self.state();
+        st.routed.remove(&prefix);
+        if st
+            .rib
+            .get(&prefix)
+            .is_some_and(|e| e.origin == Origin::Routing)
+        {
+            if let Some(dp) = st.dataplane.as_mut() {
+                dp.remove_route(prefix.addr(), prefix.prefix_len())?;
+            }
+            st.rib.remove(&prefix);
+        }
+        Ok(())
     }
 
     /// The node's /64 and the reserved link address are local by construction.

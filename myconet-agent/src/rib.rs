@@ -181,8 +181,11 @@ impl RouteTarget {
 pub enum Origin {
     /// The node's own prefix, derived from its key.
     Local,
-    /// Added by an operator (gRPC, CLI or config file).
+    /// Added by an operator (gRPC, CLI or config file). Takes precedence over a
+    /// routing-protocol route for the same prefix.
     Static,
+    /// Selected by the routing protocol (`crate::routing`).
+    Routing,
 }
 
 impl Origin {
@@ -191,6 +194,7 @@ impl Origin {
         match self {
             Origin::Local => "local",
             Origin::Static => "static",
+            Origin::Routing => "routing",
         }
     }
 }

@@ -99,6 +99,12 @@ pub enum RouteCommand {
         #[arg(value_name = "PREFIX", value_parser = parse_prefix)]
         prefix: String,
     },
+    /// Explain which route carries an overlay address and why: route get ADDR.
+    Get {
+        /// Overlay address, e.g. fd6d:1:2:3::1.
+        #[arg(value_name = "ADDR", value_parser = parse_ipv6)]
+        address: Ipv6Addr,
+    },
 }
 
 /// The literal keyword `via`, kept as in iproute2 so `route add` reads like `ip route add`.

@@ -212,6 +212,14 @@ impl Client {
         Ok(self.inner.remove_route(req).await?.into_inner())
     }
 
+    /// `GetRoute`.
+    pub async fn get_route(
+        &mut self,
+        req: pb::GetRouteRequest,
+    ) -> Result<pb::RouteExplanation, CtlError> {
+        Ok(self.inner.get_route(req).await?.into_inner())
+    }
+
     /// `GetStats`.
     pub async fn stats(&mut self) -> Result<pb::Stats, CtlError> {
         Ok(self

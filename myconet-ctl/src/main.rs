@@ -107,6 +107,16 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 };
                 show(json, &client.add_route(req).await?, render::route_added)
             }
+            RouteCommand::Get { address } => {
+                let req = pb::GetRouteRequest {
+                    address: address.to_string(),
+                };
+                show(
+                    json,
+                    &client.get_route(req).await?,
+                    render::route_explanation,
+                )
+            }
             RouteCommand::Del { prefix } => {
                 let req = pb::RemoveRouteRequest {
                     prefix: prefix.clone(),

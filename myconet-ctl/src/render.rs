@@ -201,19 +201,106 @@ pub fn routes(r: &pb::ListRoutesResponse) -> String {
         .routes
         .iter()
         .map(|row| {
+            let r = row.routing.as_ref();
+            let dash = || "-".to_string();
             vec![
                 row.prefix.clone(),
                 route_entry(row.agent.as_ref(), true),
                 route_entry(row.kernel.as_ref(), false),
                 if row.in_sync { "yes" } else { "NO" }.to_string(),
+                r.map(|r| r.metric.to_string()).unwrap_or_else(dash),
+                r.map(|r| r.seqno.to_string()).unwrap_or_else(dash),
+                r.and_then(fd).unwrap_or_else(dash),
+                r.map(|r| format!("{:.1}s", r.age_ms as f64 / 1000.0))
+                    .unwrap_or_else(dash),
+                if row.candidates == 0 {
+                    dash()
+                } else {
+                    row.candidates.to_string()
+                },
             ]
         })
         .collect();
     table(
-        &["PREFIX", "AGENT", "KERNEL MAP", "SYNC"],
-        &[Align::Left; 4],
+        &[
+            "PREFIX",
+            "AGENT",
+            "KERNEL MAP",
+            "SYNC",
+            "METRIC",
+            "SEQNO",
+            "FD",
+            "AGE",
+            "ROUTES",
+        ],
+        &[
+            Align::Left,
+            Align::Left,
+            Align::Left,
+            Align::Left,
+            Align::Right,
+            Align::Right,
+            Align::Right,
+            Align::Right,
+            Align::Right,
+        ],
         &rows,
     )
+}
+
+/// A feasibility distance as `seqno/metric`.
+fn fd(r: &pb::RoutingInfo) -> Option<String> {
+    Some(format!("{}/{}", r.fd_seqno?, r.fd_metric?))
+}
+
+fn routing_line(r: &pb::RoutingInfo) -> String {
+    let via = r
+        .next_hop
+        .as_ref()
+        .map(|n| endpoint(&n.address, n.port))
+        .unwrap_or_else(|| "this node".to_string());
+    format!(
+        "via {via} metric {} (advertised {} + link {}) seqno {} fd {} feasible {} age {:.1}s",
+        r.metric,
+        r.advertised_metric,
+        r.link_cost,
+        r.seqno,
+        fd(r).unwrap_or_else(|| "-".to_string()),
+        yes_no(r.feasible),
+        r.age_ms as f64 / 1000.0
+    )
+}
+
+/// `route get ADDR`: the route carrying the address, why, and what else was considered.
+pub fn route_explanation(e: &pb::RouteExplanation) -> String {
+    let mut out = format!("{}\n", e.address);
+    if !e.prefix.is_empty() {
+        out.push_str(&format!("  prefix    {}\n", e.prefix));
+    }
+    out.push_str(&format!("  decision  {}\n", e.selection.replace('_', " ")));
+    if let Some(s) = &e.selected {
+        out.push_str(&format!("  selected  {}\n", routing_line(s)));
+    }
+    for alt in &e.alternatives {
+        if let Some(r) = &alt.route {
+            out.push_str(&format!(
+                "  rejected  {} ({})\n",
+                routing_line(r),
+                alt.reason.replace('_', " ")
+            ));
+        }
+    }
+    match &e.installed {
+        Some(row) => out.push_str(&format!(
+            "  installed {} agent: {}; kernel map: {}; in sync: {}\n",
+            row.prefix,
+            route_entry(row.agent.as_ref(), true),
+            route_entry(row.kernel.as_ref(), false),
+            yes_no(row.in_sync)
+        )),
+        None => out.push_str("  installed nothing covers it\n"),
+    }
+    out
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -266,6 +353,24 @@ pub fn stats(s: &pb::Stats, all: bool) -> String {
     }
     out.push_str("\nAgent (userspace)\n");
     out.push_str(&counter_table(&s.agent, all));
+    if !s.routing.is_empty() {
+        out.push_str("\nRouting protocol\n");
+        let rows: Vec<Vec<String>> = s
+            .routing
+            .iter()
+            .filter(|c| all || c.packets != 0)
+            .map(|c| vec![c.name.clone(), c.packets.to_string()])
+            .collect();
+        if rows.is_empty() {
+            out.push_str("  all counters are zero (--all lists them)\n");
+        } else {
+            out.push_str(&table(
+                &["NAME", "COUNT"],
+                &[Align::Left, Align::Right],
+                &rows,
+            ));
+        }
+    }
     out
 }
 
@@ -405,27 +510,48 @@ mod tests {
                         origin: String::new(),
                     }),
                     in_sync: true,
+                    ..Default::default()
                 },
                 pb::RouteRow {
                     prefix: "fd6d:9::/32".into(),
                     agent: Some(forward("fd00::2", 9000, 3, "static")),
                     kernel: None,
                     in_sync: false,
+                    ..Default::default()
                 },
                 pb::RouteRow {
                     prefix: "fd6d:a::/48".into(),
                     agent: None,
                     kernel: Some(forward("fd00::3", 9651, 0, "")),
                     in_sync: false,
+                    ..Default::default()
+                },
+                pb::RouteRow {
+                    prefix: "fd6d:b::/64".into(),
+                    agent: Some(forward("fd00::4", 9651, 0, "routing")),
+                    kernel: Some(forward("fd00::4", 9651, 0, "")),
+                    in_sync: true,
+                    routing: Some(pb::RoutingInfo {
+                        metric: 192,
+                        seqno: 7,
+                        fd_seqno: Some(7),
+                        fd_metric: Some(192),
+                        age_ms: 2500,
+                        selected: true,
+                        feasible: true,
+                        ..Default::default()
+                    }),
+                    candidates: 2,
                 },
             ],
         };
         assert_eq!(
             routes(&r),
-            "PREFIX           AGENT                                  KERNEL MAP              SYNC\n\
-             fd6d:1:2:3::/64  local (local)                          local                   yes\n\
-             fd6d:9::/32      forward [fd00::2]:9000 dev 3 (static)  -                       NO\n\
-             fd6d:a::/48      -                                      forward [fd00::3]:9651  NO\n"
+            "PREFIX           AGENT                                  KERNEL MAP              SYNC  METRIC  SEQNO     FD   AGE  ROUTES\n\
+             fd6d:1:2:3::/64  local (local)                          local                   yes        -      -      -     -       -\n\
+             fd6d:9::/32      forward [fd00::2]:9000 dev 3 (static)  -                       NO         -      -      -     -       -\n\
+             fd6d:a::/48      -                                      forward [fd00::3]:9651  NO         -      -      -     -       -\n\
+             fd6d:b::/64      forward [fd00::4]:9651 (routing)       forward [fd00::4]:9651  yes      192      7  7/192  2.5s       2\n"
         );
         assert_eq!(
             routes(&pb::ListRoutesResponse { routes: vec![] }),
@@ -483,6 +609,7 @@ mod tests {
                 counter("drop_no_route", 3, 300),
             ],
             agent: vec![counter("rx_data", 0, 0), counter("rx_control", 2, 180)],
+            routing: vec![],
         };
         let text = stats(&s, false);
         assert_eq!(
@@ -508,13 +635,17 @@ mod tests {
             &pb::Stats {
                 xdp: vec![],
                 agent: vec![counter("rx_data", 0, 0)],
+                routing: vec![counter("rejected_unowned_prefix", 1, 0)],
             },
             false,
         );
         assert_eq!(
             idle,
             "XDP (kernel fast path)\n  no XDP program attached (userspace only)\n\n\
-             Agent (userspace)\n  all counters are zero (--all lists them)\n"
+             Agent (userspace)\n  all counters are zero (--all lists them)\n\n\
+             Routing protocol\n\
+             NAME                     COUNT\n\
+             rejected_unowned_prefix      1\n"
         );
     }
 

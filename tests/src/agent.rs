@@ -312,6 +312,16 @@ impl AgentProcess {
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.child.terminate(STOP_GRACE)
     }
+
+    /// Kills the agent with SIGKILL, as a crash or a power cut would: no shutdown
+    /// handler runs, so nothing is withdrawn politely (the kernel still detaches XDP
+    /// when the last link fd closes).
+    pub fn kill(mut self) -> Result<ExitStatus> {
+        self.child.signal(libc::SIGKILL)?;
+        self.child
+            .wait_timeout(STOP_GRACE)?
+            .context("the agent did not die after SIGKILL")
+    }
 }
 
 fn spawn_with_env(

@@ -23,6 +23,7 @@ pub struct Chain {
     forwarding: bool,
     gro: bool,
     tag: Option<Tag>,
+    edges: Option<Vec<(usize, usize)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -47,7 +48,15 @@ impl Chain {
             forwarding: true,
             gro: true,
             tag: None,
+            edges: None,
         }
+    }
+
+    /// Joins the nodes by these links instead of a line (each pair once, `a != b`), for
+    /// meshes with alternative paths.
+    pub fn links(mut self, edges: &[(usize, usize)]) -> Self {
+        self.edges = Some(edges.to_vec());
+        self
     }
 
     /// Whether to set `net.ipv6.conf.all.forwarding=1` inside every namespace (default:
@@ -125,8 +134,17 @@ impl Chain {
                 ifaces: Vec::new(),
             });
         }
-        for index in 0..self.nodes - 1 {
-            let link = Link::new(index, tag16, index, index + 1);
+        let edges: Vec<(usize, usize)> = match &self.edges {
+            Some(edges) => edges.clone(),
+            None => (0..self.nodes - 1).map(|i| (i, i + 1)).collect(),
+        };
+        for (index, (a, b)) in edges.into_iter().enumerate() {
+            ensure!(
+                a != b && a < self.nodes && b < self.nodes,
+                "link {a}-{b} does not join two of the {} nodes",
+                self.nodes
+            );
+            let link = Link::new(index, tag16, a, b);
             topo.connect(&link, self.gro)?;
             topo.links.push(link);
         }

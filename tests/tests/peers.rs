@@ -16,7 +16,7 @@ use myconet_testbed::{
 };
 use serde_json::Value;
 
-fn peer_row<'a>(peers: &'a Value, addr: Ipv6Addr) -> Option<&'a Value> {
+fn peer_row(peers: &Value, addr: Ipv6Addr) -> Option<&Value> {
     peers["peers"]
         .as_array()?
         .iter()

@@ -77,6 +77,42 @@ pub const BEACON_SIGNING_CONTEXT: &[u8] = b"myconet 2026-11 discovery beacon v1\
 const SIGNED_LEN: usize =
     BEACON_SIGNING_CONTEXT.len() + CONTROL_HEADER_LEN + BEACON_UNSIGNED_BODY_LEN;
 
+/// Kind byte of a routing frame: the routing core's payload (`crate::routing`), variable
+/// length, carried in the same 4-byte header as the fixed-size control messages.
+pub const KIND_ROUTING: u8 = 5;
+
+/// Frames a routing payload for a link session; `None` if it exceeds the 16-bit length.
+pub fn frame_routing(payload: &[u8]) -> Option<Vec<u8>> {
+    let len = u16::try_from(payload.len()).ok()?;
+    let mut out = Vec::with_capacity(CONTROL_HEADER_LEN + payload.len());
+    out.extend_from_slice(&[CONTROL_VERSION, KIND_ROUTING]);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(payload);
+    Some(out)
+}
+
+/// The routing payload if `bytes` is a routing frame: `None` for other kinds,
+/// `Some(Err)` for a routing frame whose header is wrong.
+pub fn routing_payload(bytes: &[u8]) -> Option<Result<&[u8], ControlError>> {
+    let (header, body) = bytes.split_first_chunk::<CONTROL_HEADER_LEN>()?;
+    let [version, kind, len_hi, len_lo] = *header;
+    if kind != KIND_ROUTING {
+        return None;
+    }
+    if version != CONTROL_VERSION {
+        return Some(Err(ControlError::BadVersion(version)));
+    }
+    let declared = usize::from(u16::from_be_bytes([len_hi, len_lo]));
+    Some(match declared.cmp(&body.len()) {
+        std::cmp::Ordering::Equal => Ok(body),
+        std::cmp::Ordering::Less => Err(ControlError::Trailing(body.len() - declared)),
+        std::cmp::Ordering::Greater => Err(ControlError::Truncated {
+            len: bytes.len(),
+            need: CONTROL_HEADER_LEN + declared,
+        }),
+    })
+}
+
 /// Which control message a buffer holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -473,6 +509,31 @@ impl ControlMessage {
         // The buffer has exactly the required length, so emit cannot fail.
         let _ = self.emit(&mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod routing_frame_tests {
+    use super::*;
+
+    #[test]
+    fn routing_frames_round_trip_and_reject_bad_lengths() {
+        let framed = frame_routing(b"abc").unwrap();
+        assert_eq!(routing_payload(&framed), Some(Ok(&b"abc"[..])));
+        assert!(matches!(
+            routing_payload(&framed[..5]),
+            Some(Err(ControlError::Truncated { .. }))
+        ));
+        let mut long = framed.clone();
+        long.push(0);
+        assert_eq!(routing_payload(&long), Some(Err(ControlError::Trailing(1))));
+        let mut v2 = framed;
+        v2[0] = 2;
+        assert_eq!(routing_payload(&v2), Some(Err(ControlError::BadVersion(2))));
+        // Other kinds are not routing frames.
+        assert_eq!(routing_payload(&ControlMessage::Keepalive.to_vec()), None);
+        assert_eq!(routing_payload(&[1, 5]), None);
+        assert!(frame_routing(&vec![0u8; 70_000]).is_none());
     }
 }
 

@@ -1,0 +1,1707 @@
+//! The routing state machine: neighbours, the route table with feasibility distances,
+//! route selection, timers and the messages they produce. See the module docs in
+//! `mod.rs` for the contract and `docs/routing.md` for the protocol.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::mem::size_of;
+use std::net::Ipv6Addr;
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant};
+
+use myconet_common::addr::NODE_PREFIX_LEN;
+
+use super::cache::{OriginReject, SharedVerifyCache, SignedOrigin, VerifyCache, owned_prefix};
+use super::metric::{
+    CostParams, Fd, INFINITY, add_metric, is_feasible, link_cost, seqno_newer, significant,
+};
+use super::util::{KeyedState, SplitMix};
+use super::wire::{self, MAX_PAYLOAD, Tlv, Tlvs};
+use super::{
+    Explanation, NotChosen, RouteEvent, RouteSnapshot, RoutingError, RoutingStats, Selection,
+    TransmitTo,
+};
+use crate::session::Signer;
+
+/// Everything tunable about the routing core. [`RoutingConfig::default`] is what a node
+/// should run; tests shrink timers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingConfig {
+    /// Mean interval between full-table updates to all neighbours. Periodic updates are
+    /// what repairs lost triggered updates, so this bounds how long a loss can linger.
+    pub update_interval: Duration,
+    /// A route not refreshed for this long is dropped (Babel: 3.5 × update interval), so
+    /// a neighbour that silently stops advertising cannot hold our traffic forever.
+    pub hold_time: Duration,
+    /// How long a feasibility distance outlives its last route. Forgetting it earlier
+    /// would let old, possibly looping routes back in.
+    pub source_gc_time: Duration,
+    /// Triggered updates are batched for this long, so a burst of changes (e.g. a
+    /// neighbour's whole table arriving) leaves as a few full payloads, not many small ones.
+    pub triggered_delay: Duration,
+    /// How often hold and garbage-collection timers are checked. Expiry is a safety net
+    /// (neighbour loss is reported directly), so coarse sweeps are enough and cheap.
+    pub sweep_interval: Duration,
+    /// How long a seqno or route request is remembered (for duplicate suppression and to
+    /// forward the answer back).
+    pub request_timeout: Duration,
+    /// Interval between resends of our own unanswered seqno requests.
+    pub request_resend_interval: Duration,
+    /// How many times our own seqno request is resent before giving up.
+    pub request_resends: u8,
+    /// Hop count a seqno request starts with: it is forwarded towards the origin at most
+    /// this many times.
+    pub request_hops: u8,
+    /// Minimum interval between two sequence-number bumps of our own prefix, so
+    /// neighbours cannot make us re-sign (and flood the network) at will.
+    pub seqno_bump_min_interval: Duration,
+    /// Route selection hysteresis, absolute part: a feasible route replaces the selected
+    /// one only when better by at least this much (and by `selected / hysteresis_div`).
+    pub hysteresis_abs: u16,
+    /// Relative part of the selection hysteresis.
+    pub hysteresis_div: u16,
+    /// A selected metric change is announced at once only when at least this much (and
+    /// `old / significant_div`); smaller changes wait for the periodic update.
+    pub significant_abs: u16,
+    /// Relative part of the triggered-update threshold.
+    pub significant_div: u16,
+    /// Most prefixes held in total (each costs a table entry); new prefixes beyond it
+    /// are dropped and counted.
+    pub max_routes: usize,
+    /// Most routes one neighbour can have us hold.
+    pub max_routes_per_neighbour: u32,
+    /// Most requests remembered (own and forwarded) and most queued request/unicast
+    /// replies; beyond it requests are dropped and counted.
+    pub max_pending_requests: usize,
+    /// Capacity of each generation of the signature-verification cache.
+    pub verify_cache_capacity: usize,
+    /// Link cost function parameters.
+    pub cost: CostParams,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            update_interval: Duration::from_secs(30),
+            hold_time: Duration::from_secs(105),
+            source_gc_time: Duration::from_secs(180),
+            triggered_delay: Duration::from_millis(20),
+            sweep_interval: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            request_resend_interval: Duration::from_secs(2),
+            request_resends: 3,
+            request_hops: 64,
+            seqno_bump_min_interval: Duration::from_millis(500),
+            hysteresis_abs: 16,
+            hysteresis_div: 8,
+            significant_abs: 16,
+            significant_div: 8,
+            max_routes: 200_000,
+            max_routes_per_neighbour: 100_000,
+            max_pending_requests: 4096,
+            verify_cache_capacity: 65_536,
+            cost: CostParams::default(),
+        }
+    }
+}
+
+/// Units of the compact timestamps stored per route: 100 ms, so a u32 lasts 13 years.
+const TICK_MS: u64 = 100;
+/// "No neighbour" in the compact neighbour-index fields.
+const NONE: u16 = u16::MAX;
+
+const F_HAS_FD: u8 = 1;
+const F_QUEUED: u8 = 2;
+
+/// One neighbour's offer of a route: 16 bytes, because a large network multiplies it.
+#[derive(Debug, Clone)]
+struct Cand {
+    /// The verified announcement it carries (seqno, key, signature).
+    signed: Arc<SignedOrigin>,
+    /// Neighbour slot index.
+    nbr: u16,
+    /// Metric the neighbour advertised (before our link cost).
+    metric: u16,
+    /// Tick of the last update.
+    updated: u32,
+}
+
+/// Candidates of one prefix: one inline, the rest spilled, since most prefixes have one
+/// feasible neighbour and a Vec would cost a separate allocation each.
+#[derive(Debug, Default)]
+struct CandList {
+    first: Option<Cand>,
+    rest: Option<Box<Vec<Cand>>>,
+}
+
+impl CandList {
+    fn iter(&self) -> impl Iterator<Item = &Cand> {
+        self.first
+            .iter()
+            .chain(self.rest.iter().flat_map(|v| v.iter()))
+    }
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.as_ref().map_or(0, |v| v.len())
+    }
+    fn get_mut(&mut self, nbr: u16) -> Option<&mut Cand> {
+        if let Some(c) = self.first.as_mut()
+            && c.nbr == nbr
+        {
+            return Some(c);
+        }
+        self.rest.as_mut()?.iter_mut().find(|c| c.nbr == nbr)
+    }
+    fn get(&self, nbr: u16) -> Option<&Cand> {
+        self.iter().find(|c| c.nbr == nbr)
+    }
+    fn push(&mut self, c: Cand) {
+        if self.first.is_none() {
+            self.first = Some(c);
+        } else {
+            self.rest.get_or_insert_with(Default::default).push(c);
+        }
+    }
+    fn remove(&mut self, nbr: u16) -> Option<Cand> {
+        if self.first.as_ref().is_some_and(|c| c.nbr == nbr) {
+            let moved = self.rest.as_mut().and_then(|v| v.pop());
+            if self.rest.as_ref().is_some_and(|v| v.is_empty()) {
+                self.rest = None;
+            }
+            return std::mem::replace(&mut self.first, moved);
+        }
+        let v = self.rest.as_mut()?;
+        let i = v.iter().position(|c| c.nbr == nbr)?;
+        let c = v.swap_remove(i);
+        if v.is_empty() {
+            self.rest = None;
+        }
+        Some(c)
+    }
+    /// Removes every candidate matching `f`, returning how many per neighbour slot via `on`.
+    fn retain(&mut self, mut keep: impl FnMut(&Cand) -> bool) -> usize {
+        let mut removed = 0;
+        if let Some(v) = self.rest.as_mut() {
+            let before = v.len();
+            v.retain(&mut keep);
+            removed += before - v.len();
+        }
+        if self.first.as_ref().is_some_and(|c| !keep(c)) {
+            removed += 1;
+            let moved = self.rest.as_mut().and_then(|v| v.pop());
+            self.first = moved;
+        }
+        if self.rest.as_ref().is_some_and(|v| v.is_empty()) {
+            self.rest = None;
+        }
+        removed
+    }
+    fn heap_bytes(&self) -> usize {
+        self.rest.as_ref().map_or(0, |v| {
+            size_of::<Vec<Cand>>() + v.capacity() * size_of::<Cand>()
+        })
+    }
+}
+
+/// Everything about one prefix: candidates, the selected route, the feasibility
+/// distance (our source-table entry) and what we last advertised.
+#[derive(Debug)]
+struct Entry {
+    cands: CandList,
+    /// Newest verified announcement seen: fixes the origin key of this prefix.
+    origin: Arc<SignedOrigin>,
+    /// Selected neighbour slot, or `NONE`.
+    sel: u16,
+    fd_seqno: u16,
+    fd_metric: u16,
+    /// Seqno and metric in our last broadcast (`INFINITY`: nothing / retracted).
+    adv_seqno: u16,
+    adv_metric: u16,
+    flags: u8,
+    /// Tick when the entry last lost its candidates (GC of the source entry).
+    idle_since: u32,
+}
+
+impl Entry {
+    fn fd(&self) -> Option<Fd> {
+        (self.flags & F_HAS_FD != 0).then_some(Fd {
+            seqno: self.fd_seqno,
+            metric: self.fd_metric,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Nbr<N> {
+    id: N,
+    key: [u8; 32],
+    base: u16,
+    rtt: Option<Duration>,
+    loss: Option<f64>,
+    smoothed: f64,
+    cost: u16,
+    routes: u32,
+}
+
+/// A request we sent or forwarded, remembered to suppress duplicates, resend ours, and
+/// pass the answer back.
+#[derive(Debug, Clone)]
+struct Pending {
+    /// `None` for a route request, else the requested seqno.
+    seqno: Option<u16>,
+    /// The neighbour we forwarded it for (`NONE` when it is our own).
+    from: u16,
+    expires: Instant,
+    resends_left: u8,
+    next_resend: Instant,
+}
+
+/// Where a queued request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Dest {
+    Nbr(u16),
+    All,
+}
+
+/// What a router emits: one payload for one neighbour or for every neighbour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingTransmit<N> {
+    /// Recipient(s).
+    pub to: TransmitTo<N>,
+    /// The routing payload (≤ [`MAX_PAYLOAD`] bytes), to be sent inside an
+    /// authenticated link-level control packet.
+    pub payload: Vec<u8>,
+}
+
+/// The sans-IO routing core of one node. See the module documentation.
+pub struct Router<N> {
+    signer: Arc<dyn Signer>,
+    config: RoutingConfig,
+    epoch: Instant,
+    now: Instant,
+    tick: u32,
+    rng: SplitMix,
+    own: Arc<SignedOrigin>,
+    own_queued: bool,
+    last_bump: Option<Instant>,
+    bump_at: Option<Instant>,
+    bump_target: u16,
+    nbrs: Vec<Option<Nbr<N>>>,
+    nbr_index: HashMap<N, u16, KeyedState>,
+    configured_cost: HashMap<N, u16, KeyedState>,
+    table: HashMap<u64, Entry, KeyedState>,
+    cache: SharedVerifyCache,
+    pending: HashMap<u64, Pending, KeyedState>,
+    pending_bcast: Vec<u64>,
+    dump_all: bool,
+    pending_dumps: Vec<u16>,
+    pending_unicast: Vec<(u16, u64)>,
+    pending_requests: Vec<(Dest, [u8; 14])>,
+    flush_at: Option<Instant>,
+    next_periodic: Instant,
+    next_sweep: Instant,
+    next_resend: Option<Instant>,
+    transmits: VecDeque<RoutingTransmit<N>>,
+    events: VecDeque<RouteEvent<N>>,
+    stats: RoutingStats,
+}
+
+impl<N> Debug for Router<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("prefix", &prefix_addr(self.own.prefix))
+            .field("seqno", &self.own.seqno)
+            .field("routes", &self.table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The /64 as an address.
+pub(crate) fn prefix_addr(p: u64) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(p) << 64)
+}
+
+/// Upper 64 bits of an address.
+pub(crate) fn prefix_bits(a: Ipv6Addr) -> u64 {
+    (u128::from(a) >> 64) as u64
+}
+
+const OVERLAY_TOP: u64 = 0xfd6d;
+
+fn lock(cache: &SharedVerifyCache) -> MutexGuard<'_, VerifyCache> {
+    cache.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
+    /// A router for the node whose key `signer` holds, with its own verification cache.
+    /// `seed` drives jitter, the initial sequence number and table hashing, so two runs
+    /// with the same inputs behave identically.
+    pub fn new(
+        signer: Arc<dyn Signer>,
+        config: RoutingConfig,
+        seed: u64,
+        now: Instant,
+    ) -> Result<Self, RoutingError> {
+        let cache = VerifyCache::shared(config.verify_cache_capacity, seed ^ 0x5eed);
+        Self::with_cache(signer, config, seed, now, cache)
+    }
+
+    /// Like [`Router::new`] but verifying through a caller-supplied cache. The simulator
+    /// shares one cache among all its routers so that each distinct announcement is
+    /// verified once per run instead of once per node; results are identical because the
+    /// cache only ever holds announcements that verified.
+    pub fn with_cache(
+        signer: Arc<dyn Signer>,
+        config: RoutingConfig,
+        seed: u64,
+        now: Instant,
+        cache: SharedVerifyCache,
+    ) -> Result<Self, RoutingError> {
+        let mut rng = SplitMix::new(seed);
+        let seqno = rng.next_u64() as u16;
+        let own = Arc::new(
+            SignedOrigin::sign(signer.as_ref(), seqno).ok_or(RoutingError::InvalidSigner)?,
+        );
+        lock(&cache).insert(own.clone());
+        let hs = KeyedState::new(rng.next_u64());
+        let first = config.update_interval.mul_f64(0.5 + 0.5 * rng.next_f64());
+        Ok(Router {
+            signer,
+            epoch: now,
+            now,
+            tick: 0,
+            own,
+            own_queued: false,
+            last_bump: None,
+            bump_at: None,
+            bump_target: seqno,
+            nbrs: Vec::new(),
+            nbr_index: HashMap::with_hasher(hs),
+            configured_cost: HashMap::with_hasher(hs),
+            table: HashMap::with_hasher(hs),
+            cache,
+            pending: HashMap::with_hasher(hs),
+            pending_bcast: Vec::new(),
+            dump_all: false,
+            pending_dumps: Vec::new(),
+            pending_unicast: Vec::new(),
+            pending_requests: Vec::new(),
+            flush_at: None,
+            next_periodic: now + first,
+            next_sweep: now + config.sweep_interval,
+            next_resend: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: RoutingStats::default(),
+            config,
+            rng,
+        })
+    }
+
+    /// This node's own /64 (originated automatically, never in the route events).
+    pub fn own_prefix(&self) -> Ipv6Addr {
+        prefix_addr(self.own.prefix)
+    }
+
+    /// This node's current sequence number.
+    pub fn own_seqno(&self) -> u16 {
+        self.own.seqno
+    }
+
+    /// Counters: traffic, rejections by reason, protocol activity.
+    pub fn stats(&self) -> &RoutingStats {
+        &self.stats
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &RoutingConfig {
+        &self.config
+    }
+
+    fn set_now(&mut self, now: Instant) {
+        if now > self.now {
+            self.now = now;
+        }
+        let ms = self.now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.tick = u32::try_from(ms / TICK_MS).unwrap_or(u32::MAX);
+    }
+
+    fn ticks(&self, d: Duration) -> u32 {
+        u32::try_from(d.as_millis() as u64 / TICK_MS).unwrap_or(u32::MAX)
+    }
+
+    fn arm_flush(&mut self) {
+        if self.flush_at.is_none() {
+            self.flush_at = Some(self.now + self.config.triggered_delay);
+        }
+    }
+
+    fn cost_of(nbrs: &[Option<Nbr<N>>], ni: u16) -> u16 {
+        nbrs.get(usize::from(ni))
+            .and_then(|n| n.as_ref())
+            .map_or(INFINITY, |n| n.cost)
+    }
+
+    // ----- neighbours -------------------------------------------------------------
+
+    /// A neighbour's link session came up: it may now send us routes, and it gets our
+    /// whole table at the next flush. `node_key` is its authenticated identity, shown in
+    /// the operator view. Calling it again for an up neighbour resets it (a new session
+    /// means the peer may have restarted and forgotten what we told it).
+    pub fn neighbour_up(&mut self, n: N, node_key: [u8; 32], now: Instant) {
+        self.set_now(now);
+        if self.nbr_index.contains_key(&n) {
+            self.neighbour_down(n, now);
+        }
+        if self.nbr_index.len() >= usize::from(NONE) {
+            self.stats.rejected_neighbour_limit += 1;
+            return;
+        }
+        let base = self
+            .configured_cost
+            .get(&n)
+            .copied()
+            .unwrap_or(self.config.cost.default_base);
+        let nb = Nbr {
+            id: n,
+            key: node_key,
+            base,
+            rtt: None,
+            loss: None,
+            smoothed: f64::from(base),
+            cost: link_cost(&self.config.cost, base, None, None),
+            routes: 0,
+        };
+        let slot = match self.nbrs.iter().position(|s| s.is_none()) {
+            Some(i) => {
+                self.nbrs[i] = Some(nb);
+                i
+            }
+            None => {
+                self.nbrs.push(Some(nb));
+                self.nbrs.len() - 1
+            }
+        } as u16;
+        self.nbr_index.insert(n, slot);
+        self.stats.neighbours_up += 1;
+        self.pending_dumps.push(slot);
+        self.arm_flush();
+    }
+
+    /// The neighbour's link went down: every route through it is dropped now (not at
+    /// hold expiry), alternatives are selected or the routes retracted.
+    pub fn neighbour_down(&mut self, n: N, now: Instant) {
+        self.set_now(now);
+        let Some(slot) = self.nbr_index.remove(&n) else {
+            return;
+        };
+        if let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) {
+            nb.cost = INFINITY;
+        }
+        let tick = self.tick;
+        let mut affected = Vec::new();
+        for (k, e) in self.table.iter_mut() {
+            if e.cands.remove(slot).is_some() {
+                if e.cands.is_empty() {
+                    e.idle_since = tick;
+                }
+                affected.push(*k);
+            }
+        }
+        for k in affected {
+            self.reselect(k);
+        }
+        self.nbrs[usize::from(slot)] = None;
+        self.pending_dumps.retain(|s| *s != slot);
+        self.pending_unicast.retain(|(s, _)| *s != slot);
+        self.pending_requests.retain(|(d, _)| *d != Dest::Nbr(slot));
+        for p in self.pending.values_mut() {
+            if p.from == slot {
+                p.from = NONE;
+                p.resends_left = 0;
+            }
+        }
+        self.stats.neighbours_down += 1;
+    }
+
+    /// Sets the configured base cost of a neighbour (per-interface/per-peer cost in Babel
+    /// terms): the operator's way to prefer or avoid a link regardless of measurements.
+    /// Kept across the neighbour going down and up again.
+    pub fn set_neighbour_cost(&mut self, n: N, base_cost: u16) {
+        self.configured_cost.insert(n, base_cost);
+        let Some(&slot) = self.nbr_index.get(&n) else {
+            return;
+        };
+        let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) else {
+            return;
+        };
+        nb.base = base_cost;
+        let c = link_cost(&self.config.cost, base_cost, nb.rtt, nb.loss);
+        nb.smoothed = f64::from(c);
+        if c != nb.cost {
+            nb.cost = c;
+            self.cost_changed(slot);
+        }
+    }
+
+    /// Feeds the agent's smoothed RTT and hello loss for a neighbour. The link cost is
+    /// recomputed ([`link_cost`]), smoothed further and only applied when it leaves a
+    /// deadband, so measurement jitter does not reach route selection.
+    pub fn neighbour_measurement(
+        &mut self,
+        n: N,
+        rtt: Option<Duration>,
+        loss: Option<f64>,
+        now: Instant,
+    ) {
+        self.set_now(now);
+        let Some(&slot) = self.nbr_index.get(&n) else {
+            return;
+        };
+        let p = &self.config.cost;
+        let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) else {
+            return;
+        };
+        if rtt.is_some() {
+            nb.rtt = rtt;
+        }
+        if loss.is_some() {
+            nb.loss = loss;
+        }
+        let raw = link_cost(p, nb.base, nb.rtt, nb.loss);
+        let new = if raw == INFINITY || nb.cost == INFINITY {
+            nb.smoothed = f64::from(raw);
+            raw
+        } else {
+            nb.smoothed += (f64::from(raw) - nb.smoothed) / f64::from(p.smoothing.max(1));
+            let cand = nb.smoothed.round().clamp(1.0, f64::from(INFINITY - 1)) as u16;
+            if significant(nb.cost, cand, p.deadband_abs, p.deadband_div) {
+                cand
+            } else {
+                nb.cost
+            }
+        };
+        if new != nb.cost {
+            nb.cost = new;
+            self.cost_changed(slot);
+        }
+    }
+
+    /// The cost currently applied to a neighbour's link, if it is up.
+    pub fn neighbour_cost(&self, n: N) -> Option<u16> {
+        let slot = *self.nbr_index.get(&n)?;
+        Some(Self::cost_of(&self.nbrs, slot))
+    }
+
+    fn cost_changed(&mut self, slot: u16) {
+        self.stats.link_cost_changes += 1;
+        let keys: Vec<u64> = self
+            .table
+            .iter()
+            .filter(|(_, e)| e.cands.get(slot).is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            self.reselect(k);
+        }
+    }
+
+    // ----- input ------------------------------------------------------------------
+
+    /// Processes a routing payload from an authenticated neighbour. Records are applied
+    /// one by one: each rejected record is counted in [`RoutingStats`] and skipped; a
+    /// framing error stops the payload (earlier records keep their effect) and is
+    /// returned.
+    pub fn handle_message(
+        &mut self,
+        from: N,
+        payload: &[u8],
+        now: Instant,
+    ) -> Result<(), RoutingError> {
+        self.set_now(now);
+        let Some(&slot) = self.nbr_index.get(&from) else {
+            self.stats.rejected_unknown_neighbour += 1;
+            return Err(RoutingError::UnknownNeighbour);
+        };
+        self.stats.messages_received += 1;
+        self.stats.bytes_received += payload.len() as u64;
+        let body = match wire::parse_header(payload) {
+            Ok(b) => b,
+            Err(e) => {
+                match e {
+                    wire::WireError::Version(_) => self.stats.rejected_version += 1,
+                    _ => self.stats.rejected_malformed += 1,
+                }
+                return Err(e.into());
+            }
+        };
+        let cache = self.cache.clone();
+        let mut cache = lock(&cache);
+        let mut seqno_requests = Vec::new();
+        for tlv in Tlvs::new(body) {
+            match tlv {
+                Err(e) => {
+                    self.stats.rejected_malformed += 1;
+                    return Err(e.into());
+                }
+                Ok(Tlv::Update {
+                    plen,
+                    seqno,
+                    metric,
+                    prefix,
+                    key,
+                    signature,
+                }) => {
+                    self.stats.updates_received += 1;
+                    if metric == INFINITY {
+                        self.on_retraction(slot, plen, prefix);
+                    } else {
+                        self.on_update(
+                            slot, &mut cache, plen, seqno, metric, prefix, key, signature,
+                        );
+                    }
+                }
+                Ok(Tlv::Retraction { plen, prefix }) => {
+                    self.stats.retractions_received += 1;
+                    self.on_retraction(slot, plen, prefix);
+                }
+                Ok(Tlv::RouteRequest { plen, prefix }) => {
+                    self.stats.route_requests_received += 1;
+                    self.on_route_request(slot, plen, prefix);
+                }
+                Ok(Tlv::SeqnoRequest {
+                    plen,
+                    hops,
+                    seqno,
+                    prefix,
+                }) => {
+                    self.stats.seqno_requests_received += 1;
+                    // Answered after the loop: answering may re-sign our own prefix,
+                    // which takes the verification cache this loop holds.
+                    seqno_requests.push((plen, hops, seqno, prefix));
+                }
+                Ok(Tlv::Unknown(_)) => self.stats.unknown_tlvs += 1,
+            }
+        }
+        drop(cache);
+        for (plen, hops, seqno, prefix) in seqno_requests {
+            self.on_seqno_request(slot, plen, hops, seqno, prefix);
+        }
+        Ok(())
+    }
+
+    fn valid_prefix(&mut self, plen: u8, prefix: u64) -> bool {
+        if plen != NODE_PREFIX_LEN || prefix >> 48 != OVERLAY_TOP {
+            self.stats.rejected_bad_prefix += 1;
+            return false;
+        }
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_update(
+        &mut self,
+        slot: u16,
+        cache: &mut VerifyCache,
+        plen: u8,
+        seqno: u16,
+        metric: u16,
+        prefix: u64,
+        key: &[u8; 32],
+        signature: &[u8; 64],
+    ) {
+        if !self.valid_prefix(plen, prefix) {
+            return;
+        }
+        if prefix == self.own.prefix {
+            self.stats.own_prefix_ignored += 1;
+            // An older incarnation of us announced a newer seqno than we now have:
+            // catch up, or our announcements would be unfeasible everywhere.
+            if *key == self.own.key && seqno_newer(seqno, self.own.seqno) {
+                let before = cache.verifications;
+                if cache.check(key, prefix, seqno, signature).is_ok() {
+                    self.bump_own(seqno.wrapping_add(1));
+                }
+                self.stats.signature_verifications += cache.verifications - before;
+            }
+            return;
+        }
+        let before = cache.verifications;
+        let checked = cache.check(key, prefix, seqno, signature);
+        let verified = cache.verifications - before;
+        self.stats.signature_verifications += verified;
+        if verified == 0 {
+            self.stats.verify_cache_hits += 1;
+        }
+        let signed = match checked {
+            Ok(s) => s,
+            Err(OriginReject::UnownedPrefix) => {
+                self.stats.rejected_unowned_prefix += 1;
+                return;
+            }
+            Err(OriginReject::BadSignature) => {
+                self.stats.rejected_bad_signature += 1;
+                return;
+            }
+        };
+        let tick = self.tick;
+        let max_per = self.config.max_routes_per_neighbour;
+        let request_hops = self.config.request_hops;
+        let mut request: Option<u16> = None;
+        match self.table.get_mut(&prefix) {
+            Some(e) => {
+                if e.origin.key != signed.key {
+                    self.stats.rejected_conflicting_origin += 1;
+                    return;
+                }
+                let feasible = is_feasible(e.fd(), seqno, metric);
+                if seqno_newer(seqno, e.origin.seqno) {
+                    e.origin = signed.clone();
+                }
+                match e.cands.get_mut(slot) {
+                    Some(c) => {
+                        c.signed = signed;
+                        c.metric = metric;
+                        c.updated = tick;
+                        if !feasible {
+                            self.stats.unfeasible_updates += 1;
+                        }
+                    }
+                    None if !feasible => {
+                        self.stats.unfeasible_updates += 1;
+                        if e.sel == NONE {
+                            request = Some(e.fd_seqno.wrapping_add(1));
+                        }
+                    }
+                    None => {
+                        let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) else {
+                            return;
+                        };
+                        if nb.routes >= max_per {
+                            self.stats.rejected_neighbour_limit += 1;
+                            return;
+                        }
+                        nb.routes += 1;
+                        e.cands.push(Cand {
+                            signed,
+                            nbr: slot,
+                            metric,
+                            updated: tick,
+                        });
+                    }
+                }
+            }
+            None => {
+                if self.table.len() >= self.config.max_routes {
+                    self.stats.rejected_table_full += 1;
+                    return;
+                }
+                let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) else {
+                    return;
+                };
+                if nb.routes >= max_per {
+                    self.stats.rejected_neighbour_limit += 1;
+                    return;
+                }
+                nb.routes += 1;
+                let mut cands = CandList::default();
+                cands.push(Cand {
+                    signed: signed.clone(),
+                    nbr: slot,
+                    metric,
+                    updated: tick,
+                });
+                self.table.insert(
+                    prefix,
+                    Entry {
+                        cands,
+                        origin: signed,
+                        sel: NONE,
+                        fd_seqno: 0,
+                        fd_metric: INFINITY,
+                        adv_seqno: 0,
+                        adv_metric: INFINITY,
+                        flags: 0,
+                        idle_since: tick,
+                    },
+                );
+            }
+        }
+        if let Some(s) = request {
+            self.send_seqno_request(prefix, s, request_hops, Dest::Nbr(slot), NONE);
+            return;
+        }
+        self.reselect(prefix);
+    }
+
+    fn on_retraction(&mut self, slot: u16, plen: u8, prefix: u64) {
+        if !self.valid_prefix(plen, prefix) {
+            return;
+        }
+        let tick = self.tick;
+        let Some(e) = self.table.get_mut(&prefix) else {
+            return;
+        };
+        if e.cands.remove(slot).is_some() {
+            if let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) {
+                nb.routes = nb.routes.saturating_sub(1);
+            }
+            if e.cands.is_empty() {
+                e.idle_since = tick;
+            }
+            self.reselect(prefix);
+        }
+    }
+
+    fn on_route_request(&mut self, slot: u16, plen: u8, prefix: u64) {
+        if plen == 0 {
+            if !self.pending_dumps.contains(&slot) {
+                self.pending_dumps.push(slot);
+            }
+        } else {
+            if !self.valid_prefix(plen, prefix) {
+                return;
+            }
+            self.queue_unicast(slot, prefix);
+        }
+        self.arm_flush();
+    }
+
+    fn on_seqno_request(&mut self, slot: u16, plen: u8, hops: u8, seqno: u16, prefix: u64) {
+        if !self.valid_prefix(plen, prefix) {
+            return;
+        }
+        if prefix == self.own.prefix {
+            if seqno_newer(seqno, self.own.seqno) {
+                self.request_bump(seqno);
+            } else {
+                self.queue_unicast(slot, prefix);
+            }
+            return;
+        }
+        let Some(e) = self.table.get(&prefix) else {
+            self.stats.seqno_requests_dropped += 1;
+            return;
+        };
+        if let Some(c) = e.cands.get(e.sel)
+            && !seqno_newer(seqno, c.signed.seqno)
+        {
+            self.queue_unicast(slot, prefix);
+            return;
+        }
+        // Forward towards the origin: our selected next hop, else our best (unfeasible)
+        // candidate, never back to the requester.
+        let target = if e.sel != NONE && e.sel != slot {
+            Some(e.sel)
+        } else {
+            e.cands
+                .iter()
+                .filter(|c| c.nbr != slot)
+                .min_by_key(|c| (c.metric, c.nbr))
+                .map(|c| c.nbr)
+        };
+        let Some(target) = target else {
+            self.stats.seqno_requests_dropped += 1;
+            return;
+        };
+        if hops < 2 {
+            self.stats.seqno_requests_dropped += 1;
+            return;
+        }
+        if let Some(p) = self.pending.get(&prefix)
+            && p.seqno.is_some_and(|s| !seqno_newer(seqno, s))
+            && p.expires > self.now
+        {
+            // Already asked for this (or newer): suppress the duplicate.
+            self.stats.seqno_requests_dropped += 1;
+            return;
+        }
+        self.stats.seqno_requests_forwarded += 1;
+        self.send_seqno_request(prefix, seqno, hops - 1, Dest::Nbr(target), slot);
+    }
+
+    // ----- origin -----------------------------------------------------------------
+
+    fn request_bump(&mut self, target: u16) {
+        let due = self
+            .last_bump
+            .map(|t| t + self.config.seqno_bump_min_interval);
+        match due {
+            Some(d) if d > self.now => {
+                if self.bump_at.is_none() || seqno_newer(target, self.bump_target) {
+                    self.bump_target = target;
+                }
+                self.bump_at = Some(d);
+                self.stats.seqno_bumps_deferred += 1;
+            }
+            _ => self.bump_own(target),
+        }
+    }
+
+    fn bump_own(&mut self, target: u16) {
+        let next = if seqno_newer(target, self.own.seqno) {
+            target
+        } else {
+            self.own.seqno.wrapping_add(1)
+        };
+        if let Some(s) = SignedOrigin::sign(self.signer.as_ref(), next) {
+            let s = Arc::new(s);
+            lock(&self.cache).insert(s.clone());
+            self.own = s;
+            self.stats.seqno_bumps += 1;
+        }
+        self.last_bump = Some(self.now);
+        self.bump_at = None;
+        self.own_queued = true;
+        self.arm_flush();
+    }
+
+    // ----- selection ----------------------------------------------------------------
+
+    fn reselect(&mut self, key: u64) {
+        let nbrs = &self.nbrs;
+        let cfg = &self.config;
+        let Some(e) = self.table.get_mut(&key) else {
+            return;
+        };
+        let fd = e.fd();
+        let mut best: Option<(u16, u16)> = None;
+        let mut cur: Option<(u16, u16)> = None;
+        let mut best_unfeasible: Option<(u16, u16)> = None;
+        for c in e.cands.iter() {
+            let m = add_metric(c.metric, Self::cost_of(nbrs, c.nbr));
+            if m == INFINITY {
+                continue;
+            }
+            if !is_feasible(fd, c.signed.seqno, c.metric) {
+                if best_unfeasible.is_none_or(|b| (m, c.nbr) < b) {
+                    best_unfeasible = Some((m, c.nbr));
+                }
+                continue;
+            }
+            if c.nbr == e.sel {
+                cur = Some((m, c.nbr));
+            }
+            if best.is_none_or(|b| (m, c.nbr) < b) {
+                best = Some((m, c.nbr));
+            }
+        }
+        let new = match (cur, best) {
+            (Some(c), Some(b)) => {
+                let margin = cfg.hysteresis_abs.max(c.0 / cfg.hysteresis_div.max(1));
+                if u32::from(b.0) + u32::from(margin) < u32::from(c.0) {
+                    Some(b)
+                } else {
+                    Some(c)
+                }
+            }
+            (_, b) => b,
+        };
+        let old = e.sel;
+        let old_hop = (old != NONE)
+            .then(|| nbrs.get(usize::from(old)).and_then(|n| n.as_ref()))
+            .flatten()
+            .map(|n| n.id);
+        let prefix = prefix_addr(key);
+        let mut queue = false;
+        let mut starving = None;
+        match new {
+            Some((m, ni)) => {
+                e.sel = ni;
+                let seqno = e.cands.get(ni).map_or(0, |c| c.signed.seqno);
+                let better = match e.fd() {
+                    None => true,
+                    Some(fd) => {
+                        seqno_newer(seqno, fd.seqno) || (seqno == fd.seqno && m < fd.metric)
+                    }
+                };
+                if better {
+                    e.fd_seqno = seqno;
+                    e.fd_metric = m;
+                    e.flags |= F_HAS_FD;
+                }
+                let Some(hop) = nbrs.get(usize::from(ni)).and_then(|n| n.as_ref()) else {
+                    return;
+                };
+                match old_hop {
+                    None => self.events.push_back(RouteEvent::Installed {
+                        prefix,
+                        plen: NODE_PREFIX_LEN,
+                        next_hop: hop.id,
+                        metric: m,
+                    }),
+                    Some(prev) if old != ni => self.events.push_back(RouteEvent::Changed {
+                        prefix,
+                        plen: NODE_PREFIX_LEN,
+                        next_hop: hop.id,
+                        previous: prev,
+                        metric: m,
+                    }),
+                    Some(_) => {}
+                }
+                if e.adv_metric == INFINITY
+                    || significant(e.adv_metric, m, cfg.significant_abs, cfg.significant_div)
+                {
+                    queue = true;
+                }
+                if let Some(p) = self.pending.get(&key)
+                    && p.seqno.is_none_or(|s| !seqno_newer(s, seqno))
+                {
+                    let satisfied_forward = p.from != NONE;
+                    self.pending.remove(&key);
+                    if satisfied_forward && seqno != e.adv_seqno {
+                        queue = true;
+                    }
+                }
+            }
+            None => {
+                e.sel = NONE;
+                if let Some(prev) = old_hop {
+                    self.events.push_back(RouteEvent::Removed {
+                        prefix,
+                        plen: NODE_PREFIX_LEN,
+                        previous: prev,
+                    });
+                }
+                if e.adv_metric != INFINITY {
+                    queue = true;
+                }
+                if old != NONE {
+                    starving = Some(match best_unfeasible {
+                        Some((_, ni)) => Some((ni, e.fd_seqno.wrapping_add(1))),
+                        None => None,
+                    });
+                }
+            }
+        }
+        if old != e.sel {
+            self.stats.route_changes += 1;
+        }
+        if queue && e.flags & F_QUEUED == 0 {
+            e.flags |= F_QUEUED;
+            self.pending_bcast.push(key);
+            self.arm_flush();
+        }
+        match starving {
+            Some(Some((ni, s))) => {
+                let hops = self.config.request_hops;
+                self.send_seqno_request(key, s, hops, Dest::Nbr(ni), NONE);
+            }
+            Some(None) => self.send_route_request(key),
+            None => {}
+        }
+    }
+
+    // ----- requests -----------------------------------------------------------------
+
+    fn send_seqno_request(&mut self, key: u64, seqno: u16, hops: u8, to: Dest, from: u16) {
+        if let Some(p) = self.pending.get(&key)
+            && p.expires > self.now
+            && p.seqno.is_some_and(|s| !seqno_newer(seqno, s))
+        {
+            return;
+        }
+        if !self.pending.contains_key(&key)
+            && self.pending.len() >= self.config.max_pending_requests
+            || self.pending_requests.len() >= self.config.max_pending_requests
+        {
+            self.stats.requests_dropped_limit += 1;
+            return;
+        }
+        let own = from == NONE;
+        self.pending.insert(
+            key,
+            Pending {
+                seqno: Some(seqno),
+                from,
+                expires: self.now + self.config.request_timeout,
+                resends_left: if own { self.config.request_resends } else { 0 },
+                next_resend: self.now + self.config.request_resend_interval,
+            },
+        );
+        if own {
+            self.next_resend = Some(
+                self.next_resend
+                    .map_or(self.now + self.config.request_resend_interval, |t| {
+                        t.min(self.now + self.config.request_resend_interval)
+                    }),
+            );
+        }
+        let mut tlv = [0u8; 14];
+        let mut v = Vec::with_capacity(14);
+        wire::put_seqno_request(&mut v, NODE_PREFIX_LEN, hops, seqno, key);
+        tlv.copy_from_slice(&v);
+        self.pending_requests.push((to, tlv));
+        self.stats.seqno_requests_sent += 1;
+        self.arm_flush();
+    }
+
+    fn send_route_request(&mut self, key: u64) {
+        if self.pending.contains_key(&key) {
+            return;
+        }
+        if self.pending.len() >= self.config.max_pending_requests
+            || self.pending_requests.len() >= self.config.max_pending_requests
+        {
+            self.stats.requests_dropped_limit += 1;
+            return;
+        }
+        self.pending.insert(
+            key,
+            Pending {
+                seqno: None,
+                from: NONE,
+                expires: self.now + self.config.request_timeout,
+                resends_left: 0,
+                next_resend: self.now + self.config.request_timeout,
+            },
+        );
+        let mut tlv = [0u8; 14];
+        let mut v = Vec::with_capacity(12);
+        wire::put_route_request(&mut v, NODE_PREFIX_LEN, key);
+        tlv[..v.len()].copy_from_slice(&v);
+        self.pending_requests.push((Dest::All, tlv));
+        self.stats.route_requests_sent += 1;
+        self.arm_flush();
+    }
+
+    fn queue_unicast(&mut self, slot: u16, prefix: u64) {
+        if self.pending_unicast.len() >= self.config.max_pending_requests {
+            self.stats.requests_dropped_limit += 1;
+            return;
+        }
+        self.pending_unicast.push((slot, prefix));
+        self.arm_flush();
+    }
+
+    // ----- timers -------------------------------------------------------------------
+
+    /// The next instant [`Router::handle_timeout`] must be called at.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = self.next_periodic.min(self.next_sweep);
+        for x in [self.flush_at, self.bump_at, self.next_resend]
+            .into_iter()
+            .flatten()
+        {
+            t = t.min(x);
+        }
+        Some(t)
+    }
+
+    /// Runs every timer due at `now`: deferred seqno bumps, hold expiry and source
+    /// garbage collection, request resends, periodic updates and the flush of batched
+    /// triggered updates.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.set_now(now);
+        if self.bump_at.is_some_and(|t| t <= now) {
+            let t = self.bump_target;
+            self.bump_own(t);
+        }
+        if self.next_sweep <= now {
+            self.sweep();
+            self.next_sweep = now + self.config.sweep_interval;
+        }
+        if self.next_resend.is_some_and(|t| t <= now) {
+            self.resend_requests();
+        }
+        if self.next_periodic <= now {
+            self.dump_all = true;
+            self.flush_at = Some(now);
+            let i = self.config.update_interval;
+            self.next_periodic = now + i.mul_f64(0.75 + 0.25 * self.rng.next_f64());
+        }
+        if self.flush_at.is_some_and(|t| t <= now) {
+            self.flush_at = None;
+            self.flush();
+        }
+    }
+
+    fn sweep(&mut self) {
+        let now_tick = self.tick;
+        let hold = self.ticks(self.config.hold_time);
+        let gc = self.ticks(self.config.source_gc_time);
+        let mut expired = Vec::new();
+        let nbrs = &mut self.nbrs;
+        let mut dropped = 0u64;
+        for (k, e) in self.table.iter_mut() {
+            let n = e.cands.retain(|c| {
+                let keep = now_tick.saturating_sub(c.updated) < hold;
+                if !keep && let Some(Some(nb)) = nbrs.get_mut(usize::from(c.nbr)) {
+                    nb.routes = nb.routes.saturating_sub(1);
+                }
+                keep
+            });
+            if n > 0 {
+                dropped += n as u64;
+                if e.cands.is_empty() {
+                    e.idle_since = now_tick;
+                }
+                expired.push(*k);
+            }
+        }
+        self.stats.routes_expired += dropped;
+        for k in expired {
+            self.reselect(k);
+        }
+        let before = self.table.len();
+        self.table.retain(|_, e| {
+            !(e.cands.is_empty()
+                && e.sel == NONE
+                && e.flags & F_QUEUED == 0
+                && now_tick.saturating_sub(e.idle_since) >= gc)
+        });
+        self.stats.sources_collected += (before - self.table.len()) as u64;
+        let now = self.now;
+        self.pending.retain(|_, p| p.expires > now);
+    }
+
+    fn resend_requests(&mut self) {
+        let now = self.now;
+        let interval = self.config.request_resend_interval;
+        let hops = self.config.request_hops;
+        let mut resend = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (k, p) in self.pending.iter_mut() {
+            if p.from != NONE || p.resends_left == 0 {
+                continue;
+            }
+            if p.next_resend <= now {
+                p.resends_left -= 1;
+                p.next_resend = now + interval;
+                p.expires = p.expires.max(now + interval);
+                if let Some(s) = p.seqno {
+                    resend.push((*k, s));
+                }
+            }
+            if p.resends_left > 0 {
+                next = Some(next.map_or(p.next_resend, |t| t.min(p.next_resend)));
+            }
+        }
+        self.next_resend = next;
+        for (k, s) in resend {
+            let Some(e) = self.table.get(&k) else {
+                continue;
+            };
+            if e.sel != NONE {
+                continue;
+            }
+            let target = e
+                .cands
+                .iter()
+                .filter(|c| c.metric != INFINITY)
+                .min_by_key(|c| {
+                    (
+                        add_metric(c.metric, Self::cost_of(&self.nbrs, c.nbr)),
+                        c.nbr,
+                    )
+                })
+                .map(|c| Dest::Nbr(c.nbr))
+                .unwrap_or(Dest::All);
+            let mut tlv = [0u8; 14];
+            let mut v = Vec::with_capacity(14);
+            wire::put_seqno_request(&mut v, NODE_PREFIX_LEN, hops, s, k);
+            tlv.copy_from_slice(&v);
+            if self.pending_requests.len() < self.config.max_pending_requests {
+                self.pending_requests.push((target, tlv));
+                self.stats.seqno_requests_sent += 1;
+                self.arm_flush();
+            }
+        }
+    }
+
+    // ----- output -------------------------------------------------------------------
+
+    fn selected_update(&self, e: &Entry, out: &mut Vec<u8>) -> Option<(u16, u16)> {
+        let c = e.cands.get(e.sel)?;
+        let m = add_metric(c.metric, Self::cost_of(&self.nbrs, c.nbr));
+        if m == INFINITY {
+            return None;
+        }
+        let s = &c.signed;
+        wire::put_update(
+            out,
+            NODE_PREFIX_LEN,
+            s.seqno,
+            m,
+            s.prefix,
+            &s.key,
+            &s.signature,
+        );
+        Some((s.seqno, m))
+    }
+
+    fn own_update(&self, out: &mut Vec<u8>) {
+        let s = &self.own;
+        wire::put_update(
+            out,
+            NODE_PREFIX_LEN,
+            s.seqno,
+            0,
+            s.prefix,
+            &s.key,
+            &s.signature,
+        );
+    }
+
+    fn flush(&mut self) {
+        let any_nbr = !self.nbr_index.is_empty();
+        let mut w = Writer::default();
+        let mut tlv = Vec::with_capacity(wire::UPDATE_TLV_LEN);
+        // Broadcast: periodic dump or triggered changes.
+        if self.dump_all || self.own_queued {
+            tlv.clear();
+            self.own_update(&mut tlv);
+            w.push(&tlv, &mut self.stats);
+        }
+        let keys: Vec<u64> = if self.dump_all {
+            self.pending_bcast.clear();
+            self.table.keys().copied().collect()
+        } else {
+            std::mem::take(&mut self.pending_bcast)
+        };
+        for k in keys {
+            let Some(e) = self.table.get(&k) else {
+                continue;
+            };
+            tlv.clear();
+            let adv = self.selected_update(e, &mut tlv);
+            let was = e.adv_metric;
+            let retract = adv.is_none() && was != INFINITY;
+            if retract {
+                wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, k);
+            }
+            if let Some(e) = self.table.get_mut(&k) {
+                e.flags &= !F_QUEUED;
+                match adv {
+                    Some((s, m)) => {
+                        e.adv_seqno = s;
+                        e.adv_metric = m;
+                    }
+                    None => e.adv_metric = INFINITY,
+                }
+            }
+            if !tlv.is_empty() {
+                w.push(&tlv, &mut self.stats);
+            }
+        }
+        self.dump_all = false;
+        self.own_queued = false;
+        if any_nbr {
+            for payload in w.finish() {
+                self.emit(TransmitTo::AllNeighbours, payload);
+            }
+        }
+        // Full tables to neighbours that just came up or asked.
+        let dumps = std::mem::take(&mut self.pending_dumps);
+        for slot in dumps {
+            let Some(id) = self.nbr_id(slot) else {
+                continue;
+            };
+            let mut w = Writer::default();
+            tlv.clear();
+            self.own_update(&mut tlv);
+            w.push(&tlv, &mut self.stats);
+            for e in self.table.values() {
+                tlv.clear();
+                if self.selected_update(e, &mut tlv).is_some() {
+                    w.push(&tlv, &mut self.stats);
+                }
+            }
+            for payload in w.finish() {
+                self.emit(TransmitTo::Neighbour(id), payload);
+            }
+        }
+        // Unicast answers and requests, grouped per destination.
+        let mut uni = std::mem::take(&mut self.pending_unicast);
+        uni.sort_unstable();
+        uni.dedup();
+        let mut reqs = std::mem::take(&mut self.pending_requests);
+        reqs.sort_unstable_by_key(|r| r.0);
+        let mut dests: Vec<Dest> = uni
+            .iter()
+            .map(|u| Dest::Nbr(u.0))
+            .chain(reqs.iter().map(|r| r.0))
+            .collect();
+        dests.sort_unstable();
+        dests.dedup();
+        for d in dests {
+            let to = match d {
+                Dest::All if any_nbr => TransmitTo::AllNeighbours,
+                Dest::All => continue,
+                Dest::Nbr(s) => match self.nbr_id(s) {
+                    Some(id) => TransmitTo::Neighbour(id),
+                    None => continue,
+                },
+            };
+            let mut w = Writer::default();
+            for (_, k) in uni.iter().filter(|u| Dest::Nbr(u.0) == d) {
+                tlv.clear();
+                if *k == self.own.prefix {
+                    self.own_update(&mut tlv);
+                } else if let Some(e) = self.table.get(k) {
+                    if self.selected_update(e, &mut tlv).is_none() {
+                        wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, *k);
+                    }
+                } else {
+                    wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, *k);
+                }
+                w.push(&tlv, &mut self.stats);
+            }
+            for (_, r) in reqs.iter().filter(|r| r.0 == d) {
+                let l = wire::tlv_len(r);
+                w.push(&r[..l], &mut self.stats);
+            }
+            for payload in w.finish() {
+                self.emit(to, payload);
+            }
+        }
+    }
+
+    fn nbr_id(&self, slot: u16) -> Option<N> {
+        self.nbrs
+            .get(usize::from(slot))
+            .and_then(|n| n.as_ref())
+            .map(|n| n.id)
+    }
+
+    fn emit(&mut self, to: TransmitTo<N>, payload: Vec<u8>) {
+        self.stats.messages_sent += 1;
+        self.stats.bytes_sent += payload.len() as u64;
+        self.transmits.push_back(RoutingTransmit { to, payload });
+    }
+
+    /// The next payload to send. Call until `None` after every input.
+    pub fn poll_transmit(&mut self) -> Option<RoutingTransmit<N>> {
+        self.transmits.pop_front()
+    }
+
+    /// The next change the agent must apply to its forwarding tables. Every change of
+    /// next hop is a single [`RouteEvent::Changed`] (a replace), never a removal followed
+    /// by an insertion, so the prefix stays routable throughout.
+    pub fn poll_event(&mut self) -> Option<RouteEvent<N>> {
+        self.events.pop_front()
+    }
+
+    // ----- queries ------------------------------------------------------------------
+
+    /// Selected next hop for the /64 containing `addr` (`None`: local or no route).
+    pub fn next_hop(&self, addr: Ipv6Addr) -> Option<N> {
+        self.next_hop_bits(prefix_bits(addr))
+    }
+
+    pub(crate) fn next_hop_bits(&self, p: u64) -> Option<N> {
+        let e = self.table.get(&p)?;
+        self.nbr_id(e.sel)
+    }
+
+    /// Selected (next hop, metric) for a prefix, for tests and the simulator.
+    pub(crate) fn selected_bits(&self, p: u64) -> Option<(N, u16)> {
+        let e = self.table.get(&p)?;
+        let c = e.cands.get(e.sel)?;
+        Some((
+            self.nbr_id(e.sel)?,
+            add_metric(c.metric, Self::cost_of(&self.nbrs, c.nbr)),
+        ))
+    }
+
+    fn snapshot(&self, e: &Entry, c: &Cand) -> RouteSnapshot<N> {
+        let cost = Self::cost_of(&self.nbrs, c.nbr);
+        let age_ticks = self.tick.saturating_sub(c.updated);
+        RouteSnapshot {
+            prefix: prefix_addr(c.signed.prefix),
+            plen: NODE_PREFIX_LEN,
+            origin: c.signed.key,
+            next_hop: self.nbr_id(c.nbr),
+            next_hop_key: self
+                .nbrs
+                .get(usize::from(c.nbr))
+                .and_then(|n| n.as_ref())
+                .map(|n| n.key),
+            metric: add_metric(c.metric, cost),
+            advertised_metric: c.metric,
+            link_cost: cost,
+            seqno: c.signed.seqno,
+            feasible: is_feasible(e.fd(), c.signed.seqno, c.metric),
+            feasibility_distance: e.fd(),
+            age: Duration::from_millis(u64::from(age_ticks) * TICK_MS),
+            selected: e.sel == c.nbr,
+        }
+    }
+
+    fn own_snapshot(&self) -> RouteSnapshot<N> {
+        RouteSnapshot {
+            prefix: prefix_addr(self.own.prefix),
+            plen: NODE_PREFIX_LEN,
+            origin: self.own.key,
+            next_hop: None,
+            next_hop_key: None,
+            metric: 0,
+            advertised_metric: 0,
+            link_cost: 0,
+            seqno: self.own.seqno,
+            feasible: true,
+            feasibility_distance: None,
+            age: Duration::ZERO,
+            selected: true,
+        }
+    }
+
+    /// Every candidate route, per prefix (own prefix first, then by prefix, selected
+    /// first), for the operator view. `now` only ages the entries.
+    pub fn routes(&mut self, now: Instant) -> Vec<RouteSnapshot<N>> {
+        self.set_now(now);
+        let mut v = vec![self.own_snapshot()];
+        let mut keys: Vec<&u64> = self.table.keys().collect();
+        keys.sort_unstable();
+        for k in keys {
+            let e = &self.table[k];
+            let mut rs: Vec<_> = e.cands.iter().map(|c| self.snapshot(e, c)).collect();
+            rs.sort_by_key(|r| (!r.selected, r.metric, r.next_hop));
+            v.extend(rs);
+        }
+        v
+    }
+
+    /// Which route carries `addr` and why. Every announced prefix is a node's /64, so the
+    /// longest match is the /64 of `addr` (or nothing).
+    pub fn explain(&mut self, addr: Ipv6Addr, now: Instant) -> Explanation<N> {
+        self.set_now(now);
+        let p = prefix_bits(addr);
+        let mut ex = Explanation {
+            addr,
+            prefix: None,
+            selection: Selection::NoRoute,
+            selected: None,
+            alternatives: Vec::new(),
+        };
+        if p >> 48 != OVERLAY_TOP {
+            ex.selection = Selection::NotOverlay;
+            return ex;
+        }
+        if p == self.own.prefix {
+            ex.prefix = Some((prefix_addr(p), NODE_PREFIX_LEN));
+            ex.selection = Selection::Local;
+            ex.selected = Some(self.own_snapshot());
+            return ex;
+        }
+        let Some(e) = self.table.get(&p) else {
+            return ex;
+        };
+        ex.prefix = Some((prefix_addr(p), NODE_PREFIX_LEN));
+        let snaps: Vec<_> = e.cands.iter().map(|c| self.snapshot(e, c)).collect();
+        let sel = snaps.iter().find(|s| s.selected).cloned();
+        let best_other = snaps
+            .iter()
+            .filter(|s| !s.selected && s.feasible && s.metric != INFINITY)
+            .map(|s| s.metric)
+            .min();
+        ex.selection = match (&sel, best_other) {
+            (None, _) => Selection::NoRoute,
+            (Some(_), None) => Selection::OnlyFeasible,
+            (Some(s), Some(b)) if b < s.metric => Selection::Hysteresis {
+                best_alternative: b,
+                margin: self
+                    .config
+                    .hysteresis_abs
+                    .max(s.metric / self.config.hysteresis_div.max(1)),
+            },
+            (Some(_), Some(_)) => Selection::LowestMetric,
+        };
+        for s in snaps {
+            if s.selected {
+                continue;
+            }
+            let why = if s.metric == INFINITY {
+                NotChosen::InfiniteMetric
+            } else if !s.feasible {
+                NotChosen::Unfeasible
+            } else if sel.as_ref().is_some_and(|x| s.metric < x.metric) {
+                NotChosen::WithinHysteresis
+            } else {
+                NotChosen::HigherMetric
+            };
+            ex.alternatives.push((s, why));
+        }
+        ex.alternatives.sort_by_key(|(s, _)| (s.metric, s.next_hop));
+        ex.selected = sel;
+        ex
+    }
+
+    /// Number of prefixes held (selected or not), excluding our own.
+    pub fn prefix_count(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Number of candidate routes held.
+    pub fn candidate_count(&self) -> usize {
+        self.table.values().map(|e| e.cands.len()).sum()
+    }
+
+    /// Bytes this router's state occupies, honestly accounted: table capacity × bucket
+    /// size (hashbrown: entry plus one control byte), spilled candidate vectors, the
+    /// neighbour and request tables and queues. Announcements (`SignedOrigin`) live in the
+    /// verification cache and are accounted there ([`VerifyCache::memory_bytes`]);
+    /// routes only hold pointers to them.
+    pub fn memory_bytes(&self) -> usize {
+        let table = self.table.capacity() * (size_of::<(u64, Entry)>() + 1);
+        let spill: usize = self.table.values().map(|e| e.cands.heap_bytes()).sum();
+        let nbrs = self.nbrs.capacity() * size_of::<Option<Nbr<N>>>()
+            + self.nbr_index.capacity() * (size_of::<(N, u16)>() + 1);
+        let pending = self.pending.capacity() * (size_of::<(u64, Pending)>() + 1)
+            + self.pending_bcast.capacity() * 8
+            + self.pending_unicast.capacity() * size_of::<(u16, u64)>()
+            + self.pending_requests.capacity() * size_of::<(Dest, [u8; 14])>();
+        size_of::<Self>() + table + spill + nbrs + pending
+    }
+
+    /// The cache this router verifies through.
+    pub fn verify_cache(&self) -> &SharedVerifyCache {
+        &self.cache
+    }
+
+    /// Whether `key` is the owner of the prefix we hold for it (operator sanity check).
+    pub fn origin_of(&self, addr: Ipv6Addr) -> Option<[u8; 32]> {
+        let p = prefix_bits(addr);
+        if p == self.own.prefix {
+            return Some(self.own.key);
+        }
+        let e = self.table.get(&p)?;
+        debug_assert_eq!(owned_prefix(&e.origin.key), p);
+        Some(e.origin.key)
+    }
+}
+
+/// Packs TLVs into payloads of at most [`MAX_PAYLOAD`] bytes.
+#[derive(Default)]
+struct Writer {
+    cur: Vec<u8>,
+    done: Vec<Vec<u8>>,
+}
+
+impl Writer {
+    fn push(&mut self, tlv: &[u8], stats: &mut RoutingStats) {
+        if !self.cur.is_empty() && self.cur.len() + tlv.len() > MAX_PAYLOAD {
+            self.done.push(std::mem::take(&mut self.cur));
+        }
+        if self.cur.is_empty() {
+            self.cur.reserve(MAX_PAYLOAD);
+            self.cur.extend_from_slice(&[wire::VERSION, 0]);
+        }
+        self.cur.extend_from_slice(tlv);
+        match tlv.first() {
+            Some(&wire::TLV_UPDATE) => stats.updates_sent += 1,
+            Some(&wire::TLV_RETRACTION) => stats.retractions_sent += 1,
+            _ => {}
+        }
+    }
+
+    fn finish(mut self) -> Vec<Vec<u8>> {
+        if !self.cur.is_empty() {
+            self.done.push(self.cur);
+        }
+        self.done
+    }
+}

@@ -1,0 +1,1340 @@
+//! A deterministic discrete-event simulator that drives many independent [`Router`]s
+//! over modelled links, to check convergence, loop-freedom and reachability at scale.
+//!
+//! Determinism: one seeded [`SplitMix`] makes every choice (topology, link latencies,
+//! losses, failures, router seeds); events are ordered by (time, insertion sequence) in a
+//! binary heap; routers see a simulated clock (`base + offset`). The same configuration
+//! therefore produces the same run, bit for bit, which is what makes a failing scale test
+//! debuggable.
+//!
+//! Model: each node is a [`Router<u32>`]. A link has a latency, a loss probability applied
+//! to each routing payload, and a base cost. Neighbour sessions come up after one RTT and
+//! are declared down `detect_delay` after a failure (the agent's hello timeout); in
+//! between, payloads over a dead link are lost. With `measure_rtt`, the link's RTT and
+//! loss are fed to `neighbour_measurement` when the neighbour comes up.
+//!
+//! Scale: all routers share one [`VerifyCache`], so each distinct announcement is
+//! verified once per run rather than once per node and neighbour (a real node verifies
+//! each one once too, through its own cache; sharing only removes the repetition across
+//! simulated nodes). Broadcast payloads are shared between the deliveries (`Rc<[u8]>`).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ring::signature::Ed25519KeyPair;
+
+use super::cache::{SharedVerifyCache, SignedOrigin, VerifyCache, owned_prefix};
+use super::router::{Router, RoutingConfig, prefix_addr};
+use super::util::SplitMix;
+use super::wire;
+use super::{RoutingStats, TransmitTo};
+
+/// Shape of the generated network.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Topology {
+    /// A uniformly random spanning tree (so the graph is connected) plus uniformly random
+    /// extra links up to the given average degree.
+    Random {
+        /// Target average degree.
+        avg_degree: f64,
+    },
+    /// Barabási–Albert preferential attachment: each new node links to `m` existing nodes
+    /// chosen with probability proportional to degree (hubs emerge, as on the Internet).
+    ScaleFree {
+        /// Links per new node.
+        m: usize,
+    },
+    /// Exactly these links: (a, b, latency, loss, base cost).
+    Explicit(Vec<(u32, u32, Duration, f64, u16)>),
+}
+
+/// Simulation parameters.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Network shape.
+    pub topology: Topology,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Generated links get a latency uniform in this range.
+    pub latency: (Duration, Duration),
+    /// Loss probability of each payload on generated links.
+    pub loss: f64,
+    /// Time from a failure to the neighbour being declared down.
+    pub detect_delay: Duration,
+    /// Feed modelled RTT (2 × latency) and loss into the link cost.
+    pub measure_rtt: bool,
+    /// Routing configuration of every node.
+    pub routing: RoutingConfig,
+    /// Share one verification cache among all routers (see module docs).
+    pub share_cache: bool,
+    /// Sample this many random destinations for transient loops every
+    /// `loop_sample_interval` (0 disables sampling).
+    pub loop_sample_destinations: usize,
+    /// Interval of transient-loop sampling.
+    pub loop_sample_interval: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 100,
+            topology: Topology::Random { avg_degree: 4.0 },
+            seed: 1,
+            latency: (Duration::from_millis(2), Duration::from_millis(40)),
+            loss: 0.0,
+            detect_delay: Duration::from_millis(1500),
+            measure_rtt: true,
+            routing: RoutingConfig::default(),
+            share_cache: true,
+            loop_sample_destinations: 8,
+            loop_sample_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Link {
+    latency: Duration,
+    loss: f64,
+    cost: u16,
+    up: bool,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Deliver {
+        to: u32,
+        from: u32,
+        inc: u32,
+        payload: Rc<[u8]>,
+    },
+    Timer {
+        node: u32,
+        inc: u32,
+    },
+    NbrUp {
+        node: u32,
+        peer: u32,
+    },
+    NbrDown {
+        node: u32,
+        peer: u32,
+    },
+    Sample,
+}
+
+struct Node {
+    router: Option<Router<u32>>,
+    key: Arc<Ed25519KeyPair>,
+    pubkey: [u8; 32],
+    prefix: u64,
+    inc: u32,
+    timer: Option<u64>,
+    up: Vec<u32>,
+    retired: RoutingStats,
+}
+
+/// Totals across the run, for rates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Payloads put on links (a broadcast counts once per neighbour).
+    pub packets: u64,
+    /// Bytes put on links.
+    pub bytes: u64,
+    /// Payloads lost on links (modelled loss or dead links).
+    pub lost: u64,
+    /// Route events (installs, changes, removals) at all nodes.
+    pub route_events: u64,
+}
+
+/// Outcome of a global check of every node's tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Check {
+    /// (source, destination) pairs whose next-hop chain revisits a node.
+    pub loops: usize,
+    /// Pairs in the same component where the chain does not reach the destination.
+    pub unrouted: usize,
+    /// Pairs in different components (or dead destinations) still holding a route.
+    pub stale: usize,
+    /// Pairs checked.
+    pub pairs: usize,
+    /// Up to 5 examples, for failure messages.
+    pub examples: Vec<String>,
+}
+
+impl Check {
+    /// No loops, nothing unrouted, nothing stale.
+    pub fn is_clean(&self) -> bool {
+        self.loops == 0 && self.unrouted == 0 && self.stale == 0
+    }
+}
+
+/// The simulator.
+pub struct Sim {
+    cfg: SimConfig,
+    base: Instant,
+    now: u64,
+    seq: u64,
+    heap: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    slab: Vec<Option<Ev>>,
+    free: Vec<usize>,
+    rng: SplitMix,
+    nodes: Vec<Node>,
+    links: HashMap<(u32, u32), Link>,
+    adj: Vec<Vec<u32>>,
+    cache: Option<SharedVerifyCache>,
+    /// Totals so far.
+    pub counters: Counters,
+    last_route_event: u64,
+    /// Transient loops seen by sampling: (sim time, source, destination).
+    pub transient_loops: Vec<(Duration, u32, u32)>,
+    /// Samples taken.
+    pub loop_samples: u64,
+    sampling: bool,
+}
+
+fn key_of(a: u32, b: u32) -> (u32, u32) {
+    if a < b { (a, b) } else { (b, a) }
+}
+
+impl Sim {
+    /// Builds the topology and starts every node at time 0 with all links up.
+    pub fn new(cfg: SimConfig) -> Self {
+        let mut rng = SplitMix::new(cfg.seed);
+        let n = cfg.nodes;
+        let cache = cfg
+            .share_cache
+            .then(|| VerifyCache::shared(4 * n + 1024, rng.next_u64()));
+        let mut nodes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut seed = [0u8; 32];
+            for c in seed.chunks_mut(8) {
+                c.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            let Ok(kp) = Ed25519KeyPair::from_seed_unchecked(&seed) else {
+                unreachable!("any 32 bytes are an Ed25519 seed")
+            };
+            let pubkey: [u8; 32] = ring::signature::KeyPair::public_key(&kp)
+                .as_ref()
+                .try_into()
+                .unwrap_or([0; 32]);
+            nodes.push(Node {
+                router: None,
+                key: Arc::new(kp),
+                prefix: owned_prefix(&pubkey),
+                pubkey,
+                inc: 0,
+                timer: None,
+                up: Vec::new(),
+                retired: RoutingStats::default(),
+            });
+        }
+        let mut sim = Sim {
+            base: Instant::now(),
+            now: 0,
+            seq: 0,
+            heap: BinaryHeap::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
+            nodes,
+            links: HashMap::new(),
+            adj: vec![Vec::new(); n],
+            cache,
+            counters: Counters::default(),
+            last_route_event: 0,
+            transient_loops: Vec::new(),
+            loop_samples: 0,
+            sampling: false,
+            rng,
+            cfg,
+        };
+        sim.build_topology();
+        for i in 0..n as u32 {
+            sim.start_router(i);
+        }
+        let pairs: Vec<(u32, u32)> = sim.links.keys().copied().collect();
+        let mut pairs = pairs;
+        pairs.sort_unstable();
+        for (a, b) in pairs {
+            sim.push(0, Ev::NbrUp { node: a, peer: b });
+            sim.push(0, Ev::NbrUp { node: b, peer: a });
+        }
+        if sim.cfg.loop_sample_destinations > 0 {
+            sim.sampling = true;
+            let t = sim.cfg.loop_sample_interval.as_nanos() as u64;
+            sim.push(t, Ev::Sample);
+        }
+        sim
+    }
+
+    fn add_link(&mut self, a: u32, b: u32, latency: Duration, loss: f64, cost: u16) -> bool {
+        if a == b || self.links.contains_key(&key_of(a, b)) {
+            return false;
+        }
+        self.links.insert(
+            key_of(a, b),
+            Link {
+                latency,
+                loss,
+                cost,
+                up: true,
+            },
+        );
+        self.adj[a as usize].push(b);
+        self.adj[b as usize].push(a);
+        true
+    }
+
+    fn random_latency(&mut self) -> Duration {
+        let (lo, hi) = self.cfg.latency;
+        let span = hi.saturating_sub(lo).as_nanos() as u64;
+        lo + Duration::from_nanos(self.rng.below(span + 1))
+    }
+
+    fn build_topology(&mut self) {
+        let n = self.cfg.nodes as u64;
+        let base = self.cfg.routing.cost.default_base;
+        let loss = self.cfg.loss;
+        match self.cfg.topology.clone() {
+            Topology::Explicit(links) => {
+                for (a, b, lat, loss, cost) in links {
+                    self.add_link(a, b, lat, loss, cost);
+                }
+            }
+            Topology::Random { avg_degree } => {
+                for i in 1..n {
+                    let j = self.rng.below(i);
+                    let lat = self.random_latency();
+                    self.add_link(i as u32, j as u32, lat, loss, base);
+                }
+                let target = ((avg_degree * n as f64) / 2.0) as usize;
+                let mut tries = 0;
+                while self.links.len() < target && tries < 20 * target {
+                    tries += 1;
+                    let a = self.rng.below(n) as u32;
+                    let b = self.rng.below(n) as u32;
+                    let lat = self.random_latency();
+                    self.add_link(a, b, lat, loss, base);
+                }
+            }
+            Topology::ScaleFree { m } => {
+                let m = m.max(1) as u64;
+                let mut ends: Vec<u32> = Vec::new();
+                // Seed: a chain of m + 1 nodes.
+                for i in 1..=m.min(n.saturating_sub(1)) {
+                    let lat = self.random_latency();
+                    self.add_link(i as u32, (i - 1) as u32, lat, loss, base);
+                    ends.push(i as u32);
+                    ends.push((i - 1) as u32);
+                }
+                for i in (m + 1)..n {
+                    let mut chosen = HashSet::new();
+                    while (chosen.len() as u64) < m {
+                        let t = ends[self.rng.below(ends.len() as u64) as usize];
+                        chosen.insert(t);
+                    }
+                    let mut chosen: Vec<u32> = chosen.into_iter().collect();
+                    chosen.sort_unstable();
+                    for t in chosen {
+                        let lat = self.random_latency();
+                        if self.add_link(i as u32, t, lat, loss, base) {
+                            ends.push(i as u32);
+                            ends.push(t);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_router(&mut self, i: u32) {
+        let seed = self.rng.next_u64();
+        let now = self.instant();
+        let node = &mut self.nodes[i as usize];
+        let signer: Arc<dyn crate::session::Signer> = node.key.clone();
+        let r = match &self.cache {
+            Some(c) => Router::with_cache(signer, self.cfg.routing.clone(), seed, now, c.clone()),
+            None => Router::new(signer, self.cfg.routing.clone(), seed, now),
+        };
+        node.router = r.ok();
+        node.inc += 1;
+        node.timer = None;
+        node.up.clear();
+        self.reschedule(i);
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + Duration::from_nanos(self.now)
+    }
+
+    /// Current simulated time since the start.
+    pub fn now(&self) -> Duration {
+        Duration::from_nanos(self.now)
+    }
+
+    fn push(&mut self, at: u64, ev: Ev) {
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slab[i] = Some(ev);
+                i
+            }
+            None => {
+                self.slab.push(Some(ev));
+                self.slab.len() - 1
+            }
+        };
+        self.seq += 1;
+        self.heap.push(Reverse((at.max(self.now), self.seq, idx)));
+    }
+
+    fn reschedule(&mut self, i: u32) {
+        let node = &self.nodes[i as usize];
+        let Some(r) = &node.router else { return };
+        let Some(t) = r.poll_timeout() else { return };
+        let at = (t.saturating_duration_since(self.base).as_nanos() as u64).max(self.now);
+        if node.timer.is_some_and(|x| x <= at) {
+            return;
+        }
+        let inc = node.inc;
+        self.nodes[i as usize].timer = Some(at);
+        self.push(at, Ev::Timer { node: i, inc });
+    }
+
+    /// Sends what router `i` produced and records its route events.
+    fn drain(&mut self, i: u32) {
+        let mut out = Vec::new();
+        let mut events = 0;
+        if let Some(r) = self.nodes[i as usize].router.as_mut() {
+            while let Some(t) = r.poll_transmit() {
+                out.push(t);
+            }
+            while r.poll_event().is_some() {
+                events += 1;
+            }
+        }
+        if events > 0 {
+            self.counters.route_events += events;
+            self.last_route_event = self.now;
+        }
+        let inc_of = |s: &Self, n: u32| s.nodes[n as usize].inc;
+        for t in out {
+            let payload: Rc<[u8]> = Rc::from(t.payload.into_boxed_slice());
+            let targets: Vec<u32> = match t.to {
+                TransmitTo::Neighbour(n) => vec![n],
+                TransmitTo::AllNeighbours => self.nodes[i as usize].up.clone(),
+            };
+            for to in targets {
+                let Some(link) = self.links.get(&key_of(i, to)) else {
+                    continue;
+                };
+                self.counters.packets += 1;
+                self.counters.bytes += payload.len() as u64;
+                let (lat, loss, up) = (link.latency, link.loss, link.up);
+                if !up || (loss > 0.0 && self.rng.next_f64() < loss) {
+                    self.counters.lost += 1;
+                    continue;
+                }
+                let inc = inc_of(self, to);
+                let at = self.now + lat.as_nanos() as u64;
+                self.push(
+                    at,
+                    Ev::Deliver {
+                        to,
+                        from: i,
+                        inc,
+                        payload: payload.clone(),
+                    },
+                );
+            }
+        }
+        self.reschedule(i);
+    }
+
+    fn step(&mut self, ev: Ev) {
+        match ev {
+            Ev::Deliver {
+                to,
+                from,
+                inc,
+                payload,
+            } => {
+                let now = self.instant();
+                let link_up = self.links.get(&key_of(to, from)).is_some_and(|l| l.up);
+                let node = &mut self.nodes[to as usize];
+                if node.inc != inc || !link_up {
+                    self.counters.lost += 1;
+                    return;
+                }
+                if let Some(r) = node.router.as_mut() {
+                    let _ = r.handle_message(from, &payload, now);
+                    self.drain(to);
+                }
+            }
+            Ev::Timer { node, inc } => {
+                let now = self.instant();
+                let at = self.now;
+                let n = &mut self.nodes[node as usize];
+                if n.inc != inc || n.timer != Some(at) {
+                    return;
+                }
+                n.timer = None;
+                if let Some(r) = n.router.as_mut() {
+                    r.handle_timeout(now);
+                    self.drain(node);
+                }
+            }
+            Ev::NbrUp { node, peer } => {
+                let now = self.instant();
+                let Some(link) = self.links.get(&key_of(node, peer)).cloned() else {
+                    return;
+                };
+                if !link.up
+                    || self.nodes[peer as usize].router.is_none()
+                    || self.nodes[node as usize].router.is_none()
+                {
+                    return;
+                }
+                let key = self.nodes[peer as usize].pubkey;
+                let measure = self.cfg.measure_rtt;
+                let default_base = self.cfg.routing.cost.default_base;
+                let n = &mut self.nodes[node as usize];
+                let Some(r) = n.router.as_mut() else { return };
+                if link.cost != default_base {
+                    r.set_neighbour_cost(peer, link.cost);
+                }
+                r.neighbour_up(peer, key, now);
+                if measure {
+                    r.neighbour_measurement(peer, Some(link.latency * 2), Some(link.loss), now);
+                }
+                if !n.up.contains(&peer) {
+                    n.up.push(peer);
+                }
+                self.drain(node);
+            }
+            Ev::NbrDown { node, peer } => {
+                let now = self.instant();
+                let n = &mut self.nodes[node as usize];
+                let Some(pos) = n.up.iter().position(|p| *p == peer) else {
+                    return;
+                };
+                // Still connected (the failure was repaired before detection)?
+                let link_up = self.links.get(&key_of(node, peer)).is_some_and(|l| l.up);
+                let peer_alive = self.nodes[peer as usize].router.is_some();
+                if link_up && peer_alive {
+                    return;
+                }
+                let n = &mut self.nodes[node as usize];
+                n.up.swap_remove(pos);
+                if let Some(r) = n.router.as_mut() {
+                    r.neighbour_down(peer, now);
+                    self.drain(node);
+                }
+            }
+            Ev::Sample => {
+                self.sample_loops();
+                if self.sampling {
+                    let t = self.now + self.cfg.loop_sample_interval.as_nanos() as u64;
+                    self.push(t, Ev::Sample);
+                }
+            }
+        }
+    }
+
+    /// Runs events until simulated time `t` (since start).
+    pub fn run_until(&mut self, t: Duration) {
+        let end = t.as_nanos() as u64;
+        while let Some(Reverse((at, _, idx))) = self.heap.peek().copied() {
+            if at > end {
+                break;
+            }
+            self.heap.pop();
+            self.now = at;
+            let ev = self.slab[idx].take();
+            self.free.push(idx);
+            if let Some(ev) = ev {
+                self.step(ev);
+            }
+        }
+        self.now = self.now.max(end);
+    }
+
+    /// Runs until no route has changed anywhere for `quiet`, or until `max` from now.
+    /// Returns the time of the last route change (measured from the call) when quiet was
+    /// reached, `None` on timeout.
+    pub fn run_until_quiet(&mut self, quiet: Duration, max: Duration) -> Option<Duration> {
+        let start = self.now;
+        let deadline = start + max.as_nanos() as u64;
+        let q = quiet.as_nanos() as u64;
+        self.last_route_event = self.last_route_event.max(start);
+        let step = (q / 4).max(1_000_000);
+        loop {
+            let t = (self.now + step).min(deadline);
+            self.run_until(Duration::from_nanos(t));
+            if self.now >= self.last_route_event + q {
+                return Some(Duration::from_nanos(self.last_route_event - start));
+            }
+            if self.now >= deadline {
+                return None;
+            }
+        }
+    }
+
+    /// Takes a link down (both ends notice after `detect_delay`).
+    pub fn fail_link(&mut self, a: u32, b: u32) {
+        if let Some(l) = self.links.get_mut(&key_of(a, b)) {
+            l.up = false;
+            let t = self.now + self.cfg.detect_delay.as_nanos() as u64;
+            self.push(t, Ev::NbrDown { node: a, peer: b });
+            self.push(t, Ev::NbrDown { node: b, peer: a });
+        }
+    }
+
+    /// Brings a link back (the session comes up after one RTT).
+    pub fn restore_link(&mut self, a: u32, b: u32) {
+        if let Some(l) = self.links.get_mut(&key_of(a, b)) {
+            l.up = true;
+            let t = self.now + 2 * l.latency.as_nanos() as u64;
+            self.push(t, Ev::NbrUp { node: a, peer: b });
+            self.push(t, Ev::NbrUp { node: b, peer: a });
+        }
+    }
+
+    /// Stops a node: its state is lost, its neighbours notice after `detect_delay`.
+    pub fn fail_node(&mut self, x: u32) {
+        let n = &mut self.nodes[x as usize];
+        if let Some(r) = n.router.take() {
+            let s = r.stats().clone();
+            add_stats(&mut n.retired, &s);
+        }
+        n.inc += 1;
+        n.up.clear();
+        n.timer = None;
+        let t = self.now + self.cfg.detect_delay.as_nanos() as u64;
+        for y in self.adj[x as usize].clone() {
+            self.push(t, Ev::NbrDown { node: y, peer: x });
+        }
+    }
+
+    /// Restarts a failed node with fresh state (same key, new seed).
+    pub fn restore_node(&mut self, x: u32) {
+        if self.nodes[x as usize].router.is_some() {
+            return;
+        }
+        self.start_router(x);
+        for y in self.adj[x as usize].clone() {
+            let Some(l) = self.links.get(&key_of(x, y)) else {
+                continue;
+            };
+            if !l.up || self.nodes[y as usize].router.is_none() {
+                continue;
+            }
+            let t = self.now + 2 * l.latency.as_nanos() as u64;
+            self.push(t, Ev::NbrUp { node: x, peer: y });
+            self.push(t, Ev::NbrUp { node: y, peer: x });
+        }
+    }
+
+    /// Whether a node is running.
+    pub fn alive(&self, x: u32) -> bool {
+        self.nodes[x as usize].router.is_some()
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the simulation has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Links as (a, b), sorted.
+    pub fn links(&self) -> Vec<(u32, u32)> {
+        let mut v: Vec<_> = self.links.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Degree of a node in the generated graph.
+    pub fn degree(&self, x: u32) -> usize {
+        self.adj[x as usize].len()
+    }
+
+    /// Node `x`'s router, if running.
+    pub fn router(&self, x: u32) -> Option<&Router<u32>> {
+        self.nodes[x as usize].router.as_ref()
+    }
+
+    /// Node `x`'s router, mutably (e.g. to inject messages in tests).
+    pub fn router_mut(&mut self, x: u32) -> Option<&mut Router<u32>> {
+        self.nodes[x as usize].router.as_mut()
+    }
+
+    /// Node `x`'s /64 as an address.
+    pub fn prefix_of(&self, x: u32) -> std::net::Ipv6Addr {
+        prefix_addr(self.nodes[x as usize].prefix)
+    }
+
+    /// Next hop of `x` towards `dest`'s prefix.
+    pub fn next_hop(&self, x: u32, dest: u32) -> Option<u32> {
+        self.nodes[x as usize]
+            .router
+            .as_ref()?
+            .next_hop_bits(self.nodes[dest as usize].prefix)
+    }
+
+    /// Metric of `x`'s selected route to `dest`.
+    pub fn metric(&self, x: u32, dest: u32) -> Option<u16> {
+        self.nodes[x as usize]
+            .router
+            .as_ref()?
+            .selected_bits(self.nodes[dest as usize].prefix)
+            .map(|s| s.1)
+    }
+
+    /// The path a packet from `src` to `dst` takes now: `Ok(path)` when it arrives,
+    /// `Err(path)` when it is dropped (no route, dead link/node) or loops.
+    pub fn path(&self, src: u32, dst: u32) -> Result<Vec<u32>, Vec<u32>> {
+        let mut path = vec![src];
+        let mut seen = HashSet::new();
+        let mut v = src;
+        seen.insert(v);
+        while v != dst {
+            if !self.alive(v) {
+                return Err(path);
+            }
+            let Some(nh) = self.next_hop(v, dst) else {
+                return Err(path);
+            };
+            let up = self.links.get(&key_of(v, nh)).is_some_and(|l| l.up);
+            path.push(nh);
+            if !up || !self.alive(nh) || !seen.insert(nh) {
+                return Err(path);
+            }
+            v = nh;
+        }
+        Ok(path)
+    }
+
+    fn components(&self) -> Vec<u32> {
+        let n = self.nodes.len();
+        let mut comp = vec![u32::MAX; n];
+        let mut c = 0;
+        let mut stack = Vec::new();
+        for s in 0..n {
+            if comp[s] != u32::MAX || !self.alive(s as u32) {
+                continue;
+            }
+            comp[s] = c;
+            stack.push(s as u32);
+            while let Some(v) = stack.pop() {
+                for &w in &self.adj[v as usize] {
+                    if comp[w as usize] == u32::MAX
+                        && self.alive(w)
+                        && self.links.get(&key_of(v, w)).is_some_and(|l| l.up)
+                    {
+                        comp[w as usize] = c;
+                        stack.push(w);
+                    }
+                }
+            }
+            c += 1;
+        }
+        comp
+    }
+
+    /// Walks every node's next-hop chain towards `dest`; returns (loops, sources whose
+    /// chain ends somewhere other than `dest`, with the end).
+    fn walk_all(&self, dest: u32, state: &mut [u8], on_loop: &mut dyn FnMut(u32)) -> Vec<u32> {
+        // state: 0 unvisited, 1 on current walk, 2 reaches dest, 3 does not reach
+        state.fill(0);
+        let prefix = self.nodes[dest as usize].prefix;
+        state[dest as usize] = 2;
+        let mut stack = Vec::new();
+        let mut failing = Vec::new();
+        for s in 0..self.nodes.len() as u32 {
+            if state[s as usize] != 0 || !self.alive(s) {
+                continue;
+            }
+            let mut v = s;
+            let outcome = loop {
+                match state[v as usize] {
+                    2 => break 2,
+                    3 => break 3,
+                    1 => {
+                        on_loop(s);
+                        break 3;
+                    }
+                    _ => {}
+                }
+                state[v as usize] = 1;
+                stack.push(v);
+                let nh = self.nodes[v as usize]
+                    .router
+                    .as_ref()
+                    .and_then(|r| r.next_hop_bits(prefix));
+                match nh {
+                    Some(nh)
+                        if self.alive(nh)
+                            && self.links.get(&key_of(v, nh)).is_some_and(|l| l.up) =>
+                    {
+                        v = nh
+                    }
+                    _ => break 3,
+                }
+            };
+            for w in stack.drain(..) {
+                state[w as usize] = outcome;
+            }
+            if outcome == 3 {
+                failing.push(s);
+            }
+        }
+        failing
+    }
+
+    /// Checks every (source, destination) pair: no loops; routed iff reachable.
+    pub fn check(&self) -> Check {
+        let comp = self.components();
+        let mut out = Check::default();
+        let mut state = vec![0u8; self.nodes.len()];
+        for d in 0..self.nodes.len() as u32 {
+            let mut loops = Vec::new();
+            let failing = self.walk_all(d, &mut state, &mut |s| loops.push(s));
+            out.loops += loops.len();
+            for s in loops.iter().take(2) {
+                if out.examples.len() < 5 {
+                    out.examples
+                        .push(format!("loop from {s} to {d}: {:?}", self.path(*s, d)));
+                }
+            }
+            let d_alive = self.alive(d);
+            for s in 0..self.nodes.len() as u32 {
+                if s == d || !self.alive(s) {
+                    continue;
+                }
+                out.pairs += 1;
+                let reachable = d_alive && comp[s as usize] == comp[d as usize];
+                let routed = self.next_hop(s, d).is_some();
+                if reachable && failing.binary_search(&s).is_ok() && !loops.contains(&s) {
+                    out.unrouted += 1;
+                    if out.examples.len() < 5 {
+                        out.examples
+                            .push(format!("unrouted {s} -> {d}: {:?}", self.path(s, d)));
+                    }
+                } else if !reachable && routed {
+                    out.stale += 1;
+                    if out.examples.len() < 5 {
+                        out.examples.push(format!(
+                            "stale route {s} -> {d} via {:?}",
+                            self.next_hop(s, d)
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks `k` random destinations for loops right now (transient-loop sampling).
+    pub fn sample_loops(&mut self) {
+        let n = self.nodes.len() as u64;
+        let k = self.cfg.loop_sample_destinations;
+        let mut state = vec![0u8; self.nodes.len()];
+        for _ in 0..k {
+            let d = self.rng.below(n) as u32;
+            let mut loops = Vec::new();
+            self.walk_all(d, &mut state, &mut |s| loops.push(s));
+            self.loop_samples += 1;
+            let t = self.now();
+            for s in loops {
+                if self.transient_loops.len() < 1000 {
+                    self.transient_loops.push((t, s, d));
+                }
+            }
+        }
+    }
+
+    /// Stops (or resumes) transient-loop sampling.
+    pub fn set_sampling(&mut self, on: bool) {
+        if on && !self.sampling && self.cfg.loop_sample_destinations > 0 {
+            let t = self.now + self.cfg.loop_sample_interval.as_nanos() as u64;
+            self.push(t, Ev::Sample);
+        }
+        self.sampling = on;
+    }
+
+    /// Sends `attacker`'s neighbours forged announcements of `victim`'s prefix: one signed
+    /// by the attacker's own key (valid signature, but the key does not own the prefix)
+    /// and one carrying the victim's key with a signature the victim never made. Both
+    /// claim metric 0 so they would win if accepted.
+    pub fn inject_hijack(&mut self, attacker: u32, victim: u32) {
+        let a = &self.nodes[attacker as usize];
+        let victim_prefix = self.nodes[victim as usize].prefix;
+        let victim_key = self.nodes[victim as usize].pubkey;
+        let seqno = self.nodes[victim as usize]
+            .router
+            .as_ref()
+            .map_or(0, |r| r.own_seqno())
+            .wrapping_add(100);
+        let msg = wire::signing_message(&a.pubkey, victim_prefix, 64, seqno);
+        let own_sig = a.key.sign(&msg);
+        let own_sig: [u8; 64] = own_sig.as_ref().try_into().unwrap_or([0; 64]);
+        let msg2 = wire::signing_message(&victim_key, victim_prefix, 64, seqno);
+        let forged: [u8; 64] = a.key.sign(&msg2).as_ref().try_into().unwrap_or([0; 64]);
+        let mut p = vec![wire::VERSION, 0];
+        wire::put_update(&mut p, 64, seqno, 0, victim_prefix, &a.pubkey, &own_sig);
+        wire::put_update(&mut p, 64, seqno, 0, victim_prefix, &victim_key, &forged);
+        let payload: Rc<[u8]> = Rc::from(p.into_boxed_slice());
+        for to in a.up.clone() {
+            let inc = self.nodes[to as usize].inc;
+            let lat = self
+                .links
+                .get(&key_of(attacker, to))
+                .map_or(Duration::ZERO, |l| l.latency);
+            self.push(
+                self.now + lat.as_nanos() as u64,
+                Ev::Deliver {
+                    to,
+                    from: attacker,
+                    inc,
+                    payload: payload.clone(),
+                },
+            );
+        }
+    }
+
+    /// Sum of all routers' counters (including stopped incarnations).
+    pub fn total_stats(&self) -> RoutingStats {
+        let mut s = RoutingStats::default();
+        for n in &self.nodes {
+            add_stats(&mut s, &n.retired);
+            if let Some(r) = &n.router {
+                add_stats(&mut s, r.stats());
+            }
+        }
+        s
+    }
+
+    /// (router bytes, routes held, candidate routes, shared-cache bytes).
+    pub fn memory(&self) -> (usize, usize, usize, usize) {
+        let mut bytes = 0;
+        let mut routes = 0;
+        let mut cands = 0;
+        for r in self.nodes.iter().filter_map(|n| n.router.as_ref()) {
+            bytes += r.memory_bytes();
+            routes += r.prefix_count();
+            cands += r.candidate_count();
+        }
+        let cache = match &self.cache {
+            Some(c) => c.lock().map(|c| c.memory_bytes()).unwrap_or(0),
+            None => self
+                .nodes
+                .iter()
+                .filter_map(|n| n.router.as_ref())
+                .map(|r| {
+                    r.verify_cache()
+                        .lock()
+                        .map(|c| c.memory_bytes())
+                        .unwrap_or(0)
+                })
+                .sum(),
+        };
+        (bytes, routes, cands, cache)
+    }
+
+    /// A random live link.
+    pub fn random_live_link(&mut self) -> Option<(u32, u32)> {
+        let links = self.links();
+        for _ in 0..64 {
+            let (a, b) = links[self.rng.below(links.len() as u64) as usize];
+            if self.links[&(a, b)].up && self.alive(a) && self.alive(b) {
+                return Some((a, b));
+            }
+        }
+        None
+    }
+
+    /// A random live node.
+    pub fn random_live_node(&mut self) -> Option<u32> {
+        for _ in 0..64 {
+            let x = self.rng.below(self.nodes.len() as u64) as u32;
+            if self.alive(x) {
+                return Some(x);
+            }
+        }
+        None
+    }
+
+    /// Signs an announcement of node `x`'s prefix with `x`'s key (for tests).
+    pub fn sign_for(&self, x: u32, seqno: u16) -> Option<SignedOrigin> {
+        SignedOrigin::sign(self.nodes[x as usize].key.as_ref(), seqno)
+    }
+}
+
+fn add_stats(a: &mut RoutingStats, b: &RoutingStats) {
+    macro_rules! sum {
+        ($($f:ident),*) => { $( a.$f += b.$f; )* };
+    }
+    sum!(
+        messages_sent,
+        bytes_sent,
+        messages_received,
+        bytes_received,
+        updates_sent,
+        retractions_sent,
+        updates_received,
+        retractions_received,
+        route_requests_sent,
+        route_requests_received,
+        seqno_requests_sent,
+        seqno_requests_received,
+        seqno_requests_forwarded,
+        seqno_requests_dropped,
+        signature_verifications,
+        verify_cache_hits,
+        rejected_unowned_prefix,
+        rejected_bad_signature,
+        rejected_conflicting_origin,
+        rejected_malformed,
+        rejected_version,
+        rejected_bad_prefix,
+        rejected_unknown_neighbour,
+        unknown_tlvs,
+        own_prefix_ignored,
+        unfeasible_updates,
+        rejected_table_full,
+        rejected_neighbour_limit,
+        requests_dropped_limit,
+        route_changes,
+        routes_expired,
+        sources_collected,
+        seqno_bumps,
+        seqno_bumps_deferred,
+        link_cost_changes,
+        neighbours_up,
+        neighbours_down
+    );
+}
+
+// ----- scenarios --------------------------------------------------------------------
+
+/// A standard run: cold start, then rounds of random link and node failures followed by
+/// recovery, each phase run to quiescence and checked; then an optional steady-state
+/// window for message rates.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// The network.
+    pub sim: SimConfig,
+    /// Failure/recovery rounds.
+    pub rounds: usize,
+    /// Links failed per round.
+    pub link_failures: usize,
+    /// Nodes failed per round.
+    pub node_failures: usize,
+    /// A phase is converged after this long without any route change.
+    pub quiet: Duration,
+    /// Give up on a phase after this long.
+    pub max_phase: Duration,
+    /// Simulated time to measure steady-state traffic (one update interval is enough;
+    /// zero skips it).
+    pub steady_window: Duration,
+    /// Run the full all-pairs check after each phase (O(N²)).
+    pub full_checks: bool,
+}
+
+/// Figures of one phase.
+#[derive(Debug, Clone, Default)]
+pub struct PhaseReport {
+    /// Phase name.
+    pub name: String,
+    /// Simulated time from the phase's start to its last route change (`None`: did not
+    /// go quiet within `max_phase`).
+    pub convergence: Option<Duration>,
+    /// Payloads per live node per simulated minute over the phase (up to quiescence).
+    pub packets_per_node_min: f64,
+    /// Bytes per live node per simulated minute.
+    pub bytes_per_node_min: f64,
+    /// Total payloads in the phase.
+    pub packets: u64,
+    /// Result of the global check at the end (if run).
+    pub check: Option<Check>,
+    /// Wall time of the phase.
+    pub wall: Duration,
+}
+
+/// The outcome of a [`Scenario`].
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Nodes.
+    pub nodes: usize,
+    /// Links.
+    pub links: usize,
+    /// Largest degree.
+    pub max_degree: usize,
+    /// Topology description.
+    pub topology: String,
+    /// Seed.
+    pub seed: u64,
+    /// Phases in order.
+    pub phases: Vec<PhaseReport>,
+    /// Steady-state payloads per node per minute.
+    pub steady_packets_per_node_min: f64,
+    /// Steady-state bytes per node per minute.
+    pub steady_bytes_per_node_min: f64,
+    /// Router bytes per route held (tables, candidates, queues).
+    pub bytes_per_route: f64,
+    /// Shared announcement cache bytes per route held.
+    pub cache_bytes_per_route: f64,
+    /// Total routes held at the end.
+    pub routes: usize,
+    /// Candidate routes held at the end.
+    pub candidates: usize,
+    /// Transient loops seen by sampling.
+    pub transient_loops: usize,
+    /// Destinations sampled for transient loops.
+    pub loop_samples: u64,
+    /// Signature verifications in the run (shared cache: once per announcement).
+    pub signature_verifications: u64,
+    /// Simulated time of the whole run.
+    pub simulated: Duration,
+    /// Wall time of the whole run.
+    pub wall: Duration,
+}
+
+impl Report {
+    /// Whether every phase converged and every check was clean.
+    pub fn ok(&self) -> bool {
+        self.phases
+            .iter()
+            .all(|p| p.convergence.is_some() && p.check.as_ref().is_none_or(|c| c.is_clean()))
+    }
+
+    /// The report as JSON (hand-written: the agent has no JSON dependency).
+    pub fn to_json(&self) -> String {
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "{{\"nodes\":{},\"links\":{},\"max_degree\":{},\"topology\":\"{}\",\"seed\":{},",
+            self.nodes, self.links, self.max_degree, self.topology, self.seed
+        );
+        s.push_str("\"phases\":[");
+        for (i, p) in self.phases.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            let conv = p
+                .convergence
+                .map_or("null".to_string(), |c| format!("{:.3}", c.as_secs_f64()));
+            let _ = write!(
+                s,
+                "{{\"name\":\"{}\",\"convergence_s\":{},\"packets_per_node_min\":{:.1},\"bytes_per_node_min\":{:.1},\"packets\":{},\"wall_s\":{:.3}",
+                p.name,
+                conv,
+                p.packets_per_node_min,
+                p.bytes_per_node_min,
+                p.packets,
+                p.wall.as_secs_f64()
+            );
+            if let Some(c) = &p.check {
+                let _ = write!(
+                    s,
+                    ",\"check\":{{\"pairs\":{},\"loops\":{},\"unrouted\":{},\"stale\":{}}}",
+                    c.pairs, c.loops, c.unrouted, c.stale
+                );
+            }
+            s.push('}');
+        }
+        let _ = write!(
+            s,
+            "],\"steady_packets_per_node_min\":{:.1},\"steady_bytes_per_node_min\":{:.1},\"bytes_per_route\":{:.1},\"cache_bytes_per_route\":{:.2},\"routes\":{},\"candidates\":{},\"transient_loops\":{},\"loop_samples\":{},\"signature_verifications\":{},\"simulated_s\":{:.3},\"wall_s\":{:.3},\"ok\":{}}}",
+            self.steady_packets_per_node_min,
+            self.steady_bytes_per_node_min,
+            self.bytes_per_route,
+            self.cache_bytes_per_route,
+            self.routes,
+            self.candidates,
+            self.transient_loops,
+            self.loop_samples,
+            self.signature_verifications,
+            self.simulated.as_secs_f64(),
+            self.wall.as_secs_f64(),
+            self.ok()
+        );
+        s
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} nodes, {} links (max degree {}), {}, seed {}",
+            self.nodes, self.links, self.max_degree, self.topology, self.seed
+        )?;
+        for p in &self.phases {
+            write!(
+                f,
+                "  {:<22} converged {:>9} | {:>8.0} pkts/node/min {:>10.0} B/node/min | wall {:>7.2}s",
+                p.name,
+                p.convergence
+                    .map_or("NO".into(), |c| format!("{:.3}s", c.as_secs_f64())),
+                p.packets_per_node_min,
+                p.bytes_per_node_min,
+                p.wall.as_secs_f64()
+            )?;
+            if let Some(c) = &p.check {
+                write!(
+                    f,
+                    " | pairs {} loops {} unrouted {} stale {}",
+                    c.pairs, c.loops, c.unrouted, c.stale
+                )?;
+            }
+            writeln!(f)?;
+        }
+        writeln!(
+            f,
+            "  steady state: {:.0} pkts/node/min, {:.0} B/node/min",
+            self.steady_packets_per_node_min, self.steady_bytes_per_node_min
+        )?;
+        writeln!(
+            f,
+            "  memory: {:.1} B/route in routers + {:.2} B/route shared announcements ({} routes, {} candidates)",
+            self.bytes_per_route, self.cache_bytes_per_route, self.routes, self.candidates
+        )?;
+        writeln!(
+            f,
+            "  transient loops: {} in {} sampled destinations; signature verifications: {}",
+            self.transient_loops, self.loop_samples, self.signature_verifications
+        )?;
+        write!(
+            f,
+            "  simulated {:.1}s in {:.2}s wall: {}",
+            self.simulated.as_secs_f64(),
+            self.wall.as_secs_f64(),
+            if self.ok() { "OK" } else { "FAILED" }
+        )
+    }
+}
+
+impl Scenario {
+    /// Runs the scenario.
+    pub fn run(&self) -> Report {
+        let wall0 = Instant::now();
+        let mut sim = Sim::new(self.sim.clone());
+        let mut report = Report {
+            nodes: sim.len(),
+            links: sim.links.len(),
+            max_degree: (0..sim.len() as u32)
+                .map(|x| sim.degree(x))
+                .max()
+                .unwrap_or(0),
+            topology: format!("{:?}", self.sim.topology)
+                .chars()
+                .take(60)
+                .filter(|c| *c != '"')
+                .collect(),
+            seed: self.sim.seed,
+            ..Report::default()
+        };
+        report
+            .phases
+            .push(self.phase(&mut sim, "cold start", |_| {}));
+        for r in 0..self.rounds {
+            let mut failed_links = Vec::new();
+            let mut failed_nodes = Vec::new();
+            let (lf, nf) = (self.link_failures, self.node_failures);
+            report
+                .phases
+                .push(self.phase(&mut sim, &format!("failures {}", r + 1), |s| {
+                    for _ in 0..lf {
+                        if let Some((a, b)) = s.random_live_link() {
+                            s.fail_link(a, b);
+                            failed_links.push((a, b));
+                        }
+                    }
+                    for _ in 0..nf {
+                        if let Some(x) = s.random_live_node() {
+                            s.fail_node(x);
+                            failed_nodes.push(x);
+                        }
+                    }
+                }));
+            report
+                .phases
+                .push(self.phase(&mut sim, &format!("recovery {}", r + 1), |s| {
+                    for (a, b) in &failed_links {
+                        s.restore_link(*a, *b);
+                    }
+                    for x in &failed_nodes {
+                        s.restore_node(*x);
+                    }
+                }));
+        }
+        if !self.steady_window.is_zero() {
+            sim.set_sampling(false);
+            let c0 = sim.counters;
+            let t0 = sim.now();
+            sim.run_until(t0 + self.steady_window);
+            let live = (0..sim.len() as u32)
+                .filter(|x| sim.alive(*x))
+                .count()
+                .max(1);
+            let mins = self.steady_window.as_secs_f64() / 60.0;
+            report.steady_packets_per_node_min =
+                (sim.counters.packets - c0.packets) as f64 / live as f64 / mins;
+            report.steady_bytes_per_node_min =
+                (sim.counters.bytes - c0.bytes) as f64 / live as f64 / mins;
+        }
+        let (bytes, routes, cands, cache) = sim.memory();
+        report.routes = routes;
+        report.candidates = cands;
+        report.bytes_per_route = bytes as f64 / routes.max(1) as f64;
+        report.cache_bytes_per_route = cache as f64 / routes.max(1) as f64;
+        report.transient_loops = sim.transient_loops.len();
+        report.loop_samples = sim.loop_samples;
+        report.signature_verifications = match &sim.cache {
+            Some(c) => c.lock().map(|c| c.verifications).unwrap_or(0),
+            None => sim.total_stats().signature_verifications,
+        };
+        report.simulated = sim.now();
+        report.wall = wall0.elapsed();
+        report
+    }
+
+    fn phase(&self, sim: &mut Sim, name: &str, act: impl FnOnce(&mut Sim)) -> PhaseReport {
+        let wall0 = Instant::now();
+        let c0 = sim.counters;
+        let t0 = sim.now();
+        act(sim);
+        let conv = sim.run_until_quiet(self.quiet, self.max_phase);
+        let live = (0..sim.len() as u32)
+            .filter(|x| sim.alive(*x))
+            .count()
+            .max(1);
+        // Rates over the active part of the phase (until the last route change, at
+        // least one second) so the quiet tail does not dilute them.
+        let active = conv
+            .unwrap_or(self.max_phase)
+            .max(Duration::from_secs(1))
+            .min(sim.now() - t0);
+        let mins = active.as_secs_f64() / 60.0;
+        let packets = sim.counters.packets - c0.packets;
+        PhaseReport {
+            name: name.to_string(),
+            convergence: conv,
+            packets_per_node_min: packets as f64 / live as f64 / mins,
+            bytes_per_node_min: (sim.counters.bytes - c0.bytes) as f64 / live as f64 / mins,
+            packets,
+            check: self.full_checks.then(|| sim.check()),
+            wall: wall0.elapsed(),
+        }
+    }
+}

@@ -1,0 +1,981 @@
+//! Deterministic tests of the routing core (driven by hand-made messages) and of the
+//! simulator (small topologies with known answers, then random and scale-free at scale).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ring::signature::Ed25519KeyPair;
+
+use super::sim::{Scenario, Sim, SimConfig, Topology};
+use super::wire::{self, Tlv, Tlvs};
+use super::*;
+use crate::session::Signer;
+
+fn kp(i: u8) -> Arc<Ed25519KeyPair> {
+    let seed = [i; 32];
+    Arc::new(Ed25519KeyPair::from_seed_unchecked(&seed).expect("seed"))
+}
+
+fn key_of(k: &Ed25519KeyPair) -> [u8; 32] {
+    Signer::public_key(k).try_into().expect("32 bytes")
+}
+
+fn test_config() -> RoutingConfig {
+    RoutingConfig {
+        triggered_delay: Duration::from_millis(10),
+        ..RoutingConfig::default()
+    }
+}
+
+fn router(i: u8, now: Instant) -> Router<u32> {
+    Router::new(kp(i), test_config(), u64::from(i), now).expect("router")
+}
+
+fn update(origin: &Ed25519KeyPair, seqno: u16, metric: u16) -> Vec<u8> {
+    let s = SignedOrigin::sign(origin, seqno).expect("sign");
+    let mut p = vec![wire::VERSION, 0];
+    wire::put_update(&mut p, 64, seqno, metric, s.prefix, &s.key, &s.signature);
+    p
+}
+
+fn retraction(origin: &Ed25519KeyPair) -> Vec<u8> {
+    let mut p = vec![wire::VERSION, 0];
+    wire::put_retraction(&mut p, 64, owned_prefix(&key_of(origin)));
+    p
+}
+
+fn prefix(origin: &Ed25519KeyPair) -> std::net::Ipv6Addr {
+    myconet_common::addr::node_prefix(&key_of(origin))
+}
+
+fn events(r: &mut Router<u32>) -> Vec<RouteEvent<u32>> {
+    std::iter::from_fn(|| r.poll_event()).collect()
+}
+
+fn transmits(r: &mut Router<u32>) -> Vec<RoutingTransmit<u32>> {
+    std::iter::from_fn(|| r.poll_transmit()).collect()
+}
+
+/// Every TLV in the router's pending output after a flush at `now`.
+fn flushed(r: &mut Router<u32>, now: Instant) -> Vec<(TransmitTo<u32>, Vec<u8>)> {
+    r.handle_timeout(now);
+    let mut out = Vec::new();
+    for t in transmits(r) {
+        assert!(t.payload.len() <= MAX_PAYLOAD);
+        let body = wire::parse_header(&t.payload).expect("own payload parses");
+        let mut at = 0;
+        for tlv in Tlvs::new(body) {
+            tlv.expect("own TLV parses");
+            let l = wire::tlv_len(&body[at..]);
+            out.push((t.to, body[at..at + l].to_vec()));
+            at += l;
+        }
+    }
+    out
+}
+
+fn seqno_of(t: &Router<u32>) -> u16 {
+    t.own_seqno()
+}
+
+// ----- pure functions ---------------------------------------------------------------
+
+#[test]
+fn seqno_comparison_wraps() {
+    assert!(seqno_newer(1, 0));
+    assert!(!seqno_newer(0, 1));
+    assert!(!seqno_newer(5, 5));
+    assert!(seqno_newer(0, 0xFFFF), "0 follows 65535");
+    assert!(seqno_newer(3, 0xFFF0));
+    assert!(!seqno_newer(0xFFF0, 3));
+    assert!(seqno_newer(0x7FFF, 0));
+    assert!(!seqno_newer(0x8000, 0), "half the space away is not newer");
+}
+
+#[test]
+fn feasibility_condition() {
+    let fd = Some(Fd {
+        seqno: 10,
+        metric: 200,
+    });
+    assert!(is_feasible(None, 0, 5000), "no source entry: feasible");
+    assert!(is_feasible(fd, 10, 199), "same seqno, strictly smaller");
+    assert!(!is_feasible(fd, 10, 200), "equal metric is not feasible");
+    assert!(!is_feasible(fd, 10, 300));
+    assert!(is_feasible(fd, 11, 60000), "newer seqno: any metric");
+    assert!(!is_feasible(fd, 9, 1), "older seqno: never");
+    assert!(
+        is_feasible(fd, 9, INFINITY),
+        "retractions are always feasible"
+    );
+    let wrap = Some(Fd {
+        seqno: 0xFFFF,
+        metric: 100,
+    });
+    assert!(is_feasible(wrap, 0, 5000), "newer across the wrap");
+}
+
+#[test]
+fn metric_addition_saturates() {
+    assert_eq!(add_metric(1, 2), 3);
+    assert_eq!(add_metric(0xFFF0, 0x20), INFINITY);
+    assert_eq!(add_metric(INFINITY, 0), INFINITY);
+    assert_eq!(add_metric(0, INFINITY), INFINITY);
+}
+
+#[test]
+fn link_cost_function() {
+    let p = CostParams::default();
+    assert_eq!(link_cost(&p, 96, None, None), 96, "unknown RTT: base cost");
+    assert_eq!(link_cost(&p, 96, Some(Duration::from_millis(5)), None), 96);
+    assert_eq!(
+        link_cost(&p, 96, Some(Duration::from_millis(10)), Some(0.0)),
+        96
+    );
+    assert_eq!(
+        link_cost(&p, 96, Some(Duration::from_millis(65)), None),
+        96 + 75
+    );
+    assert_eq!(
+        link_cost(&p, 96, Some(Duration::from_millis(120)), None),
+        246
+    );
+    assert_eq!(link_cost(&p, 96, Some(Duration::from_secs(3)), None), 246);
+    assert_eq!(
+        link_cost(&p, 96, None, Some(0.5)),
+        192,
+        "ETX doubles at 50% loss"
+    );
+    assert_eq!(link_cost(&p, 96, None, Some(0.95)), INFINITY);
+    assert_eq!(link_cost(&p, 96, None, Some(f64::NAN)), 96);
+    assert_eq!(link_cost(&p, 0, None, None), 1, "never zero");
+    assert_eq!(link_cost(&p, INFINITY, None, None), INFINITY);
+    assert_eq!(link_cost(&p, 60000, None, Some(0.8)), INFINITY - 1);
+}
+
+// ----- the core, by hand ------------------------------------------------------------
+
+#[test]
+fn learns_signed_route_and_relays_it_with_own_metric() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    let o = kp(9);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.handle_message(7, &update(&o, 42, 100), t0).expect("ok");
+    assert_eq!(
+        events(&mut a),
+        vec![RouteEvent::Installed {
+            prefix: prefix(&o),
+            plen: 64,
+            next_hop: 7,
+            metric: 196
+        }]
+    );
+    assert_eq!(a.next_hop(prefix(&o)), Some(7));
+    let out = flushed(&mut a, t0 + Duration::from_millis(20));
+    let relayed = out.iter().find_map(|(to, tlv)| {
+        let body = [&[wire::VERSION, 0][..], tlv].concat();
+        match Tlvs::new(&body[2..]).next() {
+            Some(Ok(Tlv::Update {
+                metric,
+                seqno,
+                key,
+                signature,
+                prefix: p,
+                ..
+            })) if p == owned_prefix(&key_of(&o)) => {
+                let orig = SignedOrigin::sign(o.as_ref(), 42).expect("sign");
+                assert_eq!(*signature, orig.signature, "origin signature unchanged");
+                assert_eq!(*key, orig.key);
+                Some((*to, metric, seqno))
+            }
+            _ => None,
+        }
+    });
+    assert_eq!(
+        relayed,
+        Some((TransmitTo::Neighbour(7), 196, 42)).or(relayed)
+    );
+    assert!(matches!(relayed, Some((_, 196, 42))));
+    assert_eq!(a.stats().signature_verifications, 1);
+    // The same announcement again is a cache hit, not a second verification.
+    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.handle_message(8, &update(&o, 42, 50), t0).expect("ok");
+    assert_eq!(a.stats().signature_verifications, 1);
+    assert_eq!(a.stats().verify_cache_hits, 1);
+}
+
+#[test]
+fn own_prefix_is_originated_to_new_neighbours() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    let out = flushed(&mut a, t0 + Duration::from_millis(20));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, TransmitTo::Neighbour(7));
+    let body = [&[wire::VERSION, 0][..], &out[0].1].concat();
+    let Some(Ok(Tlv::Update {
+        metric,
+        key,
+        seqno,
+        signature,
+        prefix: p,
+        ..
+    })) = Tlvs::new(&body[2..]).next()
+    else {
+        panic!("expected an update");
+    };
+    assert_eq!(metric, 0);
+    assert_eq!(*key, key_of(&kp(1)));
+    assert_eq!(seqno, seqno_of(&a));
+    assert!(SignedOrigin::verify(key, p, seqno, signature).is_ok());
+}
+
+#[test]
+fn retraction_removes_and_is_propagated() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    let o = kp(9);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.handle_message(7, &update(&o, 1, 0), t0).expect("ok");
+    let _ = flushed(&mut a, t0 + Duration::from_millis(20));
+    events(&mut a);
+    a.handle_message(7, &retraction(&o), t0 + Duration::from_millis(30))
+        .expect("ok");
+    assert_eq!(
+        events(&mut a),
+        vec![RouteEvent::Removed {
+            prefix: prefix(&o),
+            plen: 64,
+            previous: 7
+        }]
+    );
+    let out = flushed(&mut a, t0 + Duration::from_millis(60));
+    assert!(
+        out.iter()
+            .any(|(to, t)| *to == TransmitTo::AllNeighbours && t[0] == wire::TLV_RETRACTION),
+        "retraction broadcast: {out:?}"
+    );
+    assert!(
+        out.iter().any(|(_, t)| t[0] == wire::TLV_ROUTE_REQUEST),
+        "lost route without alternatives: route request"
+    );
+    // A retraction for something we do not have is harmless.
+    a.handle_message(8, &retraction(&kp(10)), t0 + Duration::from_millis(70))
+        .expect("ok");
+    assert!(events(&mut a).is_empty());
+}
+
+#[test]
+fn unfeasible_routes_are_not_taken() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    let o = kp(9);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.handle_message(7, &update(&o, 5, 0), t0).expect("ok"); // FD (5, 96)
+    a.handle_message(8, &update(&o, 5, 96), t0).expect("ok"); // 96 !< 96: unfeasible
+    assert_eq!(a.stats().unfeasible_updates, 1);
+    assert_eq!(
+        a.candidate_count(),
+        1,
+        "a new unfeasible route is not stored"
+    );
+    a.handle_message(8, &update(&o, 5, 50), t0).expect("ok"); // feasible, worse
+    assert_eq!(a.candidate_count(), 2);
+    a.neighbour_down(7, t0);
+    let ev = events(&mut a);
+    assert_eq!(
+        ev.last(),
+        Some(&RouteEvent::Changed {
+            prefix: prefix(&o),
+            plen: 64,
+            next_hop: 8,
+            previous: 7,
+            metric: 146
+        }),
+        "failover is one replace: {ev:?}"
+    );
+    let ex = a.explain(prefix(&o), t0);
+    assert_eq!(ex.selection, Selection::OnlyFeasible);
+    assert!(ex.to_string().contains("only feasible"));
+}
+
+#[test]
+fn hysteresis_prevents_flapping() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    let o = kp(9);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.handle_message(7, &update(&o, 5, 100), t0).expect("ok"); // 196
+    events(&mut a);
+    // A slightly better route appears and the two alternate around each other.
+    for (i, (m7, m8)) in [(100, 94), (104, 90), (98, 96), (102, 92)]
+        .iter()
+        .enumerate()
+    {
+        let t = t0 + Duration::from_secs(i as u64);
+        a.handle_message(8, &update(&o, 5, *m8), t).expect("ok");
+        a.handle_message(7, &update(&o, 5, *m7), t).expect("ok");
+    }
+    assert!(events(&mut a).is_empty(), "small differences never switch");
+    assert_eq!(a.next_hop(prefix(&o)), Some(7));
+    let ex = a.explain(prefix(&o), t0 + Duration::from_secs(5));
+    assert!(matches!(ex.selection, Selection::Hysteresis { .. }), "{ex}");
+    assert_eq!(ex.alternatives[0].1, NotChosen::WithinHysteresis);
+    // A clearly better route wins, in one replace.
+    a.handle_message(8, &update(&o, 5, 40), t0 + Duration::from_secs(6))
+        .expect("ok");
+    assert_eq!(
+        events(&mut a),
+        vec![RouteEvent::Changed {
+            prefix: prefix(&o),
+            plen: 64,
+            next_hop: 8,
+            previous: 7,
+            metric: 136
+        }]
+    );
+}
+
+#[test]
+fn measurement_jitter_does_not_change_cost() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_measurement(7, Some(Duration::from_millis(40)), Some(0.0), t0);
+    let settled = a.neighbour_cost(7).expect("up");
+    assert_eq!(settled, 96 + 41, "first measurement applies at once");
+    for i in 0..100u64 {
+        let rtt = Duration::from_millis(if i % 2 == 0 { 30 } else { 50 });
+        a.neighbour_measurement(7, Some(rtt), None, t0 + Duration::from_secs(i));
+    }
+    assert_eq!(
+        a.neighbour_cost(7),
+        Some(settled),
+        "jitter stays in the deadband"
+    );
+    // A real change gets through.
+    for i in 0..20u64 {
+        a.neighbour_measurement(
+            7,
+            Some(Duration::from_millis(200)),
+            None,
+            t0 + Duration::from_secs(200 + i),
+        );
+    }
+    assert!(a.neighbour_cost(7).expect("up") > 200);
+    a.neighbour_measurement(7, None, Some(0.95), t0 + Duration::from_secs(300));
+    assert_eq!(a.neighbour_cost(7), Some(INFINITY), "dead link at once");
+}
+
+#[test]
+fn starvation_is_resolved_by_seqno_request() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut a = router(1, t0);
+    let mut origin = router(9, t0);
+    let s0 = seqno_of(&origin);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.handle_message(7, &update(&kp(9), s0, 0), t0).expect("ok");
+    events(&mut a);
+    let _ = flushed(&mut a, t0 + ms(20));
+    // The neighbour's metric grows (same seqno): unfeasible, the route is lost ...
+    a.handle_message(7, &update(&kp(9), s0, 500), t0 + ms(30))
+        .expect("ok");
+    assert!(matches!(
+        events(&mut a).as_slice(),
+        [RouteEvent::Removed { .. }]
+    ));
+    // ... and a seqno request for s0 + 1 goes to that neighbour.
+    let out = flushed(&mut a, t0 + ms(60));
+    let req = out
+        .iter()
+        .find(|(_, t)| t[0] == wire::TLV_SEQNO_REQUEST)
+        .expect("seqno request");
+    assert_eq!(req.0, TransmitTo::Neighbour(7));
+    let body = [&[wire::VERSION, 0][..], &req.1].concat();
+    let Some(Ok(Tlv::SeqnoRequest { seqno, hops, .. })) = Tlvs::new(&body[2..]).next() else {
+        panic!("seqno request");
+    };
+    assert_eq!(seqno, s0.wrapping_add(1));
+    assert!(hops > 1);
+    // The origin (reached through the neighbour) bumps and re-signs.
+    origin.neighbour_up(7, key_of(&kp(7)), t0);
+    origin
+        .handle_message(7, &body, t0 + ms(70))
+        .expect("request accepted");
+    assert_eq!(seqno_of(&origin), s0.wrapping_add(1));
+    assert_eq!(origin.stats().seqno_bumps, 1);
+    // A second request right away is rate limited (deferred, not dropped).
+    let mut body2 = vec![wire::VERSION, 0];
+    wire::put_seqno_request(
+        &mut body2,
+        64,
+        10,
+        s0.wrapping_add(2),
+        owned_prefix(&key_of(&kp(9))),
+    );
+    origin.handle_message(7, &body2, t0 + ms(80)).expect("ok");
+    assert_eq!(seqno_of(&origin), s0.wrapping_add(1));
+    assert_eq!(origin.stats().seqno_bumps_deferred, 1);
+    origin.handle_timeout(t0 + ms(80) + origin.config().seqno_bump_min_interval);
+    assert_eq!(seqno_of(&origin), s0.wrapping_add(2));
+    // The new seqno makes the (still long) route feasible again.
+    a.handle_message(7, &update(&kp(9), s0.wrapping_add(1), 500), t0 + ms(100))
+        .expect("ok");
+    assert!(matches!(
+        events(&mut a).as_slice(),
+        [RouteEvent::Installed {
+            next_hop: 7,
+            metric: 596,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn relay_forwards_seqno_request_and_answer() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut b = router(2, t0); // relay: 7 = towards origin, 8 = requester
+    let o = kp(9);
+    b.neighbour_up(7, key_of(&kp(7)), t0);
+    b.neighbour_up(8, key_of(&kp(8)), t0);
+    b.handle_message(7, &update(&o, 3, 10), t0).expect("ok");
+    let _ = flushed(&mut b, t0 + ms(20));
+    let mut req = vec![wire::VERSION, 0];
+    wire::put_seqno_request(&mut req, 64, 5, 4, owned_prefix(&key_of(&o)));
+    b.handle_message(8, &req, t0 + ms(30)).expect("ok");
+    assert_eq!(b.stats().seqno_requests_forwarded, 1);
+    let out = flushed(&mut b, t0 + ms(60));
+    assert!(out.iter().any(|(to, t)| *to == TransmitTo::Neighbour(7)
+        && t[0] == wire::TLV_SEQNO_REQUEST
+        && t[3] == 4));
+    // Duplicate from the same requester: suppressed.
+    b.handle_message(8, &req, t0 + ms(70)).expect("ok");
+    assert_eq!(b.stats().seqno_requests_forwarded, 1);
+    // The answer (seqno 4) comes back and is passed on at once, not at the next
+    // periodic update.
+    b.handle_message(7, &update(&o, 4, 10), t0 + ms(80))
+        .expect("ok");
+    let out = flushed(&mut b, t0 + ms(120));
+    assert!(
+        out.iter()
+            .any(|(_, t)| t[0] == wire::TLV_UPDATE && u16::from_be_bytes([t[4], t[5]]) == 4),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn routes_expire_after_hold_time() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    let o = kp(9);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.handle_message(7, &update(&o, 1, 0), t0).expect("ok");
+    events(&mut a);
+    let hold = a.config().hold_time;
+    let mut t = t0;
+    while t < t0 + hold - Duration::from_secs(11) {
+        t += Duration::from_secs(1);
+        a.handle_timeout(t);
+    }
+    assert_eq!(a.next_hop(prefix(&o)), Some(7), "still held");
+    while t < t0 + hold + a.config().sweep_interval {
+        t += Duration::from_secs(1);
+        a.handle_timeout(t);
+    }
+    assert_eq!(a.next_hop(prefix(&o)), None);
+    assert_eq!(a.stats().routes_expired, 1);
+    assert!(matches!(
+        events(&mut a).as_slice(),
+        [RouteEvent::Removed { .. }]
+    ));
+    // The source entry outlives the route, then is collected.
+    assert_eq!(a.prefix_count(), 1);
+    let gc = a.config().source_gc_time;
+    let end = t + gc + a.config().sweep_interval;
+    while t < end {
+        t += Duration::from_secs(1);
+        a.handle_timeout(t);
+    }
+    assert_eq!(a.prefix_count(), 0);
+    assert_eq!(a.stats().sources_collected, 1);
+}
+
+#[test]
+fn forged_announcements_are_rejected_and_counted() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    let victim = kp(9);
+    let attacker = kp(6);
+    a.neighbour_up(6, key_of(&attacker), t0);
+    let vp = owned_prefix(&key_of(&victim));
+    // Attacker's own key, valid signature, victim's prefix.
+    let msg = wire::signing_message(&key_of(&attacker), vp, 64, 1);
+    let sig: [u8; 64] = attacker.sign(&msg).as_ref().try_into().expect("64");
+    let mut p = vec![wire::VERSION, 0];
+    wire::put_update(&mut p, 64, 1, 0, vp, &key_of(&attacker), &sig);
+    a.handle_message(6, &p, t0).expect("payload ok");
+    assert_eq!(a.stats().rejected_unowned_prefix, 1);
+    // Victim's key, signature by someone else.
+    let msg = wire::signing_message(&key_of(&victim), vp, 64, 1);
+    let sig: [u8; 64] = attacker.sign(&msg).as_ref().try_into().expect("64");
+    let mut p = vec![wire::VERSION, 0];
+    wire::put_update(&mut p, 64, 1, 0, vp, &key_of(&victim), &sig);
+    a.handle_message(6, &p, t0).expect("payload ok");
+    assert_eq!(a.stats().rejected_bad_signature, 1);
+    // A valid signature replayed with a different seqno.
+    let good = update(&victim, 1, 0);
+    let mut replay = good.clone();
+    replay[6] ^= 1; // seqno low byte (2 header + 2 tlv hdr + plen + flags + seqno hi)
+    a.handle_message(6, &replay, t0).expect("payload ok");
+    assert_eq!(a.stats().rejected_bad_signature, 2);
+    // Not an overlay /64.
+    let mut p = good.clone();
+    p[10] = 0x20; // first prefix byte
+    a.handle_message(6, &p, t0).expect("payload ok");
+    assert_eq!(a.stats().rejected_bad_prefix, 1);
+    let mut p = good;
+    p[4] = 48; // plen
+    a.handle_message(6, &p, t0).expect("payload ok");
+    assert_eq!(a.stats().rejected_bad_prefix, 2);
+    assert_eq!(a.prefix_count(), 0);
+    assert!(events(&mut a).is_empty());
+    assert_eq!(a.next_hop(prefix(&victim)), None);
+}
+
+#[test]
+fn garbage_is_counted_never_fatal() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    assert!(a.handle_message(7, &[], t0).is_err());
+    assert!(a.handle_message(7, &[2, 0], t0).is_err());
+    assert_eq!(a.stats().rejected_version, 1);
+    let good = update(&kp(9), 1, 0);
+    for cut in 3..good.len() {
+        let _ = a.handle_message(7, &good[..cut], t0);
+    }
+    assert_eq!(a.stats().rejected_malformed, 1 + (good.len() - 3) as u64);
+    // Unknown TLV types are skipped; what follows still counts.
+    let mut p = vec![wire::VERSION, 0, 200, 3, 1, 2, 3];
+    p.extend_from_slice(&good[2..]);
+    a.handle_message(7, &p, t0).expect("ok");
+    assert_eq!(a.stats().unknown_tlvs, 1);
+    assert_eq!(a.prefix_count(), 1);
+    // Unknown neighbour.
+    assert_eq!(
+        a.handle_message(99, &good, t0),
+        Err(RoutingError::UnknownNeighbour)
+    );
+    assert_eq!(a.stats().rejected_unknown_neighbour, 1);
+}
+
+#[test]
+fn own_prefix_from_older_incarnation_bumps_seqno() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    let s = seqno_of(&a).wrapping_add(1000);
+    a.handle_message(7, &update(&kp(1), s, 300), t0)
+        .expect("ok");
+    assert_eq!(seqno_of(&a), s.wrapping_add(1));
+    assert_eq!(a.prefix_count(), 0, "never routes its own prefix");
+    assert_eq!(a.stats().own_prefix_ignored, 1);
+}
+
+#[test]
+fn memory_is_bounded() {
+    let t0 = Instant::now();
+    let cfg = RoutingConfig {
+        max_routes: 3,
+        max_routes_per_neighbour: 2,
+        max_pending_requests: 2,
+        ..test_config()
+    };
+    let mut a = Router::<u32>::new(kp(1), cfg, 1, t0).expect("router");
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(8, key_of(&kp(8)), t0);
+    for i in 10..14 {
+        a.handle_message(7, &update(&kp(i), 1, 0), t0).expect("ok");
+    }
+    assert_eq!(a.prefix_count(), 2);
+    assert_eq!(a.stats().rejected_neighbour_limit, 2);
+    for i in 20..24 {
+        a.handle_message(8, &update(&kp(i), 1, 0), t0).expect("ok");
+    }
+    assert_eq!(a.prefix_count(), 3);
+    assert!(a.stats().rejected_table_full >= 1);
+    let mut p = vec![wire::VERSION, 0];
+    for i in 0..10u8 {
+        wire::put_route_request(&mut p, 64, owned_prefix(&key_of(&kp(30 + i))));
+    }
+    a.handle_message(8, &p, t0).expect("ok");
+    assert_eq!(a.stats().requests_dropped_limit, 8);
+    assert!(a.memory_bytes() < 64 * 1024);
+}
+
+#[test]
+fn large_tables_are_split_into_bounded_payloads() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    for i in 10..60u8 {
+        a.handle_message(7, &update(&kp(i), 1, 0), t0).expect("ok");
+    }
+    let _ = flushed(&mut a, t0 + Duration::from_millis(20));
+    a.neighbour_up(8, key_of(&kp(8)), t0 + Duration::from_millis(30));
+    a.handle_timeout(t0 + Duration::from_millis(50));
+    let ts = transmits(&mut a);
+    assert!(ts.len() >= 5, "51 updates need several payloads");
+    let mut n = 0;
+    for t in &ts {
+        assert_eq!(t.to, TransmitTo::Neighbour(8));
+        assert!(t.payload.len() <= MAX_PAYLOAD);
+        let body = wire::parse_header(&t.payload).expect("header");
+        n += Tlvs::new(body).filter(|t| t.is_ok()).count();
+    }
+    assert_eq!(n, 51, "own prefix plus 50 routes");
+}
+
+#[test]
+fn periodic_update_covers_whole_table() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.handle_message(7, &update(&kp(9), 1, 0), t0).expect("ok");
+    let _ = flushed(&mut a, t0 + Duration::from_millis(20));
+    let mut t = t0 + Duration::from_millis(20);
+    let mut periodic = 0;
+    while t < t0 + a.config().update_interval * 2 {
+        t += Duration::from_millis(500);
+        a.handle_timeout(t);
+        for tr in transmits(&mut a) {
+            if tr.to == TransmitTo::AllNeighbours {
+                periodic += 1;
+                let body = wire::parse_header(&tr.payload).expect("ok");
+                assert_eq!(Tlvs::new(body).count(), 2);
+            }
+        }
+    }
+    assert!(periodic >= 2, "{periodic}");
+}
+
+#[test]
+fn explain_and_snapshot() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    let o = kp(9);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.handle_message(7, &update(&o, 5, 0), t0).expect("ok");
+    a.handle_message(8, &update(&o, 5, 50), t0).expect("ok");
+    let rs = a.routes(t0 + Duration::from_secs(3));
+    assert_eq!(rs.len(), 3);
+    assert!(rs[0].next_hop.is_none() && rs[0].selected);
+    let sel = rs
+        .iter()
+        .find(|r| r.selected && r.next_hop.is_some())
+        .expect("sel");
+    assert_eq!(sel.next_hop, Some(7));
+    assert_eq!(sel.metric, 96);
+    assert_eq!(sel.seqno, 5);
+    assert_eq!(sel.origin, key_of(&o));
+    assert_eq!(sel.age, Duration::from_secs(3));
+    assert_eq!(
+        sel.feasibility_distance,
+        Some(Fd {
+            seqno: 5,
+            metric: 96
+        })
+    );
+    let ex = a.explain(prefix(&o), t0);
+    assert_eq!(ex.selection, Selection::LowestMetric);
+    assert_eq!(ex.alternatives.len(), 1);
+    assert_eq!(ex.alternatives[0].1, NotChosen::HigherMetric);
+    let own = a.own_prefix();
+    assert_eq!(a.explain(own, t0).selection, Selection::Local);
+    assert_eq!(
+        a.explain("2001:db8::1".parse().expect("addr"), t0)
+            .selection,
+        Selection::NotOverlay
+    );
+    assert_eq!(a.explain(prefix(&kp(33)), t0).selection, Selection::NoRoute);
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_payloads_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+        let t0 = Instant::now();
+        let mut a = router(1, t0);
+        a.neighbour_up(7, key_of(&kp(7)), t0);
+        let _ = a.handle_message(7, &data, t0);
+        let mut framed = vec![wire::VERSION, 0];
+        framed.extend_from_slice(&data);
+        let _ = a.handle_message(7, &framed, t0);
+        a.handle_timeout(t0 + Duration::from_secs(1));
+        while a.poll_transmit().is_some() {}
+    }
+
+    #[test]
+    fn mutated_updates_never_panic_or_install_forgeries(
+        flips in proptest::collection::vec((0usize..114, proptest::prelude::any::<u8>()), 1..4)
+    ) {
+        let t0 = Instant::now();
+        let mut a = router(1, t0);
+        a.neighbour_up(7, key_of(&kp(7)), t0);
+        let mut p = update(&kp(9), 1, 0);
+        for (i, x) in &flips {
+            if *i < p.len() { p[*i] ^= x | 1; }
+        }
+        let _ = a.handle_message(7, &p, t0);
+        // Whatever was installed must be owned by and signed by its origin key.
+        for r in a.routes(t0) {
+            proptest::prop_assert!(myconet_common::addr::key_owns(&r.origin, &r.prefix));
+        }
+    }
+}
+
+// ----- simulator --------------------------------------------------------------------
+
+fn ms(x: u64) -> Duration {
+    Duration::from_millis(x)
+}
+
+fn sim_routing() -> RoutingConfig {
+    RoutingConfig {
+        triggered_delay: ms(10),
+        ..RoutingConfig::default()
+    }
+}
+
+fn five_node(extra_b_latency: u64) -> SimConfig {
+    // a=0, b=1, c=2, d=3, e=4: a—b—e (2 hops) and a—c—d—e (3 hops).
+    let l = |a, b, lat| (a, b, ms(lat), 0.0, 96);
+    SimConfig {
+        nodes: 5,
+        topology: Topology::Explicit(vec![
+            l(0, 1, 5 + extra_b_latency),
+            l(1, 4, 5 + extra_b_latency),
+            l(0, 2, 5),
+            l(2, 3, 5),
+            l(3, 4, 5),
+        ]),
+        seed: 7,
+        detect_delay: ms(1500),
+        routing: sim_routing(),
+        loop_sample_destinations: 5,
+        loop_sample_interval: ms(10),
+        ..SimConfig::default()
+    }
+}
+
+#[test]
+fn sim_two_paths_failover_and_restore() {
+    let mut sim = Sim::new(five_node(0));
+    assert!(
+        sim.run_until_quiet(ms(2000), Duration::from_secs(30))
+            .is_some()
+    );
+    assert_eq!(sim.path(0, 4), Ok(vec![0, 1, 4]), "the cheaper path");
+    assert!(sim.check().is_clean());
+    // Kill the relay on the active path and measure the outage a → e.
+    let t_kill = sim.now();
+    sim.fail_node(1);
+    let mut outage_start = None;
+    let mut outage_end = None;
+    let mut t = t_kill;
+    while t < t_kill + Duration::from_secs(10) {
+        t += ms(10);
+        sim.run_until(t);
+        match (sim.path(0, 4).is_ok(), outage_start) {
+            (false, None) => outage_start = Some(t),
+            (true, Some(_)) if outage_end.is_none() => outage_end = Some(t),
+            _ => {}
+        }
+    }
+    let outage = outage_end.expect("recovered") - outage_start.expect("outage") + ms(10);
+    assert!(
+        outage <= ms(1500 + 500),
+        "outage {outage:?} = detection (1.5 s) + a few message delays"
+    );
+    assert_eq!(sim.path(0, 4), Ok(vec![0, 2, 3, 4]));
+    assert!(
+        sim.run_until_quiet(ms(2000), Duration::from_secs(30))
+            .is_some()
+    );
+    let c = sim.check();
+    assert!(c.is_clean(), "{c:?}");
+    // Bring it back: the better path is taken again.
+    sim.restore_node(1);
+    assert!(
+        sim.run_until_quiet(ms(2000), Duration::from_secs(30))
+            .is_some()
+    );
+    assert_eq!(sim.path(0, 4), Ok(vec![0, 1, 4]));
+    assert!(sim.check().is_clean());
+    assert!(sim.loop_samples > 1000);
+    assert!(
+        sim.transient_loops.is_empty(),
+        "no loop at any sampled instant: {:?}",
+        sim.transient_loops
+    );
+}
+
+#[test]
+fn sim_prefers_low_latency_path_from_measured_rtt() {
+    // Make the 2-hop path slow (RTT 2 × 100 ms per link): its metric is 2 × (96 + 150)
+    // = 492 against 3 × (96 + 0) = 288 on the fast 3-hop path.
+    let mut sim = Sim::new(five_node(95));
+    assert!(
+        sim.run_until_quiet(ms(2000), Duration::from_secs(30))
+            .is_some()
+    );
+    assert_eq!(sim.path(0, 4), Ok(vec![0, 2, 3, 4]));
+    assert_eq!(sim.metric(0, 4), Some(288));
+    // Without measurements, hop count wins.
+    let mut cfg = five_node(95);
+    cfg.measure_rtt = false;
+    let mut sim = Sim::new(cfg);
+    assert!(
+        sim.run_until_quiet(ms(2000), Duration::from_secs(30))
+            .is_some()
+    );
+    assert_eq!(sim.path(0, 4), Ok(vec![0, 1, 4]));
+}
+
+#[test]
+fn sim_configured_cost_steers_traffic() {
+    let mut cfg = five_node(0);
+    if let Topology::Explicit(links) = &mut cfg.topology {
+        links[0].4 = 400; // a—b expensive, like a Babel per-interface cost
+    }
+    let mut sim = Sim::new(cfg);
+    assert!(
+        sim.run_until_quiet(ms(2000), Duration::from_secs(30))
+            .is_some()
+    );
+    assert_eq!(sim.path(0, 4), Ok(vec![0, 2, 3, 4]));
+}
+
+#[test]
+fn sim_hijack_is_ignored_and_counted() {
+    let cfg = SimConfig {
+        nodes: 60,
+        topology: Topology::Random { avg_degree: 4.0 },
+        seed: 3,
+        routing: sim_routing(),
+        ..SimConfig::default()
+    };
+    let mut sim = Sim::new(cfg);
+    assert!(
+        sim.run_until_quiet(ms(2000), Duration::from_secs(60))
+            .is_some()
+    );
+    let (attacker, victim) = (5u32, 40u32);
+    let victim_seqno = sim.router(victim).expect("alive").own_seqno();
+    let before = sim.total_stats();
+    for _ in 0..3 {
+        sim.inject_hijack(attacker, victim);
+        let t = sim.now() + Duration::from_secs(1);
+        sim.run_until(t);
+    }
+    let after = sim.total_stats();
+    let deg = sim.degree(attacker) as u64;
+    assert_eq!(
+        after.rejected_unowned_prefix - before.rejected_unowned_prefix,
+        3 * deg
+    );
+    assert_eq!(
+        after.rejected_bad_signature - before.rejected_bad_signature,
+        3 * deg
+    );
+    let victim_prefix = sim.prefix_of(victim);
+    for x in 0..sim.len() as u32 {
+        if x == victim {
+            continue;
+        }
+        let path = sim.path(x, victim).expect("victim still reachable");
+        assert_eq!(path.last(), Some(&victim));
+        let r = sim.router_mut(x).expect("alive");
+        for route in r.routes(Instant::now()) {
+            if route.prefix == victim_prefix {
+                assert!(
+                    !seqno_newer(route.seqno, victim_seqno),
+                    "forged seqno never accepted"
+                );
+            }
+        }
+    }
+    assert!(sim.check().is_clean());
+}
+
+fn scenario(nodes: usize, topology: Topology, seed: u64) -> Scenario {
+    Scenario {
+        sim: SimConfig {
+            nodes,
+            topology,
+            seed,
+            routing: sim_routing(),
+            loop_sample_destinations: 4,
+            loop_sample_interval: ms(100),
+            ..SimConfig::default()
+        },
+        rounds: 1,
+        link_failures: nodes / 20,
+        node_failures: nodes / 50,
+        quiet: Duration::from_secs(3),
+        max_phase: Duration::from_secs(120),
+        steady_window: Duration::ZERO,
+        full_checks: true,
+    }
+}
+
+fn assert_report(r: &sim::Report) {
+    eprintln!("{r}");
+    assert!(r.ok(), "{r}");
+    assert_eq!(r.transient_loops, 0, "{r}");
+    for p in &r.phases {
+        let c = p.check.as_ref().expect("checked");
+        assert!(c.pairs > 0);
+        assert!(c.is_clean(), "{}: {:?}", p.name, c.examples);
+    }
+}
+
+#[test]
+fn sim_random_200_with_failures() {
+    assert_report(&scenario(200, Topology::Random { avg_degree: 5.0 }, 11).run());
+}
+
+#[test]
+fn sim_scale_free_200_with_failures() {
+    assert_report(&scenario(200, Topology::ScaleFree { m: 2 }, 12).run());
+}
+
+#[test]
+fn sim_deterministic() {
+    let a = scenario(60, Topology::ScaleFree { m: 2 }, 5).run();
+    let b = scenario(60, Topology::ScaleFree { m: 2 }, 5).run();
+    assert_eq!(
+        a.phases
+            .iter()
+            .map(|p| (p.convergence, p.packets))
+            .collect::<Vec<_>>(),
+        b.phases
+            .iter()
+            .map(|p| (p.convergence, p.packets))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn sim_scale_free_1000_with_failures() {
+    let mut s = scenario(1000, Topology::ScaleFree { m: 2 }, 13);
+    s.sim.loop_sample_destinations = 2;
+    s.sim.loop_sample_interval = ms(250);
+    assert_report(&s.run());
+}

@@ -1,0 +1,291 @@
+//! Proof of self-healing routing in namespaces: five nodes with two disjoint paths
+//! between a and e,
+//!
+//! ```text
+//!   a ── b ── e        (2 hops: the cheaper path)
+//!   │         │
+//!   c ── d ───┘        (3 hops)
+//! ```
+//!
+//! No static routes anywhere: the routing protocol finds them. Traffic a → e takes the
+//! cheaper path through b; killing b's agent moves it to c–d within the outage bound;
+//! bringing b back moves it back; no packet is ever dropped for its hop limit (no loop).
+//!
+//! Runs as root (CI is root): five namespaces, five agents, XDP on every link.
+
+use std::{
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use myconet_testbed::{
+    agent::{AgentOptions, AgentProcess, bin_dir, counter},
+    scenario::{PORT, json_str},
+    topology::{Chain, Topology},
+    traffic::bind_udp,
+    util,
+};
+use serde_json::Value;
+
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+const D: usize = 3;
+const E: usize = 4;
+const LINKS: [(usize, usize); 5] = [(A, B), (B, E), (A, C), (C, D), (D, E)];
+/// Fast hellos so a dead relay is noticed in 3.5 × 300 ms.
+const HELLO_MS: &str = "300";
+/// Longest tolerated outage when the active relay dies.
+const MAX_OUTAGE: Duration = Duration::from_secs(4);
+const PROBE_INTERVAL: Duration = Duration::from_millis(20);
+const PROBE_PORT: u16 = 7777;
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn start_agent(topo: &Topology, i: usize) -> Result<AgentProcess> {
+    let mut extra_args = vec!["--hello-interval-ms".to_string(), HELLO_MS.to_string()];
+    if i != A && i != E {
+        extra_args.push("--no-tun".to_string());
+    }
+    let agent = AgentProcess::start(
+        topo.node(i),
+        &bin_dir()?,
+        AgentOptions {
+            port: PORT,
+            extra_args,
+            ..AgentOptions::default()
+        },
+    )?;
+    // Every node configures its neighbours (both ends of a link start handshakes; the
+    // tie-break leaves one session), so a restarted node reconnects at once.
+    for (_, addr) in topo.node(i).neighbours() {
+        agent.ctl(&["peers", "add", &addr.to_string()])?;
+    }
+    Ok(agent)
+}
+
+/// The next hop `agent` uses for `prefix`, once it has a routing-protocol route.
+fn next_hop(agent: &AgentProcess, prefix: &str) -> Result<Option<String>> {
+    let routes = agent.ctl_json(&["routes"])?;
+    let row = routes["routes"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["prefix"] == prefix));
+    Ok(row.and_then(|r| {
+        let agent = &r["agent"];
+        (agent["origin"] == "routing" && r["in_sync"] == true)
+            .then(|| agent["next_hop"]["address"].as_str().map(str::to_owned))
+            .flatten()
+    }))
+}
+
+fn wait_next_hop(agent: &AgentProcess, prefix: &str, want: Ipv6Addr, what: &str) -> Result<()> {
+    util::poll(what, CONVERGE_TIMEOUT, Duration::from_millis(100), || {
+        Ok((next_hop(agent, prefix)? == Some(want.to_string())).then_some(()))
+    })
+    .with_context(|| format!("routes: {:?}", agent.ctl(&["routes"]).ok()))
+}
+
+/// Sends numbered datagrams a → e over the overlay every [`PROBE_INTERVAL`] until
+/// stopped; e records which arrived. The longest run of missing numbers is the outage.
+struct Probe {
+    stop: Arc<AtomicBool>,
+    sender: thread::JoinHandle<Result<u32>>,
+    receiver: thread::JoinHandle<Result<Vec<u32>>>,
+}
+
+impl Probe {
+    fn start(topo: &Topology, a_overlay: Ipv6Addr, e_overlay: Ipv6Addr) -> Result<Self> {
+        let rx = bind_udp(
+            topo.node(E).netns(),
+            SocketAddr::V6(SocketAddrV6::new(e_overlay, PROBE_PORT, 0, 0)),
+        )?;
+        rx.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let tx = bind_udp(
+            topo.node(A).netns(),
+            SocketAddr::V6(SocketAddrV6::new(a_overlay, 0, 0, 0)),
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let to = SocketAddr::V6(SocketAddrV6::new(e_overlay, PROBE_PORT, 0, 0));
+        let stop_tx = stop.clone();
+        let sender = thread::spawn(move || -> Result<u32> {
+            let mut seq: u32 = 0;
+            // Bounded: at most ten minutes of probes even if nobody stops us.
+            while !stop_tx.load(Ordering::Relaxed) && seq < 30_000 {
+                // A send may fail while routes change (no route yet): that is a loss too.
+                let _ = tx.send_to(&seq.to_be_bytes(), to);
+                seq += 1;
+                thread::sleep(PROBE_INTERVAL);
+            }
+            Ok(seq)
+        });
+        let stop_rx = stop.clone();
+        let receiver = thread::spawn(move || -> Result<Vec<u32>> { probe_receive(&rx, &stop_rx) });
+        Ok(Self {
+            stop,
+            sender,
+            receiver,
+        })
+    }
+
+    /// Stops probing; returns (sent, received numbers).
+    fn finish(self) -> Result<(u32, Vec<u32>)> {
+        thread::sleep(Duration::from_millis(500));
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self
+            .sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("probe sender panicked"))??;
+        let got = self
+            .receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("probe receiver panicked"))??;
+        Ok((sent, got))
+    }
+}
+
+fn probe_receive(rx: &UdpSocket, stop: &AtomicBool) -> Result<Vec<u32>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        match rx.recv(&mut buf) {
+            Ok(4) => got.push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]])),
+            Ok(_) => {}
+            Err(_) if stop.load(Ordering::Relaxed) => break,
+            Err(_) => {}
+        }
+    }
+    Ok(got)
+}
+
+/// Longest run of consecutive numbers below `sent` that never arrived.
+fn longest_gap(sent: u32, got: &[u32]) -> u32 {
+    let mut seen = vec![false; sent as usize];
+    for &s in got {
+        if let Some(slot) = seen.get_mut(s as usize) {
+            *slot = true;
+        }
+    }
+    let (mut longest, mut run) = (0u32, 0u32);
+    for arrived in seen {
+        run = if arrived { 0 } else { run + 1 };
+        longest = longest.max(run);
+    }
+    longest
+}
+
+fn running(agents: &[Option<AgentProcess>], i: usize) -> Result<&AgentProcess> {
+    agents[i].as_ref().context("agent running")
+}
+
+fn hop_limit_drops(agents: &[Option<AgentProcess>]) -> Result<u64> {
+    let mut total = 0;
+    for agent in agents.iter().flatten() {
+        let stats: Value = agent.ctl_json(&["stats"])?;
+        total += counter(&stats, "xdp", "drop_hop_limit")?;
+        total += counter(&stats, "agent", "rx_data_hop_limit")?;
+    }
+    Ok(total)
+}
+
+#[test]
+fn traffic_takes_the_cheaper_path_fails_over_and_returns() -> Result<()> {
+    let topo = Chain::new(5).tag("route").links(&LINKS).build()?;
+    let mut agents: Vec<Option<AgentProcess>> = Vec::new();
+    let result = scenario(&topo, &mut agents);
+    if result.is_err() {
+        for (i, agent) in agents.iter().enumerate() {
+            if let Some(agent) = agent {
+                eprintln!(
+                    "--- node {i} routes:\n{}",
+                    agent.ctl(&["routes"]).unwrap_or_default()
+                );
+                eprintln!(
+                    "--- node {i} peers:\n{}",
+                    agent.ctl(&["peers"]).unwrap_or_default()
+                );
+            }
+        }
+    }
+    result
+}
+
+fn scenario(topo: &Topology, agents: &mut Vec<Option<AgentProcess>>) -> Result<()> {
+    for i in 0..5 {
+        agents.push(Some(start_agent(topo, i)?));
+    }
+    let (a_status, e_status) = (running(agents, A)?.status()?, running(agents, E)?.status()?);
+    let a_overlay: Ipv6Addr = json_str(&a_status, "node_address")?.parse()?;
+    let e_overlay: Ipv6Addr = json_str(&e_status, "node_address")?.parse()?;
+    let e_prefix = json_str(&e_status, "node_prefix")?.to_string();
+    let a_prefix = json_str(&a_status, "node_prefix")?.to_string();
+
+    // Converged: a reaches e through b, and e reaches a through b.
+    let via_b = topo.node(A).peer_addr(B)?;
+    let via_c = topo.node(A).peer_addr(C)?;
+    wait_next_hop(running(agents, A)?, &e_prefix, via_b, "a routes e via b")?;
+    wait_next_hop(
+        running(agents, E)?,
+        &a_prefix,
+        topo.node(E).peer_addr(B)?,
+        "e routes a via b",
+    )?;
+    let explained = running(agents, A)?.ctl(&["route", "get", &e_overlay.to_string()])?;
+    ensure!(
+        explained.contains(&via_b.to_string()),
+        "route get names the next hop:\n{explained}"
+    );
+
+    let probe = Probe::start(topo, a_overlay, e_overlay)?;
+    thread::sleep(Duration::from_secs(1));
+    let relayed_b = counter(
+        &running(agents, B)?.ctl_json(&["stats"])?,
+        "xdp",
+        "redirect",
+    )?;
+    ensure!(relayed_b > 0, "b relays a → e in XDP before the failure");
+
+    // Kill the relay on the active path.
+    let b = agents[B].take().context("b running")?;
+    b.kill()?;
+    wait_next_hop(running(agents, A)?, &e_prefix, via_c, "a fails over to c")?;
+    thread::sleep(Duration::from_secs(1));
+    let (sent, got) = probe.finish()?;
+    let gap = longest_gap(sent, &got);
+    let outage = PROBE_INTERVAL * gap;
+    eprintln!(
+        "failover: {} of {sent} probes arrived, longest outage {outage:?}",
+        got.len()
+    );
+    ensure!(
+        outage <= MAX_OUTAGE,
+        "outage {outage:?} exceeds {MAX_OUTAGE:?} ({} of {sent} probes arrived)",
+        got.len()
+    );
+    ensure!(
+        got.iter().any(|&s| s > sent.saturating_sub(40)),
+        "traffic flows again over c–d at the end"
+    );
+
+    // Bring b back (a new agent, a new identity): the cheaper path is taken again.
+    agents[B] = Some(start_agent(topo, B)?);
+    wait_next_hop(running(agents, A)?, &e_prefix, via_b, "a returns to b")?;
+    let probe = Probe::start(topo, a_overlay, e_overlay)?;
+    thread::sleep(Duration::from_secs(2));
+    let (sent, got) = probe.finish()?;
+    ensure!(
+        got.len() as u32 + 5 >= sent,
+        "after b returns traffic flows: {} of {sent}",
+        got.len()
+    );
+    ensure!(
+        hop_limit_drops(agents)? == 0,
+        "no loop at any time: hop-limit drops must stay zero"
+    );
+    Ok(())
+}
