@@ -436,6 +436,31 @@ impl Tun {
         }
     }
 
+    /// Reads one more packet if one is waiting, without waiting: `Ok(None)` when the
+    /// queue is empty. Lets the reader drain a burst into one batch (one session lookup,
+    /// one `sendmmsg`) after [`Tun::recv`] returned.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the descriptor is
+        // non-blocking, so this never waits. Readiness is left to `recv`, which clears it
+        // on its next EAGAIN.
+        let n = unsafe {
+            libc::read(
+                self.fd.get_ref().as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+
     /// Writes one packet (with its `virtio_net_hdr` when offload is on) into the
     /// kernel, which delivers or routes it as if it had arrived on a network card.
     pub async fn send(&self, packet: &[u8]) -> io::Result<usize> {
@@ -676,6 +701,36 @@ impl PacketBatch {
             &mut self.buf[start..end],
             self.headroom..self.headroom + range.len(),
         ))
+    }
+
+    /// Packet `index` with its head- and tailroom, read-only: after sealing in place
+    /// (see [`PacketBatch::slots_mut`]) the slot is the whole datagram.
+    pub fn slot(&self, index: usize) -> Option<&[u8]> {
+        let range = self.packets.get(index)?;
+        self.buf
+            .get(range.start - self.headroom..range.end + self.tailroom)
+    }
+
+    /// The slots (packet with head- and tailroom) of packets `indices`, writable and in
+    /// order; indices past the end are skipped. The session layer seals a run of them in
+    /// place under one lock.
+    pub fn slots_mut(&mut self, indices: Range<usize>) -> impl Iterator<Item = &mut [u8]> + '_ {
+        let (headroom, tailroom) = (self.headroom, self.tailroom);
+        let end = indices.end.min(self.packets.len());
+        let ranges = &self.packets[indices.start.min(end)..end];
+        let mut rest: &mut [u8] = &mut self.buf;
+        let mut offset = 0;
+        ranges.iter().filter_map(move |r| {
+            // Slots are disjoint and in increasing order, so each lies after the last.
+            let start = r.start - headroom - offset;
+            let len = r.len() + headroom + tailroom;
+            let taken = std::mem::take(&mut rest);
+            let (_, tail) = taken.split_at_mut_checked(start)?;
+            let (slot, tail) = tail.split_at_mut_checked(len)?;
+            rest = tail;
+            offset = r.end + tailroom;
+            Some(slot)
+        })
     }
 
     /// The packets in order.
@@ -1161,6 +1216,33 @@ pub fn coalesce<P: AsRef<[u8]>>(packets: &[P], out: &mut PacketBatch) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_mut_yields_disjoint_slots_with_room() {
+        let mut batch = PacketBatch::with_room(3, 2);
+        for p in [&b"ab"[..], b"cde", b"", b"f"] {
+            batch.push(p);
+        }
+        for (n, slot) in batch.slots_mut(1..4).enumerate() {
+            assert_eq!(slot.len(), [3, 0, 1][n] + 5);
+            slot.fill(b'0' + n as u8);
+        }
+        assert_eq!(
+            batch.get(0),
+            Some(&b"ab"[..]),
+            "outside the range: untouched"
+        );
+        assert_eq!(batch.slot(1), Some(&b"00000000"[..]));
+        assert_eq!(batch.get(2), Some(&b""[..]));
+        assert_eq!(batch.slot(3), Some(&b"222222"[..]));
+        assert_eq!(batch.slots_mut(4..9).count(), 0);
+        assert_eq!(
+            batch.slots_mut(0..9).count(),
+            4,
+            "clamped to the packets there are"
+        );
+        assert_eq!(batch.slot(4), None);
+    }
     use proptest::prelude::*;
     use std::net::Ipv6Addr;
 
