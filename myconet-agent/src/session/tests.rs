@@ -1398,7 +1398,7 @@ fn batched_in_place_sealing_and_opening_match_the_single_packet_path() {
     let (a, b) = (net.addr(0), net.addr(1));
     let now = net.now;
     // No session yet: nothing sealed, nothing queued, no handshake started.
-    let mut early = vec![0u8; HEADER_LEN + 10 + TAG_LEN];
+    let mut early = [0u8; HEADER_LEN + 10 + TAG_LEN];
     let sealed = net.nodes[0]
         .table
         .seal_in_place_batch(b, [&mut early[..]], now, &net.rng)
