@@ -2,6 +2,14 @@
 //! [`BATCH`] datagrams per system call, which is most of what the userspace relay path
 //! spends per packet otherwise.
 //!
+//! On top of that, UDP segmentation offloads: with `UDP_GRO` on the socket the kernel
+//! hands over runs of same-sized datagrams of one sender as one buffer plus a segment
+//! size ([`RecvBatch::segment_size`], split with [`segments`]), and [`send_gso_batch`]
+//! sends runs of same-sized datagrams to one destination as one message with a
+//! `UDP_SEGMENT` size, so the stack below the socket runs once per run, not per
+//! datagram. On the wire nothing changes: every datagram is still its own packet, so
+//! relays (XDP or userspace) see exactly what they saw before.
+//!
 //! Both calls run inside tokio's readiness protocol (`UdpSocket::try_io`), so the socket
 //! stays an ordinary tokio socket for everything else.
 
@@ -9,10 +17,13 @@ use std::{
     io,
     mem::MaybeUninit,
     net::{Ipv6Addr, SocketAddr, SocketAddrV6},
+    ops::Range,
     os::fd::AsRawFd,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use tokio::{io::Interest, net::UdpSocket};
+use tracing::{info, warn};
 
 /// Datagrams per system call.
 pub const BATCH: usize = 64;
@@ -20,11 +31,32 @@ pub const BATCH: usize = 64;
 /// Largest datagram accepted.
 pub const MAX_DATAGRAM: usize = 65_535;
 
+/// `setsockopt` level and options of UDP segmentation offload (`linux/udp.h`); spelled
+/// out because not every libc target exports them.
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// Most segments one `UDP_SEGMENT` send may carry (`UDP_MAX_SEGMENTS` before Linux 6.9,
+/// which raised it to 128).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+
+/// Most bytes of payload one `UDP_SEGMENT` send may carry: what fits one UDP length
+/// field (65535 minus the 8-byte UDP header).
+pub const MAX_GSO_BYTES: usize = u16::MAX as usize - 8;
+
+/// Room for one `cmsghdr` with a 4-byte value, 8-byte aligned (`CMSG_SPACE(4)` is 24 on
+/// 64-bit Linux; 32 leaves slack on every ABI).
+type CmsgBuf = [u64; 4];
+
 /// Reusable receive buffers for one `recvmmsg` call.
 pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
     addrs: Vec<libc::sockaddr_in6>,
     lens: Vec<usize>,
+    /// `UDP_GRO` segment size per slot, 0 when the slot holds one datagram.
+    segs: Vec<usize>,
+    ctrl: Vec<CmsgBuf>,
     count: usize,
 }
 
@@ -55,6 +87,8 @@ impl RecvBatch {
             bufs: (0..slots).map(|_| vec![0u8; size]).collect(),
             addrs: vec![zeroed_sockaddr(); slots],
             lens: vec![0; slots],
+            segs: vec![0; slots],
+            ctrl: vec![[0; 4]; slots],
             count: 0,
         }
     }
@@ -81,6 +115,16 @@ impl RecvBatch {
     pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddrV6)> {
         let from = self.sender(i)?;
         Some((&self.bufs[i][..self.lens[i]], from))
+    }
+
+    /// The `UDP_GRO` segment size of slot `i` when it holds several datagrams coalesced
+    /// by the kernel (see [`segments`]), `None` when it holds one.
+    pub fn segment_size(&self, i: usize) -> Option<usize> {
+        if i >= self.count {
+            return None;
+        }
+        let seg = self.segs[i];
+        (seg > 0 && seg < self.lens[i]).then_some(seg)
     }
 
     fn sender(&self, i: usize) -> Option<SocketAddrV6> {
@@ -130,11 +174,13 @@ fn recvmmsg(socket: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
             m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as u32;
             m.msg_hdr.msg_iov = &mut iovecs[i];
             m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = batch.ctrl[i].as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = std::mem::size_of::<CmsgBuf>() as _;
             m
         })
         .collect();
-    // SAFETY: msgs points at `slots` initialised headers whose buffers and address
-    // slots stay alive and unaliased for the duration of the call.
+    // SAFETY: msgs points at `slots` initialised headers whose buffers, address and
+    // control slots stay alive and unaliased for the duration of the call.
     let n = unsafe {
         libc::recvmmsg(
             socket.as_raw_fd(),
@@ -151,9 +197,258 @@ fn recvmmsg(socket: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
     let n = n as usize;
     for (i, m) in msgs.iter().take(n).enumerate() {
         batch.lens[i] = m.msg_len as usize;
+        batch.segs[i] = gro_segment_size(&m.msg_hdr);
     }
     batch.count = n;
     Ok(n)
+}
+
+/// The `UDP_GRO` segment size in a received message's control data, 0 if there is none.
+fn gro_segment_size(hdr: &libc::msghdr) -> usize {
+    // SAFETY: the kernel filled `msg_control` with `msg_controllen` bytes of cmsgs; the
+    // CMSG_* helpers stay within them, and the value is read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                let value = libc::CMSG_DATA(cmsg).cast::<libc::c_int>().read_unaligned();
+                return usize::try_from(value).unwrap_or(0);
+            }
+            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+        }
+    }
+    0
+}
+
+/// Where each datagram lies in a buffer of `len` bytes received with `UDP_GRO` segment
+/// size `segment` (`None`: one datagram): consecutive `segment`-byte pieces, the last
+/// possibly shorter, which is how the kernel coalesces them.
+pub fn segments(len: usize, segment: Option<usize>) -> impl Iterator<Item = Range<usize>> {
+    let step = match segment {
+        Some(s) if s > 0 => s,
+        _ => len.max(1),
+    };
+    (0..len)
+        .step_by(step)
+        .map(move |start| start..(start + step).min(len))
+}
+
+/// Turns on `UDP_GRO` for `socket`, so runs of datagrams arrive as one buffer (see
+/// [`RecvBatch::segment_size`]). Fails on kernels without it (before 5.0); the socket
+/// then keeps receiving datagram by datagram.
+pub fn enable_gro(socket: &impl AsRawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: valid fd; the option value points at a live c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            SOL_UDP,
+            UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `UDP_SEGMENT` sends are still tried; cleared for the process the first time
+/// the kernel refuses one (old kernel, or a route whose device cannot do it).
+static GSO_ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Runs of datagrams that had to be re-sent one by one because the kernel refused GSO.
+static GSO_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times a GSO send was refused and its datagrams re-sent one by one.
+pub fn gso_fallbacks() -> u64 {
+    GSO_FALLBACKS.load(Ordering::Relaxed)
+}
+
+/// Whether `UDP_SEGMENT` sends are in use (false after the kernel refused one).
+pub fn gso_enabled() -> bool {
+    GSO_ENABLED.load(Ordering::Relaxed)
+}
+
+/// Groups `datagrams` (length and destination, in sending order) into runs one
+/// `UDP_SEGMENT` message can carry: consecutive, same destination, every member as long
+/// as the first except the last, which may be shorter (and then ends the run), at most
+/// `max_segments` members and [`MAX_GSO_BYTES`] bytes. Order is kept, so datagrams of
+/// one flow never overtake each other.
+pub fn plan_gso(datagrams: &[(usize, SocketAddr)], max_segments: usize) -> Vec<Range<usize>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    let mut start = 0;
+    while start < datagrams.len() {
+        let (size, to) = datagrams[start];
+        let mut end = start + 1;
+        let mut bytes = size;
+        if size > 0 {
+            while end < datagrams.len() && end - start < max_segments {
+                let (len, dest) = datagrams[end];
+                if dest != to || len > size || len == 0 || bytes + len > MAX_GSO_BYTES {
+                    break;
+                }
+                bytes += len;
+                end += 1;
+                if len < size {
+                    break;
+                }
+            }
+        }
+        runs.push(start..end);
+        start = end;
+    }
+    runs
+}
+
+/// Sends every datagram to its destination, in order, like [`send_batch`], but each run
+/// of [`plan_gso`] as one `UDP_SEGMENT` message (all of them in one `sendmmsg` where
+/// possible). If the kernel refuses GSO (`EIO`, `EINVAL`: old kernel, unsupported
+/// route), the run is re-sent datagram by datagram, GSO is switched off for the process
+/// (logged once) and counted ([`gso_fallbacks`]). Returns the indices of datagrams that
+/// could not be sent.
+pub async fn send_gso_batch(socket: &UdpSocket, datagrams: &[(&[u8], SocketAddr)]) -> Vec<usize> {
+    if datagrams.len() < 2 || !gso_enabled() {
+        return send_batch(socket, datagrams).await;
+    }
+    let shape: Vec<(usize, SocketAddr)> = datagrams.iter().map(|(d, to)| (d.len(), *to)).collect();
+    let runs = plan_gso(&shape, MAX_GSO_SEGMENTS);
+    if runs.len() == datagrams.len() {
+        return send_batch(socket, datagrams).await;
+    }
+    let mut failed = Vec::new();
+    let mut next = 0;
+    while next < runs.len() {
+        if socket.writable().await.is_err() {
+            failed.extend(runs[next].start..datagrams.len());
+            break;
+        }
+        match socket.try_io(Interest::WRITABLE, || {
+            sendmmsg_gso(socket, datagrams, &runs[next..])
+        }) {
+            Ok(0) => {
+                failed.extend(runs[next].start..datagrams.len());
+                break;
+            }
+            Ok(n) => next += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e)
+                if runs[next].len() > 1
+                    && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) =>
+            {
+                GSO_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                if GSO_ENABLED.swap(false, Ordering::Relaxed) {
+                    warn!(error = %e, "the kernel refused a UDP GSO send: sending datagram by datagram from now on");
+                }
+                let rest = runs[next].start;
+                failed.extend(
+                    send_batch(socket, &datagrams[rest..])
+                        .await
+                        .into_iter()
+                        .map(|i| i + rest),
+                );
+                return failed;
+            }
+            // sendmmsg reports the error of the first message it could not send.
+            Err(_) => {
+                failed.extend(runs[next].clone());
+                next += 1;
+            }
+        }
+    }
+    failed
+}
+
+/// One `sendmmsg` of up to [`BATCH`] runs, each a message with one iovec per datagram
+/// and a `UDP_SEGMENT` control message when it has more than one.
+fn sendmmsg_gso(
+    socket: &UdpSocket,
+    datagrams: &[(&[u8], SocketAddr)],
+    runs: &[Range<usize>],
+) -> io::Result<usize> {
+    let runs = &runs[..runs.len().min(BATCH)];
+    let mut addrs: Vec<libc::sockaddr_in6> = Vec::with_capacity(runs.len());
+    let mut ctrl: Vec<CmsgBuf> = vec![[0; 4]; runs.len()];
+    let iovecs: Vec<libc::iovec> = runs
+        .iter()
+        .flat_map(|r| datagrams[r.clone()].iter())
+        .map(|(data, _)| libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        })
+        .collect();
+    for r in runs {
+        addrs.push(sockaddr(&datagrams[r.start].1)?);
+    }
+    let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
+    let mut iov_at = 0;
+    for (i, r) in runs.iter().enumerate() {
+        // SAFETY: plain data; pointers set below.
+        let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+        m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in6).cast();
+        m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as u32;
+        m.msg_hdr.msg_iov = iovecs[iov_at..].as_ptr() as *mut libc::iovec;
+        m.msg_hdr.msg_iovlen = r.len() as _;
+        iov_at += r.len();
+        if r.len() > 1 {
+            let segment = datagrams[r.start].0.len() as u16;
+            // SAFETY: CMSG_SPACE(2) (24 on 64-bit) fits the 32-byte, 8-aligned buffer.
+            unsafe {
+                let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32);
+                m.msg_hdr.msg_control = ctrl[i].as_mut_ptr().cast();
+                m.msg_hdr.msg_controllen = space as _;
+                let cmsg = libc::CMSG_FIRSTHDR(&m.msg_hdr);
+                (*cmsg).cmsg_level = SOL_UDP;
+                (*cmsg).cmsg_type = UDP_SEGMENT;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+                libc::CMSG_DATA(cmsg).cast::<u16>().write_unaligned(segment);
+            }
+        }
+        msgs.push(m);
+    }
+    // SAFETY: every header points at live iovecs, addresses and control buffers that
+    // outlive the call; the datagrams are only read.
+    let n = unsafe {
+        libc::sendmmsg(
+            socket.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            msgs.len() as u32,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn sockaddr(to: &SocketAddr) -> io::Result<libc::sockaddr_in6> {
+    let mut sa = zeroed_sockaddr();
+    sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    match to {
+        SocketAddr::V6(v6) => {
+            sa.sin6_port = v6.port().to_be();
+            sa.sin6_addr.s6_addr = v6.ip().octets();
+            sa.sin6_scope_id = v6.scope_id();
+            Ok(sa)
+        }
+        SocketAddr::V4(_) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the Myconet underlay is IPv6-only",
+        )),
+    }
+}
+
+/// Logs once which UDP offloads the underlay socket got.
+pub fn log_offloads(gro: &io::Result<()>) {
+    match gro {
+        Ok(()) => info!("UDP GRO on the underlay socket; UDP GSO sends enabled"),
+        Err(e) => {
+            warn!(error = %e, "UDP GRO unavailable on the underlay socket: receiving datagram by datagram")
+        }
+    }
 }
 
 /// Sends every datagram to its destination, in order, in as few system calls as the
@@ -189,22 +484,7 @@ fn sendmmsg(socket: &UdpSocket, datagrams: &[(&[u8], SocketAddr)]) -> io::Result
     let mut addrs: Vec<libc::sockaddr_in6> = Vec::with_capacity(count);
     let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(count);
     for (data, to) in &datagrams[..count] {
-        let mut sa = zeroed_sockaddr();
-        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-        match to {
-            SocketAddr::V6(v6) => {
-                sa.sin6_port = v6.port().to_be();
-                sa.sin6_addr.s6_addr = v6.ip().octets();
-                sa.sin6_scope_id = v6.scope_id();
-            }
-            SocketAddr::V4(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "the Myconet underlay is IPv6-only",
-                ));
-            }
-        }
-        addrs.push(sa);
+        addrs.push(sockaddr(to)?);
         iovecs.push(libc::iovec {
             iov_base: data.as_ptr() as *mut libc::c_void,
             iov_len: data.len(),
@@ -268,6 +548,101 @@ mod tests {
         }
         assert_eq!(got, payloads, "every datagram, intact and in order");
         assert!(batch.get_mut(batch.len()).is_none());
+    }
+
+    #[test]
+    fn gro_buffers_split_at_the_segment_size() {
+        let split = |len, seg| segments(len, seg).collect::<Vec<_>>();
+        assert_eq!(
+            split(4000, Some(1500)),
+            vec![0..1500, 1500..3000, 3000..4000]
+        );
+        assert_eq!(split(3000, Some(1500)), vec![0..1500, 1500..3000]);
+        assert_eq!(split(1400, None), vec![0..1400]);
+        assert_eq!(split(1400, Some(0)), vec![0..1400], "no GRO cmsg");
+        assert_eq!(split(1400, Some(9000)), vec![0..1400], "one short segment");
+        assert_eq!(split(0, None), Vec::<Range<usize>>::new());
+        assert_eq!(split(1, Some(1)), vec![0..1]);
+    }
+
+    #[test]
+    fn gso_runs_are_same_size_same_destination_and_ordered() {
+        let x: SocketAddr = "[2001:db8::1]:9651".parse().unwrap();
+        let y: SocketAddr = "[2001:db8::2]:9651".parse().unwrap();
+        let plan = |d: &[(usize, SocketAddr)]| plan_gso(d, 4);
+        // Equal sizes, the last shorter: one run.
+        assert_eq!(plan(&[(1500, x), (1500, x), (900, x)]), vec![0..3]);
+        // A shorter datagram ends the run; a longer one starts a new run.
+        assert_eq!(
+            plan(&[(1500, x), (900, x), (1500, x), (1600, x)]),
+            vec![0..2, 2..3, 3..4]
+        );
+        // Another destination starts a new run, and order is kept (no regrouping).
+        assert_eq!(
+            plan(&[(100, x), (100, y), (100, x), (100, x)]),
+            vec![0..1, 1..2, 2..4]
+        );
+        // At most `max_segments` per run.
+        assert_eq!(plan(&[(10, x); 9]), vec![0..4, 4..8, 8..9]);
+        // Never more bytes than one UDP datagram can carry.
+        let big = [(20_000, x); 4];
+        assert_eq!(plan(&big), vec![0..3, 3..4]);
+        assert!(
+            plan_gso(&big, 64)
+                .iter()
+                .all(|r| r.len() * 20_000 <= MAX_GSO_BYTES)
+        );
+        // Empty datagrams go alone.
+        assert_eq!(plan(&[(0, x), (0, x)]), vec![0..1, 1..2]);
+        assert!(plan(&[]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn gso_and_gro_round_trip_on_loopback() {
+        let rx = UdpSocket::bind("[::1]:0").await.unwrap();
+        let gro = enable_gro(&rx).is_ok();
+        let tx = UdpSocket::bind("[::1]:0").await.unwrap();
+        let to = rx.local_addr().unwrap();
+        // Runs of equal sizes with a shorter tail, some singles, and a size change.
+        let sizes: Vec<usize> = (0..150)
+            .map(|i| match i % 50 {
+                49 => 300,
+                40..=44 => 700,
+                _ => 1200,
+            })
+            .collect();
+        let payloads: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![i as u8; n])
+            .collect();
+        let list: Vec<(&[u8], SocketAddr)> = payloads.iter().map(|p| (&p[..], to)).collect();
+        assert!(send_gso_batch(&tx, &list).await.is_empty(), "all sent");
+        let mut got = Vec::new();
+        let mut batch = RecvBatch::new(8, MAX_DATAGRAM);
+        while got.len() < payloads.len() {
+            let n = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                recv_batch(&rx, &mut batch),
+            )
+            .await
+            .expect("datagrams arrive")
+            .unwrap();
+            for i in 0..n {
+                let seg = batch.segment_size(i);
+                if !gro {
+                    assert_eq!(seg, None);
+                }
+                let (data, _) = batch.get(i).unwrap();
+                for r in segments(data.len(), seg) {
+                    got.push(data[r].to_vec());
+                }
+            }
+        }
+        assert_eq!(
+            got, payloads,
+            "every datagram, intact, in order, split right"
+        );
     }
 
     #[tokio::test]

@@ -229,8 +229,7 @@ async fn open_tun(
     settings: &myconet_agent::config::Settings,
     name: &str,
 ) -> anyhow::Result<Tun> {
-    let tun = Tun::create(name, TunOptions::default())
-        .with_context(|| format!("creating TUN device {name}"))?;
+    let tun = create_tun(name)?;
     let nl = Netlink::connect().context("opening rtnetlink")?;
     let mut underlay_mtu = u32::MAX;
     for iface in &settings.interfaces {
@@ -247,4 +246,27 @@ async fn open_tun(
         .with_context(|| format!("configuring {name}"))?;
     info!(tun = name, mtu, address = %node.identity().node_address(), "overlay interface up");
     Ok(tun)
+}
+
+/// Opens the TUN device with checksum/segmentation offload (TCP moves across it in
+/// superpackets), or without it where the kernel refuses, which is logged once: the
+/// plain path carries the same packets, only one per system call.
+fn create_tun(name: &str) -> anyhow::Result<Tun> {
+    let offload = TunOptions {
+        offload: true,
+        ..TunOptions::default()
+    };
+    match Tun::create(name, offload) {
+        Ok(tun) => {
+            if let Some(flags) = tun.offload() {
+                info!(tun = name, offload = %flags, "TUN offload on");
+            }
+            Ok(tun)
+        }
+        Err(e) => {
+            warn!(tun = name, error = %e, "TUN offload unavailable: one packet per read and write");
+            Tun::create(name, TunOptions::default())
+                .with_context(|| format!("creating TUN device {name}"))
+        }
+    }
 }

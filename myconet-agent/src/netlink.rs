@@ -35,6 +35,11 @@ pub const UDP_HEADER_LEN: u32 = 8;
 /// Authentication tag the end-to-end AEAD (ChaCha20-Poly1305 / AES-256-GCM) appends.
 pub const AEAD_TAG_LEN: u32 = crate::session::TAG_LEN as u32;
 
+/// Transmit queue length given to the TUN device: packets (with offload, superpackets)
+/// the kernel queues for the agent's reader. Large enough to ride out a scheduling delay
+/// of the reader at full rate instead of dropping and making TCP retransmit.
+pub const TUN_TXQUEUELEN: u32 = 10_000;
+
 /// Bytes every overlay packet grows by on the underlay: outer IPv6 (40) + UDP (8) +
 /// Myconet header (48, [`wire::HEADER_LEN`]) + AEAD tag (16) = 112 (docs/protocol.md,
 /// "Encapsulation overhead").
@@ -280,6 +285,23 @@ impl Netlink {
             })
     }
 
+    /// Sets the transmit queue length of interface `ifindex` (`ip link set dev X
+    /// txqueuelen N`). On the TUN device this is how many packets the kernel holds for
+    /// the agent to read before dropping; the default 500 overflows during TCP bursts
+    /// and every drop costs the sender a retransmission.
+    pub async fn set_txqueuelen(&self, ifindex: u32, len: u32) -> Result<(), NetlinkError> {
+        let message = LinkUnspec::new_with_index(ifindex).txqueuelen(len).build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                what: format!("setting txqueuelen {len} on interface {ifindex}"),
+                source,
+            })
+    }
+
     /// Brings interface `ifindex` up (`ip link set dev X up`); a link that is already up
     /// stays up.
     pub async fn set_up(&self, ifindex: u32) -> Result<(), NetlinkError> {
@@ -488,7 +510,8 @@ impl Netlink {
     }
 
     /// Configures the overlay TUN interface `ifindex`: MTU `mtu` (normally
-    /// [`overlay_mtu`] of the underlay), the node's address as `<node_address>/64`
+    /// [`overlay_mtu`] of the underlay), a transmit queue of [`TUN_TXQUEUELEN`] packets,
+    /// the node's address as `<node_address>/64`
     /// (its whole key-derived prefix, so the kernel's prefix route covers it), link up,
     /// and `fd6d::/16 dev <tun>` so every overlay destination goes to the agent.
     ///
@@ -510,6 +533,7 @@ impl Netlink {
             return Err(NetlinkError::MtuTooSmall { ifindex, mtu });
         }
         self.set_mtu(ifindex, mtu).await?;
+        self.set_txqueuelen(ifindex, TUN_TXQUEUELEN).await?;
         self.add_address(ifindex, node_address, addr::NODE_PREFIX_LEN)
             .await?;
         // Routes need the link up ("Nexthop device is not up" otherwise).

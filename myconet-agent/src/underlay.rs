@@ -7,6 +7,7 @@
 
 use std::{
     net::{Ipv6Addr, SocketAddr, SocketAddrV6},
+    ops::Range,
     sync::Arc,
 };
 
@@ -15,7 +16,7 @@ use tokio::net::UdpSocket;
 use tracing::debug;
 
 use crate::{
-    batch_io::{BATCH, RecvBatch, recv_batch, send_batch},
+    batch_io::{self, BATCH, RecvBatch, recv_batch, send_gso_batch},
     forward::{Decision, DropReason},
     node::{AgentStat, Node},
     overlay::Overlay,
@@ -49,17 +50,25 @@ pub fn bind(port: u16) -> std::io::Result<UdpSocket> {
     socket.set_nonblocking(true)?;
     // Room for bursts while the fast path is cold.
     let _ = socket.set_recv_buffer_size(4 << 20);
+    // Runs of datagrams from one sender arrive as one buffer; `run` splits them.
+    batch_io::log_offloads(&batch_io::enable_gro(&socket));
     let addr = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
 
 /// Receives and handles datagrams until the task is cancelled; what is for this node
-/// goes to `overlay`. Datagrams arrive and are relayed in batches (`recvmmsg` /
-/// `sendmmsg`), relayed ones rewritten in place.
+/// goes to `overlay`. Datagrams arrive in batches (`recvmmsg`, each slot possibly a
+/// `UDP_GRO` run of several datagrams, split here so every datagram gets its own
+/// decision); data for this node is opened and delivered a batch at a time; relayed
+/// ones are rewritten in place and sent in batches (`sendmmsg`, runs for one next hop
+/// with `UDP_SEGMENT` at the size they arrived with), one wire packet per datagram as
+/// before.
 pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>) {
     let mut batch = RecvBatch::default();
-    let mut relays: Vec<Option<Relay>> = Vec::with_capacity(BATCH);
+    let mut relays: Vec<(usize, Range<usize>, Relay)> = Vec::with_capacity(BATCH);
+    let mut local: Vec<(usize, Range<usize>, SocketAddrV6)> = Vec::with_capacity(BATCH);
+    let mut scratch = overlay.rx_scratch();
     loop {
         let n = match recv_batch(&socket, &mut batch).await {
             Ok(n) => n,
@@ -70,35 +79,56 @@ pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>)
             }
         };
         relays.clear();
+        local.clear();
         for i in 0..n {
-            let relay = match batch.get_mut(i) {
-                Some((datagram, from)) => handle(&node, &overlay, datagram, from).await,
-                None => None,
+            let segment = batch.segment_size(i);
+            let Some((buf, from)) = batch.get_mut(i) else {
+                continue;
             };
-            relays.push(relay);
+            for range in batch_io::segments(buf.len(), segment) {
+                let Some(datagram) = buf.get_mut(range.clone()) else {
+                    continue;
+                };
+                match handle(&node, &overlay, datagram, from).await {
+                    Action::Relay(relay) => relays.push((i, range, relay)),
+                    Action::Deliver => local.push((i, range, from)),
+                    Action::Done => {}
+                }
+            }
         }
-        let (out, stats): (Vec<(&[u8], SocketAddr)>, Vec<AgentStat>) = relays
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| {
-                let r = r.as_ref()?;
-                Some(((batch.get(i)?.0, r.to), r.stat))
-            })
-            .unzip();
-        if out.is_empty() {
+        if !local.is_empty() {
+            overlay
+                .deliver_datagrams(&mut batch, &local, &mut scratch)
+                .await;
+        }
+        if relays.is_empty() {
             continue;
         }
-        let failed = send_batch(&socket, &out).await;
-        for (i, ((datagram, to), stat)) in out.iter().zip(stats).enumerate() {
+        let out: Vec<(&[u8], SocketAddr)> = relays
+            .iter()
+            .filter_map(|(i, range, r)| Some((batch.get(*i)?.0.get(range.clone())?, r.to)))
+            .collect();
+        let failed = send_gso_batch(&socket, &out).await;
+        for (i, ((datagram, to), (_, _, relay))) in out.iter().zip(&relays).enumerate() {
             let stat = if failed.contains(&i) {
                 debug!(%to, "userspace relay send failed");
                 AgentStat::TxError
             } else {
-                stat
+                relay.stat
             };
             node.count(stat, datagram.len());
         }
     }
+}
+
+/// What [`handle`] decided for one datagram.
+enum Action {
+    /// Relay it (already rewritten).
+    Relay(Relay),
+    /// A `Data` packet for this node: open it with the rest of the batch.
+    Deliver,
+    /// Handled (handshake, control) or dropped and counted.
+    Done,
 }
 
 /// A datagram to relay: where to, and what to count once it is sent.
@@ -108,20 +138,15 @@ struct Relay {
 }
 
 /// Handles one datagram; returns where to relay it (already rewritten) if it is to be
-/// relayed.
-async fn handle(
-    node: &Node,
-    overlay: &Overlay,
-    datagram: &mut [u8],
-    from: SocketAddrV6,
-) -> Option<Relay> {
+/// relayed, or that it is data for this node.
+async fn handle(node: &Node, overlay: &Overlay, datagram: &mut [u8], from: SocketAddrV6) -> Action {
     let len = datagram.len();
     let header = match Repr::parse(&Packet::new_unchecked(&*datagram)) {
         Ok(h) => h,
         Err(e) => {
             debug!(%from, error = %e, "malformed datagram");
             node.count(AgentStat::RxMalformed, len);
-            return None;
+            return Action::Done;
         }
     };
     let is_data = header.packet_type == PacketType::Data;
@@ -130,25 +155,26 @@ async fn handle(
             // Link-level: opened (or refused) under the neighbour's link session.
             node.count(AgentStat::RxControl, len);
             overlay.on_datagram(SocketAddr::V6(from), datagram).await;
-            return None;
+            return Action::Done;
         }
         PacketType::Data => node.count(AgentStat::RxData, len),
         _ => {}
     }
     match node.decide((*from.ip(), from.port()), &header) {
         Decision::Deliver => {
-            if !is_data {
-                node.count(AgentStat::RxHandshake, len);
+            if is_data {
+                return Action::Deliver;
             }
+            node.count(AgentStat::RxHandshake, len);
             overlay.on_datagram(SocketAddr::V6(from), datagram).await;
-            None
+            Action::Done
         }
         Decision::Forward {
             next_hop,
             hop_limit,
         } => {
             datagram[field::HOP_LIMIT] = hop_limit;
-            Some(Relay {
+            Action::Relay(Relay {
                 to: SocketAddr::V6(next_hop.socket_addr()),
                 stat: if is_data {
                     AgentStat::RxDataRelayed
@@ -159,7 +185,7 @@ async fn handle(
         }
         Decision::Drop(_) if !is_data => {
             node.count(AgentStat::RxHandshakeDropped, len);
-            None
+            Action::Done
         }
         Decision::Drop(reason) => {
             node.count(
@@ -171,7 +197,7 @@ async fn handle(
                 },
                 len,
             );
-            None
+            Action::Done
         }
     }
 }

@@ -25,7 +25,13 @@ const TARGET_CPU_RATIO: f64 = 20.0;
 /// Runs the throughput benchmark with release binaries.
 pub fn run(root: &Path, seconds: u64) -> Result<()> {
     let target = cmd::target_dir(root)?;
-    let bin_dir = target.join("release");
+    // Another build's binaries (say, main's) can be measured with this harness for a
+    // side-by-side comparison: MYCONET_BENCH_BIN_DIR=/path/to/release.
+    let bin_dir = match std::env::var_os("MYCONET_BENCH_BIN_DIR") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => target.join("release"),
+    };
+    println!("==> binaries from {}", bin_dir.display());
     println!(
         "==> iperf3 a → c over the overlay, {seconds} s through an XDP relay, then through a userspace relay"
     );

@@ -149,6 +149,10 @@ pub enum SealError {
     /// The datagram would not fit in one UDP payload.
     #[error("plaintext of {0} bytes is too large")]
     TooLarge(usize),
+    /// A buffer given to [`super::Session::seal_in_place`] has no room for the header
+    /// and tag (its length).
+    #[error("buffer of {0} bytes cannot hold a header and a tag")]
+    NoRoom(usize),
     /// Every key phase and counter of this session is used up; a new handshake is due.
     #[error("session exhausted its nonce space")]
     Exhausted,

@@ -1230,3 +1230,96 @@ impl SessionTable {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The batched data path: the TUN and underlay loops hand over whole batches (a TCP
+// superpacket's segments, a recvmmsg/GRO batch) under one lock, sealed and opened in the
+// callers' buffers, so the hot path neither allocates nor looks the session up per packet.
+// ---------------------------------------------------------------------------------------
+
+impl SessionTable {
+    /// Seals, in place and in order, packets for `remote` on its current session, looked
+    /// up once for the whole run: each buffer is a datagram to be, with the plaintext at
+    /// `HEADER_LEN..len - TAG_LEN` (see [`Session::seal_in_place`]).
+    ///
+    /// Returns how many buffers, from the front, were sealed. Fewer than all (0 when no
+    /// session is up) means the rest must go through [`SessionTable::send`], which
+    /// queues them and starts a handshake; nothing is queued here. Like `send`, it starts
+    /// a fresh handshake when the session nears its hard lifetime.
+    pub fn seal_in_place_batch<'a, I>(
+        &mut self,
+        remote: Ipv6Addr,
+        bufs: I,
+        now: Instant,
+        rng: &dyn SecureRandom,
+    ) -> Result<usize, SendError>
+    where
+        I: IntoIterator<Item = &'a mut [u8]>,
+    {
+        let id = self.node_id(remote)?;
+        let Some(index) = self.usable_current(id, now) else {
+            return Ok(0);
+        };
+        let Some(slot) = self.sessions.get_mut(&index) else {
+            return Ok(0);
+        };
+        let header = DataHeader {
+            hop_limit: wire::DEFAULT_HOP_LIMIT,
+            src_addr: slot.session.local_addr(),
+            dst_addr: remote,
+        };
+        let mut sealed = 0;
+        for buf in bufs {
+            if slot.session.seal_in_place(buf, &header, now).is_err() {
+                break;
+            }
+            sealed += 1;
+        }
+        if sealed > 0 {
+            if let Some(peer) = self.peers.get_mut(&id) {
+                peer.keepalive_due = None;
+            }
+            self.maybe_rehandshake(id, index, now, rng);
+        }
+        Ok(sealed)
+    }
+
+    /// [`SessionTable::handle_datagram`] for one `Data` datagram, decrypted where it lies:
+    /// returns the authenticated remote (the header's source) and where the plaintext now
+    /// is in `datagram`; an empty range is a keepalive. Same checks, errors and state
+    /// changes (replay window, keepalive timer, confirming a responder session).
+    pub fn open_in_place(
+        &mut self,
+        datagram: &mut [u8],
+        now: Instant,
+    ) -> Result<(Ipv6Addr, std::ops::Range<usize>), InboundError> {
+        let repr = Repr::parse(&Packet::new_checked(&*datagram)?)?;
+        if repr.packet_type != PacketType::Data {
+            return Err(InboundError::Open(super::OpenError::NotData(
+                repr.packet_type as u8,
+            )));
+        }
+        let index = repr.session_id;
+        let slot = self
+            .sessions
+            .get_mut(&index)
+            .ok_or(InboundError::UnknownIndex(index))?;
+        let range = slot.session.open_in_place(datagram, now)?;
+        let id = slot.peer;
+        let keepalive_due = self.deadline(now, self.config.keepalive_after);
+        let confirms = self
+            .peers
+            .get(&id)
+            .is_some_and(|p| p.next.is_some_and(|(n, _)| n == index));
+        if let Some(peer) = self.peers.get_mut(&id)
+            && !range.is_empty()
+            && peer.keepalive_due.is_none()
+        {
+            peer.keepalive_due = Some(keepalive_due);
+        }
+        if confirms {
+            self.install_current(id, index, now);
+        }
+        Ok((repr.src_addr, range))
+    }
+}

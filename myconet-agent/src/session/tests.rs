@@ -1640,3 +1640,86 @@ fn nobody_may_speak_from_the_reserved_link_prefix() {
         Err(SendError::NotOverlay(_))
     ));
 }
+
+#[test]
+fn batched_in_place_sealing_and_opening_match_the_single_packet_path() {
+    let mut net = Net::pair();
+    let (a, b) = (net.addr(0), net.addr(1));
+    let now = net.now;
+    // No session yet: nothing sealed, nothing queued, no handshake started.
+    let mut early = [0u8; HEADER_LEN + 10 + TAG_LEN];
+    let sealed = net.nodes[0]
+        .table
+        .seal_in_place_batch(b, [&mut early[..]], now, &net.rng)
+        .expect("batch");
+    assert_eq!(sealed, 0);
+    assert_eq!(net.nodes[0].table.pending_handshakes(), 0);
+    assert_eq!(
+        net.nodes[0]
+            .table
+            .seal_in_place_batch(a, [&mut early[..]], now, &net.rng),
+        Err(SendError::SelfAddress(a))
+    );
+
+    net.send(0, 1, b"warm up");
+    net.pump();
+    assert_eq!(net.nodes[1].received, vec![b"warm up".to_vec()]);
+
+    let payloads: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 100 * usize::from(i)]).collect();
+    let mut bufs: Vec<Vec<u8>> = payloads
+        .iter()
+        .map(|p| {
+            let mut buf = vec![0u8; HEADER_LEN + p.len() + TAG_LEN];
+            buf[HEADER_LEN..HEADER_LEN + p.len()].copy_from_slice(p);
+            buf
+        })
+        .collect();
+    let sealed = net.nodes[0]
+        .table
+        .seal_in_place_batch(b, bufs.iter_mut().map(|b| &mut b[..]), now, &net.rng)
+        .expect("batch");
+    assert_eq!(sealed, payloads.len());
+    assert!(
+        net.take(0).is_empty(),
+        "sealed in place, nothing queued as a transmit"
+    );
+
+    // Half open through the allocating path, half in place: same results.
+    for (i, (buf, payload)) in bufs.iter().zip(&payloads).enumerate() {
+        if i % 2 == 0 {
+            match net.deliver(0, 1, buf) {
+                Ok(Inbound::Data { remote, payload: p }) => {
+                    assert_eq!(remote, a);
+                    assert_eq!(&p, payload);
+                }
+                Ok(Inbound::Keepalive { remote }) if payload.is_empty() => assert_eq!(remote, a),
+                other => panic!("packet {i}: {other:?}"),
+            }
+        } else {
+            let mut copy = buf.clone();
+            let (remote, range) = net.nodes[1]
+                .table
+                .open_in_place(&mut copy, now)
+                .expect("opens in place");
+            assert_eq!(remote, a);
+            assert_eq!(&copy[range], &payload[..]);
+        }
+    }
+    // Replays fail in place as they do through handle_datagram.
+    let mut replay = bufs[1].clone();
+    assert!(matches!(
+        net.nodes[1].table.open_in_place(&mut replay, now),
+        Err(InboundError::Open(OpenError::Replay(_)))
+    ));
+    let mut replay = bufs[2].clone();
+    assert!(matches!(
+        net.nodes[1].table.open_in_place(&mut replay, now),
+        Err(InboundError::Open(OpenError::Replay(_)))
+    ));
+    let mut unknown = bufs[3].clone();
+    unknown[field::SESSION].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+    assert_eq!(
+        net.nodes[1].table.open_in_place(&mut unknown, now),
+        Err(InboundError::UnknownIndex(0xdead_beef))
+    );
+}

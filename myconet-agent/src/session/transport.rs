@@ -413,6 +413,28 @@ impl Session {
         header: &DataHeader,
         now: Instant,
     ) -> Result<Vec<u8>, SealError> {
+        let body_end = HEADER_LEN + plaintext.len();
+        let mut buf = vec![0u8; body_end + TAG_LEN];
+        buf[HEADER_LEN..body_end].copy_from_slice(plaintext);
+        self.seal_in_place(&mut buf, header, now)?;
+        Ok(buf)
+    }
+
+    /// [`Session::seal`] without allocating: `buf` is the whole datagram to be, with
+    /// the plaintext already at `HEADER_LEN..buf.len() - TAG_LEN`; the header is written
+    /// in front of it and the tag behind it. The TUN path reads packets into slots laid
+    /// out like this, so a packet is sealed where it was read and never copied. Same
+    /// checks, key phases and output bytes as [`Session::seal`].
+    pub fn seal_in_place(
+        &mut self,
+        buf: &mut [u8],
+        header: &DataHeader,
+        now: Instant,
+    ) -> Result<(), SealError> {
+        let plaintext_len = buf
+            .len()
+            .checked_sub(HEADER_LEN + TAG_LEN)
+            .ok_or(SealError::NoRoom(buf.len()))?;
         if let Some(reason) = self.expiry(now) {
             return Err(SealError::Expired(reason));
         }
@@ -421,8 +443,8 @@ impl Session {
         {
             return Err(SealError::AddressMismatch);
         }
-        if plaintext.len() > MAX_PLAINTEXT {
-            return Err(SealError::TooLarge(plaintext.len()));
+        if plaintext_len > MAX_PLAINTEXT {
+            return Err(SealError::TooLarge(plaintext_len));
         }
         let age = now.saturating_duration_since(self.tx.phase_started);
         if self.tx.sent_in_phase >= self.config.rekey_after_packets
@@ -441,10 +463,8 @@ impl Session {
             dst_addr: header.dst_addr,
             src_addr: header.src_addr,
         };
-        let body_end = HEADER_LEN + plaintext.len();
-        let mut buf = vec![0u8; body_end + TAG_LEN];
+        let body_end = HEADER_LEN + plaintext_len;
         repr.emit(&mut Packet::new_unchecked(&mut buf[..]));
-        buf[HEADER_LEN..body_end].copy_from_slice(plaintext);
         let aad = Packet::new_unchecked(&buf[..]).associated_data();
         let tag = self
             .tx
@@ -458,7 +478,7 @@ impl Session {
         buf[body_end..].copy_from_slice(tag.as_ref());
         self.tx.sent_in_phase += 1;
         self.last_tx = Some(now);
-        Ok(buf)
+        Ok(())
     }
 
     fn next_send_phase(&mut self, now: Instant) -> Result<(), SealError> {
@@ -481,7 +501,34 @@ impl Session {
     /// before; on success the replay window, key phase and idle timer advance.
     pub fn open(&mut self, datagram: &[u8], now: Instant) -> Result<Vec<u8>, OpenError> {
         let packet = Packet::new_checked(datagram)?;
-        let repr = Repr::parse(&packet)?;
+        let repr = self.check_open(&packet, now)?;
+        let aad = packet.associated_data();
+        let mut buf = packet.payload().to_vec();
+        let len = self.decrypt(&repr, aad, &mut buf, now)?;
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    /// [`Session::open`] without allocating: decrypts in the datagram's own buffer and
+    /// returns where the plaintext now lies in it (after the header, before the old
+    /// tag). The receive path opens packets where `recvmmsg` put them. Same checks and
+    /// state changes as [`Session::open`]; on error the buffer's payload is unspecified
+    /// and the session unchanged.
+    pub fn open_in_place(
+        &mut self,
+        datagram: &mut [u8],
+        now: Instant,
+    ) -> Result<std::ops::Range<usize>, OpenError> {
+        let packet = Packet::new_checked(&*datagram)?;
+        let repr = self.check_open(&packet, now)?;
+        let aad = packet.associated_data();
+        let len = self.decrypt(&repr, aad, &mut datagram[HEADER_LEN..], now)?;
+        Ok(HEADER_LEN..HEADER_LEN + len)
+    }
+
+    /// Everything [`Session::open`] checks before touching the ciphertext.
+    fn check_open(&self, packet: &Packet<&[u8]>, now: Instant) -> Result<Repr, OpenError> {
+        let repr = Repr::parse(packet)?;
         if repr.packet_type != self.packet_type {
             return Err(OpenError::NotData(repr.packet_type as u8));
         }
@@ -503,6 +550,18 @@ impl Session {
         {
             return Err(OpenError::AddressMismatch);
         }
+        Ok(repr)
+    }
+
+    /// Opens `ciphertext` (ciphertext and tag) in place and returns the plaintext length;
+    /// only an authenticated packet advances the replay window and key phase.
+    fn decrypt(
+        &mut self,
+        repr: &Repr,
+        aad: [u8; HEADER_LEN],
+        ciphertext: &mut [u8],
+        now: Instant,
+    ) -> Result<usize, OpenError> {
         let counter = repr.counter;
         let phase = phase_of(counter);
         let slot = self.key_slot(phase, counter, now)?;
@@ -514,13 +573,10 @@ impl Session {
             },
             KeySlot::Future(future) => &future.1,
         };
-        let mut buf = payload.to_vec();
-        let aad = packet.associated_data();
         let len = key
-            .open_in_place(nonce(counter), aead::Aad::from(aad), &mut buf)
+            .open_in_place(nonce(counter), aead::Aad::from(aad), ciphertext)
             .map_err(|_| OpenError::Authentication)?
             .len();
-        buf.truncate(len);
 
         // Authenticated: only now may state change.
         match slot {
@@ -541,7 +597,7 @@ impl Session {
             }
         }
         self.last_rx = Some(now);
-        Ok(buf)
+        Ok(len)
     }
 
     /// Picks the receive key for `phase`, checking the replay window where one exists.
@@ -570,5 +626,104 @@ impl Session {
         }
         let key = secret.key(self.suite).ok_or(OpenError::Authentication)?;
         Ok(KeySlot::Future(Box::new((secret, key))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use myconet_common::addr::node_address;
+
+    use super::*;
+
+    /// Two sessions built from the same secrets: deterministic, so the allocating and
+    /// in-place variants can be compared byte for byte.
+    fn twins(role: Role, now: Instant) -> (Session, Session) {
+        let make = || {
+            let params = SessionParams {
+                role,
+                suite: Suite::Aes256Gcm,
+                local_index: 7,
+                remote_index: 9,
+                local_addr: node_address(&[1; 32]),
+                remote_addr: node_address(&[2; 32]),
+                remote_key: [2; 32],
+                send_secret: [3; 32],
+                recv_secret: [4; 32],
+            };
+            Session::new(params, TransportConfig::default(), now).expect("session")
+        };
+        (make(), make())
+    }
+
+    /// The receiving side of [`twins`]: its keys are the twins' keys mirrored.
+    fn peer(now: Instant) -> Session {
+        let params = SessionParams {
+            role: Role::Responder,
+            suite: Suite::Aes256Gcm,
+            local_index: 9,
+            remote_index: 7,
+            local_addr: node_address(&[2; 32]),
+            remote_addr: node_address(&[1; 32]),
+            remote_key: [1; 32],
+            send_secret: [4; 32],
+            recv_secret: [3; 32],
+        };
+        Session::new(params, TransportConfig::default(), now).expect("session")
+    }
+
+    #[test]
+    fn seal_in_place_matches_seal_byte_for_byte() {
+        let now = Instant::now();
+        let (mut a, mut b) = twins(Role::Initiator, now);
+        let header = a.default_header();
+        for len in [0usize, 1, 15, 16, 17, 1328, 8000] {
+            let plaintext: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            let sealed = a.seal(&plaintext, &header, now).expect("seal");
+            let mut buf = vec![0xa5u8; HEADER_LEN + len + TAG_LEN];
+            buf[HEADER_LEN..HEADER_LEN + len].copy_from_slice(&plaintext);
+            b.seal_in_place(&mut buf, &header, now)
+                .expect("seal in place");
+            assert_eq!(sealed, buf, "{len}-byte plaintext");
+        }
+        assert_eq!(
+            b.seal_in_place(&mut [0u8; HEADER_LEN + TAG_LEN - 1], &header, now),
+            Err(SealError::NoRoom(HEADER_LEN + TAG_LEN - 1))
+        );
+    }
+
+    #[test]
+    fn open_in_place_matches_open_and_rejects_the_same() {
+        let now = Instant::now();
+        let (mut a, _) = twins(Role::Initiator, now);
+        let mut rx_copy = peer(now);
+        let mut rx_in_place = peer(now);
+        let header = a.default_header();
+        for i in 0..20u32 {
+            let plaintext = format!("packet {i}").repeat(i as usize).into_bytes();
+            let sealed = a.seal(&plaintext, &header, now).expect("seal");
+            let opened = rx_copy.open(&sealed, now).expect("open");
+            let mut buf = sealed.clone();
+            let range = rx_in_place
+                .open_in_place(&mut buf, now)
+                .expect("open in place");
+            assert_eq!(opened, plaintext);
+            assert_eq!(&buf[range], &plaintext[..]);
+            // A replay fails both ways, and a tampered byte too.
+            let mut replay = sealed.clone();
+            assert_eq!(
+                rx_in_place.open_in_place(&mut replay, now).err(),
+                rx_copy.open(&sealed, now).err()
+            );
+        }
+        let mut tampered = a.seal(b"x", &header, now).expect("seal");
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert_eq!(rx_copy.open(&tampered, now), Err(OpenError::Authentication));
+        assert_eq!(
+            rx_in_place.open_in_place(&mut tampered.clone(), now),
+            Err(OpenError::Authentication)
+        );
+        let mut short = vec![0u8; 3];
+        assert!(rx_in_place.open_in_place(&mut short, now).is_err());
     }
 }
