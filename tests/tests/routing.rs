@@ -289,3 +289,129 @@ fn scenario(topo: &Topology, agents: &mut Vec<Option<AgentProcess>>) -> Result<(
     );
     Ok(())
 }
+
+/// A rogue neighbour that completes a genuine link handshake (it holds a real key) and
+/// then announces a prefix its key does not own: the victim ignores the announcement
+/// and counts it, while the rogue's announcement of its own prefix is accepted (so the
+/// test proves the channel works and the refusal is about ownership).
+#[test]
+fn a_neighbour_announcing_a_prefix_it_does_not_own_is_ignored() -> Result<()> {
+    use myconet_agent::{
+        peers::{LinkEndpoint, control::frame_routing},
+        routing::{SignedOrigin, owned_prefix, wire},
+        session::{Config, Inbound, SessionTable, Signer},
+    };
+    use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
+
+    let topo = Chain::new(2).tag("rogue").build()?;
+    let victim = AgentProcess::start(
+        topo.node(0),
+        &bin_dir()?,
+        AgentOptions {
+            port: PORT,
+            extra_args: vec!["--no-tun".to_string()],
+            ..AgentOptions::default()
+        },
+    )?;
+    let victim_ep = SocketAddrV6::new(topo.node(1).peer_addr(0)?, PORT, 0, 0);
+    let socket = bind_udp(
+        topo.node(1).netns(),
+        SocketAddr::V6(SocketAddrV6::new(topo.node(1).addr_to(0)?, PORT, 0, 0)),
+    )?;
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+
+    let rogue: Arc<Ed25519KeyPair> = Arc::new(
+        Ed25519KeyPair::from_seed_unchecked(&[0x66; 32])
+            .map_err(|e| anyhow::anyhow!("rogue key: {e}"))?,
+    );
+    let someone: Ed25519KeyPair = Ed25519KeyPair::from_seed_unchecked(&[0x77; 32])
+        .map_err(|e| anyhow::anyhow!("second key: {e}"))?;
+    let rogue_key: [u8; 32] = Signer::public_key(rogue.as_ref()).try_into()?;
+    let someone_key: [u8; 32] = Signer::public_key(&someone).try_into()?;
+    let rng = SystemRandom::new();
+    let start = Instant::now();
+    let mut table = SessionTable::new(rogue.clone(), Config::default(), start)?;
+    let link = LinkEndpoint::from(victim_ep);
+    table
+        .connect_link(link, None, start, &rng)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // Pump the rogue's side until its link session is up (bounded).
+    let pump = |table: &mut SessionTable| -> Result<()> {
+        while let Some(t) = table.poll_transmit() {
+            socket.send_to(&t.datagram, SocketAddr::V6(victim_ep))?;
+        }
+        let mut buf = [0u8; 2048];
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            // Hellos from the victim open as control messages; the rogue ignores them.
+            let _: Option<Inbound> = table
+                .handle_datagram(from, &buf[..n], Instant::now(), &rng)
+                .ok();
+        }
+        Ok(())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while table.link_session(link).is_none() {
+        ensure!(
+            Instant::now() < deadline,
+            "the rogue's link handshake never completed"
+        );
+        pump(&mut table)?;
+    }
+    // Let the victim see the rogue's confirmation and bring it up.
+    for _ in 0..10 {
+        pump(&mut table)?;
+    }
+
+    // 1. A hijack: someone else's prefix, signed by the rogue's own key.
+    let foreign = owned_prefix(&someone_key);
+    let forged = Signer::sign(
+        rogue.as_ref(),
+        &wire::signing_message(&rogue_key, foreign, 64, 1),
+    );
+    let forged: [u8; 64] = forged.as_slice().try_into()?;
+    // 2. The rogue's own prefix, honestly signed: must be accepted.
+    let own = SignedOrigin::sign(rogue.as_ref(), 1).context("signing")?;
+    let mut payload = vec![wire::VERSION, 0];
+    wire::put_update(&mut payload, 64, 1, 0, foreign, &rogue_key, &forged);
+    wire::put_update(
+        &mut payload,
+        64,
+        own.seqno,
+        0,
+        own.prefix,
+        &own.key,
+        &own.signature,
+    );
+    let frame = frame_routing(&payload).context("framing")?;
+    // Resend a few times: the victim may still be bringing the neighbour up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        table
+            .send_link(link, frame.clone(), Instant::now(), &rng)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for _ in 0..5 {
+            pump(&mut table)?;
+        }
+        let stats = victim.ctl_json(&["stats"])?;
+        if counter(&stats, "routing", "rejected_unowned_prefix")? > 0 {
+            break stats;
+        }
+        ensure!(Instant::now() < deadline, "hijack never counted: {stats}");
+    };
+    let routes = victim.ctl_json(&["routes"])?;
+    let rows = routes["routes"].as_array().cloned().unwrap_or_default();
+    let foreign_prefix = format!("{}/64", Ipv6Addr::from(u128::from(foreign) << 64));
+    let own_prefix = format!("{}/64", Ipv6Addr::from(u128::from(own.prefix) << 64));
+    ensure!(
+        !rows.iter().any(|r| r["prefix"] == foreign_prefix.as_str()),
+        "the hijacked prefix must not be routed: {routes}"
+    );
+    ensure!(
+        rows.iter()
+            .any(|r| r["prefix"] == own_prefix.as_str() && r["agent"]["origin"] == "routing"),
+        "the rogue's own prefix is accepted (the channel works): {routes}\n{stats}"
+    );
+    victim.stop()?;
+    Ok(())
+}

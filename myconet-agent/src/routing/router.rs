@@ -243,6 +243,8 @@ struct Nbr<N> {
     loss: Option<f64>,
     smoothed: f64,
     cost: u16,
+    /// Whether a measurement has arrived (the first one applies without smoothing).
+    measured: bool,
     routes: u32,
 }
 
@@ -473,6 +475,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             loss: None,
             smoothed: f64::from(base),
             cost: link_cost(&self.config.cost, base, None, None),
+            measured: false,
             routes: 0,
         };
         let slot = match self.nbrs.iter().position(|s| s.is_none()) {
@@ -572,7 +575,9 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             nb.loss = loss;
         }
         let raw = link_cost(p, nb.base, nb.rtt, nb.loss);
-        let new = if raw == INFINITY || nb.cost == INFINITY {
+        let first = !nb.measured;
+        nb.measured = true;
+        let new = if first || raw == INFINITY || nb.cost == INFINITY {
             nb.smoothed = f64::from(raw);
             raw
         } else {
@@ -948,9 +953,9 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             self.own.seqno.wrapping_add(1)
         };
         if let Some(s) = SignedOrigin::sign(self.signer.as_ref(), next) {
-            let s = Arc::new(s);
-            lock(&self.cache).insert(s.clone());
-            self.own = s;
+            // Not inserted into the verify cache: `handle_message` may hold its lock, and
+            // nobody routes our own prefix back to us anyway.
+            self.own = Arc::new(s);
             self.stats.seqno_bumps += 1;
         }
         self.last_bump = Some(self.now);
