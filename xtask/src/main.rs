@@ -71,6 +71,17 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// The routing simulator at scale (random and scale-free topologies, link and node
+    /// failures): convergence time, messages and bytes per node per minute, memory per
+    /// route. Needs no root: it is a deterministic simulation.
+    Routing {
+        /// Nodes per topology.
+        #[arg(long, default_value_t = 10_000)]
+        nodes: u32,
+        /// Simulator seed (runs are reproducible).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +122,9 @@ fn run(cli: Cli) -> Result<()> {
             cmd::run(cmd::cargo(&root).args(["build", "--release", "--bins"]))?;
             myconet_testbed::demo::run(&cmd::target_dir(&root)?.join("release"))
         }
+        Cmd::Bench {
+            which: BenchCmd::Routing { nodes, seed },
+        } => routing_bench(&root, nodes, seed),
         Cmd::Bench { which } => {
             require_root()?;
             setup::run()?;
@@ -118,6 +132,7 @@ fn run(cli: Cli) -> Result<()> {
             match which {
                 BenchCmd::Relay { seconds } => bench::relay(&root, seconds.clamp(1, 60)),
                 BenchCmd::Throughput { seconds } => throughput::run(&root, seconds.clamp(1, 120)),
+                BenchCmd::Routing { .. } => unreachable!("handled above"),
             }
         }
         Cmd::Netns { action } => match action {
@@ -199,4 +214,34 @@ mod tests {
         assert!(Cli::try_parse_from(["xtask", "bench", "relay", "--seconds", "2"]).is_ok());
         assert!(Cli::try_parse_from(["xtask", "bench", "nonsense"]).is_err());
     }
+}
+
+/// Runs the routing simulator (release build) on a random and a scale-free topology;
+/// each run prints its report and saves it as JSON under `target/bench/`.
+fn routing_bench(root: &std::path::Path, nodes: u32, seed: u64) -> Result<()> {
+    let out = cmd::target_dir(root)?.join("bench");
+    std::fs::create_dir_all(&out)?;
+    for topology in ["random", "scale-free"] {
+        let json = out.join(format!("routing-{topology}-{nodes}.json"));
+        println!("==> routing simulator: {nodes} nodes, {topology}, seed {seed}");
+        cmd::run(cmd::cargo(root).args([
+            "run",
+            "--release",
+            "-p",
+            "myconet-agent",
+            "--example",
+            "routing_sim",
+            "--",
+            "--nodes",
+            &nodes.to_string(),
+            "--topology",
+            topology,
+            "--seed",
+            &seed.to_string(),
+            "--json",
+            &json.display().to_string(),
+        ]))?;
+        println!("saved {}", json.display());
+    }
+    Ok(())
 }
