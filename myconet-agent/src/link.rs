@@ -120,49 +120,7 @@ impl Links {
 
     /// The routing counters by stable name, for `GetStats`.
     pub fn routing_counters(&self) -> Vec<(&'static str, u64)> {
-        let s = self.routing_stats();
-        macro_rules! named {
-            ($($field:ident),* $(,)?) => { vec![$((stringify!($field), s.$field)),*] };
-        }
-        named![
-            messages_sent,
-            bytes_sent,
-            messages_received,
-            bytes_received,
-            updates_sent,
-            retractions_sent,
-            updates_received,
-            retractions_received,
-            route_requests_sent,
-            route_requests_received,
-            seqno_requests_sent,
-            seqno_requests_received,
-            seqno_requests_forwarded,
-            seqno_requests_dropped,
-            signature_verifications,
-            verify_cache_hits,
-            rejected_unowned_prefix,
-            rejected_bad_signature,
-            rejected_conflicting_origin,
-            rejected_malformed,
-            rejected_version,
-            rejected_bad_prefix,
-            rejected_unknown_neighbour,
-            unknown_tlvs,
-            own_prefix_ignored,
-            unfeasible_updates,
-            rejected_table_full,
-            rejected_neighbour_limit,
-            requests_dropped_limit,
-            route_changes,
-            routes_expired,
-            sources_collected,
-            seqno_bumps,
-            seqno_bumps_deferred,
-            link_cost_changes,
-            neighbours_up,
-            neighbours_down,
-        ]
+        self.routing().router.stats().counters()
     }
 
     /// Adds a configured neighbour; it becomes a relay peer once its link handshake

@@ -161,6 +161,70 @@ pub struct RoutingStats {
     pub neighbours_down: u64,
 }
 
+/// Calls `$m!` with every [`RoutingStats`] field, so the names are listed once.
+macro_rules! with_stat_fields {
+    ($m:ident) => {
+        $m!(
+            messages_sent,
+            bytes_sent,
+            messages_received,
+            bytes_received,
+            updates_sent,
+            retractions_sent,
+            updates_received,
+            retractions_received,
+            route_requests_sent,
+            route_requests_received,
+            seqno_requests_sent,
+            seqno_requests_received,
+            seqno_requests_forwarded,
+            seqno_requests_dropped,
+            signature_verifications,
+            verify_cache_hits,
+            rejected_unowned_prefix,
+            rejected_bad_signature,
+            rejected_conflicting_origin,
+            rejected_malformed,
+            rejected_version,
+            rejected_bad_prefix,
+            rejected_unknown_neighbour,
+            unknown_tlvs,
+            own_prefix_ignored,
+            unfeasible_updates,
+            rejected_table_full,
+            rejected_neighbour_limit,
+            requests_dropped_limit,
+            route_changes,
+            routes_expired,
+            sources_collected,
+            seqno_bumps,
+            seqno_bumps_deferred,
+            link_cost_changes,
+            neighbours_up,
+            neighbours_down
+        )
+    };
+}
+
+impl RoutingStats {
+    /// Every counter by its stable snake_case name (the field name), for the control
+    /// API and the simulator's reports.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        macro_rules! named {
+            ($($f:ident),*) => { vec![$((stringify!($f), self.$f)),*] };
+        }
+        with_stat_fields!(named)
+    }
+
+    /// Adds `other`'s counters to these (totals over many routers).
+    pub fn add(&mut self, other: &Self) {
+        macro_rules! sum {
+            ($($f:ident),*) => {{ $( self.$f = self.$f.saturating_add(other.$f); )* }};
+        }
+        with_stat_fields!(sum)
+    }
+}
+
 /// One candidate route as the operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSnapshot<N> {

@@ -43,8 +43,8 @@ pub struct RoutingConfig {
     /// How often hold and garbage-collection timers are checked. Expiry is a safety net
     /// (neighbour loss is reported directly), so coarse sweeps are enough and cheap.
     pub sweep_interval: Duration,
-    /// How long a seqno or route request is remembered (for duplicate suppression and to
-    /// forward the answer back).
+    /// How long our own seqno or route request is remembered (forwarded requests are
+    /// remembered for one `request_resend_interval`, so a lost one is retried).
     pub request_timeout: Duration,
     /// Interval between resends of our own unanswered seqno requests.
     pub request_resend_interval: Duration,
@@ -90,7 +90,7 @@ impl Default for RoutingConfig {
             sweep_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             request_resend_interval: Duration::from_secs(2),
-            request_resends: 3,
+            request_resends: 5,
             request_hops: 64,
             seqno_bump_min_interval: Duration::from_millis(500),
             hysteresis_abs: 16,
@@ -127,12 +127,13 @@ struct Cand {
     updated: u32,
 }
 
-/// Candidates of one prefix: one inline, the rest spilled, since most prefixes have one
-/// feasible neighbour and a Vec would cost a separate allocation each.
+/// Candidates of one prefix: one inline, the rest in an exact-size boxed slice, since
+/// most prefixes have one or two feasible neighbours and a growable Vec (plus its
+/// header) would cost more than the candidates themselves at 10,000 prefixes per node.
 #[derive(Debug, Default)]
 struct CandList {
     first: Option<Cand>,
-    rest: Option<Box<Vec<Cand>>>,
+    rest: Option<Box<[Cand]>>,
 }
 
 impl CandList {
@@ -158,51 +159,48 @@ impl CandList {
     fn get(&self, nbr: u16) -> Option<&Cand> {
         self.iter().find(|c| c.nbr == nbr)
     }
+    fn set_rest(&mut self, v: Vec<Cand>) {
+        self.rest = (!v.is_empty()).then(|| v.into_boxed_slice());
+    }
     fn push(&mut self, c: Cand) {
         if self.first.is_none() {
             self.first = Some(c);
         } else {
-            self.rest.get_or_insert_with(Default::default).push(c);
+            let mut v = self.rest.take().map_or_else(Vec::new, |r| r.into_vec());
+            v.push(c);
+            self.set_rest(v);
         }
     }
     fn remove(&mut self, nbr: u16) -> Option<Cand> {
-        if self.first.as_ref().is_some_and(|c| c.nbr == nbr) {
-            let moved = self.rest.as_mut().and_then(|v| v.pop());
-            if self.rest.as_ref().is_some_and(|v| v.is_empty()) {
-                self.rest = None;
-            }
-            return std::mem::replace(&mut self.first, moved);
-        }
-        let v = self.rest.as_mut()?;
-        let i = v.iter().position(|c| c.nbr == nbr)?;
-        let c = v.swap_remove(i);
-        if v.is_empty() {
-            self.rest = None;
-        }
-        Some(c)
+        let mut v = self.rest.take().map_or_else(Vec::new, |r| r.into_vec());
+        let out = if self.first.as_ref().is_some_and(|c| c.nbr == nbr) {
+            let moved = v.pop();
+            std::mem::replace(&mut self.first, moved)
+        } else {
+            v.iter()
+                .position(|c| c.nbr == nbr)
+                .map(|i| v.swap_remove(i))
+        };
+        self.set_rest(v);
+        out
     }
-    /// Removes every candidate matching `f`, returning how many per neighbour slot via `on`.
+    /// Keeps the candidates matching `keep`; returns how many were removed.
     fn retain(&mut self, mut keep: impl FnMut(&Cand) -> bool) -> usize {
-        let mut removed = 0;
-        if let Some(v) = self.rest.as_mut() {
-            let before = v.len();
-            v.retain(&mut keep);
-            removed += before - v.len();
-        }
-        if self.first.as_ref().is_some_and(|c| !keep(c)) {
-            removed += 1;
-            let moved = self.rest.as_mut().and_then(|v| v.pop());
-            self.first = moved;
-        }
-        if self.rest.as_ref().is_some_and(|v| v.is_empty()) {
-            self.rest = None;
-        }
-        removed
+        let before = self.len();
+        let mut v: Vec<Cand> = self.first.take().into_iter().collect();
+        v.extend(self.rest.take().map_or_else(Vec::new, |r| r.into_vec()));
+        v.retain(&mut keep);
+        let mut it = v.into_iter();
+        self.first = it.next();
+        self.set_rest(it.collect());
+        before - self.len()
     }
+    /// Heap bytes of the spilled candidates, with the allocator's 8-byte header and
+    /// 16-byte rounding (glibc malloc).
     fn heap_bytes(&self) -> usize {
-        self.rest.as_ref().map_or(0, |v| {
-            size_of::<Vec<Cand>>() + v.capacity() * size_of::<Cand>()
-        })
+        self.rest
+            .as_ref()
+            .map_or(0, |v| (v.len() * size_of::<Cand>() + 8).div_ceil(16) * 16)
     }
 }
 
@@ -256,6 +254,9 @@ struct Pending {
     seqno: Option<u16>,
     /// The neighbour we forwarded it for (`NONE` when it is our own).
     from: u16,
+    /// Some neighbour is waiting for the answer (a duplicate we suppressed, or `from`):
+    /// broadcast the route as soon as the request is satisfied.
+    wanted: bool,
     expires: Instant,
     resends_left: u8,
     next_resend: Instant,
@@ -897,6 +898,26 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             self.queue_unicast(slot, prefix);
             return;
         }
+        // A feasible candidate already carries the requested seqno (the selected route
+        // is older, kept by hysteresis): switch to it, so the newer seqno propagates,
+        // and answer.
+        let fd = e.fd();
+        let newer = e.cands.iter().any(|c| {
+            !seqno_newer(seqno, c.signed.seqno) && is_feasible(fd, c.signed.seqno, c.metric)
+        });
+        if newer {
+            self.reselect_with(prefix, Some(seqno));
+            if let Some(e) = self.table.get(&prefix)
+                && let Some(c) = e.cands.get(e.sel)
+                && !seqno_newer(seqno, c.signed.seqno)
+            {
+                self.queue_unicast(slot, prefix);
+                return;
+            }
+        }
+        let Some(e) = self.table.get(&prefix) else {
+            return;
+        };
         // Forward towards the origin: our selected next hop, else our best (unfeasible)
         // candidate, never back to the requester.
         let target = if e.sel != NONE && e.sel != slot {
@@ -916,11 +937,14 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             self.stats.seqno_requests_dropped += 1;
             return;
         }
-        if let Some(p) = self.pending.get(&prefix)
+        let now = self.now;
+        if let Some(p) = self.pending.get_mut(&prefix)
             && p.seqno.is_some_and(|s| !seqno_newer(seqno, s))
-            && p.expires > self.now
+            && p.expires > now
         {
-            // Already asked for this (or newer): suppress the duplicate.
+            // Already asked for this (or newer): suppress the duplicate, but remember
+            // that a neighbour waits for the answer.
+            p.wanted = true;
             self.stats.seqno_requests_dropped += 1;
             return;
         }
@@ -967,6 +991,12 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     // ----- selection ----------------------------------------------------------------
 
     fn reselect(&mut self, key: u64) {
+        self.reselect_with(key, None);
+    }
+
+    /// Route selection. `want_seqno`: a seqno request is waiting for this seqno; a
+    /// feasible route carrying it wins regardless of hysteresis.
+    fn reselect_with(&mut self, key: u64, want_seqno: Option<u16>) {
         let nbrs = &self.nbrs;
         let cfg = &self.config;
         let Some(e) = self.table.get_mut(&key) else {
@@ -976,6 +1006,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let mut best: Option<(u16, u16)> = None;
         let mut cur: Option<(u16, u16)> = None;
         let mut best_unfeasible: Option<(u16, u16)> = None;
+        let mut best_wanted: Option<(u16, u16)> = None;
         for c in e.cands.iter() {
             let m = add_metric(c.metric, Self::cost_of(nbrs, c.nbr));
             if m == INFINITY {
@@ -993,8 +1024,14 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             if best.is_none_or(|b| (m, c.nbr) < b) {
                 best = Some((m, c.nbr));
             }
+            if want_seqno.is_some_and(|w| !seqno_newer(w, c.signed.seqno))
+                && best_wanted.is_none_or(|b| (m, c.nbr) < b)
+            {
+                best_wanted = Some((m, c.nbr));
+            }
         }
         let new = match (cur, best) {
+            _ if best_wanted.is_some() => best_wanted,
             (Some(c), Some(b)) => {
                 let margin = cfg.hysteresis_abs.max(c.0 / cfg.hysteresis_div.max(1));
                 if u32::from(b.0) + u32::from(margin) < u32::from(c.0) {
@@ -1055,7 +1092,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 if let Some(p) = self.pending.get(&key)
                     && p.seqno.is_none_or(|s| !seqno_newer(s, seqno))
                 {
-                    let satisfied_forward = p.from != NONE;
+                    let satisfied_forward = p.wanted;
                     self.pending.remove(&key);
                     if satisfied_forward && seqno != e.adv_seqno {
                         queue = true;
@@ -1122,7 +1159,16 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             Pending {
                 seqno: Some(seqno),
                 from,
-                expires: self.now + self.config.request_timeout,
+                wanted: from != NONE,
+                // A forwarded request suppresses duplicates for one resend interval
+                // only: if it was lost further on, the requester's resend must get
+                // through.
+                expires: self.now
+                    + if own {
+                        self.config.request_timeout
+                    } else {
+                        self.config.request_resend_interval
+                    },
                 resends_left: if own { self.config.request_resends } else { 0 },
                 next_resend: self.now + self.config.request_resend_interval,
             },
@@ -1159,6 +1205,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             Pending {
                 seqno: None,
                 from: NONE,
+                wanted: false,
                 expires: self.now + self.config.request_timeout,
                 resends_left: 0,
                 next_resend: self.now + self.config.request_timeout,

@@ -980,48 +980,7 @@ impl Sim {
 }
 
 fn add_stats(a: &mut RoutingStats, b: &RoutingStats) {
-    macro_rules! sum {
-        ($($f:ident),*) => { $( a.$f += b.$f; )* };
-    }
-    sum!(
-        messages_sent,
-        bytes_sent,
-        messages_received,
-        bytes_received,
-        updates_sent,
-        retractions_sent,
-        updates_received,
-        retractions_received,
-        route_requests_sent,
-        route_requests_received,
-        seqno_requests_sent,
-        seqno_requests_received,
-        seqno_requests_forwarded,
-        seqno_requests_dropped,
-        signature_verifications,
-        verify_cache_hits,
-        rejected_unowned_prefix,
-        rejected_bad_signature,
-        rejected_conflicting_origin,
-        rejected_malformed,
-        rejected_version,
-        rejected_bad_prefix,
-        rejected_unknown_neighbour,
-        unknown_tlvs,
-        own_prefix_ignored,
-        unfeasible_updates,
-        rejected_table_full,
-        rejected_neighbour_limit,
-        requests_dropped_limit,
-        route_changes,
-        routes_expired,
-        sources_collected,
-        seqno_bumps,
-        seqno_bumps_deferred,
-        link_cost_changes,
-        neighbours_up,
-        neighbours_down
-    );
+    a.add(b);
 }
 
 // ----- scenarios --------------------------------------------------------------------
