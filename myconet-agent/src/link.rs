@@ -326,6 +326,15 @@ impl Links {
         applied
     }
 
+    /// Tells the routing core a neighbour is gone (once: PeerDown and CloseLink can both
+    /// report the same loss).
+    fn routing_neighbour_down(&self, endpoint: LinkEndpoint, now: Instant) {
+        let mut routing = self.routing();
+        if routing.up.remove(&endpoint) {
+            routing.router.neighbour_down(endpoint, now);
+        }
+    }
+
     fn apply(
         &self,
         action: Action,
@@ -366,11 +375,7 @@ impl Links {
                 }
             }
             Action::PeerDown { .. } => {
-                {
-                    let mut routing = self.routing();
-                    routing.up.remove(&endpoint);
-                    routing.router.neighbour_down(endpoint, now);
-                }
+                self.routing_neighbour_down(endpoint, now);
                 let (addr, port) = endpoint.underlay();
                 match self.node.remove_peer(addr, port) {
                     Ok(_) => info!(%endpoint, "neighbour down: removed from the relay peer map"),
@@ -380,11 +385,7 @@ impl Links {
                 }
             }
             Action::CloseLink(_) => {
-                let mut routing = self.routing();
-                if routing.up.remove(&endpoint) {
-                    routing.router.neighbour_down(endpoint, now);
-                }
-                drop(routing);
+                self.routing_neighbour_down(endpoint, now);
                 table.close_link(endpoint);
             }
             Action::SendHello(..) | Action::SendHelloAck(..) | Action::SendKeepalive(_) => {}

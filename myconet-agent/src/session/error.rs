@@ -188,9 +188,6 @@ pub enum InboundError {
     /// Not a parseable Myconet header.
     #[error(transparent)]
     Wire(#[from] WireError),
-    /// A `Control` packet: link-level, not for the session layer.
-    #[error("control packets are not session traffic")]
-    NotSessionTraffic,
     /// A link-session packet from another underlay endpoint than the neighbour's.
     #[error("link packet from {0}, not from the neighbour's endpoint")]
     WrongEndpoint(std::net::SocketAddr),

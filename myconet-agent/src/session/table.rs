@@ -427,10 +427,20 @@ impl SessionTable {
             }
             self.peers.entry(id).or_default().pinned = Some(key);
         }
-        if self.usable_current(id, now).is_some() {
-            return Ok(());
+        self.connect_id(id, remote, now, rng)
+    }
+
+    /// Starts a handshake with `id` unless a usable session exists or one is under way.
+    fn connect_id(
+        &mut self,
+        id: RemoteId,
+        dialled: Ipv6Addr,
+        now: Instant,
+        rng: &dyn SecureRandom,
+    ) -> Result<(), SendError> {
+        if self.usable_current(id, now).is_none() {
+            self.ensure_handshake(id, dialled, now, rng)?;
         }
-        self.ensure_handshake(id, remote, now, rng)?;
         Ok(())
     }
 
@@ -447,11 +457,7 @@ impl SessionTable {
     ) -> Result<(), SendError> {
         let id = RemoteId::Link(endpoint);
         self.peers.entry(id).or_default().pinned = expected_key;
-        if self.usable_current(id, now).is_some() {
-            return Ok(());
-        }
-        self.ensure_handshake(id, LINK_ADDRESS, now, rng)?;
-        Ok(())
+        self.connect_id(id, LINK_ADDRESS, now, rng)
     }
 
     /// Seals a control message for the neighbour at `endpoint` on its link session, or
@@ -713,20 +719,7 @@ impl SessionTable {
         let remote_key = *slot.session.remote_key();
         let id = slot.peer;
         let remote = repr.src_addr;
-        let keepalive_due = self.deadline(now, self.config.keepalive_after);
-        let confirms = self
-            .peers
-            .get(&id)
-            .is_some_and(|p| p.next.is_some_and(|(n, _)| n == index));
-        if let Some(peer) = self.peers.get_mut(&id)
-            && !payload.is_empty()
-            && peer.keepalive_due.is_none()
-        {
-            peer.keepalive_due = Some(keepalive_due);
-        }
-        if confirms {
-            self.install_current(id, index, now);
-        }
+        self.after_open(id, index, !payload.is_empty(), now);
         Ok(match id {
             RemoteId::Link(endpoint) => Inbound::Control {
                 endpoint,
@@ -736,6 +729,26 @@ impl SessionTable {
             RemoteId::Node(_) if payload.is_empty() => Inbound::Keepalive { remote },
             RemoteId::Node(_) => Inbound::Data { remote, payload },
         })
+    }
+
+    /// Bookkeeping after a packet authenticated on session `index` of `id`: traffic
+    /// (non-empty) arms a keepalive so the sender learns we are alive, and the first
+    /// packet on an unconfirmed responder session makes it current.
+    fn after_open(&mut self, id: RemoteId, index: u32, traffic: bool, now: Instant) {
+        let keepalive_due = self.deadline(now, self.config.keepalive_after);
+        let confirms = self
+            .peers
+            .get(&id)
+            .is_some_and(|p| p.next.is_some_and(|(n, _)| n == index));
+        if let Some(peer) = self.peers.get_mut(&id)
+            && traffic
+            && peer.keepalive_due.is_none()
+        {
+            peer.keepalive_due = Some(keepalive_due);
+        }
+        if confirms {
+            self.install_current(id, index, now);
+        }
     }
 
     /// Makes session `index` the one that sends to `id`: the old current becomes
@@ -1306,20 +1319,7 @@ impl SessionTable {
             .ok_or(InboundError::UnknownIndex(index))?;
         let range = slot.session.open_in_place(datagram, now)?;
         let id = slot.peer;
-        let keepalive_due = self.deadline(now, self.config.keepalive_after);
-        let confirms = self
-            .peers
-            .get(&id)
-            .is_some_and(|p| p.next.is_some_and(|(n, _)| n == index));
-        if let Some(peer) = self.peers.get_mut(&id)
-            && !range.is_empty()
-            && peer.keepalive_due.is_none()
-        {
-            peer.keepalive_due = Some(keepalive_due);
-        }
-        if confirms {
-            self.install_current(id, index, now);
-        }
+        self.after_open(id, index, !range.is_empty(), now);
         Ok((repr.src_addr, range))
     }
 }
