@@ -12,7 +12,7 @@ use myconet_common::wire::HEADER_LEN;
 
 use crate::{
     agent::counter,
-    scenario::{PORT, RelayChain, SENDER_PORT},
+    scenario::{PORT, RelayChain},
     traffic::Capture,
 };
 
@@ -82,7 +82,7 @@ pub fn run(bin_dir: &Path) -> Result<()> {
     let capture = Capture::udp_port(chain.topo.node(2).netns(), &chain.c_ingress()?, PORT)?;
     let datagrams = chain.default_datagrams(PACKETS);
     let b_before = chain.agents[1].stats()?;
-    let sent = chain.sender(SENDER_PORT)?.send_datagrams(&datagrams)?;
+    let sent = chain.send_paced(&datagrams, &capture)?;
     println!(
         "  sent {} packets, {} bytes of Myconet datagrams",
         sent.packets, sent.bytes

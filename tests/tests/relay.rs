@@ -34,13 +34,14 @@ fn xdp_relays_a_to_c_through_b() -> Result<()> {
     let capture = Capture::udp_port(chain.topo.node(2).netns(), &chain.c_ingress()?, PORT)?;
 
     let datagrams = chain.default_datagrams(N);
-    let sent = chain.sender(SENDER_PORT)?.send_datagrams(&datagrams)?;
+    let sent = chain.send_paced(&datagrams, &capture)?;
     ensure!(sent.packets == N, "sender sent {} of {N}", sent.packets);
 
     ensure!(
         capture.wait_for(N as usize, Duration::from_secs(20)),
-        "c captured {} of {N} frames",
-        capture.count()
+        "c captured {} of {N} frames\n{}",
+        capture.count(),
+        chain.loss_report()
     );
     let frames = capture.stop()?;
 
