@@ -48,6 +48,9 @@ struct Args {
     /// Loss probability of each routing payload.
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
+    /// Most candidate routes kept per prefix (default: the router's default).
+    #[arg(long)]
+    max_candidates: Option<u8>,
     /// Skip the all-pairs checks after each phase (O(N²)).
     #[arg(long)]
     no_check: bool,
@@ -70,7 +73,12 @@ fn main() -> anyhow::Result<()> {
             topology,
             seed: a.seed,
             loss: a.loss,
-            routing: RoutingConfig::default(),
+            routing: RoutingConfig {
+                max_candidates: a
+                    .max_candidates
+                    .unwrap_or(RoutingConfig::default().max_candidates),
+                ..RoutingConfig::default()
+            },
             loop_sample_destinations: 2,
             loop_sample_interval: Duration::from_millis(250),
             ..SimConfig::default()

@@ -24,6 +24,7 @@ mod cache;
 mod metric;
 mod router;
 pub mod sim;
+mod table;
 mod util;
 pub mod wire;
 
@@ -149,6 +150,7 @@ pub struct RoutingStats {
     // resource limits
     pub rejected_table_full: u64,
     pub rejected_neighbour_limit: u64,
+    pub candidates_dropped: u64,
     pub requests_dropped_limit: u64,
     // state changes
     pub route_changes: u64,
@@ -193,6 +195,7 @@ macro_rules! with_stat_fields {
             unfeasible_updates,
             rejected_table_full,
             rejected_neighbour_limit,
+            candidates_dropped,
             requests_dropped_limit,
             route_changes,
             routes_expired,

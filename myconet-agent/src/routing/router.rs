@@ -2,6 +2,7 @@
 //! route selection, timers and the messages they produce. See the module docs in
 //! `mod.rs` for the contract and `docs/routing.md` for the protocol.
 
+use std::cmp::Reverse;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -16,6 +17,7 @@ use super::cache::{OriginReject, SharedVerifyCache, SignedOrigin, VerifyCache, o
 use super::metric::{
     CostParams, Fd, INFINITY, add_metric, is_feasible, link_cost, seqno_newer, significant,
 };
+use super::table::{Cand, Entry, EntryRef, Table};
 use super::util::{KeyedState, SplitMix};
 use super::wire::{self, MAX_PAYLOAD, Tlv, Tlvs};
 use super::{
@@ -71,6 +73,11 @@ pub struct RoutingConfig {
     pub max_routes: usize,
     /// Most routes one neighbour can have us hold.
     pub max_routes_per_neighbour: u32,
+    /// Most candidate routes kept per prefix: the selected one plus the best feasible
+    /// alternatives. Alternatives make failover instant, but beyond a few they only cost
+    /// memory (a hub would hold one per neighbour and prefix); a worse offer is dropped
+    /// and counted, and comes back with the neighbour's next periodic update.
+    pub max_candidates: u8,
     /// Most requests remembered (own and forwarded) and most queued request/unicast
     /// replies; beyond it requests are dropped and counted.
     pub max_pending_requests: usize,
@@ -99,6 +106,7 @@ impl Default for RoutingConfig {
             significant_div: 8,
             max_routes: 200_000,
             max_routes_per_neighbour: 100_000,
+            max_candidates: 3,
             max_pending_requests: 4096,
             verify_cache_capacity: 65_536,
             cost: CostParams::default(),
@@ -109,127 +117,16 @@ impl Default for RoutingConfig {
 /// Units of the compact timestamps stored per route: 100 ms, so a u32 lasts 13 years.
 const TICK_MS: u64 = 100;
 /// "No neighbour" in the compact neighbour-index fields.
-const NONE: u16 = u16::MAX;
+pub(super) const NONE: u16 = u16::MAX;
 
 const F_HAS_FD: u8 = 1;
 const F_QUEUED: u8 = 2;
 
-/// One neighbour's offer of a route: 16 bytes, because a large network multiplies it.
-#[derive(Debug, Clone)]
-struct Cand {
-    /// The verified announcement it carries (seqno, key, signature).
-    signed: Arc<SignedOrigin>,
-    /// Neighbour slot index.
-    nbr: u16,
-    /// Metric the neighbour advertised (before our link cost).
-    metric: u16,
-    /// Tick of the last update.
-    updated: u32,
-}
-
-/// Candidates of one prefix: one inline, the rest in an exact-size boxed slice, since
-/// most prefixes have one or two feasible neighbours and a growable Vec (plus its
-/// header) would cost more than the candidates themselves at 10,000 prefixes per node.
-#[derive(Debug, Default)]
-struct CandList {
-    first: Option<Cand>,
-    rest: Option<Box<[Cand]>>,
-}
-
-impl CandList {
-    fn iter(&self) -> impl Iterator<Item = &Cand> {
-        self.first
-            .iter()
-            .chain(self.rest.iter().flat_map(|v| v.iter()))
-    }
-    fn is_empty(&self) -> bool {
-        self.first.is_none()
-    }
-    fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.rest.as_ref().map_or(0, |v| v.len())
-    }
-    fn get_mut(&mut self, nbr: u16) -> Option<&mut Cand> {
-        if let Some(c) = self.first.as_mut()
-            && c.nbr == nbr
-        {
-            return Some(c);
-        }
-        self.rest.as_mut()?.iter_mut().find(|c| c.nbr == nbr)
-    }
-    fn get(&self, nbr: u16) -> Option<&Cand> {
-        self.iter().find(|c| c.nbr == nbr)
-    }
-    fn set_rest(&mut self, v: Vec<Cand>) {
-        self.rest = (!v.is_empty()).then(|| v.into_boxed_slice());
-    }
-    fn push(&mut self, c: Cand) {
-        if self.first.is_none() {
-            self.first = Some(c);
-        } else {
-            let mut v = self.rest.take().map_or_else(Vec::new, |r| r.into_vec());
-            v.push(c);
-            self.set_rest(v);
-        }
-    }
-    fn remove(&mut self, nbr: u16) -> Option<Cand> {
-        let mut v = self.rest.take().map_or_else(Vec::new, |r| r.into_vec());
-        let out = if self.first.as_ref().is_some_and(|c| c.nbr == nbr) {
-            let moved = v.pop();
-            std::mem::replace(&mut self.first, moved)
-        } else {
-            v.iter()
-                .position(|c| c.nbr == nbr)
-                .map(|i| v.swap_remove(i))
-        };
-        self.set_rest(v);
-        out
-    }
-    /// Keeps the candidates matching `keep`; returns how many were removed.
-    fn retain(&mut self, mut keep: impl FnMut(&Cand) -> bool) -> usize {
-        let before = self.len();
-        let mut v: Vec<Cand> = self.first.take().into_iter().collect();
-        v.extend(self.rest.take().map_or_else(Vec::new, |r| r.into_vec()));
-        v.retain(&mut keep);
-        let mut it = v.into_iter();
-        self.first = it.next();
-        self.set_rest(it.collect());
-        before - self.len()
-    }
-    /// Heap bytes of the spilled candidates, with the allocator's 8-byte header and
-    /// 16-byte rounding (glibc malloc).
-    fn heap_bytes(&self) -> usize {
-        self.rest
-            .as_ref()
-            .map_or(0, |v| (v.len() * size_of::<Cand>() + 8).div_ceil(16) * 16)
-    }
-}
-
-/// Everything about one prefix: candidates, the selected route, the feasibility
-/// distance (our source-table entry) and what we last advertised.
-#[derive(Debug)]
-struct Entry {
-    cands: CandList,
-    /// Newest verified announcement seen: fixes the origin key of this prefix.
-    origin: Arc<SignedOrigin>,
-    /// Selected neighbour slot, or `NONE`.
-    sel: u16,
-    fd_seqno: u16,
-    fd_metric: u16,
-    /// Seqno and metric in our last broadcast (`INFINITY`: nothing / retracted).
-    adv_seqno: u16,
-    adv_metric: u16,
-    flags: u8,
-    /// Tick when the entry last lost its candidates (GC of the source entry).
-    idle_since: u32,
-}
-
-impl Entry {
-    fn fd(&self) -> Option<Fd> {
-        (self.flags & F_HAS_FD != 0).then_some(Fd {
-            seqno: self.fd_seqno,
-            metric: self.fd_metric,
-        })
-    }
+fn fd_of(e: &Entry) -> Option<Fd> {
+    (e.flags & F_HAS_FD != 0).then_some(Fd {
+        seqno: e.fd_seqno,
+        metric: e.fd_metric,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -295,7 +192,7 @@ pub struct Router<N> {
     nbrs: Vec<Option<Nbr<N>>>,
     nbr_index: HashMap<N, u16, KeyedState>,
     configured_cost: HashMap<N, u16, KeyedState>,
-    table: HashMap<u64, Entry, KeyedState>,
+    table: Table,
     cache: SharedVerifyCache,
     pending: HashMap<u64, Pending, KeyedState>,
     pending_bcast: Vec<u64>,
@@ -384,7 +281,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             nbrs: Vec::new(),
             nbr_index: HashMap::with_hasher(hs),
             configured_cost: HashMap::with_hasher(hs),
-            table: HashMap::with_hasher(hs),
+            table: Table::new(seed ^ 0x7ab1e),
             cache,
             pending: HashMap::with_hasher(hs),
             pending_bcast: Vec::new(),
@@ -507,14 +404,11 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         }
         let tick = self.tick;
         let mut affected = Vec::new();
-        for (k, e) in self.table.iter_mut() {
-            if e.cands.remove(slot).is_some() {
-                if e.cands.is_empty() {
-                    e.idle_since = tick;
-                }
-                affected.push(*k);
+        self.table.for_each_mut(|mut e| {
+            if e.remove(slot, tick).is_some() {
+                affected.push(e.prefix);
             }
-        }
+        });
         for k in affected {
             self.reselect(k);
         }
@@ -607,8 +501,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let keys: Vec<u64> = self
             .table
             .iter()
-            .filter(|(_, e)| e.cands.get(slot).is_some())
-            .map(|(k, _)| *k)
+            .filter(|e| e.cand(slot).is_some())
+            .map(|e| e.prefix)
             .collect();
         for k in keys {
             self.reselect(k);
@@ -757,17 +651,16 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let max_per = self.config.max_routes_per_neighbour;
         let request_hops = self.config.request_hops;
         let mut request: Option<u16> = None;
-        match self.table.get_mut(&prefix) {
-            Some(e) => {
-                if e.origin.key != signed.key {
+        match self.table.get_mut(prefix) {
+            Some(mut e) => {
+                // The origin is whichever key our candidates carry (all the same); an
+                // idle entry (no candidate, feasibility distance kept) takes any owner.
+                if e.cands().next().is_some_and(|c| c.signed.key != signed.key) {
                     self.stats.rejected_conflicting_origin += 1;
                     return;
                 }
-                let feasible = is_feasible(e.fd(), seqno, metric);
-                if seqno_newer(seqno, e.origin.seqno) {
-                    e.origin = signed.clone();
-                }
-                match e.cands.get_mut(slot) {
+                let feasible = is_feasible(fd_of(&e), seqno, metric);
+                match e.cand_mut(slot) {
                     Some(c) => {
                         c.signed = signed;
                         c.metric = metric;
@@ -783,15 +676,45 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                         }
                     }
                     None => {
-                        let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) else {
+                        let Some(Some(nb)) = self.nbrs.get(usize::from(slot)) else {
                             return;
                         };
                         if nb.routes >= max_per {
                             self.stats.rejected_neighbour_limit += 1;
                             return;
                         }
+                        if e.cands().count() >= usize::from(self.config.max_candidates.max(1)) {
+                            // Full: replace the worst unselected candidate (unfeasible
+                            // first, then highest metric) if the offer beats it.
+                            let fd = fd_of(&e);
+                            let rank = |c: &Cand| {
+                                let m = add_metric(c.metric, Self::cost_of(&self.nbrs, c.nbr));
+                                (is_feasible(fd, c.signed.seqno, c.metric), Reverse(m), c.nbr)
+                            };
+                            let new_m = add_metric(metric, Self::cost_of(&self.nbrs, slot));
+                            let worst =
+                                e.cands().filter(|c| c.nbr != e.sel).min_by_key(|c| rank(c));
+                            let evict = worst
+                                .filter(|w| {
+                                    let (feasible, Reverse(m), _) = rank(w);
+                                    !feasible || m > new_m
+                                })
+                                .map(|w| w.nbr);
+                            let Some(victim) = evict else {
+                                self.stats.candidates_dropped += 1;
+                                return;
+                            };
+                            e.remove(victim, tick);
+                            if let Some(Some(v)) = self.nbrs.get_mut(usize::from(victim)) {
+                                v.routes = v.routes.saturating_sub(1);
+                            }
+                            self.stats.candidates_dropped += 1;
+                        }
+                        let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) else {
+                            return;
+                        };
                         nb.routes += 1;
-                        e.cands.push(Cand {
+                        e.push(Cand {
                             signed,
                             nbr: slot,
                             metric,
@@ -813,27 +736,13 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     return;
                 }
                 nb.routes += 1;
-                let mut cands = CandList::default();
-                cands.push(Cand {
-                    signed: signed.clone(),
+                let c = Cand {
+                    signed,
                     nbr: slot,
                     metric,
                     updated: tick,
-                });
-                self.table.insert(
-                    prefix,
-                    Entry {
-                        cands,
-                        origin: signed,
-                        sel: NONE,
-                        fd_seqno: 0,
-                        fd_metric: INFINITY,
-                        adv_seqno: 0,
-                        adv_metric: INFINITY,
-                        flags: 0,
-                        idle_since: tick,
-                    },
-                );
+                };
+                self.table.insert(Entry::new(prefix, c, NONE, INFINITY));
             }
         }
         if let Some(s) = request {
@@ -848,15 +757,12 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             return;
         }
         let tick = self.tick;
-        let Some(e) = self.table.get_mut(&prefix) else {
+        let Some(mut e) = self.table.get_mut(prefix) else {
             return;
         };
-        if e.cands.remove(slot).is_some() {
+        if e.remove(slot, tick).is_some() {
             if let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) {
                 nb.routes = nb.routes.saturating_sub(1);
-            }
-            if e.cands.is_empty() {
-                e.idle_since = tick;
             }
             self.reselect(prefix);
         }
@@ -888,11 +794,11 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             }
             return;
         }
-        let Some(e) = self.table.get(&prefix) else {
+        let Some(e) = self.table.get(prefix) else {
             self.stats.seqno_requests_dropped += 1;
             return;
         };
-        if let Some(c) = e.cands.get(e.sel)
+        if let Some(c) = e.cand(e.sel)
             && !seqno_newer(seqno, c.signed.seqno)
         {
             self.queue_unicast(slot, prefix);
@@ -901,21 +807,21 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         // A feasible candidate already carries the requested seqno (the selected route
         // is older, kept by hysteresis): switch to it, so the newer seqno propagates,
         // and answer.
-        let fd = e.fd();
-        let newer = e.cands.iter().any(|c| {
+        let fd = fd_of(&e);
+        let newer = e.cands().any(|c| {
             !seqno_newer(seqno, c.signed.seqno) && is_feasible(fd, c.signed.seqno, c.metric)
         });
         if newer {
             self.reselect_with(prefix, Some(seqno));
-            if let Some(e) = self.table.get(&prefix)
-                && let Some(c) = e.cands.get(e.sel)
+            if let Some(e) = self.table.get(prefix)
+                && let Some(c) = e.cand(e.sel)
                 && !seqno_newer(seqno, c.signed.seqno)
             {
                 self.queue_unicast(slot, prefix);
                 return;
             }
         }
-        let Some(e) = self.table.get(&prefix) else {
+        let Some(e) = self.table.get(prefix) else {
             return;
         };
         // Forward towards the origin: our selected next hop, else our best (unfeasible)
@@ -923,8 +829,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let target = if e.sel != NONE && e.sel != slot {
             Some(e.sel)
         } else {
-            e.cands
-                .iter()
+            e.cands()
                 .filter(|c| c.nbr != slot)
                 .min_by_key(|c| (c.metric, c.nbr))
                 .map(|c| c.nbr)
@@ -999,15 +904,15 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     fn reselect_with(&mut self, key: u64, want_seqno: Option<u16>) {
         let nbrs = &self.nbrs;
         let cfg = &self.config;
-        let Some(e) = self.table.get_mut(&key) else {
+        let Some(mut e) = self.table.get_mut(key) else {
             return;
         };
-        let fd = e.fd();
+        let fd = fd_of(&e);
         let mut best: Option<(u16, u16)> = None;
         let mut cur: Option<(u16, u16)> = None;
         let mut best_unfeasible: Option<(u16, u16)> = None;
         let mut best_wanted: Option<(u16, u16)> = None;
-        for c in e.cands.iter() {
+        for c in e.cands() {
             let m = add_metric(c.metric, Self::cost_of(nbrs, c.nbr));
             if m == INFINITY {
                 continue;
@@ -1053,8 +958,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         match new {
             Some((m, ni)) => {
                 e.sel = ni;
-                let seqno = e.cands.get(ni).map_or(0, |c| c.signed.seqno);
-                let better = match e.fd() {
+                let seqno = e.cand(ni).map_or(0, |c| c.signed.seqno);
+                let better = match fd_of(&e) {
                     None => true,
                     Some(fd) => {
                         seqno_newer(seqno, fd.seqno) || (seqno == fd.seqno && m < fd.metric)
@@ -1278,8 +1183,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let mut expired = Vec::new();
         let nbrs = &mut self.nbrs;
         let mut dropped = 0u64;
-        for (k, e) in self.table.iter_mut() {
-            let n = e.cands.retain(|c| {
+        self.table.for_each_mut(|mut e| {
+            let n = e.retain(now_tick, |c| {
                 let keep = now_tick.saturating_sub(c.updated) < hold;
                 if !keep && let Some(Some(nb)) = nbrs.get_mut(usize::from(c.nbr)) {
                     nb.routes = nb.routes.saturating_sub(1);
@@ -1288,24 +1193,20 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             });
             if n > 0 {
                 dropped += n as u64;
-                if e.cands.is_empty() {
-                    e.idle_since = now_tick;
-                }
-                expired.push(*k);
+                expired.push(e.prefix);
             }
-        }
+        });
         self.stats.routes_expired += dropped;
         for k in expired {
             self.reselect(k);
         }
-        let before = self.table.len();
-        self.table.retain(|_, e| {
-            !(e.cands.is_empty()
-                && e.sel == NONE
+        let collected = self.table.retain(|e| {
+            !(e.sel == NONE
                 && e.flags & F_QUEUED == 0
-                && now_tick.saturating_sub(e.idle_since) >= gc)
+                && e.idle_since()
+                    .is_some_and(|t| now_tick.saturating_sub(t) >= gc))
         });
-        self.stats.sources_collected += (before - self.table.len()) as u64;
+        self.stats.sources_collected += collected as u64;
         let now = self.now;
         self.pending.retain(|_, p| p.expires > now);
     }
@@ -1334,15 +1235,14 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         }
         self.next_resend = next;
         for (k, s) in resend {
-            let Some(e) = self.table.get(&k) else {
+            let Some(e) = self.table.get(k) else {
                 continue;
             };
             if e.sel != NONE {
                 continue;
             }
             let target = e
-                .cands
-                .iter()
+                .cands()
                 .filter(|c| c.metric != INFINITY)
                 .min_by_key(|c| {
                     (
@@ -1366,8 +1266,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
 
     // ----- output -------------------------------------------------------------------
 
-    fn selected_update(&self, e: &Entry, out: &mut Vec<u8>) -> Option<(u16, u16)> {
-        let c = e.cands.get(e.sel)?;
+    fn selected_update(&self, e: &EntryRef<'_>, out: &mut Vec<u8>) -> Option<(u16, u16)> {
+        let c = e.cand(e.sel)?;
         let m = add_metric(c.metric, Self::cost_of(&self.nbrs, c.nbr));
         if m == INFINITY {
             return None;
@@ -1410,22 +1310,22 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         }
         let keys: Vec<u64> = if self.dump_all {
             self.pending_bcast.clear();
-            self.table.keys().copied().collect()
+            self.table.prefixes().collect()
         } else {
             std::mem::take(&mut self.pending_bcast)
         };
         for k in keys {
-            let Some(e) = self.table.get(&k) else {
+            let Some(e) = self.table.get(k) else {
                 continue;
             };
             tlv.clear();
-            let adv = self.selected_update(e, &mut tlv);
+            let adv = self.selected_update(&e, &mut tlv);
             let was = e.adv_metric;
             let retract = adv.is_none() && was != INFINITY;
             if retract {
                 wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, k);
             }
-            if let Some(e) = self.table.get_mut(&k) {
+            if let Some(mut e) = self.table.get_mut(k) {
                 e.flags &= !F_QUEUED;
                 match adv {
                     Some((s, m)) => {
@@ -1456,9 +1356,9 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             tlv.clear();
             self.own_update(&mut tlv);
             w.push(&tlv, &mut self.stats);
-            for e in self.table.values() {
+            for e in self.table.iter() {
                 tlv.clear();
-                if self.selected_update(e, &mut tlv).is_some() {
+                if self.selected_update(&e, &mut tlv).is_some() {
                     w.push(&tlv, &mut self.stats);
                 }
             }
@@ -1493,8 +1393,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 tlv.clear();
                 if *k == self.own.prefix {
                     self.own_update(&mut tlv);
-                } else if let Some(e) = self.table.get(k) {
-                    if self.selected_update(e, &mut tlv).is_none() {
+                } else if let Some(e) = self.table.get(*k) {
+                    if self.selected_update(&e, &mut tlv).is_none() {
                         wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, *k);
                     }
                 } else {
@@ -1545,14 +1445,14 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     }
 
     pub(crate) fn next_hop_bits(&self, p: u64) -> Option<N> {
-        let e = self.table.get(&p)?;
+        let e = self.table.get(p)?;
         self.nbr_id(e.sel)
     }
 
     /// Selected (next hop, metric) for a prefix, for tests and the simulator.
     pub(crate) fn selected_bits(&self, p: u64) -> Option<(N, u16)> {
-        let e = self.table.get(&p)?;
-        let c = e.cands.get(e.sel)?;
+        let e = self.table.get(p)?;
+        let c = e.cand(e.sel)?;
         Some((
             self.nbr_id(e.sel)?,
             add_metric(c.metric, Self::cost_of(&self.nbrs, c.nbr)),
@@ -1576,8 +1476,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             advertised_metric: c.metric,
             link_cost: cost,
             seqno: c.signed.seqno,
-            feasible: is_feasible(e.fd(), c.signed.seqno, c.metric),
-            feasibility_distance: e.fd(),
+            feasible: is_feasible(fd_of(e), c.signed.seqno, c.metric),
+            feasibility_distance: fd_of(e),
             age: Duration::from_millis(u64::from(age_ticks) * TICK_MS),
             selected: e.sel == c.nbr,
         }
@@ -1606,11 +1506,13 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     pub fn routes(&mut self, now: Instant) -> Vec<RouteSnapshot<N>> {
         self.set_now(now);
         let mut v = vec![self.own_snapshot()];
-        let mut keys: Vec<&u64> = self.table.keys().collect();
+        let mut keys: Vec<u64> = self.table.prefixes().collect();
         keys.sort_unstable();
         for k in keys {
-            let e = &self.table[k];
-            let mut rs: Vec<_> = e.cands.iter().map(|c| self.snapshot(e, c)).collect();
+            let Some(e) = self.table.get(k) else {
+                continue;
+            };
+            let mut rs: Vec<_> = e.cands().map(|c| self.snapshot(&e, c)).collect();
             rs.sort_by_key(|r| (!r.selected, r.metric, r.next_hop));
             v.extend(rs);
         }
@@ -1639,11 +1541,11 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             ex.selected = Some(self.own_snapshot());
             return ex;
         }
-        let Some(e) = self.table.get(&p) else {
+        let Some(e) = self.table.get(p) else {
             return ex;
         };
         ex.prefix = Some((prefix_addr(p), NODE_PREFIX_LEN));
-        let snaps: Vec<_> = e.cands.iter().map(|c| self.snapshot(e, c)).collect();
+        let snaps: Vec<_> = e.cands().map(|c| self.snapshot(&e, c)).collect();
         let sel = snaps.iter().find(|s| s.selected).cloned();
         let best_other = snaps
             .iter()
@@ -1689,24 +1591,23 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
 
     /// Number of candidate routes held.
     pub fn candidate_count(&self) -> usize {
-        self.table.values().map(|e| e.cands.len()).sum()
+        self.table.candidate_count()
     }
 
-    /// Bytes this router's state occupies, honestly accounted: table capacity × bucket
-    /// size (hashbrown: entry plus one control byte), spilled candidate vectors, the
-    /// neighbour and request tables and queues. Announcements (`SignedOrigin`) live in the
+    /// Bytes this router's state occupies, honestly accounted: the route table's index,
+    /// entries and candidate pool at their allocated capacities, the neighbour and
+    /// request tables and queues. Announcements (`SignedOrigin`) live in the
     /// verification cache and are accounted there ([`VerifyCache::memory_bytes`]);
     /// routes only hold pointers to them.
     pub fn memory_bytes(&self) -> usize {
-        let table = self.table.capacity() * (size_of::<(u64, Entry)>() + 1);
-        let spill: usize = self.table.values().map(|e| e.cands.heap_bytes()).sum();
+        let table = self.table.memory_bytes();
         let nbrs = self.nbrs.capacity() * size_of::<Option<Nbr<N>>>()
             + self.nbr_index.capacity() * (size_of::<(N, u16)>() + 1);
         let pending = self.pending.capacity() * (size_of::<(u64, Pending)>() + 1)
             + self.pending_bcast.capacity() * 8
             + self.pending_unicast.capacity() * size_of::<(u16, u64)>()
             + self.pending_requests.capacity() * size_of::<(Dest, [u8; 14])>();
-        size_of::<Self>() + table + spill + nbrs + pending
+        size_of::<Self>() + table + nbrs + pending
     }
 
     /// The cache this router verifies through.
@@ -1720,9 +1621,10 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         if p == self.own.prefix {
             return Some(self.own.key);
         }
-        let e = self.table.get(&p)?;
-        debug_assert_eq!(owned_prefix(&e.origin.key), p);
-        Some(e.origin.key)
+        let e = self.table.get(p)?;
+        let key = e.cands().next()?.signed.key;
+        debug_assert_eq!(owned_prefix(&key), p);
+        Some(key)
     }
 }
 
