@@ -8,14 +8,14 @@ use std::{ffi::CString, net::Ipv6Addr};
 use aya::{
     Ebpf,
     maps::{
-        Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues,
         lpm_trie::Key as LpmKey,
     },
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use myconet_common::maps::{
-    CONFIG_MAP, Config, Counter, DEVMAP_MAP, NEXTHOP_CACHE_MAP, NextHopEntry, NextHopKey,
-    PEERS_MAP, PROGRAM_NAME, PeerKey, PeerValue, ROUTES_MAP, RouteValue, STATS_MAP, Stat,
+    CONFIG_MAP, Config, Counter, DEVMAP_MAP, PEERS_MAP, PROGRAM_NAME, PeerKey, PeerValue,
+    ROUTES_MAP, RouteValue, STATS_MAP, Stat,
 };
 use tracing::{info, warn};
 
@@ -118,7 +118,9 @@ pub struct XdpDataplane {
     peers: HashMap<MapData, PeerKey, PeerValue>,
     stats: PerCpuArray<MapData, Counter>,
     devmap: DevMapHash<MapData>,
-    nexthop_cache: PerCpuHashMap<MapData, NextHopKey, NextHopEntry>,
+    config: Array<MapData, Config>,
+    /// What `config` holds: the port and the next-hop cache generation.
+    current: Config,
     attachments: Vec<(Attachment, XdpLinkId)>,
 }
 
@@ -145,28 +147,23 @@ impl XdpDataplane {
                 .map_err(|e| DataplaneError::Load(verifier_detail(e)))?;
         }
         let mut config: Array<MapData, Config> = take(&mut ebpf, CONFIG_MAP)?;
-        config
-            .set(
-                0,
-                Config {
-                    port,
-                    ..Config::default()
-                },
-                0,
-            )
-            .map_err(map_err(CONFIG_MAP))?;
+        let current = Config {
+            port,
+            ..Config::default()
+        };
+        config.set(0, current, 0).map_err(map_err(CONFIG_MAP))?;
         let routes = take(&mut ebpf, ROUTES_MAP)?;
         let peers = take(&mut ebpf, PEERS_MAP)?;
         let stats = take(&mut ebpf, STATS_MAP)?;
         let devmap = take(&mut ebpf, DEVMAP_MAP)?;
-        let nexthop_cache = take(&mut ebpf, NEXTHOP_CACHE_MAP)?;
         Ok(Self {
             ebpf,
             routes,
             peers,
             stats,
             devmap,
-            nexthop_cache,
+            config,
+            current,
             attachments: Vec::new(),
         })
     }
@@ -221,12 +218,17 @@ impl XdpDataplane {
             .map_err(|e| DataplaneError::Map {
                 map: DEVMAP_MAP,
                 reason: e.to_string(),
-            })
+            })?;
+        self.invalidate_nexthops();
+        Ok(())
     }
 
     /// Stops redirects out of `ifindex`; frames routed there go to the slow path.
     pub fn remove_redirect(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
-        match self.devmap.remove(ifindex) {
+        let removed = self.devmap.remove(ifindex);
+        // Cached next hops remember whether their egress was a redirect target.
+        self.invalidate_nexthops();
+        match removed {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(DEVMAP_MAP)(e)),
         }
@@ -329,16 +331,23 @@ impl XdpDataplane {
         self.routes
             .insert(&key, value, 0)
             .map_err(map_err(ROUTES_MAP))?;
-        self.flush_nexthop_cache();
+        self.invalidate_nexthops();
         Ok(())
     }
 
-    /// Forgets every cached FIB answer, so a changed route or source address takes
-    /// effect on the next packet rather than when the cache entry expires.
-    pub fn flush_nexthop_cache(&mut self) {
-        let keys: Vec<NextHopKey> = self.nexthop_cache.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = self.nexthop_cache.remove(&k);
+    /// Makes every cached FIB answer stale at once (one write of the generation the
+    /// program compares against), so a changed route, source address or redirect target
+    /// takes effect on the next packet. Also called every
+    /// [`myconet_common::maps::NEXTHOP_REFRESH_INTERVAL_MS`] so changed neighbours are picked up without a
+    /// clock read per packet. A failed write is logged and retried by the next call.
+    pub fn invalidate_nexthops(&mut self) {
+        let next = Config {
+            generation: self.current.generation.wrapping_add(1),
+            ..self.current
+        };
+        match self.config.set(0, next, 0) {
+            Ok(()) => self.current = next,
+            Err(e) => warn!(error = %e, "could not invalidate the next-hop cache"),
         }
     }
 
@@ -346,7 +355,7 @@ impl XdpDataplane {
     pub fn remove_route(&mut self, prefix: Ipv6Addr, len: u8) -> Result<bool, DataplaneError> {
         let key = LpmKey::new(u32::from(len), prefix.octets());
         let removed = self.routes.remove(&key);
-        self.flush_nexthop_cache();
+        self.invalidate_nexthops();
         match removed {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),

@@ -149,6 +149,7 @@ async fn serve(
         tokio::spawn(underlay::run(node.clone(), socket, overlay.clone())),
         tokio::spawn(overlay.clone().run_tun()),
         tokio::spawn(overlay.run_timers()),
+        tokio::spawn(node.clone().refresh_nexthops_forever()),
     ];
     if !settings.discover.is_empty() {
         tasks.extend(start_discovery(node, &links, settings)?);

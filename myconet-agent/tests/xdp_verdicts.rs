@@ -398,8 +398,8 @@ fn fib_answers_are_cached_flushed_on_route_change_and_rechecked_for_larger_packe
         };
         assert_eq!(eth_dst(&fx, &small), PEER_MAC);
 
-        // The neighbour's MAC changes; the cached answer is still used (for up to
-        // NEXTHOP_CACHE_TTL_NS), which proves the FIB is not consulted per packet.
+        // The neighbour's MAC changes; the cached answer is still used (until the agent's
+        // next periodic invalidation), which proves the FIB is not consulted per packet.
         const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
         set_neighbour_mac("02:00:00:00:00:99");
         assert_eq!(
@@ -441,6 +441,13 @@ fn fib_answers_are_cached_flushed_on_route_change_and_rechecked_for_larger_packe
             PEER_MAC,
             "a larger packet triggers a fresh lookup"
         );
+
+        // The periodic refresh (one generation bump, no route change) also makes the
+        // next packet consult the FIB again.
+        set_neighbour_mac("02:00:00:00:00:99");
+        assert_eq!(eth_dst(&fx, &big), PEER_MAC, "cached until the refresh");
+        fx.dp.invalidate_nexthops();
+        assert_eq!(eth_dst(&fx, &big), NEW_MAC, "looked up after the refresh");
     })
     .expect("run in namespace");
 }

@@ -27,9 +27,10 @@ pub const PEERS_CAPACITY: u32 = 16_384;
 pub const DEVMAP_CAPACITY: u32 = 64;
 /// Capacity of the next-hop cache (per CPU).
 pub const NEXTHOP_CACHE_CAPACITY: u32 = 4096;
-/// How long a cached FIB answer is used before it is looked up again: bounds how long a
-/// neighbour's changed MAC address or a changed underlay route goes unnoticed.
-pub const NEXTHOP_CACHE_TTL_NS: u64 = 1_000_000_000;
+/// How often the agent bumps [`Config::generation`] even when nothing changed: bounds
+/// how long a neighbour's changed MAC address or a changed underlay route goes unnoticed
+/// by the next-hop cache, without the relay path reading a clock per packet.
+pub const NEXTHOP_REFRESH_INTERVAL_MS: u64 = 1000;
 
 /// What the XDP program does with a packet matching a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,25 +104,29 @@ pub struct NextHopKey {
     pub ifindex: u32,
 }
 
-/// A cached `bpf_fib_lookup` success.
+/// A cached `bpf_fib_lookup` success. The two MAC addresses sit together in Ethernet
+/// header order, so the relay path writes them with two stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 pub struct NextHopEntry {
     /// Source address to put on relayed packets.
     pub src: [u8; 16],
-    /// `bpf_ktime_get_ns` after which the entry is stale.
-    pub expires_ns: u64,
+    /// [`Config::generation`] when the entry was made; any other value makes it stale.
+    pub generation: u32,
     /// Egress interface.
     pub egress: u32,
+    /// Next hop's MAC address.
+    pub dmac: [u8; 6],
+    /// Egress interface's MAC address.
+    pub smac: [u8; 6],
     /// Largest outer IPv6 packet the FIB approved for this path (MTU check): larger
     /// packets are looked up afresh.
     pub max_len: u16,
-    /// Egress interface's MAC address.
-    pub smac: [u8; 6],
-    /// Next hop's MAC address.
-    pub dmac: [u8; 6],
+    /// 1 when the egress interface was in the device map at lookup time (a redirect
+    /// target), so the relay path need not look it up per packet.
+    pub redirect_ok: u8,
     /// Always zero.
-    pub pad: [u8; 6],
+    pub pad: u8,
 }
 
 /// Value of the peer map.
@@ -142,6 +147,10 @@ pub struct Config {
     pub pad: u16,
     /// Reserved flag bits, zero today.
     pub flags: u32,
+    /// Bumped by the agent whenever a route or redirect target changes, and every
+    /// [`NEXTHOP_REFRESH_INTERVAL_MS`]: next-hop cache entries of another generation
+    /// are looked up afresh, so invalidating the whole cache is one word write.
+    pub generation: u32,
 }
 
 /// Packets and bytes seen for one [`Stat`] on one CPU.
@@ -266,10 +275,10 @@ mod tests {
     fn layouts_are_stable() {
         assert_eq!(core::mem::size_of::<RouteValue>(), 40);
         assert_eq!(core::mem::size_of::<PeerKey>(), 20);
-        assert_eq!(core::mem::size_of::<Config>(), 8);
+        assert_eq!(core::mem::size_of::<Config>(), 12);
         assert_eq!(core::mem::size_of::<Counter>(), 16);
         assert_eq!(core::mem::size_of::<NextHopKey>(), 20);
-        assert_eq!(core::mem::size_of::<NextHopEntry>(), 48);
+        assert_eq!(core::mem::size_of::<NextHopEntry>(), 40);
     }
 
     #[test]

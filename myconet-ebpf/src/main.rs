@@ -18,7 +18,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, BPF_FIB_LOOKUP_OUTPUT,
         BPF_FIB_LOOKUP_SRC, bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::generated::{bpf_fib_lookup, bpf_ktime_get_ns},
+    helpers::generated::bpf_fib_lookup,
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
@@ -26,9 +26,8 @@ use aya_ebpf::{
 use myconet_common::{
     checksum::Incremental,
     maps::{
-        Config, Counter, DEVMAP_CAPACITY, NEXTHOP_CACHE_CAPACITY, NEXTHOP_CACHE_TTL_NS,
-        NextHopEntry, NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY, RouteAction,
-        RouteValue, Stat,
+        Config, Counter, DEVMAP_CAPACITY, NEXTHOP_CACHE_CAPACITY, NextHopEntry, NextHopKey,
+        PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY, RouteAction, RouteValue, Stat,
     },
     wire::{self, PacketType, field},
 };
@@ -91,55 +90,45 @@ pub fn myconet_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
-// Packet fields are read and written a byte at a time: the IPv6 header sits at an odd
-// 16-bit offset, and byte accesses keep LLVM from staging unaligned copies on the
-// 512-byte BPF stack. Every caller has bounds-checked the bytes it touches.
+// Packet fields are read and written as whole words at their (often odd) offsets: the
+// object is built with `allows-misaligned-mem-access` (see build.rs), which the verifier
+// accepts on hosts with efficient unaligned access. Every caller has bounds-checked the
+// bytes it touches.
 
 #[inline(always)]
-fn byte(addr: usize) -> u8 {
-    // SAFETY: bounds-checked by the caller against data_end.
-    unsafe { *(addr as *const u8) }
+fn load<T: Copy>(addr: usize) -> T {
+    // SAFETY: bounds-checked by the caller against data_end (or a map value of this size).
+    unsafe { core::ptr::read_unaligned(addr as *const T) }
 }
 
 #[inline(always)]
-fn set_byte(addr: usize, value: u8) {
+fn store<T>(addr: usize, value: T) {
     // SAFETY: bounds-checked by the caller against data_end.
-    unsafe { *(addr as *mut u8) = value }
+    unsafe { core::ptr::write_unaligned(addr as *mut T, value) }
+}
+
+#[inline(always)]
+fn byte(addr: usize) -> u8 {
+    load(addr)
 }
 
 #[inline(always)]
 fn be16(addr: usize) -> u16 {
-    u16::from_be_bytes([byte(addr), byte(addr + 1)])
-}
-
-#[inline(always)]
-fn set_be16(addr: usize, value: u16) {
-    let b = value.to_be_bytes();
-    set_byte(addr, b[0]);
-    set_byte(addr + 1, b[1]);
+    u16::from_be(load(addr))
 }
 
 #[inline(always)]
 fn be32(addr: usize) -> u32 {
-    u32::from_be_bytes([byte(addr), byte(addr + 1), byte(addr + 2), byte(addr + 3)])
+    u32::from_be(load(addr))
 }
 
+/// 16 bytes at `addr` (an IPv6 address), as two 64-bit loads.
 #[inline(always)]
-fn set_be32(addr: usize, value: u32) {
-    let b = value.to_be_bytes();
-    set_byte(addr, b[0]);
-    set_byte(addr + 1, b[1]);
-    set_byte(addr + 2, b[2]);
-    set_byte(addr + 3, b[3]);
-}
-
-#[inline(always)]
-fn copy_in(dst: &mut [u8; 16], addr: usize) {
-    let mut i = 0;
-    while i < 16 {
-        dst[i] = byte(addr + i);
-        i += 1;
-    }
+fn load_addr(addr: usize) -> [u8; 16] {
+    let words: [u64; 2] = [load(addr), load(addr + 8)];
+    // SAFETY: any 16 bytes are a valid [u8; 16]; built from words so that no byte-wise
+    // zeroing (a memset call in BPF) precedes the two loads.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
 }
 
 #[inline(always)]
@@ -202,9 +191,7 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         None => return (DROP, Stat::DropMalformed),
     };
 
-    let mut dst = [0u8; 16];
-    copy_in(&mut dst, start + MYC_OFF + field::DST.start);
-    let route_key = Key::new(128, dst);
+    let route_key = Key::new(128, load_addr(start + MYC_OFF + field::DST.start));
     let route = ROUTES.get(&route_key);
     if let Some(r) = route
         && r.action == RouteAction::Local as u8
@@ -221,8 +208,7 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
 
     // Only authenticated neighbours may use this node as a relay.
     let src_port = be16(start + UDP_OFF);
-    let mut peer = PeerKey::new([0u8; 16], src_port);
-    copy_in(&mut peer.addr, start + IP_OFF + 8);
+    let peer = PeerKey::new(load_addr(start + IP_OFF + 8), src_port);
     // SAFETY: read-only lookup of a plain-data value.
     if unsafe { PEERS.get(peer) }.is_none() {
         return (DROP, Stat::DropUnknownPeer);
@@ -243,33 +229,31 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
 
     // Where does the next hop live on the underlay?
     let ingress = ctx.ingress_ifindex() as u32;
-    let next_hop = addr_words(&route.next_hop);
     let next_port = route.port;
     let tot_len = (IPV6_HLEN + ip_payload_len) as u16;
-    let path = match resolve(ctx, route, ingress, tot_len) {
-        Ok(p) => p,
+    let hop = match resolve(ctx, route, ingress, tot_len, config.generation) {
+        Ok(h) => h,
         Err(verdict) => return verdict,
     };
-    let egress = path.egress;
-    if egress != ingress && DEVMAP.get(egress).is_none() {
+    if hop.egress != ingress && !hop.redirect_ok {
         return (PASS, Stat::PassSlowPath);
     }
 
     // Rewrite: Ethernet, outer IPv6 source/destination, UDP ports, Myconet hop limit,
     // with the UDP checksum patched for each change, one 32-bit word at a time.
-    let new_src = addr_words(&path.src);
+    let next_hop_at = route.next_hop.as_ptr() as usize;
+    let src_at = hop.src.as_ptr() as usize;
     let mut csum = Incremental::new(old_csum);
     let mut i = 0;
     while i < 4 {
-        let src_at = start + IP_OFF + 8 + 4 * i;
-        let dst_at = start + IP_OFF + 24 + 4 * i;
-        let (src_new, dst_new) = (u32::from_be(new_src[i]), u32::from_be(next_hop[i]));
-        csum.replace_u32(be32(src_at), src_new);
-        csum.replace_u32(be32(dst_at), dst_new);
-        set_be32(src_at, src_new);
-        set_be32(dst_at, dst_new);
+        let (old_src_at, old_dst_at) = (start + IP_OFF + 8 + 4 * i, start + IP_OFF + 24 + 4 * i);
+        let (src_new, dst_new) = (be32(src_at + 4 * i), be32(next_hop_at + 4 * i));
+        csum.replace_u32(be32(old_src_at), src_new);
+        csum.replace_u32(be32(old_dst_at), dst_new);
         i += 1;
     }
+    store(start + IP_OFF + 8, hop.src);
+    store(start + IP_OFF + 24, load::<[u64; 2]>(next_hop_at));
     let old_dport = be16(start + UDP_OFF + 2);
     // Relays clamp the hop limit to the default, so a packet sent with 255 cannot
     // circle a transient loop four times longer than any real path needs.
@@ -284,31 +268,58 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     csum.replace_u16(old_dport, next_port);
     csum.replace_u16(old_hop_word, new_hop_word);
 
-    let mut i = 0;
-    while i < 6 {
-        set_byte(start + i, path.dmac[i]);
-        set_byte(start + 6 + i, path.smac[i]);
-        i += 1;
-    }
-    set_byte(start + IP_OFF + 7, UNDERLAY_HOP_LIMIT);
-    set_be16(start + UDP_OFF, port);
-    set_be16(start + UDP_OFF + 2, next_port);
-    set_be16(start + UDP_OFF + 6, csum.finish_udp());
-    set_byte(start + MYC_OFF + field::HOP_LIMIT, new_hop);
+    store(start, hop.macs_lo);
+    store(start + 8, hop.macs_hi);
+    store(start + IP_OFF + 7, UNDERLAY_HOP_LIMIT);
+    // Both UDP ports in one store: source is our port, destination the next hop's.
+    store(
+        start + UDP_OFF,
+        (u32::from(port) << 16 | u32::from(next_port)).to_be(),
+    );
+    store(start + UDP_OFF + 6, csum.finish_udp().to_be());
+    store(start + MYC_OFF + field::HOP_LIMIT, new_hop);
 
-    if egress == ingress {
+    if hop.egress == ingress {
         return (xdp_action::XDP_TX, Stat::Tx);
     }
-    match DEVMAP.redirect(egress, u64::from(xdp_action::XDP_DROP)) {
+    match DEVMAP.redirect(hop.egress, u64::from(xdp_action::XDP_DROP)) {
         Ok(action) if action == xdp_action::XDP_REDIRECT => (action, Stat::Redirect),
         _ => (DROP, Stat::DropUnreachable),
     }
 }
 
+/// What the rewrite needs about the next hop, copied out of the cache at once: an LRU
+/// entry can be reused by another CPU's insert while this packet is still in flight.
+struct NextHop {
+    /// Source address for the outer header, as stored (network byte order).
+    src: [u64; 2],
+    egress: u32,
+    /// Ethernet destination and source MAC: bytes 0..8 and 8..12 of the frame.
+    macs_lo: u64,
+    macs_hi: u32,
+    redirect_ok: bool,
+}
+
+impl NextHop {
+    #[inline(always)]
+    fn from_entry(e: &NextHopEntry) -> Self {
+        let at = e as *const NextHopEntry as usize;
+        let macs = e.dmac.as_ptr() as usize;
+        Self {
+            src: [load(at), load(at + 8)],
+            egress: e.egress,
+            macs_lo: load(macs),
+            macs_hi: load(macs + 8),
+            redirect_ok: e.redirect_ok != 0,
+        }
+    }
+}
+
 /// The egress interface, MAC addresses and source address for `route`'s next hop:
-/// from the next-hop cache when it holds a fresh answer that covers a packet this size,
-/// else from `bpf_fib_lookup` (whose successes are cached; a missing neighbour never is,
-/// so the kernel keeps resolving it and the next packets take the fast path).
+/// from the next-hop cache when it holds an answer of the current generation that
+/// covers a packet this size, else from `bpf_fib_lookup` (whose successes are cached; a
+/// missing neighbour never is, so the kernel keeps resolving it and the next packets
+/// take the fast path).
 #[inline(always)]
 // By reference on purpose: passing the key by value makes a stack copy per call, and
 // this path shares the 512-byte BPF stack with the rest of the program.
@@ -318,44 +329,39 @@ fn resolve(
     route: &RouteValue,
     ingress: u32,
     tot_len: u16,
-) -> Result<&'static NextHopEntry, (u32, Stat)> {
-    let next_hop = addr_words(&route.next_hop);
+    generation: u32,
+) -> Result<NextHop, (u32, Stat)> {
     let lookup_ifindex = if route.ifindex != 0 {
         route.ifindex
     } else {
         ingress
     };
     let key = NextHopKey {
-        addr: route.next_hop,
+        addr: load_addr(route.next_hop.as_ptr() as usize),
         ifindex: lookup_ifindex,
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // The lookup parameters and the entry in use live in per-CPU scratch space, off the
+    // SAFETY: read-only lookup of a plain-data value in this CPU's slot.
+    if let Some(e) = unsafe { NEXTHOP_CACHE.get(&key) }
+        && e.generation == generation
+        && tot_len <= e.max_len
+    {
+        return Ok(NextHop::from_entry(e));
+    }
+
+    // The lookup parameters and the new entry live in per-CPU scratch space, off the
     // 512-byte BPF stack.
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return Err((xdp_action::XDP_PASS, Stat::PassSlowPath));
     };
     // SAFETY: this CPU's scratch slot, used by nothing else while the program runs.
     let scratch = unsafe { &mut *scratch };
-    // SAFETY: read-only lookup of a plain-data value in this CPU's slot.
-    if let Some(e) = unsafe { NEXTHOP_CACHE.get(&key) }
-        && e.expires_ns > now
-        && tot_len <= e.max_len
-    {
-        // Copied out at once: an LRU entry deleted by the agent's flush can be reused
-        // by another CPU's insert while this packet is still being rewritten.
-        scratch.entry = *e;
-        return Ok(&scratch.entry);
-    }
-
     let fib = &mut scratch.fib;
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     unsafe { core::ptr::write_bytes(fib as *mut FibParams, 0, 1) };
     fib.family = AF_INET6;
     fib.l4_protocol = IPPROTO_UDP;
     fib.__bindgen_anon_1.tot_len = tot_len;
-    fib.__bindgen_anon_4.ipv6_dst = next_hop;
+    fib.__bindgen_anon_4.ipv6_dst = addr_words(&route.next_hop);
     fib.ifindex = lookup_ifindex;
     let src_known = route.src != [0u8; 16];
     let mut flags = if src_known { 0 } else { BPF_FIB_LOOKUP_SRC };
@@ -382,6 +388,7 @@ fn resolve(
         }
         _ => return Err((xdp_action::XDP_PASS, Stat::PassSlowPath)),
     }
+    let egress = scratch.fib.ifindex;
     let entry = &mut scratch.entry;
     if src_known {
         entry.src = route.src;
@@ -389,15 +396,18 @@ fn resolve(
         // SAFETY: reading the union member the helper filled for AF_INET6.
         entry.src = words_addr(unsafe { scratch.fib.__bindgen_anon_3.ipv6_src });
     }
-    entry.expires_ns = now + NEXTHOP_CACHE_TTL_NS;
-    entry.egress = scratch.fib.ifindex;
-    entry.max_len = tot_len;
-    entry.smac = scratch.fib.smac;
+    entry.generation = generation;
+    entry.egress = egress;
     entry.dmac = scratch.fib.dmac;
-    entry.pad = [0; 6];
+    entry.smac = scratch.fib.smac;
+    entry.max_len = tot_len;
+    // Checked once here, not per packet: the agent bumps the generation whenever it
+    // changes the device map.
+    entry.redirect_ok = u8::from(DEVMAP.get(egress).is_some());
+    entry.pad = 0;
     // A full cache only costs a later packet another lookup.
     let _ = NEXTHOP_CACHE.insert(&key, &scratch.entry, 0);
-    Ok(&scratch.entry)
+    Ok(NextHop::from_entry(&scratch.entry))
 }
 
 /// An IPv6 address as the four native-endian words `bpf_fib_lookup` uses (same bytes).
