@@ -51,6 +51,9 @@ struct Args {
     /// Most candidate routes kept per prefix (default: the router's default).
     #[arg(long)]
     max_candidates: Option<u8>,
+    /// Repeats of urgent triggered updates (default: the router's default).
+    #[arg(long)]
+    urgent_repeats: Option<u8>,
     /// Skip the all-pairs checks after each phase (O(N²)).
     #[arg(long)]
     no_check: bool,
@@ -77,6 +80,9 @@ fn main() -> anyhow::Result<()> {
                 max_candidates: a
                     .max_candidates
                     .unwrap_or(RoutingConfig::default().max_candidates),
+                urgent_repeats: a
+                    .urgent_repeats
+                    .unwrap_or(RoutingConfig::default().urgent_repeats),
                 ..RoutingConfig::default()
             },
             loop_sample_destinations: 2,

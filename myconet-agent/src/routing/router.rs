@@ -81,6 +81,14 @@ pub struct RoutingConfig {
     /// Most requests remembered (own and forwarded) and most queued request/unicast
     /// replies; beyond it requests are dropped and counted.
     pub max_pending_requests: usize,
+    /// How many times an urgent triggered update (a retraction, a new seqno, a route
+    /// regained after a retraction, our own re-signed prefix) is repeated. Triggered
+    /// updates are not acknowledged; without repeats a lost retraction leaves stale
+    /// routes and a lost new seqno leaves neighbours starving until the next periodic
+    /// update (RFC 8966 §3.7.2). The current state is repeated, not the old message.
+    pub urgent_repeats: u8,
+    /// Mean delay between repeats (jittered to [0.5, 1.5] ×).
+    pub urgent_repeat_delay: Duration,
     /// Capacity of each generation of the signature-verification cache.
     pub verify_cache_capacity: usize,
     /// Link cost function parameters.
@@ -108,6 +116,8 @@ impl Default for RoutingConfig {
             max_routes_per_neighbour: 100_000,
             max_candidates: 3,
             max_pending_requests: 4096,
+            urgent_repeats: 2,
+            urgent_repeat_delay: Duration::from_millis(500),
             verify_cache_capacity: 65_536,
             cost: CostParams::default(),
         }
@@ -121,6 +131,10 @@ pub(super) const NONE: u16 = u16::MAX;
 
 const F_HAS_FD: u8 = 1;
 const F_QUEUED: u8 = 2;
+/// Our last broadcast of the prefix was a retraction.
+const F_RETRACTED: u8 = 4;
+/// A repeat of an urgent update is scheduled.
+const F_REPEAT: u8 = 8;
 
 fn fd_of(e: &Entry) -> Option<Fd> {
     (e.flags & F_HAS_FD != 0).then_some(Fd {
@@ -157,6 +171,10 @@ struct Pending {
     expires: Instant,
     resends_left: u8,
     next_resend: Instant,
+    /// When it last went out. A duplicate is suppressed only for one resend interval
+    /// after that: an older request that may have been lost must not block a newer
+    /// requester's for the whole request lifetime.
+    sent: Instant,
 }
 
 /// Where a queued request goes.
@@ -201,6 +219,9 @@ pub struct Router<N> {
     pending_unicast: Vec<(u16, u64)>,
     pending_requests: Vec<(Dest, [u8; 14])>,
     flush_at: Option<Instant>,
+    /// Scheduled repeats of urgent updates: (due, prefix, repeats left).
+    repeats: Vec<(Instant, u64, u8)>,
+    next_repeat: Option<Instant>,
     next_periodic: Instant,
     next_sweep: Instant,
     next_resend: Option<Instant>,
@@ -290,6 +311,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             pending_unicast: Vec::new(),
             pending_requests: Vec::new(),
             flush_at: None,
+            repeats: Vec::new(),
+            next_repeat: None,
             next_periodic: now + first,
             next_sweep: now + config.sweep_interval,
             next_resend: None,
@@ -660,6 +683,20 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     return;
                 }
                 let feasible = is_feasible(fd_of(&e), seqno, metric);
+                // An unfeasible offer we would take if it were feasible (we are
+                // starving, or it beats the selected route by the hysteresis margin)
+                // asks for a newer seqno (RFC 8966 §3.8.2.2): typically a link came
+                // back and the neighbour still carries an older seqno than our
+                // feasibility distance, and without the request the better route would
+                // wait for periodic updates. Requests are deduplicated.
+                let offer = add_metric(metric, Self::cost_of(&self.nbrs, slot));
+                let better = e.cand(e.sel).is_some_and(|c| {
+                    let m = add_metric(c.metric, Self::cost_of(&self.nbrs, c.nbr));
+                    let cfg = &self.config;
+                    let margin = cfg.hysteresis_abs.max(m / cfg.hysteresis_div.max(1));
+                    c.nbr != slot && u32::from(offer) + u32::from(margin) < u32::from(m)
+                });
+                let starving = (e.sel == NONE || better).then(|| e.fd_seqno.wrapping_add(1));
                 match e.cand_mut(slot) {
                     Some(c) => {
                         c.signed = signed;
@@ -667,13 +704,12 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                         c.updated = tick;
                         if !feasible {
                             self.stats.unfeasible_updates += 1;
+                            request = starving;
                         }
                     }
                     None if !feasible => {
                         self.stats.unfeasible_updates += 1;
-                        if e.sel == NONE {
-                            request = Some(e.fd_seqno.wrapping_add(1));
-                        }
+                        request = starving;
                     }
                     None => {
                         let Some(Some(nb)) = self.nbrs.get(usize::from(slot)) else {
@@ -745,11 +781,10 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 self.table.insert(Entry::new(prefix, c, NONE, INFINITY));
             }
         }
+        self.reselect(prefix);
         if let Some(s) = request {
             self.send_seqno_request(prefix, s, request_hops, Dest::Nbr(slot), NONE);
-            return;
         }
-        self.reselect(prefix);
     }
 
     fn on_retraction(&mut self, slot: u16, plen: u8, prefix: u64) {
@@ -843,14 +878,26 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             return;
         }
         let now = self.now;
+        let resend_after = self.config.request_resend_interval;
         if let Some(p) = self.pending.get_mut(&prefix)
             && p.seqno.is_some_and(|s| !seqno_newer(seqno, s))
             && p.expires > now
         {
-            // Already asked for this (or newer): suppress the duplicate, but remember
-            // that a neighbour waits for the answer.
+            // Already asked for this (or newer): remember that a neighbour waits for
+            // the answer, and suppress the duplicate unless our request has been out
+            // unanswered for a resend interval (it or its answer may have been lost, and
+            // our own resends stop once we have any route, however old).
             p.wanted = true;
-            self.stats.seqno_requests_dropped += 1;
+            if now < p.sent + resend_after {
+                self.stats.seqno_requests_dropped += 1;
+                return;
+            }
+            p.sent = now;
+            let Some(pending_seqno) = p.seqno else {
+                return;
+            };
+            self.stats.seqno_requests_forwarded += 1;
+            self.queue_request(Dest::Nbr(target), hops - 1, pending_seqno, prefix);
             return;
         }
         self.stats.seqno_requests_forwarded += 1;
@@ -1076,6 +1123,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     },
                 resends_left: if own { self.config.request_resends } else { 0 },
                 next_resend: self.now + self.config.request_resend_interval,
+                sent: self.now,
             },
         );
         if own {
@@ -1085,6 +1133,15 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                         t.min(self.now + self.config.request_resend_interval)
                     }),
             );
+        }
+        self.queue_request(to, hops, seqno, key);
+    }
+
+    /// Queues a seqno request TLV for the next flush (the caller checked the limits).
+    fn queue_request(&mut self, to: Dest, hops: u8, seqno: u16, key: u64) {
+        if self.pending_requests.len() >= self.config.max_pending_requests {
+            self.stats.requests_dropped_limit += 1;
+            return;
         }
         let mut tlv = [0u8; 14];
         let mut v = Vec::with_capacity(14);
@@ -1114,6 +1171,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 expires: self.now + self.config.request_timeout,
                 resends_left: 0,
                 next_resend: self.now + self.config.request_timeout,
+                sent: self.now,
             },
         );
         let mut tlv = [0u8; 14];
@@ -1139,9 +1197,14 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     /// The next instant [`Router::handle_timeout`] must be called at.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut t = self.next_periodic.min(self.next_sweep);
-        for x in [self.flush_at, self.bump_at, self.next_resend]
-            .into_iter()
-            .flatten()
+        for x in [
+            self.flush_at,
+            self.bump_at,
+            self.next_resend,
+            self.next_repeat,
+        ]
+        .into_iter()
+        .flatten()
         {
             t = t.min(x);
         }
@@ -1163,6 +1226,9 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         }
         if self.next_resend.is_some_and(|t| t <= now) {
             self.resend_requests();
+        }
+        if self.next_repeat.is_some_and(|t| t <= now) {
+            self.send_repeats();
         }
         if self.next_periodic <= now {
             self.dump_all = true;
@@ -1241,6 +1307,9 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             if e.sel != NONE {
                 continue;
             }
+            if let Some(p) = self.pending.get_mut(&k) {
+                p.sent = now;
+            }
             let target = e
                 .cands()
                 .filter(|c| c.metric != INFINITY)
@@ -1307,7 +1376,13 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             tlv.clear();
             self.own_update(&mut tlv);
             w.push(&tlv, &mut self.stats);
+            if self.own_queued && !self.dump_all {
+                let own = self.own.prefix;
+                self.schedule_repeat(own);
+            }
         }
+        // Only triggered updates are repeated: a periodic dump is itself the repeat.
+        let triggered = !self.dump_all;
         let keys: Vec<u64> = if self.dump_all {
             self.pending_bcast.clear();
             self.table.prefixes().collect()
@@ -1325,15 +1400,28 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             if retract {
                 wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, k);
             }
+            let urgent = match adv {
+                None => retract,
+                Some((s, _)) => e.flags & F_RETRACTED != 0 || (was != INFINITY && s != e.adv_seqno),
+            };
             if let Some(mut e) = self.table.get_mut(k) {
                 e.flags &= !F_QUEUED;
                 match adv {
                     Some((s, m)) => {
                         e.adv_seqno = s;
                         e.adv_metric = m;
+                        e.flags &= !F_RETRACTED;
                     }
-                    None => e.adv_metric = INFINITY,
+                    None => {
+                        e.adv_metric = INFINITY;
+                        if retract {
+                            e.flags |= F_RETRACTED;
+                        }
+                    }
                 }
+            }
+            if urgent && triggered {
+                self.schedule_repeat(k);
             }
             if !tlv.is_empty() {
                 w.push(&tlv, &mut self.stats);
@@ -1408,6 +1496,97 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             }
             for payload in w.finish() {
                 self.emit(to, payload);
+            }
+        }
+    }
+
+    /// Schedules the repeats of an urgent update of `k` (ours or a table prefix).
+    fn schedule_repeat(&mut self, k: u64) {
+        let n = self.config.urgent_repeats;
+        if n == 0 {
+            return;
+        }
+        if k != self.own.prefix {
+            let Some(mut e) = self.table.get_mut(k) else {
+                return;
+            };
+            if e.flags & F_REPEAT != 0 {
+                return;
+            }
+            if self.repeats.len() >= self.config.max_pending_requests {
+                self.stats.requests_dropped_limit += 1;
+                return;
+            }
+            e.flags |= F_REPEAT;
+        } else if self.repeats.iter().any(|r| r.1 == k) {
+            return;
+        }
+        // Join the batch already scheduled, so repeats leave in few full payloads.
+        let due = match self.next_repeat {
+            Some(t) if t > self.now => t,
+            _ => self.now + self.repeat_delay(),
+        };
+        self.repeats.push((due, k, n));
+        self.next_repeat = Some(self.next_repeat.map_or(due, |t| t.min(due)));
+    }
+
+    fn repeat_delay(&mut self) -> Duration {
+        self.config
+            .urgent_repeat_delay
+            .mul_f64(0.5 + self.rng.next_f64())
+    }
+
+    /// Broadcasts the current state of every prefix whose repeat is due: its selected
+    /// route, or a retraction if it is still retracted (nothing if it changed since
+    /// and is queued anyway).
+    fn send_repeats(&mut self) {
+        let now = self.now;
+        let mut due = Vec::new();
+        let mut i = 0;
+        while i < self.repeats.len() {
+            if self.repeats[i].0 <= now {
+                due.push(self.repeats.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        due.sort_unstable_by_key(|r| r.1);
+        let mut w = Writer::default();
+        let mut tlv = Vec::with_capacity(wire::UPDATE_TLV_LEN);
+        let again = now + self.repeat_delay();
+        for (_, k, left) in due {
+            tlv.clear();
+            if k == self.own.prefix {
+                self.own_update(&mut tlv);
+            } else {
+                let Some(e) = self.table.get(k) else {
+                    continue;
+                };
+                if e.flags & F_QUEUED == 0
+                    && self.selected_update(&e, &mut tlv).is_none()
+                    && e.flags & F_RETRACTED != 0
+                {
+                    wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, k);
+                }
+            }
+            if !tlv.is_empty() {
+                w.push(&tlv, &mut self.stats);
+                self.stats.urgent_repeats += 1;
+            }
+            if left > 1 {
+                self.repeats.push((again, k, left - 1));
+            } else if let Some(mut e) = self.table.get_mut(k) {
+                e.flags &= !F_REPEAT;
+            }
+        }
+        self.next_repeat = self.repeats.iter().map(|r| r.0).min();
+        if self.repeats.is_empty() {
+            // A burst (a hub losing a neighbour) may have grown it: give the memory back.
+            self.repeats = Vec::new();
+        }
+        if !self.nbr_index.is_empty() {
+            for payload in w.finish() {
+                self.emit(TransmitTo::AllNeighbours, payload);
             }
         }
     }
@@ -1606,7 +1785,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let pending = self.pending.capacity() * (size_of::<(u64, Pending)>() + 1)
             + self.pending_bcast.capacity() * 8
             + self.pending_unicast.capacity() * size_of::<(u16, u64)>()
-            + self.pending_requests.capacity() * size_of::<(Dest, [u8; 14])>();
+            + self.pending_requests.capacity() * size_of::<(Dest, [u8; 14])>()
+            + self.repeats.capacity() * size_of::<(Instant, u64, u8)>();
         size_of::<Self>() + table + nbrs + pending
     }
 

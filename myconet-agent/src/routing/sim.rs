@@ -192,6 +192,15 @@ pub struct Sim {
     /// Totals so far.
     pub counters: Counters,
     last_route_event: u64,
+    /// Payload bytes held by queued deliveries now (a broadcast's shared copy once).
+    in_flight: u64,
+    /// Most payload bytes queued at once (the simulator's own transient memory).
+    pub peak_in_flight: u64,
+    /// Most events queued at once.
+    pub peak_events: usize,
+    /// When set, every route event is appended as (time since start, node, event)
+    /// (diagnostics: which routes still change late in a phase, and how).
+    pub event_log: Option<Vec<(Duration, u32, super::RouteEvent<u32>)>>,
     /// Transient loops seen by sampling: (sim time, source, destination).
     pub transient_loops: Vec<(Duration, u32, u32)>,
     /// Samples taken.
@@ -248,6 +257,10 @@ impl Sim {
             cache,
             counters: Counters::default(),
             last_route_event: 0,
+            in_flight: 0,
+            peak_in_flight: 0,
+            peak_events: 0,
+            event_log: None,
             transient_loops: Vec::new(),
             loop_samples: 0,
             sampling: false,
@@ -373,6 +386,11 @@ impl Sim {
         self.base + Duration::from_nanos(self.now)
     }
 
+    /// The simulated clock as the routers see it (for queries such as `explain`).
+    pub fn clock(&self) -> Instant {
+        self.instant()
+    }
+
     /// Current simulated time since the start.
     pub fn now(&self) -> Duration {
         Duration::from_nanos(self.now)
@@ -391,6 +409,7 @@ impl Sim {
         };
         self.seq += 1;
         self.heap.push(Reverse((at.max(self.now), self.seq, idx)));
+        self.peak_events = self.peak_events.max(self.heap.len());
     }
 
     fn reschedule(&mut self, i: u32) {
@@ -414,8 +433,11 @@ impl Sim {
             while let Some(t) = r.poll_transmit() {
                 out.push(t);
             }
-            while r.poll_event().is_some() {
+            while let Some(ev) = r.poll_event() {
                 events += 1;
+                if let Some(log) = self.event_log.as_mut() {
+                    log.push((Duration::from_nanos(self.now), i, ev));
+                }
             }
         }
         if events > 0 {
@@ -442,6 +464,11 @@ impl Sim {
                 }
                 let inc = inc_of(self, to);
                 let at = self.now + lat.as_nanos() as u64;
+                if Rc::strong_count(&payload) == 1 {
+                    // First delivery of this payload: it now lives in the queue.
+                    self.in_flight += payload.len() as u64;
+                    self.peak_in_flight = self.peak_in_flight.max(self.in_flight);
+                }
                 self.push(
                     at,
                     Ev::Deliver {
@@ -557,6 +584,11 @@ impl Sim {
             self.now = at;
             let ev = self.slab[idx].take();
             self.free.push(idx);
+            if let Some(Ev::Deliver { payload, .. }) = &ev
+                && Rc::strong_count(payload) == 1
+            {
+                self.in_flight = self.in_flight.saturating_sub(payload.len() as u64);
+            }
             if let Some(ev) = ev {
                 self.step(ev);
             }
@@ -1052,6 +1084,10 @@ pub struct Report {
     pub bytes_per_route: f64,
     /// Shared announcement cache bytes per route held.
     pub cache_bytes_per_route: f64,
+    /// Most events the simulator had queued at once.
+    pub peak_events: usize,
+    /// Most payload bytes held by queued deliveries at once (shared copies once).
+    pub peak_in_flight_bytes: u64,
     /// Total routes held at the end.
     pub routes: usize,
     /// Candidate routes held at the end.
@@ -1113,11 +1149,13 @@ impl Report {
         }
         let _ = write!(
             s,
-            "],\"steady_packets_per_node_min\":{:.1},\"steady_bytes_per_node_min\":{:.1},\"bytes_per_route\":{:.1},\"cache_bytes_per_route\":{:.2},\"routes\":{},\"candidates\":{},\"transient_loops\":{},\"loop_samples\":{},\"signature_verifications\":{},\"simulated_s\":{:.3},\"wall_s\":{:.3},\"ok\":{}}}",
+            "],\"steady_packets_per_node_min\":{:.1},\"steady_bytes_per_node_min\":{:.1},\"bytes_per_route\":{:.1},\"cache_bytes_per_route\":{:.2},\"peak_events\":{},\"peak_in_flight_bytes\":{},\"routes\":{},\"candidates\":{},\"transient_loops\":{},\"loop_samples\":{},\"signature_verifications\":{},\"simulated_s\":{:.3},\"wall_s\":{:.3},\"ok\":{}}}",
             self.steady_packets_per_node_min,
             self.steady_bytes_per_node_min,
             self.bytes_per_route,
             self.cache_bytes_per_route,
+            self.peak_events,
+            self.peak_in_flight_bytes,
             self.routes,
             self.candidates,
             self.transient_loops,
@@ -1167,6 +1205,12 @@ impl std::fmt::Display for Report {
             f,
             "  memory: {:.1} B/route in routers + {:.2} B/route shared announcements ({} routes, {} candidates)",
             self.bytes_per_route, self.cache_bytes_per_route, self.routes, self.candidates
+        )?;
+        writeln!(
+            f,
+            "  simulator queue peak: {} events, {:.1} MB of payloads in flight",
+            self.peak_events,
+            self.peak_in_flight_bytes as f64 / 1e6
         )?;
         writeln!(
             f,
@@ -1258,6 +1302,8 @@ impl Scenario {
         report.bytes_per_route = bytes as f64 / routes.max(1) as f64;
         report.cache_bytes_per_route = cache as f64 / routes.max(1) as f64;
         report.transient_loops = sim.transient_loops.len();
+        report.peak_events = sim.peak_events;
+        report.peak_in_flight_bytes = sim.peak_in_flight;
         report.loop_samples = sim.loop_samples;
         report.signature_verifications = match &sim.cache {
             Some(c) => c.lock().map(|c| c.verifications).unwrap_or(0),

@@ -975,3 +975,122 @@ fn sim_scale_free_1000_with_failures() {
     s.sim.loop_sample_interval = ms(250);
     assert_report(&s.run());
 }
+
+#[test]
+fn urgent_updates_are_repeated() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    let o = kp(9);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.handle_message(7, &update(&o, 1, 0), t0).expect("ok");
+    let _ = flushed(&mut a, t0 + Duration::from_millis(20));
+    a.handle_message(7, &retraction(&o), t0 + Duration::from_millis(30))
+        .expect("ok");
+    let is_retraction = |(to, t): &(TransmitTo<u32>, Vec<u8>)| {
+        *to == TransmitTo::AllNeighbours && t[0] == wire::TLV_RETRACTION
+    };
+    let out = flushed(&mut a, t0 + Duration::from_millis(60));
+    assert_eq!(out.iter().filter(|x| is_retraction(x)).count(), 1);
+    // The retraction goes out again `urgent_repeats` times within a few delays.
+    let mut repeats = 0;
+    for i in 1..=40 {
+        let t = t0 + Duration::from_millis(60 + 50 * i);
+        repeats += flushed(&mut a, t)
+            .iter()
+            .filter(|x| is_retraction(x))
+            .count();
+    }
+    assert_eq!(repeats, usize::from(test_config().urgent_repeats));
+    assert_eq!(
+        a.stats().urgent_repeats,
+        u64::from(test_config().urgent_repeats)
+    );
+    // Regaining the route after a retraction is urgent too; the repeat carries the
+    // current route (with its new seqno), not the old message.
+    let t1 = t0 + Duration::from_secs(3);
+    a.handle_message(8, &update(&o, 2, 0), t1).expect("ok");
+    let is_update = |(to, t): &(TransmitTo<u32>, Vec<u8>)| {
+        *to == TransmitTo::AllNeighbours && t[0] == wire::TLV_UPDATE
+    };
+    let mut updates = Vec::new();
+    for i in 1..=40 {
+        let t = t1 + Duration::from_millis(50 * i);
+        updates.extend(flushed(&mut a, t).into_iter().filter(|x| is_update(x)));
+    }
+    // Each flush also carries our own prefix only when it changed; count the origin's.
+    let origin_updates = updates
+        .iter()
+        .filter(|(_, t)| {
+            matches!(Tlvs::new(t).next(), Some(Ok(Tlv::Update { prefix: p, seqno: 2, .. })) if p == owned_prefix(&key_of(&o)))
+        })
+        .count();
+    assert_eq!(
+        origin_updates,
+        1 + usize::from(test_config().urgent_repeats)
+    );
+}
+
+#[test]
+fn candidates_are_capped_keeping_the_best() {
+    let t0 = Instant::now();
+    let mut a = Router::new(
+        kp(1),
+        RoutingConfig {
+            max_candidates: 2,
+            ..test_config()
+        },
+        1,
+        t0,
+    )
+    .expect("router");
+    let o = kp(9);
+    for n in 2..=5 {
+        a.neighbour_up(n, key_of(&kp(n as u8)), t0);
+    }
+    a.handle_message(2, &update(&o, 1, 0), t0).expect("ok"); // selected, FD (1, 96)
+    a.handle_message(3, &update(&o, 1, 50), t0).expect("ok"); // 146
+    assert_eq!(a.candidate_count(), 2);
+    a.handle_message(4, &update(&o, 1, 60), t0).expect("ok"); // 156: worse than all, dropped
+    assert_eq!(a.candidate_count(), 2);
+    assert_eq!(a.stats().candidates_dropped, 1);
+    a.handle_message(5, &update(&o, 1, 10), t0).expect("ok"); // 106: replaces 3
+    assert_eq!(a.candidate_count(), 2);
+    assert_eq!(a.stats().candidates_dropped, 2);
+    let hops: Vec<_> = a
+        .routes(t0)
+        .into_iter()
+        .filter(|r| r.prefix == prefix(&o))
+        .map(|r| (r.next_hop, r.selected))
+        .collect();
+    assert_eq!(hops, vec![(Some(2), true), (Some(5), false)]);
+    // The kept alternative takes over at once when the selected neighbour goes.
+    events(&mut a);
+    a.neighbour_down(2, t0);
+    assert_eq!(
+        events(&mut a),
+        vec![RouteEvent::Changed {
+            prefix: prefix(&o),
+            plen: 64,
+            next_hop: 5,
+            previous: 2,
+            metric: 106
+        }]
+    );
+}
+
+/// With payload loss, retractions are repeated: after failures no node keeps a route to
+/// a destination it can no longer reach (lost retractions used to leave such stale
+/// routes until hold expiry), and there is never a loop.
+#[test]
+fn sim_lossy_failures_leave_no_stale_routes() {
+    let mut s = scenario(200, Topology::Random { avg_degree: 4.0 }, 21);
+    s.sim.loss = 0.05;
+    let r = s.run();
+    eprintln!("{r}");
+    for p in &r.phases {
+        let c = p.check.as_ref().expect("checked");
+        assert_eq!((c.loops, c.stale), (0, 0), "{}: {:?}", p.name, c.examples);
+    }
+    assert_eq!(r.transient_loops, 0, "{r}");
+}
