@@ -1341,30 +1341,12 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         if m == INFINITY {
             return None;
         }
-        let s = &c.signed;
-        wire::put_update(
-            out,
-            NODE_PREFIX_LEN,
-            s.seqno,
-            m,
-            s.prefix,
-            &s.key,
-            &s.signature,
-        );
-        Some((s.seqno, m))
+        wire::put_signed_update(out, &c.signed, m);
+        Some((c.signed.seqno, m))
     }
 
     fn own_update(&self, out: &mut Vec<u8>) {
-        let s = &self.own;
-        wire::put_update(
-            out,
-            NODE_PREFIX_LEN,
-            s.seqno,
-            0,
-            s.prefix,
-            &s.key,
-            &s.signature,
-        );
+        wire::put_signed_update(out, &self.own, 0);
     }
 
     fn flush(&mut self) {

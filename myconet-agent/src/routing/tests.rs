@@ -34,7 +34,7 @@ fn router(i: u8, now: Instant) -> Router<u32> {
 fn update(origin: &Ed25519KeyPair, seqno: u16, metric: u16) -> Vec<u8> {
     let s = SignedOrigin::sign(origin, seqno).expect("sign");
     let mut p = vec![wire::VERSION, 0];
-    wire::put_update(&mut p, 64, seqno, metric, s.prefix, &s.key, &s.signature);
+    wire::put_signed_update(&mut p, &s, metric);
     p
 }
 

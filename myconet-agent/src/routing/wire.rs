@@ -234,6 +234,20 @@ impl<'a> Iterator for Tlvs<'a> {
     }
 }
 
+/// Appends the update TLV that carries a verified (or our own) announcement of a node
+/// prefix at `metric`: what the router sends for a selected route and for itself.
+pub fn put_signed_update(out: &mut Vec<u8>, origin: &super::cache::SignedOrigin, metric: u16) {
+    put_update(
+        out,
+        myconet_common::addr::NODE_PREFIX_LEN,
+        origin.seqno,
+        metric,
+        origin.prefix,
+        &origin.key,
+        &origin.signature,
+    );
+}
+
 /// Appends an update TLV.
 pub fn put_update(
     out: &mut Vec<u8>,
