@@ -119,7 +119,7 @@ pub struct XdpDataplane {
     stats: PerCpuArray<MapData, Counter>,
     devmap: DevMapHash<MapData>,
     config: Array<MapData, Config>,
-    /// What `config` holds: the port and the next-hop cache generation.
+    /// What `config` holds: the port and the generation of the forwarding caches.
     current: Config,
     attachments: Vec<(Attachment, XdpLinkId)>,
 }
@@ -219,7 +219,7 @@ impl XdpDataplane {
                 map: DEVMAP_MAP,
                 reason: e.to_string(),
             })?;
-        self.invalidate_nexthops();
+        self.invalidate_caches();
         Ok(())
     }
 
@@ -227,7 +227,7 @@ impl XdpDataplane {
     pub fn remove_redirect(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         let removed = self.devmap.remove(ifindex);
         // Cached next hops remember whether their egress was a redirect target.
-        self.invalidate_nexthops();
+        self.invalidate_caches();
         match removed {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(DEVMAP_MAP)(e)),
@@ -331,31 +331,37 @@ impl XdpDataplane {
         self.routes
             .insert(&key, value, 0)
             .map_err(map_err(ROUTES_MAP))?;
-        self.invalidate_nexthops();
+        self.invalidate_caches();
         Ok(())
     }
 
-    /// Makes every cached FIB answer stale at once (one write of the generation the
-    /// program compares against), so a changed route, source address or redirect target
-    /// takes effect on the next packet. Also called every
-    /// [`myconet_common::maps::NEXTHOP_REFRESH_INTERVAL_MS`] so changed neighbours are picked up without a
-    /// clock read per packet. A failed write is logged and retried by the next call.
-    pub fn invalidate_nexthops(&mut self) {
+    /// Makes every forwarding-cache slot and cached FIB answer stale at once (one write
+    /// of the generation the program compares against), so a changed route, source
+    /// address or redirect target takes effect on the next packet. Also called every
+    /// [`myconet_common::maps::NEXTHOP_REFRESH_INTERVAL_MS`] so changed neighbours are
+    /// picked up without a clock read per packet. A failed write is logged and retried
+    /// by the next call.
+    pub fn invalidate_caches(&mut self) {
+        if let Err(e) = self.bump_generation() {
+            warn!(error = %e, "could not invalidate the XDP forwarding caches");
+        }
+    }
+
+    fn bump_generation(&mut self) -> Result<(), DataplaneError> {
         let next = Config {
             generation: self.current.generation.wrapping_add(1),
             ..self.current
         };
-        match self.config.set(0, next, 0) {
-            Ok(()) => self.current = next,
-            Err(e) => warn!(error = %e, "could not invalidate the next-hop cache"),
-        }
+        self.config.set(0, next, 0).map_err(map_err(CONFIG_MAP))?;
+        self.current = next;
+        Ok(())
     }
 
     /// Removes the route for `prefix/len`; `false` if there was none.
     pub fn remove_route(&mut self, prefix: Ipv6Addr, len: u8) -> Result<bool, DataplaneError> {
         let key = LpmKey::new(u32::from(len), prefix.octets());
         let removed = self.routes.remove(&key);
-        self.invalidate_nexthops();
+        self.invalidate_caches();
         match removed {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
@@ -381,13 +387,17 @@ impl XdpDataplane {
             .map_err(map_err(PEERS_MAP))
     }
 
-    /// Revokes an endpoint; `false` if it was not present.
+    /// Revokes an endpoint; `false` if it was not present. The forwarding cache holds
+    /// decisions that include "this sender is a neighbour", so they are made stale too,
+    /// and a failure to do so is an error: a revoked peer must not keep relaying.
     pub fn remove_peer(&mut self, key: PeerKey) -> Result<bool, DataplaneError> {
-        match self.peers.remove(&key) {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(map_err(PEERS_MAP)(e)),
-        }
+        let removed = match self.peers.remove(&key) {
+            Ok(()) => true,
+            Err(aya::maps::MapError::KeyNotFound) => false,
+            Err(e) => return Err(map_err(PEERS_MAP)(e)),
+        };
+        self.bump_generation()?;
+        Ok(removed)
     }
 
     /// Every endpoint in the kernel peer map.

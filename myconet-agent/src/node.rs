@@ -272,17 +272,17 @@ impl Node {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes the XDP next-hop cache look every next hop up again (see
-    /// [`XdpDataplane::invalidate_nexthops`]); run every
+    /// Makes the XDP forwarding caches look every flow and next hop up again (see
+    /// [`XdpDataplane::invalidate_caches`]); run every
     /// [`myconet_common::maps::NEXTHOP_REFRESH_INTERVAL_MS`] by [`Node::refresh_nexthops_forever`].
     pub fn refresh_nexthops(&self) {
         if let Some(dp) = self.state().dataplane.as_mut() {
-            dp.invalidate_nexthops();
+            dp.invalidate_caches();
         }
     }
 
     /// Bounds how long a neighbour's changed MAC address or a changed underlay route
-    /// stays in the XDP next-hop cache: the program reads no clock per packet.
+    /// stays in the XDP forwarding caches: the program reads no clock per packet.
     pub async fn refresh_nexthops_forever(self: Arc<Self>) {
         let period =
             std::time::Duration::from_millis(myconet_common::maps::NEXTHOP_REFRESH_INTERVAL_MS);

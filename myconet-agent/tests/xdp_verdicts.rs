@@ -14,7 +14,7 @@ use myconet_agent::{
     rib::{NextHop, RouteTarget},
 };
 use myconet_common::{
-    maps::{PeerKey, Stat},
+    maps::{PeerKey, Stat, forwarding_slot},
     wire::{DEFAULT_HOP_LIMIT, HEADER_LEN, PacketType, Repr, field},
 };
 use myconet_testbed::{
@@ -446,8 +446,79 @@ fn fib_answers_are_cached_flushed_on_route_change_and_rechecked_for_larger_packe
         // next packet consult the FIB again.
         set_neighbour_mac("02:00:00:00:00:99");
         assert_eq!(eth_dst(&fx, &big), PEER_MAC, "cached until the refresh");
-        fx.dp.invalidate_nexthops();
+        fx.dp.invalidate_caches();
         assert_eq!(eth_dst(&fx, &big), NEW_MAC, "looked up after the refresh");
+    })
+    .expect("run in namespace");
+}
+
+/// The forwarding-cache slot the program picks for a frame from the fixture's peer.
+fn slot_of(dst: Ipv6Addr, ingress: u32) -> u32 {
+    let d = dst.octets();
+    let p = a("fd00:1::2").octets();
+    let word = |b: &[u8; 16], i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().unwrap());
+    forwarding_slot(word(&d, 0), word(&d, 8), word(&p, 8), PORT.to_be(), ingress)
+}
+
+#[test]
+fn forwarding_cache_honours_peer_removal_hop_limits_and_shared_slots() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        pin_to_cpu0();
+        let mut fx = Fixture::new();
+        let peer = PeerKey::new(a("fd00:1::2").octets(), PORT);
+        let f = frame_from(PORT, &header("fd6d:c::1", 64));
+
+        // The first packet fills the slot, the second is served from it: both relayed.
+        for _ in 0..2 {
+            let (act, out, stat) = fx.run(&f);
+            assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+            assert_relayed(&f, &out, PEER_MAC, V0_MAC, "fd00:1::1", "fd00:1::2");
+        }
+        // A cached flow still has its hop limit checked per packet.
+        assert_unchanged(
+            &fx,
+            &frame_from(PORT, &header("fd6d:c::1", 1)),
+            XDP_DROP,
+            Stat::DropHopLimit,
+        );
+
+        // Revoking the neighbour takes effect on its very next packet, though its flow
+        // was cached; re-admitting it relays again.
+        assert!(fx.dp.remove_peer(peer).unwrap());
+        assert_unchanged(&fx, &f, XDP_DROP, Stat::DropUnknownPeer);
+        fx.dp.add_peer(peer).unwrap();
+        let (act, _, stat) = fx.run(&f);
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+
+        // Two flows that share a slot (found by search, as the program hashes them)
+        // evict each other and each is still relayed by its own route.
+        let tx_dst = a("fd6d:c::1");
+        let slot = slot_of(tx_dst, fx.v0);
+        let colliding = (1u32..200_000)
+            .map(|i| {
+                let mut o = a("fd6d:d::").octets();
+                o[12..16].copy_from_slice(&i.to_be_bytes());
+                Ipv6Addr::from(o)
+            })
+            .find(|d| slot_of(*d, fx.v0) == slot)
+            .expect("a destination sharing the slot");
+        for round in 0..3 {
+            let f = frame_from(PORT, &header("fd6d:c::1", 64));
+            let (act, out, stat) = fx.run(&f);
+            assert_eq!((act, stat), (XDP_TX, Stat::Tx), "round {round}");
+            assert_relayed(&f, &out, PEER_MAC, V0_MAC, "fd00:1::1", "fd00:1::2");
+            let f = frame_from(PORT, &header(&colliding.to_string(), 64));
+            let (act, out, stat) = fx.run(&f);
+            assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect), "round {round}");
+            assert_relayed(&f, &out, NEIGH2_MAC, V2_MAC, "fd00:2::1", "fd00:2::2");
+        }
+
+        // A route change reaches cached flows: the destination becomes local.
+        fx.dp
+            .set_route(a("fd6d:c::"), 64, RouteTarget::Local.to_map_value())
+            .unwrap();
+        assert_unchanged(&fx, &f, XDP_PASS, Stat::PassLocal);
     })
     .expect("run in namespace");
 }

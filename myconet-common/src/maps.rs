@@ -16,6 +16,11 @@ pub const DEVMAP_MAP: &str = "DEVMAP";
 /// Per-CPU LRU hash from [`NextHopKey`] to [`NextHopEntry`]: recent `bpf_fib_lookup`
 /// answers, so the relay path does not pay for a FIB lookup on every packet.
 pub const NEXTHOP_CACHE_MAP: &str = "NEXTHOP_CACHE";
+/// Per-CPU array of [`ForwardingEntry`] slots, indexed by [`forwarding_slot`]: the
+/// complete relay decision for recent (destination, neighbour, ingress) flows, so a
+/// relayed packet costs one inlined array lookup instead of the route trie, the peer
+/// hash and the next-hop cache.
+pub const FORWARDING_CACHE_MAP: &str = "FORWARDING_CACHE";
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "myconet_xdp";
 
@@ -27,6 +32,12 @@ pub const PEERS_CAPACITY: u32 = 16_384;
 pub const DEVMAP_CAPACITY: u32 = 64;
 /// Capacity of the next-hop cache (per CPU).
 pub const NEXTHOP_CACHE_CAPACITY: u32 = 4096;
+/// Slots of the forwarding cache per CPU (a power of two). Direct-mapped: two flows
+/// that share a slot evict each other and fall back to the full lookups, which stay
+/// correct, only slower. 4,096 × 96 bytes = 384 KiB per CPU.
+pub const FORWARDING_CACHE_SLOTS: u32 = 4096;
+/// log2 of [`FORWARDING_CACHE_SLOTS`].
+pub const FORWARDING_CACHE_BITS: u32 = 12;
 /// How often the agent bumps [`Config::generation`] even when nothing changed: bounds
 /// how long a neighbour's changed MAC address or a changed underlay route goes unnoticed
 /// by the next-hop cache, without the relay path reading a clock per packet.
@@ -129,6 +140,75 @@ pub struct NextHopEntry {
     pub pad: u8,
 }
 
+/// One slot of the forwarding cache: a flow key (the packet's overlay destination, the
+/// neighbour that sent it, the interface it came in on) and everything the rewrite needs,
+/// valid only in the [`Config::generation`] it was made in. A slot is filled only after
+/// the full checks passed (route, neighbour authenticated, FIB success, redirect
+/// allowed), so a hit stands for all of them; any route, peer or redirect change bumps
+/// the generation. Words sit at 8-byte offsets so the program compares and copies them
+/// whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct ForwardingEntry {
+    /// Overlay destination address (key).
+    pub dst: [u8; 16],
+    /// Underlay address of the neighbour that sent the packet (key).
+    pub peer: [u8; 16],
+    /// That neighbour's underlay UDP port, as it lies in the packet (key).
+    pub peer_port_be: u16,
+    /// Next hop's underlay UDP port, as it is written into the packet.
+    pub next_port_be: u16,
+    /// Interface the packet came in on (key; never 0 for a real packet, so a zeroed slot
+    /// never matches).
+    pub ingress: u32,
+    /// [`Config::generation`] when the slot was filled.
+    pub generation: u32,
+    /// Egress interface.
+    pub egress: u32,
+    /// Next hop's underlay address.
+    pub next_hop: [u8; 16],
+    /// Source address for the outer header.
+    pub src: [u8; 16],
+    /// Next hop's MAC address.
+    pub dmac: [u8; 6],
+    /// Egress interface's MAC address.
+    pub smac: [u8; 6],
+    /// Largest outer IPv6 packet the FIB approved on this path (0 in an empty slot).
+    pub max_len: u16,
+    /// Whether the slot's flow leaves by XDP_TX (egress is the ingress) rather than by
+    /// a redirect; 1 or 0.
+    pub is_tx: u8,
+    /// Always zero.
+    pub pad: u8,
+    /// Native-order one's-complement sum ([`crate::checksum::WordSum`]) of every
+    /// checksum-covered change that is fixed for the flow: the outer source address
+    /// (neighbour → ours), the destination's new value, the UDP ports. Per packet only
+    /// the old outer destination and the hop limit remain to account for.
+    pub csum_delta: u32,
+    /// Always zero.
+    pub pad2: u32,
+}
+
+/// The slot of the forwarding cache for a flow, from the words the program loads from
+/// the packet: the overlay destination as two native-order 64-bit words, the
+/// neighbour's interface identifier (second word of its address), its UDP port as it
+/// lies in the packet, and the ingress ifindex. A multiplicative (Fibonacci) hash: a few
+/// instructions, and its top bits mix every input bit.
+#[inline(always)]
+pub const fn forwarding_slot(
+    dst0: u64,
+    dst1: u64,
+    peer1: u64,
+    peer_port_be: u16,
+    ingress: u32,
+) -> u32 {
+    let x = dst0
+        ^ dst1.rotate_left(17)
+        ^ peer1.rotate_left(31)
+        ^ ((peer_port_be as u64) << 32 | ingress as u64);
+    (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FORWARDING_CACHE_BITS)) as u32
+}
+
 /// Value of the peer map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]
@@ -147,9 +227,10 @@ pub struct Config {
     pub pad: u16,
     /// Reserved flag bits, zero today.
     pub flags: u32,
-    /// Bumped by the agent whenever a route or redirect target changes, and every
-    /// [`NEXTHOP_REFRESH_INTERVAL_MS`]: next-hop cache entries of another generation
-    /// are looked up afresh, so invalidating the whole cache is one word write.
+    /// Bumped by the agent whenever a route, a peer or a redirect target changes, and
+    /// every [`NEXTHOP_REFRESH_INTERVAL_MS`]: forwarding-cache slots and next-hop cache
+    /// entries of another generation are looked up afresh, so invalidating both caches
+    /// is one word write.
     pub generation: u32,
 }
 
@@ -265,6 +346,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::NextHopKey {}
     unsafe impl aya::Pod for super::NextHopEntry {}
+    unsafe impl aya::Pod for super::ForwardingEntry {}
 }
 
 #[cfg(test)]
@@ -279,6 +361,26 @@ mod tests {
         assert_eq!(core::mem::size_of::<Counter>(), 16);
         assert_eq!(core::mem::size_of::<NextHopKey>(), 20);
         assert_eq!(core::mem::size_of::<NextHopEntry>(), 40);
+        assert_eq!(core::mem::size_of::<ForwardingEntry>(), 104);
+        assert_eq!(core::mem::offset_of!(ForwardingEntry, next_hop), 48);
+        assert_eq!(core::mem::offset_of!(ForwardingEntry, src), 64);
+        assert_eq!(core::mem::offset_of!(ForwardingEntry, dmac), 80);
+        assert_eq!(core::mem::offset_of!(ForwardingEntry, csum_delta), 96);
+        assert_eq!(1 << FORWARDING_CACHE_BITS, FORWARDING_CACHE_SLOTS);
+    }
+
+    #[test]
+    fn forwarding_slots_spread_flows() {
+        // 4,096 destinations that differ only in their last byte pair, from one
+        // neighbour: a good hash fills most slots (a random one ~63%).
+        let mut used = [false; FORWARDING_CACHE_SLOTS as usize];
+        for i in 0..FORWARDING_CACHE_SLOTS as u64 {
+            let slot = forwarding_slot(0xfd6d_0000_0000_0001, i << 48, 0x2, 0x3325, 3);
+            assert!(slot < FORWARDING_CACHE_SLOTS);
+            used[slot as usize] = true;
+        }
+        let filled = used.iter().filter(|u| **u).count();
+        assert!(filled > 2400, "only {filled} slots used");
     }
 
     #[test]

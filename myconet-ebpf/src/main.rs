@@ -4,7 +4,9 @@
 //! before every access. Data packets for a prefix this node does not own, sent by an
 //! authenticated neighbour, are relayed in the kernel: the outer headers are rewritten
 //! from a `bpf_fib_lookup`, the hop limit is decremented, the UDP checksum is patched
-//! incrementally and the frame leaves by XDP_TX or a DEVMAP redirect. Everything that
+//! incrementally and the frame leaves by XDP_TX or a DEVMAP redirect. The decision for
+//! a flow (destination, neighbour, ingress) is kept in a per-CPU forwarding cache, so
+//! the flow's next packets skip the route trie, the peer map and the FIB. Everything that
 //! needs judgement (handshakes, control, local traffic) goes up with XDP_PASS.
 //! Every verdict is counted per CPU; nothing is logged per packet.
 #![no_std]
@@ -24,10 +26,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use myconet_common::{
-    checksum::Incremental,
+    checksum::WordSum,
     maps::{
-        Config, Counter, DEVMAP_CAPACITY, NEXTHOP_CACHE_CAPACITY, NextHopEntry, NextHopKey,
-        PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY, RouteAction, RouteValue, Stat,
+        Config, Counter, DEVMAP_CAPACITY, FORWARDING_CACHE_SLOTS, ForwardingEntry,
+        NEXTHOP_CACHE_CAPACITY, NextHopEntry, NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue,
+        ROUTES_CAPACITY, RouteAction, RouteValue, Stat, forwarding_slot,
     },
     wire::{self, PacketType, field},
 };
@@ -56,6 +59,10 @@ struct Scratch {
 
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static FORWARDING_CACHE: PerCpuArray<ForwardingEntry> =
+    PerCpuArray::with_max_entries(FORWARDING_CACHE_SLOTS, 0);
 
 #[map]
 static NEXTHOP_CACHE: LruPerCpuHashMap<NextHopKey, NextHopEntry> =
@@ -117,9 +124,18 @@ fn be16(addr: usize) -> u16 {
     u16::from_be(load(addr))
 }
 
+/// 16 bytes at `addr` as two 64-bit words. Never `load::<[u64; 2]>`: a 16-byte
+/// aggregate access becomes a call to a byte-wise `memcpy` subprogram.
 #[inline(always)]
-fn be32(addr: usize) -> u32 {
-    u32::from_be(load(addr))
+fn load_words(addr: usize) -> [u64; 2] {
+    [load(addr), load(addr + 8)]
+}
+
+/// Stores two 64-bit words at `addr` (see [`load_words`]).
+#[inline(always)]
+fn store_words(addr: usize, w: [u64; 2]) {
+    store(addr, w[0]);
+    store(addr + 8, w[1]);
 }
 
 /// 16 bytes at `addr` (an IPv6 address), as two 64-bit loads.
@@ -191,7 +207,45 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         None => return (DROP, Stat::DropMalformed),
     };
 
-    let route_key = Key::new(128, load_addr(start + MYC_OFF + field::DST.start));
+    let dst_at = start + MYC_OFF + field::DST.start;
+    let (dst0, dst1): (u64, u64) = (load(dst_at), load(dst_at + 8));
+    let peer_at = start + IP_OFF + 8;
+    let (peer0, peer1): (u64, u64) = (load(peer_at), load(peer_at + 8));
+    let peer_port_be: u16 = load(start + UDP_OFF);
+    let hop_limit = byte(start + MYC_OFF + field::HOP_LIMIT);
+    let ingress = ctx.ingress_ifindex() as u32;
+
+    // The fast path: a slot of the forwarding cache that holds this flow, made in the
+    // current generation for a packet at least this large, stands for every check below.
+    let tot_len = (IPV6_HLEN + ip_payload_len) as u16;
+    let slot_index = forwarding_slot(dst0, dst1, peer1, peer_port_be, ingress);
+    let slot = if is_data {
+        let Some(slot) = FORWARDING_CACHE.get_ptr_mut(slot_index) else {
+            return (PASS, Stat::PassSlowPath);
+        };
+        // SAFETY: this CPU's slot; only this CPU's program touches it, and it runs to
+        // completion before the next packet on this CPU.
+        let slot = unsafe { &mut *slot };
+        if slot.generation == config.generation
+            && slot.ingress == ingress
+            && slot.peer_port_be == peer_port_be
+            && tot_len <= slot.max_len
+            && load::<u64>(slot.dst.as_ptr() as usize) == dst0
+            && load::<u64>(slot.dst.as_ptr() as usize + 8) == dst1
+            && load::<u64>(slot.peer.as_ptr() as usize) == peer0
+            && load::<u64>(slot.peer.as_ptr() as usize + 8) == peer1
+        {
+            if hop_limit <= 1 {
+                return (DROP, Stat::DropHopLimit);
+            }
+            return rewrite(start, slot, config.port, hop_limit);
+        }
+        Some(slot)
+    } else {
+        None
+    };
+
+    let route_key = Key::new(128, load_addr(dst_at));
     let route = ROUTES.get(&route_key);
     if let Some(r) = route
         && r.action == RouteAction::Local as u8
@@ -207,30 +261,25 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     }
 
     // Only authenticated neighbours may use this node as a relay.
-    let src_port = be16(start + UDP_OFF);
-    let peer = PeerKey::new(load_addr(start + IP_OFF + 8), src_port);
+    let peer = PeerKey::new(load_addr(peer_at), u16::from_be(peer_port_be));
     // SAFETY: read-only lookup of a plain-data value.
     if unsafe { PEERS.get(peer) }.is_none() {
         return (DROP, Stat::DropUnknownPeer);
     }
-    if !is_data {
+    let Some(slot) = slot else {
         return (PASS, Stat::PassControl);
-    }
+    };
     let Some(route) = route else {
         return (DROP, Stat::DropNoRoute);
     };
     if route.action != RouteAction::Forward as u8 {
         return (DROP, Stat::DropNoRoute);
     }
-    let hop_limit = byte(start + MYC_OFF + field::HOP_LIMIT);
     if hop_limit <= 1 {
         return (DROP, Stat::DropHopLimit);
     }
 
     // Where does the next hop live on the underlay?
-    let ingress = ctx.ingress_ifindex() as u32;
-    let next_port = route.port;
-    let tot_len = (IPV6_HLEN + ip_payload_len) as u16;
     let hop = match resolve(ctx, route, ingress, tot_len, config.generation) {
         Ok(h) => h,
         Err(verdict) => return verdict,
@@ -239,22 +288,47 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         return (PASS, Stat::PassSlowPath);
     }
 
-    // Rewrite: Ethernet, outer IPv6 source/destination, UDP ports, Myconet hop limit,
-    // with the UDP checksum patched for each change, one 32-bit word at a time.
-    let next_hop_at = route.next_hop.as_ptr() as usize;
-    let src_at = hop.src.as_ptr() as usize;
-    let mut csum = Incremental::new(old_csum);
-    let mut i = 0;
-    while i < 4 {
-        let (old_src_at, old_dst_at) = (start + IP_OFF + 8 + 4 * i, start + IP_OFF + 24 + 4 * i);
-        let (src_new, dst_new) = (be32(src_at + 4 * i), be32(next_hop_at + 4 * i));
-        csum.replace_u32(be32(old_src_at), src_new);
-        csum.replace_u32(be32(old_dst_at), dst_new);
-        i += 1;
-    }
-    store(start + IP_OFF + 8, hop.src);
-    store(start + IP_OFF + 24, load::<[u64; 2]>(next_hop_at));
-    let old_dport = be16(start + UDP_OFF + 2);
+    // Every check passed: remember the decision for the flow's next packets.
+    let next_hop = load_words(route.next_hop.as_ptr() as usize);
+    let next_port_be = route.port.to_be();
+    store_words(slot.dst.as_mut_ptr() as usize, [dst0, dst1]);
+    store_words(slot.peer.as_mut_ptr() as usize, [peer0, peer1]);
+    slot.peer_port_be = peer_port_be;
+    slot.next_port_be = next_port_be;
+    slot.ingress = ingress;
+    slot.generation = config.generation;
+    slot.egress = hop.egress;
+    store_words(slot.next_hop.as_mut_ptr() as usize, next_hop);
+    store_words(slot.src.as_mut_ptr() as usize, hop.src);
+    store(slot.dmac.as_mut_ptr() as usize, hop.macs_lo);
+    store(slot.dmac.as_mut_ptr() as usize + 8, hop.macs_hi);
+    slot.max_len = hop.max_len;
+    slot.is_tx = u8::from(hop.egress == ingress);
+    slot.pad = 0;
+    slot.csum_delta = u32::from(
+        WordSum::new()
+            .sub64(peer0)
+            .sub64(peer1)
+            .add64(hop.src[0])
+            .add64(hop.src[1])
+            .add64(next_hop[0])
+            .add64(next_hop[1])
+            .sub16(peer_port_be)
+            .add16(next_port_be)
+            .fold(),
+    );
+    slot.pad2 = 0;
+    rewrite(start, slot, config.port, hop_limit)
+}
+
+/// Rewrites a relayed frame from its forwarding-cache slot and picks the verdict:
+/// Ethernet addresses, outer IPv6 source/destination and hop limit, UDP ports, Myconet
+/// hop limit, and the UDP checksum patched in native byte order (see
+/// [`WordSum`]): the slot carries the flow's fixed changes, so only the old outer
+/// destination and the hop-limit word are summed per packet. The caller has checked
+/// that the frame holds the whole Myconet header.
+#[inline(always)]
+fn rewrite(start: usize, slot: &ForwardingEntry, port: u16, hop_limit: u8) -> (u32, Stat) {
     // Relays clamp the hop limit to the default, so a packet sent with 255 cannot
     // circle a transient loop four times longer than any real path needs.
     let new_hop = if hop_limit > wire::DEFAULT_HOP_LIMIT {
@@ -262,29 +336,35 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     } else {
         hop_limit - 1
     };
-    let old_hop_word = be16(start + MYC_OFF + field::HOP_LIMIT);
-    let new_hop_word = (u16::from(new_hop) << 8) | (old_hop_word & 0x00ff);
-    csum.replace_u16(src_port, port);
-    csum.replace_u16(old_dport, next_port);
-    csum.replace_u16(old_hop_word, new_hop_word);
+    let hop_at = start + MYC_OFF + field::HOP_LIMIT;
+    let old_hop_word: u16 = load(hop_at);
+    let [_, beside] = old_hop_word.to_ne_bytes();
+    let new_hop_word = u16::from_ne_bytes([new_hop, beside]);
+    let dst_at = start + IP_OFF + 24;
+    let csum = WordSum::new()
+        .add16(slot.csum_delta as u16)
+        .sub64(load(dst_at))
+        .sub64(load(dst_at + 8))
+        .sub16(old_hop_word)
+        .add16(new_hop_word)
+        .patch_udp(load(start + UDP_OFF + 6));
 
-    store(start, hop.macs_lo);
-    store(start + 8, hop.macs_hi);
+    store(start, load::<u64>(slot.dmac.as_ptr() as usize));
+    store(start + 8, load::<u32>(slot.dmac.as_ptr() as usize + 8));
     store(start + IP_OFF + 7, UNDERLAY_HOP_LIMIT);
-    // Both UDP ports in one store: source is our port, destination the next hop's.
-    store(
-        start + UDP_OFF,
-        (u32::from(port) << 16 | u32::from(next_port)).to_be(),
-    );
-    store(start + UDP_OFF + 6, csum.finish_udp().to_be());
-    store(start + MYC_OFF + field::HOP_LIMIT, new_hop);
+    store_words(start + IP_OFF + 8, load_words(slot.src.as_ptr() as usize));
+    store_words(dst_at, load_words(slot.next_hop.as_ptr() as usize));
+    store(start + UDP_OFF, port.to_be());
+    store(start + UDP_OFF + 2, slot.next_port_be);
+    store(start + UDP_OFF + 6, csum);
+    store(hop_at, new_hop);
 
-    if hop.egress == ingress {
+    if slot.is_tx != 0 {
         return (xdp_action::XDP_TX, Stat::Tx);
     }
-    match DEVMAP.redirect(hop.egress, u64::from(xdp_action::XDP_DROP)) {
+    match DEVMAP.redirect(slot.egress, u64::from(xdp_action::XDP_DROP)) {
         Ok(action) if action == xdp_action::XDP_REDIRECT => (action, Stat::Redirect),
-        _ => (DROP, Stat::DropUnreachable),
+        _ => (xdp_action::XDP_DROP, Stat::DropUnreachable),
     }
 }
 
@@ -297,6 +377,7 @@ struct NextHop {
     /// Ethernet destination and source MAC: bytes 0..8 and 8..12 of the frame.
     macs_lo: u64,
     macs_hi: u32,
+    max_len: u16,
     redirect_ok: bool,
 }
 
@@ -310,6 +391,7 @@ impl NextHop {
             egress: e.egress,
             macs_lo: load(macs),
             macs_hi: load(macs + 8),
+            max_len: e.max_len,
             redirect_ok: e.redirect_ok != 0,
         }
     }
