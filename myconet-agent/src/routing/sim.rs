@@ -3,8 +3,9 @@
 //!
 //! Determinism: one seeded [`SplitMix`] makes every choice (topology, link latencies,
 //! losses, failures, router seeds); events are ordered by (time, insertion sequence) in a
-//! binary heap; routers see a simulated clock (`base + offset`). The same configuration
-//! therefore produces the same run, bit for bit, which is what makes a failing scale test
+//! calendar queue (`EventQueue`: the order of one binary heap, at O(1) cost per event);
+//! routers see a simulated clock (`base + offset`). The same configuration therefore
+//! produces the same run, bit for bit, which is what makes a failing scale test
 //! debuggable.
 //!
 //! Model: each node is a [`Router<u32>`]. A link has a latency, a loss probability applied
@@ -18,7 +19,7 @@
 //! each one once too, through its own cache; sharing only removes the repetition across
 //! simulated nodes). Broadcast payloads are shared between the deliveries (`Rc<[u8]>`).
 
-use std::cmp::Reverse;
+use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::rc::Rc;
@@ -78,6 +79,10 @@ pub struct SimConfig {
     pub loop_sample_destinations: usize,
     /// Interval of transient-loop sampling.
     pub loop_sample_interval: Duration,
+    /// How often a [`Scenario`] phase checks whether every reachable pair is routed and
+    /// loop-free, for its "all routed" time (zero: not measured). Only destinations whose
+    /// routes changed are walked again, so a short interval is cheap.
+    pub routed_check_interval: Duration,
 }
 
 impl Default for SimConfig {
@@ -94,6 +99,7 @@ impl Default for SimConfig {
             share_cache: true,
             loop_sample_destinations: 8,
             loop_sample_interval: Duration::from_millis(100),
+            routed_check_interval: Duration::from_millis(100),
         }
     }
 }
@@ -140,6 +146,142 @@ struct Node {
     retired: RoutingStats,
 }
 
+/// A queued event with its ordering key.
+#[derive(Debug)]
+struct Queued {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for Queued {
+    /// Reversed (time, sequence), so `BinaryHeap` pops the earliest, first-pushed event.
+    fn cmp(&self, o: &Self) -> Ordering {
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// log2 of a calendar bucket's width in nanoseconds (about 1 ms: link latencies are
+/// 2–40 ms and the triggered delay 20 ms, so most events land a few buckets ahead).
+const BUCKET_SHIFT: u32 = 20;
+/// Buckets in the ring (about 69 s ahead); later events (hold and GC timers) wait in a
+/// heap.
+const RING: u64 = 1 << 16;
+
+/// A calendar queue giving exactly the order of one binary heap on (time, sequence),
+/// which keeps runs bit-for-bit reproducible, at O(1) amortised cost per event.
+///
+/// Why not one heap: at 10,000 nodes millions of deliveries are queued at once and every
+/// pop walked the whole depth of a heap far larger than the CPU caches. Here only the
+/// current ~1 ms bucket is a heap; later buckets are plain vectors appended to in order,
+/// made into a heap when their turn comes.
+///
+/// Invariant: `near` holds every event whose bucket is ≤ `cur`; `ring` holds events
+/// with bucket in (`cur`, `cur` + `RING`) at slot bucket mod `RING`; `far` holds the
+/// rest (events pushed ≥ `RING` buckets ahead, possibly now within the ring's range:
+/// they are merged when `cur` reaches their bucket). Everything outside `near` is
+/// therefore strictly later than everything in it.
+struct EventQueue {
+    near: BinaryHeap<Queued>,
+    cur: u64,
+    ring: Vec<Vec<Queued>>,
+    in_ring: usize,
+    far: BinaryHeap<Queued>,
+}
+
+impl EventQueue {
+    fn new() -> Self {
+        EventQueue {
+            near: BinaryHeap::new(),
+            cur: 0,
+            ring: (0..RING).map(|_| Vec::new()).collect(),
+            in_ring: 0,
+            far: BinaryHeap::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.near.len() + self.in_ring + self.far.len()
+    }
+
+    fn push(&mut self, q: Queued) {
+        let b = q.at >> BUCKET_SHIFT;
+        if b <= self.cur {
+            self.near.push(q);
+        } else if b < self.cur + RING {
+            self.ring[(b % RING) as usize].push(q);
+            self.in_ring += 1;
+        } else {
+            self.far.push(q);
+        }
+    }
+
+    /// Moves the next non-empty bucket into `near`; false when nothing is queued.
+    fn advance(&mut self) -> bool {
+        let far_next = self.far.peek().map(|q| q.at >> BUCKET_SHIFT);
+        let ring_next = (self.in_ring > 0).then(|| {
+            let mut b = self.cur + 1;
+            while self.ring[(b % RING) as usize].is_empty() {
+                b += 1;
+            }
+            b
+        });
+        let next = match (ring_next, far_next) {
+            (Some(r), Some(f)) => r.min(f),
+            (Some(r), None) => r,
+            (None, Some(f)) => f,
+            (None, None) => return false,
+        };
+        self.cur = next;
+        let slot = (next % RING) as usize;
+        let bucket = std::mem::take(&mut self.ring[slot]);
+        self.in_ring -= bucket.len();
+        // The emptied heap's allocation is dropped, not kept for the slot: a slot is next
+        // used a whole ring later, and keeping cold start's large buckets alive for
+        // that long cost more memory than the allocations it saves.
+        self.near = BinaryHeap::from(bucket);
+        while self
+            .far
+            .peek()
+            .is_some_and(|q| q.at >> BUCKET_SHIFT <= self.cur)
+        {
+            if let Some(q) = self.far.pop() {
+                self.near.push(q);
+            }
+        }
+        true
+    }
+
+    /// Removes and returns the earliest event if it is due at or before `end`.
+    fn pop_until(&mut self, end: u64) -> Option<Queued> {
+        loop {
+            if let Some(q) = self.near.peek() {
+                if q.at > end {
+                    return None;
+                }
+                return self.near.pop();
+            }
+            if !self.advance() {
+                return None;
+            }
+        }
+    }
+}
+
 /// Totals across the run, for rates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -181,9 +323,9 @@ pub struct Sim {
     base: Instant,
     now: u64,
     seq: u64,
-    heap: BinaryHeap<Reverse<(u64, u64, usize)>>,
-    slab: Vec<Option<Ev>>,
-    free: Vec<usize>,
+    queue: EventQueue,
+    /// Reused by `drain` for the router's output (no allocation per delivery).
+    out_buf: Vec<super::RoutingTransmit<u32>>,
     rng: SplitMix,
     nodes: Vec<Node>,
     links: HashMap<(u32, u32), Link>,
@@ -206,6 +348,54 @@ pub struct Sim {
     /// Samples taken.
     pub loop_samples: u64,
     sampling: bool,
+    /// When set, (start, counts): route events per simulated second since `start` (a
+    /// phase's profile: when its changes happen, e.g. in bursts one update interval
+    /// apart).
+    pub event_seconds: Option<(Duration, Vec<u64>)>,
+    /// Node owning each prefix (to map route events to destinations).
+    owner: HashMap<u64, u32>,
+    watch: Option<RoutedWatch>,
+}
+
+/// Incremental form of the reachability part of [`Sim::check`]: whether every reachable
+/// (source, destination) pair is routed and loop-free right now.
+///
+/// Why incremental: a full check walks every node's next hop to every destination
+/// (N² lookups), too slow to repeat every 100 ms at 10,000 nodes. Links and nodes only
+/// change at a phase's start, where every destination starts as "failing, to walk".
+/// After that, a destination's next-hop graph only changes through route events. A
+/// destination known to be fully routed stays so after changes at nodes X iff every
+/// node of X still reaches it (any other node's chain is unchanged up to its first node
+/// of X), so a route event costs one path walk from its node. A failing destination is
+/// walked in full again only once it had route events and no other destination is known
+/// to fail.
+struct RoutedWatch {
+    interval: u64,
+    next: u64,
+    comp: Vec<u32>,
+    /// Per destination: failing (or not yet known to be routed everywhere).
+    failing: Vec<bool>,
+    failing_count: usize,
+    /// Failing destinations with route events since their last full walk.
+    dirty: Vec<bool>,
+    dirty_list: Vec<u32>,
+    /// (destination, node) route events at routed destinations since the last check.
+    changed: Vec<(u32, u32)>,
+    state: Vec<u8>,
+    /// First check time since which every check found everything routed.
+    since: Option<u64>,
+}
+
+impl RoutedWatch {
+    /// Node `x`'s route to destination `d` changed.
+    fn mark(&mut self, d: u32, x: u32) {
+        if !self.failing[d as usize] {
+            self.changed.push((d, x));
+        } else if !self.dirty[d as usize] {
+            self.dirty[d as usize] = true;
+            self.dirty_list.push(d);
+        }
+    }
 }
 
 fn key_of(a: u32, b: u32) -> (u32, u32) {
@@ -248,9 +438,8 @@ impl Sim {
             base: Instant::now(),
             now: 0,
             seq: 0,
-            heap: BinaryHeap::new(),
-            slab: Vec::new(),
-            free: Vec::new(),
+            queue: EventQueue::new(),
+            out_buf: Vec::new(),
             nodes,
             links: HashMap::new(),
             adj: vec![Vec::new(); n],
@@ -264,9 +453,15 @@ impl Sim {
             transient_loops: Vec::new(),
             loop_samples: 0,
             sampling: false,
+            event_seconds: None,
+            owner: HashMap::new(),
+            watch: None,
             rng,
             cfg,
         };
+        sim.owner = (0..n as u32)
+            .map(|i| (sim.nodes[i as usize].prefix, i))
+            .collect();
         sim.build_topology();
         for i in 0..n as u32 {
             sim.start_router(i);
@@ -397,19 +592,13 @@ impl Sim {
     }
 
     fn push(&mut self, at: u64, ev: Ev) {
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.slab[i] = Some(ev);
-                i
-            }
-            None => {
-                self.slab.push(Some(ev));
-                self.slab.len() - 1
-            }
-        };
         self.seq += 1;
-        self.heap.push(Reverse((at.max(self.now), self.seq, idx)));
-        self.peak_events = self.peak_events.max(self.heap.len());
+        self.queue.push(Queued {
+            at: at.max(self.now),
+            seq: self.seq,
+            ev,
+        });
+        self.peak_events = self.peak_events.max(self.queue.len());
     }
 
     fn reschedule(&mut self, i: u32) {
@@ -427,7 +616,7 @@ impl Sim {
 
     /// Sends what router `i` produced and records its route events.
     fn drain(&mut self, i: u32) {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.out_buf);
         let mut events = 0;
         if let Some(r) = self.nodes[i as usize].router.as_mut() {
             while let Some(t) = r.poll_transmit() {
@@ -435,6 +624,14 @@ impl Sim {
             }
             while let Some(ev) = r.poll_event() {
                 events += 1;
+                if let Some(w) = self.watch.as_mut() {
+                    let (super::RouteEvent::Installed { prefix, .. }
+                    | super::RouteEvent::Changed { prefix, .. }
+                    | super::RouteEvent::Removed { prefix, .. }) = &ev;
+                    if let Some(&d) = self.owner.get(&super::router::prefix_bits(*prefix)) {
+                        w.mark(d, i);
+                    }
+                }
                 if let Some(log) = self.event_log.as_mut() {
                     log.push((Duration::from_nanos(self.now), i, ev));
                 }
@@ -443,15 +640,30 @@ impl Sim {
         if events > 0 {
             self.counters.route_events += events;
             self.last_route_event = self.now;
+            if let Some((start, counts)) = self.event_seconds.as_mut() {
+                let sec = Duration::from_nanos(self.now)
+                    .saturating_sub(*start)
+                    .as_secs() as usize;
+                if counts.len() <= sec {
+                    counts.resize(sec + 1, 0);
+                }
+                counts[sec] += events;
+            }
         }
-        let inc_of = |s: &Self, n: u32| s.nodes[n as usize].inc;
-        for t in out {
-            let payload: Rc<[u8]> = Rc::from(t.payload.into_boxed_slice());
-            let targets: Vec<u32> = match t.to {
-                TransmitTo::Neighbour(n) => vec![n],
-                TransmitTo::AllNeighbours => self.nodes[i as usize].up.clone(),
+        // The sender's neighbour list, borrowed out of its node for the loop (nothing
+        // below changes it; it is put back afterwards).
+        let up = std::mem::take(&mut self.nodes[i as usize].up);
+        for t in out.drain(..) {
+            let payload: Rc<[u8]> = Rc::from(t.payload);
+            let one = [match t.to {
+                TransmitTo::Neighbour(n) => n,
+                TransmitTo::AllNeighbours => 0,
+            }];
+            let targets: &[u32] = match t.to {
+                TransmitTo::Neighbour(_) => &one,
+                TransmitTo::AllNeighbours => &up,
             };
-            for to in targets {
+            for &to in targets {
                 let Some(link) = self.links.get(&key_of(i, to)) else {
                     continue;
                 };
@@ -462,7 +674,7 @@ impl Sim {
                     self.counters.lost += 1;
                     continue;
                 }
-                let inc = inc_of(self, to);
+                let inc = self.nodes[to as usize].inc;
                 let at = self.now + lat.as_nanos() as u64;
                 if Rc::strong_count(&payload) == 1 {
                     // First delivery of this payload: it now lives in the queue.
@@ -480,6 +692,8 @@ impl Sim {
                 );
             }
         }
+        self.nodes[i as usize].up = up;
+        self.out_buf = out;
         self.reschedule(i);
     }
 
@@ -576,24 +790,126 @@ impl Sim {
     /// Runs events until simulated time `t` (since start).
     pub fn run_until(&mut self, t: Duration) {
         let end = t.as_nanos() as u64;
-        while let Some(Reverse((at, _, idx))) = self.heap.peek().copied() {
-            if at > end {
-                break;
-            }
-            self.heap.pop();
-            self.now = at;
-            let ev = self.slab[idx].take();
-            self.free.push(idx);
-            if let Some(Ev::Deliver { payload, .. }) = &ev
-                && Rc::strong_count(payload) == 1
-            {
-                self.in_flight = self.in_flight.saturating_sub(payload.len() as u64);
-            }
-            if let Some(ev) = ev {
-                self.step(ev);
+        loop {
+            // With a routed watch, stop at each of its check times (after every event
+            // due at or before it) to check; the watch touches no event or random state.
+            let check_at = self.watch.as_ref().map(|w| w.next).filter(|t| *t <= end);
+            match self.queue.pop_until(check_at.unwrap_or(end)) {
+                Some(q) => {
+                    self.now = q.at;
+                    if let Ev::Deliver { payload, .. } = &q.ev
+                        && Rc::strong_count(payload) == 1
+                    {
+                        self.in_flight = self.in_flight.saturating_sub(payload.len() as u64);
+                    }
+                    self.step(q.ev);
+                }
+                None => match check_at {
+                    Some(t) => {
+                        self.now = self.now.max(t);
+                        self.watch_check();
+                    }
+                    None => break,
+                },
             }
         }
         self.now = self.now.max(end);
+    }
+
+    /// Starts measuring when every reachable pair is routed and loop-free (call after
+    /// changing links or nodes; every destination is walked at the first check).
+    pub fn watch_routed(&mut self, interval: Duration) {
+        let n = self.nodes.len();
+        self.watch = Some(RoutedWatch {
+            interval: (interval.as_nanos() as u64).max(1),
+            next: self.now,
+            comp: self.components(),
+            failing: vec![true; n],
+            failing_count: n,
+            dirty: vec![true; n],
+            dirty_list: (0..n as u32).rev().collect(),
+            changed: Vec::new(),
+            state: vec![0; n],
+            since: None,
+        });
+    }
+
+    /// Stops the watch: after a last check now, the time since which every check found
+    /// everything routed and loop-free (`None`: not routed now). Relative to `start`.
+    pub fn unwatch_routed(&mut self, start: Duration) -> Option<Duration> {
+        self.watch.as_ref()?;
+        self.watch_check();
+        let w = self.watch.take()?;
+        let start = start.as_nanos() as u64;
+        w.since
+            .map(|t| Duration::from_nanos(t.saturating_sub(start)))
+    }
+
+    fn watch_check(&mut self) {
+        let Some(mut w) = self.watch.take() else {
+            return;
+        };
+        // Destinations known to be routed: walk from each node whose route changed.
+        for (d, x) in std::mem::take(&mut w.changed) {
+            if !w.failing[d as usize] && !self.reaches(&w.comp, x, d) {
+                w.failing[d as usize] = true;
+                w.failing_count += 1;
+            }
+        }
+        // While every failing destination had route events since its last walk, walk
+        // them in full until one still fails. One that did not change still fails, so
+        // nothing needs walking then.
+        while w.failing_count == w.dirty_list.len()
+            && let Some(d) = w.dirty_list.pop()
+        {
+            w.dirty[d as usize] = false;
+            let mut looped = false;
+            let failing = self.walk_all(d, &mut w.state, &mut |_| looped = true);
+            let bad = looped
+                || (self.alive(d)
+                    && failing
+                        .iter()
+                        .any(|s| *s != d && w.comp[*s as usize] == w.comp[d as usize]));
+            if !bad {
+                w.failing[d as usize] = false;
+                w.failing_count -= 1;
+            }
+        }
+        if w.failing_count > 0 {
+            w.since = None;
+        } else if w.since.is_none() {
+            w.since = Some(self.now);
+        }
+        while w.next <= self.now {
+            w.next += w.interval;
+        }
+        self.watch = Some(w);
+    }
+
+    /// Whether `x`'s next-hop chain towards `d` arrives without a loop, or `x` need not
+    /// reach `d` (dead, or in another component) and its chain does not loop.
+    fn reaches(&self, comp: &[u32], x: u32, d: u32) -> bool {
+        let prefix = self.nodes[d as usize].prefix;
+        let need = self.alive(x) && self.alive(d) && comp[x as usize] == comp[d as usize];
+        let mut v = x;
+        for _ in 0..=self.nodes.len() {
+            if v == d {
+                return true;
+            }
+            let nh = self.nodes[v as usize]
+                .router
+                .as_ref()
+                .and_then(|r| r.next_hop_bits(prefix));
+            match nh {
+                Some(nh)
+                    if self.alive(nh) && self.links.get(&key_of(v, nh)).is_some_and(|l| l.up) =>
+                {
+                    v = nh
+                }
+                _ => return !need,
+            }
+        }
+        false
     }
 
     /// Runs until no route has changed anywhere for `quiet`, or until `max` from now.
@@ -791,7 +1107,15 @@ impl Sim {
         state[dest as usize] = 2;
         let mut stack = Vec::new();
         let mut failing = Vec::new();
-        for s in 0..self.nodes.len() as u32 {
+        let n = self.nodes.len();
+        for s in 0..n as u32 {
+            // Touch the tables of the nodes a few steps ahead (each walk's first lookup
+            // is independent of this one), so their cache misses overlap.
+            for (ahead, level) in [(16, 0), (8, 1)] {
+                if let Some(Some(r)) = self.nodes.get(s as usize + ahead).map(|n| &n.router) {
+                    r.touch_route(prefix, level);
+                }
+            }
             if state[s as usize] != 0 || !self.alive(s) {
                 continue;
             }
@@ -854,14 +1178,16 @@ impl Sim {
                 }
                 out.pairs += 1;
                 let reachable = d_alive && comp[s as usize] == comp[d as usize];
-                let routed = self.next_hop(s, d).is_some();
+                // Whether an unreachable destination is still routed (only asked then:
+                // a lookup per pair is most of the check's cost at scale).
+                let routed = || self.next_hop(s, d).is_some();
                 if reachable && failing.binary_search(&s).is_ok() && !loops.contains(&s) {
                     out.unrouted += 1;
                     if out.examples.len() < 5 {
                         out.examples
                             .push(format!("unrouted {s} -> {d}: {:?}", self.path(s, d)));
                     }
-                } else if !reachable && routed {
+                } else if !reachable && routed() {
                     out.stale += 1;
                     if out.examples.len() < 5 {
                         out.examples.push(format!(
@@ -1049,12 +1375,21 @@ pub struct PhaseReport {
     /// Simulated time from the phase's start to its last route change (`None`: did not
     /// go quiet within `max_phase`).
     pub convergence: Option<Duration>,
+    /// Simulated time from the phase's start after which every reachable pair was
+    /// routed and loop-free at every check (`SimConfig::routed_check_interval` apart)
+    /// through the end of the phase; `None` if not measured or not routed at the end.
+    /// Reachability comes back before the last route change, which includes moves to
+    /// better paths.
+    pub all_routed: Option<Duration>,
     /// Payloads per live node per simulated minute over the phase (up to quiescence).
     pub packets_per_node_min: f64,
     /// Bytes per live node per simulated minute.
     pub bytes_per_node_min: f64,
     /// Total payloads in the phase.
     pub packets: u64,
+    /// Route events (installs, next-hop changes, removals) in each simulated second of
+    /// the phase.
+    pub route_events_per_s: Vec<u64>,
     /// Result of the global check at the end (if run).
     pub check: Option<Check>,
     /// Wall time of the phase.
@@ -1128,16 +1463,21 @@ impl Report {
             let conv = p
                 .convergence
                 .map_or("null".to_string(), |c| format!("{:.3}", c.as_secs_f64()));
+            let routed = p
+                .all_routed
+                .map_or("null".to_string(), |c| format!("{:.3}", c.as_secs_f64()));
             let _ = write!(
                 s,
-                "{{\"name\":\"{}\",\"convergence_s\":{},\"packets_per_node_min\":{:.1},\"bytes_per_node_min\":{:.1},\"packets\":{},\"wall_s\":{:.3}",
+                "{{\"name\":\"{}\",\"convergence_s\":{},\"all_routed_s\":{},\"packets_per_node_min\":{:.1},\"bytes_per_node_min\":{:.1},\"packets\":{},\"wall_s\":{:.3}",
                 p.name,
                 conv,
+                routed,
                 p.packets_per_node_min,
                 p.bytes_per_node_min,
                 p.packets,
                 p.wall.as_secs_f64()
             );
+            let _ = write!(s, ",\"route_events_per_s\":{:?}", p.route_events_per_s);
             if let Some(c) = &p.check {
                 let _ = write!(
                     s,
@@ -1179,10 +1519,12 @@ impl std::fmt::Display for Report {
         for p in &self.phases {
             write!(
                 f,
-                "  {:<22} converged {:>9} | {:>8.0} pkts/node/min {:>10.0} B/node/min | wall {:>7.2}s",
+                "  {:<22} converged {:>9} all routed {:>8} | {:>8.0} pkts/node/min {:>10.0} B/node/min | wall {:>7.2}s",
                 p.name,
                 p.convergence
                     .map_or("NO".into(), |c| format!("{:.3}s", c.as_secs_f64())),
+                p.all_routed
+                    .map_or("-".into(), |c| format!("{:.1}s", c.as_secs_f64())),
                 p.packets_per_node_min,
                 p.bytes_per_node_min,
                 p.wall.as_secs_f64()
@@ -1314,12 +1656,21 @@ impl Scenario {
         report
     }
 
+    /// Runs one phase; its figures also go to stderr as soon as it ends, so a long run
+    /// (an hour at 10,000 nodes) shows its progress and leaves partial results if stopped.
     fn phase(&self, sim: &mut Sim, name: &str, act: impl FnOnce(&mut Sim)) -> PhaseReport {
         let wall0 = Instant::now();
         let c0 = sim.counters;
         let t0 = sim.now();
         act(sim);
+        sim.event_seconds = Some((t0, Vec::new()));
+        let interval = self.sim.routed_check_interval;
+        let watch = self.full_checks && !interval.is_zero();
+        if watch {
+            sim.watch_routed(interval);
+        }
         let conv = sim.run_until_quiet(self.quiet, self.max_phase);
+        let all_routed = if watch { sim.unwatch_routed(t0) } else { None };
         let live = (0..sim.len() as u32)
             .filter(|x| sim.alive(*x))
             .count()
@@ -1332,14 +1683,30 @@ impl Scenario {
             .min(sim.now() - t0);
         let mins = active.as_secs_f64() / 60.0;
         let packets = sim.counters.packets - c0.packets;
-        PhaseReport {
+        let report = PhaseReport {
             name: name.to_string(),
             convergence: conv,
+            all_routed,
+            route_events_per_s: sim.event_seconds.take().map(|e| e.1).unwrap_or_default(),
             packets_per_node_min: packets as f64 / live as f64 / mins,
             bytes_per_node_min: (sim.counters.bytes - c0.bytes) as f64 / live as f64 / mins,
             packets,
             check: self.full_checks.then(|| sim.check()),
             wall: wall0.elapsed(),
-        }
+        };
+        eprintln!(
+            "phase {name}: last route change {:?}, all routed {:?}, {} payloads, check {:?}, wall {:.1}s, simulated {:.1}s, route events per s {:?}",
+            report.convergence,
+            report.all_routed,
+            report.packets,
+            report
+                .check
+                .as_ref()
+                .map(|c| (c.pairs, c.loops, c.unrouted, c.stale)),
+            report.wall.as_secs_f64(),
+            sim.now().as_secs_f64(),
+            report.route_events_per_s
+        );
+        report
     }
 }

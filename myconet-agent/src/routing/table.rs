@@ -390,6 +390,48 @@ impl Table {
         self.entries.len()
     }
 
+    /// Loads, without using it, the memory a lookup of `p` will read: level 0 its home
+    /// slot, level 1 the entry that slot points to. A batch of touches lets the CPU wait
+    /// for their cache misses in parallel instead of one lookup after another; it
+    /// changes nothing.
+    pub fn touch(&self, p: u64, level: u8) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let s = self.slots[self.home(self.hash(p))];
+        if level > 0 && s != 0 {
+            let idx = (s & 0xffff_ffff) as usize - 1;
+            if let Some(e) = self.entries.get(idx) {
+                std::hint::black_box(e.prefix);
+            }
+        } else {
+            std::hint::black_box(s);
+        }
+    }
+
+    /// Index of `p`'s entry in the dense entry array (valid until the next insert or
+    /// remove), for callers that visit an entry twice or walk the table in order.
+    pub fn index_of(&self, p: u64) -> Option<usize> {
+        self.find(p).map(|(_, idx)| idx)
+    }
+
+    /// The entry at index `idx` (see [`Table::index_of`]; entries are in `iter` order).
+    pub fn get_at(&self, idx: usize) -> Option<EntryRef<'_>> {
+        Some(EntryRef {
+            e: self.entries.get(idx)?,
+            pool: &self.pool,
+        })
+    }
+
+    /// The entry at index `idx`, mutably.
+    pub fn get_at_mut(&mut self, idx: usize) -> Option<EntryMut<'_>> {
+        Some(EntryMut {
+            e: self.entries.get_mut(idx)?,
+            pool: &mut self.pool,
+            free: &mut self.free,
+        })
+    }
+
     /// The entry of `p`.
     pub fn get(&self, p: u64) -> Option<EntryRef<'_>> {
         let (_, idx) = self.find(p)?;
