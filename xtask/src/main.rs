@@ -76,7 +76,7 @@ enum BenchCmd {
     /// route. Needs no root: it is a deterministic simulation.
     Routing {
         /// Nodes per topology (10^8 routes across all simulated nodes at 10,000: about
-        /// 13 GB RSS and an hour per topology on 2 cores; see docs/routing.md).
+        /// 13 GB RSS and about 37 minutes per topology on one core; see docs/routing.md).
         #[arg(long, default_value_t = 10_000)]
         nodes: u32,
         /// Simulator seed (runs are reproducible).
