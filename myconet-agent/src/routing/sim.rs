@@ -886,6 +886,16 @@ impl Sim {
         self.watch = Some(w);
     }
 
+    /// `v`'s next hop towards `prefix` when a packet could actually take it: the next
+    /// hop is alive and the link to it is up.
+    fn live_next_hop(&self, v: u32, prefix: u64) -> Option<u32> {
+        let nh = self.nodes[v as usize]
+            .router
+            .as_ref()
+            .and_then(|r| r.next_hop_bits(prefix))?;
+        (self.alive(nh) && self.links.get(&key_of(v, nh)).is_some_and(|l| l.up)).then_some(nh)
+    }
+
     /// Whether `x`'s next-hop chain towards `d` arrives without a loop, or `x` need not
     /// reach `d` (dead, or in another component) and its chain does not loop.
     fn reaches(&self, comp: &[u32], x: u32, d: u32) -> bool {
@@ -896,17 +906,9 @@ impl Sim {
             if v == d {
                 return true;
             }
-            let nh = self.nodes[v as usize]
-                .router
-                .as_ref()
-                .and_then(|r| r.next_hop_bits(prefix));
-            match nh {
-                Some(nh)
-                    if self.alive(nh) && self.links.get(&key_of(v, nh)).is_some_and(|l| l.up) =>
-                {
-                    v = nh
-                }
-                _ => return !need,
+            match self.live_next_hop(v, prefix) {
+                Some(nh) => v = nh,
+                None => return !need,
             }
         }
         false
@@ -1132,17 +1134,8 @@ impl Sim {
                 }
                 state[v as usize] = 1;
                 stack.push(v);
-                let nh = self.nodes[v as usize]
-                    .router
-                    .as_ref()
-                    .and_then(|r| r.next_hop_bits(prefix));
-                match nh {
-                    Some(nh)
-                        if self.alive(nh)
-                            && self.links.get(&key_of(v, nh)).is_some_and(|l| l.up) =>
-                    {
-                        v = nh
-                    }
+                match self.live_next_hop(v, prefix) {
+                    Some(nh) => v = nh,
                     _ => break 3,
                 }
             };
