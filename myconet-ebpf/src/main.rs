@@ -138,13 +138,18 @@ fn store_words(addr: usize, w: [u64; 2]) {
     store(addr + 8, w[1]);
 }
 
-/// 16 bytes at `addr` (an IPv6 address), as two 64-bit loads.
+/// Two 64-bit words as the 16 bytes they hold (an IPv6 address in a map key).
 #[inline(always)]
-fn load_addr(addr: usize) -> [u8; 16] {
-    let words: [u64; 2] = [load(addr), load(addr + 8)];
+fn addr_bytes(words: [u64; 2]) -> [u8; 16] {
     // SAFETY: any 16 bytes are a valid [u8; 16]; built from words so that no byte-wise
     // zeroing (a memset call in BPF) precedes the two loads.
     unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
+}
+
+/// 16 bytes at `addr` (an IPv6 address), as two 64-bit loads.
+#[inline(always)]
+fn load_addr(addr: usize) -> [u8; 16] {
+    addr_bytes(load_words(addr))
 }
 
 #[inline(always)]
@@ -207,10 +212,8 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         None => return (DROP, Stat::DropMalformed),
     };
 
-    let dst_at = start + MYC_OFF + field::DST.start;
-    let (dst0, dst1): (u64, u64) = (load(dst_at), load(dst_at + 8));
-    let peer_at = start + IP_OFF + 8;
-    let (peer0, peer1): (u64, u64) = (load(peer_at), load(peer_at + 8));
+    let [dst0, dst1] = load_words(start + MYC_OFF + field::DST.start);
+    let [peer0, peer1] = load_words(start + IP_OFF + 8);
     let peer_port_be: u16 = load(start + UDP_OFF);
     let hop_limit = byte(start + MYC_OFF + field::HOP_LIMIT);
     let ingress = ctx.ingress_ifindex() as u32;
@@ -218,8 +221,8 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     // The fast path: a slot of the forwarding cache that holds this flow, made in the
     // current generation for a packet at least this large, stands for every check below.
     let tot_len = (IPV6_HLEN + ip_payload_len) as u16;
-    let slot_index = forwarding_slot(dst0, dst1, peer1, peer_port_be, ingress);
     let slot = if is_data {
+        let slot_index = forwarding_slot(dst0, dst1, peer1, peer_port_be, ingress);
         let Some(slot) = FORWARDING_CACHE.get_ptr_mut(slot_index) else {
             return (PASS, Stat::PassSlowPath);
         };
@@ -245,7 +248,7 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         None
     };
 
-    let route_key = Key::new(128, load_addr(dst_at));
+    let route_key = Key::new(128, addr_bytes([dst0, dst1]));
     let route = ROUTES.get(&route_key);
     if let Some(r) = route
         && r.action == RouteAction::Local as u8
@@ -261,7 +264,7 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     }
 
     // Only authenticated neighbours may use this node as a relay.
-    let peer = PeerKey::new(load_addr(peer_at), u16::from_be(peer_port_be));
+    let peer = PeerKey::new(addr_bytes([peer0, peer1]), u16::from_be(peer_port_be));
     // SAFETY: read-only lookup of a plain-data value.
     if unsafe { PEERS.get(peer) }.is_none() {
         return (DROP, Stat::DropUnknownPeer);
