@@ -49,6 +49,10 @@ pub const MAX_GSO_BYTES: usize = u16::MAX as usize - 8;
 /// 64-bit Linux; 32 leaves slack on every ABI).
 type CmsgBuf = [u64; 4];
 
+/// Room for what a send may carry: a `UDP_SEGMENT` size (`CMSG_SPACE(2)`, 24 bytes) and
+/// an `IPV6_PKTINFO` (`CMSG_SPACE(20)`, 40 bytes), 8-byte aligned.
+type SendCmsgBuf = [u64; 8];
+
 /// Reusable receive buffers for one `recvmmsg` call.
 pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
@@ -369,7 +373,7 @@ fn sendmmsg_gso(
 ) -> io::Result<usize> {
     let runs = &runs[..runs.len().min(BATCH)];
     let mut addrs: Vec<libc::sockaddr_in6> = Vec::with_capacity(runs.len());
-    let mut ctrl: Vec<CmsgBuf> = vec![[0; 4]; runs.len()];
+    let mut ctrl: Vec<SendCmsgBuf> = vec![[0; 8]; runs.len()];
     let iovecs: Vec<libc::iovec> = runs
         .iter()
         .flat_map(|r| datagrams[r.clone()].iter())
@@ -391,20 +395,8 @@ fn sendmmsg_gso(
         m.msg_hdr.msg_iov = iovecs[iov_at..].as_ptr() as *mut libc::iovec;
         m.msg_hdr.msg_iovlen = r.len() as _;
         iov_at += r.len();
-        if r.len() > 1 {
-            let segment = datagrams[r.start].0.len() as u16;
-            // SAFETY: CMSG_SPACE(2) (24 on 64-bit) fits the 32-byte, 8-aligned buffer.
-            unsafe {
-                let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32);
-                m.msg_hdr.msg_control = ctrl[i].as_mut_ptr().cast();
-                m.msg_hdr.msg_controllen = space as _;
-                let cmsg = libc::CMSG_FIRSTHDR(&m.msg_hdr);
-                (*cmsg).cmsg_level = SOL_UDP;
-                (*cmsg).cmsg_type = UDP_SEGMENT;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
-                libc::CMSG_DATA(cmsg).cast::<u16>().write_unaligned(segment);
-            }
-        }
+        let segment = (r.len() > 1).then(|| datagrams[r.start].0.len() as u16);
+        set_send_cmsgs(&mut m.msg_hdr, &mut ctrl[i], segment, &datagrams[r.start].1);
         msgs.push(m);
     }
     // SAFETY: every header points at live iovecs, addresses and control buffers that
@@ -421,6 +413,71 @@ fn sendmmsg_gso(
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// The interface a datagram to `to` must leave by, when the kernel would not honour
+/// it from the address alone: a non-zero scope id on an address that needs no scope
+/// (global, ULA). For link-local destinations `sin6_scope_id` already binds the
+/// interface; for the others the kernel ignores it, so a route's egress interface is
+/// passed as `IPV6_PKTINFO` instead, which is what the XDP program's FIB lookup with
+/// the route's interface does too.
+fn pktinfo_ifindex(to: &SocketAddr) -> Option<u32> {
+    match to {
+        SocketAddr::V6(v6) if v6.scope_id() != 0 && !v6.ip().is_unicast_link_local() => {
+            Some(v6.scope_id())
+        }
+        _ => None,
+    }
+}
+
+/// Fills `buf` with the control messages of one send (a `UDP_SEGMENT` size, an
+/// `IPV6_PKTINFO` egress interface, either or both) and points `hdr` at them; leaves
+/// `hdr` without control data when there is none.
+fn set_send_cmsgs(
+    hdr: &mut libc::msghdr,
+    buf: &mut SendCmsgBuf,
+    segment: Option<u16>,
+    to: &SocketAddr,
+) {
+    let ifindex = pktinfo_ifindex(to);
+    // SAFETY: CMSG_SPACE of both values (24 + 40 on 64-bit Linux) fits the 64-byte,
+    // 8-aligned buffer; CMSG_FIRSTHDR/NXTHDR stay within `msg_controllen`, which covers
+    // exactly the messages written; values are written unaligned.
+    unsafe {
+        let mut space = 0;
+        if segment.is_some() {
+            space += libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32);
+        }
+        if ifindex.is_some() {
+            space += libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32);
+        }
+        if space == 0 {
+            return;
+        }
+        hdr.msg_control = buf.as_mut_ptr().cast();
+        hdr.msg_controllen = space as _;
+        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+        if let Some(segment) = segment {
+            (*cmsg).cmsg_level = SOL_UDP;
+            (*cmsg).cmsg_type = UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+            libc::CMSG_DATA(cmsg).cast::<u16>().write_unaligned(segment);
+            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+        }
+        if let Some(ifindex) = ifindex {
+            (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
+            (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as _;
+            let info = libc::in6_pktinfo {
+                // Unspecified: the kernel picks the source for that interface.
+                ipi6_addr: libc::in6_addr { s6_addr: [0; 16] },
+                ipi6_ifindex: ifindex,
+            };
+            libc::CMSG_DATA(cmsg)
+                .cast::<libc::in6_pktinfo>()
+                .write_unaligned(info);
+        }
     }
 }
 
@@ -490,17 +547,18 @@ fn sendmmsg(socket: &UdpSocket, datagrams: &[(&[u8], SocketAddr)]) -> io::Result
             iov_len: data.len(),
         });
     }
-    let mut msgs: Vec<libc::mmsghdr> = (0..count)
-        .map(|i| {
-            // SAFETY: plain data; pointers set below.
-            let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
-            m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in6).cast();
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as u32;
-            m.msg_hdr.msg_iov = &mut iovecs[i];
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let mut ctrl: Vec<SendCmsgBuf> = vec![[0; 8]; count];
+    let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(count);
+    for (i, (_, to)) in datagrams[..count].iter().enumerate() {
+        // SAFETY: plain data; pointers set below.
+        let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+        m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in6).cast();
+        m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as u32;
+        m.msg_hdr.msg_iov = &mut iovecs[i];
+        m.msg_hdr.msg_iovlen = 1;
+        set_send_cmsgs(&mut m.msg_hdr, &mut ctrl[i], None, to);
+        msgs.push(m);
+    }
     // SAFETY: msgs points at `count` initialised headers; buffers are only read.
     let n = unsafe {
         libc::sendmmsg(
@@ -548,6 +606,112 @@ mod tests {
         }
         assert_eq!(got, payloads, "every datagram, intact and in order");
         assert!(batch.get_mut(batch.len()).is_none());
+    }
+
+    /// Interface index and MAC address of `dev` in `ns`, from the kernel.
+    fn link_info(ns: &myconet_testbed::Netns, dev: &str) -> anyhow::Result<(u32, String)> {
+        let out = ns.ip(["-j", "link", "show", "dev", dev])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let ifindex = v[0]["ifindex"].as_u64().and_then(|i| u32::try_from(i).ok());
+        let mac = v[0]["address"].as_str().map(str::to_owned);
+        ifindex
+            .zip(mac)
+            .ok_or_else(|| anyhow::anyhow!("no ifindex or address for {dev}: {v}"))
+    }
+
+    /// Two interfaces both route the next hop's prefix; the FIB prefers `d0`. A next hop
+    /// naming `d1` as its interface (scope id on a ULA address, which the kernel ignores
+    /// in `sin6_scope_id`) must leave by `d1`, as the XDP path's FIB lookup with the
+    /// route's interface would send it, in plain and in GSO sends alike. Counted where
+    /// the frames arrive, at the far ends `p0` and `p1` of the two veth pairs.
+    #[test]
+    fn a_next_hops_interface_is_honoured_for_global_addresses() -> anyhow::Result<()> {
+        use myconet_testbed::{Capture, Netns, netns::unique_name};
+        const PORT: u16 = 9651;
+        let ns = Netns::create(&unique_name("egress"))?;
+        for (i, addr) in ["fd00:a::1/64", "fd00:b::1/64"].iter().enumerate() {
+            let (dev, peer) = (format!("d{i}"), format!("p{i}"));
+            ns.ip(["link", "add", &dev, "type", "veth", "peer", "name", &peer])?;
+            ns.ip(["link", "set", &dev, "up"])?;
+            ns.ip(["link", "set", &peer, "up"])?;
+            ns.ip(["-6", "addr", "add", addr, "dev", &dev, "nodad"])?;
+            // Each far end answers for the next hop, so nothing waits for discovery.
+            let (_, mac) = link_info(&ns, &peer)?;
+            let neigh = [
+                "-6",
+                "neigh",
+                "replace",
+                "fd00:9::5",
+                "lladdr",
+                &mac,
+                "dev",
+                &dev,
+            ];
+            ns.ip(neigh.iter().copied().chain(["nud", "permanent"]))?;
+        }
+        ns.ip([
+            "-6",
+            "route",
+            "add",
+            "fd00:9::/64",
+            "dev",
+            "d0",
+            "metric",
+            "10",
+        ])?;
+        ns.ip([
+            "-6",
+            "route",
+            "add",
+            "fd00:9::/64",
+            "dev",
+            "d1",
+            "metric",
+            "20",
+        ])?;
+        // Segment GSO sends before the veth, so captures count wire packets.
+        ns.exec(
+            myconet_testbed::util::tool("ethtool"),
+            ["-K", "d1", "tx-udp-segmentation", "off"],
+        )?;
+        let (d1, _) = link_info(&ns, "d1")?;
+        let at_p0 = Capture::udp_port(&ns, "p0", PORT)?;
+        let at_p1 = Capture::udp_port(&ns, "p1", PORT)?;
+        ns.run_in(|| -> anyhow::Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let socket = UdpSocket::bind("[::]:0").await?;
+                let plain = SocketAddr::V6(SocketAddrV6::new("fd00:9::5".parse()?, PORT, 0, 0));
+                let scoped = SocketAddr::V6(SocketAddrV6::new("fd00:9::5".parse()?, PORT, 0, d1));
+                let data: &[u8] = &[7u8; 100];
+                // 3 to the FIB's choice; 3 one by one and 4 as one GSO run via d1.
+                let one_by_one: &[(&[u8], SocketAddr)] = &[
+                    (data, plain),
+                    (data, scoped),
+                    (&data[..50], plain),
+                    (data, scoped),
+                    (data, plain),
+                    (data, scoped),
+                ];
+                assert!(send_batch(&socket, one_by_one).await.is_empty());
+                assert!(
+                    send_gso_batch(&socket, &[(data, scoped); 4])
+                        .await
+                        .is_empty()
+                );
+                Ok(())
+            })
+        })??;
+        let limit = std::time::Duration::from_secs(5);
+        assert!(at_p1.wait_for(7, limit), "p1 got {} of 7", at_p1.count());
+        assert!(at_p0.wait_for(3, limit), "p0 got {} of 3", at_p0.count());
+        // Nothing more trickles in on either side.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(at_p0.stop()?.len(), 3, "d0: the FIB's choice");
+        assert_eq!(at_p1.stop()?.len(), 7, "d1: the next hop's interface");
+        Ok(())
     }
 
     #[test]

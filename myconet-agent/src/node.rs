@@ -68,6 +68,9 @@ pub enum AgentStat {
     RxHandshakeRelayed,
     /// Handshake and cookie packets dropped by the relay rules.
     RxHandshakeDropped,
+    /// Handshake and cookie packets not relayed because the neighbour that handed them
+    /// over exceeded its share (see `underlay::RELAY_HANDSHAKE_LIMIT`).
+    RxHandshakeRelayLimited,
     /// Link-level control packets.
     RxControl,
     /// Not a valid Myconet header.
@@ -99,7 +102,7 @@ pub enum AgentStat {
 
 impl AgentStat {
     /// Every counter in index order.
-    pub const ALL: [AgentStat; 22] = [
+    pub const ALL: [AgentStat; 23] = [
         AgentStat::RxData,
         AgentStat::RxDataLocal,
         AgentStat::RxDataRelayed,
@@ -109,6 +112,7 @@ impl AgentStat {
         AgentStat::RxHandshake,
         AgentStat::RxHandshakeRelayed,
         AgentStat::RxHandshakeDropped,
+        AgentStat::RxHandshakeRelayLimited,
         AgentStat::RxControl,
         AgentStat::RxMalformed,
         AgentStat::RxOpenFailed,
@@ -136,6 +140,7 @@ impl AgentStat {
             AgentStat::RxHandshake => "rx_handshake",
             AgentStat::RxHandshakeRelayed => "rx_handshake_relayed",
             AgentStat::RxHandshakeDropped => "rx_handshake_dropped",
+            AgentStat::RxHandshakeRelayLimited => "rx_handshake_relay_limited",
             AgentStat::RxControl => "rx_control",
             AgentStat::RxMalformed => "rx_malformed",
             AgentStat::RxOpenFailed => "rx_open_failed",

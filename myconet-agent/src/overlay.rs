@@ -519,8 +519,14 @@ impl Overlay {
         }
     }
 
+    /// Sends handshake, cookie, keepalive and control datagrams (few, but batched like
+    /// data so they take the same egress rules: a route's interface is honoured).
     async fn send_all(&self, transmits: Vec<Transmit>) {
-        for t in transmits {
+        if transmits.is_empty() {
+            return;
+        }
+        let mut out: Vec<(&[u8], SocketAddr)> = Vec::with_capacity(transmits.len());
+        for t in &transmits {
             let to = match t.underlay {
                 Some(to) => to,
                 None => match self.node.next_hop_for(t.destination) {
@@ -531,10 +537,12 @@ impl Overlay {
                     }
                 },
             };
-            if let Err(e) = self.socket.send_to(&t.datagram, to).await {
-                self.node.count(AgentStat::TxError, t.datagram.len());
-                debug!(%to, error = %e, "send failed");
-            }
+            out.push((&t.datagram, to));
+        }
+        for i in batch_io::send_batch(&self.socket, &out).await {
+            let (datagram, to) = out[i];
+            self.node.count(AgentStat::TxError, datagram.len());
+            debug!(%to, "send failed");
         }
     }
 }

@@ -6,10 +6,12 @@
 //! with the XDP program's exact semantics. Control packets belong to the peer layer.
 
 use std::{
-    net::{Ipv6Addr, SocketAddr, SocketAddrV6},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
     ops::Range,
     sync::Arc,
 };
+
+use std::time::Instant;
 
 use myconet_common::wire::{Packet, PacketType, Repr, field};
 use tokio::net::UdpSocket;
@@ -20,6 +22,19 @@ use crate::{
     forward::{Decision, DropReason},
     node::{AgentStat, Node},
     overlay::Overlay,
+    session::{RateLimitConfig, RateLimiter},
+};
+
+/// How many handshake and cookie packets one neighbour may have this node relay: every
+/// one goes up to this agent (XDP passes them) and on to the next hop's, so a neighbour
+/// must not be able to make relays do that without bound. Generous, because one
+/// neighbour can stand for many initiators; the responder limits each of them.
+/// Keyed by the neighbour's full address.
+pub const RELAY_HANDSHAKE_LIMIT: RateLimitConfig = RateLimitConfig {
+    burst: 256,
+    per_second: 128,
+    max_sources: 4096,
+    ipv6_prefix_len: 128,
 };
 
 /// Binds the IPv6-only underlay socket on `[::]:port`.
@@ -69,6 +84,9 @@ pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>)
     let mut relays: Vec<(usize, Range<usize>, Relay)> = Vec::with_capacity(BATCH);
     let mut local: Vec<(usize, Range<usize>, SocketAddrV6)> = Vec::with_capacity(BATCH);
     let mut scratch = overlay.rx_scratch();
+    // A constant, checked by `relay_handshake_limit_is_valid`.
+    let mut relay_limiter =
+        RateLimiter::new(RELAY_HANDSHAKE_LIMIT).expect("RELAY_HANDSHAKE_LIMIT is valid");
     loop {
         let n = match recv_batch(&socket, &mut batch).await {
             Ok(n) => n,
@@ -89,7 +107,7 @@ pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>)
                 let Some(datagram) = buf.get_mut(range.clone()) else {
                     continue;
                 };
-                match handle(&node, &overlay, datagram, from).await {
+                match handle(&node, &overlay, &mut relay_limiter, datagram, from).await {
                     Action::Relay(relay) => relays.push((i, range, relay)),
                     Action::Deliver => local.push((i, range, from)),
                     Action::Done => {}
@@ -139,7 +157,13 @@ struct Relay {
 
 /// Handles one datagram; returns where to relay it (already rewritten) if it is to be
 /// relayed, or that it is data for this node.
-async fn handle(node: &Node, overlay: &Overlay, datagram: &mut [u8], from: SocketAddrV6) -> Action {
+async fn handle(
+    node: &Node,
+    overlay: &Overlay,
+    relay_limiter: &mut RateLimiter,
+    datagram: &mut [u8],
+    from: SocketAddrV6,
+) -> Action {
     let len = datagram.len();
     let header = match Repr::parse(&Packet::new_unchecked(&*datagram)) {
         Ok(h) => h,
@@ -167,6 +191,12 @@ async fn handle(node: &Node, overlay: &Overlay, datagram: &mut [u8], from: Socke
             }
             node.count(AgentStat::RxHandshake, len);
             overlay.on_datagram(SocketAddr::V6(from), datagram).await;
+            Action::Done
+        }
+        Decision::Forward { .. }
+            if !is_data && !relay_limiter.allow(IpAddr::V6(*from.ip()), Instant::now()) =>
+        {
+            node.count(AgentStat::RxHandshakeRelayLimited, len);
             Action::Done
         }
         Decision::Forward {
@@ -199,5 +229,15 @@ async fn handle(node: &Node, overlay: &Overlay, datagram: &mut [u8], from: Socke
             );
             Action::Done
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_handshake_limit_is_valid() {
+        assert!(RELAY_HANDSHAKE_LIMIT.validate().is_ok());
     }
 }

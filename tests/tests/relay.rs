@@ -194,3 +194,90 @@ fn relay_refuses_strangers_and_expired_packets() -> Result<()> {
     );
     Ok(())
 }
+
+/// A neighbour cannot make a relay pass on handshakes without bound: every one goes up
+/// to b's agent (XDP passes them after its peer and route checks), which relays at most
+/// `RELAY_HANDSHAKE_LIMIT` (a burst of 256, then 128 per second) per neighbour and
+/// counts the rest. Every packet is accounted for, and c sees exactly what b relayed.
+#[test]
+fn relay_limits_the_handshakes_one_neighbour_hands_it() -> Result<()> {
+    use myconet_agent::underlay::RELAY_HANDSHAKE_LIMIT;
+    use myconet_common::wire::{PacketType, Repr};
+    use myconet_testbed::{packet, traffic::CaptureOptions};
+
+    const SENT: u64 = 1000;
+    let chain = RelayChain::start(&bin_dir()?, "auto")?;
+    let b = &chain.agents[1];
+    let before = b.stats()?;
+    let capture = Capture::start(
+        chain.topo.node(2).netns(),
+        &chain.c_ingress()?,
+        CaptureOptions {
+            udp_dst_port: Some(PORT),
+            ..CaptureOptions::default()
+        },
+    )?;
+    // Handshake-typed datagrams for c from a's authenticated endpoint: b cannot tell
+    // them from real inits without c's keys, and must not need to.
+    let inits: Vec<Vec<u8>> = (0..SENT)
+        .map(|i| {
+            let repr = Repr {
+                packet_type: PacketType::HandshakeInit,
+                hop_limit: 64,
+                flags: 0,
+                session_id: 0,
+                counter: i,
+                dst_addr: chain.c_overlay,
+                src_addr: chain.a_overlay,
+            };
+            // Growing sizes: c's receive GRO never merges a datagram into a smaller
+            // one's run, so its capture sees every datagram as a frame of its own.
+            packet::datagram(&repr, &vec![0x5a; 100 + i as usize])
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    chain.sender(SENDER_PORT)?.send_datagrams(&inits)?;
+    let d = |s: &serde_json::Value, name: &str| {
+        Ok::<_, anyhow::Error>(counter(s, "agent", name)? - counter(&before, "agent", name)?)
+    };
+    let after = chain.wait_stats(1, Duration::from_secs(20), |s| {
+        Ok(d(s, "rx_handshake_relayed")? + d(s, "rx_handshake_relay_limited")? >= SENT)
+    })?;
+    let elapsed = start.elapsed();
+    let relayed = d(&after, "rx_handshake_relayed")?;
+    let limited = d(&after, "rx_handshake_relay_limited")?;
+    ensure!(relayed + limited == SENT, "not all accounted for: {after}");
+    let burst = u64::from(RELAY_HANDSHAKE_LIMIT.burst);
+    let rate = u64::from(RELAY_HANDSHAKE_LIMIT.per_second);
+    // At least the burst; at most the burst plus what the rate refilled meanwhile.
+    let most = burst + rate * (elapsed.as_millis() as u64 / 1000 + 1);
+    ensure!(
+        relayed >= burst && relayed <= most,
+        "relayed {relayed} (burst {burst}, at most {most} in {elapsed:?}): {after}"
+    );
+    ensure!(limited > 0, "nothing was limited: {after}");
+    // c receives exactly what b relayed (and b relayed only these).
+    ensure!(
+        capture.wait_for(relayed as usize, Duration::from_secs(10)),
+        "c captured {} of {relayed}\n{}",
+        capture.count(),
+        chain.loss_report()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let frames = capture.stop()?;
+    let handshakes = frames
+        .iter()
+        .filter(|f| {
+            f.parse().ok().and_then(|p| p.repr().ok()).is_some_and(|r| {
+                r.packet_type == PacketType::HandshakeInit
+                    && r.src_addr == chain.a_overlay
+                    && r.dst_addr == chain.c_overlay
+            })
+        })
+        .count() as u64;
+    ensure!(
+        handshakes == relayed,
+        "c saw {handshakes}, b relayed {relayed}"
+    );
+    Ok(())
+}

@@ -44,7 +44,7 @@ pub use cookie::CookieChecker;
 pub use error::{
     ConfigError, HandshakeError, InboundError, OpenError, SealError, SendError, SignerError,
 };
-pub use ratelimit::{RateLimitConfig, RateLimiter};
+pub use ratelimit::{RateLimitConfig, RateLimiter, source_prefix};
 pub use replay::{REPLAY_WINDOW, ReplayError, ReplayWindow};
 pub use table::{
     Event, FailReason, HandshakeProgress, Inbound, RemoteId, SendStatus, SessionTable, Stats,
@@ -163,8 +163,16 @@ pub struct Config {
     /// HandshakeInits per second above which the responder demands cookies even if the
     /// caller has not signalled load.
     pub load_threshold: u32,
-    /// Per-source token bucket for handshake processing.
+    /// Token bucket per initiator for handshake processing: keyed by the underlay sender
+    /// (last hop) and the claimed overlay /64, so initiators reaching us through one
+    /// relay do not share a bucket. Over it, an init is refused (`RateLimited`).
     pub rate_limit: RateLimitConfig,
+    /// Token bucket per underlay sender (last hop), over all the initiators it brings:
+    /// over it, inits without a valid cookie get a CookieReply instead of a signature
+    /// check, so overlay sources spoofed from behind one neighbour cannot exhaust the
+    /// initiators' buckets, and real initiators behind it still get through by echoing
+    /// the cookie (which only the owner of the overlay source receives).
+    pub source_rate_limit: RateLimitConfig,
     /// Sessions a remote may make this node create (responder side); beyond it the oldest
     /// unconfirmed one is evicted, and if none is unconfirmed the init is refused.
     pub max_sessions: usize,
@@ -187,6 +195,11 @@ impl Default for Config {
             cookie_rotation: Duration::from_secs(120),
             load_threshold: 1000,
             rate_limit: RateLimitConfig::default(),
+            source_rate_limit: RateLimitConfig {
+                burst: 64,
+                per_second: 32,
+                ..RateLimitConfig::default()
+            },
             max_sessions: 65_536,
             max_queued: 64,
         }
@@ -206,6 +219,7 @@ impl Config {
         }
         self.transport.validate()?;
         self.rate_limit.validate()?;
+        self.source_rate_limit.validate()?;
         for (name, value) in [
             ("keepalive_after", self.keepalive_after),
             ("handshake_timeout", self.handshake_timeout),

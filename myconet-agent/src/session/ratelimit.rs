@@ -1,16 +1,22 @@
-//! Per-source token buckets for handshake processing, sans-IO and bounded in memory.
+//! Token buckets for handshake processing, sans-IO and bounded in memory.
 //!
 //! Every HandshakeInit that reaches signature verification costs the responder an
-//! Ed25519 verify and an X25519 agreement, so each underlay source gets `burst` of them
-//! at once and `per_second` after that. Sources are keyed by IPv6 prefix (default /64,
-//! because one host usually controls a whole /64) or by IPv4 address. At most
-//! `max_sources` buckets exist; a new source evicts the oldest-created one, which only
-//! ever resets that source to a full bucket (fail-open), so an attacker with many
-//! addresses cannot lock legitimate sources out, only not be slowed by this limiter,
-//! which is where the cookies take over.
+//! Ed25519 verify and an X25519 agreement, so each source gets `burst` of them at once
+//! and `per_second` after that. What a "source" is depends on the caller: the session
+//! table keys one limiter by the underlay sender (the last hop) and one by (last hop,
+//! claimed overlay /64), so initiators behind one relay do not share a bucket; the
+//! userspace relay keys one by the neighbour that hands it handshakes. IPv6 addresses
+//! are masked with [`source_prefix`] (default /64, because one host usually controls a
+//! whole /64; IPv4 sources are kept whole).
+//!
+//! At most `max_sources` buckets exist; a new source evicts the oldest-created one,
+//! which only ever resets that source to a full bucket (fail-open), so an attacker with
+//! many addresses cannot lock legitimate sources out, only not be slowed by this
+//! limiter, which is where the cookies take over.
 
 use std::{
     collections::{HashMap, VecDeque},
+    hash::Hash,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -62,6 +68,18 @@ impl RateLimitConfig {
     }
 }
 
+/// The bucket key of an underlay address: IPv6 masked to `prefix_len` bits, IPv4 (also
+/// when IPv4-mapped) whole.
+pub fn source_prefix(source: IpAddr, prefix_len: u8) -> IpAddr {
+    match source {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(mask(v6, prefix_len)),
+        },
+        v4 @ IpAddr::V4(_) => v4,
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     /// Accumulated time credit; one handshake costs `interval`.
@@ -69,17 +87,17 @@ struct Bucket {
     last: Instant,
 }
 
-/// Token buckets keyed by source prefix.
+/// Token buckets keyed by `K` (an underlay prefix by default; see the module docs).
 #[derive(Debug, Clone)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = IpAddr> {
     config: RateLimitConfig,
     interval: Duration,
     capacity: Duration,
-    buckets: HashMap<IpAddr, Bucket>,
-    order: VecDeque<IpAddr>,
+    buckets: HashMap<K, Bucket>,
+    order: VecDeque<K>,
 }
 
-impl RateLimiter {
+impl<K: Copy + Eq + Hash> RateLimiter<K> {
     /// A limiter with no buckets yet.
     pub fn new(config: RateLimitConfig) -> Result<Self, ConfigError> {
         config.validate()?;
@@ -93,20 +111,14 @@ impl RateLimiter {
         })
     }
 
-    fn key(&self, source: IpAddr) -> IpAddr {
-        match source {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(mask(v6, self.config.ipv6_prefix_len)),
-            },
-            v4 @ IpAddr::V4(_) => v4,
-        }
+    /// The configured prefix length callers mask IPv6 sources to.
+    pub fn prefix_len(&self) -> u8 {
+        self.config.ipv6_prefix_len
     }
 
-    /// Whether `source` may have one more handshake processed at `now`; takes a token
-    /// if so. Times that go backwards refill nothing.
-    pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
-        let key = self.key(source);
+    /// Whether `key` may have one more handshake processed at `now`; takes a token if
+    /// so. Times that go backwards refill nothing.
+    pub fn allow_key(&mut self, key: K, now: Instant) -> bool {
         if let Some(bucket) = self.buckets.get_mut(&key) {
             let elapsed = now.saturating_duration_since(bucket.last);
             bucket.last = bucket.last.max(now);
@@ -146,6 +158,15 @@ impl RateLimiter {
     /// Whether no bucket is held.
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
+    }
+}
+
+impl RateLimiter<IpAddr> {
+    /// [`RateLimiter::allow_key`] for an underlay address, masked to the configured
+    /// prefix.
+    pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
+        let key = source_prefix(source, self.config.ipv6_prefix_len);
+        self.allow_key(key, now)
     }
 }
 
@@ -231,7 +252,7 @@ mod tests {
                 ..Default::default()
             },
         ] {
-            assert!(RateLimiter::new(bad).is_err());
+            assert!(RateLimiter::<IpAddr>::new(bad).is_err());
         }
     }
 }

@@ -28,7 +28,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::{Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -49,6 +49,7 @@ use super::{
     cookie::CookieChecker,
     handshake::{self, Initiation},
     msg::{CookieReplyMsg, InitMsg, ResponseMsg},
+    ratelimit::source_prefix,
 };
 
 /// Largest plaintext [`SessionTable::send`] accepts (one UDP datagram's worth).
@@ -289,7 +290,10 @@ pub struct SessionTable {
     sessions: HashMap<u32, Slot>,
     pending_index: HashMap<u32, RemoteId>,
     cookies: CookieChecker,
-    limiter: RateLimiter,
+    /// Per (last hop, overlay /64) initiator; see [`Config::rate_limit`].
+    limiter: RateLimiter<(IpAddr, Ipv6Addr)>,
+    /// Per last hop; see [`Config::source_rate_limit`].
+    source_limiter: RateLimiter,
     load: LoadMeter,
     under_load: bool,
     transmits: VecDeque<Transmit>,
@@ -321,6 +325,7 @@ impl SessionTable {
             local_addr: node_address(&local_key),
             cookies: CookieChecker::new(config.cookie_rotation, now),
             limiter: RateLimiter::new(config.rate_limit)?,
+            source_limiter: RateLimiter::new(config.source_rate_limit)?,
             config,
             peers: HashMap::new(),
             sessions: HashMap::new(),
@@ -863,25 +868,31 @@ impl SessionTable {
         if msg.static_key == self.local_key || key_owns(&self.local_key, &src) {
             return Err(HandshakeError::SelfHandshake.into());
         }
-        if self.loaded(now) {
-            let valid = msg
-                .cookie
-                .is_some_and(|c| self.cookies.verify(&c, from, src, now));
-            if !valid {
-                let cookie = self
-                    .cookies
-                    .make(from, src, now, rng)
-                    .map_err(|_| HandshakeError::Random)?;
-                self.transmits.push_back(Transmit {
-                    destination: src,
-                    underlay: Some(from),
-                    datagram: handshake::cookie_reply(&msg, &cookie),
-                });
-                self.stats.cookies_sent += 1;
-                return Ok(Inbound::Handshake(HandshakeProgress::CookieSent));
-            }
+        let loaded = self.loaded(now);
+        let cookie_valid = msg
+            .cookie
+            .is_some_and(|c| self.cookies.verify(&c, from, src, now));
+        // A valid cookie proves the sender receives at `src`, so it is not charged to
+        // the last hop's shared bucket; without one, a last hop over its share must
+        // have its initiators prove that first.
+        if !cookie_valid && (loaded || !self.source_limiter.allow(from.ip(), now)) {
+            let cookie = self
+                .cookies
+                .make(from, src, now, rng)
+                .map_err(|_| HandshakeError::Random)?;
+            self.transmits.push_back(Transmit {
+                destination: src,
+                underlay: Some(from),
+                datagram: handshake::cookie_reply(&msg, &cookie),
+            });
+            self.stats.cookies_sent += 1;
+            return Ok(Inbound::Handshake(HandshakeProgress::CookieSent));
         }
-        if !self.limiter.allow(from.ip(), now) {
+        let initiator = (
+            source_prefix(from.ip(), self.limiter.prefix_len()),
+            mask(src, NODE_PREFIX_LEN),
+        );
+        if !self.limiter.allow_key(initiator, now) {
             self.stats.rate_limited += 1;
             return Err(InboundError::RateLimited(from.ip()));
         }

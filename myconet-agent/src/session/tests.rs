@@ -35,11 +35,16 @@ fn public(key: &Ed25519KeyPair) -> [u8; 32] {
     <[u8; 32]>::try_from(KeyPair::public_key(key).as_ref()).expect("ed25519 key")
 }
 
-/// Defaults, with a rate limit generous enough that tests sending many inits from one
-/// source measure what they mean to (the limiter has its own tests).
+/// Defaults, with rate limits generous enough that tests sending many inits from one
+/// source measure what they mean to (the limiters have their own tests).
 fn config() -> Config {
     Config {
         rate_limit: RateLimitConfig {
+            burst: 100_000,
+            per_second: 100_000,
+            ..RateLimitConfig::default()
+        },
+        source_rate_limit: RateLimitConfig {
             burst: 100_000,
             per_second: 100_000,
             ..RateLimitConfig::default()
@@ -1113,8 +1118,34 @@ fn stale_cookies_are_dropped_and_replaced() {
     assert_eq!(net.nodes[1].received, vec![b"x".to_vec()]);
 }
 
+/// HandshakeInits from `count` fresh identities (so `count` distinct overlay sources)
+/// for node `to`.
+fn inits_from_fresh_keys(net: &Net, to: usize, first_seed: u8, count: u8) -> Vec<Vec<u8>> {
+    let rng = SystemRandom::new();
+    let dst = net.addr(to);
+    (0..count)
+        .map(|i| {
+            let key = keypair(first_seed + i);
+            let pk = public(&key);
+            Initiation::new(
+                &*key,
+                pk,
+                node_address(&pk),
+                dst,
+                7,
+                None,
+                &[Suite::Aes256Gcm],
+                &rng,
+            )
+            .unwrap()
+            .message()
+            .to_vec()
+        })
+        .collect()
+}
+
 #[test]
-fn rate_limiter_bounds_handshake_processing() {
+fn one_initiator_is_rate_limited() {
     let mut cfg = config();
     cfg.rate_limit = RateLimitConfig {
         burst: 3,
@@ -1126,26 +1157,25 @@ fn rate_limiter_bounds_handshake_processing() {
     let rng = SystemRandom::new();
     let b_addr = net.addr(1);
     let src = net.nodes[0].underlay;
-    let inits: Vec<Vec<u8>> = (0..10u8)
-        .map(|i| {
-            let key = keypair(100 + i);
-            let pk = public(&key);
-            Initiation::new(
-                &*key,
-                pk,
-                node_address(&pk),
-                b_addr,
-                7,
-                None,
-                &[Suite::Aes256Gcm],
-                &rng,
-            )
-            .unwrap()
-            .message()
-            .to_vec()
-        })
-        .collect();
-    let results: Vec<_> = inits.iter().map(|m| net.deliver_from(src, 1, m)).collect();
+    // One identity (one overlay /64) initiating again and again.
+    let key = keypair(100);
+    let pk = public(&key);
+    let init = || {
+        Initiation::new(
+            &*key,
+            pk,
+            node_address(&pk),
+            b_addr,
+            7,
+            None,
+            &[Suite::Aes256Gcm],
+            &rng,
+        )
+        .unwrap()
+        .message()
+        .to_vec()
+    };
+    let results: Vec<_> = (0..6).map(|_| net.deliver_from(src, 1, &init())).collect();
     assert!(results[..3].iter().all(|r| r.is_ok()), "{results:?}");
     assert!(
         results[3..]
@@ -1153,13 +1183,87 @@ fn rate_limiter_bounds_handshake_processing() {
             .all(|r| matches!(r, Err(InboundError::RateLimited(_)))),
         "{results:?}"
     );
-    assert_eq!(net.nodes[1].table.pending_handshakes(), 3);
+    assert_eq!(net.nodes[1].table.stats().rate_limited, 3);
     net.now += Duration::from_secs(1);
-    assert!(net.deliver_from(src, 1, &inits[3]).is_ok());
-    assert!(net.deliver_from(src, 1, &inits[4]).is_err());
-    // Another source is not affected.
+    assert!(net.deliver_from(src, 1, &init()).is_ok());
+    assert!(matches!(
+        net.deliver_from(src, 1, &init()),
+        Err(InboundError::RateLimited(_))
+    ));
+    // Another initiator from the same sender is not affected...
+    let others = inits_from_fresh_keys(&net, 1, 120, 1);
+    assert!(net.deliver_from(src, 1, &others[0]).is_ok());
+    // ...nor the same identity from another sender.
     let other: SocketAddr = "[2001:db8:42::1]:9651".parse().unwrap();
-    assert!(net.deliver_from(other, 1, &inits[5]).is_ok());
+    assert!(net.deliver_from(other, 1, &init()).is_ok());
+}
+
+#[test]
+fn a_last_hop_over_its_share_gets_cookies_and_real_initiators_behind_it_get_through() {
+    let mut cfg = config();
+    cfg.source_rate_limit = RateLimitConfig {
+        burst: 4,
+        per_second: 1,
+        max_sources: 8,
+        ipv6_prefix_len: 64,
+    };
+    let mut net = Net::new(&[1, 2], vec![config(), cfg]);
+    // A relay hands node 1 inits of many identities: spoofed or real, it cannot tell.
+    let relay: SocketAddr = "[2001:db8:77::1]:9651".parse().unwrap();
+    let flood = inits_from_fresh_keys(&net, 1, 100, 12);
+    let results: Vec<_> = flood
+        .iter()
+        .map(|m| net.deliver_from(relay, 1, m))
+        .collect();
+    assert!(
+        results[..4]
+            .iter()
+            .all(|r| *r == Ok(Inbound::Handshake(HandshakeProgress::Responded))),
+        "{results:?}"
+    );
+    assert!(
+        results[4..]
+            .iter()
+            .all(|r| *r == Ok(Inbound::Handshake(HandshakeProgress::CookieSent))),
+        "{results:?}"
+    );
+    // Only the four inside the share cost a signature check and left state.
+    assert_eq!(net.nodes[1].table.stats().responses_sent, 4);
+    assert_eq!(net.nodes[1].table.stats().cookies_sent, 8);
+    net.take(1);
+
+    // A real initiator behind the same relay: its first init is answered with a cookie
+    // (which the overlay routes to the owner of its source address, and only there)...
+    net.send(0, 1, b"x");
+    let init = net.take(0).remove(0).datagram;
+    assert_eq!(
+        net.deliver_from(relay, 1, &init),
+        Ok(Inbound::Handshake(HandshakeProgress::CookieSent))
+    );
+    let reply = net.take(1).remove(0);
+    assert_eq!(reply.destination, net.addr(0));
+    assert_eq!(
+        net.deliver(1, 0, &reply.datagram),
+        Ok(Inbound::Handshake(HandshakeProgress::CookieAccepted))
+    );
+    // ...and echoing it gets the init processed although the relay's share is spent.
+    let retry = net.take(0).remove(0).datagram;
+    assert_eq!(
+        net.deliver_from(relay, 1, &retry),
+        Ok(Inbound::Handshake(HandshakeProgress::Responded))
+    );
+    // The spoofers cannot echo: a cookie is bound to the overlay source it was sent to.
+    assert_eq!(
+        net.deliver_from(relay, 1, &flood[11]),
+        Ok(Inbound::Handshake(HandshakeProgress::CookieSent))
+    );
+    // Another last hop has its own share.
+    let other: SocketAddr = "[2001:db8:78::1]:9651".parse().unwrap();
+    let fresh = inits_from_fresh_keys(&net, 1, 140, 1);
+    assert_eq!(
+        net.deliver_from(other, 1, &fresh[0]),
+        Ok(Inbound::Handshake(HandshakeProgress::Responded))
+    );
 }
 
 #[test]
