@@ -8,6 +8,7 @@
 use std::{
     net::{Ipv6Addr, SocketAddr, SocketAddrV6},
     ops::Range,
+    os::fd::AsFd,
     sync::{Arc, Mutex, MutexGuard},
     time::Instant,
 };
@@ -287,16 +288,29 @@ impl Overlay {
     /// already waiting (up to [`TUN_BATCH_PACKETS`] packets) form one batch. With
     /// offload, superpackets are cut into wire-sized packets ([`tun::split_gso`]) in
     /// slots with room for the Myconet header and tag, so they are sealed where they lie.
+    ///
+    /// Reading and sealing run here, sending in a task of its own ([`SEND_PIPELINE`]
+    /// batches deep): a send carries, on the sending thread, whatever the kernel does
+    /// inline below the socket (on veth, the next hop's receive path too), so while
+    /// one batch is being sent the next is read and sealed on the other core.
     pub async fn run_tun(self: Arc<Self>) {
         let Some(tun) = &self.tun else {
             return;
         };
         let offload = tun.offload().is_some();
+        let (to_sender, from_reader) = tokio::sync::mpsc::channel::<SealedBatch>(SEND_PIPELINE);
+        let (recycle, mut recycled) = tokio::sync::mpsc::channel::<SealedBatch>(SEND_PIPELINE + 1);
+        if let Err(e) = self.clone().spawn_sender(from_reader, recycle) {
+            warn!(error = %e, "cannot start the overlay sender thread; TUN traffic is not sent");
+            return;
+        }
         let mut buf = vec![0u8; tun::RECV_BUFFER_LEN];
-        let mut batch = PacketBatch::with_room(HEADER_LEN, TAG_LEN);
         let mut scratch = TxScratch::default();
         loop {
-            batch.clear();
+            // At most SEND_PIPELINE + 1 batches exist: the one being filled, the ones
+            // queued and the one being sent; each is reused once sent.
+            let mut job = recycled.try_recv().unwrap_or_default();
+            job.batch.clear();
             let mut n = match tun.recv(&mut buf).await {
                 Ok(n) => Some(n),
                 Err(e) => {
@@ -306,8 +320,8 @@ impl Overlay {
                 }
             };
             while let Some(len) = n {
-                self.take_tun_read(&buf[..len], offload, &mut batch);
-                if batch.len() >= TUN_BATCH_PACKETS {
+                self.take_tun_read(&buf[..len], offload, &mut job.batch);
+                if job.batch.len() >= TUN_BATCH_PACKETS {
                     break;
                 }
                 n = match tun.try_recv(&mut buf) {
@@ -318,8 +332,51 @@ impl Overlay {
                     }
                 };
             }
-            self.send_packets(&mut batch, &mut scratch).await;
+            let transmits = self.seal_batch(&mut job, &mut scratch);
+            if !job.to.is_empty() && to_sender.send(job).await.is_err() {
+                warn!("the overlay sender stopped; TUN reader stops too");
+                return;
+            }
+            self.send_all(transmits).await;
         }
+    }
+
+    /// Starts the thread that sends sealed batches as [`Overlay::run_tun`] hands them
+    /// over and hands each back for reuse; it ends when the reader drops its end.
+    ///
+    /// An OS thread with its own event loop and its own descriptor of the socket, not a
+    /// task: a task the reader wakes runs next on the reader's own worker (tokio's LIFO
+    /// slot, which the other worker cannot steal), so reading and sending would mostly
+    /// take turns on one core instead of overlapping on two.
+    fn spawn_sender(
+        self: Arc<Self>,
+        mut batches: tokio::sync::mpsc::Receiver<SealedBatch>,
+        recycle: tokio::sync::mpsc::Sender<SealedBatch>,
+    ) -> std::io::Result<()> {
+        let socket = std::net::UdpSocket::from(self.socket.as_fd().try_clone_to_owned()?);
+        socket.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        std::thread::Builder::new()
+            .name("myconet-tx".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let socket = match UdpSocket::from_std(socket) {
+                        Ok(socket) => socket,
+                        Err(e) => {
+                            warn!(error = %e, "overlay sender: cannot register the socket");
+                            return;
+                        }
+                    };
+                    while let Some(job) = batches.recv().await {
+                        self.send_sealed(&socket, &job).await;
+                        // Full only if the reader stopped taking them back: then drop it.
+                        let _ = recycle.try_send(job);
+                    }
+                })
+            })?;
+        Ok(())
     }
 
     /// Appends one TUN read to `batch`: cut into wire packets when offload is on.
@@ -334,20 +391,23 @@ impl Overlay {
         }
     }
 
-    /// Seals one outbound overlay packet for its destination.
+    /// Seals one outbound overlay packet for its destination and sends it.
     pub async fn on_tun_packet(&self, packet: &[u8]) {
-        let mut batch = PacketBatch::with_room(HEADER_LEN, TAG_LEN);
-        batch.push(packet);
-        self.send_packets(&mut batch, &mut TxScratch::default())
-            .await;
+        let mut job = SealedBatch::default();
+        job.batch.push(packet);
+        let transmits = self.seal_batch(&mut job, &mut TxScratch::default());
+        self.send_sealed(&self.socket, &job).await;
+        self.send_all(transmits).await;
     }
 
-    /// Seals every packet of `batch` (plain IPv6 packets in slots with header room and
-    /// tailroom) for its destination, in place and under one lock, and sends them with
-    /// as few system calls as the kernel allows (`UDP_SEGMENT` runs per next hop).
-    /// Packets for a destination without a session go the slow way: queued in the
-    /// session table while a handshake runs.
-    async fn send_packets(&self, batch: &mut PacketBatch, scratch: &mut TxScratch) {
+    /// Seals every packet of `job.batch` (plain IPv6 packets in slots with header room
+    /// and tailroom) for its destination, in place and under one lock, and lists in
+    /// `job.to` where each sealed one goes. Packets for a destination without a session
+    /// go the slow way: queued in the session table while a handshake runs; what that
+    /// makes the table send (handshakes) is returned.
+    fn seal_batch(&self, job: &mut SealedBatch, scratch: &mut TxScratch) -> Vec<Transmit> {
+        let batch = &mut job.batch;
+        job.to.clear();
         scratch.dsts.clear();
         for packet in batch.iter() {
             self.node.count(AgentStat::TunRx, packet.len());
@@ -400,13 +460,9 @@ impl Overlay {
         };
         self.timers.notify_one();
 
-        let mut out: Vec<(&[u8], SocketAddr)> = Vec::with_capacity(batch.len());
         let mut route: Option<(Ipv6Addr, Option<SocketAddr>)> = None;
         for (i, (dst, sealed)) in scratch.dsts.iter().enumerate() {
             let (Some(dst), true) = (dst, sealed) else {
-                continue;
-            };
-            let Some(datagram) = batch.slot(i) else {
                 continue;
             };
             let to = match route {
@@ -421,18 +477,32 @@ impl Overlay {
                 }
             };
             match to {
-                Some(to) => out.push((datagram, to)),
-                None => self.node.count(AgentStat::TxNoRoute, datagram.len()),
+                Some(to) => job.to.push((i, to)),
+                None => {
+                    let len = batch.slot(i).map_or(0, <[u8]>::len);
+                    self.node.count(AgentStat::TxNoRoute, len);
+                }
             }
         }
-        if !out.is_empty() {
-            for i in batch_io::send_gso_batch(&self.socket, &out).await {
-                let (datagram, to) = out[i];
-                self.node.count(AgentStat::TxError, datagram.len());
-                debug!(%to, "send failed");
-            }
+        transmits
+    }
+
+    /// Sends what [`Overlay::seal_batch`] sealed with as few system calls as the kernel
+    /// allows (`UDP_SEGMENT` runs per next hop).
+    async fn send_sealed(&self, socket: &UdpSocket, job: &SealedBatch) {
+        let out: Vec<(&[u8], SocketAddr)> = job
+            .to
+            .iter()
+            .filter_map(|(i, to)| Some((job.batch.slot(*i)?, *to)))
+            .collect();
+        if out.is_empty() {
+            return;
         }
-        self.send_all(transmits).await;
+        for i in batch_io::send_gso_batch(socket, &out).await {
+            let (datagram, to) = out[i];
+            self.node.count(AgentStat::TxError, datagram.len());
+            debug!(%to, "send failed");
+        }
     }
 
     /// Drives retransmissions, rekeys, keepalives, expiry and the neighbour layer's
@@ -555,6 +625,28 @@ pub struct RxScratch {
     coalescer: Coalescer,
     /// Coalesced packets with their virtio_net_hdr, one TUN write each.
     framed: PacketBatch,
+}
+
+/// Batches handed from the TUN reader to its sender at most: one being sent, this many
+/// queued, one being filled.
+const SEND_PIPELINE: usize = 2;
+
+/// A batch of sealed datagrams on its way from the TUN reader to the sender.
+#[derive(Debug)]
+struct SealedBatch {
+    /// The datagrams, sealed in place.
+    batch: PacketBatch,
+    /// Slot of each datagram to send, and its next hop.
+    to: Vec<(usize, SocketAddr)>,
+}
+
+impl Default for SealedBatch {
+    fn default() -> Self {
+        Self {
+            batch: PacketBatch::with_room(HEADER_LEN, TAG_LEN),
+            to: Vec::new(),
+        }
+    }
 }
 
 /// Reusable buffers of the TUN reader.
