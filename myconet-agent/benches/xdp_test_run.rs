@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
         // ... and this one makes the program ask the FIB for it, for comparison.
         dp.set_route(a("fd6d:e::"), 64, fwd("fd00:2::2", None))?;
         for peer in ["fd00:1::2", "fd00:1::1", "fd00:2::1"] {
-            dp.add_peer(PeerKey::new(a(peer).octets(), PORT))?;
+            dp.add_peer(PeerKey::new(a(peer).octets(), PORT, 0))?;
         }
         let cases: [(&str, Vec<u8>, u32); 6] = [
             ("relay_xdp_tx", frame("fd6d:c::1", PORT, 64), RELAY_REPEAT),

@@ -251,7 +251,7 @@ impl ControlService {
 
     /// Every neighbour with its link state, and whether the relay peer map holds it.
     fn peer_rows(&self) -> Result<Vec<pb::Peer>, Status> {
-        let in_map: std::collections::BTreeSet<(Ipv6Addr, u16)> = self
+        let in_map: std::collections::BTreeSet<LinkEndpoint> = self
             .node
             .peers()
             .map_err(node_status)?
@@ -268,7 +268,7 @@ impl ControlService {
             .map(|p| pb::Peer {
                 address: p.endpoint.addr().to_string(),
                 port: u32::from(p.endpoint.port()),
-                in_kernel: in_map.contains(&p.endpoint.underlay()),
+                in_kernel: in_map.contains(&p.endpoint),
                 state: p.state_name().to_string(),
                 origin: p.origin.name().to_string(),
                 node_key: p.node_key_hex().unwrap_or_default(),

@@ -17,7 +17,7 @@ use std::{
 
 use myconet_common::{
     addr::{LINK_ADDRESS, NODE_PREFIX_LEN, is_overlay},
-    maps::{Counter, PeerKey, Stat},
+    maps::{Counter, Stat},
     wire::Repr,
 };
 
@@ -87,6 +87,9 @@ pub enum AgentStat {
     /// Authenticated link handshakes the neighbour policy refused (inbound peers not
     /// accepted, a key other than the announced one, too many peers).
     LinkRefused,
+    /// Authenticated neighbours the relay peer map refused (invalid endpoint, map
+    /// full): they are neither admitted as relay peers nor routed over.
+    PeerNotAdmitted,
     /// Packets read from the TUN device.
     TunRx,
     /// TUN packets that could not be sent (not overlay, no session possible).
@@ -99,7 +102,7 @@ pub enum AgentStat {
 
 impl AgentStat {
     /// Every counter in index order.
-    pub const ALL: [AgentStat; 22] = [
+    pub const ALL: [AgentStat; 23] = [
         AgentStat::RxData,
         AgentStat::RxDataLocal,
         AgentStat::RxDataRelayed,
@@ -118,6 +121,7 @@ impl AgentStat {
         AgentStat::HandshakeRateLimited,
         AgentStat::HandshakeFailed,
         AgentStat::LinkRefused,
+        AgentStat::PeerNotAdmitted,
         AgentStat::TunRx,
         AgentStat::TunDropped,
         AgentStat::TxNoRoute,
@@ -145,6 +149,7 @@ impl AgentStat {
             AgentStat::HandshakeRateLimited => "handshake_rate_limited",
             AgentStat::HandshakeFailed => "handshake_failed",
             AgentStat::LinkRefused => "link_refused",
+            AgentStat::PeerNotAdmitted => "peer_not_admitted",
             AgentStat::TunRx => "tun_rx",
             AgentStat::TunDropped => "tun_dropped",
             AgentStat::TxNoRoute => "tx_no_route",
@@ -502,42 +507,42 @@ impl Node {
         Ok(rows.into_values().collect())
     }
 
-    /// Allows an underlay endpoint to relay through this node.
-    pub fn add_peer(&self, addr: Ipv6Addr, port: u16) -> Result<(), NodeError> {
-        let shown = format!("[{addr}]:{port}");
+    /// Allows an underlay endpoint to relay through this node. A link-local endpoint
+    /// must name its interface: it is admitted only for packets arriving there.
+    pub fn add_peer(&self, endpoint: Endpoint) -> Result<(), NodeError> {
+        let shown = endpoint.to_string();
+        let addr = endpoint.addr();
         if addr.is_unspecified() || addr.is_multicast() {
             return Err(NodeError::InvalidPeer(shown, "must be a unicast address"));
         }
         if is_overlay(&addr) {
             return Err(NodeError::InvalidPeer(shown, "must be an underlay address"));
         }
-        if addr.is_unicast_link_local() {
-            // The kernel peer map is keyed by address and port only: the same fe80::
-            // address on another link would pass the relay check too.
+        if addr.is_unicast_link_local() && endpoint.scope_id() == 0 {
             return Err(NodeError::InvalidPeer(
                 shown,
-                "link-local peers are not supported yet (use a global or ULA address)",
+                "a link-local peer needs the interface it is on",
             ));
         }
-        if port == 0 {
+        if endpoint.port() == 0 {
             return Err(NodeError::InvalidPeer(shown, "port must not be 0"));
         }
         let mut st = self.state();
         if let Some(dp) = st.dataplane.as_mut() {
-            dp.add_peer(PeerKey::new(addr.octets(), port))?;
+            dp.add_peer(endpoint.peer_key())?;
         }
-        st.peers.insert((addr, port));
+        st.peers.insert(endpoint);
         Ok(())
     }
 
     /// Revokes an endpoint; `false` if it was not a peer.
-    pub fn remove_peer(&self, addr: Ipv6Addr, port: u16) -> Result<bool, NodeError> {
+    pub fn remove_peer(&self, endpoint: Endpoint) -> Result<bool, NodeError> {
         let mut st = self.state();
         let in_kernel = match st.dataplane.as_mut() {
-            Some(dp) => dp.remove_peer(PeerKey::new(addr.octets(), port))?,
+            Some(dp) => dp.remove_peer(endpoint.peer_key())?,
             None => false,
         };
-        Ok(st.peers.remove(&(addr, port)) || in_kernel)
+        Ok(st.peers.remove(&endpoint) || in_kernel)
     }
 
     /// Whether the XDP data plane is attached (otherwise the userspace path relays).
@@ -549,11 +554,7 @@ impl Node {
     pub fn peers(&self) -> Result<Vec<(Endpoint, bool)>, NodeError> {
         let st = self.state();
         let kernel: BTreeSet<Endpoint> = match st.dataplane.as_ref() {
-            Some(dp) => dp
-                .peers()?
-                .into_iter()
-                .map(|k| (Ipv6Addr::from(k.addr), k.port))
-                .collect(),
+            Some(dp) => dp.peers()?.iter().map(Endpoint::from_peer_key).collect(),
             None => BTreeSet::new(),
         };
         let mut all: BTreeSet<Endpoint> = st.peers.clone();

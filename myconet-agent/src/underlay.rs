@@ -20,6 +20,7 @@ use crate::{
     forward::{Decision, DropReason},
     node::{AgentStat, Node},
     overlay::Overlay,
+    peers::LinkEndpoint,
 };
 
 /// Binds the IPv6-only underlay socket on `[::]:port`.
@@ -160,7 +161,7 @@ async fn handle(node: &Node, overlay: &Overlay, datagram: &mut [u8], from: Socke
         PacketType::Data => node.count(AgentStat::RxData, len),
         _ => {}
     }
-    match node.decide((*from.ip(), from.port()), &header) {
+    match node.decide(LinkEndpoint::from(from), &header) {
         Decision::Deliver => {
             if is_data {
                 return Action::Deliver;

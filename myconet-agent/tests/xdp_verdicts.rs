@@ -73,15 +73,21 @@ impl Fixture {
             .unwrap();
         dp.set_route(a("fd6d:f::"), 64, fwd("fd00:99::1", 0))
             .unwrap();
-        dp.add_peer(PeerKey::new(a("fd00:1::2").octets(), PORT))
+        dp.add_peer(PeerKey::new(a("fd00:1::2").octets(), PORT, 0))
             .unwrap();
         Self { dp, v0, v2 }
     }
 
-    /// Runs one frame and returns (action, frame out, the single stat that moved).
+    /// Runs one frame arriving on v0 and returns (action, frame out, the single stat
+    /// that moved).
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>, Stat) {
+        self.run_on(frame, self.v0)
+    }
+
+    /// Like [`Fixture::run`] for a frame arriving on interface `ingress`.
+    fn run_on(&self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>, Stat) {
         let before = self.dp.stats().unwrap();
-        let out = self.dp.test_run(frame, self.v0, 1).expect("test_run");
+        let out = self.dp.test_run(frame, ingress, 1).expect("test_run");
         let after = self.dp.stats().unwrap();
         let moved: Vec<_> = before
             .iter()
@@ -466,7 +472,7 @@ fn forwarding_cache_honours_peer_removal_hop_limits_and_shared_slots() {
     ns.run_in(|| {
         pin_to_cpu0();
         let mut fx = Fixture::new();
-        let peer = PeerKey::new(a("fd00:1::2").octets(), PORT);
+        let peer = PeerKey::new(a("fd00:1::2").octets(), PORT, 0);
         let f = frame_from(PORT, &header("fd6d:c::1", 64));
 
         // The first packet fills the slot, the second is served from it: both relayed.
@@ -519,6 +525,64 @@ fn forwarding_cache_honours_peer_removal_hop_limits_and_shared_slots() {
             .set_route(a("fd6d:c::"), 64, RouteTarget::Local.to_map_value())
             .unwrap();
         assert_unchanged(&fx, &f, XDP_PASS, Stat::PassLocal);
+    })
+    .expect("run in namespace");
+}
+
+#[test]
+fn link_local_peers_relay_only_on_their_own_interface() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        let mut fx = Fixture::new();
+        // A neighbour found by discovery: known by its link-local address on v0.
+        let ll_peer = a("fe80::2");
+        fx.dp
+            .add_peer(PeerKey::new(ll_peer.octets(), PORT, fx.v0))
+            .unwrap();
+        let from_ll = packet::frame(
+            PEER_MAC,
+            V0_MAC,
+            ll_peer,
+            a("fd00:1::1"),
+            PORT,
+            PORT,
+            &header("fd6d:c::1", 64),
+            PAYLOAD,
+        );
+
+        // On its own link it may relay through us.
+        let (act, out, stat) = fx.run_on(&from_ll, fx.v0);
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+        assert_relayed(&from_ll, &out, PEER_MAC, V0_MAC, "fd00:1::1", "fd00:1::2");
+
+        // The same fe80:: address on another link is somebody else: a stranger.
+        let (act, out, stat) = fx.run_on(&from_ll, fx.v2);
+        assert_eq!((act, stat), (XDP_DROP, Stat::DropUnknownPeer));
+        assert_eq!(out, from_ll, "a dropped frame is left untouched");
+
+        // A key scoped to the wrong interface admits nothing on v0.
+        let other_ll = a("fe80::3");
+        fx.dp
+            .add_peer(PeerKey::new(other_ll.octets(), PORT, fx.v2))
+            .unwrap();
+        let from_other = packet::frame(
+            PEER_MAC,
+            V0_MAC,
+            other_ll,
+            a("fd00:1::1"),
+            PORT,
+            PORT,
+            &header("fd6d:c::1", 64),
+            PAYLOAD,
+        );
+        let (act, _, stat) = fx.run_on(&from_other, fx.v0);
+        assert_eq!((act, stat), (XDP_DROP, Stat::DropUnknownPeer));
+
+        // Global and unique-local addresses are host-wide: the fixture's peer
+        // fd00:1::2 is admitted whichever interface its packet arrives on.
+        let from_global = frame_from(PORT, &header("fd6d:c::1", 64));
+        let (act, _, stat) = fx.run_on(&from_global, fx.v2);
+        assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect));
     })
     .expect("run in namespace");
 }

@@ -86,7 +86,12 @@ pub struct RouteValue {
 }
 
 /// Key of the peer map: an authenticated neighbour's underlay endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// A link-local address (`fe80::/10`) names a neighbour only together with the link it
+/// is on: the same `fe80::` address may belong to another host on another interface.
+/// Such keys carry the interface index, and the program looks them up with the
+/// interface the packet came in on; every other address is host-wide and carries 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(C)]
 pub struct PeerKey {
     /// Underlay IPv6 address.
@@ -95,13 +100,35 @@ pub struct PeerKey {
     pub port: u16,
     /// Always zero (part of the hashed key).
     pub pad: u16,
+    /// Interface the neighbour is reached on for a link-local `addr`, else 0.
+    pub ifindex: u32,
 }
 
 impl PeerKey {
-    /// Builds a key with its padding zeroed.
-    pub const fn new(addr: [u8; 16], port: u16) -> Self {
-        Self { addr, port, pad: 0 }
+    /// The key for an endpoint seen on interface `ifindex`: the index is kept only for
+    /// link-local addresses (see [`link_scope`]), and the padding is zeroed.
+    pub const fn new(addr: [u8; 16], port: u16, ifindex: u32) -> Self {
+        Self {
+            addr,
+            port,
+            pad: 0,
+            ifindex: link_scope(&addr, ifindex),
+        }
     }
+}
+
+/// Whether `addr` is a link-local unicast address (`fe80::/10`), which means something
+/// only on one interface.
+#[inline(always)]
+pub const fn is_link_local(addr: &[u8; 16]) -> bool {
+    addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
+}
+
+/// The interface scope a map key carries for `addr` seen on (or reached through)
+/// `ifindex`: the index for link-local addresses, 0 for host-wide ones.
+#[inline(always)]
+pub const fn link_scope(addr: &[u8; 16], ifindex: u32) -> u32 {
+    if is_link_local(addr) { ifindex } else { 0 }
 }
 
 /// Key of the next-hop cache: the next hop and the interface the FIB lookup is made
@@ -356,7 +383,7 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         assert_eq!(core::mem::size_of::<RouteValue>(), 40);
-        assert_eq!(core::mem::size_of::<PeerKey>(), 20);
+        assert_eq!(core::mem::size_of::<PeerKey>(), 24);
         assert_eq!(core::mem::size_of::<Config>(), 12);
         assert_eq!(core::mem::size_of::<Counter>(), 16);
         assert_eq!(core::mem::size_of::<NextHopKey>(), 20);
@@ -381,6 +408,20 @@ mod tests {
         }
         let filled = used.iter().filter(|u| **u).count();
         assert!(filled > 2400, "only {filled} slots used");
+    }
+
+    #[test]
+    fn peer_keys_are_scoped_only_for_link_local_addresses() {
+        let ll = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let ll_top = [0xfe, 0xbf, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let site = [0xfe, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let ula = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        assert!(is_link_local(&ll) && is_link_local(&ll_top));
+        assert!(!is_link_local(&site) && !is_link_local(&ula));
+        assert_eq!(PeerKey::new(ll, 9651, 3).ifindex, 3);
+        assert_eq!(PeerKey::new(ula, 9651, 3).ifindex, 0);
+        assert_eq!(PeerKey::new(ula, 9651, 3), PeerKey::new(ula, 9651, 7));
+        assert_ne!(PeerKey::new(ll, 9651, 3), PeerKey::new(ll, 9651, 7));
     }
 
     #[test]

@@ -263,8 +263,13 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         );
     }
 
-    // Only authenticated neighbours may use this node as a relay.
-    let peer = PeerKey::new(addr_bytes([peer0, peer1]), u16::from_be(peer_port_be));
+    // Only authenticated neighbours may use this node as a relay. A link-local sender
+    // is known only on the interface it came in on.
+    let peer = PeerKey::new(
+        addr_bytes([peer0, peer1]),
+        u16::from_be(peer_port_be),
+        ingress,
+    );
     // SAFETY: read-only lookup of a plain-data value.
     if unsafe { PEERS.get(peer) }.is_none() {
         return (DROP, Stat::DropUnknownPeer);
