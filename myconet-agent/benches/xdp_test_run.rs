@@ -19,7 +19,7 @@ use myconet_agent::{
     rib::{NextHop, RouteTarget},
 };
 use myconet_common::{
-    maps::PeerKey,
+    maps::{LocalAddrKey, PeerKey},
     wire::{PacketType, Repr},
 };
 use myconet_testbed::{
@@ -96,6 +96,14 @@ fn main() -> anyhow::Result<()> {
         for peer in ["fd00:1::2", "fd00:1::1", "fd00:2::1"] {
             dp.add_peer(PeerKey::new(a(peer).octets(), PORT, 0))?;
         }
+        // Relayed frames are sent on to the next hop's address; counting the next hops
+        // as local keeps every repetition relayable.
+        let local: std::collections::BTreeSet<LocalAddrKey> =
+            ["fd00:1::1", "fd00:1::2", "fd00:2::1", "fd00:2::2"]
+                .iter()
+                .map(|addr| LocalAddrKey::new(a(addr).octets(), 0))
+                .collect();
+        dp.sync_local_addrs(&local)?;
         let cases: [(&str, Vec<u8>, u32); 6] = [
             ("relay_xdp_tx", frame("fd6d:c::1", PORT, 64), RELAY_REPEAT),
             ("relay_redirect", frame("fd6d:d::1", PORT, 64), RELAY_REPEAT),

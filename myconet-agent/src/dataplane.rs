@@ -14,8 +14,8 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use myconet_common::maps::{
-    CONFIG_MAP, Config, Counter, DEVMAP_MAP, PEERS_MAP, PROGRAM_NAME, PeerKey, PeerValue,
-    ROUTES_MAP, RouteValue, STATS_MAP, Stat,
+    CONFIG_MAP, Config, Counter, DEVMAP_MAP, LOCAL_ADDRS_MAP, LocalAddrKey, PEERS_MAP,
+    PROGRAM_NAME, PeerKey, PeerValue, ROUTES_MAP, RouteValue, STATS_MAP, Stat,
 };
 use tracing::{info, warn};
 
@@ -116,6 +116,7 @@ pub struct XdpDataplane {
     ebpf: Ebpf,
     routes: LpmTrie<MapData, [u8; 16], RouteValue>,
     peers: HashMap<MapData, PeerKey, PeerValue>,
+    local_addrs: HashMap<MapData, LocalAddrKey, u32>,
     stats: PerCpuArray<MapData, Counter>,
     devmap: DevMapHash<MapData>,
     config: Array<MapData, Config>,
@@ -154,12 +155,14 @@ impl XdpDataplane {
         config.set(0, current, 0).map_err(map_err(CONFIG_MAP))?;
         let routes = take(&mut ebpf, ROUTES_MAP)?;
         let peers = take(&mut ebpf, PEERS_MAP)?;
+        let local_addrs = take(&mut ebpf, LOCAL_ADDRS_MAP)?;
         let stats = take(&mut ebpf, STATS_MAP)?;
         let devmap = take(&mut ebpf, DEVMAP_MAP)?;
         Ok(Self {
             ebpf,
             routes,
             peers,
+            local_addrs,
             stats,
             devmap,
             config,
@@ -406,6 +409,47 @@ impl XdpDataplane {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(PEERS_MAP))
+    }
+
+    /// Makes the local-address map hold exactly `wanted` (this node's underlay
+    /// addresses): the program relays only packets sent to one of them. Returns whether
+    /// anything changed; a change makes the forwarding caches stale (their slots are
+    /// keyed by the outer destination they were checked for), so a removed address
+    /// stops being relayed for at once.
+    pub fn sync_local_addrs(
+        &mut self,
+        wanted: &std::collections::BTreeSet<LocalAddrKey>,
+    ) -> Result<bool, DataplaneError> {
+        let present: std::collections::BTreeSet<LocalAddrKey> = self
+            .local_addrs
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(LOCAL_ADDRS_MAP))?;
+        let mut changed = false;
+        for key in wanted.difference(&present) {
+            self.local_addrs
+                .insert(*key, 0, 0)
+                .map_err(map_err(LOCAL_ADDRS_MAP))?;
+            changed = true;
+        }
+        for key in present.difference(wanted) {
+            match self.local_addrs.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => changed = true,
+                Err(e) => return Err(map_err(LOCAL_ADDRS_MAP)(e)),
+            }
+        }
+        if changed {
+            self.bump_generation()?;
+        }
+        Ok(changed)
+    }
+
+    /// Every address in the local-address map.
+    pub fn local_addrs(&self) -> Result<Vec<LocalAddrKey>, DataplaneError> {
+        self.local_addrs
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(LOCAL_ADDRS_MAP))
     }
 
     /// Counters summed over CPUs, in [`Stat`] order.

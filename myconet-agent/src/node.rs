@@ -562,6 +562,19 @@ impl Node {
         Ok(all.into_iter().map(|e| (e, kernel.contains(&e))).collect())
     }
 
+    /// Makes the XDP local-address map hold exactly `addrs`, this node's underlay
+    /// addresses (see [`XdpDataplane::sync_local_addrs`]); `false` when nothing changed
+    /// or there is no data plane.
+    pub fn sync_local_addrs(
+        &self,
+        addrs: &BTreeSet<myconet_common::maps::LocalAddrKey>,
+    ) -> Result<bool, NodeError> {
+        match self.state().dataplane.as_mut() {
+            Some(dp) => Ok(dp.sync_local_addrs(addrs)?),
+            None => Ok(false),
+        }
+    }
+
     /// XDP counters summed over CPUs; empty without a data plane.
     pub fn xdp_stats(&self) -> Result<Vec<(Stat, Counter)>, NodeError> {
         Ok(match self.state().dataplane.as_ref() {

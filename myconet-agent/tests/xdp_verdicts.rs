@@ -7,14 +7,14 @@
 //! (every rewritten byte of a relayed frame, and that its UDP checksum validates) and that
 //! exactly the expected per-CPU counter moved. Needs root (CI runs as root).
 
-use std::net::Ipv6Addr;
+use std::{collections::BTreeSet, net::Ipv6Addr};
 
 use myconet_agent::{
     dataplane::{XdpDataplane, ifindex},
     rib::{NextHop, RouteTarget},
 };
 use myconet_common::{
-    maps::{PeerKey, Stat, forwarding_slot},
+    maps::{LocalAddrKey, PeerKey, Stat, forwarding_slot},
     wire::{DEFAULT_HOP_LIMIT, HEADER_LEN, PacketType, Repr, field},
 };
 use myconet_testbed::{
@@ -75,6 +75,13 @@ impl Fixture {
             .unwrap();
         dp.add_peer(PeerKey::new(a("fd00:1::2").octets(), PORT, 0))
             .unwrap();
+        // The relay's own underlay addresses (the agent mirrors them from rtnetlink).
+        dp.sync_local_addrs(&local_addrs(&[
+            ("fd00:1::1", 0),
+            ("fd00:2::1", 0),
+            ("fe80::1", v0),
+        ]))
+        .unwrap();
         Self { dp, v0, v2 }
     }
 
@@ -111,6 +118,12 @@ impl Fixture {
         );
         (out.action, out.frame, moved[0])
     }
+}
+
+fn local_addrs(list: &[(&str, u32)]) -> BTreeSet<LocalAddrKey> {
+    list.iter()
+        .map(|(addr, ifindex)| LocalAddrKey::new(a(addr).octets(), *ifindex))
+        .collect()
 }
 
 fn header(dst: &str, hop_limit: u8) -> Repr {
@@ -583,6 +596,89 @@ fn link_local_peers_relay_only_on_their_own_interface() {
         let from_global = frame_from(PORT, &header("fd6d:c::1", 64));
         let (act, _, stat) = fx.run_on(&from_global, fx.v2);
         assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect));
+    })
+    .expect("run in namespace");
+}
+
+/// A frame from the fixture's peer fd00:1::2 to outer destination `to`.
+fn frame_to(to: &str, repr: &Repr) -> Vec<u8> {
+    packet::frame(
+        PEER_MAC,
+        V0_MAC,
+        a("fd00:1::2"),
+        a(to),
+        PORT,
+        PORT,
+        repr,
+        PAYLOAD,
+    )
+}
+
+#[test]
+fn only_packets_sent_to_our_own_addresses_are_relayed() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        pin_to_cpu0();
+        let mut fx = Fixture::new();
+        let data = header("fd6d:c::1", 64);
+
+        // A frame for another host (promiscuous interface, flooding switch) is left to
+        // the kernel untouched, whatever it carries: data, a handshake, control, or
+        // data for this node's own prefix.
+        let elsewhere = frame_to("fd00:1::99", &data);
+        assert_unchanged(&fx, &elsewhere, XDP_PASS, Stat::PassNotLocal);
+        for (t, dst) in [
+            (PacketType::HandshakeInit, "fd6d:c::1"),
+            (PacketType::Control, "fd6d:c::1"),
+            (PacketType::Data, "fd6d:b::1"),
+        ] {
+            let mut r = header(dst, 64);
+            r.packet_type = t;
+            assert_unchanged(
+                &fx,
+                &frame_to("fd00:1::99", &r),
+                XDP_PASS,
+                Stat::PassNotLocal,
+            );
+        }
+        // Our address on the other interface is still ours (host-wide addresses).
+        let (act, out, stat) = fx.run(&frame_to("fd00:2::1", &data));
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+        assert!(packet::parse_frame(&out).unwrap().checksum_valid());
+
+        // A link-local address is ours only on the link it is configured on.
+        let to_ll = frame_to("fe80::1", &data);
+        let (act, out, stat) = fx.run_on(&to_ll, fx.v0);
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+        assert_relayed(&to_ll, &out, PEER_MAC, V0_MAC, "fd00:1::1", "fd00:1::2");
+        let (act, out, stat) = fx.run_on(&to_ll, fx.v2);
+        assert_eq!((act, stat), (XDP_PASS, Stat::PassNotLocal));
+        assert_eq!(out, to_ll);
+
+        // A cached flow (hit on the second packet) is keyed by its outer destination:
+        // the same flow sent to another host's address is not served from the cache.
+        let ours = frame_to("fd00:1::1", &data);
+        for _ in 0..2 {
+            let (act, out, stat) = fx.run(&ours);
+            assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+            assert_relayed(&ours, &out, PEER_MAC, V0_MAC, "fd00:1::1", "fd00:1::2");
+        }
+        assert_unchanged(&fx, &elsewhere, XDP_PASS, Stat::PassNotLocal);
+
+        // The address goes away (the agent follows rtnetlink): the cached flow's very
+        // next packet is no longer relayed.
+        let changed = fx
+            .dp
+            .sync_local_addrs(&local_addrs(&[("fd00:2::1", 0), ("fe80::1", fx.v0)]))
+            .unwrap();
+        assert!(changed);
+        assert_unchanged(&fx, &ours, XDP_PASS, Stat::PassNotLocal);
+        assert!(
+            !fx.dp
+                .sync_local_addrs(&local_addrs(&[("fd00:2::1", 0), ("fe80::1", fx.v0)]))
+                .unwrap(),
+            "an unchanged set is no change"
+        );
     })
     .expect("run in namespace");
 }

@@ -21,6 +21,11 @@ pub const NEXTHOP_CACHE_MAP: &str = "NEXTHOP_CACHE";
 /// relayed packet costs one inlined array lookup instead of the route trie, the peer
 /// hash and the next-hop cache.
 pub const FORWARDING_CACHE_MAP: &str = "FORWARDING_CACHE";
+/// Hash from [`LocalAddrKey`] to a reserved `u32`: this node's own underlay addresses.
+/// The program relays only packets whose outer IPv6 destination is one of them, so a
+/// promiscuous interface (or a switch flooding unknown MACs) does not make it relay
+/// frames meant for other hosts.
+pub const LOCAL_ADDRS_MAP: &str = "LOCAL_ADDRS";
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "myconet_xdp";
 
@@ -28,13 +33,15 @@ pub const PROGRAM_NAME: &str = "myconet_xdp";
 pub const ROUTES_CAPACITY: u32 = 65_536;
 /// Capacity of the peer map.
 pub const PEERS_CAPACITY: u32 = 16_384;
+/// Capacity of the local-address map.
+pub const LOCAL_ADDRS_CAPACITY: u32 = 1024;
 /// Capacity of the device map.
 pub const DEVMAP_CAPACITY: u32 = 64;
 /// Capacity of the next-hop cache (per CPU).
 pub const NEXTHOP_CACHE_CAPACITY: u32 = 4096;
 /// Slots of the forwarding cache per CPU (a power of two). Direct-mapped: two flows
 /// that share a slot evict each other and fall back to the full lookups, which stay
-/// correct, only slower. 4,096 × 96 bytes = 384 KiB per CPU.
+/// correct, only slower. 4,096 × 120 bytes = 480 KiB per CPU.
 pub const FORWARDING_CACHE_SLOTS: u32 = 4096;
 /// log2 of [`FORWARDING_CACHE_SLOTS`].
 pub const FORWARDING_CACHE_BITS: u32 = 12;
@@ -117,6 +124,28 @@ impl PeerKey {
     }
 }
 
+/// Key of the local-address map: one of this node's underlay addresses, with the
+/// interface it is on for a link-local address (such an address is ours only on that
+/// link) and 0 for every other one (Linux accepts those on any interface).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub struct LocalAddrKey {
+    /// The address.
+    pub addr: [u8; 16],
+    /// Interface for a link-local address, else 0.
+    pub ifindex: u32,
+}
+
+impl LocalAddrKey {
+    /// The key for `addr` configured on (or, in the program, arriving on) `ifindex`.
+    pub const fn new(addr: [u8; 16], ifindex: u32) -> Self {
+        Self {
+            addr,
+            ifindex: link_scope(&addr, ifindex),
+        }
+    }
+}
+
 /// Whether `addr` is a link-local unicast address (`fe80::/10`), which means something
 /// only on one interface.
 #[inline(always)]
@@ -168,7 +197,8 @@ pub struct NextHopEntry {
 }
 
 /// One slot of the forwarding cache: a flow key (the packet's overlay destination, the
-/// neighbour that sent it, the interface it came in on) and everything the rewrite needs,
+/// neighbour that sent it, the interface it came in on, the outer destination it was
+/// sent to) and everything the rewrite needs,
 /// valid only in the [`Config::generation`] it was made in. A slot is filled only after
 /// the full checks passed (route, neighbour authenticated, FIB success, redirect
 /// allowed), so a hit stands for all of them; any route, peer or redirect change bumps
@@ -209,11 +239,15 @@ pub struct ForwardingEntry {
     pub pad: u8,
     /// Native-order one's-complement sum ([`crate::checksum::WordSum`]) of every
     /// checksum-covered change that is fixed for the flow: the outer source address
-    /// (neighbour → ours), the destination's new value, the UDP ports. Per packet only
-    /// the old outer destination and the hop limit remain to account for.
+    /// (neighbour → ours), the outer destination (ours → the next hop's), the UDP
+    /// ports. Per packet only the hop limit remains to account for.
     pub csum_delta: u32,
     /// Always zero.
     pub pad2: u32,
+    /// The outer IPv6 destination the packets carried (key): one of this node's
+    /// addresses when the slot was filled, so a hit needs no local-address lookup, and
+    /// fixed per flow, so its checksum share is part of `csum_delta`.
+    pub outer_dst: [u8; 16],
 }
 
 /// The slot of the forwarding cache for a flow, from the words the program loads from
@@ -307,11 +341,16 @@ pub enum Stat {
     /// Sent to a multicast or broadcast address: relaying it would let one packet be
     /// copied by every relay on the link.
     DropNotUnicast = 13,
+    /// The outer IPv6 destination is not one of this node's addresses (a frame for
+    /// another host seen on a promiscuous interface, or one this node routes as an
+    /// ordinary IPv6 router): not ours to relay, left to the kernel, which forwards or
+    /// drops it by its own rules.
+    PassNotLocal = 14,
 }
 
 impl Stat {
     /// Number of entries in [`STATS_MAP`].
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Every stat in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
@@ -329,6 +368,7 @@ impl Stat {
         Stat::DropNoRoute,
         Stat::DropUnreachable,
         Stat::DropNotUnicast,
+        Stat::PassNotLocal,
     ];
 
     /// Stable snake_case name for the API and the CLI.
@@ -348,6 +388,7 @@ impl Stat {
             Stat::DropNoRoute => "drop_no_route",
             Stat::DropUnreachable => "drop_unreachable",
             Stat::DropNotUnicast => "drop_not_unicast",
+            Stat::PassNotLocal => "pass_not_local",
         }
     }
 
@@ -358,7 +399,16 @@ impl Stat {
 
     /// Whether packets counted here were dropped.
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= (Stat::DropMalformed as u32)
+        matches!(
+            self,
+            Stat::DropMalformed
+                | Stat::DropBadVersion
+                | Stat::DropHopLimit
+                | Stat::DropUnknownPeer
+                | Stat::DropNoRoute
+                | Stat::DropUnreachable
+                | Stat::DropNotUnicast
+        )
     }
 }
 
@@ -368,6 +418,7 @@ mod pod {
     // no invalid bit patterns.
     unsafe impl aya::Pod for super::RouteValue {}
     unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::LocalAddrKey {}
     unsafe impl aya::Pod for super::PeerValue {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Counter {}
@@ -388,7 +439,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<Counter>(), 16);
         assert_eq!(core::mem::size_of::<NextHopKey>(), 20);
         assert_eq!(core::mem::size_of::<NextHopEntry>(), 40);
-        assert_eq!(core::mem::size_of::<ForwardingEntry>(), 104);
+        assert_eq!(core::mem::size_of::<ForwardingEntry>(), 120);
+        assert_eq!(core::mem::size_of::<LocalAddrKey>(), 20);
+        assert_eq!(core::mem::offset_of!(ForwardingEntry, outer_dst), 104);
         assert_eq!(core::mem::offset_of!(ForwardingEntry, next_hop), 48);
         assert_eq!(core::mem::offset_of!(ForwardingEntry, src), 64);
         assert_eq!(core::mem::offset_of!(ForwardingEntry, dmac), 80);
@@ -431,6 +484,8 @@ mod tests {
         }
         assert!(Stat::DropNoRoute.is_drop());
         assert!(!Stat::Redirect.is_drop());
+        assert!(!Stat::PassNotLocal.is_drop());
+        assert!(Stat::DropNotUnicast.is_drop());
         assert!(Stat::Tx.is_forwarded());
     }
 }
