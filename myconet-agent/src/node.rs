@@ -211,6 +211,10 @@ struct State {
     peers: BTreeSet<Endpoint>,
     dataplane: Option<XdpDataplane>,
     sysctls: sysctl::Journal,
+    /// The underlay source address each next hop's routes carry in the kernel map
+    /// (`RouteValue::src`), so a changed address or route re-resolves exactly the
+    /// routes whose source moved.
+    sources: std::collections::HashMap<NextHop, Option<Ipv6Addr>>,
 }
 
 /// The running node.
@@ -253,6 +257,7 @@ impl Node {
                 peers: BTreeSet::new(),
                 dataplane,
                 sysctls,
+                sources: std::collections::HashMap::new(),
             }),
             counters: AgentCounters::default(),
         };
@@ -300,20 +305,83 @@ impl Node {
     }
 
     fn install(&self, prefix: Prefix, entry: RibEntry) -> Result<(), NodeError> {
+        // Resolved before taking the lock: it asks the kernel's routing table.
+        let src = match entry.target {
+            RouteTarget::Forward(nh) => Some((nh, nh.underlay_source())),
+            RouteTarget::Local => None,
+        };
         let mut st = self.state();
         if let Some(dp) = st.dataplane.as_mut() {
-            let src = match entry.target {
-                RouteTarget::Forward(nh) => nh.underlay_source(),
-                RouteTarget::Local => None,
-            };
             dp.set_route(
                 prefix.addr(),
                 prefix.prefix_len(),
-                entry.target.to_map_value_with_src(src),
+                entry
+                    .target
+                    .to_map_value_with_src(src.and_then(|(_, src)| src)),
             )?;
+        }
+        if let Some((nh, src)) = src {
+            st.sources.insert(nh, src);
         }
         st.rib.insert(prefix, entry);
         Ok(())
+    }
+
+    /// The distinct next hops of the routes installed now: the neighbours the relay
+    /// path sends to, whose link-layer entries the kernel must keep valid.
+    pub fn next_hops_in_use(&self) -> Vec<NextHop> {
+        let st = self.state();
+        let hops: BTreeSet<(Ipv6Addr, u16, u32)> = st
+            .rib
+            .iter()
+            .filter_map(|(_, e)| match e.target {
+                RouteTarget::Forward(nh) => Some((nh.addr, nh.port, nh.ifindex)),
+                RouteTarget::Local => None,
+            })
+            .collect();
+        hops.into_iter()
+            .map(|(addr, port, ifindex)| NextHop {
+                addr,
+                port,
+                ifindex,
+            })
+            .collect()
+    }
+
+    /// Resolves every next hop's underlay source address afresh and rewrites the kernel
+    /// routes whose source changed (an address was added or removed, an underlay route
+    /// moved): the per-route source saves the program a FIB source lookup per packet, so
+    /// it must follow the kernel. Returns how many routes were rewritten.
+    pub fn refresh_route_sources(&self) -> Result<usize, NodeError> {
+        let hops = self.next_hops_in_use();
+        let resolved: Vec<(NextHop, Option<Ipv6Addr>)> = hops
+            .into_iter()
+            .map(|nh| (nh, nh.underlay_source()))
+            .collect();
+        let mut st = self.state();
+        let st = &mut *st;
+        st.sources
+            .retain(|nh, _| resolved.iter().any(|(h, _)| h == nh));
+        let mut rewritten = 0;
+        for (nh, src) in resolved {
+            if st.sources.get(&nh) == Some(&src) {
+                continue;
+            }
+            if let Some(dp) = st.dataplane.as_mut() {
+                for (prefix, entry) in st.rib.iter() {
+                    if entry.target == RouteTarget::Forward(nh) {
+                        dp.set_route(
+                            prefix.addr(),
+                            prefix.prefix_len(),
+                            entry.target.to_map_value_with_src(src),
+                        )?;
+                        rewritten += 1;
+                    }
+                }
+            }
+            st.sources.insert(nh, src);
+        }
+        Ok(rewritten)
     }
 
     /// The node identity.

@@ -45,9 +45,11 @@ pub const NEXTHOP_CACHE_CAPACITY: u32 = 4096;
 pub const FORWARDING_CACHE_SLOTS: u32 = 4096;
 /// log2 of [`FORWARDING_CACHE_SLOTS`].
 pub const FORWARDING_CACHE_BITS: u32 = 12;
-/// How often the agent bumps [`Config::generation`] even when nothing changed: bounds
-/// how long a neighbour's changed MAC address or a changed underlay route goes unnoticed
-/// by the next-hop cache, without the relay path reading a clock per packet.
+/// How often the agent bumps [`Config::generation`] even when nothing changed (it also
+/// bumps it on every rtnetlink notification that matters): bounds how long a change a
+/// lost notification would hide goes unnoticed by the caches, without the relay path
+/// reading a clock per packet. The agent refreshes next hops' neighbour entries
+/// (`NTF_USE`) at the same cadence.
 pub const NEXTHOP_REFRESH_INTERVAL_MS: u64 = 1000;
 
 /// What the XDP program does with a packet matching a route.
