@@ -17,6 +17,7 @@ pub mod batch_io;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod egress;
 pub mod forward;
 pub mod identity;
 pub mod link;

@@ -643,6 +643,30 @@ impl Node {
         }
     }
 
+    /// Re-checks how frames may leave each attached interface (see
+    /// [`XdpDataplane::refresh_egress`]) and logs what changed.
+    pub fn refresh_egress(&self) -> Result<(), NodeError> {
+        let changed = match self.state().dataplane.as_mut() {
+            Some(dp) => dp.refresh_egress()?,
+            None => Vec::new(),
+        };
+        for a in changed {
+            if a.policy.redirect {
+                tracing::info!(
+                    iface = a.name,
+                    "egress can take XDP frames again: relayed in the kernel"
+                );
+            } else {
+                tracing::warn!(
+                    iface = a.name,
+                    xdp_tx = a.policy.tx,
+                    "egress cannot take redirected XDP frames (veth far end without XDP or GRO?): relayed on the slow path"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// XDP counters summed over CPUs; empty without a data plane.
     pub fn xdp_stats(&self) -> Result<Vec<(Stat, Counter)>, NodeError> {
         Ok(match self.state().dataplane.as_ref() {

@@ -12,6 +12,8 @@
 //! - makes the forwarding caches stale (one generation bump) when a route, a link, or
 //!   the link-layer address or usability of a neighbour changes, so the next packet of
 //!   every flow asks the FIB again instead of waiting for the once-a-second refresh;
+//! - re-checks, on link changes and every [`NEXTHOP_REFRESH_INTERVAL_MS`], how frames
+//!   may leave each attached interface ([`crate::egress`]);
 //! - asks the kernel every [`NEXTHOP_REFRESH_INTERVAL_MS`] to use (`NTF_USE`) the
 //!   neighbour entry of every next hop in use. Frames relayed in XDP never touch the
 //!   neighbour table, so without this an entry would go STALE and stay so forever,
@@ -247,6 +249,11 @@ impl UnderlayWatch {
                 n = self.notifications.next() => n,
                 _ = refresh.tick() => {
                     self.use_next_hop_neighbours().await;
+                    // A veth's far end gaining or losing XDP or GRO changes what this
+                    // end can take without any rtnetlink notification here.
+                    if let Err(e) = self.node.refresh_egress() {
+                        warn!(error = %error_chain(&e), "could not re-check egress interfaces");
+                    }
                     continue;
                 }
             };
@@ -282,6 +289,9 @@ impl UnderlayWatch {
             if rewritten > 0 {
                 info!(routes = rewritten, "underlay source addresses re-resolved");
             }
+        }
+        if changes.links {
+            self.node.refresh_egress()?;
         }
         if changes.routes || changes.links || changes.neighbours {
             debug!(?changes, "underlay changed: forwarding caches made stale");

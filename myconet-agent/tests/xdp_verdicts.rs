@@ -11,6 +11,7 @@ use std::{collections::BTreeSet, net::Ipv6Addr};
 
 use myconet_agent::{
     dataplane::{XdpDataplane, ifindex},
+    egress::EgressPolicy,
     rib::{NextHop, RouteTarget},
 };
 use myconet_common::{
@@ -679,6 +680,48 @@ fn only_packets_sent_to_our_own_addresses_are_relayed() {
                 .unwrap(),
             "an unchanged set is no change"
         );
+    })
+    .expect("run in namespace");
+}
+
+#[test]
+fn frames_leave_only_the_ways_their_egress_can_take_them() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        pin_to_cpu0();
+        let mut fx = Fixture::new();
+        let back = frame_from(PORT, &header("fd6d:c::1", 64)); // egress v0 = ingress
+        let across = frame_from(PORT, &header("fd6d:d::1", 64)); // egress v2
+        let (act, _, stat) = fx.run(&back);
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+
+        // An egress that cannot send XDP frames back out (a veth whose far end has no
+        // NAPI): the flow, cached a moment ago, goes to the slow path untouched.
+        fx.dp
+            .set_egress(
+                fx.v0,
+                EgressPolicy {
+                    redirect: false,
+                    tx: false,
+                },
+            )
+            .unwrap();
+        assert_unchanged(&fx, &back, XDP_PASS, Stat::PassSlowPath);
+        // Redirects into v2 are unaffected.
+        let (act, _, stat) = fx.run(&across);
+        assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect));
+
+        // Neither way out of v2 either: redirects stop too.
+        fx.dp.set_egress(fx.v2, EgressPolicy::default()).unwrap();
+        assert_unchanged(&fx, &across, XDP_PASS, Stat::PassSlowPath);
+
+        // Proven safe again (the far end enabled GRO): relayed in the kernel again.
+        fx.dp.allow_redirect(fx.v0).unwrap();
+        fx.dp.allow_redirect(fx.v2).unwrap();
+        let (act, _, stat) = fx.run(&back);
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+        let (act, _, stat) = fx.run(&across);
+        assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect));
     })
     .expect("run in namespace");
 }

@@ -13,6 +13,16 @@ pub const STATS_MAP: &str = "STATS";
 pub const CONFIG_MAP: &str = "CONFIG";
 /// Device map (hash) from egress ifindex to itself, for redirects between interfaces.
 pub const DEVMAP_MAP: &str = "DEVMAP";
+/// Hash from ifindex to [`EGRESS_REDIRECT`] | [`EGRESS_TX`] bits: how the program may
+/// send frames out of each interface. The agent sets only what it proved the driver
+/// takes (a veth whose far end cannot receive XDP frames gets neither), so relayed
+/// frames are never handed to a transmit path that drops them after they were counted.
+pub const EGRESS_MAP: &str = "EGRESS";
+/// [`EGRESS_MAP`] bit: frames from other interfaces may be redirected into this one
+/// (it is also in [`DEVMAP_MAP`]).
+pub const EGRESS_REDIRECT: u32 = 1;
+/// [`EGRESS_MAP`] bit: frames may be sent back out of this interface with `XDP_TX`.
+pub const EGRESS_TX: u32 = 2;
 /// Per-CPU LRU hash from [`NextHopKey`] to [`NextHopEntry`]: recent `bpf_fib_lookup`
 /// answers, so the relay path does not pay for a FIB lookup on every packet.
 pub const NEXTHOP_CACHE_MAP: &str = "NEXTHOP_CACHE";
@@ -191,9 +201,9 @@ pub struct NextHopEntry {
     /// Largest outer IPv6 packet the FIB approved for this path (MTU check): larger
     /// packets are looked up afresh.
     pub max_len: u16,
-    /// 1 when the egress interface was in the device map at lookup time (a redirect
-    /// target), so the relay path need not look it up per packet.
-    pub redirect_ok: u8,
+    /// The egress interface's [`EGRESS_MAP`] bits at lookup time (0 if absent), so the
+    /// relay path need not look them up per packet.
+    pub egress_flags: u8,
     /// Always zero.
     pub pad: u8,
 }
@@ -321,8 +331,9 @@ pub enum Stat {
     /// Next hop's link-layer address unknown; the kernel resolves it and later packets
     /// take the fast path.
     PassNoNeighbour = 3,
-    /// The FIB could not decide in the kernel fast path (forwarding disabled, MTU, no
-    /// device map entry); the agent's userspace path handles it.
+    /// The FIB could not decide in the kernel fast path (forwarding disabled, MTU), or
+    /// the egress cannot take the frame from XDP ([`EGRESS_MAP`]); the agent's
+    /// userspace path handles it.
     PassSlowPath = 4,
     /// Relayed back out of the interface it came in on (XDP_TX).
     Tx = 5,

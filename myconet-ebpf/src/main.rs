@@ -28,10 +28,10 @@ use aya_ebpf::{
 use myconet_common::{
     checksum::WordSum,
     maps::{
-        Config, Counter, DEVMAP_CAPACITY, FORWARDING_CACHE_SLOTS, ForwardingEntry,
-        LOCAL_ADDRS_CAPACITY, LocalAddrKey, NEXTHOP_CACHE_CAPACITY, NextHopEntry, NextHopKey,
-        PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY, RouteAction, RouteValue, Stat,
-        forwarding_slot,
+        Config, Counter, DEVMAP_CAPACITY, EGRESS_REDIRECT, EGRESS_TX, FORWARDING_CACHE_SLOTS,
+        ForwardingEntry, LOCAL_ADDRS_CAPACITY, LocalAddrKey, NEXTHOP_CACHE_CAPACITY, NextHopEntry,
+        NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY, RouteAction, RouteValue,
+        Stat, forwarding_slot,
     },
     wire::{self, PacketType, field},
 };
@@ -53,6 +53,9 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map]
 static DEVMAP: DevMapHash = DevMapHash::with_max_entries(DEVMAP_CAPACITY, 0);
+
+#[map]
+static EGRESS: HashMap<u32, u32> = HashMap::with_max_entries(DEVMAP_CAPACITY, 0);
 
 /// Per-CPU working space for [`resolve`].
 #[repr(C)]
@@ -261,7 +264,7 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     // is ours only on the interface it is configured on.
     let local = LocalAddrKey::new(addr_bytes([odst0, odst1]), ingress);
     // SAFETY: read-only lookup of a plain-data value.
-    if unsafe { LOCAL_ADDRS.get(&local) }.is_none() {
+    if unsafe { LOCAL_ADDRS.get(local) }.is_none() {
         return (PASS, Stat::PassNotLocal);
     }
     if is_control {
@@ -312,7 +315,14 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         Ok(h) => h,
         Err(verdict) => return verdict,
     };
-    if hop.egress != ingress && !hop.redirect_ok {
+    // Only out of an interface the agent proved can take the frame this way (a veth
+    // whose far end cannot receive XDP frames would drop it after we counted it).
+    let needed = if hop.egress == ingress {
+        EGRESS_TX
+    } else {
+        EGRESS_REDIRECT
+    };
+    if u32::from(hop.egress_flags) & needed == 0 {
         return (PASS, Stat::PassSlowPath);
     }
 
@@ -407,7 +417,7 @@ struct NextHop {
     macs_lo: u64,
     macs_hi: u32,
     max_len: u16,
-    redirect_ok: bool,
+    egress_flags: u8,
 }
 
 impl NextHop {
@@ -421,7 +431,7 @@ impl NextHop {
             macs_lo: load(macs),
             macs_hi: load(macs + 8),
             max_len: e.max_len,
-            redirect_ok: e.redirect_ok != 0,
+            egress_flags: e.egress_flags,
         }
     }
 }
@@ -513,8 +523,9 @@ fn resolve(
     entry.smac = scratch.fib.smac;
     entry.max_len = tot_len;
     // Checked once here, not per packet: the agent bumps the generation whenever it
-    // changes the device map.
-    entry.redirect_ok = u8::from(DEVMAP.get(egress).is_some());
+    // changes an egress policy.
+    // SAFETY: read-only lookup of a plain-data value.
+    entry.egress_flags = unsafe { EGRESS.get(egress) }.map_or(0, |f| *f as u8);
     entry.pad = 0;
     // A full cache only costs a later packet another lookup.
     let _ = NEXTHOP_CACHE.insert(&key, &scratch.entry, 0);

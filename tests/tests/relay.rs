@@ -12,6 +12,7 @@ use myconet_testbed::{
     scenario::{PORT, RelayChain, SENDER_PORT, WINDOW},
     topology::fmt_mac,
     traffic::{Capture, CaptureOptions, Direction},
+    util,
 };
 
 const N: u64 = 2000;
@@ -347,6 +348,107 @@ fn relay_follows_a_neighbour_that_changes_its_mac() -> Result<()> {
     ensure!(
         redirected >= 3 * WINDOW as u64,
         "b relayed only {redirected} frames in XDP: {b_after}"
+    );
+    Ok(())
+}
+
+/// The `interfaces` row of an agent's stats for interface `name`.
+fn interface_row(stats: &serde_json::Value, name: &str) -> Result<serde_json::Value> {
+    stats["interfaces"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == name))
+        .cloned()
+        .with_context(|| format!("no interface {name} in stats: {stats}"))
+}
+
+fn json_u64(v: &serde_json::Value) -> u64 {
+    // proto3 JSON renders 64-bit integers as strings; omitted means 0.
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().unwrap_or(0),
+        serde_json::Value::String(s) => s.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// c runs no XDP program and its veth has GRO off, so its end has no NAPI and a frame
+/// b redirects into its own end of the link would be dropped by the kernel after b
+/// counted it. b must see that from its side (the veth's XDP features) and relay to c
+/// on the slow path instead, losing nothing; once c turns GRO on, b redirects again.
+/// b's stats show each interface's policy and the kernel's drop counters.
+#[test]
+fn relay_never_redirects_into_a_veth_that_cannot_receive() -> Result<()> {
+    const N: u64 = 300;
+    let chain =
+        RelayChain::start_with(&bin_dir()?, "driver", false, &["--dataplane", "userspace"])?;
+    let b = &chain.agents[1];
+    let b_to_a = chain.topo.node(1).iface_to(0)?.name.clone();
+    let b_to_c = chain.topo.node(1).iface_to(2)?.name.clone();
+    let stats = b.stats()?;
+    ensure!(
+        interface_row(&stats, &b_to_c)?["redirect_target"] != true
+            && interface_row(&stats, &b_to_a)?["redirect_target"] == true,
+        "b must redirect into a's link (a runs XDP) but not into c's: {}",
+        stats["interfaces"]
+    );
+
+    // Phase 1: every packet reaches c, through b's agent.
+    let run = |phase: &str| -> Result<(serde_json::Value, serde_json::Value)> {
+        let before = b.stats()?;
+        let capture = Capture::udp_port(chain.topo.node(2).netns(), &chain.c_ingress()?, PORT)?;
+        let sent = chain.send_paced(&chain.default_datagrams(N), &capture)?;
+        ensure!(sent.packets == N, "{phase}: sent {} of {N}", sent.packets);
+        ensure!(
+            capture.wait_for(N as usize, Duration::from_secs(20)),
+            "{phase}: c captured {} of {N}\n{}",
+            capture.count(),
+            chain.loss_report()
+        );
+        Ok((before, b.stats()?))
+    };
+    let (before, after) = run("c without NAPI")?;
+    let d = |name: &str, sec: &str| -> Result<u64> {
+        Ok(counter(&after, sec, name)? - counter(&before, sec, name)?)
+    };
+    ensure!(
+        d("redirect", "xdp")? == 0,
+        "b redirected into c's link: {after}"
+    );
+    ensure!(
+        d("pass_slow_path", "xdp")? == N && d("rx_data_relayed", "agent")? == N,
+        "b's agent should relay every packet: {after}"
+    );
+    let dropped = |s: &serde_json::Value| -> Result<u64> {
+        Ok(json_u64(&interface_row(s, &b_to_c)?["tx_dropped"]))
+    };
+    ensure!(
+        dropped(&after)? == dropped(&before)?,
+        "the kernel dropped frames on b's link to c: {}",
+        after["interfaces"]
+    );
+
+    // Phase 2: c enables GRO (NAPI on its end); b notices within a bounded wait and
+    // relays in the kernel again.
+    chain
+        .topo
+        .node(2)
+        .netns()
+        .exec("ethtool", ["-K", &chain.c_ingress()?, "gro", "on"])?;
+    util::poll(
+        "b to make c's link a redirect target",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || Ok((interface_row(&b.stats()?, &b_to_c)?["redirect_target"] == true).then_some(())),
+    )?;
+    let (before, after) = run("c with GRO")?;
+    let d = |name: &str, sec: &str| -> Result<u64> {
+        Ok(counter(&after, sec, name)? - counter(&before, sec, name)?)
+    };
+    ensure!(d("redirect", "xdp")? == N, "b's XDP: {after}");
+    ensure!(d("rx_data_relayed", "agent")? == 0, "b's agent: {after}");
+    ensure!(
+        dropped(&after)? == dropped(&before)?,
+        "the kernel dropped frames on b's link to c: {}",
+        after["interfaces"]
     );
     Ok(())
 }
