@@ -19,7 +19,7 @@ use myconet_agent::{
     rib::{NextHop, RouteTarget},
 };
 use myconet_common::{
-    maps::PeerKey,
+    maps::{LocalAddrKey, PeerKey},
     wire::{PacketType, Repr},
 };
 use myconet_testbed::{
@@ -94,8 +94,16 @@ fn main() -> anyhow::Result<()> {
         // ... and this one makes the program ask the FIB for it, for comparison.
         dp.set_route(a("fd6d:e::"), 64, fwd("fd00:2::2", None))?;
         for peer in ["fd00:1::2", "fd00:1::1", "fd00:2::1"] {
-            dp.add_peer(PeerKey::new(a(peer).octets(), PORT))?;
+            dp.add_peer(PeerKey::new(a(peer).octets(), PORT, 0))?;
         }
+        // Relayed frames are sent on to the next hop's address; counting the next hops
+        // as local keeps every repetition relayable.
+        let local: std::collections::BTreeSet<LocalAddrKey> =
+            ["fd00:1::1", "fd00:1::2", "fd00:2::1", "fd00:2::2"]
+                .iter()
+                .map(|addr| LocalAddrKey::new(a(addr).octets(), 0))
+                .collect();
+        dp.sync_local_addrs(&local)?;
         let cases: [(&str, Vec<u8>, u32); 6] = [
             ("relay_xdp_tx", frame("fd6d:c::1", PORT, 64), RELAY_REPEAT),
             ("relay_redirect", frame("fd6d:d::1", PORT, 64), RELAY_REPEAT),

@@ -251,7 +251,7 @@ impl ControlService {
 
     /// Every neighbour with its link state, and whether the relay peer map holds it.
     fn peer_rows(&self) -> Result<Vec<pb::Peer>, Status> {
-        let in_map: std::collections::BTreeSet<(Ipv6Addr, u16)> = self
+        let in_map: std::collections::BTreeSet<LinkEndpoint> = self
             .node
             .peers()
             .map_err(node_status)?
@@ -268,7 +268,7 @@ impl ControlService {
             .map(|p| pb::Peer {
                 address: p.endpoint.addr().to_string(),
                 port: u32::from(p.endpoint.port()),
-                in_kernel: in_map.contains(&p.endpoint.underlay()),
+                in_kernel: in_map.contains(&p.endpoint),
                 state: p.state_name().to_string(),
                 origin: p.origin.name().to_string(),
                 node_key: p.node_key_hex().unwrap_or_default(),
@@ -613,10 +613,32 @@ impl Control for ControlService {
                 bytes: 0,
             })
             .collect();
+        let mut interfaces = Vec::new();
+        let attachments = self.node.status().interfaces;
+        if !attachments.is_empty() {
+            let nl = crate::netlink::Netlink::connect()
+                .map_err(|e| Status::internal(format!("rtnetlink: {e}")))?;
+            for a in attachments {
+                // An interface that vanished has no counters; list it with zeros.
+                let s = nl.link_stats(a.ifindex).await.unwrap_or_default();
+                interfaces.push(pb::InterfaceCounters {
+                    name: a.name,
+                    ifindex: a.ifindex,
+                    xdp_mode: a.mode.as_str().to_string(),
+                    redirect_target: a.policy.redirect,
+                    xdp_tx: a.policy.tx,
+                    rx_packets: s.rx_packets,
+                    rx_dropped: s.rx_dropped,
+                    tx_packets: s.tx_packets,
+                    tx_dropped: s.tx_dropped,
+                });
+            }
+        }
         Ok(Response::new(pb::Stats {
             xdp,
             agent,
             routing,
+            interfaces,
         }))
     }
 }

@@ -14,9 +14,12 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use myconet_common::maps::{
-    CONFIG_MAP, Config, Counter, DEVMAP_MAP, PEERS_MAP, PROGRAM_NAME, PeerKey, PeerValue,
-    ROUTES_MAP, RouteValue, STATS_MAP, Stat,
+    CONFIG_MAP, Config, Counter, DEVMAP_MAP, EGRESS_MAP, EGRESS_REDIRECT, EGRESS_TX,
+    LOCAL_ADDRS_MAP, LocalAddrKey, PEERS_MAP, PROGRAM_NAME, PeerKey, PeerValue, ROUTES_MAP,
+    RouteValue, STATS_MAP, Stat,
 };
+
+use crate::egress::{self, EgressPolicy};
 use tracing::{info, warn};
 
 /// The XDP object built by build.rs (aya-build) from the myconet-ebpf crate.
@@ -109,6 +112,8 @@ pub struct Attachment {
     pub ifindex: u32,
     /// Attach mode in effect.
     pub mode: AttachedMode,
+    /// How the program may send frames out of it (see [`crate::egress`]).
+    pub policy: EgressPolicy,
 }
 
 /// The loaded program and its maps.
@@ -116,8 +121,10 @@ pub struct XdpDataplane {
     ebpf: Ebpf,
     routes: LpmTrie<MapData, [u8; 16], RouteValue>,
     peers: HashMap<MapData, PeerKey, PeerValue>,
+    local_addrs: HashMap<MapData, LocalAddrKey, u32>,
     stats: PerCpuArray<MapData, Counter>,
     devmap: DevMapHash<MapData>,
+    egress: HashMap<MapData, u32, u32>,
     config: Array<MapData, Config>,
     /// What `config` holds: the port and the generation of the forwarding caches.
     current: Config,
@@ -154,14 +161,18 @@ impl XdpDataplane {
         config.set(0, current, 0).map_err(map_err(CONFIG_MAP))?;
         let routes = take(&mut ebpf, ROUTES_MAP)?;
         let peers = take(&mut ebpf, PEERS_MAP)?;
+        let local_addrs = take(&mut ebpf, LOCAL_ADDRS_MAP)?;
         let stats = take(&mut ebpf, STATS_MAP)?;
         let devmap = take(&mut ebpf, DEVMAP_MAP)?;
+        let egress = take(&mut ebpf, EGRESS_MAP)?;
         Ok(Self {
             ebpf,
             routes,
             peers,
+            local_addrs,
             stats,
             devmap,
+            egress,
             config,
             current,
             attachments: Vec::new(),
@@ -210,28 +221,75 @@ impl XdpDataplane {
         })
     }
 
-    /// Lets the program redirect frames out of `ifindex` (DEVMAP entry); attach does
-    /// this for every interface it attaches to.
+    /// Lets the program redirect frames into `ifindex` and send them back out of it
+    /// (`XDP_TX`), e.g. for test fixtures; attach uses [`XdpDataplane::set_egress`] with
+    /// what it proved instead.
     pub fn allow_redirect(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
-        self.devmap
-            .insert(ifindex, ifindex, None, 0)
-            .map_err(|e| DataplaneError::Map {
-                map: DEVMAP_MAP,
-                reason: e.to_string(),
-            })?;
+        self.set_egress(
+            ifindex,
+            EgressPolicy {
+                redirect: true,
+                tx: true,
+            },
+        )
+    }
+
+    /// Stops redirects into `ifindex` (`XDP_TX` stays allowed); frames routed there go
+    /// to the slow path.
+    pub fn remove_redirect(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        self.set_egress(
+            ifindex,
+            EgressPolicy {
+                redirect: false,
+                tx: true,
+            },
+        )
+    }
+
+    /// Sets how the program may send frames out of `ifindex` (device map entry for
+    /// redirects, `EGRESS` bits for both) and makes cached decisions stale, since they
+    /// remember the policy their egress had.
+    pub fn set_egress(&mut self, ifindex: u32, policy: EgressPolicy) -> Result<(), DataplaneError> {
+        if policy.redirect {
+            self.devmap
+                .insert(ifindex, ifindex, None, 0)
+                .map_err(|e| DataplaneError::Map {
+                    map: DEVMAP_MAP,
+                    reason: e.to_string(),
+                })?;
+        } else {
+            match self.devmap.remove(ifindex) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err(DEVMAP_MAP)(e)),
+            }
+        }
+        let bits = (if policy.redirect { EGRESS_REDIRECT } else { 0 })
+            | (if policy.tx { EGRESS_TX } else { 0 });
+        self.egress
+            .insert(ifindex, bits, 0)
+            .map_err(map_err(EGRESS_MAP))?;
         self.invalidate_caches();
         Ok(())
     }
 
-    /// Stops redirects out of `ifindex`; frames routed there go to the slow path.
-    pub fn remove_redirect(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
-        let removed = self.devmap.remove(ifindex);
-        // Cached next hops remember whether their egress was a redirect target.
-        self.invalidate_caches();
-        match removed {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(DEVMAP_MAP)(e)),
+    /// Re-reads what each attached interface's driver can take (a veth's far end may
+    /// have gained or lost its XDP program or GRO) and applies every policy that
+    /// changed; returns the attachments whose policy changed.
+    pub fn refresh_egress(&mut self) -> Result<Vec<Attachment>, DataplaneError> {
+        let mut changed = Vec::new();
+        for i in 0..self.attachments.len() {
+            let a = &self.attachments[i].0;
+            let policy = egress::facts(&a.name, a.ifindex, a.mode).policy();
+            if policy == a.policy {
+                continue;
+            }
+            let ifindex = a.ifindex;
+            self.set_egress(ifindex, policy)?;
+            self.attachments[i].0.policy = policy;
+            changed.push(self.attachments[i].0.clone());
         }
+        Ok(changed)
     }
 
     /// Attaches to `iface`; in driver mode, other attached interfaces may redirect into it.
@@ -282,18 +340,28 @@ impl XdpDataplane {
                 }
             },
         };
-        // Only native attachments can take redirected frames (ndo_xdp_xmit); frames
-        // routed out of a generic-mode interface go to the slow path instead of vanishing.
-        if mode == AttachedMode::Driver {
-            self.allow_redirect(ifindex)?;
-        }
+        // Frames go out of the interface only in the ways its driver proved it takes
+        // them (see crate::egress); the rest take the slow path instead of vanishing.
+        let facts = egress::facts(iface, ifindex, mode);
+        let policy = facts.policy();
+        self.set_egress(ifindex, policy)?;
         let attachment = Attachment {
             name: iface.to_string(),
             ifindex,
             mode,
+            policy,
         };
         self.attachments.push((attachment.clone(), link));
-        info!(iface, ifindex, mode = mode.as_str(), "XDP attached");
+        info!(
+            iface,
+            ifindex,
+            mode = mode.as_str(),
+            redirect_target = policy.redirect,
+            xdp_tx = policy.tx,
+            veth = facts.veth,
+            xdp_features = ?facts.xdp_features,
+            "XDP attached"
+        );
         Ok(attachment)
     }
 
@@ -302,6 +370,7 @@ impl XdpDataplane {
         let attachments = std::mem::take(&mut self.attachments);
         for (a, link) in attachments {
             let _ = self.devmap.remove(a.ifindex);
+            let _ = self.egress.remove(&a.ifindex);
             let program: Result<&mut Xdp, _> = match self.ebpf.program_mut(PROGRAM_NAME) {
                 Some(p) => p.try_into(),
                 None => continue,
@@ -364,7 +433,7 @@ impl XdpDataplane {
         self.invalidate_caches();
         match removed {
             Ok(()) => Ok(true),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(map_err(ROUTES_MAP)(e)),
         }
     }
@@ -393,7 +462,7 @@ impl XdpDataplane {
     pub fn remove_peer(&mut self, key: PeerKey) -> Result<bool, DataplaneError> {
         let removed = match self.peers.remove(&key) {
             Ok(()) => true,
-            Err(aya::maps::MapError::KeyNotFound) => false,
+            Err(e) if is_not_found(&e) => false,
             Err(e) => return Err(map_err(PEERS_MAP)(e)),
         };
         self.bump_generation()?;
@@ -406,6 +475,48 @@ impl XdpDataplane {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(PEERS_MAP))
+    }
+
+    /// Makes the local-address map hold exactly `wanted` (this node's underlay
+    /// addresses): the program relays only packets sent to one of them. Returns whether
+    /// anything changed; a change makes the forwarding caches stale (their slots are
+    /// keyed by the outer destination they were checked for), so a removed address
+    /// stops being relayed for at once.
+    pub fn sync_local_addrs(
+        &mut self,
+        wanted: &std::collections::BTreeSet<LocalAddrKey>,
+    ) -> Result<bool, DataplaneError> {
+        let present: std::collections::BTreeSet<LocalAddrKey> = self
+            .local_addrs
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(LOCAL_ADDRS_MAP))?;
+        let mut changed = false;
+        for key in wanted.difference(&present) {
+            self.local_addrs
+                .insert(*key, 0, 0)
+                .map_err(map_err(LOCAL_ADDRS_MAP))?;
+            changed = true;
+        }
+        for key in present.difference(wanted) {
+            match self.local_addrs.remove(key) {
+                Ok(()) => changed = true,
+                Err(e) if is_not_found(&e) => changed = true,
+                Err(e) => return Err(map_err(LOCAL_ADDRS_MAP)(e)),
+            }
+        }
+        if changed {
+            self.bump_generation()?;
+        }
+        Ok(changed)
+    }
+
+    /// Every address in the local-address map.
+    pub fn local_addrs(&self) -> Result<Vec<LocalAddrKey>, DataplaneError> {
+        self.local_addrs
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(LOCAL_ADDRS_MAP))
     }
 
     /// Counters summed over CPUs, in [`Stat`] order.
@@ -429,6 +540,16 @@ impl XdpDataplane {
 impl Drop for XdpDataplane {
     fn drop(&mut self) {
         self.detach_all();
+    }
+}
+
+/// Whether a map error means "no such key" (a device map reports it as a failed
+/// delete syscall with ENOENT rather than as `KeyNotFound`).
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 

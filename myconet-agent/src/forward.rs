@@ -2,14 +2,16 @@
 //! delivery first, then the peer check, the route lookup and the hop limit). Pure: no
 //! sockets, so it is tested directly and shared by every path that relays in userspace.
 
-use std::{collections::BTreeSet, net::Ipv6Addr};
+use std::collections::BTreeSet;
 
 use myconet_common::wire::{DEFAULT_HOP_LIMIT, PacketType, Repr};
 
 use crate::rib::{NextHop, Rib, RouteTarget};
 
-/// An underlay UDP endpoint.
-pub type Endpoint = (Ipv6Addr, u16);
+/// An underlay UDP endpoint with its interface scope, as the peer check compares it: a
+/// link-local sender matches a peer only on the interface the peer was authenticated
+/// on, exactly as the XDP peer map keys it (`maps::PeerKey`).
+pub type Endpoint = crate::peers::LinkEndpoint;
 
 /// What to do with an end-to-end packet (data, handshake, cookie) that reached the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +79,11 @@ pub fn decide(rib: &Rib, peers: &BTreeSet<Endpoint>, from: Endpoint, header: &Re
 mod tests {
     use super::*;
     use crate::rib::{Origin, RibEntry};
+    use std::net::Ipv6Addr;
+
+    fn ep(addr: &str, port: u16, scope: u32) -> Endpoint {
+        Endpoint::new(addr.parse::<Ipv6Addr>().unwrap(), port, scope)
+    }
 
     fn setup() -> (Rib, BTreeSet<Endpoint>, NextHop) {
         let mut rib = Rib::default();
@@ -99,7 +106,7 @@ mod tests {
                 origin: Origin::Local,
             },
         );
-        let peers = BTreeSet::from([("fd00::1".parse().unwrap(), 9651)]);
+        let peers = BTreeSet::from([ep("fd00::1", 9651, 0), ep("fe80::1", 9651, 3)]);
         (rib, peers, nh)
     }
 
@@ -118,8 +125,8 @@ mod tests {
     #[test]
     fn same_verdicts_as_xdp() {
         let (rib, peers, nh) = setup();
-        let peer = ("fd00::1".parse().unwrap(), 9651);
-        let stranger = ("fd00::9".parse().unwrap(), 9651);
+        let peer = ep("fd00::1", 9651, 0);
+        let stranger = ep("fd00::9", 9651, 0);
         assert_eq!(
             decide(&rib, &peers, peer, &header("fd6d:c::1", 64)),
             Decision::Forward {
@@ -176,5 +183,27 @@ mod tests {
             h.dst_addr = "fd6d:b::1".parse().unwrap();
             assert_eq!(decide(&rib, &peers, stranger, &h), Decision::Deliver);
         }
+    }
+
+    #[test]
+    fn link_local_peers_are_known_only_on_their_interface() {
+        let (rib, peers, nh) = setup();
+        let forward = Decision::Forward {
+            next_hop: nh,
+            hop_limit: 63,
+        };
+        let h = header("fd6d:c::1", 64);
+        assert_eq!(decide(&rib, &peers, ep("fe80::1", 9651, 3), &h), forward);
+        assert_eq!(
+            decide(&rib, &peers, ep("fe80::1", 9651, 4), &h),
+            Decision::Drop(DropReason::UnknownPeer),
+            "the same link-local address on another interface is someone else"
+        );
+        assert_eq!(
+            decide(&rib, &peers, ep("fe80::1", 9652, 3), &h),
+            Decision::Drop(DropReason::UnknownPeer)
+        );
+        // Global addresses are host-wide: whatever interface the kernel reports.
+        assert_eq!(decide(&rib, &peers, ep("fd00::1", 9651, 5), &h), forward);
     }
 }

@@ -357,27 +357,29 @@ impl Links {
                 }
             }
             Action::PeerUp { node_key, .. } => {
-                {
-                    let mut routing = self.routing();
-                    routing.up.insert(endpoint);
-                    routing.router.neighbour_up(endpoint, node_key.0, now);
-                }
-                let (addr, port) = endpoint.underlay();
-                match self.node.add_peer(addr, port) {
+                // The routing core may only route over a neighbour whose packets this
+                // node will relay: one that is in the relay peer set (XDP map and the
+                // userspace path's set alike).
+                match self.node.add_peer(endpoint) {
                     Ok(()) => {
+                        let mut routing = self.routing();
+                        routing.up.insert(endpoint);
+                        routing.router.neighbour_up(endpoint, node_key.0, now);
                         info!(%endpoint, %node_key, "neighbour up: may relay through this node")
                     }
-                    // Link-local neighbours stay control-plane only until the peer map
-                    // carries an interface scope.
                     Err(e) => {
-                        warn!(%endpoint, error = %e, "neighbour up, not in the relay peer map")
+                        self.node.count(AgentStat::PeerNotAdmitted, 0);
+                        warn!(
+                            %endpoint,
+                            error = %e,
+                            "neighbour authenticated but not admitted to the relay peer map: not routed over"
+                        )
                     }
                 }
             }
             Action::PeerDown { .. } => {
                 self.routing_neighbour_down(endpoint, now);
-                let (addr, port) = endpoint.underlay();
-                match self.node.remove_peer(addr, port) {
+                match self.node.remove_peer(endpoint) {
                     Ok(_) => info!(%endpoint, "neighbour down: removed from the relay peer map"),
                     Err(e) => {
                         warn!(%endpoint, error = %e, "cannot remove neighbour from the peer map")

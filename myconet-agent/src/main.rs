@@ -19,6 +19,7 @@ use myconet_agent::{
     sysctl,
     tun::{Tun, TunOptions},
     underlay,
+    watch::{self, UnderlayWatch},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
@@ -130,6 +131,11 @@ async fn serve(
         node.add_route(*prefix, *nh)
             .with_context(|| format!("static route {prefix}"))?;
     }
+    // The data plane relays only packets sent to this node's own addresses: read them
+    // (and follow every later change) before the agent reports ready.
+    let watch = UnderlayWatch::start(node.clone())
+        .await
+        .context("reading the underlay state over rtnetlink")?;
     let socket = Arc::new(
         underlay::bind(settings.port)
             .with_context(|| format!("binding UDP [::]:{}", settings.port))?,
@@ -150,6 +156,7 @@ async fn serve(
         tokio::spawn(overlay.clone().run_tun()),
         tokio::spawn(overlay.run_timers()),
         tokio::spawn(node.clone().refresh_nexthops_forever()),
+        tokio::spawn(watch::follow_forever(watch)),
     ];
     if !settings.discover.is_empty() {
         tasks.extend(start_discovery(node, &links, settings)?);

@@ -271,6 +271,23 @@ impl Netlink {
             .ok_or(NetlinkError::NoMtu { ifindex })
     }
 
+    /// The kernel's 64-bit counters of interface `ifindex` (`ip -s link`): where frames
+    /// dropped after the XDP program (e.g. a redirect the egress could not take) show.
+    pub async fn link_stats(
+        &self,
+        ifindex: u32,
+    ) -> Result<netlink_packet_route::link::Stats64, NetlinkError> {
+        let link = self.link(ifindex).await?;
+        Ok(link
+            .attributes
+            .iter()
+            .find_map(|attribute| match attribute {
+                LinkAttribute::Stats64(s) => Some(*s),
+                _ => None,
+            })
+            .unwrap_or_default())
+    }
+
     /// Sets the MTU of interface `ifindex` (`ip link set dev X mtu N`).
     pub async fn set_mtu(&self, ifindex: u32, mtu: u32) -> Result<(), NetlinkError> {
         let message = LinkUnspec::new_with_index(ifindex).mtu(mtu).build();

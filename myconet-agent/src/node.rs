@@ -17,7 +17,7 @@ use std::{
 
 use myconet_common::{
     addr::{LINK_ADDRESS, NODE_PREFIX_LEN, is_overlay},
-    maps::{Counter, PeerKey, Stat},
+    maps::{Counter, Stat},
     wire::Repr,
 };
 
@@ -90,6 +90,9 @@ pub enum AgentStat {
     /// Authenticated link handshakes the neighbour policy refused (inbound peers not
     /// accepted, a key other than the announced one, too many peers).
     LinkRefused,
+    /// Authenticated neighbours the relay peer map refused (invalid endpoint, map
+    /// full): they are neither admitted as relay peers nor routed over.
+    PeerNotAdmitted,
     /// Packets read from the TUN device.
     TunRx,
     /// TUN packets that could not be sent (not overlay, no session possible).
@@ -102,7 +105,7 @@ pub enum AgentStat {
 
 impl AgentStat {
     /// Every counter in index order.
-    pub const ALL: [AgentStat; 23] = [
+    pub const ALL: [AgentStat; 24] = [
         AgentStat::RxData,
         AgentStat::RxDataLocal,
         AgentStat::RxDataRelayed,
@@ -122,6 +125,7 @@ impl AgentStat {
         AgentStat::HandshakeRateLimited,
         AgentStat::HandshakeFailed,
         AgentStat::LinkRefused,
+        AgentStat::PeerNotAdmitted,
         AgentStat::TunRx,
         AgentStat::TunDropped,
         AgentStat::TxNoRoute,
@@ -150,6 +154,7 @@ impl AgentStat {
             AgentStat::HandshakeRateLimited => "handshake_rate_limited",
             AgentStat::HandshakeFailed => "handshake_failed",
             AgentStat::LinkRefused => "link_refused",
+            AgentStat::PeerNotAdmitted => "peer_not_admitted",
             AgentStat::TunRx => "tun_rx",
             AgentStat::TunDropped => "tun_dropped",
             AgentStat::TxNoRoute => "tx_no_route",
@@ -211,6 +216,10 @@ struct State {
     peers: BTreeSet<Endpoint>,
     dataplane: Option<XdpDataplane>,
     sysctls: sysctl::Journal,
+    /// The underlay source address each next hop's routes carry in the kernel map
+    /// (`RouteValue::src`), so a changed address or route re-resolves exactly the
+    /// routes whose source moved.
+    sources: std::collections::HashMap<NextHop, Option<Ipv6Addr>>,
 }
 
 /// The running node.
@@ -253,6 +262,7 @@ impl Node {
                 peers: BTreeSet::new(),
                 dataplane,
                 sysctls,
+                sources: std::collections::HashMap::new(),
             }),
             counters: AgentCounters::default(),
         };
@@ -300,20 +310,83 @@ impl Node {
     }
 
     fn install(&self, prefix: Prefix, entry: RibEntry) -> Result<(), NodeError> {
+        // Resolved before taking the lock: it asks the kernel's routing table.
+        let src = match entry.target {
+            RouteTarget::Forward(nh) => Some((nh, nh.underlay_source())),
+            RouteTarget::Local => None,
+        };
         let mut st = self.state();
         if let Some(dp) = st.dataplane.as_mut() {
-            let src = match entry.target {
-                RouteTarget::Forward(nh) => nh.underlay_source(),
-                RouteTarget::Local => None,
-            };
             dp.set_route(
                 prefix.addr(),
                 prefix.prefix_len(),
-                entry.target.to_map_value_with_src(src),
+                entry
+                    .target
+                    .to_map_value_with_src(src.and_then(|(_, src)| src)),
             )?;
+        }
+        if let Some((nh, src)) = src {
+            st.sources.insert(nh, src);
         }
         st.rib.insert(prefix, entry);
         Ok(())
+    }
+
+    /// The distinct next hops of the routes installed now: the neighbours the relay
+    /// path sends to, whose link-layer entries the kernel must keep valid.
+    pub fn next_hops_in_use(&self) -> Vec<NextHop> {
+        let st = self.state();
+        let hops: BTreeSet<(Ipv6Addr, u16, u32)> = st
+            .rib
+            .iter()
+            .filter_map(|(_, e)| match e.target {
+                RouteTarget::Forward(nh) => Some((nh.addr, nh.port, nh.ifindex)),
+                RouteTarget::Local => None,
+            })
+            .collect();
+        hops.into_iter()
+            .map(|(addr, port, ifindex)| NextHop {
+                addr,
+                port,
+                ifindex,
+            })
+            .collect()
+    }
+
+    /// Resolves every next hop's underlay source address afresh and rewrites the kernel
+    /// routes whose source changed (an address was added or removed, an underlay route
+    /// moved): the per-route source saves the program a FIB source lookup per packet, so
+    /// it must follow the kernel. Returns how many routes were rewritten.
+    pub fn refresh_route_sources(&self) -> Result<usize, NodeError> {
+        let hops = self.next_hops_in_use();
+        let resolved: Vec<(NextHop, Option<Ipv6Addr>)> = hops
+            .into_iter()
+            .map(|nh| (nh, nh.underlay_source()))
+            .collect();
+        let mut st = self.state();
+        let st = &mut *st;
+        st.sources
+            .retain(|nh, _| resolved.iter().any(|(h, _)| h == nh));
+        let mut rewritten = 0;
+        for (nh, src) in resolved {
+            if st.sources.get(&nh) == Some(&src) {
+                continue;
+            }
+            if let Some(dp) = st.dataplane.as_mut() {
+                for (prefix, entry) in st.rib.iter() {
+                    if entry.target == RouteTarget::Forward(nh) {
+                        dp.set_route(
+                            prefix.addr(),
+                            prefix.prefix_len(),
+                            entry.target.to_map_value_with_src(src),
+                        )?;
+                        rewritten += 1;
+                    }
+                }
+            }
+            st.sources.insert(nh, src);
+        }
+        Ok(rewritten)
     }
 
     /// The node identity.
@@ -507,42 +580,42 @@ impl Node {
         Ok(rows.into_values().collect())
     }
 
-    /// Allows an underlay endpoint to relay through this node.
-    pub fn add_peer(&self, addr: Ipv6Addr, port: u16) -> Result<(), NodeError> {
-        let shown = format!("[{addr}]:{port}");
+    /// Allows an underlay endpoint to relay through this node. A link-local endpoint
+    /// must name its interface: it is admitted only for packets arriving there.
+    pub fn add_peer(&self, endpoint: Endpoint) -> Result<(), NodeError> {
+        let shown = endpoint.to_string();
+        let addr = endpoint.addr();
         if addr.is_unspecified() || addr.is_multicast() {
             return Err(NodeError::InvalidPeer(shown, "must be a unicast address"));
         }
         if is_overlay(&addr) {
             return Err(NodeError::InvalidPeer(shown, "must be an underlay address"));
         }
-        if addr.is_unicast_link_local() {
-            // The kernel peer map is keyed by address and port only: the same fe80::
-            // address on another link would pass the relay check too.
+        if addr.is_unicast_link_local() && endpoint.scope_id() == 0 {
             return Err(NodeError::InvalidPeer(
                 shown,
-                "link-local peers are not supported yet (use a global or ULA address)",
+                "a link-local peer needs the interface it is on",
             ));
         }
-        if port == 0 {
+        if endpoint.port() == 0 {
             return Err(NodeError::InvalidPeer(shown, "port must not be 0"));
         }
         let mut st = self.state();
         if let Some(dp) = st.dataplane.as_mut() {
-            dp.add_peer(PeerKey::new(addr.octets(), port))?;
+            dp.add_peer(endpoint.peer_key())?;
         }
-        st.peers.insert((addr, port));
+        st.peers.insert(endpoint);
         Ok(())
     }
 
     /// Revokes an endpoint; `false` if it was not a peer.
-    pub fn remove_peer(&self, addr: Ipv6Addr, port: u16) -> Result<bool, NodeError> {
+    pub fn remove_peer(&self, endpoint: Endpoint) -> Result<bool, NodeError> {
         let mut st = self.state();
         let in_kernel = match st.dataplane.as_mut() {
-            Some(dp) => dp.remove_peer(PeerKey::new(addr.octets(), port))?,
+            Some(dp) => dp.remove_peer(endpoint.peer_key())?,
             None => false,
         };
-        Ok(st.peers.remove(&(addr, port)) || in_kernel)
+        Ok(st.peers.remove(&endpoint) || in_kernel)
     }
 
     /// Whether the XDP data plane is attached (otherwise the userspace path relays).
@@ -554,16 +627,49 @@ impl Node {
     pub fn peers(&self) -> Result<Vec<(Endpoint, bool)>, NodeError> {
         let st = self.state();
         let kernel: BTreeSet<Endpoint> = match st.dataplane.as_ref() {
-            Some(dp) => dp
-                .peers()?
-                .into_iter()
-                .map(|k| (Ipv6Addr::from(k.addr), k.port))
-                .collect(),
+            Some(dp) => dp.peers()?.iter().map(Endpoint::from_peer_key).collect(),
             None => BTreeSet::new(),
         };
         let mut all: BTreeSet<Endpoint> = st.peers.clone();
         all.extend(kernel.iter().copied());
         Ok(all.into_iter().map(|e| (e, kernel.contains(&e))).collect())
+    }
+
+    /// Makes the XDP local-address map hold exactly `addrs`, this node's underlay
+    /// addresses (see [`XdpDataplane::sync_local_addrs`]); `false` when nothing changed
+    /// or there is no data plane.
+    pub fn sync_local_addrs(
+        &self,
+        addrs: &BTreeSet<myconet_common::maps::LocalAddrKey>,
+    ) -> Result<bool, NodeError> {
+        match self.state().dataplane.as_mut() {
+            Some(dp) => Ok(dp.sync_local_addrs(addrs)?),
+            None => Ok(false),
+        }
+    }
+
+    /// Re-checks how frames may leave each attached interface (see
+    /// [`XdpDataplane::refresh_egress`]) and logs what changed.
+    pub fn refresh_egress(&self) -> Result<(), NodeError> {
+        let changed = match self.state().dataplane.as_mut() {
+            Some(dp) => dp.refresh_egress()?,
+            None => Vec::new(),
+        };
+        for a in changed {
+            if a.policy.redirect {
+                tracing::info!(
+                    iface = a.name,
+                    "egress can take XDP frames again: relayed in the kernel"
+                );
+            } else {
+                tracing::warn!(
+                    iface = a.name,
+                    xdp_tx = a.policy.tx,
+                    "egress cannot take redirected XDP frames (veth far end without XDP or GRO?): relayed on the slow path"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// XDP counters summed over CPUs; empty without a data plane.

@@ -22,6 +22,7 @@ use crate::{
     forward::{Decision, DropReason},
     node::{AgentStat, Node},
     overlay::Overlay,
+    peers::LinkEndpoint,
     session::{RateLimitConfig, RateLimiter},
 };
 
@@ -184,7 +185,7 @@ async fn handle(
         PacketType::Data => node.count(AgentStat::RxData, len),
         _ => {}
     }
-    match node.decide((*from.ip(), from.port()), &header) {
+    match node.decide(LinkEndpoint::from(from), &header) {
         Decision::Deliver => {
             if is_data {
                 return Action::Deliver;

@@ -7,14 +7,15 @@
 //! (every rewritten byte of a relayed frame, and that its UDP checksum validates) and that
 //! exactly the expected per-CPU counter moved. Needs root (CI runs as root).
 
-use std::net::Ipv6Addr;
+use std::{collections::BTreeSet, net::Ipv6Addr};
 
 use myconet_agent::{
     dataplane::{XdpDataplane, ifindex},
+    egress::EgressPolicy,
     rib::{NextHop, RouteTarget},
 };
 use myconet_common::{
-    maps::{PeerKey, Stat, forwarding_slot},
+    maps::{LocalAddrKey, PeerKey, Stat, forwarding_slot},
     wire::{DEFAULT_HOP_LIMIT, HEADER_LEN, PacketType, Repr, field},
 };
 use myconet_testbed::{
@@ -73,15 +74,28 @@ impl Fixture {
             .unwrap();
         dp.set_route(a("fd6d:f::"), 64, fwd("fd00:99::1", 0))
             .unwrap();
-        dp.add_peer(PeerKey::new(a("fd00:1::2").octets(), PORT))
+        dp.add_peer(PeerKey::new(a("fd00:1::2").octets(), PORT, 0))
             .unwrap();
+        // The relay's own underlay addresses (the agent mirrors them from rtnetlink).
+        dp.sync_local_addrs(&local_addrs(&[
+            ("fd00:1::1", 0),
+            ("fd00:2::1", 0),
+            ("fe80::1", v0),
+        ]))
+        .unwrap();
         Self { dp, v0, v2 }
     }
 
-    /// Runs one frame and returns (action, frame out, the single stat that moved).
+    /// Runs one frame arriving on v0 and returns (action, frame out, the single stat
+    /// that moved).
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>, Stat) {
+        self.run_on(frame, self.v0)
+    }
+
+    /// Like [`Fixture::run`] for a frame arriving on interface `ingress`.
+    fn run_on(&self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>, Stat) {
         let before = self.dp.stats().unwrap();
-        let out = self.dp.test_run(frame, self.v0, 1).expect("test_run");
+        let out = self.dp.test_run(frame, ingress, 1).expect("test_run");
         let after = self.dp.stats().unwrap();
         let moved: Vec<_> = before
             .iter()
@@ -105,6 +119,12 @@ impl Fixture {
         );
         (out.action, out.frame, moved[0])
     }
+}
+
+fn local_addrs(list: &[(&str, u32)]) -> BTreeSet<LocalAddrKey> {
+    list.iter()
+        .map(|(addr, ifindex)| LocalAddrKey::new(a(addr).octets(), *ifindex))
+        .collect()
 }
 
 fn header(dst: &str, hop_limit: u8) -> Repr {
@@ -466,7 +486,7 @@ fn forwarding_cache_honours_peer_removal_hop_limits_and_shared_slots() {
     ns.run_in(|| {
         pin_to_cpu0();
         let mut fx = Fixture::new();
-        let peer = PeerKey::new(a("fd00:1::2").octets(), PORT);
+        let peer = PeerKey::new(a("fd00:1::2").octets(), PORT, 0);
         let f = frame_from(PORT, &header("fd6d:c::1", 64));
 
         // The first packet fills the slot, the second is served from it: both relayed.
@@ -519,6 +539,189 @@ fn forwarding_cache_honours_peer_removal_hop_limits_and_shared_slots() {
             .set_route(a("fd6d:c::"), 64, RouteTarget::Local.to_map_value())
             .unwrap();
         assert_unchanged(&fx, &f, XDP_PASS, Stat::PassLocal);
+    })
+    .expect("run in namespace");
+}
+
+#[test]
+fn link_local_peers_relay_only_on_their_own_interface() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        let mut fx = Fixture::new();
+        // A neighbour found by discovery: known by its link-local address on v0.
+        let ll_peer = a("fe80::2");
+        fx.dp
+            .add_peer(PeerKey::new(ll_peer.octets(), PORT, fx.v0))
+            .unwrap();
+        let from_ll = packet::frame(
+            PEER_MAC,
+            V0_MAC,
+            ll_peer,
+            a("fd00:1::1"),
+            PORT,
+            PORT,
+            &header("fd6d:c::1", 64),
+            PAYLOAD,
+        );
+
+        // On its own link it may relay through us.
+        let (act, out, stat) = fx.run_on(&from_ll, fx.v0);
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+        assert_relayed(&from_ll, &out, PEER_MAC, V0_MAC, "fd00:1::1", "fd00:1::2");
+
+        // The same fe80:: address on another link is somebody else: a stranger.
+        let (act, out, stat) = fx.run_on(&from_ll, fx.v2);
+        assert_eq!((act, stat), (XDP_DROP, Stat::DropUnknownPeer));
+        assert_eq!(out, from_ll, "a dropped frame is left untouched");
+
+        // A key scoped to the wrong interface admits nothing on v0.
+        let other_ll = a("fe80::3");
+        fx.dp
+            .add_peer(PeerKey::new(other_ll.octets(), PORT, fx.v2))
+            .unwrap();
+        let from_other = packet::frame(
+            PEER_MAC,
+            V0_MAC,
+            other_ll,
+            a("fd00:1::1"),
+            PORT,
+            PORT,
+            &header("fd6d:c::1", 64),
+            PAYLOAD,
+        );
+        let (act, _, stat) = fx.run_on(&from_other, fx.v0);
+        assert_eq!((act, stat), (XDP_DROP, Stat::DropUnknownPeer));
+
+        // Global and unique-local addresses are host-wide: the fixture's peer
+        // fd00:1::2 is admitted whichever interface its packet arrives on.
+        let from_global = frame_from(PORT, &header("fd6d:c::1", 64));
+        let (act, _, stat) = fx.run_on(&from_global, fx.v2);
+        assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect));
+    })
+    .expect("run in namespace");
+}
+
+/// A frame from the fixture's peer fd00:1::2 to outer destination `to`.
+fn frame_to(to: &str, repr: &Repr) -> Vec<u8> {
+    packet::frame(
+        PEER_MAC,
+        V0_MAC,
+        a("fd00:1::2"),
+        a(to),
+        PORT,
+        PORT,
+        repr,
+        PAYLOAD,
+    )
+}
+
+#[test]
+fn only_packets_sent_to_our_own_addresses_are_relayed() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        pin_to_cpu0();
+        let mut fx = Fixture::new();
+        let data = header("fd6d:c::1", 64);
+
+        // A frame for another host (promiscuous interface, flooding switch) is left to
+        // the kernel untouched, whatever it carries: data, a handshake, control, or
+        // data for this node's own prefix.
+        let elsewhere = frame_to("fd00:1::99", &data);
+        assert_unchanged(&fx, &elsewhere, XDP_PASS, Stat::PassNotLocal);
+        for (t, dst) in [
+            (PacketType::HandshakeInit, "fd6d:c::1"),
+            (PacketType::Control, "fd6d:c::1"),
+            (PacketType::Data, "fd6d:b::1"),
+        ] {
+            let mut r = header(dst, 64);
+            r.packet_type = t;
+            assert_unchanged(
+                &fx,
+                &frame_to("fd00:1::99", &r),
+                XDP_PASS,
+                Stat::PassNotLocal,
+            );
+        }
+        // Our address on the other interface is still ours (host-wide addresses).
+        let (act, out, stat) = fx.run(&frame_to("fd00:2::1", &data));
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+        assert!(packet::parse_frame(&out).unwrap().checksum_valid());
+
+        // A link-local address is ours only on the link it is configured on.
+        let to_ll = frame_to("fe80::1", &data);
+        let (act, out, stat) = fx.run_on(&to_ll, fx.v0);
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+        assert_relayed(&to_ll, &out, PEER_MAC, V0_MAC, "fd00:1::1", "fd00:1::2");
+        let (act, out, stat) = fx.run_on(&to_ll, fx.v2);
+        assert_eq!((act, stat), (XDP_PASS, Stat::PassNotLocal));
+        assert_eq!(out, to_ll);
+
+        // A cached flow (hit on the second packet) is keyed by its outer destination:
+        // the same flow sent to another host's address is not served from the cache.
+        let ours = frame_to("fd00:1::1", &data);
+        for _ in 0..2 {
+            let (act, out, stat) = fx.run(&ours);
+            assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+            assert_relayed(&ours, &out, PEER_MAC, V0_MAC, "fd00:1::1", "fd00:1::2");
+        }
+        assert_unchanged(&fx, &elsewhere, XDP_PASS, Stat::PassNotLocal);
+
+        // The address goes away (the agent follows rtnetlink): the cached flow's very
+        // next packet is no longer relayed.
+        let changed = fx
+            .dp
+            .sync_local_addrs(&local_addrs(&[("fd00:2::1", 0), ("fe80::1", fx.v0)]))
+            .unwrap();
+        assert!(changed);
+        assert_unchanged(&fx, &ours, XDP_PASS, Stat::PassNotLocal);
+        assert!(
+            !fx.dp
+                .sync_local_addrs(&local_addrs(&[("fd00:2::1", 0), ("fe80::1", fx.v0)]))
+                .unwrap(),
+            "an unchanged set is no change"
+        );
+    })
+    .expect("run in namespace");
+}
+
+#[test]
+fn frames_leave_only_the_ways_their_egress_can_take_them() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        pin_to_cpu0();
+        let mut fx = Fixture::new();
+        let back = frame_from(PORT, &header("fd6d:c::1", 64)); // egress v0 = ingress
+        let across = frame_from(PORT, &header("fd6d:d::1", 64)); // egress v2
+        let (act, _, stat) = fx.run(&back);
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+
+        // An egress that cannot send XDP frames back out (a veth whose far end has no
+        // NAPI): the flow, cached a moment ago, goes to the slow path untouched.
+        fx.dp
+            .set_egress(
+                fx.v0,
+                EgressPolicy {
+                    redirect: false,
+                    tx: false,
+                },
+            )
+            .unwrap();
+        assert_unchanged(&fx, &back, XDP_PASS, Stat::PassSlowPath);
+        // Redirects into v2 are unaffected.
+        let (act, _, stat) = fx.run(&across);
+        assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect));
+
+        // Neither way out of v2 either: redirects stop too.
+        fx.dp.set_egress(fx.v2, EgressPolicy::default()).unwrap();
+        assert_unchanged(&fx, &across, XDP_PASS, Stat::PassSlowPath);
+
+        // Proven safe again (the far end enabled GRO): relayed in the kernel again.
+        fx.dp.allow_redirect(fx.v0).unwrap();
+        fx.dp.allow_redirect(fx.v2).unwrap();
+        let (act, _, stat) = fx.run(&back);
+        assert_eq!((act, stat), (XDP_TX, Stat::Tx));
+        let (act, _, stat) = fx.run(&across);
+        assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect));
     })
     .expect("run in namespace");
 }

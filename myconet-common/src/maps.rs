@@ -13,6 +13,16 @@ pub const STATS_MAP: &str = "STATS";
 pub const CONFIG_MAP: &str = "CONFIG";
 /// Device map (hash) from egress ifindex to itself, for redirects between interfaces.
 pub const DEVMAP_MAP: &str = "DEVMAP";
+/// Hash from ifindex to [`EGRESS_REDIRECT`] | [`EGRESS_TX`] bits: how the program may
+/// send frames out of each interface. The agent sets only what it proved the driver
+/// takes (a veth whose far end cannot receive XDP frames gets neither), so relayed
+/// frames are never handed to a transmit path that drops them after they were counted.
+pub const EGRESS_MAP: &str = "EGRESS";
+/// [`EGRESS_MAP`] bit: frames from other interfaces may be redirected into this one
+/// (it is also in [`DEVMAP_MAP`]).
+pub const EGRESS_REDIRECT: u32 = 1;
+/// [`EGRESS_MAP`] bit: frames may be sent back out of this interface with `XDP_TX`.
+pub const EGRESS_TX: u32 = 2;
 /// Per-CPU LRU hash from [`NextHopKey`] to [`NextHopEntry`]: recent `bpf_fib_lookup`
 /// answers, so the relay path does not pay for a FIB lookup on every packet.
 pub const NEXTHOP_CACHE_MAP: &str = "NEXTHOP_CACHE";
@@ -21,6 +31,11 @@ pub const NEXTHOP_CACHE_MAP: &str = "NEXTHOP_CACHE";
 /// relayed packet costs one inlined array lookup instead of the route trie, the peer
 /// hash and the next-hop cache.
 pub const FORWARDING_CACHE_MAP: &str = "FORWARDING_CACHE";
+/// Hash from [`LocalAddrKey`] to a reserved `u32`: this node's own underlay addresses.
+/// The program relays only packets whose outer IPv6 destination is one of them, so a
+/// promiscuous interface (or a switch flooding unknown MACs) does not make it relay
+/// frames meant for other hosts.
+pub const LOCAL_ADDRS_MAP: &str = "LOCAL_ADDRS";
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "myconet_xdp";
 
@@ -28,19 +43,23 @@ pub const PROGRAM_NAME: &str = "myconet_xdp";
 pub const ROUTES_CAPACITY: u32 = 65_536;
 /// Capacity of the peer map.
 pub const PEERS_CAPACITY: u32 = 16_384;
+/// Capacity of the local-address map.
+pub const LOCAL_ADDRS_CAPACITY: u32 = 1024;
 /// Capacity of the device map.
 pub const DEVMAP_CAPACITY: u32 = 64;
 /// Capacity of the next-hop cache (per CPU).
 pub const NEXTHOP_CACHE_CAPACITY: u32 = 4096;
 /// Slots of the forwarding cache per CPU (a power of two). Direct-mapped: two flows
 /// that share a slot evict each other and fall back to the full lookups, which stay
-/// correct, only slower. 4,096 × 96 bytes = 384 KiB per CPU.
+/// correct, only slower. 4,096 × 120 bytes = 480 KiB per CPU.
 pub const FORWARDING_CACHE_SLOTS: u32 = 4096;
 /// log2 of [`FORWARDING_CACHE_SLOTS`].
 pub const FORWARDING_CACHE_BITS: u32 = 12;
-/// How often the agent bumps [`Config::generation`] even when nothing changed: bounds
-/// how long a neighbour's changed MAC address or a changed underlay route goes unnoticed
-/// by the next-hop cache, without the relay path reading a clock per packet.
+/// How often the agent bumps [`Config::generation`] even when nothing changed (it also
+/// bumps it on every rtnetlink notification that matters): bounds how long a change a
+/// lost notification would hide goes unnoticed by the caches, without the relay path
+/// reading a clock per packet. The agent refreshes next hops' neighbour entries
+/// (`NTF_USE`) at the same cadence.
 pub const NEXTHOP_REFRESH_INTERVAL_MS: u64 = 1000;
 
 /// What the XDP program does with a packet matching a route.
@@ -86,7 +105,12 @@ pub struct RouteValue {
 }
 
 /// Key of the peer map: an authenticated neighbour's underlay endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// A link-local address (`fe80::/10`) names a neighbour only together with the link it
+/// is on: the same `fe80::` address may belong to another host on another interface.
+/// Such keys carry the interface index, and the program looks them up with the
+/// interface the packet came in on; every other address is host-wide and carries 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(C)]
 pub struct PeerKey {
     /// Underlay IPv6 address.
@@ -95,13 +119,57 @@ pub struct PeerKey {
     pub port: u16,
     /// Always zero (part of the hashed key).
     pub pad: u16,
+    /// Interface the neighbour is reached on for a link-local `addr`, else 0.
+    pub ifindex: u32,
 }
 
 impl PeerKey {
-    /// Builds a key with its padding zeroed.
-    pub const fn new(addr: [u8; 16], port: u16) -> Self {
-        Self { addr, port, pad: 0 }
+    /// The key for an endpoint seen on interface `ifindex`: the index is kept only for
+    /// link-local addresses (see [`link_scope`]), and the padding is zeroed.
+    pub const fn new(addr: [u8; 16], port: u16, ifindex: u32) -> Self {
+        Self {
+            addr,
+            port,
+            pad: 0,
+            ifindex: link_scope(&addr, ifindex),
+        }
     }
+}
+
+/// Key of the local-address map: one of this node's underlay addresses, with the
+/// interface it is on for a link-local address (such an address is ours only on that
+/// link) and 0 for every other one (Linux accepts those on any interface).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub struct LocalAddrKey {
+    /// The address.
+    pub addr: [u8; 16],
+    /// Interface for a link-local address, else 0.
+    pub ifindex: u32,
+}
+
+impl LocalAddrKey {
+    /// The key for `addr` configured on (or, in the program, arriving on) `ifindex`.
+    pub const fn new(addr: [u8; 16], ifindex: u32) -> Self {
+        Self {
+            addr,
+            ifindex: link_scope(&addr, ifindex),
+        }
+    }
+}
+
+/// Whether `addr` is a link-local unicast address (`fe80::/10`), which means something
+/// only on one interface.
+#[inline(always)]
+pub const fn is_link_local(addr: &[u8; 16]) -> bool {
+    addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
+}
+
+/// The interface scope a map key carries for `addr` seen on (or reached through)
+/// `ifindex`: the index for link-local addresses, 0 for host-wide ones.
+#[inline(always)]
+pub const fn link_scope(addr: &[u8; 16], ifindex: u32) -> u32 {
+    if is_link_local(addr) { ifindex } else { 0 }
 }
 
 /// Key of the next-hop cache: the next hop and the interface the FIB lookup is made
@@ -133,15 +201,16 @@ pub struct NextHopEntry {
     /// Largest outer IPv6 packet the FIB approved for this path (MTU check): larger
     /// packets are looked up afresh.
     pub max_len: u16,
-    /// 1 when the egress interface was in the device map at lookup time (a redirect
-    /// target), so the relay path need not look it up per packet.
-    pub redirect_ok: u8,
+    /// The egress interface's [`EGRESS_MAP`] bits at lookup time (0 if absent), so the
+    /// relay path need not look them up per packet.
+    pub egress_flags: u8,
     /// Always zero.
     pub pad: u8,
 }
 
 /// One slot of the forwarding cache: a flow key (the packet's overlay destination, the
-/// neighbour that sent it, the interface it came in on) and everything the rewrite needs,
+/// neighbour that sent it, the interface it came in on, the outer destination it was
+/// sent to) and everything the rewrite needs,
 /// valid only in the [`Config::generation`] it was made in. A slot is filled only after
 /// the full checks passed (route, neighbour authenticated, FIB success, redirect
 /// allowed), so a hit stands for all of them; any route, peer or redirect change bumps
@@ -182,11 +251,15 @@ pub struct ForwardingEntry {
     pub pad: u8,
     /// Native-order one's-complement sum ([`crate::checksum::WordSum`]) of every
     /// checksum-covered change that is fixed for the flow: the outer source address
-    /// (neighbour → ours), the destination's new value, the UDP ports. Per packet only
-    /// the old outer destination and the hop limit remain to account for.
+    /// (neighbour → ours), the outer destination (ours → the next hop's), the UDP
+    /// ports. Per packet only the hop limit remains to account for.
     pub csum_delta: u32,
     /// Always zero.
     pub pad2: u32,
+    /// The outer IPv6 destination the packets carried (key): one of this node's
+    /// addresses when the slot was filled, so a hit needs no local-address lookup, and
+    /// fixed per flow, so its checksum share is part of `csum_delta`.
+    pub outer_dst: [u8; 16],
 }
 
 /// The slot of the forwarding cache for a flow, from the words the program loads from
@@ -258,8 +331,9 @@ pub enum Stat {
     /// Next hop's link-layer address unknown; the kernel resolves it and later packets
     /// take the fast path.
     PassNoNeighbour = 3,
-    /// The FIB could not decide in the kernel fast path (forwarding disabled, MTU, no
-    /// device map entry); the agent's userspace path handles it.
+    /// The FIB could not decide in the kernel fast path (forwarding disabled, MTU), or
+    /// the egress cannot take the frame from XDP ([`EGRESS_MAP`]); the agent's
+    /// userspace path handles it.
     PassSlowPath = 4,
     /// Relayed back out of the interface it came in on (XDP_TX).
     Tx = 5,
@@ -280,11 +354,16 @@ pub enum Stat {
     /// Sent to a multicast or broadcast address: relaying it would let one packet be
     /// copied by every relay on the link.
     DropNotUnicast = 13,
+    /// The outer IPv6 destination is not one of this node's addresses (a frame for
+    /// another host seen on a promiscuous interface, or one this node routes as an
+    /// ordinary IPv6 router): not ours to relay, left to the kernel, which forwards or
+    /// drops it by its own rules.
+    PassNotLocal = 14,
 }
 
 impl Stat {
     /// Number of entries in [`STATS_MAP`].
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Every stat in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
@@ -302,6 +381,7 @@ impl Stat {
         Stat::DropNoRoute,
         Stat::DropUnreachable,
         Stat::DropNotUnicast,
+        Stat::PassNotLocal,
     ];
 
     /// Stable snake_case name for the API and the CLI.
@@ -321,6 +401,7 @@ impl Stat {
             Stat::DropNoRoute => "drop_no_route",
             Stat::DropUnreachable => "drop_unreachable",
             Stat::DropNotUnicast => "drop_not_unicast",
+            Stat::PassNotLocal => "pass_not_local",
         }
     }
 
@@ -331,7 +412,16 @@ impl Stat {
 
     /// Whether packets counted here were dropped.
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= (Stat::DropMalformed as u32)
+        matches!(
+            self,
+            Stat::DropMalformed
+                | Stat::DropBadVersion
+                | Stat::DropHopLimit
+                | Stat::DropUnknownPeer
+                | Stat::DropNoRoute
+                | Stat::DropUnreachable
+                | Stat::DropNotUnicast
+        )
     }
 }
 
@@ -341,6 +431,7 @@ mod pod {
     // no invalid bit patterns.
     unsafe impl aya::Pod for super::RouteValue {}
     unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::LocalAddrKey {}
     unsafe impl aya::Pod for super::PeerValue {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Counter {}
@@ -356,12 +447,14 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         assert_eq!(core::mem::size_of::<RouteValue>(), 40);
-        assert_eq!(core::mem::size_of::<PeerKey>(), 20);
+        assert_eq!(core::mem::size_of::<PeerKey>(), 24);
         assert_eq!(core::mem::size_of::<Config>(), 12);
         assert_eq!(core::mem::size_of::<Counter>(), 16);
         assert_eq!(core::mem::size_of::<NextHopKey>(), 20);
         assert_eq!(core::mem::size_of::<NextHopEntry>(), 40);
-        assert_eq!(core::mem::size_of::<ForwardingEntry>(), 104);
+        assert_eq!(core::mem::size_of::<ForwardingEntry>(), 120);
+        assert_eq!(core::mem::size_of::<LocalAddrKey>(), 20);
+        assert_eq!(core::mem::offset_of!(ForwardingEntry, outer_dst), 104);
         assert_eq!(core::mem::offset_of!(ForwardingEntry, next_hop), 48);
         assert_eq!(core::mem::offset_of!(ForwardingEntry, src), 64);
         assert_eq!(core::mem::offset_of!(ForwardingEntry, dmac), 80);
@@ -384,12 +477,28 @@ mod tests {
     }
 
     #[test]
+    fn peer_keys_are_scoped_only_for_link_local_addresses() {
+        let ll = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let ll_top = [0xfe, 0xbf, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let site = [0xfe, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let ula = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        assert!(is_link_local(&ll) && is_link_local(&ll_top));
+        assert!(!is_link_local(&site) && !is_link_local(&ula));
+        assert_eq!(PeerKey::new(ll, 9651, 3).ifindex, 3);
+        assert_eq!(PeerKey::new(ula, 9651, 3).ifindex, 0);
+        assert_eq!(PeerKey::new(ula, 9651, 3), PeerKey::new(ula, 9651, 7));
+        assert_ne!(PeerKey::new(ll, 9651, 3), PeerKey::new(ll, 9651, 7));
+    }
+
+    #[test]
     fn stats_are_indexed_in_order() {
         for (i, s) in Stat::ALL.iter().enumerate() {
             assert_eq!(*s as usize, i);
         }
         assert!(Stat::DropNoRoute.is_drop());
         assert!(!Stat::Redirect.is_drop());
+        assert!(!Stat::PassNotLocal.is_drop());
+        assert!(Stat::DropNotUnicast.is_drop());
         assert!(Stat::Tx.is_forwarded());
     }
 }

@@ -351,6 +351,49 @@ pub fn stats(s: &pb::Stats, all: bool) -> String {
             "forwarded {forwarded} (tx + redirect), passed {passed}, dropped {dropped} packets\n"
         ));
     }
+    if !s.interfaces.is_empty() {
+        out.push_str("\nInterfaces (kernel counters; tx_dropped includes relayed frames the egress could not take)\n");
+        let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
+        let rows: Vec<Vec<String>> = s
+            .interfaces
+            .iter()
+            .map(|i| {
+                vec![
+                    i.name.clone(),
+                    i.xdp_mode.clone(),
+                    yes_no(i.redirect_target),
+                    yes_no(i.xdp_tx),
+                    i.rx_packets.to_string(),
+                    i.rx_dropped.to_string(),
+                    i.tx_packets.to_string(),
+                    i.tx_dropped.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "INTERFACE",
+                "MODE",
+                "REDIRECT IN",
+                "XDP_TX",
+                "RX",
+                "RX DROPPED",
+                "TX",
+                "TX DROPPED",
+            ],
+            &[
+                Align::Left,
+                Align::Left,
+                Align::Left,
+                Align::Left,
+                Align::Right,
+                Align::Right,
+                Align::Right,
+                Align::Right,
+            ],
+            &rows,
+        ));
+    }
     out.push_str("\nAgent (userspace)\n");
     out.push_str(&counter_table(&s.agent, all));
     if !s.routing.is_empty() {
@@ -610,6 +653,7 @@ mod tests {
             ],
             agent: vec![counter("rx_data", 0, 0), counter("rx_control", 2, 180)],
             routing: vec![],
+            interfaces: vec![],
         };
         let text = stats(&s, false);
         assert_eq!(
@@ -636,6 +680,7 @@ mod tests {
                 xdp: vec![],
                 agent: vec![counter("rx_data", 0, 0)],
                 routing: vec![counter("rejected_unowned_prefix", 1, 0)],
+                interfaces: vec![],
             },
             false,
         );
@@ -647,6 +692,34 @@ mod tests {
              NAME                     COUNT\n\
              rejected_unowned_prefix      1\n"
         );
+    }
+
+    #[test]
+    fn stats_show_interfaces_and_kernel_drops() {
+        let s = pb::Stats {
+            xdp: vec![counter("redirect", 10, 1000)],
+            agent: vec![],
+            routing: vec![],
+            interfaces: vec![pb::InterfaceCounters {
+                name: "to-c".into(),
+                ifindex: 3,
+                xdp_mode: "driver".into(),
+                redirect_target: false,
+                xdp_tx: false,
+                rx_packets: 5,
+                rx_dropped: 0,
+                tx_packets: 7,
+                tx_dropped: 42,
+            }],
+        };
+        let text = stats(&s, false);
+        assert!(text.contains("TX DROPPED"), "{text}");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("to-c"))
+            .expect("a row for to-c");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["to-c", "driver", "no", "no", "5", "0", "7", "42"]);
     }
 
     #[test]

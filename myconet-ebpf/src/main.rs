@@ -28,9 +28,10 @@ use aya_ebpf::{
 use myconet_common::{
     checksum::WordSum,
     maps::{
-        Config, Counter, DEVMAP_CAPACITY, FORWARDING_CACHE_SLOTS, ForwardingEntry,
-        NEXTHOP_CACHE_CAPACITY, NextHopEntry, NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue,
-        ROUTES_CAPACITY, RouteAction, RouteValue, Stat, forwarding_slot,
+        Config, Counter, DEVMAP_CAPACITY, EGRESS_REDIRECT, EGRESS_TX, FORWARDING_CACHE_SLOTS,
+        ForwardingEntry, LOCAL_ADDRS_CAPACITY, LocalAddrKey, NEXTHOP_CACHE_CAPACITY, NextHopEntry,
+        NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY, RouteAction, RouteValue,
+        Stat, forwarding_slot,
     },
     wire::{self, PacketType, field},
 };
@@ -42,6 +43,9 @@ static ROUTES: LpmTrie<[u8; 16], RouteValue> = LpmTrie::with_max_entries(ROUTES_
 static PEERS: HashMap<PeerKey, PeerValue> = HashMap::with_max_entries(PEERS_CAPACITY, 0);
 
 #[map]
+static LOCAL_ADDRS: HashMap<LocalAddrKey, u32> = HashMap::with_max_entries(LOCAL_ADDRS_CAPACITY, 0);
+
+#[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
 #[map]
@@ -49,6 +53,9 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map]
 static DEVMAP: DevMapHash = DevMapHash::with_max_entries(DEVMAP_CAPACITY, 0);
+
+#[map]
+static EGRESS: HashMap<u32, u32> = HashMap::with_max_entries(DEVMAP_CAPACITY, 0);
 
 /// Per-CPU working space for [`resolve`].
 #[repr(C)]
@@ -205,21 +212,23 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     // Control is link-level: always the agent's. Handshakes travel end to end like data
     // but are relayed by the agent (its rate limits apply), after the same local and
     // peer checks here, so strangers cannot make a relay's agent do work for them.
-    let is_data = match PacketType::from_u8(byte(start + MYC_OFF + field::TYPE)) {
-        Some(PacketType::Data) => true,
-        Some(PacketType::Control) => return (PASS, Stat::PassControl),
-        Some(_) => false,
+    let (is_data, is_control) = match PacketType::from_u8(byte(start + MYC_OFF + field::TYPE)) {
+        Some(PacketType::Data) => (true, false),
+        Some(PacketType::Control) => (false, true),
+        Some(_) => (false, false),
         None => return (DROP, Stat::DropMalformed),
     };
 
     let [dst0, dst1] = load_words(start + MYC_OFF + field::DST.start);
     let [peer0, peer1] = load_words(start + IP_OFF + 8);
+    let [odst0, odst1] = load_words(start + IP_OFF + 24);
     let peer_port_be: u16 = load(start + UDP_OFF);
     let hop_limit = byte(start + MYC_OFF + field::HOP_LIMIT);
     let ingress = ctx.ingress_ifindex() as u32;
 
     // The fast path: a slot of the forwarding cache that holds this flow, made in the
-    // current generation for a packet at least this large, stands for every check below.
+    // current generation for a packet at least this large, stands for every check below
+    // (the outer destination is part of the flow key, so a hit also means it is ours).
     let tot_len = (IPV6_HLEN + ip_payload_len) as u16;
     let slot = if is_data {
         let slot_index = forwarding_slot(dst0, dst1, peer1, peer_port_be, ingress);
@@ -237,6 +246,8 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
             && load::<u64>(slot.dst.as_ptr() as usize + 8) == dst1
             && load::<u64>(slot.peer.as_ptr() as usize) == peer0
             && load::<u64>(slot.peer.as_ptr() as usize + 8) == peer1
+            && load::<u64>(slot.outer_dst.as_ptr() as usize) == odst0
+            && load::<u64>(slot.outer_dst.as_ptr() as usize + 8) == odst1
         {
             if hop_limit <= 1 {
                 return (DROP, Stat::DropHopLimit);
@@ -247,6 +258,18 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     } else {
         None
     };
+
+    // Only packets sent to one of this node's addresses are ours: on a promiscuous
+    // interface the program also sees frames for other hosts. A link-local destination
+    // is ours only on the interface it is configured on.
+    let local = LocalAddrKey::new(addr_bytes([odst0, odst1]), ingress);
+    // SAFETY: read-only lookup of a plain-data value.
+    if unsafe { LOCAL_ADDRS.get(local) }.is_none() {
+        return (PASS, Stat::PassNotLocal);
+    }
+    if is_control {
+        return (PASS, Stat::PassControl);
+    }
 
     let route_key = Key::new(128, addr_bytes([dst0, dst1]));
     let route = ROUTES.get(&route_key);
@@ -263,8 +286,13 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         );
     }
 
-    // Only authenticated neighbours may use this node as a relay.
-    let peer = PeerKey::new(addr_bytes([peer0, peer1]), u16::from_be(peer_port_be));
+    // Only authenticated neighbours may use this node as a relay. A link-local sender
+    // is known only on the interface it came in on.
+    let peer = PeerKey::new(
+        addr_bytes([peer0, peer1]),
+        u16::from_be(peer_port_be),
+        ingress,
+    );
     // SAFETY: read-only lookup of a plain-data value.
     if unsafe { PEERS.get(peer) }.is_none() {
         return (DROP, Stat::DropUnknownPeer);
@@ -287,7 +315,14 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
         Ok(h) => h,
         Err(verdict) => return verdict,
     };
-    if hop.egress != ingress && !hop.redirect_ok {
+    // Only out of an interface the agent proved can take the frame this way (a veth
+    // whose far end cannot receive XDP frames would drop it after we counted it).
+    let needed = if hop.egress == ingress {
+        EGRESS_TX
+    } else {
+        EGRESS_REDIRECT
+    };
+    if u32::from(hop.egress_flags) & needed == 0 {
         return (PASS, Stat::PassSlowPath);
     }
 
@@ -308,12 +343,15 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     slot.max_len = hop.max_len;
     slot.is_tx = u8::from(hop.egress == ingress);
     slot.pad = 0;
+    store_words(slot.outer_dst.as_mut_ptr() as usize, [odst0, odst1]);
     slot.csum_delta = u32::from(
         WordSum::new()
             .sub64(peer0)
             .sub64(peer1)
             .add64(hop.src[0])
             .add64(hop.src[1])
+            .sub64(odst0)
+            .sub64(odst1)
             .add64(next_hop[0])
             .add64(next_hop[1])
             .sub16(peer_port_be)
@@ -327,9 +365,9 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
 /// Rewrites a relayed frame from its forwarding-cache slot and picks the verdict:
 /// Ethernet addresses, outer IPv6 source/destination and hop limit, UDP ports, Myconet
 /// hop limit, and the UDP checksum patched in native byte order (see
-/// [`WordSum`]): the slot carries the flow's fixed changes, so only the old outer
-/// destination and the hop-limit word are summed per packet. The caller has checked
-/// that the frame holds the whole Myconet header.
+/// [`WordSum`]): the slot carries the flow's fixed changes (addresses and ports, the
+/// outer destination being part of the flow key), so only the hop-limit word is summed
+/// per packet. The caller has checked that the frame holds the whole Myconet header.
 #[inline(always)]
 fn rewrite(start: usize, slot: &ForwardingEntry, port: u16, hop_limit: u8) -> (u32, Stat) {
     // Relays clamp the hop limit to the default, so a packet sent with 255 cannot
@@ -346,8 +384,6 @@ fn rewrite(start: usize, slot: &ForwardingEntry, port: u16, hop_limit: u8) -> (u
     let dst_at = start + IP_OFF + 24;
     let csum = WordSum::new()
         .add16(slot.csum_delta as u16)
-        .sub64(load(dst_at))
-        .sub64(load(dst_at + 8))
         .sub16(old_hop_word)
         .add16(new_hop_word)
         .patch_udp(load(start + UDP_OFF + 6));
@@ -381,7 +417,7 @@ struct NextHop {
     macs_lo: u64,
     macs_hi: u32,
     max_len: u16,
-    redirect_ok: bool,
+    egress_flags: u8,
 }
 
 impl NextHop {
@@ -395,7 +431,7 @@ impl NextHop {
             macs_lo: load(macs),
             macs_hi: load(macs + 8),
             max_len: e.max_len,
-            redirect_ok: e.redirect_ok != 0,
+            egress_flags: e.egress_flags,
         }
     }
 }
@@ -487,8 +523,9 @@ fn resolve(
     entry.smac = scratch.fib.smac;
     entry.max_len = tot_len;
     // Checked once here, not per packet: the agent bumps the generation whenever it
-    // changes the device map.
-    entry.redirect_ok = u8::from(DEVMAP.get(egress).is_some());
+    // changes an egress policy.
+    // SAFETY: read-only lookup of a plain-data value.
+    entry.egress_flags = unsafe { EGRESS.get(egress) }.map_or(0, |f| *f as u8);
     entry.pad = 0;
     // A full cache only costs a later packet another lookup.
     let _ = NEXTHOP_CACHE.insert(&key, &scratch.entry, 0);

@@ -63,12 +63,30 @@ impl RelayChain {
     /// Builds the topology, starts the agents with `xdp_mode` and installs routes and
     /// peers; neighbours are resolved (ping) so the first packets take the fast path.
     pub fn start(bin_dir: &Path, xdp_mode: &str) -> Result<Self> {
-        let topo = Chain::new(3).tag("relay").build()?;
+        Self::start_with(bin_dir, xdp_mode, true, &[])
+    }
+
+    /// Like [`RelayChain::start`], with GRO on every veth or on none (`veth_gro`), and
+    /// `c_args` appended to c's agent command line (e.g. `--dataplane userspace`,
+    /// which leaves c's link without an XDP program).
+    pub fn start_with(
+        bin_dir: &Path,
+        xdp_mode: &str,
+        veth_gro: bool,
+        c_args: &[&str],
+    ) -> Result<Self> {
+        let topo = Chain::new(3).tag("relay").veth_gro(veth_gro).build()?;
         let mut agents = Vec::new();
-        for node in topo.nodes() {
+        for (i, node) in topo.nodes().iter().enumerate() {
+            let userspace = i == 2 && c_args.contains(&"userspace");
             let options = AgentOptions {
                 port: PORT,
-                xdp_mode: Some(xdp_mode.to_string()),
+                xdp_mode: (!userspace).then(|| xdp_mode.to_string()),
+                extra_args: if i == 2 {
+                    c_args.iter().map(|a| a.to_string()).collect()
+                } else {
+                    Vec::new()
+                },
                 ..AgentOptions::default()
             };
             agents.push(AgentProcess::start(node, bin_dir, options)?);

@@ -5,13 +5,17 @@
 //!
 //! Runs as root (CI is root): two namespaces, two agents, a real veth.
 
-use std::{net::Ipv6Addr, time::Duration};
+use std::{
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, ensure};
 use myconet_testbed::{
-    agent::{AgentOptions, AgentProcess, bin_dir},
+    agent::{AgentOptions, AgentProcess, bin_dir, counter},
     scenario::{LINK_UP_TIMEOUT, PORT, json_str},
     topology::Chain,
+    traffic::bind_udp,
     util,
 };
 use serde_json::Value;
@@ -162,6 +166,152 @@ fn neighbours_discover_each_other_on_a_link() -> Result<()> {
             "exactly one neighbour on a two-node link: {peers}"
         );
     }
+    for agent in agents {
+        agent.stop()?;
+    }
+    Ok(())
+}
+
+/// The route a node holds for `prefix`, if the routing protocol installed one and the
+/// kernel map agrees: its next hop's address and interface.
+fn routed_next_hop(agent: &AgentProcess, prefix: &str) -> Result<Option<(String, u64)>> {
+    let routes = agent.ctl_json(&["routes"])?;
+    let row = routes["routes"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["prefix"] == prefix));
+    Ok(row.and_then(|r| {
+        let nh = &r["agent"]["next_hop"];
+        (r["agent"]["origin"] == "routing" && r["in_sync"] == true)
+            .then(|| Some((nh["address"].as_str()?.to_owned(), nh["ifindex"].as_u64()?)))
+            .flatten()
+    }))
+}
+
+/// a — b — c told nothing but `--discover` on their links: they find each other by
+/// beacons (link-local addresses), route over each other, and b relays real overlay
+/// traffic between a and c. b admits each neighbour only on the link it was found on,
+/// so nothing it relays is dropped as coming from an unknown peer.
+#[test]
+fn discovered_neighbours_relay_overlay_traffic() -> Result<()> {
+    const N: u32 = 100;
+    const PROBE_PORT: u16 = 7070;
+    let bins = bin_dir()?;
+    let topo = Chain::new(3).tag("discrel").build()?;
+    let mut agents = Vec::new();
+    for (i, node) in topo.nodes().iter().enumerate() {
+        let mut extra_args = vec!["--hello-interval-ms".to_string(), "300".to_string()];
+        for iface in node.if_names() {
+            extra_args.extend(["--discover".to_string(), iface.to_string()]);
+        }
+        if i == 1 {
+            extra_args.push("--no-tun".to_string());
+        }
+        let options = AgentOptions {
+            port: PORT,
+            extra_args,
+            ..AgentOptions::default()
+        };
+        agents.push(AgentProcess::start(node, &bins, options)?);
+    }
+    let status = |i: usize| agents[i].status();
+    let (a_status, c_status) = (status(0)?, status(2)?);
+    let a_overlay: Ipv6Addr = json_str(&a_status, "node_address")?.parse()?;
+    let c_overlay: Ipv6Addr = json_str(&c_status, "node_address")?.parse()?;
+    let a_prefix = json_str(&a_status, "node_prefix")?.to_string();
+    let c_prefix = json_str(&c_status, "node_prefix")?.to_string();
+
+    // Both ends route to each other through b's link-local address on their link.
+    for (from, prefix, iface_to_b) in [(0, &c_prefix, 1), (2, &a_prefix, 1)] {
+        let want_ifindex = u64::from(topo.node(from).iface_to(iface_to_b)?.ifindex);
+        let (addr, ifindex) = util::poll(
+            "a route through the discovered neighbour b",
+            Duration::from_secs(40),
+            Duration::from_millis(200),
+            || routed_next_hop(&agents[from], prefix),
+        )
+        .map_err(|e| agents[from].with_log(e))
+        .with_context(|| format!("routes: {:?}", agents[from].ctl(&["routes"]).ok()))?;
+        ensure!(
+            addr.starts_with("fe80:") && ifindex == want_ifindex,
+            "node {from} routes {prefix} via {addr}%{ifindex}, not b's link-local address on \
+             interface {want_ifindex}"
+        );
+    }
+    // b admitted both neighbours on their own links (each found by a beacon, or
+    // authenticated first by the other side's handshake: inbound).
+    let peers = agents[1].ctl_json(&["peers"])?;
+    let rows = peers["peers"].as_array().context("b's peers")?;
+    ensure!(
+        rows.len() == 2
+            && rows.iter().all(|r| r["state"] == "up"
+                && r["in_kernel"] == true
+                && (r["origin"] == "discovered" || r["origin"] == "inbound")
+                && r["interface"].as_u64().is_some_and(|i| i != 0)),
+        "b's neighbours: {peers}"
+    );
+
+    // The first packets may wait for the end-to-end handshake: ping until one answer.
+    let c_target = c_overlay.to_string();
+    util::poll(
+        "a ping from a to c over the overlay",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            Ok(topo
+                .node(0)
+                .netns()
+                .exec("ping", ["-6", "-n", "-c", "1", "-W", "2", &c_target])
+                .is_ok()
+                .then_some(()))
+        },
+    )?;
+
+    let b_before = agents[1].stats()?;
+    let rx = bind_udp(
+        topo.node(2).netns(),
+        SocketAddr::V6(SocketAddrV6::new(c_overlay, PROBE_PORT, 0, 0)),
+    )?;
+    rx.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let tx = bind_udp(
+        topo.node(0).netns(),
+        SocketAddr::V6(SocketAddrV6::new(a_overlay, 0, 0, 0)),
+    )?;
+    let to = SocketAddr::V6(SocketAddrV6::new(c_overlay, PROBE_PORT, 0, 0));
+    for seq in 0..N {
+        tx.send_to(&seq.to_be_bytes(), to)?;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Datagrams wait in c's socket buffer; collect them within a bound.
+    let mut got = std::collections::BTreeSet::new();
+    let mut buf = [0u8; 64];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (got.len() as u32) < N && std::time::Instant::now() < deadline {
+        if let Ok(4) = rx.recv(&mut buf) {
+            got.insert(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+        }
+    }
+    ensure!(
+        got.len() as u32 == N,
+        "c received {} of {N} datagrams from a",
+        got.len()
+    );
+
+    // b relayed them (in the kernel or on its userspace path) and refused nothing as
+    // coming from a stranger.
+    let b_after = agents[1].stats()?;
+    let d = |sec: &str, name: &str| -> Result<u64> {
+        Ok(counter(&b_after, sec, name)? - counter(&b_before, sec, name)?)
+    };
+    let relayed = d("xdp", "redirect")? + d("xdp", "tx")? + d("agent", "rx_data_relayed")?;
+    ensure!(
+        relayed >= u64::from(N),
+        "b relayed {relayed} of {N}: {b_after}"
+    );
+    ensure!(
+        counter(&b_after, "xdp", "drop_unknown_peer")? == 0
+            && counter(&b_after, "agent", "rx_data_unknown_peer")? == 0,
+        "b refused a discovered neighbour's packets: {b_after}"
+    );
     for agent in agents {
         agent.stop()?;
     }

@@ -9,8 +9,10 @@ use anyhow::{Context, Result, ensure};
 use myconet_common::wire::{HEADER_LEN, field};
 use myconet_testbed::{
     agent::{bin_dir, counter},
-    scenario::{PORT, RelayChain, SENDER_PORT},
-    traffic::Capture,
+    scenario::{PORT, RelayChain, SENDER_PORT, WINDOW},
+    topology::fmt_mac,
+    traffic::{Capture, CaptureOptions, Direction},
+    util,
 };
 
 const N: u64 = 2000;
@@ -195,6 +197,262 @@ fn relay_refuses_strangers_and_expired_packets() -> Result<()> {
     Ok(())
 }
 
+/// c's link to b changes its MAC address while b relays a → c in XDP. Frames relayed in
+/// the kernel never refresh b's neighbour entry for c, so b's agent must: it keeps the
+/// entry in use (`NTF_USE`), the kernel re-validates it and learns the new address, and
+/// the neighbour notification makes b's forwarding caches stale at once. Traffic comes
+/// back, relayed in XDP to the new MAC, within a generous bound, and once the first
+/// frame reaches the new MAC no later window of traffic reaches the old one.
+#[test]
+fn relay_follows_a_neighbour_that_changes_its_mac() -> Result<()> {
+    const RECOVERY_BOUND: Duration = Duration::from_secs(30);
+    let chain = RelayChain::start(&bin_dir()?, "driver")?;
+    let (b, c) = (chain.topo.node(1), chain.topo.node(2));
+    let b_to_c = b.iface_to(2)?.name.clone();
+    let c_to_b = c.iface_to(1)?;
+    let old_mac = c_to_b.mac;
+    let mut new_mac = old_mac;
+    new_mac[5] ^= 0x80;
+    // Short neighbour timers on b, so re-validation takes seconds rather than the
+    // default half a minute (the mechanism is the same).
+    for (key, value) in [
+        ("base_reachable_time_ms", "1000"),
+        ("delay_first_probe_time", "1"),
+        ("retrans_time_ms", "200"),
+    ] {
+        b.netns().exec(
+            "sysctl",
+            ["-qw", &format!("net.ipv6.neigh.{b_to_c}.{key}={value}")],
+        )?;
+    }
+    // The entry for c was made under the default timers: resolve it afresh.
+    b.netns().ip(["-6", "neigh", "flush", "dev", &b_to_c])?;
+    b.ping(c_to_b.addr, 3)?;
+
+    let capture = Capture::start(
+        c.netns(),
+        &c_to_b.name,
+        CaptureOptions {
+            udp_dst_port: Some(PORT),
+            direction: Direction::Incoming,
+            max_frames: 200_000,
+            max_duration: Duration::from_secs(90),
+        },
+    )?;
+    let sender = chain.sender(SENDER_PORT)?;
+    let b_before = chain.agents[1].stats()?;
+    // Windows of WINDOW datagrams, each sent once the previous one arrived (or 2 s
+    // passed): windows are ordered in time, so "a later window" is well defined.
+    // Datagram counters run 0, 1, 2, ... so a counter's window is counter / WINDOW.
+    let window_of = |counter: &u64| Some((*counter / WINDOW as u64) as usize);
+    let mut counter_base = 0u64;
+    let mut send_window = |window: usize| -> Result<()> {
+        let datagrams: Vec<Vec<u8>> = chain
+            .default_datagrams(counter_base + WINDOW as u64)
+            .split_off(counter_base as usize);
+        debug_assert_eq!(window_of(&counter_base), Some(window));
+        counter_base += WINDOW as u64;
+        sender.send_datagrams(&datagrams)?;
+        capture.wait_for(counter_base as usize, Duration::from_secs(2));
+        Ok(())
+    };
+
+    // Before: everything goes to the old MAC.
+    let mut window = 0;
+    for _ in 0..4 {
+        send_window(window)?;
+        window += 1;
+    }
+    c.netns().ip([
+        "link",
+        "set",
+        "dev",
+        &c_to_b.name,
+        "address",
+        &fmt_mac(&new_mac),
+    ])?;
+    let changed_at = window;
+
+    // After: keep sending until three windows in a row arrived entirely at the new MAC.
+    let deadline = std::time::Instant::now() + RECOVERY_BOUND;
+    let dst_mac_of = |frame: &myconet_testbed::traffic::CapturedFrame| -> Option<(u64, [u8; 6])> {
+        let p = frame.parse().ok()?;
+        Some((p.repr().ok()?.counter, p.eth_dst))
+    };
+    loop {
+        send_window(window)?;
+        window += 1;
+        let seen: Vec<(u64, [u8; 6])> = capture.snapshot().iter().filter_map(dst_mac_of).collect();
+        let recovered = (window.saturating_sub(3)..window).all(|w| {
+            w > changed_at
+                && seen.iter().filter(|(i, _)| window_of(i) == Some(w)).count() == WINDOW
+                && seen
+                    .iter()
+                    .filter(|(i, _)| window_of(i) == Some(w))
+                    .all(|(_, mac)| *mac == new_mac)
+        });
+        if recovered {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            let last: Vec<String> = (window.saturating_sub(3)..window)
+                .map(|w| {
+                    let in_w: Vec<&[u8; 6]> = seen
+                        .iter()
+                        .filter(|(i, _)| window_of(i) == Some(w))
+                        .map(|(_, mac)| mac)
+                        .collect();
+                    let new = in_w.iter().filter(|m| ***m == new_mac).count();
+                    format!("window {w}: {} frames, {new} to the new MAC", in_w.len())
+                })
+                .collect();
+            let neigh = b
+                .netns()
+                .exec_stdout("ip", ["-s", "-s", "-6", "neigh", "show", "dev", &b_to_c]);
+            anyhow::bail!(
+                "traffic did not recover within {RECOVERY_BOUND:?} after c's MAC changed \
+                 ({}; b's neighbours: {neigh:?})\n{}\nb's log:\n{}",
+                last.join("; "),
+                chain.loss_report(),
+                chain.agents[1].log_tail(30)
+            );
+        }
+    }
+    let frames = capture.stop()?;
+    let seen: Vec<(u64, [u8; 6])> = frames.iter().filter_map(dst_mac_of).collect();
+    let first_new = seen
+        .iter()
+        .filter(|(_, mac)| *mac == new_mac)
+        .filter_map(|(i, _)| window_of(i))
+        .min()
+        .context("no frame ever reached the new MAC")?;
+    for (i, mac) in &seen {
+        let w = window_of(i).unwrap_or(0);
+        ensure!(
+            w < changed_at || *mac == old_mac || *mac == new_mac,
+            "frame {i} went to a third MAC {mac:02x?}"
+        );
+        ensure!(
+            !(w > first_new && *mac == old_mac),
+            "frame {i} (window {w}) still went to the old MAC after the new one was in use \
+             from window {first_new}"
+        );
+        ensure!(
+            !(w < changed_at && *mac != old_mac),
+            "frame {i} before the change did not go to the old MAC"
+        );
+    }
+    // And the recovered traffic was relayed in the kernel, not by b's agent.
+    let b_after = chain.agents[1].stats()?;
+    let redirected = counter(&b_after, "xdp", "redirect")? - counter(&b_before, "xdp", "redirect")?;
+    ensure!(
+        redirected >= 3 * WINDOW as u64,
+        "b relayed only {redirected} frames in XDP: {b_after}"
+    );
+    Ok(())
+}
+
+/// The `interfaces` row of an agent's stats for interface `name`.
+fn interface_row(stats: &serde_json::Value, name: &str) -> Result<serde_json::Value> {
+    stats["interfaces"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == name))
+        .cloned()
+        .with_context(|| format!("no interface {name} in stats: {stats}"))
+}
+
+fn json_u64(v: &serde_json::Value) -> u64 {
+    // proto3 JSON renders 64-bit integers as strings; omitted means 0.
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().unwrap_or(0),
+        serde_json::Value::String(s) => s.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// c runs no XDP program and its veth has GRO off, so its end has no NAPI and a frame
+/// b redirects into its own end of the link would be dropped by the kernel after b
+/// counted it. b must see that from its side (the veth's XDP features) and relay to c
+/// on the slow path instead, losing nothing; once c turns GRO on, b redirects again.
+/// b's stats show each interface's policy and the kernel's drop counters.
+#[test]
+fn relay_never_redirects_into_a_veth_that_cannot_receive() -> Result<()> {
+    const N: u64 = 300;
+    let chain =
+        RelayChain::start_with(&bin_dir()?, "driver", false, &["--dataplane", "userspace"])?;
+    let b = &chain.agents[1];
+    let b_to_a = chain.topo.node(1).iface_to(0)?.name.clone();
+    let b_to_c = chain.topo.node(1).iface_to(2)?.name.clone();
+    let stats = b.stats()?;
+    ensure!(
+        interface_row(&stats, &b_to_c)?["redirect_target"] != true
+            && interface_row(&stats, &b_to_a)?["redirect_target"] == true,
+        "b must redirect into a's link (a runs XDP) but not into c's: {}",
+        stats["interfaces"]
+    );
+
+    // Phase 1: every packet reaches c, through b's agent.
+    let run = |phase: &str| -> Result<(serde_json::Value, serde_json::Value)> {
+        let before = b.stats()?;
+        let capture = Capture::udp_port(chain.topo.node(2).netns(), &chain.c_ingress()?, PORT)?;
+        let sent = chain.send_paced(&chain.default_datagrams(N), &capture)?;
+        ensure!(sent.packets == N, "{phase}: sent {} of {N}", sent.packets);
+        ensure!(
+            capture.wait_for(N as usize, Duration::from_secs(20)),
+            "{phase}: c captured {} of {N}\n{}",
+            capture.count(),
+            chain.loss_report()
+        );
+        Ok((before, b.stats()?))
+    };
+    let (before, after) = run("c without NAPI")?;
+    let d = |name: &str, sec: &str| -> Result<u64> {
+        Ok(counter(&after, sec, name)? - counter(&before, sec, name)?)
+    };
+    ensure!(
+        d("redirect", "xdp")? == 0,
+        "b redirected into c's link: {after}"
+    );
+    ensure!(
+        d("pass_slow_path", "xdp")? == N && d("rx_data_relayed", "agent")? == N,
+        "b's agent should relay every packet: {after}"
+    );
+    let dropped = |s: &serde_json::Value| -> Result<u64> {
+        Ok(json_u64(&interface_row(s, &b_to_c)?["tx_dropped"]))
+    };
+    ensure!(
+        dropped(&after)? == dropped(&before)?,
+        "the kernel dropped frames on b's link to c: {}",
+        after["interfaces"]
+    );
+
+    // Phase 2: c enables GRO (NAPI on its end); b notices within a bounded wait and
+    // relays in the kernel again.
+    chain
+        .topo
+        .node(2)
+        .netns()
+        .exec("ethtool", ["-K", &chain.c_ingress()?, "gro", "on"])?;
+    util::poll(
+        "b to make c's link a redirect target",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || Ok((interface_row(&b.stats()?, &b_to_c)?["redirect_target"] == true).then_some(())),
+    )?;
+    let (before, after) = run("c with GRO")?;
+    let d = |name: &str, sec: &str| -> Result<u64> {
+        Ok(counter(&after, sec, name)? - counter(&before, sec, name)?)
+    };
+    ensure!(d("redirect", "xdp")? == N, "b's XDP: {after}");
+    ensure!(d("rx_data_relayed", "agent")? == 0, "b's agent: {after}");
+    ensure!(
+        dropped(&after)? == dropped(&before)?,
+        "the kernel dropped frames on b's link to c: {}",
+        after["interfaces"]
+    );
+    Ok(())
+}
+
 /// A neighbour cannot make a relay pass on handshakes without bound: every one goes up
 /// to b's agent (XDP passes them after its peer and route checks), which relays at most
 /// `RELAY_HANDSHAKE_LIMIT` (a burst of 256, then 128 per second) per neighbour and
@@ -203,7 +461,7 @@ fn relay_refuses_strangers_and_expired_packets() -> Result<()> {
 fn relay_limits_the_handshakes_one_neighbour_hands_it() -> Result<()> {
     use myconet_agent::underlay::RELAY_HANDSHAKE_LIMIT;
     use myconet_common::wire::{PacketType, Repr};
-    use myconet_testbed::{packet, traffic::CaptureOptions};
+    use myconet_testbed::packet;
 
     const SENT: u64 = 1000;
     let chain = RelayChain::start(&bin_dir()?, "auto")?;

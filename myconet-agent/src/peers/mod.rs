@@ -165,10 +165,16 @@ impl LinkEndpoint {
         SocketAddrV6::new(self.addr, self.port, 0, self.scope_id)
     }
 
-    /// The `(address, port)` pair the XDP peer map and `forward::decide` key on; the
-    /// kernel program sees no scope ids, only the packet's source address and port.
-    pub fn underlay(&self) -> crate::forward::Endpoint {
-        (self.addr, self.port)
+    /// The key the XDP peer map holds for this endpoint: address, port and, for a
+    /// link-local address, the interface, which the program compares with the one a
+    /// packet came in on.
+    pub fn peer_key(&self) -> myconet_common::maps::PeerKey {
+        myconet_common::maps::PeerKey::new(self.addr.octets(), self.port, self.scope_id)
+    }
+
+    /// The endpoint a peer-map key stands for (the inverse of [`LinkEndpoint::peer_key`]).
+    pub fn from_peer_key(key: &myconet_common::maps::PeerKey) -> Self {
+        Self::new(Ipv6Addr::from(key.addr), key.port, key.ifindex)
     }
 
     /// Checks that this endpoint can be a neighbour at all, so nonsense from the config
