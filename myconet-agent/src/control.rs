@@ -2,8 +2,13 @@
 //!
 //! A Unix socket rather than TCP so that access control is plain file permissions: the
 //! socket is created with the requested mode before anyone can reach it (it is bound in a
-//! private directory and renamed into place), so there is no window in which a client
-//! with fewer rights could connect. Every RPC is a thin translation between the proto
+//! private directory and linked into place), so there is no window in which a client
+//! with fewer rights could connect.
+//!
+//! Two agents started at once on one path must not both believe they serve it: the
+//! claim holds an exclusive `flock` on `<socket>.lock` for the agent's lifetime, taken
+//! before the stale-socket check, and the fresh socket is placed with `link(2)`, which
+//! never replaces an existing file. Every RPC is a thin translation between the proto
 //! messages and [`Node`]; validation beyond syntax lives in `Node`, and every refusal is
 //! mapped to a gRPC code the CLI can show as is.
 
@@ -11,9 +16,15 @@ use std::{
     future::Future,
     io,
     net::Ipv6Addr,
-    os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
+    os::{
+        fd::AsRawFd,
+        unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -43,6 +54,8 @@ pub struct ControlSocket {
     listener: Option<UnixListener>,
     identity: FileIdentity,
     path: PathBuf,
+    // Dropped last: the socket file goes before the lock that guards its path.
+    _lock: SocketLock,
 }
 
 impl ControlSocket {
@@ -53,6 +66,9 @@ impl ControlSocket {
     /// a leftover from a crash and is replaced. `mode` is applied before the socket
     /// becomes reachable under `socket`.
     pub async fn claim(socket: &Path, mode: u32) -> anyhow::Result<Self> {
+        check_path(socket)?;
+        create_parent(socket)?;
+        let lock = SocketLock::acquire(socket)?;
         let (listener, identity) = bind(socket, mode).await?;
         info!(
             socket = %socket.display(),
@@ -63,7 +79,85 @@ impl ControlSocket {
             listener: Some(listener),
             identity,
             path: socket.to_path_buf(),
+            _lock: lock,
         })
+    }
+}
+
+/// An exclusive `flock` on `<socket>.lock`, held while an agent owns the socket path.
+///
+/// Whoever holds it is the only agent checking for, removing or placing a socket at that
+/// path, so two agents started at once cannot both pass the stale check. The lock file
+/// is removed on drop while still locked; a claimant that opened it just before checks
+/// after locking that the path still names the inode it locked, and starts over if not.
+#[derive(Debug)]
+struct SocketLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+/// How often [`SocketLock::acquire`] starts over when the lock file it locked was
+/// removed under it (each time another agent released the path in between).
+const LOCK_ATTEMPTS: usize = 100;
+
+impl SocketLock {
+    fn acquire(socket: &Path) -> anyhow::Result<Self> {
+        let mut name = socket.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        let path = socket.with_file_name(name);
+        for _ in 0..LOCK_ATTEMPTS {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("opening the control socket lock {}", path.display()))?;
+            // SAFETY: valid fd owned by `file` for the duration of the call.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc != 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    bail!(
+                        "another agent is already serving on {} (it holds {})",
+                        socket.display(),
+                        path.display()
+                    );
+                }
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+            let held = file
+                .metadata()
+                .with_context(|| format!("inspecting {}", path.display()))?;
+            match std::fs::symlink_metadata(&path) {
+                Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
+                    return Ok(Self { file, path });
+                }
+                // The previous holder removed the file between our open and our lock.
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+            }
+        }
+        bail!(
+            "could not lock {}: it was replaced {LOCK_ATTEMPTS} times while locking",
+            path.display()
+        )
+    }
+}
+
+impl Drop for SocketLock {
+    fn drop(&mut self) {
+        // Still locked here, so nobody else can be relying on this inode yet.
+        let held = self.file.metadata().map(|m| (m.dev(), m.ino()));
+        let current = std::fs::symlink_metadata(&self.path).map(|m| (m.dev(), m.ino()));
+        if let (Ok(held), Ok(current)) = (held, current)
+            && held == current
+            && let Err(e) = std::fs::remove_file(&self.path)
+        {
+            warn!(lock = %self.path.display(), error = %e, "could not remove the socket lock");
+        }
     }
 }
 
@@ -116,7 +210,8 @@ const MAX_SOCKET_PATH: usize = 107;
 /// someone else put at the same path in the meantime.
 type FileIdentity = (u64, u64);
 
-async fn bind(socket: &Path, mode: u32) -> anyhow::Result<(UnixListener, FileIdentity)> {
+/// Refuses paths a Unix socket cannot be bound at, before anything is created.
+fn check_path(socket: &Path) -> anyhow::Result<()> {
     if socket.file_name().is_none() {
         bail!("control socket path {} has no file name", socket.display());
     }
@@ -127,16 +222,29 @@ async fn bind(socket: &Path, mode: u32) -> anyhow::Result<(UnixListener, FileIde
             socket.display()
         );
     }
-    let parent = match socket.parent() {
+    Ok(())
+}
+
+fn parent_dir(socket: &Path) -> PathBuf {
+    match socket.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
-    };
+    }
+}
+
+fn create_parent(socket: &Path) -> anyhow::Result<()> {
+    let parent = parent_dir(socket);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(&parent)
-        .with_context(|| format!("creating {}", parent.display()))?;
+        .with_context(|| format!("creating {}", parent.display()))
+}
 
+/// Replaces a stale socket at `socket` and binds a fresh one there with `mode`. Only
+/// called with the path's [`SocketLock`] held.
+async fn bind(socket: &Path, mode: u32) -> anyhow::Result<(UnixListener, FileIdentity)> {
+    let parent = parent_dir(socket);
     match std::fs::symlink_metadata(socket) {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(socket).await {
             Ok(_) => bail!("another agent is already serving on {}", socket.display()),
@@ -162,14 +270,19 @@ async fn bind(socket: &Path, mode: u32) -> anyhow::Result<(UnixListener, FileIde
         Err(e) => return Err(e).with_context(|| format!("inspecting {}", socket.display())),
     }
 
-    // Bind inside a directory only we can enter, fix the mode, then rename into place:
+    // Bind inside a directory only we can enter, fix the mode, then link into place:
     // the socket is never reachable with the umask's permissions.
     // Short names: the staged path must fit in sun_path just like the final one.
+    static STAGED: AtomicU32 = AtomicU32::new(0);
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let private = parent.join(format!(".{:x}{nonce:x}", std::process::id()));
+    let private = parent.join(format!(
+        ".{:x}{nonce:x}{:x}",
+        std::process::id(),
+        STAGED.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&private)
@@ -186,15 +299,24 @@ async fn bind(socket: &Path, mode: u32) -> anyhow::Result<(UnixListener, FileIde
     Ok((listener, (meta.dev(), meta.ino())))
 }
 
-/// Binds at `staged`, applies `mode` and moves the socket to `socket`.
+/// Binds at `staged`, applies `mode` and links the socket to `socket`. A hard link
+/// (unlike `rename`) fails rather than replace a file that appeared at `socket` since
+/// the check, e.g. one placed by a program that does not take the lock.
 fn stage(staged: &Path, socket: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     let listener =
         UnixListener::bind(staged).with_context(|| format!("binding {}", staged.display()))?;
     std::fs::set_permissions(staged, std::fs::Permissions::from_mode(mode & 0o7777))
         .with_context(|| format!("setting mode {:o} on {}", mode, staged.display()))?;
-    std::fs::rename(staged, socket)
-        .with_context(|| format!("moving the control socket to {}", socket.display()))?;
-    Ok(listener)
+    match std::fs::hard_link(staged, socket) {
+        Ok(()) => Ok(listener),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => bail!(
+            "{} appeared while this agent was starting; refusing to replace it",
+            socket.display()
+        ),
+        Err(e) => {
+            Err(e).with_context(|| format!("placing the control socket at {}", socket.display()))
+        }
+    }
 }
 
 fn remove_if_ours(socket: &Path, identity: FileIdentity) {
@@ -980,12 +1102,18 @@ mod tests {
 
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        // Nothing but the socket is left in the directory (no staging leftovers).
-        let entries: Vec<_> = std::fs::read_dir(socket.parent().unwrap())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(entries, ["agent.sock"]);
+        // Nothing but the socket and its lock is left in the directory (no staging
+        // leftovers).
+        let entries = |dir: &Path| {
+            let mut names: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        let run = socket.parent().unwrap();
+        assert_eq!(entries(run), ["agent.sock", "agent.sock.lock"]);
 
         let channel = tonic::transport::Endpoint::from_shared(format!("unix:{}", socket.display()))
             .unwrap()
@@ -1032,6 +1160,53 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!socket.exists(), "socket removed after shutdown");
+        assert!(entries(run).is_empty(), "lock removed after shutdown");
+    }
+
+    /// Two claims of one path racing each other, many times: exactly one wins, the other
+    /// is told another agent serves there, and the winner's socket is the one in place.
+    #[test]
+    fn concurrent_claims_have_exactly_one_winner() {
+        let dir = TempDir::new();
+        let socket = dir.0.join("race.sock");
+        // One runtime both claimants block on, outliving every listener it registers.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        for round in 0..200 {
+            if round % 2 == 1 {
+                // Every other round starts from a stale socket, as after a crash.
+                drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+            }
+            let barrier = std::sync::Barrier::new(2);
+            let outcomes: Vec<anyhow::Result<ControlSocket>> = std::thread::scope(|s| {
+                let claim = || {
+                    barrier.wait();
+                    rt.block_on(ControlSocket::claim(&socket, 0o600))
+                };
+                let a = s.spawn(claim);
+                let b = s.spawn(claim);
+                vec![a.join().unwrap(), b.join().unwrap()]
+            });
+            let (won, lost): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
+            assert_eq!((won.len(), lost.len()), (1, 1), "round {round}");
+            let e = lost.into_iter().next().unwrap().unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("another agent is already serving on"),
+                "round {round}: {e:#}"
+            );
+            let winner = won.into_iter().next().unwrap().unwrap();
+            let meta = std::fs::symlink_metadata(&socket).unwrap();
+            assert_eq!((meta.dev(), meta.ino()), winner.identity, "round {round}");
+            drop(winner);
+            assert!(
+                !socket.exists(),
+                "round {round}: socket removed with its owner"
+            );
+        }
     }
 
     #[tokio::test]

@@ -1004,3 +1004,180 @@ fn corrupt_or_exposed_identity_is_refused_and_left_alone() -> Result<()> {
     drop(dir);
     teardown_ns(ns)
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. Two agents started at once on one socket path
+// ---------------------------------------------------------------------------------------
+
+/// How many times two agents are started at the same instant on one socket path.
+const RACE_ROUNDS: usize = 16;
+
+/// Starts `myconet-agent <args…>` in `ns` held at a gate: the shell opens the FIFO
+/// `gate` for reading, which blocks until someone opens it for writing, then execs the
+/// agent in its own place (the child's pid is the agent's). Agents waiting on one gate
+/// are released together.
+fn spawn_gated_agent(ns: &Netns, gate: &Path, args: &[String], log: &Path) -> Result<NsChild> {
+    let agent = bin_dir()?.join(AGENT_BIN);
+    let mut full = vec![
+        "-c".to_owned(),
+        r#"exec 3<"$0" && exec 3<&- && exec env RUST_LOG=info "$@""#.to_owned(),
+        gate.display().to_string(),
+        agent.display().to_string(),
+    ];
+    full.extend(args.iter().cloned());
+    ns.spawn("sh", &full, Some(log))
+}
+
+/// Opens `gate` for writing, which releases every agent waiting on it, and keeps it open
+/// until each of `children` has become the agent (or exited), so none is left waiting.
+fn open_gate(gate: &Path, children: &mut [NsChild]) -> Result<()> {
+    // Non-blocking: fails with ENXIO while no reader has opened the FIFO yet.
+    let writer =
+        wait_for(
+            "an agent to wait at the gate",
+            READY_TIMEOUT,
+            || match fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(gate)
+            {
+                Ok(f) => Ok(Some(f)),
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                Err(e) => Err(e).with_context(|| format!("opening {}", gate.display())),
+            },
+        )?;
+    wait_for("both agents to pass the gate", READY_TIMEOUT, || {
+        for child in children.iter_mut() {
+            let comm = fs::read_to_string(format!("/proc/{}/comm", child.id()));
+            let is_agent = comm.is_ok_and(|c| c.trim() == AGENT_BIN);
+            if !is_agent && child.try_wait()?.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })?;
+    drop(writer);
+    Ok(())
+}
+
+/// Two agents started at the same instant on one socket path, with their own state
+/// directories and ports and no TUN device (so the socket is all they contend for),
+/// [`RACE_ROUNDS`] times, every other time over a stale socket left by a crash: exactly
+/// one serves, the other exits with status 1 saying another agent is serving there
+/// before touching anything (its state directory is never created), and the winner
+/// keeps answering until it is stopped, when it removes the socket and its lock.
+#[test]
+fn two_agents_started_at_once_on_one_socket_exactly_one_wins() -> Result<()> {
+    let ns = Netns::create(&netns::unique_name("lcrace"))?;
+    ns.ip(["link", "set", "dev", "lo", "up"])?;
+    let dir = TempDir::new("lc-race")?;
+    let socket = dir.path().join("agent.sock");
+    let lock = dir.path().join("agent.sock.lock");
+    let gate = dir.path().join("gate");
+    for round in 0..RACE_ROUNDS {
+        if round % 2 == 1 {
+            drop(std::os::unix::net::UnixListener::bind(&socket)?);
+        }
+        let path = std::ffi::CString::new(gate.display().to_string())?;
+        // SAFETY: a valid NUL-terminated path; mkfifo only reads it.
+        ensure!(
+            unsafe { libc::mkfifo(path.as_ptr(), 0o600) } == 0,
+            "mkfifo {}: {}",
+            gate.display(),
+            std::io::Error::last_os_error()
+        );
+        let mut runs = Vec::new();
+        let mut children = Vec::new();
+        for i in 0..2u16 {
+            let state = dir.path().join(format!("state-{round}-{i}"));
+            let log = dir.path().join(format!("agent-{round}-{i}.log"));
+            let port = 21_000 + i;
+            let argv = vec![
+                "--no-tun".to_owned(),
+                "--port".to_owned(),
+                port.to_string(),
+                "--state-dir".to_owned(),
+                state.display().to_string(),
+                "--socket".to_owned(),
+                socket.display().to_string(),
+            ];
+            children.push(spawn_gated_agent(&ns, &gate, &argv, &log)?);
+            runs.push((state, log, port));
+        }
+        open_gate(&gate, &mut children)?;
+        fs::remove_file(&gate)?;
+
+        // The loser gives up at once; both still running means both believe they serve.
+        let loser = wait_for("one of the two agents to give up", FAIL_TIMEOUT, || {
+            let mut exited = Vec::new();
+            for (i, child) in children.iter_mut().enumerate() {
+                if let Some(status) = child.try_wait()? {
+                    exited.push((i, status));
+                }
+            }
+            match exited.as_slice() {
+                [] => Ok(None),
+                [one] => Ok(Some(*one)),
+                _ => bail!(
+                    "round {round}: both agents exited:\n{}\n{}",
+                    read_log(&runs[0].1),
+                    read_log(&runs[1].1)
+                ),
+            }
+        })
+        .with_context(|| format!("round {round}: both agents are still running"))?;
+        let (lost, status) = loser;
+        let won = 1 - lost;
+        let loser_log = read_log(&runs[lost].1);
+        ensure!(
+            status.code() == Some(1),
+            "round {round}: the loser should exit with status 1, got {}:\n{loser_log}",
+            util::status_text(status)
+        );
+        ensure!(
+            loser_log.contains(&format!(
+                "another agent is already serving on {}",
+                socket.display()
+            )),
+            "round {round}: the loser should say another agent serves the socket:\n{loser_log}"
+        );
+        ensure!(
+            !runs[lost].0.exists(),
+            "round {round}: the loser created its state directory before giving up"
+        );
+
+        // The winner serves, on its own port, and goes on serving.
+        let status = wait_ready(&mut children[won], &socket, &runs[won].1)?;
+        ensure!(
+            status["port"] == u64::from(runs[won].2),
+            "round {round}: the socket answers for port {}, the winner has {}",
+            status["port"],
+            runs[won].2
+        );
+        thread::sleep(Duration::from_millis(100));
+        ensure!(
+            children[won].try_wait()?.is_none(),
+            "round {round}: the winner stopped:\n{}",
+            read_log(&runs[won].1)
+        );
+        let again = ctl_raw(&socket, &["--json", "status"])?;
+        ensure!(
+            again.status.success(),
+            "round {round}: the winner no longer answers: {}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+
+        let exit = children[won].terminate(netns::STOP_GRACE)?;
+        ensure!(
+            exit.success(),
+            "round {round}: the winner exited with {} on SIGTERM",
+            util::status_text(exit)
+        );
+        ensure!(
+            !socket.exists() && !lock.exists(),
+            "round {round}: the socket or its lock outlived the winner"
+        );
+    }
+    drop(dir);
+    teardown_ns(ns)
+}
