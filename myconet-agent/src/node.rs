@@ -295,7 +295,12 @@ impl Node {
     }
 
     fn install(&self, prefix: Prefix, entry: RibEntry) -> Result<(), NodeError> {
-        let mut st = self.state();
+        Self::install_locked(&mut self.state(), prefix, entry)
+    }
+
+    /// [`Node::install`] for callers that already hold the state lock, so a decision and
+    /// the install it leads to cannot be separated by another change.
+    fn install_locked(st: &mut State, prefix: Prefix, entry: RibEntry) -> Result<(), NodeError> {
         if let Some(dp) = st.dataplane.as_mut() {
             let src = match entry.target {
                 RouteTarget::Forward(nh) => nh.underlay_source(),
@@ -393,16 +398,18 @@ impl Node {
         if self.is_own(&prefix) {
             return Err(NodeError::OwnPrefix(prefix));
         }
-        let routed = self.state().routed.get(&prefix).copied();
-        if let Some(next_hop) = routed {
+        // One lock for the decision and the change: the routing protocol must not
+        // withdraw or replace its route between the two.
+        let mut st = self.state();
+        if let Some(next_hop) = st.routed.get(&prefix).copied() {
             // Fall back to what the routing protocol selected: one in-place replace, so
             // the prefix never becomes unroutable.
-            let existed = self
-                .state()
+            let existed = st
                 .rib
                 .get(&prefix)
                 .is_some_and(|e| e.origin == Origin::Static);
-            self.install(
+            Self::install_locked(
+                &mut st,
                 prefix,
                 RibEntry {
                     target: RouteTarget::Forward(next_hop),
@@ -411,7 +418,6 @@ impl Node {
             )?;
             return Ok(existed);
         }
-        let mut st = self.state();
         let in_kernel = match st.dataplane.as_mut() {
             Some(dp) => dp.remove_route(prefix.addr(), prefix.prefix_len())?,
             None => false,
@@ -425,17 +431,19 @@ impl Node {
         if self.is_own(&prefix) {
             return Err(NodeError::OwnPrefix(prefix));
         }
-        let overridden = {
-            let mut st = self.state();
-            st.routed.insert(prefix, next_hop);
-            st.rib
-                .get(&prefix)
-                .is_some_and(|e| e.origin == Origin::Static)
-        };
-        if overridden {
+        // The static-route check and the install under one lock: a static route added
+        // in between would otherwise be overwritten.
+        let mut st = self.state();
+        st.routed.insert(prefix, next_hop);
+        if st
+            .rib
+            .get(&prefix)
+            .is_some_and(|e| e.origin == Origin::Static)
+        {
             return Ok(());
         }
-        self.install(
+        Self::install_locked(
+            &mut st,
             prefix,
             RibEntry {
                 target: RouteTarget::Forward(next_hop),
