@@ -81,6 +81,17 @@ pub enum DataplaneChoice {
     Auto,
 }
 
+impl DataplaneChoice {
+    /// The flag's value, for `status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataplaneChoice::Xdp => "xdp",
+            DataplaneChoice::Userspace => "userspace",
+            DataplaneChoice::Auto => "auto",
+        }
+    }
+}
+
 /// The file format; every key optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -562,15 +562,18 @@ impl Control for ControlService {
             interfaces: s
                 .interfaces
                 .iter()
-                .map(|a| pb::Interface {
-                    name: a.name.clone(),
-                    ifindex: a.ifindex,
-                    xdp_mode: a.mode.as_str().to_string(),
+                .map(|i| pb::Interface {
+                    name: i.name.clone(),
+                    ifindex: i.ifindex,
+                    xdp_mode: i.xdp.map_or("none", |m| m.as_str()).to_string(),
+                    userspace_reason: i.userspace_reason.clone(),
                 })
                 .collect(),
             uptime_seconds: s.uptime_seconds,
             peer_count: saturating_u32(s.peer_count),
             route_count: saturating_u32(s.route_count),
+            dataplane: s.dataplane.as_str().to_string(),
+            dataplane_requested: s.dataplane_requested,
         }))
     }
 
@@ -846,6 +849,37 @@ mod tests {
         assert!(s.interfaces.is_empty());
         // The node's /64 and the reserved link address.
         assert_eq!((s.peer_count, s.route_count), (0, 2));
+    }
+
+    #[tokio::test]
+    async fn status_reports_the_data_plane_per_interface() {
+        let (_dir, svc) = service();
+        svc.node.set_interfaces(
+            "auto",
+            vec![crate::node::ConfiguredInterface {
+                name: "eth9".into(),
+                ifindex: 9,
+                userspace_reason: Some("attaching XDP to eth9 failed: busy".into()),
+            }],
+        );
+        let s = svc
+            .get_status(Request::new(pb::GetStatusRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (s.dataplane.as_str(), s.dataplane_requested.as_str()),
+            ("userspace", "auto")
+        );
+        assert_eq!(
+            s.interfaces,
+            [pb::Interface {
+                name: "eth9".into(),
+                ifindex: 9,
+                xdp_mode: "none".into(),
+                userspace_reason: "attaching XDP to eth9 failed: busy".into(),
+            }]
+        );
     }
 
     #[tokio::test]

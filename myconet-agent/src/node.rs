@@ -22,7 +22,7 @@ use myconet_common::{
 };
 
 use crate::{
-    dataplane::{Attachment, DataplaneError, XdpDataplane},
+    dataplane::{AttachedMode, Attachment, DataplaneError, XdpDataplane},
     forward::{self, Decision, Endpoint},
     identity::Identity,
     rib::{NextHop, Origin, Prefix, Rib, RibEntry, RouteTarget},
@@ -159,6 +159,54 @@ struct AgentCounters {
     bytes: [AtomicU64; AgentStat::ALL.len()],
 }
 
+/// One configured underlay interface as the agent set it up at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfiguredInterface {
+    /// Interface name.
+    pub name: String,
+    /// Kernel interface index.
+    pub ifindex: u32,
+    /// Why this interface relays on the userspace path (XDP refused, or not asked for);
+    /// `None` when XDP was attached.
+    pub userspace_reason: Option<String>,
+}
+
+/// How one interface relays right now, for `status`: the operator must be able to see
+/// which interfaces fell back to the (slower) userspace path and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceStatus {
+    /// Interface name.
+    pub name: String,
+    /// Kernel interface index.
+    pub ifindex: u32,
+    /// The XDP attach mode, `None` when the agent relays this interface's traffic.
+    pub xdp: Option<AttachedMode>,
+    /// Why the interface is on the userspace path (empty when `xdp` is set).
+    pub userspace_reason: String,
+}
+
+/// The data plane a node uses overall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataplaneMode {
+    /// XDP on every interface.
+    Xdp,
+    /// XDP on some interfaces, the userspace path on the others.
+    Mixed,
+    /// No XDP anywhere: the agent relays everything.
+    Userspace,
+}
+
+impl DataplaneMode {
+    /// Name used by the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataplaneMode::Xdp => "xdp",
+            DataplaneMode::Mixed => "mixed",
+            DataplaneMode::Userspace => "userspace",
+        }
+    }
+}
+
 /// A point-in-time view for `status`.
 #[derive(Debug, Clone)]
 pub struct StatusSnapshot {
@@ -170,8 +218,13 @@ pub struct StatusSnapshot {
     pub node_address: Ipv6Addr,
     /// Underlay port.
     pub port: u16,
-    /// Interfaces with XDP attached.
-    pub interfaces: Vec<Attachment>,
+    /// Every configured interface with the path it relays on (XDP attachments the
+    /// configuration does not name, e.g. from tests, are listed after them).
+    pub interfaces: Vec<InterfaceStatus>,
+    /// The data plane in use overall.
+    pub dataplane: DataplaneMode,
+    /// What the operator asked for (`auto`, `xdp`, `userspace`), empty if not recorded.
+    pub dataplane_requested: String,
     /// Seconds since start.
     pub uptime_seconds: u64,
     /// Number of peers.
@@ -206,6 +259,9 @@ struct State {
     peers: BTreeSet<Endpoint>,
     dataplane: Option<XdpDataplane>,
     sysctls: sysctl::Journal,
+    /// The interfaces as configured at start, and what was asked for.
+    interfaces: Vec<ConfiguredInterface>,
+    dataplane_requested: String,
 }
 
 /// The running node.
@@ -248,6 +304,8 @@ impl Node {
                 peers: BTreeSet::new(),
                 dataplane,
                 sysctls,
+                interfaces: Vec::new(),
+                dataplane_requested: String::new(),
             }),
             counters: AgentCounters::default(),
         };
@@ -345,19 +403,76 @@ impl Node {
         self.port
     }
 
+    /// Records the configured interfaces and how each was set up (`requested`: the
+    /// `--dataplane` choice), so `status` can show the userspace ones and why.
+    pub fn set_interfaces(&self, requested: &str, interfaces: Vec<ConfiguredInterface>) {
+        let mut st = self.state();
+        st.interfaces = interfaces;
+        st.dataplane_requested = requested.to_string();
+    }
+
+    /// Every configured interface with the path it relays on now.
+    fn interface_status(st: &State) -> Vec<InterfaceStatus> {
+        let attached: Vec<Attachment> = st
+            .dataplane
+            .as_ref()
+            .map(XdpDataplane::attachments)
+            .unwrap_or_default();
+        let mut out: Vec<InterfaceStatus> = st
+            .interfaces
+            .iter()
+            .map(|c| {
+                let xdp = attached
+                    .iter()
+                    .find(|a| a.ifindex == c.ifindex)
+                    .map(|a| a.mode);
+                InterfaceStatus {
+                    name: c.name.clone(),
+                    ifindex: c.ifindex,
+                    xdp,
+                    userspace_reason: match xdp {
+                        Some(_) => String::new(),
+                        None => c
+                            .userspace_reason
+                            .clone()
+                            .unwrap_or_else(|| "XDP not attached".to_string()),
+                    },
+                }
+            })
+            .collect();
+        for a in attached {
+            if !out.iter().any(|i| i.ifindex == a.ifindex) {
+                out.push(InterfaceStatus {
+                    name: a.name,
+                    ifindex: a.ifindex,
+                    xdp: Some(a.mode),
+                    userspace_reason: String::new(),
+                });
+            }
+        }
+        out
+    }
+
     /// A snapshot for `status`.
     pub fn status(&self) -> StatusSnapshot {
         let st = self.state();
+        let interfaces = Self::interface_status(&st);
+        let with_xdp = interfaces.iter().filter(|i| i.xdp.is_some()).count();
+        let dataplane = if with_xdp == 0 {
+            DataplaneMode::Userspace
+        } else if with_xdp == interfaces.len() {
+            DataplaneMode::Xdp
+        } else {
+            DataplaneMode::Mixed
+        };
         StatusSnapshot {
             public_key: self.identity.public_key_hex(),
             node_prefix: self.node_prefix,
             node_address: self.identity.node_address(),
             port: self.port,
-            interfaces: st
-                .dataplane
-                .as_ref()
-                .map(XdpDataplane::attachments)
-                .unwrap_or_default(),
+            interfaces,
+            dataplane,
+            dataplane_requested: st.dataplane_requested.clone(),
             uptime_seconds: self.started.elapsed().as_secs(),
             peer_count: st.peers.len(),
             route_count: st.rib.len(),

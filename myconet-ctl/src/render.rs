@@ -95,7 +95,16 @@ pub fn status(s: &pb::Status) -> String {
     } else {
         s.interfaces
             .iter()
-            .map(|i| format!("{} (ifindex {}, XDP {})", i.name, i.ifindex, i.xdp_mode))
+            .map(|i| {
+                if i.xdp_mode == "none" || i.xdp_mode.is_empty() {
+                    format!(
+                        "{} (ifindex {}, userspace: {})",
+                        i.name, i.ifindex, i.userspace_reason
+                    )
+                } else {
+                    format!("{} (ifindex {}, XDP {})", i.name, i.ifindex, i.xdp_mode)
+                }
+            })
             .collect()
     };
     let mut lines: Vec<(&str, String)> = vec![
@@ -104,6 +113,14 @@ pub fn status(s: &pb::Status) -> String {
         ("public key", s.public_key.clone()),
         ("port", s.port.to_string()),
     ];
+    if !s.dataplane.is_empty() {
+        let asked = if s.dataplane_requested.is_empty() {
+            String::new()
+        } else {
+            format!(" (--dataplane {})", s.dataplane_requested)
+        };
+        lines.push(("data plane", format!("{}{asked}", s.dataplane)));
+    }
     for (i, iface) in interfaces.into_iter().enumerate() {
         lines.push((if i == 0 { "interfaces" } else { "" }, iface));
     }
@@ -459,16 +476,26 @@ mod tests {
                     name: "eth0".into(),
                     ifindex: 2,
                     xdp_mode: "driver".into(),
+                    ..Default::default()
                 },
                 pb::Interface {
                     name: "eth1".into(),
                     ifindex: 3,
                     xdp_mode: "generic".into(),
+                    ..Default::default()
+                },
+                pb::Interface {
+                    name: "eth2".into(),
+                    ifindex: 4,
+                    xdp_mode: "none".into(),
+                    userspace_reason: "attaching XDP to eth2 failed: busy".into(),
                 },
             ],
             uptime_seconds: 3_725,
             peer_count: 2,
             route_count: 3,
+            dataplane: "mixed".into(),
+            dataplane_requested: "auto".into(),
         };
         let text = status(&s);
         let expected = format!(
@@ -476,8 +503,10 @@ mod tests {
              node prefix:   fd6d:1:2:3::/64\n\
              public key:    {}\n\
              port:          9651\n\
+             data plane:    mixed (--dataplane auto)\n\
              interfaces:    eth0 (ifindex 2, XDP driver)\n               \
-             eth1 (ifindex 3, XDP generic)\n\
+             eth1 (ifindex 3, XDP generic)\n               \
+             eth2 (ifindex 4, userspace: attaching XDP to eth2 failed: busy)\n\
              uptime:        1h 2m 5s\n\
              peers:         2\n\
              routes:        3\n\

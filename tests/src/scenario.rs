@@ -259,12 +259,19 @@ impl OverlayChain {
     /// Starts the chain; `relay_dataplane` (`xdp`, `userspace`) is b's `--dataplane`.
     pub fn start(bin_dir: &Path, relay_dataplane: &str) -> Result<Self> {
         let topo = Chain::new(3).tag("ovl").build()?;
+        Self::start_on(topo, bin_dir, &["--dataplane", relay_dataplane])
+    }
+
+    /// Starts the agents on an a — b — c topology built (and perhaps altered) by the
+    /// caller; `relay_args` are b's extra flags (b never has a TUN device).
+    pub fn start_on(topo: Topology, bin_dir: &Path, relay_args: &[&str]) -> Result<Self> {
+        ensure!(topo.len() == 3, "an overlay chain has three nodes");
         let mut agents = Vec::new();
         for (i, node) in topo.nodes().iter().enumerate() {
             let mut extra_args = Vec::new();
             if i == 1 {
-                extra_args.extend(["--no-tun".to_string(), "--dataplane".to_string()]);
-                extra_args.push(relay_dataplane.to_string());
+                extra_args.push("--no-tun".to_string());
+                extra_args.extend(relay_args.iter().map(|a| a.to_string()));
             }
             let options = AgentOptions {
                 port: PORT,

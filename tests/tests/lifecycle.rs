@@ -9,6 +9,7 @@
 use std::{
     fs,
     io::Write,
+    net::{SocketAddr, SocketAddrV6},
     os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -22,6 +23,8 @@ use myconet_testbed::{
     AgentOptions, AgentProcess, Chain, Netns, Topology,
     agent::{AGENT_BIN, CTL_BIN, bin_dir},
     netns::{self, NsChild},
+    scenario::OverlayChain,
+    traffic::bind_udp,
     util::{self, COMMAND_TIMEOUT, TempDir},
 };
 use serde_json::Value;
@@ -1180,4 +1183,291 @@ fn two_agents_started_at_once_on_one_socket_exactly_one_wins() -> Result<()> {
     }
     drop(dir);
     teardown_ns(ns)
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. `--dataplane auto` where XDP cannot attach
+// ---------------------------------------------------------------------------------------
+
+/// An MTU a veth's peer may not have for a driver-mode program on 4 KiB pages: the
+/// kernel refuses the attach with ERANGE ("Peer MTU is too large to set XDP").
+const JUMBO_MTU: &str = "9000";
+/// Datagrams a sends to c through b in the fallback test.
+const FALLBACK_DATAGRAMS: u32 = 300;
+
+/// Sends [`FALLBACK_DATAGRAMS`] numbered datagrams from a's overlay address to c's and
+/// returns how many distinct ones c received (bounded: c stops listening 2 s after the
+/// last one arrived, or 20 s after the start).
+fn overlay_datagrams(chain: &OverlayChain) -> Result<u32> {
+    let to = SocketAddr::V6(SocketAddrV6::new(chain.c_overlay, 7070, 0, 0));
+    let rx = bind_udp(chain.topo.node(2).netns(), to)?;
+    rx.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let tx = bind_udp(
+        chain.topo.node(0).netns(),
+        SocketAddr::V6(SocketAddrV6::new(chain.a_overlay, 0, 0, 0)),
+    )?;
+    let receiver = thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline && seen.len() < FALLBACK_DATAGRAMS as usize {
+            match rx.recv(&mut buf) {
+                Ok(n) if n >= 4 => {
+                    seen.insert(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        seen.len() as u32
+    });
+    let mut payload = vec![0x5a; 1000];
+    for i in 0..FALLBACK_DATAGRAMS {
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        tx.send_to(&payload, to)?;
+        // Paced: this is about which path relays, not about queue sizes.
+        if i % 20 == 19 {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver thread panicked"))
+}
+
+/// `--xdp-mode driver` with `--dataplane auto` on relay b of a — b — c whose b–c link
+/// has an MTU driver-mode XDP cannot take: the kernel refuses XDP on b's to-c, so b
+/// relays in XDP where it attached (to-a) and on the userspace path where it did not
+/// (to-c, with a warning). `status` says so per interface ("driver", "none" with the
+/// kernel's reason) and overall ("mixed"); traffic a → c over the overlay arrives, and
+/// b's counters show its agent relayed exactly what a and c received (XDP could
+/// redirect nothing into to-c). The same situation with `--dataplane xdp` is refused
+/// with the kernel's reason, and that refused agent leaves no program and no changed
+/// sysctl behind.
+#[test]
+fn auto_dataplane_falls_back_per_interface_and_relays_in_userspace() -> Result<()> {
+    let bin = bin_dir()?;
+    let topo = Chain::new(3).ipv6_forwarding(false).tag("lcfall").build()?;
+    let (b, c) = (topo.node(1), topo.node(2));
+    let (b_to_a, b_to_c) = (b.iface_to(0)?.clone(), b.iface_to(2)?.clone());
+    b.netns()
+        .ip(["link", "set", "dev", &b_to_c.name, "mtu", JUMBO_MTU])?;
+    c.netns()
+        .ip(["link", "set", "dev", &c.iface_to(1)?.name, "mtu", JUMBO_MTU])?;
+    let mut chain =
+        OverlayChain::start_on(topo, &bin, &["--xdp-mode", "driver", "--dataplane", "auto"])?;
+    let b = chain.topo.node(1);
+
+    let status = chain.agents[1].status()?;
+    ensure!(
+        status["dataplane"] == "mixed" && status["dataplane_requested"] == "auto",
+        "b should report a mixed data plane, as asked by auto: {status}"
+    );
+    let ifaces = status["interfaces"]
+        .as_array()
+        .with_context(|| format!("no interfaces in {status}"))?;
+    let find = |name: &str| ifaces.iter().find(|i| i["name"] == name).cloned();
+    let to_a = find(&b_to_a.name).with_context(|| format!("{} missing: {status}", b_to_a.name))?;
+    let to_c = find(&b_to_c.name).with_context(|| format!("{} missing: {status}", b_to_c.name))?;
+    ensure!(
+        to_a["xdp_mode"] == "driver" && to_a["userspace_reason"].as_str().unwrap_or("").is_empty(),
+        "{} should relay in driver-mode XDP: {to_a}",
+        b_to_a.name
+    );
+    let reason = to_c["userspace_reason"].as_str().unwrap_or_default();
+    ensure!(
+        to_c["xdp_mode"] == "none"
+            && reason.contains(&format!("attaching XDP to {} failed", b_to_c.name))
+            && reason.contains("os error 34"),
+        "{} should be on the userspace path with the kernel's reason (ERANGE): {to_c}",
+        b_to_c.name
+    );
+    let human = chain.agents[1].ctl(&["status"])?;
+    ensure!(
+        human.contains("data plane:    mixed (--dataplane auto)")
+            && human.contains(&format!(
+                "{} (ifindex {}, userspace: attaching XDP to",
+                b_to_c.name, b_to_c.ifindex
+            )),
+        "status should show the mixed data plane and the userspace interface:\n{human}"
+    );
+    ensure_ours_attached(b.netns(), &b_to_a.name, XdpAttach::Driver)?;
+    ensure_detached(b.netns(), &b_to_c.name)?;
+    // Forwarding is for bpf_fib_lookup: set where XDP runs, left alone elsewhere.
+    ensure!(
+        forwarding(b.netns(), &b_to_a.name)? == "1" && forwarding(b.netns(), &b_to_c.name)? == "0",
+        "forwarding should be on for {} only",
+        b_to_a.name
+    );
+    let log = read_log(chain.agents[1].log_path());
+    ensure!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("userspace data path")
+            && l.contains(&b_to_c.name)),
+        "b should warn that {} takes the userspace path:\n{log}",
+        b_to_c.name
+    );
+
+    // Traffic a → c crosses b: in on to-a (XDP), out on to-c (userspace), and back.
+    let before = chain.relay_counts()?;
+    chain.topo.node(0).netns().exec(
+        "ping",
+        [
+            "-6",
+            "-n",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "3",
+            &chain.c_overlay.to_string(),
+        ],
+    )?;
+    let got = overlay_datagrams(&chain)?;
+    ensure!(
+        got == FALLBACK_DATAGRAMS,
+        "c received {got} of {FALLBACK_DATAGRAMS} datagrams through b"
+    );
+    let counts = chain.settled_relay_counts(&before, Duration::from_secs(10))?;
+    eprintln!("fallback relay: {counts:?}");
+    ensure!(
+        counts.balanced()
+            && counts.b_xdp_relayed == 0
+            && counts.b_agent_relayed == counts.a_rx_data + counts.c_rx_data
+            && counts.b_xdp_passed_up == counts.c_rx_data
+            && counts.c_rx_data >= u64::from(FALLBACK_DATAGRAMS),
+        "b's agent should relay everything, XDP on {} passing a → c up: {counts:?}",
+        b_to_a.name
+    );
+
+    // The same situation with --dataplane xdp is an error, and leaves nothing behind.
+    let relay = chain.agents.remove(1);
+    let exit = relay.stop()?;
+    ensure!(exit.success(), "b exited with {}", util::status_text(exit));
+    let b = chain.topo.node(1);
+    ensure_detached(b.netns(), &b_to_a.name)?;
+    ensure!(
+        forwarding(b.netns(), &b_to_a.name)? == "0",
+        "b restored forwarding on {} when it stopped",
+        b_to_a.name
+    );
+    let dir = TempDir::new("lc-fall")?;
+    let argv = vec![
+        "--interface".to_owned(),
+        b_to_a.name.clone(),
+        "--interface".to_owned(),
+        b_to_c.name.clone(),
+        "--xdp-mode".to_owned(),
+        "driver".to_owned(),
+        "--dataplane".to_owned(),
+        "xdp".to_owned(),
+        "--no-tun".to_owned(),
+        "--state-dir".to_owned(),
+        dir.path().join("state").display().to_string(),
+        "--socket".to_owned(),
+        dir.path().join("agent.sock").display().to_string(),
+    ];
+    let log = agent_must_fail(b.netns(), &argv, &dir.path().join("agent.log"))?;
+    let error = log
+        .lines()
+        .find(|l| l.starts_with("Error:"))
+        .with_context(|| format!("no error line in the log:\n{log}"))?;
+    ensure!(
+        error.contains(&format!("attaching XDP to {} failed", b_to_c.name))
+            && error.contains("os error 34"),
+        "--dataplane xdp should fail naming {} and the kernel's reason: {error}",
+        b_to_c.name
+    );
+    ensure_detached(b.netns(), &b_to_a.name)?;
+    ensure_detached(b.netns(), &b_to_c.name)?;
+    ensure!(
+        forwarding(b.netns(), &b_to_a.name)? == "0",
+        "the refused agent left forwarding changed on {}",
+        b_to_a.name
+    );
+    drop(dir);
+    let OverlayChain { agents, topo, .. } = chain;
+    drop(agents);
+    teardown(topo)
+}
+
+/// Without CAP_BPF and CAP_SYS_ADMIN (dropped from the agent's bounding and inheritable
+/// sets, so even root cannot use them) the program cannot load at all: under the
+/// default `--dataplane auto` the agent runs with every interface on the userspace path
+/// and says why; with `--dataplane xdp` it refuses to start with that reason.
+#[test]
+fn without_bpf_capabilities_auto_runs_in_userspace_and_xdp_refuses() -> Result<()> {
+    let bin = bin_dir()?;
+    let topo = Chain::new(2).ipv6_forwarding(false).tag("lccap").build()?;
+    let a = topo.node(0);
+    let iface = a.iface_to(1)?.name.clone();
+    let dir = TempDir::new("lc-cap")?;
+    let agent = bin.join(AGENT_BIN).display().to_string();
+    let argv = |dataplane: &str, run: &str| -> Vec<String> {
+        let mut v = args(&[
+            "--inh-caps=-bpf,-sys_admin",
+            "--bounding-set=-bpf,-sys_admin",
+            "--",
+            "env",
+            "RUST_LOG=info",
+        ]);
+        v.push(agent.clone());
+        v.extend(args(&[
+            "--interface",
+            &iface,
+            "--no-tun",
+            "--dataplane",
+            dataplane,
+        ]));
+        v.extend([
+            "--state-dir".to_owned(),
+            dir.path().join(run).display().to_string(),
+            "--socket".to_owned(),
+            dir.path().join(format!("{run}.sock")).display().to_string(),
+        ]);
+        v
+    };
+
+    let log = dir.path().join("auto.log");
+    let socket = dir.path().join("auto.sock");
+    let mut child = a
+        .netns()
+        .spawn(util::tool("setpriv"), argv("auto", "auto"), Some(&log))?;
+    let status = wait_ready(&mut child, &socket, &log)?;
+    let ifaces = status["interfaces"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        status["dataplane"] == "userspace"
+            && ifaces.len() == 1
+            && ifaces[0]["name"] == iface.as_str()
+            && ifaces[0]["xdp_mode"] == "none"
+            && ifaces[0]["userspace_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("loading the XDP program failed")),
+        "without BPF capabilities auto should run in userspace and say why: {status}"
+    );
+    ensure_detached(a.netns(), &iface)?;
+    let exit = child.terminate(netns::STOP_GRACE)?;
+    ensure!(exit.success(), "exit {}", util::status_text(exit));
+
+    let log = dir.path().join("xdp.log");
+    let started = Instant::now();
+    let mut child = a
+        .netns()
+        .spawn(util::tool("setpriv"), argv("xdp", "xdp"), Some(&log))?;
+    let exit = child
+        .wait_timeout(FAIL_TIMEOUT)?
+        .with_context(|| format!("--dataplane xdp kept running:\n{}", read_log(&log)))?;
+    let text = read_log(&log);
+    ensure!(
+        exit.code() == Some(1)
+            && text
+                .lines()
+                .any(|l| l.starts_with("Error:") && l.contains("loading the XDP program failed")),
+        "--dataplane xdp should fail with the load error after {:?} ({}):\n{text}",
+        started.elapsed(),
+        util::status_text(exit)
+    );
+    drop(dir);
+    teardown(topo)
 }
