@@ -42,7 +42,7 @@ use crate::{
     node::{Node, NodeError, RouteRow},
     peers::LinkEndpoint,
     rib::{NextHop, Origin, Prefix, RouteTarget},
-    routing::{NotChosen, RouteSnapshot, Selection},
+    routing::{Explanation, NotChosen, RouteSnapshot, Selection},
 };
 
 /// A control socket claimed by this agent, not yet serving.
@@ -514,6 +514,124 @@ fn routing_info(r: &RouteSnapshot<LinkEndpoint>) -> pb::RoutingInfo {
     }
 }
 
+/// What carries an address and why, from the installed route and the routing
+/// protocol's view, for `route get`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Decision {
+    /// "local", "static", "routing" or "none".
+    decided_by: &'static str,
+    /// A static route carries it although the protocol selected another next hop.
+    overridden: bool,
+    /// The same for people.
+    sentence: String,
+}
+
+/// Why the routing protocol selected what it did, as a clause.
+fn selection_reason(e: &Explanation<LinkEndpoint>) -> String {
+    match e.selection {
+        Selection::NotOverlay => "not an overlay address".to_string(),
+        Selection::Local => "this node's own prefix".to_string(),
+        Selection::NoRoute => "no feasible route".to_string(),
+        Selection::OnlyFeasible => "the only feasible route".to_string(),
+        Selection::LowestMetric => {
+            let feasible = 1 + e
+                .alternatives
+                .iter()
+                .filter(|(_, why)| matches!(why, NotChosen::HigherMetric))
+                .count();
+            format!("the lowest metric of {feasible} feasible routes")
+        }
+        Selection::Hysteresis {
+            best_alternative,
+            margin,
+        } => format!(
+            "kept by hysteresis: the best alternative (metric {best_alternative}) is not \
+             better by the required {margin}"
+        ),
+    }
+}
+
+fn decide(e: &Explanation<LinkEndpoint>, installed: Option<&RouteRow>) -> Decision {
+    let addr = e.addr;
+    let chosen = e
+        .selected
+        .as_ref()
+        .and_then(|s| s.next_hop.map(|n| (n, s.metric, s.seqno)));
+    let protocol = match chosen {
+        Some((n, metric, seqno)) => format!(
+            "via {n} (metric {metric}, seqno {seqno}: {})",
+            selection_reason(e)
+        ),
+        None => String::new(),
+    };
+    let entry = installed.and_then(|row| row.agent.map(|a| (row.prefix, a)));
+    let Some((prefix, entry)) = entry else {
+        let sentence = match e.selection {
+            Selection::NotOverlay => {
+                format!("{addr} is not an overlay address (outside fd6d::/16); nothing routes it")
+            }
+            _ => format!(
+                "no route carries {addr}: the routing protocol has {}",
+                if protocol.is_empty() {
+                    "no feasible route to it".to_string()
+                } else {
+                    format!("selected {protocol}, but nothing is installed")
+                }
+            ),
+        };
+        return Decision {
+            decided_by: "none",
+            overridden: false,
+            sentence,
+        };
+    };
+    let via = match entry.target {
+        RouteTarget::Local => String::new(),
+        RouteTarget::Forward(nh) => format!("[{}]:{}", nh.addr, nh.port),
+    };
+    match (entry.origin, entry.target) {
+        (Origin::Local, _) | (_, RouteTarget::Local) => Decision {
+            decided_by: "local",
+            overridden: false,
+            sentence: format!("{addr} is in {prefix}, local to this node: delivered here"),
+        },
+        (Origin::Static, RouteTarget::Forward(nh)) => {
+            let same = chosen.is_some_and(|(n, ..)| n.addr() == nh.addr && n.port() == nh.port);
+            let sentence = match chosen {
+                None => format!(
+                    "a static route via {via} carries {addr} ({prefix}); the routing \
+                     protocol has no route to it"
+                ),
+                Some(_) if same => format!(
+                    "a static route via {via} carries {addr} ({prefix}); the routing \
+                     protocol selects the same next hop {protocol}"
+                ),
+                Some(_) => format!(
+                    "a static route via {via} carries {addr} ({prefix}), overriding the \
+                     routing protocol's choice {protocol}"
+                ),
+            };
+            Decision {
+                decided_by: "static",
+                overridden: chosen.is_some() && !same,
+                sentence,
+            }
+        }
+        (Origin::Routing, RouteTarget::Forward(_)) => Decision {
+            decided_by: "routing",
+            overridden: false,
+            sentence: if protocol.is_empty() {
+                format!(
+                    "the routing protocol's route via {via} carries {addr} ({prefix}); \
+                     it is being withdrawn"
+                )
+            } else {
+                format!("the routing protocol carries {addr} ({prefix}) {protocol}")
+            },
+        },
+    }
+}
+
 fn selection_name(s: &Selection) -> &'static str {
     match s {
         Selection::NotOverlay => "not_overlay",
@@ -643,22 +761,28 @@ impl Control for ControlService {
         let now = std::time::Instant::now();
         let e = self.links.explain(addr, now);
         let candidates = self.links.route_snapshot(now);
-        let installed = self
+        let installed_row = self
             .node
             .routes()
             .map_err(node_status)?
             .into_iter()
             .filter(|row| row.prefix.contains(addr))
-            .max_by_key(|row| row.prefix.prefix_len())
-            .map(|row| route_row(&row, &candidates));
+            .max_by_key(|row| row.prefix.prefix_len());
+        let installed = installed_row
+            .as_ref()
+            .map(|row| route_row(row, &candidates));
+        let decision = decide(&e, installed_row.as_ref());
         Ok(Response::new(pb::RouteExplanation {
             address: addr.to_string(),
             prefix: e
                 .prefix
                 .map(|(p, l)| format!("{p}/{l}"))
+                .or_else(|| installed_row.as_ref().map(|r| r.prefix.to_string()))
                 .unwrap_or_default(),
             selection: selection_name(&e.selection).to_string(),
-            explanation: e.to_string(),
+            explanation: decision.sentence,
+            decided_by: decision.decided_by.to_string(),
+            overridden: decision.overridden,
             selected: e.selected.as_ref().map(routing_info),
             alternatives: e
                 .alternatives
@@ -880,6 +1004,39 @@ mod tests {
                 userspace_reason: "attaching XDP to eth9 failed: busy".into(),
             }]
         );
+    }
+
+    #[tokio::test]
+    async fn route_get_says_a_static_route_decides() {
+        let (_dir, svc) = service();
+        svc.add_route(add_route_req("fd6d:1:2:3::/64", "fd00::2", 0))
+            .await
+            .unwrap();
+        let get = |addr: &str| {
+            svc.get_route(Request::new(pb::GetRouteRequest {
+                address: addr.into(),
+            }))
+        };
+        let e = get("fd6d:1:2:3::9").await.unwrap().into_inner();
+        assert_eq!(e.prefix, "fd6d:1:2:3::/64");
+        assert_eq!((e.decided_by.as_str(), e.overridden), ("static", false));
+        assert_eq!(
+            e.explanation,
+            "a static route via [fd00::2]:9651 carries fd6d:1:2:3::9 (fd6d:1:2:3::/64); \
+             the routing protocol has no route to it"
+        );
+        let e = get("fd6d:9::1").await.unwrap().into_inner();
+        assert_eq!(e.decided_by, "none");
+        assert!(
+            e.explanation.starts_with("no route carries fd6d:9::1"),
+            "{e:?}"
+        );
+        let own = svc.node.identity().node_address().to_string();
+        let e = get(&own).await.unwrap().into_inner();
+        assert_eq!(e.decided_by, "local");
+        let e = get("2001:db8::1").await.unwrap().into_inner();
+        assert_eq!(e.decided_by, "none");
+        assert!(e.explanation.contains("not an overlay address"), "{e:?}");
     }
 
     #[tokio::test]

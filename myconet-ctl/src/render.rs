@@ -288,15 +288,36 @@ fn routing_line(r: &pb::RoutingInfo) -> String {
     )
 }
 
+/// The `decision` line: who decides, and where a static route overrides the routing
+/// protocol, what the protocol itself decided.
+fn decision(e: &pb::RouteExplanation) -> String {
+    let protocol = e.selection.replace('_', " ");
+    match e.decided_by.as_str() {
+        "static" if e.overridden => {
+            format!("static route, overriding the routing protocol ({protocol})")
+        }
+        "static" if e.selected.is_some() => {
+            format!("static route (the routing protocol agrees: {protocol})")
+        }
+        "static" => "static route (the routing protocol has no route)".to_string(),
+        "none" if e.selection != "not_overlay" => format!("nothing installed ({protocol})"),
+        _ => protocol,
+    }
+}
+
 /// `route get ADDR`: the route carrying the address, why, and what else was considered.
 pub fn route_explanation(e: &pb::RouteExplanation) -> String {
     let mut out = format!("{}\n", e.address);
     if !e.prefix.is_empty() {
         out.push_str(&format!("  prefix    {}\n", e.prefix));
     }
-    out.push_str(&format!("  decision  {}\n", e.selection.replace('_', " ")));
+    out.push_str(&format!("  decision  {}\n", decision(e)));
+    if !e.explanation.is_empty() {
+        out.push_str(&format!("  why       {}\n", e.explanation));
+    }
     if let Some(s) = &e.selected {
-        out.push_str(&format!("  selected  {}\n", routing_line(s)));
+        let label = if e.overridden { "protocol" } else { "selected" };
+        out.push_str(&format!("  {label:<9} {}\n", routing_line(s)));
     }
     for alt in &e.alternatives {
         if let Some(r) = &alt.route {
@@ -623,6 +644,112 @@ mod tests {
         assert_eq!(
             peers(&pb::ListPeersResponse { peers: vec![] }),
             "no peers\n"
+        );
+    }
+
+    #[test]
+    fn route_get_prints_the_sentence_and_a_static_override() {
+        let selected = pb::RoutingInfo {
+            next_hop: Some(pb::NextHop {
+                address: "fd00::2".into(),
+                port: 9651,
+                ifindex: 0,
+            }),
+            metric: 192,
+            advertised_metric: 96,
+            link_cost: 96,
+            seqno: 3,
+            feasible: true,
+            fd_seqno: Some(3),
+            fd_metric: Some(192),
+            selected: true,
+            ..Default::default()
+        };
+        let routed = pb::RouteExplanation {
+            address: "fd6d:1:2:3::1".into(),
+            prefix: "fd6d:1:2:3::/64".into(),
+            selection: "only_feasible".into(),
+            explanation: "the routing protocol carries it".into(),
+            selected: Some(selected.clone()),
+            installed: Some(pb::RouteRow {
+                prefix: "fd6d:1:2:3::/64".into(),
+                agent: Some(forward("fd00::2", 9651, 0, "routing")),
+                kernel: Some(forward("fd00::2", 9651, 0, "")),
+                in_sync: true,
+                ..Default::default()
+            }),
+            decided_by: "routing".into(),
+            overridden: false,
+            ..Default::default()
+        };
+        assert_eq!(
+            route_explanation(&routed),
+            "fd6d:1:2:3::1\n  \
+             prefix    fd6d:1:2:3::/64\n  \
+             decision  only feasible\n  \
+             why       the routing protocol carries it\n  \
+             selected  via [fd00::2]:9651 metric 192 (advertised 96 + link 96) seqno 3 fd 3/192 feasible yes age 0.0s\n  \
+             installed fd6d:1:2:3::/64 agent: forward [fd00::2]:9651 (routing); kernel map: forward [fd00::2]:9651; in sync: yes\n"
+        );
+        let overridden = pb::RouteExplanation {
+            explanation: "a static route via [fd00::9]:9651 overrides it".into(),
+            installed: Some(pb::RouteRow {
+                prefix: "fd6d:1:2:3::/64".into(),
+                agent: Some(forward("fd00::9", 9651, 0, "static")),
+                kernel: Some(forward("fd00::9", 9651, 0, "")),
+                in_sync: true,
+                ..Default::default()
+            }),
+            decided_by: "static".into(),
+            overridden: true,
+            ..routed.clone()
+        };
+        let text = route_explanation(&overridden);
+        assert!(
+            text.contains(
+                "  decision  static route, overriding the routing protocol (only feasible)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  why       a static route via [fd00::9]:9651 overrides it\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  protocol  via [fd00::2]:9651 metric 192"),
+            "{text}"
+        );
+        let agreeing = route_explanation(&pb::RouteExplanation {
+            overridden: false,
+            ..overridden.clone()
+        });
+        assert!(
+            agreeing.contains(
+                "  decision  static route (the routing protocol agrees: only feasible)\n"
+            ),
+            "{agreeing}"
+        );
+        let alone = route_explanation(&pb::RouteExplanation {
+            selection: "no_route".into(),
+            selected: None,
+            overridden: false,
+            ..overridden
+        });
+        assert!(
+            alone.contains("  decision  static route (the routing protocol has no route)\n"),
+            "{alone}"
+        );
+        let nothing = route_explanation(&pb::RouteExplanation {
+            selection: "no_route".into(),
+            selected: None,
+            installed: None,
+            decided_by: "none".into(),
+            ..routed
+        });
+        assert!(
+            nothing.contains("  decision  nothing installed (no route)\n")
+                && nothing.contains("  installed nothing covers it\n"),
+            "{nothing}"
         );
     }
 

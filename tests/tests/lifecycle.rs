@@ -38,6 +38,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// A static route used by the control API test; anything in fd6d::/16 that is not the
 /// node's own /64 would do.
 const ROUTE_PREFIX: &str = "fd6d:feed:1:2::/64";
+/// An address inside [`ROUTE_PREFIX`].
+const ROUTE_ADDRESS: &str = "fd6d:feed:1:2::7";
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -831,6 +833,30 @@ fn control_api_end_to_end_through_the_cli() -> Result<()> {
     ensure!(
         row["agent"]["origin"] == "static",
         "origin should be static: {row}"
+    );
+
+    // `route get` says which route carries an address in it and why, in a sentence.
+    let inside = ROUTE_ADDRESS;
+    let explained = agent.ctl(&["route", "get", inside])?;
+    let want = [
+        format!("  prefix    {ROUTE_PREFIX}\n"),
+        "  decision  static route (the routing protocol has no route)\n".to_owned(),
+        format!(
+            "  why       a static route via [{peer}]:{port} carries {inside} ({ROUTE_PREFIX}); \
+             the routing protocol has no route to it\n"
+        ),
+        format!("  installed {ROUTE_PREFIX} agent: forward [{peer}]:{port} (static);"),
+    ];
+    for line in &want {
+        ensure!(
+            explained.contains(line.as_str()),
+            "route get should print {line:?}:\n{explained}"
+        );
+    }
+    let json = agent.ctl_json(&["route", "get", inside])?;
+    ensure!(
+        json["decided_by"] == "static" && json["overridden"] != true,
+        "route get --json: {json}"
     );
 
     // Deleting it removes it from both sides.

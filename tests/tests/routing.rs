@@ -193,6 +193,86 @@ fn hop_limit_drops(agents: &[Option<AgentProcess>]) -> Result<u64> {
     Ok(total)
 }
 
+/// `route get` on a for e's address: the routing protocol's decision with its reason in
+/// a sentence; then a static route via c overrides it and the output says so, naming
+/// what the protocol would use; deleting it hands the prefix back to the protocol.
+fn route_get_explains_and_shows_a_static_override(
+    a: &AgentProcess,
+    e_overlay: Ipv6Addr,
+    e_prefix: &str,
+    via_b: Ipv6Addr,
+    via_c: Ipv6Addr,
+) -> Result<()> {
+    let addr = e_overlay.to_string();
+    let json = a.ctl_json(&["route", "get", &addr])?;
+    let selection = json["selection"].as_str().unwrap_or_default().to_owned();
+    ensure!(
+        json["decided_by"] == "routing" && json["overridden"] != true,
+        "route get --json: {json}"
+    );
+    let text = a.ctl(&["route", "get", &addr])?;
+    for line in [
+        format!("  prefix    {e_prefix}\n"),
+        format!("  decision  {}\n", selection.replace('_', " ")),
+        format!(
+            "  why       the routing protocol carries {addr} ({e_prefix}) via [{via_b}]:{PORT} (metric "
+        ),
+        format!("  selected  via [{via_b}]:{PORT} metric "),
+        format!("  installed {e_prefix} agent: forward [{via_b}]:{PORT} (routing);"),
+    ] {
+        ensure!(
+            text.contains(&line),
+            "route get should print {line:?}:\n{text}"
+        );
+    }
+
+    a.ctl(&[
+        "route",
+        "add",
+        e_prefix,
+        "via",
+        &via_c.to_string(),
+        "--port",
+        &PORT.to_string(),
+    ])?;
+    let json = a.ctl_json(&["route", "get", &addr])?;
+    ensure!(
+        json["decided_by"] == "static" && json["overridden"] == true,
+        "route get --json with the static route: {json}"
+    );
+    let text = a.ctl(&["route", "get", &addr])?;
+    for line in [
+        format!(
+            "  decision  static route, overriding the routing protocol ({})\n",
+            selection.replace('_', " ")
+        ),
+        format!(
+            "  why       a static route via [{via_c}]:{PORT} carries {addr} ({e_prefix}), \
+             overriding the routing protocol's choice via [{via_b}]:{PORT} (metric "
+        ),
+        format!("  protocol  via [{via_b}]:{PORT} metric "),
+        format!(
+            "  installed {e_prefix} agent: forward [{via_c}]:{PORT} (static); kernel map: forward [{via_c}]:{PORT}; in sync: yes\n"
+        ),
+    ] {
+        ensure!(
+            text.contains(&line),
+            "route get should print {line:?}:\n{text}"
+        );
+    }
+
+    let removed = a.ctl(&["route", "del", e_prefix])?;
+    ensure!(removed.contains("removed route"), "route del: {removed}");
+    ensure!(
+        next_hop(a, e_prefix)? == Some(via_b.to_string()),
+        "deleting the static route hands {e_prefix} back to the protocol's route via b: {}",
+        a.ctl(&["routes"])?
+    );
+    let json = a.ctl_json(&["route", "get", &addr])?;
+    ensure!(json["decided_by"] == "routing", "after route del: {json}");
+    Ok(())
+}
+
 #[test]
 fn traffic_takes_the_cheaper_path_fails_over_and_returns() -> Result<()> {
     let topo = Chain::new(5).tag("route").links(&LINKS).build()?;
@@ -235,11 +315,13 @@ fn scenario(topo: &Topology, agents: &mut Vec<Option<AgentProcess>>) -> Result<(
         topo.node(E).peer_addr(B)?,
         "e routes a via b",
     )?;
-    let explained = running(agents, A)?.ctl(&["route", "get", &e_overlay.to_string()])?;
-    ensure!(
-        explained.contains(&via_b.to_string()),
-        "route get names the next hop:\n{explained}"
-    );
+    route_get_explains_and_shows_a_static_override(
+        running(agents, A)?,
+        e_overlay,
+        &e_prefix,
+        via_b,
+        via_c,
+    )?;
 
     let probe = Probe::start(topo, a_overlay, e_overlay)?;
     thread::sleep(Duration::from_secs(1));
