@@ -406,6 +406,7 @@ impl ControlService {
                 rttvar_us: p.rttvar.map(micros),
                 loss: p.loss,
                 connect_attempts: p.connect_attempts,
+                link_cost: self.links.link_cost(p.endpoint).map(u32::from),
             })
             .collect())
     }
@@ -712,10 +713,22 @@ impl Control for ControlService {
     ) -> Result<Response<pb::Peer>, Status> {
         let req = request.into_inner();
         let endpoint = self.endpoint(&req.address, req.port, &req.interface)?;
-        self.links
+        let cost = req
+            .cost
+            .map(|c| crate::config::link_cost(u64::from(c)))
+            .transpose()
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let added = self
+            .links
             .add_static(endpoint)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        info!(peer = %endpoint, "peer added via control API");
+        // A new neighbour starts at the default unless told otherwise (a cost set for
+        // an earlier one at this endpoint is not inherited); an existing one keeps its
+        // cost unless a new one is given.
+        if cost.is_some() || added {
+            self.links.set_link_cost(endpoint, cost);
+        }
+        info!(peer = %endpoint, ?cost, added, "peer configured via control API");
         self.peer_rows()?
             .into_iter()
             .find(|p| {
@@ -950,6 +963,7 @@ mod tests {
             address: addr.into(),
             port,
             interface: String::new(),
+            cost: None,
         })
     }
 
@@ -1037,6 +1051,30 @@ mod tests {
         let e = get("2001:db8::1").await.unwrap().into_inner();
         assert_eq!(e.decided_by, "none");
         assert!(e.explanation.contains("not an overlay address"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn peer_costs_are_validated() {
+        let (_dir, svc) = service();
+        for (cost, ok) in [
+            (0, false),
+            (1, true),
+            (65_534, true),
+            (65_535, false),
+            (70_000, false),
+        ] {
+            let mut req = peer_req("fd00::2", 0);
+            req.get_mut().cost = Some(cost);
+            let r = svc.add_peer(req).await;
+            match (ok, r) {
+                (true, Ok(_)) => {}
+                (false, Err(e)) => {
+                    assert_eq!(e.code(), Code::InvalidArgument, "{cost}");
+                    assert!(e.message().contains("out of range"), "{cost}: {e:?}");
+                }
+                (_, r) => panic!("cost {cost}: {r:?}"),
+            }
+        }
     }
 
     #[tokio::test]

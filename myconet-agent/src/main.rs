@@ -191,9 +191,13 @@ async fn serve(
     for p in &settings.peers {
         // Configured neighbours are known by endpoint; they enter the relay peer map
         // only once their link handshake proves a key.
+        let endpoint = LinkEndpoint::from(p.endpoint);
         links
-            .add_static(LinkEndpoint::from(*p))
-            .with_context(|| format!("static peer {p}"))?;
+            .add_static(endpoint)
+            .with_context(|| format!("static peer {}", p.endpoint))?;
+        if p.cost.is_some() {
+            links.set_link_cost(endpoint, p.cost);
+        }
     }
     for (prefix, nh) in &settings.routes {
         node.add_route(*prefix, *nh)

@@ -171,6 +171,9 @@ pub fn peers(r: &pb::ListPeersResponse) -> String {
                 p.loss
                     .map(|l| format!("{:.0}%", l * 100.0))
                     .unwrap_or_else(|| "-".to_string()),
+                p.link_cost
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".to_string()),
                 yes_no(p.in_kernel).to_string(),
             ]
         })
@@ -184,6 +187,7 @@ pub fn peers(r: &pb::ListPeersResponse) -> String {
             "LAST SEEN",
             "RTT",
             "LOSS",
+            "COST",
             "RELAY PEER",
         ],
         &[
@@ -191,6 +195,7 @@ pub fn peers(r: &pb::ListPeersResponse) -> String {
             Align::Left,
             Align::Left,
             Align::Left,
+            Align::Right,
             Align::Right,
             Align::Right,
             Align::Right,
@@ -623,6 +628,7 @@ mod tests {
                     last_seen_ms: Some(1500),
                     rtt_us: Some(250),
                     loss: Some(0.0),
+                    link_cost: Some(400),
                     ..Default::default()
                 },
                 pb::Peer {
@@ -637,9 +643,9 @@ mod tests {
         };
         assert_eq!(
             peers(&r),
-            "ENDPOINT        STATE       ORIGIN      NODE           LAST SEEN     RTT  LOSS  RELAY PEER\n\
-             [fd00::2]:9651  up          static      fd6d:1:2:3::1       1.5s  0.25ms    0%  yes\n\
-             [fe80::3%4]:7   connecting  discovered  -                  never       -     -  no\n"
+            "ENDPOINT        STATE       ORIGIN      NODE           LAST SEEN     RTT  LOSS  COST  RELAY PEER\n\
+             [fd00::2]:9651  up          static      fd6d:1:2:3::1       1.5s  0.25ms    0%   400  yes\n\
+             [fe80::3%4]:7   connecting  discovered  -                  never       -     -     -  no\n"
         );
         assert_eq!(
             peers(&pb::ListPeersResponse { peers: vec![] }),
