@@ -81,6 +81,17 @@ pub enum DataplaneChoice {
     Auto,
 }
 
+impl DataplaneChoice {
+    /// The flag's value, for `status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataplaneChoice::Xdp => "xdp",
+            DataplaneChoice::Userspace => "userspace",
+            DataplaneChoice::Auto => "auto",
+        }
+    }
+}
+
 /// The file format; every key optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,8 +106,9 @@ pub struct FileConfig {
     manage_sysctl: Option<bool>,
     tun_name: Option<String>,
     tun: Option<bool>,
+    /// `"[ADDR]:PORT"` strings or `{ endpoint = "[ADDR]:PORT", cost = N }` tables.
     #[serde(default)]
-    peers: Vec<String>,
+    peers: Vec<toml::Value>,
     #[serde(default)]
     discover: Vec<String>,
     hello_interval_ms: Option<u64>,
@@ -134,7 +146,7 @@ pub struct Settings {
     /// Whether to set forwarding/accept_ra.
     pub manage_sysctl: bool,
     /// Static peers.
-    pub peers: Vec<SocketAddrV6>,
+    pub peers: Vec<PeerSetting>,
     /// Interfaces to discover neighbours on.
     pub discover: Vec<String>,
     /// Neighbour timers.
@@ -143,6 +155,71 @@ pub struct Settings {
     pub routes: Vec<(Prefix, NextHop)>,
     /// The TUN device to create, `None` for a pure relay.
     pub tun_name: Option<String>,
+}
+
+/// A configured neighbour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerSetting {
+    /// Its underlay endpoint.
+    pub endpoint: SocketAddrV6,
+    /// The base cost of the link to it (Babel's per-interface cost), if not the default:
+    /// the operator's way to prefer or avoid a link whatever its measurements say.
+    pub cost: Option<u16>,
+}
+
+/// Link costs an operator may configure: 0 would make a hop free (metrics must grow
+/// along a path for loop freedom), 65535 is the infinite metric.
+pub const LINK_COST_RANGE: std::ops::RangeInclusive<u16> = 1..=0xFFFE;
+
+/// Checks a configured link cost against [`LINK_COST_RANGE`].
+pub fn link_cost(cost: u64) -> anyhow::Result<u16> {
+    u16::try_from(cost)
+        .ok()
+        .filter(|c| LINK_COST_RANGE.contains(c))
+        .with_context(|| {
+            format!(
+                "link cost {cost} is out of range ({}..={})",
+                LINK_COST_RANGE.start(),
+                LINK_COST_RANGE.end()
+            )
+        })
+}
+
+/// One `peers` entry of the file: an endpoint string or a table with a cost.
+fn file_peer(value: &toml::Value) -> anyhow::Result<PeerSetting> {
+    match value {
+        toml::Value::String(s) => Ok(PeerSetting {
+            endpoint: parse_endpoint(s)?,
+            cost: None,
+        }),
+        toml::Value::Table(t) => {
+            if let Some(key) = t
+                .keys()
+                .find(|k| !["endpoint", "cost"].contains(&k.as_str()))
+            {
+                bail!("peer {value}: unknown key {key:?} (expected endpoint and cost)");
+            }
+            let endpoint = t
+                .get("endpoint")
+                .and_then(toml::Value::as_str)
+                .with_context(|| format!("peer {value}: endpoint = \"[ADDR]:PORT\" is required"))?;
+            let cost = match t.get("cost") {
+                None => None,
+                Some(c) => {
+                    let n = c
+                        .as_integer()
+                        .and_then(|n| u64::try_from(n).ok())
+                        .with_context(|| format!("peer {value}: cost must be a number"))?;
+                    Some(link_cost(n).with_context(|| format!("peer {endpoint}"))?)
+                }
+            };
+            Ok(PeerSetting {
+                endpoint: parse_endpoint(endpoint)?,
+                cost,
+            })
+        }
+        other => bail!("peer {other}: expected \"[ADDR]:PORT\" or {{ endpoint = ..., cost = N }}"),
+    }
 }
 
 /// Default name of the overlay TUN device.
@@ -228,8 +305,14 @@ impl Cli {
             (None, None) => DataplaneChoice::Auto,
         };
         let mut peers = Vec::new();
-        for p in file.peers.iter().chain(self.peers.iter()) {
-            peers.push(parse_endpoint(p)?);
+        for p in &file.peers {
+            peers.push(file_peer(p)?);
+        }
+        for p in &self.peers {
+            peers.push(PeerSetting {
+                endpoint: parse_endpoint(p)?,
+                cost: None,
+            });
         }
         let mut routes = Vec::new();
         for r in file.routes {
@@ -313,7 +396,7 @@ mod tests {
 interfaces = ["eth0"]
 port = 7000
 socket_mode = "0660"
-peers = ["[fd00::1]:7000", "fd00::2"]
+peers = ["[fd00::1]:7000", "fd00::2", { endpoint = "[fd00::3]:7000", cost = 400 }]
 [[routes]]
 prefix = "fd6d:1:2:3::/64"
 via = "fd00::1"
@@ -325,7 +408,15 @@ via = "fd00::1"
         assert_eq!(s.interfaces, vec!["eth0"]);
         assert_eq!(s.port, 7001);
         assert_eq!(s.socket_mode, 0o660);
-        assert_eq!(s.peers[1].port(), DEFAULT_PORT);
+        assert_eq!(s.peers[1].endpoint.port(), DEFAULT_PORT);
+        assert_eq!(s.peers[1].cost, None);
+        assert_eq!(
+            s.peers[2],
+            PeerSetting {
+                endpoint: "[fd00::3]:7000".parse().unwrap(),
+                cost: Some(400)
+            }
+        );
         assert_eq!(s.routes.len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -340,6 +431,29 @@ via = "fd00::1"
             .resolve()
             .unwrap_err();
         assert!(format!("{err:#}").contains("prot"), "{err:#}");
+        for (peers, needle) in [
+            (r#"[{ endpoint = "fd00::1", cost = 0 }]"#, "out of range"),
+            (
+                r#"[{ endpoint = "fd00::1", cost = 65535 }]"#,
+                "out of range",
+            ),
+            (
+                r#"[{ endpoint = "fd00::1", cost = -3 }]"#,
+                "cost must be a number",
+            ),
+            (
+                r#"[{ endpoint = "fd00::1", weight = 3 }]"#,
+                "unknown key \"weight\"",
+            ),
+            (r#"[{ cost = 3 }]"#, "endpoint"),
+            (r#"[7]"#, "expected"),
+        ] {
+            std::fs::write(&f, format!("peers = {peers}\n")).unwrap();
+            let err = Cli::parse_from(["a", "-c", f.to_str().unwrap()])
+                .resolve()
+                .unwrap_err();
+            assert!(format!("{err:#}").contains(needle), "{peers}: {err:#}");
+        }
         assert!(parse_endpoint("not-an-address").is_err());
         assert!(parse_mode("999").is_err());
         assert!(Cli::try_parse_from(["a", "--socket-mode", "rw"]).is_err());

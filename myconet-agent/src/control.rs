@@ -2,8 +2,13 @@
 //!
 //! A Unix socket rather than TCP so that access control is plain file permissions: the
 //! socket is created with the requested mode before anyone can reach it (it is bound in a
-//! private directory and renamed into place), so there is no window in which a client
-//! with fewer rights could connect. Every RPC is a thin translation between the proto
+//! private directory and linked into place), so there is no window in which a client
+//! with fewer rights could connect.
+//!
+//! Two agents started at once on one path must not both believe they serve it: the
+//! claim holds an exclusive `flock` on `<socket>.lock` for the agent's lifetime, taken
+//! before the stale-socket check, and the fresh socket is placed with `link(2)`, which
+//! never replaces an existing file. Every RPC is a thin translation between the proto
 //! messages and [`Node`]; validation beyond syntax lives in `Node`, and every refusal is
 //! mapped to a gRPC code the CLI can show as is.
 
@@ -11,9 +16,15 @@ use std::{
     future::Future,
     io,
     net::Ipv6Addr,
-    os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
+    os::{
+        fd::AsRawFd,
+        unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -31,7 +42,7 @@ use crate::{
     node::{Node, NodeError, RouteRow},
     peers::LinkEndpoint,
     rib::{NextHop, Origin, Prefix, RouteTarget},
-    routing::{NotChosen, RouteSnapshot, Selection},
+    routing::{Explanation, NotChosen, RouteSnapshot, Selection},
 };
 
 /// A control socket claimed by this agent, not yet serving.
@@ -43,6 +54,8 @@ pub struct ControlSocket {
     listener: Option<UnixListener>,
     identity: FileIdentity,
     path: PathBuf,
+    // Dropped last: the socket file goes before the lock that guards its path.
+    _lock: SocketLock,
 }
 
 impl ControlSocket {
@@ -53,6 +66,9 @@ impl ControlSocket {
     /// a leftover from a crash and is replaced. `mode` is applied before the socket
     /// becomes reachable under `socket`.
     pub async fn claim(socket: &Path, mode: u32) -> anyhow::Result<Self> {
+        check_path(socket)?;
+        create_parent(socket)?;
+        let lock = SocketLock::acquire(socket)?;
         let (listener, identity) = bind(socket, mode).await?;
         info!(
             socket = %socket.display(),
@@ -63,7 +79,85 @@ impl ControlSocket {
             listener: Some(listener),
             identity,
             path: socket.to_path_buf(),
+            _lock: lock,
         })
+    }
+}
+
+/// An exclusive `flock` on `<socket>.lock`, held while an agent owns the socket path.
+///
+/// Whoever holds it is the only agent checking for, removing or placing a socket at that
+/// path, so two agents started at once cannot both pass the stale check. The lock file
+/// is removed on drop while still locked; a claimant that opened it just before checks
+/// after locking that the path still names the inode it locked, and starts over if not.
+#[derive(Debug)]
+struct SocketLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+/// How often [`SocketLock::acquire`] starts over when the lock file it locked was
+/// removed under it (each time another agent released the path in between).
+const LOCK_ATTEMPTS: usize = 100;
+
+impl SocketLock {
+    fn acquire(socket: &Path) -> anyhow::Result<Self> {
+        let mut name = socket.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        let path = socket.with_file_name(name);
+        for _ in 0..LOCK_ATTEMPTS {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("opening the control socket lock {}", path.display()))?;
+            // SAFETY: valid fd owned by `file` for the duration of the call.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc != 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    bail!(
+                        "another agent is already serving on {} (it holds {})",
+                        socket.display(),
+                        path.display()
+                    );
+                }
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+            let held = file
+                .metadata()
+                .with_context(|| format!("inspecting {}", path.display()))?;
+            match std::fs::symlink_metadata(&path) {
+                Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
+                    return Ok(Self { file, path });
+                }
+                // The previous holder removed the file between our open and our lock.
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+            }
+        }
+        bail!(
+            "could not lock {}: it was replaced {LOCK_ATTEMPTS} times while locking",
+            path.display()
+        )
+    }
+}
+
+impl Drop for SocketLock {
+    fn drop(&mut self) {
+        // Still locked here, so nobody else can be relying on this inode yet.
+        let held = self.file.metadata().map(|m| (m.dev(), m.ino()));
+        let current = std::fs::symlink_metadata(&self.path).map(|m| (m.dev(), m.ino()));
+        if let (Ok(held), Ok(current)) = (held, current)
+            && held == current
+            && let Err(e) = std::fs::remove_file(&self.path)
+        {
+            warn!(lock = %self.path.display(), error = %e, "could not remove the socket lock");
+        }
     }
 }
 
@@ -116,7 +210,8 @@ const MAX_SOCKET_PATH: usize = 107;
 /// someone else put at the same path in the meantime.
 type FileIdentity = (u64, u64);
 
-async fn bind(socket: &Path, mode: u32) -> anyhow::Result<(UnixListener, FileIdentity)> {
+/// Refuses paths a Unix socket cannot be bound at, before anything is created.
+fn check_path(socket: &Path) -> anyhow::Result<()> {
     if socket.file_name().is_none() {
         bail!("control socket path {} has no file name", socket.display());
     }
@@ -127,16 +222,29 @@ async fn bind(socket: &Path, mode: u32) -> anyhow::Result<(UnixListener, FileIde
             socket.display()
         );
     }
-    let parent = match socket.parent() {
+    Ok(())
+}
+
+fn parent_dir(socket: &Path) -> PathBuf {
+    match socket.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
-    };
+    }
+}
+
+fn create_parent(socket: &Path) -> anyhow::Result<()> {
+    let parent = parent_dir(socket);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(&parent)
-        .with_context(|| format!("creating {}", parent.display()))?;
+        .with_context(|| format!("creating {}", parent.display()))
+}
 
+/// Replaces a stale socket at `socket` and binds a fresh one there with `mode`. Only
+/// called with the path's [`SocketLock`] held.
+async fn bind(socket: &Path, mode: u32) -> anyhow::Result<(UnixListener, FileIdentity)> {
+    let parent = parent_dir(socket);
     match std::fs::symlink_metadata(socket) {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(socket).await {
             Ok(_) => bail!("another agent is already serving on {}", socket.display()),
@@ -162,14 +270,19 @@ async fn bind(socket: &Path, mode: u32) -> anyhow::Result<(UnixListener, FileIde
         Err(e) => return Err(e).with_context(|| format!("inspecting {}", socket.display())),
     }
 
-    // Bind inside a directory only we can enter, fix the mode, then rename into place:
+    // Bind inside a directory only we can enter, fix the mode, then link into place:
     // the socket is never reachable with the umask's permissions.
     // Short names: the staged path must fit in sun_path just like the final one.
+    static STAGED: AtomicU32 = AtomicU32::new(0);
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let private = parent.join(format!(".{:x}{nonce:x}", std::process::id()));
+    let private = parent.join(format!(
+        ".{:x}{nonce:x}{:x}",
+        std::process::id(),
+        STAGED.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&private)
@@ -186,15 +299,24 @@ async fn bind(socket: &Path, mode: u32) -> anyhow::Result<(UnixListener, FileIde
     Ok((listener, (meta.dev(), meta.ino())))
 }
 
-/// Binds at `staged`, applies `mode` and moves the socket to `socket`.
+/// Binds at `staged`, applies `mode` and links the socket to `socket`. A hard link
+/// (unlike `rename`) fails rather than replace a file that appeared at `socket` since
+/// the check, e.g. one placed by a program that does not take the lock.
 fn stage(staged: &Path, socket: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     let listener =
         UnixListener::bind(staged).with_context(|| format!("binding {}", staged.display()))?;
     std::fs::set_permissions(staged, std::fs::Permissions::from_mode(mode & 0o7777))
         .with_context(|| format!("setting mode {:o} on {}", mode, staged.display()))?;
-    std::fs::rename(staged, socket)
-        .with_context(|| format!("moving the control socket to {}", socket.display()))?;
-    Ok(listener)
+    match std::fs::hard_link(staged, socket) {
+        Ok(()) => Ok(listener),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => bail!(
+            "{} appeared while this agent was starting; refusing to replace it",
+            socket.display()
+        ),
+        Err(e) => {
+            Err(e).with_context(|| format!("placing the control socket at {}", socket.display()))
+        }
+    }
 }
 
 fn remove_if_ours(socket: &Path, identity: FileIdentity) {
@@ -284,6 +406,7 @@ impl ControlService {
                 rttvar_us: p.rttvar.map(micros),
                 loss: p.loss,
                 connect_attempts: p.connect_attempts,
+                link_cost: self.links.link_cost(p.endpoint).map(u32::from),
             })
             .collect())
     }
@@ -392,6 +515,124 @@ fn routing_info(r: &RouteSnapshot<LinkEndpoint>) -> pb::RoutingInfo {
     }
 }
 
+/// What carries an address and why, from the installed route and the routing
+/// protocol's view, for `route get`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Decision {
+    /// "local", "static", "routing" or "none".
+    decided_by: &'static str,
+    /// A static route carries it although the protocol selected another next hop.
+    overridden: bool,
+    /// The same for people.
+    sentence: String,
+}
+
+/// Why the routing protocol selected what it did, as a clause.
+fn selection_reason(e: &Explanation<LinkEndpoint>) -> String {
+    match e.selection {
+        Selection::NotOverlay => "not an overlay address".to_string(),
+        Selection::Local => "this node's own prefix".to_string(),
+        Selection::NoRoute => "no feasible route".to_string(),
+        Selection::OnlyFeasible => "the only feasible route".to_string(),
+        Selection::LowestMetric => {
+            let feasible = 1 + e
+                .alternatives
+                .iter()
+                .filter(|(_, why)| matches!(why, NotChosen::HigherMetric))
+                .count();
+            format!("the lowest metric of {feasible} feasible routes")
+        }
+        Selection::Hysteresis {
+            best_alternative,
+            margin,
+        } => format!(
+            "kept by hysteresis: the best alternative (metric {best_alternative}) is not \
+             better by the required {margin}"
+        ),
+    }
+}
+
+fn decide(e: &Explanation<LinkEndpoint>, installed: Option<&RouteRow>) -> Decision {
+    let addr = e.addr;
+    let chosen = e
+        .selected
+        .as_ref()
+        .and_then(|s| s.next_hop.map(|n| (n, s.metric, s.seqno)));
+    let protocol = match chosen {
+        Some((n, metric, seqno)) => format!(
+            "via {n} (metric {metric}, seqno {seqno}: {})",
+            selection_reason(e)
+        ),
+        None => String::new(),
+    };
+    let entry = installed.and_then(|row| row.agent.map(|a| (row.prefix, a)));
+    let Some((prefix, entry)) = entry else {
+        let sentence = match e.selection {
+            Selection::NotOverlay => {
+                format!("{addr} is not an overlay address (outside fd6d::/16); nothing routes it")
+            }
+            _ => format!(
+                "no route carries {addr}: the routing protocol has {}",
+                if protocol.is_empty() {
+                    "no feasible route to it".to_string()
+                } else {
+                    format!("selected {protocol}, but nothing is installed")
+                }
+            ),
+        };
+        return Decision {
+            decided_by: "none",
+            overridden: false,
+            sentence,
+        };
+    };
+    let via = match entry.target {
+        RouteTarget::Local => String::new(),
+        RouteTarget::Forward(nh) => format!("[{}]:{}", nh.addr, nh.port),
+    };
+    match (entry.origin, entry.target) {
+        (Origin::Local, _) | (_, RouteTarget::Local) => Decision {
+            decided_by: "local",
+            overridden: false,
+            sentence: format!("{addr} is in {prefix}, local to this node: delivered here"),
+        },
+        (Origin::Static, RouteTarget::Forward(nh)) => {
+            let same = chosen.is_some_and(|(n, ..)| n.addr() == nh.addr && n.port() == nh.port);
+            let sentence = match chosen {
+                None => format!(
+                    "a static route via {via} carries {addr} ({prefix}); the routing \
+                     protocol has no route to it"
+                ),
+                Some(_) if same => format!(
+                    "a static route via {via} carries {addr} ({prefix}); the routing \
+                     protocol selects the same next hop {protocol}"
+                ),
+                Some(_) => format!(
+                    "a static route via {via} carries {addr} ({prefix}), overriding the \
+                     routing protocol's choice {protocol}"
+                ),
+            };
+            Decision {
+                decided_by: "static",
+                overridden: chosen.is_some() && !same,
+                sentence,
+            }
+        }
+        (Origin::Routing, RouteTarget::Forward(_)) => Decision {
+            decided_by: "routing",
+            overridden: false,
+            sentence: if protocol.is_empty() {
+                format!(
+                    "the routing protocol's route via {via} carries {addr} ({prefix}); \
+                     it is being withdrawn"
+                )
+            } else {
+                format!("the routing protocol carries {addr} ({prefix}) {protocol}")
+            },
+        },
+    }
+}
+
 fn selection_name(s: &Selection) -> &'static str {
     match s {
         Selection::NotOverlay => "not_overlay",
@@ -440,15 +681,18 @@ impl Control for ControlService {
             interfaces: s
                 .interfaces
                 .iter()
-                .map(|a| pb::Interface {
-                    name: a.name.clone(),
-                    ifindex: a.ifindex,
-                    xdp_mode: a.mode.as_str().to_string(),
+                .map(|i| pb::Interface {
+                    name: i.name.clone(),
+                    ifindex: i.ifindex,
+                    xdp_mode: i.xdp.map_or("none", |m| m.as_str()).to_string(),
+                    userspace_reason: i.userspace_reason.clone(),
                 })
                 .collect(),
             uptime_seconds: s.uptime_seconds,
             peer_count: saturating_u32(s.peer_count),
             route_count: saturating_u32(s.route_count),
+            dataplane: s.dataplane.as_str().to_string(),
+            dataplane_requested: s.dataplane_requested,
         }))
     }
 
@@ -469,10 +713,22 @@ impl Control for ControlService {
     ) -> Result<Response<pb::Peer>, Status> {
         let req = request.into_inner();
         let endpoint = self.endpoint(&req.address, req.port, &req.interface)?;
-        self.links
+        let cost = req
+            .cost
+            .map(|c| crate::config::link_cost(u64::from(c)))
+            .transpose()
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let added = self
+            .links
             .add_static(endpoint)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        info!(peer = %endpoint, "peer added via control API");
+        // A new neighbour starts at the default unless told otherwise (a cost set for
+        // an earlier one at this endpoint is not inherited); an existing one keeps its
+        // cost unless a new one is given.
+        if cost.is_some() || added {
+            self.links.set_link_cost(endpoint, cost);
+        }
+        info!(peer = %endpoint, ?cost, added, "peer configured via control API");
         self.peer_rows()?
             .into_iter()
             .find(|p| {
@@ -518,22 +774,28 @@ impl Control for ControlService {
         let now = std::time::Instant::now();
         let e = self.links.explain(addr, now);
         let candidates = self.links.route_snapshot(now);
-        let installed = self
+        let installed_row = self
             .node
             .routes()
             .map_err(node_status)?
             .into_iter()
             .filter(|row| row.prefix.contains(addr))
-            .max_by_key(|row| row.prefix.prefix_len())
-            .map(|row| route_row(&row, &candidates));
+            .max_by_key(|row| row.prefix.prefix_len());
+        let installed = installed_row
+            .as_ref()
+            .map(|row| route_row(row, &candidates));
+        let decision = decide(&e, installed_row.as_ref());
         Ok(Response::new(pb::RouteExplanation {
             address: addr.to_string(),
             prefix: e
                 .prefix
                 .map(|(p, l)| format!("{p}/{l}"))
+                .or_else(|| installed_row.as_ref().map(|r| r.prefix.to_string()))
                 .unwrap_or_default(),
             selection: selection_name(&e.selection).to_string(),
-            explanation: e.to_string(),
+            explanation: decision.sentence,
+            decided_by: decision.decided_by.to_string(),
+            overridden: decision.overridden,
             selected: e.selected.as_ref().map(routing_info),
             alternatives: e
                 .alternatives
@@ -624,9 +886,9 @@ impl Control for ControlService {
                 interfaces.push(pb::InterfaceCounters {
                     name: a.name,
                     ifindex: a.ifindex,
-                    xdp_mode: a.mode.as_str().to_string(),
-                    redirect_target: a.policy.redirect,
-                    xdp_tx: a.policy.tx,
+                    xdp_mode: a.xdp.map_or("none", |m| m.as_str()).to_string(),
+                    redirect_target: a.policy.is_some_and(|p| p.redirect),
+                    xdp_tx: a.policy.is_some_and(|p| p.tx),
                     rx_packets: s.rx_packets,
                     rx_dropped: s.rx_dropped,
                     tx_packets: s.tx_packets,
@@ -723,6 +985,7 @@ mod tests {
             address: addr.into(),
             port,
             interface: String::new(),
+            cost: None,
         })
     }
 
@@ -746,6 +1009,94 @@ mod tests {
         assert!(s.interfaces.is_empty());
         // The node's /64 and the reserved link address.
         assert_eq!((s.peer_count, s.route_count), (0, 2));
+    }
+
+    #[tokio::test]
+    async fn status_reports_the_data_plane_per_interface() {
+        let (_dir, svc) = service();
+        svc.node.set_interfaces(
+            "auto",
+            vec![crate::node::ConfiguredInterface {
+                name: "eth9".into(),
+                ifindex: 9,
+                userspace_reason: Some("attaching XDP to eth9 failed: busy".into()),
+            }],
+        );
+        let s = svc
+            .get_status(Request::new(pb::GetStatusRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (s.dataplane.as_str(), s.dataplane_requested.as_str()),
+            ("userspace", "auto")
+        );
+        assert_eq!(
+            s.interfaces,
+            [pb::Interface {
+                name: "eth9".into(),
+                ifindex: 9,
+                xdp_mode: "none".into(),
+                userspace_reason: "attaching XDP to eth9 failed: busy".into(),
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn route_get_says_a_static_route_decides() {
+        let (_dir, svc) = service();
+        svc.add_route(add_route_req("fd6d:1:2:3::/64", "fd00::2", 0))
+            .await
+            .unwrap();
+        let get = |addr: &str| {
+            svc.get_route(Request::new(pb::GetRouteRequest {
+                address: addr.into(),
+            }))
+        };
+        let e = get("fd6d:1:2:3::9").await.unwrap().into_inner();
+        assert_eq!(e.prefix, "fd6d:1:2:3::/64");
+        assert_eq!((e.decided_by.as_str(), e.overridden), ("static", false));
+        assert_eq!(
+            e.explanation,
+            "a static route via [fd00::2]:9651 carries fd6d:1:2:3::9 (fd6d:1:2:3::/64); \
+             the routing protocol has no route to it"
+        );
+        let e = get("fd6d:9::1").await.unwrap().into_inner();
+        assert_eq!(e.decided_by, "none");
+        assert!(
+            e.explanation.starts_with("no route carries fd6d:9::1"),
+            "{e:?}"
+        );
+        let own = svc.node.identity().node_address().to_string();
+        let e = get(&own).await.unwrap().into_inner();
+        assert_eq!(e.decided_by, "local");
+        let e = get("2001:db8::1").await.unwrap().into_inner();
+        assert_eq!(e.decided_by, "none");
+        assert!(e.explanation.contains("not an overlay address"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn peer_costs_are_validated() {
+        let (_dir, svc) = service();
+        for (cost, ok) in [
+            (0, false),
+            (1, true),
+            (65_534, true),
+            (65_535, false),
+            (70_000, false),
+        ] {
+            let mut req = peer_req("fd00::2", 0);
+            req.get_mut().cost = Some(cost);
+            let r = svc.add_peer(req).await;
+            match (ok, r) {
+                (true, Ok(_)) => {}
+                (false, Err(e)) => {
+                    assert_eq!(e.code(), Code::InvalidArgument, "{cost}");
+                    assert!(e.message().contains("out of range"), "{cost}: {e:?}");
+                }
+                (_, r) => panic!("cost {cost}: {r:?}"),
+            }
+        }
     }
 
     #[tokio::test]
@@ -1002,12 +1353,18 @@ mod tests {
 
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        // Nothing but the socket is left in the directory (no staging leftovers).
-        let entries: Vec<_> = std::fs::read_dir(socket.parent().unwrap())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(entries, ["agent.sock"]);
+        // Nothing but the socket and its lock is left in the directory (no staging
+        // leftovers).
+        let entries = |dir: &Path| {
+            let mut names: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        let run = socket.parent().unwrap();
+        assert_eq!(entries(run), ["agent.sock", "agent.sock.lock"]);
 
         let channel = tonic::transport::Endpoint::from_shared(format!("unix:{}", socket.display()))
             .unwrap()
@@ -1054,6 +1411,53 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!socket.exists(), "socket removed after shutdown");
+        assert!(entries(run).is_empty(), "lock removed after shutdown");
+    }
+
+    /// Two claims of one path racing each other, many times: exactly one wins, the other
+    /// is told another agent serves there, and the winner's socket is the one in place.
+    #[test]
+    fn concurrent_claims_have_exactly_one_winner() {
+        let dir = TempDir::new();
+        let socket = dir.0.join("race.sock");
+        // One runtime both claimants block on, outliving every listener it registers.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        for round in 0..200 {
+            if round % 2 == 1 {
+                // Every other round starts from a stale socket, as after a crash.
+                drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+            }
+            let barrier = std::sync::Barrier::new(2);
+            let outcomes: Vec<anyhow::Result<ControlSocket>> = std::thread::scope(|s| {
+                let claim = || {
+                    barrier.wait();
+                    rt.block_on(ControlSocket::claim(&socket, 0o600))
+                };
+                let a = s.spawn(claim);
+                let b = s.spawn(claim);
+                vec![a.join().unwrap(), b.join().unwrap()]
+            });
+            let (won, lost): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
+            assert_eq!((won.len(), lost.len()), (1, 1), "round {round}");
+            let e = lost.into_iter().next().unwrap().unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("another agent is already serving on"),
+                "round {round}: {e:#}"
+            );
+            let winner = won.into_iter().next().unwrap().unwrap();
+            let meta = std::fs::symlink_metadata(&socket).unwrap();
+            assert_eq!((meta.dev(), meta.ino()), winner.identity, "round {round}");
+            drop(winner);
+            assert!(
+                !socket.exists(),
+                "round {round}: socket removed with its owner"
+            );
+        }
     }
 
     #[tokio::test]

@@ -123,6 +123,25 @@ impl Links {
         self.routing().router.stats().counters()
     }
 
+    /// Sets the configured base cost of the link to `endpoint` (Babel's per-interface
+    /// cost; `None`: the default), so an operator can prefer or avoid a link whatever
+    /// its measurements say. Kept while the neighbour goes down and up; a change of
+    /// route it causes is applied by the timer task, woken here.
+    pub fn set_link_cost(&self, endpoint: LinkEndpoint, base: Option<u16>) {
+        {
+            let mut routing = self.routing();
+            let base = base.unwrap_or(routing.router.config().cost.default_base);
+            routing.router.set_neighbour_cost(endpoint, base);
+        }
+        self.kick.notify_one();
+    }
+
+    /// The link cost the routing core applies to `endpoint` now (base cost and
+    /// measurements), if it is an up neighbour.
+    pub fn link_cost(&self, endpoint: LinkEndpoint) -> Option<u16> {
+        self.routing().router.neighbour_cost(endpoint)
+    }
+
     /// Adds a configured neighbour; it becomes a relay peer once its link handshake
     /// completes. `false` if it was already configured.
     pub fn add_static(&self, endpoint: LinkEndpoint) -> Result<bool, PeerError> {

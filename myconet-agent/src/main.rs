@@ -12,7 +12,7 @@ use myconet_agent::{
     identity::{Identity, StateLock},
     link::Links,
     netlink::{self, Netlink},
-    node::Node,
+    node::{ConfiguredInterface, Node},
     overlay::{self, Overlay},
     peers::{Beaconer, DiscoveryConfig, LinkEndpoint, ReceivedBeacon},
     routing::RoutingConfig,
@@ -62,50 +62,119 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
             settings.state_dir.display()
         )
     })?;
-    let dataplane = if settings.interfaces.is_empty() {
-        warn!("no --interface given: relaying on the userspace path only");
-        None
-    } else if settings.dataplane == DataplaneChoice::Userspace {
-        info!("--dataplane userspace: XDP not attached, the agent relays every packet");
-        None
-    } else {
-        match attach_all(&settings, &mut journal) {
-            Ok(dp) => Some(dp),
-            Err(e) => {
-                journal.restore_and_clear();
-                if settings.dataplane == DataplaneChoice::Xdp {
-                    return Err(e);
-                }
-                warn!(
-                    error = format!("{e:#}"),
-                    "XDP unavailable: falling back to the userspace data path (slower)"
-                );
-                None
-            }
-        }
-    };
-
+    let (dataplane, interfaces) = set_up_dataplane(&settings, &mut journal)?;
     let node = Arc::new(Node::new(identity, settings.port, dataplane, journal)?);
+    node.set_interfaces(settings.dataplane.as_str(), interfaces);
     let result = serve(&node, &settings, control_socket).await;
     node.shutdown();
     info!("stopped");
     result
 }
 
-fn attach_all(
+/// Attaches XDP as `--dataplane` asks and records which path relays each interface.
+///
+/// - `userspace`: nothing is attached.
+/// - `xdp`: every interface must attach (and get its sysctls), or start-up fails with
+///   the kernel's reason and nothing is left changed.
+/// - `auto`: each interface gets XDP where it attaches and the agent's userspace path,
+///   with a warning naming the reason, where it does not; if the program does not even
+///   load, every interface does. The userspace path relays whatever reaches the agent,
+///   so XDP and userspace interfaces mix: XDP passes packets bound for a userspace
+///   interface up to the agent (`pass_slow_path`), which relays them.
+fn set_up_dataplane(
     settings: &myconet_agent::config::Settings,
     journal: &mut sysctl::Journal,
-) -> anyhow::Result<XdpDataplane> {
-    let mut dp = XdpDataplane::load(settings.port)?;
-    for iface in &settings.interfaces {
-        if settings.manage_sysctl {
-            journal
-                .prepare(iface)
-                .with_context(|| format!("setting IPv6 sysctls on {iface}"))?;
-        }
-        dp.attach(iface, settings.xdp_mode)?;
+) -> anyhow::Result<(Option<XdpDataplane>, Vec<ConfiguredInterface>)> {
+    let mut interfaces = Vec::with_capacity(settings.interfaces.len());
+    for name in &settings.interfaces {
+        interfaces.push(ConfiguredInterface {
+            name: name.clone(),
+            ifindex: dataplane::ifindex(name)?,
+            userspace_reason: None,
+        });
     }
-    Ok(dp)
+    let all_userspace = |mut list: Vec<ConfiguredInterface>, reason: &str| {
+        for i in &mut list {
+            i.userspace_reason = Some(reason.to_string());
+        }
+        list
+    };
+    if interfaces.is_empty() {
+        warn!("no --interface given: relaying on the userspace path only");
+        return Ok((None, interfaces));
+    }
+    let strict = match settings.dataplane {
+        DataplaneChoice::Userspace => {
+            info!("--dataplane userspace: XDP not attached, the agent relays every packet");
+            return Ok((None, all_userspace(interfaces, "--dataplane userspace")));
+        }
+        DataplaneChoice::Xdp => true,
+        DataplaneChoice::Auto => false,
+    };
+    let mut dp = match XdpDataplane::load(settings.port) {
+        Ok(dp) => dp,
+        Err(e) if !strict => {
+            let reason = format!("{e:#}");
+            warn!(
+                error = reason,
+                "XDP unavailable: every interface takes the userspace data path (slower)"
+            );
+            return Ok((None, all_userspace(interfaces, &reason)));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for iface in &mut interfaces {
+        match attach_one(&mut dp, iface, settings, journal) {
+            Ok(()) => {}
+            Err(e) if strict => {
+                // Dropping `dp` detaches what was attached; the sysctls go back too.
+                drop(dp);
+                journal.restore_and_clear();
+                return Err(e);
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                warn!(
+                    iface = iface.name,
+                    error = reason,
+                    "XDP not attached: this interface's traffic takes the userspace data path (slower)"
+                );
+                iface.userspace_reason = Some(reason);
+            }
+        }
+    }
+    if interfaces.iter().all(|i| i.userspace_reason.is_some()) {
+        warn!("XDP attached nowhere: every interface takes the userspace data path (slower)");
+        return Ok((None, interfaces));
+    }
+    Ok((Some(dp), interfaces))
+}
+
+/// Attaches XDP to one interface, then enables the IPv6 forwarding `bpf_fib_lookup`
+/// needs on it (only where XDP runs: the userspace path does not need it). Under
+/// `auto`, a sysctl failure leaves the attachment in place (relayed packets then take
+/// the slow path) and is only logged.
+fn attach_one(
+    dp: &mut XdpDataplane,
+    iface: &ConfiguredInterface,
+    settings: &myconet_agent::config::Settings,
+    journal: &mut sysctl::Journal,
+) -> anyhow::Result<()> {
+    dp.attach(&iface.name, settings.xdp_mode)?;
+    if settings.manage_sysctl
+        && let Err(e) = journal.prepare(&iface.name)
+    {
+        let e = anyhow::Error::new(e).context(format!("setting IPv6 sysctls on {}", iface.name));
+        if settings.dataplane == DataplaneChoice::Xdp {
+            return Err(e);
+        }
+        warn!(
+            iface = iface.name,
+            error = format!("{e:#}"),
+            "relayed packets will take the slow path"
+        );
+    }
+    Ok(())
 }
 
 async fn serve(
@@ -123,9 +192,13 @@ async fn serve(
     for p in &settings.peers {
         // Configured neighbours are known by endpoint; they enter the relay peer map
         // only once their link handshake proves a key.
+        let endpoint = LinkEndpoint::from(p.endpoint);
         links
-            .add_static(LinkEndpoint::from(*p))
-            .with_context(|| format!("static peer {p}"))?;
+            .add_static(endpoint)
+            .with_context(|| format!("static peer {}", p.endpoint))?;
+        if p.cost.is_some() {
+            links.set_link_cost(endpoint, p.cost);
+        }
     }
     for (prefix, nh) in &settings.routes {
         node.add_route(*prefix, *nh)

@@ -22,7 +22,8 @@ use myconet_common::{
 };
 
 use crate::{
-    dataplane::{Attachment, DataplaneError, XdpDataplane},
+    dataplane::{AttachedMode, Attachment, DataplaneError, XdpDataplane},
+    egress::EgressPolicy,
     forward::{self, Decision, Endpoint},
     identity::Identity,
     rib::{NextHop, Origin, Prefix, Rib, RibEntry, RouteTarget},
@@ -169,6 +170,56 @@ struct AgentCounters {
     bytes: [AtomicU64; AgentStat::ALL.len()],
 }
 
+/// One configured underlay interface as the agent set it up at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfiguredInterface {
+    /// Interface name.
+    pub name: String,
+    /// Kernel interface index.
+    pub ifindex: u32,
+    /// Why this interface relays on the userspace path (XDP refused, or not asked for);
+    /// `None` when XDP was attached.
+    pub userspace_reason: Option<String>,
+}
+
+/// How one interface relays right now, for `status`: the operator must be able to see
+/// which interfaces fell back to the (slower) userspace path and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceStatus {
+    /// Interface name.
+    pub name: String,
+    /// Kernel interface index.
+    pub ifindex: u32,
+    /// The XDP attach mode, `None` when the agent relays this interface's traffic.
+    pub xdp: Option<AttachedMode>,
+    /// Why the interface is on the userspace path (empty when `xdp` is set).
+    pub userspace_reason: String,
+    /// How the program may send frames out of it, when XDP is attached.
+    pub policy: Option<EgressPolicy>,
+}
+
+/// The data plane a node uses overall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataplaneMode {
+    /// XDP on every interface.
+    Xdp,
+    /// XDP on some interfaces, the userspace path on the others.
+    Mixed,
+    /// No XDP anywhere: the agent relays everything.
+    Userspace,
+}
+
+impl DataplaneMode {
+    /// Name used by the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataplaneMode::Xdp => "xdp",
+            DataplaneMode::Mixed => "mixed",
+            DataplaneMode::Userspace => "userspace",
+        }
+    }
+}
+
 /// A point-in-time view for `status`.
 #[derive(Debug, Clone)]
 pub struct StatusSnapshot {
@@ -180,8 +231,13 @@ pub struct StatusSnapshot {
     pub node_address: Ipv6Addr,
     /// Underlay port.
     pub port: u16,
-    /// Interfaces with XDP attached.
-    pub interfaces: Vec<Attachment>,
+    /// Every configured interface with the path it relays on (XDP attachments the
+    /// configuration does not name, e.g. from tests, are listed after them).
+    pub interfaces: Vec<InterfaceStatus>,
+    /// The data plane in use overall.
+    pub dataplane: DataplaneMode,
+    /// What the operator asked for (`auto`, `xdp`, `userspace`), empty if not recorded.
+    pub dataplane_requested: String,
     /// Seconds since start.
     pub uptime_seconds: u64,
     /// Number of peers.
@@ -220,6 +276,9 @@ struct State {
     /// (`RouteValue::src`), so a changed address or route re-resolves exactly the
     /// routes whose source moved.
     sources: std::collections::HashMap<NextHop, Option<Ipv6Addr>>,
+    /// The interfaces as configured at start, and what was asked for.
+    interfaces: Vec<ConfiguredInterface>,
+    dataplane_requested: String,
 }
 
 /// The running node.
@@ -263,6 +322,8 @@ impl Node {
                 dataplane,
                 sysctls,
                 sources: std::collections::HashMap::new(),
+                interfaces: Vec::new(),
+                dataplane_requested: String::new(),
             }),
             counters: AgentCounters::default(),
         };
@@ -311,11 +372,28 @@ impl Node {
 
     fn install(&self, prefix: Prefix, entry: RibEntry) -> Result<(), NodeError> {
         // Resolved before taking the lock: it asks the kernel's routing table.
-        let src = match entry.target {
+        let src = Self::resolve_source(&entry);
+        Self::install_locked(&mut self.state(), prefix, entry, src)
+    }
+
+    /// The underlay source address the kernel picks for a forward entry's next hop
+    /// (stored per route, so the program need not ask the FIB per packet).
+    fn resolve_source(entry: &RibEntry) -> Option<(NextHop, Option<Ipv6Addr>)> {
+        match entry.target {
             RouteTarget::Forward(nh) => Some((nh, nh.underlay_source())),
             RouteTarget::Local => None,
-        };
-        let mut st = self.state();
+        }
+    }
+
+    /// [`Node::install`] for callers that already hold the state lock, so a decision and
+    /// the install it leads to cannot be separated by another change; `src` is
+    /// [`Node::resolve_source`] of `entry`.
+    fn install_locked(
+        st: &mut State,
+        prefix: Prefix,
+        entry: RibEntry,
+        src: Option<(NextHop, Option<Ipv6Addr>)>,
+    ) -> Result<(), NodeError> {
         if let Some(dp) = st.dataplane.as_mut() {
             dp.set_route(
                 prefix.addr(),
@@ -418,19 +496,76 @@ impl Node {
         self.port
     }
 
+    /// Records the configured interfaces and how each was set up (`requested`: the
+    /// `--dataplane` choice), so `status` can show the userspace ones and why.
+    pub fn set_interfaces(&self, requested: &str, interfaces: Vec<ConfiguredInterface>) {
+        let mut st = self.state();
+        st.interfaces = interfaces;
+        st.dataplane_requested = requested.to_string();
+    }
+
+    /// Every configured interface with the path it relays on now.
+    fn interface_status(st: &State) -> Vec<InterfaceStatus> {
+        let attached: Vec<Attachment> = st
+            .dataplane
+            .as_ref()
+            .map(XdpDataplane::attachments)
+            .unwrap_or_default();
+        let mut out: Vec<InterfaceStatus> = st
+            .interfaces
+            .iter()
+            .map(|c| {
+                let found = attached.iter().find(|a| a.ifindex == c.ifindex);
+                let xdp = found.map(|a| a.mode);
+                InterfaceStatus {
+                    name: c.name.clone(),
+                    ifindex: c.ifindex,
+                    xdp,
+                    policy: found.map(|a| a.policy),
+                    userspace_reason: match xdp {
+                        Some(_) => String::new(),
+                        None => c
+                            .userspace_reason
+                            .clone()
+                            .unwrap_or_else(|| "XDP not attached".to_string()),
+                    },
+                }
+            })
+            .collect();
+        for a in attached {
+            if !out.iter().any(|i| i.ifindex == a.ifindex) {
+                out.push(InterfaceStatus {
+                    name: a.name,
+                    ifindex: a.ifindex,
+                    xdp: Some(a.mode),
+                    userspace_reason: String::new(),
+                    policy: Some(a.policy),
+                });
+            }
+        }
+        out
+    }
+
     /// A snapshot for `status`.
     pub fn status(&self) -> StatusSnapshot {
         let st = self.state();
+        let interfaces = Self::interface_status(&st);
+        let with_xdp = interfaces.iter().filter(|i| i.xdp.is_some()).count();
+        let dataplane = if with_xdp == 0 {
+            DataplaneMode::Userspace
+        } else if with_xdp == interfaces.len() {
+            DataplaneMode::Xdp
+        } else {
+            DataplaneMode::Mixed
+        };
         StatusSnapshot {
             public_key: self.identity.public_key_hex(),
             node_prefix: self.node_prefix,
             node_address: self.identity.node_address(),
             port: self.port,
-            interfaces: st
-                .dataplane
-                .as_ref()
-                .map(XdpDataplane::attachments)
-                .unwrap_or_default(),
+            interfaces,
+            dataplane,
+            dataplane_requested: st.dataplane_requested.clone(),
             uptime_seconds: self.started.elapsed().as_secs(),
             peer_count: st.peers.len(),
             route_count: st.rib.len(),
@@ -471,25 +606,25 @@ impl Node {
         if self.is_own(&prefix) {
             return Err(NodeError::OwnPrefix(prefix));
         }
-        let routed = self.state().routed.get(&prefix).copied();
-        if let Some(next_hop) = routed {
+        // One lock for the decision and the change: the routing protocol must not
+        // withdraw or replace its route between the two.
+        let mut st = self.state();
+        if let Some(next_hop) = st.routed.get(&prefix).copied() {
             // Fall back to what the routing protocol selected: one in-place replace, so
             // the prefix never becomes unroutable.
-            let existed = self
-                .state()
+            let existed = st
                 .rib
                 .get(&prefix)
                 .is_some_and(|e| e.origin == Origin::Static);
-            self.install(
-                prefix,
-                RibEntry {
-                    target: RouteTarget::Forward(next_hop),
-                    origin: Origin::Routing,
-                },
-            )?;
+            let entry = RibEntry {
+                target: RouteTarget::Forward(next_hop),
+                origin: Origin::Routing,
+            };
+            // Under the lock here: the next hop is only known under it (rare path).
+            let src = Self::resolve_source(&entry);
+            Self::install_locked(&mut st, prefix, entry, src)?;
             return Ok(existed);
         }
-        let mut st = self.state();
         let in_kernel = match st.dataplane.as_mut() {
             Some(dp) => dp.remove_route(prefix.addr(), prefix.prefix_len())?,
             None => false,
@@ -503,23 +638,23 @@ impl Node {
         if self.is_own(&prefix) {
             return Err(NodeError::OwnPrefix(prefix));
         }
-        let overridden = {
-            let mut st = self.state();
-            st.routed.insert(prefix, next_hop);
-            st.rib
-                .get(&prefix)
-                .is_some_and(|e| e.origin == Origin::Static)
+        let entry = RibEntry {
+            target: RouteTarget::Forward(next_hop),
+            origin: Origin::Routing,
         };
-        if overridden {
+        let src = Self::resolve_source(&entry);
+        // The static-route check and the install under one lock: a static route added
+        // in between would otherwise be overwritten.
+        let mut st = self.state();
+        st.routed.insert(prefix, next_hop);
+        if st
+            .rib
+            .get(&prefix)
+            .is_some_and(|e| e.origin == Origin::Static)
+        {
             return Ok(());
         }
-        self.install(
-            prefix,
-            RibEntry {
-                target: RouteTarget::Forward(next_hop),
-                origin: Origin::Routing,
-            },
-        )
+        Self::install_locked(&mut st, prefix, entry, src)
     }
 
     /// Withdraws the routing protocol's route for `prefix` (a static route stays).

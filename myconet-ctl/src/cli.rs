@@ -65,9 +65,9 @@ pub enum Command {
 pub enum PeersCommand {
     /// List peers with their link state, last seen time and RTT.
     List,
-    /// Add a configured neighbour: it may relay through this node once its link
-    /// handshake has authenticated it.
-    Add(EndpointArgs),
+    /// Add a configured neighbour (or change its link cost): it may relay through this
+    /// node once its link handshake has authenticated it.
+    Add(PeerAddArgs),
     /// Forget a neighbour (it leaves the relay peer map at once).
     #[command(visible_alias = "del")]
     Remove(EndpointArgs),
@@ -85,6 +85,19 @@ pub struct EndpointArgs {
     /// Interface the neighbour is on; required for link-local (fe80::/10) addresses.
     #[arg(long, short = 'i')]
     pub interface: Option<String>,
+}
+
+/// `peers add ADDR [--port P] [--interface I] [--cost N]`
+#[derive(Debug, Args)]
+pub struct PeerAddArgs {
+    /// The neighbour's endpoint.
+    #[command(flatten)]
+    pub endpoint: EndpointArgs,
+    /// Base cost of the link to it for the routing protocol (Babel's per-interface
+    /// cost; default 96): a higher cost makes routes avoid this link. Given for a
+    /// neighbour that is already configured, it changes that neighbour's cost.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=65534))]
+    pub cost: Option<u16>,
 }
 
 /// `route ...`
@@ -278,10 +291,23 @@ mod tests {
         let cli = parse(&["peers", "add", "fd00::2"]).unwrap();
         match cli.command {
             Command::Peers {
-                action: Some(PeersCommand::Add(e)),
-            } => assert_eq!(e.port, DEFAULT_PORT),
+                action: Some(PeersCommand::Add(a)),
+            } => assert_eq!((a.endpoint.port, a.cost), (DEFAULT_PORT, None)),
             other => panic!("parsed as {other:?}"),
         }
+        let cli = parse(&["peers", "add", "fd00::2", "--cost", "400"]).unwrap();
+        match cli.command {
+            Command::Peers {
+                action: Some(PeersCommand::Add(a)),
+            } => assert_eq!(a.cost, Some(400)),
+            other => panic!("parsed as {other:?}"),
+        }
+        for bad in ["0", "65535", "cheap"] {
+            let e = parse(&["peers", "add", "fd00::2", "--cost", bad]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "{bad}: {e}");
+        }
+        assert!(parse(&["peers", "add", "fd00::2", "--cost", "-1"]).is_err());
+        assert!(parse(&["peers", "remove", "fd00::2", "--cost", "5"]).is_err());
         assert!(matches!(
             parse(&["stats", "--all"]).unwrap().command,
             Command::Stats { all: true }

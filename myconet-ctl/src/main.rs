@@ -74,11 +74,13 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Status => show(json, &client.status().await?, render::status),
         Command::Peers { action } => match action.unwrap_or(PeersCommand::List) {
             PeersCommand::List => show(json, &client.peers().await?, render::peers),
-            PeersCommand::Add(e) => {
+            PeersCommand::Add(a) => {
+                let e = a.endpoint;
                 let req = pb::AddPeerRequest {
                     address: e.addr.to_string(),
                     port: u32::from(e.port),
                     interface: e.interface.unwrap_or_default(),
+                    cost: a.cost.map(u32::from),
                 };
                 show(json, &client.add_peer(req).await?, render::peer_added)
             }

@@ -95,7 +95,16 @@ pub fn status(s: &pb::Status) -> String {
     } else {
         s.interfaces
             .iter()
-            .map(|i| format!("{} (ifindex {}, XDP {})", i.name, i.ifindex, i.xdp_mode))
+            .map(|i| {
+                if i.xdp_mode == "none" || i.xdp_mode.is_empty() {
+                    format!(
+                        "{} (ifindex {}, userspace: {})",
+                        i.name, i.ifindex, i.userspace_reason
+                    )
+                } else {
+                    format!("{} (ifindex {}, XDP {})", i.name, i.ifindex, i.xdp_mode)
+                }
+            })
             .collect()
     };
     let mut lines: Vec<(&str, String)> = vec![
@@ -104,6 +113,14 @@ pub fn status(s: &pb::Status) -> String {
         ("public key", s.public_key.clone()),
         ("port", s.port.to_string()),
     ];
+    if !s.dataplane.is_empty() {
+        let asked = if s.dataplane_requested.is_empty() {
+            String::new()
+        } else {
+            format!(" (--dataplane {})", s.dataplane_requested)
+        };
+        lines.push(("data plane", format!("{}{asked}", s.dataplane)));
+    }
     for (i, iface) in interfaces.into_iter().enumerate() {
         lines.push((if i == 0 { "interfaces" } else { "" }, iface));
     }
@@ -154,6 +171,9 @@ pub fn peers(r: &pb::ListPeersResponse) -> String {
                 p.loss
                     .map(|l| format!("{:.0}%", l * 100.0))
                     .unwrap_or_else(|| "-".to_string()),
+                p.link_cost
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".to_string()),
                 yes_no(p.in_kernel).to_string(),
             ]
         })
@@ -167,6 +187,7 @@ pub fn peers(r: &pb::ListPeersResponse) -> String {
             "LAST SEEN",
             "RTT",
             "LOSS",
+            "COST",
             "RELAY PEER",
         ],
         &[
@@ -174,6 +195,7 @@ pub fn peers(r: &pb::ListPeersResponse) -> String {
             Align::Left,
             Align::Left,
             Align::Left,
+            Align::Right,
             Align::Right,
             Align::Right,
             Align::Right,
@@ -271,15 +293,36 @@ fn routing_line(r: &pb::RoutingInfo) -> String {
     )
 }
 
+/// The `decision` line: who decides, and where a static route overrides the routing
+/// protocol, what the protocol itself decided.
+fn decision(e: &pb::RouteExplanation) -> String {
+    let protocol = e.selection.replace('_', " ");
+    match e.decided_by.as_str() {
+        "static" if e.overridden => {
+            format!("static route, overriding the routing protocol ({protocol})")
+        }
+        "static" if e.selected.is_some() => {
+            format!("static route (the routing protocol agrees: {protocol})")
+        }
+        "static" => "static route (the routing protocol has no route)".to_string(),
+        "none" if e.selection != "not_overlay" => format!("nothing installed ({protocol})"),
+        _ => protocol,
+    }
+}
+
 /// `route get ADDR`: the route carrying the address, why, and what else was considered.
 pub fn route_explanation(e: &pb::RouteExplanation) -> String {
     let mut out = format!("{}\n", e.address);
     if !e.prefix.is_empty() {
         out.push_str(&format!("  prefix    {}\n", e.prefix));
     }
-    out.push_str(&format!("  decision  {}\n", e.selection.replace('_', " ")));
+    out.push_str(&format!("  decision  {}\n", decision(e)));
+    if !e.explanation.is_empty() {
+        out.push_str(&format!("  why       {}\n", e.explanation));
+    }
     if let Some(s) = &e.selected {
-        out.push_str(&format!("  selected  {}\n", routing_line(s)));
+        let label = if e.overridden { "protocol" } else { "selected" };
+        out.push_str(&format!("  {label:<9} {}\n", routing_line(s)));
     }
     for alt in &e.alternatives {
         if let Some(r) = &alt.route {
@@ -502,16 +545,26 @@ mod tests {
                     name: "eth0".into(),
                     ifindex: 2,
                     xdp_mode: "driver".into(),
+                    ..Default::default()
                 },
                 pb::Interface {
                     name: "eth1".into(),
                     ifindex: 3,
                     xdp_mode: "generic".into(),
+                    ..Default::default()
+                },
+                pb::Interface {
+                    name: "eth2".into(),
+                    ifindex: 4,
+                    xdp_mode: "none".into(),
+                    userspace_reason: "attaching XDP to eth2 failed: busy".into(),
                 },
             ],
             uptime_seconds: 3_725,
             peer_count: 2,
             route_count: 3,
+            dataplane: "mixed".into(),
+            dataplane_requested: "auto".into(),
         };
         let text = status(&s);
         let expected = format!(
@@ -519,8 +572,10 @@ mod tests {
              node prefix:   fd6d:1:2:3::/64\n\
              public key:    {}\n\
              port:          9651\n\
+             data plane:    mixed (--dataplane auto)\n\
              interfaces:    eth0 (ifindex 2, XDP driver)\n               \
-             eth1 (ifindex 3, XDP generic)\n\
+             eth1 (ifindex 3, XDP generic)\n               \
+             eth2 (ifindex 4, userspace: attaching XDP to eth2 failed: busy)\n\
              uptime:        1h 2m 5s\n\
              peers:         2\n\
              routes:        3\n\
@@ -616,6 +671,7 @@ mod tests {
                     last_seen_ms: Some(1500),
                     rtt_us: Some(250),
                     loss: Some(0.0),
+                    link_cost: Some(400),
                     ..Default::default()
                 },
                 pb::Peer {
@@ -630,13 +686,119 @@ mod tests {
         };
         assert_eq!(
             peers(&r),
-            "ENDPOINT        STATE       ORIGIN      NODE           LAST SEEN     RTT  LOSS  RELAY PEER\n\
-             [fd00::2]:9651  up          static      fd6d:1:2:3::1       1.5s  0.25ms    0%  yes\n\
-             [fe80::3%4]:7   connecting  discovered  -                  never       -     -  no\n"
+            "ENDPOINT        STATE       ORIGIN      NODE           LAST SEEN     RTT  LOSS  COST  RELAY PEER\n\
+             [fd00::2]:9651  up          static      fd6d:1:2:3::1       1.5s  0.25ms    0%   400  yes\n\
+             [fe80::3%4]:7   connecting  discovered  -                  never       -     -     -  no\n"
         );
         assert_eq!(
             peers(&pb::ListPeersResponse { peers: vec![] }),
             "no peers\n"
+        );
+    }
+
+    #[test]
+    fn route_get_prints_the_sentence_and_a_static_override() {
+        let selected = pb::RoutingInfo {
+            next_hop: Some(pb::NextHop {
+                address: "fd00::2".into(),
+                port: 9651,
+                ifindex: 0,
+            }),
+            metric: 192,
+            advertised_metric: 96,
+            link_cost: 96,
+            seqno: 3,
+            feasible: true,
+            fd_seqno: Some(3),
+            fd_metric: Some(192),
+            selected: true,
+            ..Default::default()
+        };
+        let routed = pb::RouteExplanation {
+            address: "fd6d:1:2:3::1".into(),
+            prefix: "fd6d:1:2:3::/64".into(),
+            selection: "only_feasible".into(),
+            explanation: "the routing protocol carries it".into(),
+            selected: Some(selected.clone()),
+            installed: Some(pb::RouteRow {
+                prefix: "fd6d:1:2:3::/64".into(),
+                agent: Some(forward("fd00::2", 9651, 0, "routing")),
+                kernel: Some(forward("fd00::2", 9651, 0, "")),
+                in_sync: true,
+                ..Default::default()
+            }),
+            decided_by: "routing".into(),
+            overridden: false,
+            ..Default::default()
+        };
+        assert_eq!(
+            route_explanation(&routed),
+            "fd6d:1:2:3::1\n  \
+             prefix    fd6d:1:2:3::/64\n  \
+             decision  only feasible\n  \
+             why       the routing protocol carries it\n  \
+             selected  via [fd00::2]:9651 metric 192 (advertised 96 + link 96) seqno 3 fd 3/192 feasible yes age 0.0s\n  \
+             installed fd6d:1:2:3::/64 agent: forward [fd00::2]:9651 (routing); kernel map: forward [fd00::2]:9651; in sync: yes\n"
+        );
+        let overridden = pb::RouteExplanation {
+            explanation: "a static route via [fd00::9]:9651 overrides it".into(),
+            installed: Some(pb::RouteRow {
+                prefix: "fd6d:1:2:3::/64".into(),
+                agent: Some(forward("fd00::9", 9651, 0, "static")),
+                kernel: Some(forward("fd00::9", 9651, 0, "")),
+                in_sync: true,
+                ..Default::default()
+            }),
+            decided_by: "static".into(),
+            overridden: true,
+            ..routed.clone()
+        };
+        let text = route_explanation(&overridden);
+        assert!(
+            text.contains(
+                "  decision  static route, overriding the routing protocol (only feasible)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  why       a static route via [fd00::9]:9651 overrides it\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  protocol  via [fd00::2]:9651 metric 192"),
+            "{text}"
+        );
+        let agreeing = route_explanation(&pb::RouteExplanation {
+            overridden: false,
+            ..overridden.clone()
+        });
+        assert!(
+            agreeing.contains(
+                "  decision  static route (the routing protocol agrees: only feasible)\n"
+            ),
+            "{agreeing}"
+        );
+        let alone = route_explanation(&pb::RouteExplanation {
+            selection: "no_route".into(),
+            selected: None,
+            overridden: false,
+            ..overridden
+        });
+        assert!(
+            alone.contains("  decision  static route (the routing protocol has no route)\n"),
+            "{alone}"
+        );
+        let nothing = route_explanation(&pb::RouteExplanation {
+            selection: "no_route".into(),
+            selected: None,
+            installed: None,
+            decided_by: "none".into(),
+            ..routed
+        });
+        assert!(
+            nothing.contains("  decision  nothing installed (no route)\n")
+                && nothing.contains("  installed nothing covers it\n"),
+            "{nothing}"
         );
     }
 

@@ -17,7 +17,7 @@ use myconet_common::wire::{DEFAULT_HOP_LIMIT, PacketType, Repr};
 use serde_json::Value;
 
 use crate::{
-    agent::{AgentOptions, AgentProcess},
+    agent::{AgentOptions, AgentProcess, counter},
     packet,
     topology::{Chain, Topology},
     traffic::{Capture, SendReport, UdpSender},
@@ -277,12 +277,19 @@ impl OverlayChain {
     /// Starts the chain; `relay_dataplane` (`xdp`, `userspace`) is b's `--dataplane`.
     pub fn start(bin_dir: &Path, relay_dataplane: &str) -> Result<Self> {
         let topo = Chain::new(3).tag("ovl").build()?;
+        Self::start_on(topo, bin_dir, &["--dataplane", relay_dataplane])
+    }
+
+    /// Starts the agents on an a — b — c topology built (and perhaps altered) by the
+    /// caller; `relay_args` are b's extra flags (b never has a TUN device).
+    pub fn start_on(topo: Topology, bin_dir: &Path, relay_args: &[&str]) -> Result<Self> {
+        ensure!(topo.len() == 3, "an overlay chain has three nodes");
         let mut agents = Vec::new();
         for (i, node) in topo.nodes().iter().enumerate() {
             let mut extra_args = Vec::new();
             if i == 1 {
-                extra_args.extend(["--no-tun".to_string(), "--dataplane".to_string()]);
-                extra_args.push(relay_dataplane.to_string());
+                extra_args.push("--no-tun".to_string());
+                extra_args.extend(relay_args.iter().map(|a| a.to_string()));
             }
             let options = AgentOptions {
                 port: PORT,
@@ -318,5 +325,146 @@ impl OverlayChain {
             a_overlay,
             c_overlay,
         })
+    }
+}
+
+/// Data packets counted around relay b of an [`OverlayChain`] at one moment.
+///
+/// a and c share no link, so every data packet either of their agents receives crossed
+/// b; b relays in XDP (`redirect`, `tx`) or in its agent (`rx_data_relayed`). Between
+/// two snapshots, what b relayed must equal what a and c received, up to the losses
+/// the kernel names on the way (a full veth ring after b's redirect, a full socket
+/// buffer at a or c, a failed send by b's agent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayCounts {
+    /// Data packets that reached a's agent (all from c).
+    pub a_rx_data: u64,
+    /// Data packets that reached c's agent (all from a).
+    pub c_rx_data: u64,
+    /// Packets b's XDP program relayed (`redirect` + `tx`).
+    pub b_xdp_relayed: u64,
+    /// Data packets b's XDP program passed up to its agent for relaying
+    /// (`pass_no_neighbour` + `pass_slow_path`).
+    pub b_xdp_passed_up: u64,
+    /// Data packets that reached b's agent.
+    pub b_rx_data: u64,
+    /// Data packets b's agent relayed.
+    pub b_agent_relayed: u64,
+    /// Losses the kernel counts between b and a or c, and b's failed sends: veth
+    /// `tx_dropped` and `xdp_xmit_errors` on b's interfaces, UDP `InErrors` at a and c,
+    /// b's agent `tx_error`.
+    pub named_losses: u64,
+}
+
+impl RelayCounts {
+    /// What happened between `before` and `self`.
+    pub fn since(&self, before: &RelayCounts) -> RelayCounts {
+        RelayCounts {
+            a_rx_data: self.a_rx_data.saturating_sub(before.a_rx_data),
+            c_rx_data: self.c_rx_data.saturating_sub(before.c_rx_data),
+            b_xdp_relayed: self.b_xdp_relayed.saturating_sub(before.b_xdp_relayed),
+            b_xdp_passed_up: self.b_xdp_passed_up.saturating_sub(before.b_xdp_passed_up),
+            b_rx_data: self.b_rx_data.saturating_sub(before.b_rx_data),
+            b_agent_relayed: self.b_agent_relayed.saturating_sub(before.b_agent_relayed),
+            named_losses: self.named_losses.saturating_sub(before.named_losses),
+        }
+    }
+
+    /// Everything b relayed, in the kernel and in its agent.
+    pub fn b_relayed(&self) -> u64 {
+        self.b_xdp_relayed + self.b_agent_relayed
+    }
+
+    /// Whether b relayed exactly what a and c received, up to the named losses: never
+    /// less (nothing reaches a or c but through b), never more than the losses explain.
+    /// Without losses that is equality.
+    pub fn balanced(&self) -> bool {
+        let received = self.a_rx_data + self.c_rx_data;
+        (received..=received + self.named_losses).contains(&self.b_relayed())
+    }
+}
+
+/// An XDP counter, 0 when no program is attached (the list is empty then).
+fn xdp_counter(stats: &Value, name: &str) -> Result<u64> {
+    if stats["xdp"].as_array().is_none_or(Vec::is_empty) {
+        return Ok(0);
+    }
+    counter(stats, "xdp", name)
+}
+
+/// `Udp6InErrors` of a namespace (datagrams the kernel dropped on receive, full socket
+/// buffers included).
+fn udp6_in_errors(node: &crate::topology::Node) -> Result<u64> {
+    let text = node.netns().exec_stdout("cat", ["/proc/net/snmp6"])?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Udp6InErrors"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Udp6InErrors in {}'s /proc/net/snmp6", node.name()))
+}
+
+/// A veth's drops on the way out: `tx_dropped` (peer's ring full on the stack path) and
+/// `xdp_xmit_errors` (peer's ring full for frames redirected by XDP).
+fn veth_tx_losses(node: &crate::topology::Node, ifname: &str) -> Result<u64> {
+    let link = node
+        .netns()
+        .ip(["-s", "-j", "link", "show", "dev", ifname])?;
+    let link: Value = serde_json::from_slice(&link.stdout).context("ip -j link")?;
+    let dropped = link[0]["stats64"]["tx"]["dropped"]
+        .as_u64()
+        .with_context(|| format!("no tx dropped for {ifname}: {link}"))?;
+    let ethtool = node
+        .netns()
+        .exec_stdout(crate::util::tool("ethtool"), ["-S", ifname])?;
+    let xmit_errors: u64 = ethtool
+        .lines()
+        .filter_map(|l| l.trim().split_once(':'))
+        .filter(|(k, _)| k.ends_with("xdp_xmit_errors"))
+        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .sum();
+    Ok(dropped + xmit_errors)
+}
+
+impl OverlayChain {
+    /// The data-packet counters around b now (see [`RelayCounts`]).
+    pub fn relay_counts(&self) -> Result<RelayCounts> {
+        let (a, b, c) = (
+            self.agents[0].stats()?,
+            self.agents[1].stats()?,
+            self.agents[2].stats()?,
+        );
+        let mut named_losses = counter(&b, "agent", "tx_error")?;
+        let b_node = self.topo.node(1);
+        for iface in b_node.ifaces() {
+            named_losses += veth_tx_losses(b_node, &iface.name)?;
+        }
+        named_losses += udp6_in_errors(self.topo.node(0))? + udp6_in_errors(self.topo.node(2))?;
+        Ok(RelayCounts {
+            a_rx_data: counter(&a, "agent", "rx_data")?,
+            c_rx_data: counter(&c, "agent", "rx_data")?,
+            b_xdp_relayed: xdp_counter(&b, "redirect")? + xdp_counter(&b, "tx")?,
+            b_xdp_passed_up: xdp_counter(&b, "pass_no_neighbour")?
+                + xdp_counter(&b, "pass_slow_path")?,
+            b_rx_data: counter(&b, "agent", "rx_data")?,
+            b_agent_relayed: counter(&b, "agent", "rx_data_relayed")?,
+            named_losses,
+        })
+    }
+
+    /// The counters since `before` once they balance (packets still in flight when a
+    /// snapshot is taken are counted by b but not yet by a or c), or the last unbalanced
+    /// difference after `timeout`: a real loss or miscount never balances.
+    pub fn settled_relay_counts(
+        &self,
+        before: &RelayCounts,
+        timeout: Duration,
+    ) -> Result<RelayCounts> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let d = self.relay_counts()?.since(before);
+            if d.balanced() || std::time::Instant::now() >= deadline {
+                return Ok(d);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }

@@ -9,6 +9,7 @@
 use std::{
     fs,
     io::Write,
+    net::{SocketAddr, SocketAddrV6},
     os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -22,6 +23,8 @@ use myconet_testbed::{
     AgentOptions, AgentProcess, Chain, Netns, Topology,
     agent::{AGENT_BIN, CTL_BIN, bin_dir},
     netns::{self, NsChild},
+    scenario::OverlayChain,
+    traffic::bind_udp,
     util::{self, COMMAND_TIMEOUT, TempDir},
 };
 use serde_json::Value;
@@ -35,6 +38,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// A static route used by the control API test; anything in fd6d::/16 that is not the
 /// node's own /64 would do.
 const ROUTE_PREFIX: &str = "fd6d:feed:1:2::/64";
+/// An address inside [`ROUTE_PREFIX`].
+const ROUTE_ADDRESS: &str = "fd6d:feed:1:2::7";
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -830,6 +835,30 @@ fn control_api_end_to_end_through_the_cli() -> Result<()> {
         "origin should be static: {row}"
     );
 
+    // `route get` says which route carries an address in it and why, in a sentence.
+    let inside = ROUTE_ADDRESS;
+    let explained = agent.ctl(&["route", "get", inside])?;
+    let want = [
+        format!("  prefix    {ROUTE_PREFIX}\n"),
+        "  decision  static route (the routing protocol has no route)\n".to_owned(),
+        format!(
+            "  why       a static route via [{peer}]:{port} carries {inside} ({ROUTE_PREFIX}); \
+             the routing protocol has no route to it\n"
+        ),
+        format!("  installed {ROUTE_PREFIX} agent: forward [{peer}]:{port} (static);"),
+    ];
+    for line in &want {
+        ensure!(
+            explained.contains(line.as_str()),
+            "route get should print {line:?}:\n{explained}"
+        );
+    }
+    let json = agent.ctl_json(&["route", "get", inside])?;
+    ensure!(
+        json["decided_by"] == "static" && json["overridden"] != true,
+        "route get --json: {json}"
+    );
+
     // Deleting it removes it from both sides.
     let removed = agent.ctl(&["route", "del", ROUTE_PREFIX])?;
     ensure!(
@@ -1003,4 +1032,468 @@ fn corrupt_or_exposed_identity_is_refused_and_left_alone() -> Result<()> {
     }
     drop(dir);
     teardown_ns(ns)
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Two agents started at once on one socket path
+// ---------------------------------------------------------------------------------------
+
+/// How many times two agents are started at the same instant on one socket path.
+const RACE_ROUNDS: usize = 16;
+
+/// Starts `myconet-agent <args…>` in `ns` held at a gate: the shell opens the FIFO
+/// `gate` for reading, which blocks until someone opens it for writing, then execs the
+/// agent in its own place (the child's pid is the agent's). Agents waiting on one gate
+/// are released together.
+fn spawn_gated_agent(ns: &Netns, gate: &Path, args: &[String], log: &Path) -> Result<NsChild> {
+    let agent = bin_dir()?.join(AGENT_BIN);
+    let mut full = vec![
+        "-c".to_owned(),
+        r#"exec 3<"$0" && exec 3<&- && exec env RUST_LOG=info "$@""#.to_owned(),
+        gate.display().to_string(),
+        agent.display().to_string(),
+    ];
+    full.extend(args.iter().cloned());
+    ns.spawn("sh", &full, Some(log))
+}
+
+/// Opens `gate` for writing, which releases every agent waiting on it, and keeps it open
+/// until each of `children` has become the agent (or exited), so none is left waiting.
+fn open_gate(gate: &Path, children: &mut [NsChild]) -> Result<()> {
+    // Non-blocking: fails with ENXIO while no reader has opened the FIFO yet.
+    let writer =
+        wait_for(
+            "an agent to wait at the gate",
+            READY_TIMEOUT,
+            || match fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(gate)
+            {
+                Ok(f) => Ok(Some(f)),
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                Err(e) => Err(e).with_context(|| format!("opening {}", gate.display())),
+            },
+        )?;
+    wait_for("both agents to pass the gate", READY_TIMEOUT, || {
+        for child in children.iter_mut() {
+            let comm = fs::read_to_string(format!("/proc/{}/comm", child.id()));
+            let is_agent = comm.is_ok_and(|c| c.trim() == AGENT_BIN);
+            if !is_agent && child.try_wait()?.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })?;
+    drop(writer);
+    Ok(())
+}
+
+/// Two agents started at the same instant on one socket path, with their own state
+/// directories and ports and no TUN device (so the socket is all they contend for),
+/// [`RACE_ROUNDS`] times, every other time over a stale socket left by a crash: exactly
+/// one serves, the other exits with status 1 saying another agent is serving there
+/// before touching anything (its state directory is never created), and the winner
+/// keeps answering until it is stopped, when it removes the socket and its lock.
+#[test]
+fn two_agents_started_at_once_on_one_socket_exactly_one_wins() -> Result<()> {
+    let ns = Netns::create(&netns::unique_name("lcrace"))?;
+    ns.ip(["link", "set", "dev", "lo", "up"])?;
+    let dir = TempDir::new("lc-race")?;
+    let socket = dir.path().join("agent.sock");
+    let lock = dir.path().join("agent.sock.lock");
+    let gate = dir.path().join("gate");
+    for round in 0..RACE_ROUNDS {
+        if round % 2 == 1 {
+            drop(std::os::unix::net::UnixListener::bind(&socket)?);
+        }
+        let path = std::ffi::CString::new(gate.display().to_string())?;
+        // SAFETY: a valid NUL-terminated path; mkfifo only reads it.
+        ensure!(
+            unsafe { libc::mkfifo(path.as_ptr(), 0o600) } == 0,
+            "mkfifo {}: {}",
+            gate.display(),
+            std::io::Error::last_os_error()
+        );
+        let mut runs = Vec::new();
+        let mut children = Vec::new();
+        for i in 0..2u16 {
+            let state = dir.path().join(format!("state-{round}-{i}"));
+            let log = dir.path().join(format!("agent-{round}-{i}.log"));
+            let port = 21_000 + i;
+            let argv = vec![
+                "--no-tun".to_owned(),
+                "--port".to_owned(),
+                port.to_string(),
+                "--state-dir".to_owned(),
+                state.display().to_string(),
+                "--socket".to_owned(),
+                socket.display().to_string(),
+            ];
+            children.push(spawn_gated_agent(&ns, &gate, &argv, &log)?);
+            runs.push((state, log, port));
+        }
+        open_gate(&gate, &mut children)?;
+        fs::remove_file(&gate)?;
+
+        // The loser gives up at once; both still running means both believe they serve.
+        let loser = wait_for("one of the two agents to give up", FAIL_TIMEOUT, || {
+            let mut exited = Vec::new();
+            for (i, child) in children.iter_mut().enumerate() {
+                if let Some(status) = child.try_wait()? {
+                    exited.push((i, status));
+                }
+            }
+            match exited.as_slice() {
+                [] => Ok(None),
+                [one] => Ok(Some(*one)),
+                _ => bail!(
+                    "round {round}: both agents exited:\n{}\n{}",
+                    read_log(&runs[0].1),
+                    read_log(&runs[1].1)
+                ),
+            }
+        })
+        .with_context(|| format!("round {round}: both agents are still running"))?;
+        let (lost, status) = loser;
+        let won = 1 - lost;
+        let loser_log = read_log(&runs[lost].1);
+        ensure!(
+            status.code() == Some(1),
+            "round {round}: the loser should exit with status 1, got {}:\n{loser_log}",
+            util::status_text(status)
+        );
+        ensure!(
+            loser_log.contains(&format!(
+                "another agent is already serving on {}",
+                socket.display()
+            )),
+            "round {round}: the loser should say another agent serves the socket:\n{loser_log}"
+        );
+        ensure!(
+            !runs[lost].0.exists(),
+            "round {round}: the loser created its state directory before giving up"
+        );
+
+        // The winner serves, on its own port, and goes on serving.
+        let status = wait_ready(&mut children[won], &socket, &runs[won].1)?;
+        ensure!(
+            status["port"] == u64::from(runs[won].2),
+            "round {round}: the socket answers for port {}, the winner has {}",
+            status["port"],
+            runs[won].2
+        );
+        thread::sleep(Duration::from_millis(100));
+        ensure!(
+            children[won].try_wait()?.is_none(),
+            "round {round}: the winner stopped:\n{}",
+            read_log(&runs[won].1)
+        );
+        let again = ctl_raw(&socket, &["--json", "status"])?;
+        ensure!(
+            again.status.success(),
+            "round {round}: the winner no longer answers: {}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+
+        let exit = children[won].terminate(netns::STOP_GRACE)?;
+        ensure!(
+            exit.success(),
+            "round {round}: the winner exited with {} on SIGTERM",
+            util::status_text(exit)
+        );
+        ensure!(
+            !socket.exists() && !lock.exists(),
+            "round {round}: the socket or its lock outlived the winner"
+        );
+    }
+    drop(dir);
+    teardown_ns(ns)
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. `--dataplane auto` where XDP cannot attach
+// ---------------------------------------------------------------------------------------
+
+/// An MTU a veth's peer may not have for a driver-mode program on 4 KiB pages: the
+/// kernel refuses the attach with ERANGE ("Peer MTU is too large to set XDP").
+const JUMBO_MTU: &str = "9000";
+/// Datagrams a sends to c through b in the fallback test.
+const FALLBACK_DATAGRAMS: u32 = 300;
+
+/// Sends [`FALLBACK_DATAGRAMS`] numbered datagrams from a's overlay address to c's and
+/// returns how many distinct ones c received (bounded: c stops listening 2 s after the
+/// last one arrived, or 20 s after the start).
+fn overlay_datagrams(chain: &OverlayChain) -> Result<u32> {
+    let to = SocketAddr::V6(SocketAddrV6::new(chain.c_overlay, 7070, 0, 0));
+    let rx = bind_udp(chain.topo.node(2).netns(), to)?;
+    rx.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let tx = bind_udp(
+        chain.topo.node(0).netns(),
+        SocketAddr::V6(SocketAddrV6::new(chain.a_overlay, 0, 0, 0)),
+    )?;
+    let receiver = thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline && seen.len() < FALLBACK_DATAGRAMS as usize {
+            match rx.recv(&mut buf) {
+                Ok(n) if n >= 4 => {
+                    seen.insert(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        seen.len() as u32
+    });
+    let mut payload = vec![0x5a; 1000];
+    for i in 0..FALLBACK_DATAGRAMS {
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        tx.send_to(&payload, to)?;
+        // Paced: this is about which path relays, not about queue sizes.
+        if i % 20 == 19 {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver thread panicked"))
+}
+
+/// `--xdp-mode driver` with `--dataplane auto` on relay b of a — b — c whose b–c link
+/// has an MTU driver-mode XDP cannot take: the kernel refuses XDP on b's to-c, so b
+/// relays in XDP where it attached (to-a) and on the userspace path where it did not
+/// (to-c, with a warning). `status` says so per interface ("driver", "none" with the
+/// kernel's reason) and overall ("mixed"); traffic a → c over the overlay arrives, and
+/// b's counters show its agent relayed exactly what a and c received (XDP could
+/// redirect nothing into to-c). The same situation with `--dataplane xdp` is refused
+/// with the kernel's reason, and that refused agent leaves no program and no changed
+/// sysctl behind.
+#[test]
+fn auto_dataplane_falls_back_per_interface_and_relays_in_userspace() -> Result<()> {
+    let bin = bin_dir()?;
+    let topo = Chain::new(3).ipv6_forwarding(false).tag("lcfall").build()?;
+    let (b, c) = (topo.node(1), topo.node(2));
+    let (b_to_a, b_to_c) = (b.iface_to(0)?.clone(), b.iface_to(2)?.clone());
+    b.netns()
+        .ip(["link", "set", "dev", &b_to_c.name, "mtu", JUMBO_MTU])?;
+    c.netns()
+        .ip(["link", "set", "dev", &c.iface_to(1)?.name, "mtu", JUMBO_MTU])?;
+    let mut chain =
+        OverlayChain::start_on(topo, &bin, &["--xdp-mode", "driver", "--dataplane", "auto"])?;
+    let b = chain.topo.node(1);
+
+    let status = chain.agents[1].status()?;
+    ensure!(
+        status["dataplane"] == "mixed" && status["dataplane_requested"] == "auto",
+        "b should report a mixed data plane, as asked by auto: {status}"
+    );
+    let ifaces = status["interfaces"]
+        .as_array()
+        .with_context(|| format!("no interfaces in {status}"))?;
+    let find = |name: &str| ifaces.iter().find(|i| i["name"] == name).cloned();
+    let to_a = find(&b_to_a.name).with_context(|| format!("{} missing: {status}", b_to_a.name))?;
+    let to_c = find(&b_to_c.name).with_context(|| format!("{} missing: {status}", b_to_c.name))?;
+    ensure!(
+        to_a["xdp_mode"] == "driver" && to_a["userspace_reason"].as_str().unwrap_or("").is_empty(),
+        "{} should relay in driver-mode XDP: {to_a}",
+        b_to_a.name
+    );
+    let reason = to_c["userspace_reason"].as_str().unwrap_or_default();
+    ensure!(
+        to_c["xdp_mode"] == "none"
+            && reason.contains(&format!("attaching XDP to {} failed", b_to_c.name))
+            && reason.contains("os error 34"),
+        "{} should be on the userspace path with the kernel's reason (ERANGE): {to_c}",
+        b_to_c.name
+    );
+    let human = chain.agents[1].ctl(&["status"])?;
+    ensure!(
+        human.contains("data plane:    mixed (--dataplane auto)")
+            && human.contains(&format!(
+                "{} (ifindex {}, userspace: attaching XDP to",
+                b_to_c.name, b_to_c.ifindex
+            )),
+        "status should show the mixed data plane and the userspace interface:\n{human}"
+    );
+    ensure_ours_attached(b.netns(), &b_to_a.name, XdpAttach::Driver)?;
+    ensure_detached(b.netns(), &b_to_c.name)?;
+    // Forwarding is for bpf_fib_lookup: set where XDP runs, left alone elsewhere.
+    ensure!(
+        forwarding(b.netns(), &b_to_a.name)? == "1" && forwarding(b.netns(), &b_to_c.name)? == "0",
+        "forwarding should be on for {} only",
+        b_to_a.name
+    );
+    let log = read_log(chain.agents[1].log_path());
+    ensure!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("userspace data path")
+            && l.contains(&b_to_c.name)),
+        "b should warn that {} takes the userspace path:\n{log}",
+        b_to_c.name
+    );
+
+    // Traffic a → c crosses b: in on to-a (XDP), out on to-c (userspace), and back.
+    let before = chain.relay_counts()?;
+    chain.topo.node(0).netns().exec(
+        "ping",
+        [
+            "-6",
+            "-n",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "3",
+            &chain.c_overlay.to_string(),
+        ],
+    )?;
+    let got = overlay_datagrams(&chain)?;
+    ensure!(
+        got == FALLBACK_DATAGRAMS,
+        "c received {got} of {FALLBACK_DATAGRAMS} datagrams through b"
+    );
+    let counts = chain.settled_relay_counts(&before, Duration::from_secs(10))?;
+    eprintln!("fallback relay: {counts:?}");
+    ensure!(
+        counts.balanced()
+            && counts.b_xdp_relayed == 0
+            && counts.b_agent_relayed == counts.a_rx_data + counts.c_rx_data
+            && counts.b_xdp_passed_up == counts.c_rx_data
+            && counts.c_rx_data >= u64::from(FALLBACK_DATAGRAMS),
+        "b's agent should relay everything, XDP on {} passing a → c up: {counts:?}",
+        b_to_a.name
+    );
+
+    // The same situation with --dataplane xdp is an error, and leaves nothing behind.
+    let relay = chain.agents.remove(1);
+    let exit = relay.stop()?;
+    ensure!(exit.success(), "b exited with {}", util::status_text(exit));
+    let b = chain.topo.node(1);
+    ensure_detached(b.netns(), &b_to_a.name)?;
+    ensure!(
+        forwarding(b.netns(), &b_to_a.name)? == "0",
+        "b restored forwarding on {} when it stopped",
+        b_to_a.name
+    );
+    let dir = TempDir::new("lc-fall")?;
+    let argv = vec![
+        "--interface".to_owned(),
+        b_to_a.name.clone(),
+        "--interface".to_owned(),
+        b_to_c.name.clone(),
+        "--xdp-mode".to_owned(),
+        "driver".to_owned(),
+        "--dataplane".to_owned(),
+        "xdp".to_owned(),
+        "--no-tun".to_owned(),
+        "--state-dir".to_owned(),
+        dir.path().join("state").display().to_string(),
+        "--socket".to_owned(),
+        dir.path().join("agent.sock").display().to_string(),
+    ];
+    let log = agent_must_fail(b.netns(), &argv, &dir.path().join("agent.log"))?;
+    let error = log
+        .lines()
+        .find(|l| l.starts_with("Error:"))
+        .with_context(|| format!("no error line in the log:\n{log}"))?;
+    ensure!(
+        error.contains(&format!("attaching XDP to {} failed", b_to_c.name))
+            && error.contains("os error 34"),
+        "--dataplane xdp should fail naming {} and the kernel's reason: {error}",
+        b_to_c.name
+    );
+    ensure_detached(b.netns(), &b_to_a.name)?;
+    ensure_detached(b.netns(), &b_to_c.name)?;
+    ensure!(
+        forwarding(b.netns(), &b_to_a.name)? == "0",
+        "the refused agent left forwarding changed on {}",
+        b_to_a.name
+    );
+    drop(dir);
+    let OverlayChain { agents, topo, .. } = chain;
+    drop(agents);
+    teardown(topo)
+}
+
+/// Without CAP_BPF and CAP_SYS_ADMIN (dropped from the agent's bounding and inheritable
+/// sets, so even root cannot use them) the program cannot load at all: under the
+/// default `--dataplane auto` the agent runs with every interface on the userspace path
+/// and says why; with `--dataplane xdp` it refuses to start with that reason.
+#[test]
+fn without_bpf_capabilities_auto_runs_in_userspace_and_xdp_refuses() -> Result<()> {
+    let bin = bin_dir()?;
+    let topo = Chain::new(2).ipv6_forwarding(false).tag("lccap").build()?;
+    let a = topo.node(0);
+    let iface = a.iface_to(1)?.name.clone();
+    let dir = TempDir::new("lc-cap")?;
+    let agent = bin.join(AGENT_BIN).display().to_string();
+    let argv = |dataplane: &str, run: &str| -> Vec<String> {
+        let mut v = args(&[
+            "--inh-caps=-bpf,-sys_admin",
+            "--bounding-set=-bpf,-sys_admin",
+            "--",
+            "env",
+            "RUST_LOG=info",
+        ]);
+        v.push(agent.clone());
+        v.extend(args(&[
+            "--interface",
+            &iface,
+            "--no-tun",
+            "--dataplane",
+            dataplane,
+        ]));
+        v.extend([
+            "--state-dir".to_owned(),
+            dir.path().join(run).display().to_string(),
+            "--socket".to_owned(),
+            dir.path().join(format!("{run}.sock")).display().to_string(),
+        ]);
+        v
+    };
+
+    let log = dir.path().join("auto.log");
+    let socket = dir.path().join("auto.sock");
+    let mut child = a
+        .netns()
+        .spawn(util::tool("setpriv"), argv("auto", "auto"), Some(&log))?;
+    let status = wait_ready(&mut child, &socket, &log)?;
+    let ifaces = status["interfaces"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        status["dataplane"] == "userspace"
+            && ifaces.len() == 1
+            && ifaces[0]["name"] == iface.as_str()
+            && ifaces[0]["xdp_mode"] == "none"
+            && ifaces[0]["userspace_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("loading the XDP program failed")),
+        "without BPF capabilities auto should run in userspace and say why: {status}"
+    );
+    ensure_detached(a.netns(), &iface)?;
+    let exit = child.terminate(netns::STOP_GRACE)?;
+    ensure!(exit.success(), "exit {}", util::status_text(exit));
+
+    let log = dir.path().join("xdp.log");
+    let started = Instant::now();
+    let mut child = a
+        .netns()
+        .spawn(util::tool("setpriv"), argv("xdp", "xdp"), Some(&log))?;
+    let exit = child
+        .wait_timeout(FAIL_TIMEOUT)?
+        .with_context(|| format!("--dataplane xdp kept running:\n{}", read_log(&log)))?;
+    let text = read_log(&log);
+    ensure!(
+        exit.code() == Some(1)
+            && text
+                .lines()
+                .any(|l| l.starts_with("Error:") && l.contains("loading the XDP program failed")),
+        "--dataplane xdp should fail with the load error after {:?} ({}):\n{text}",
+        started.elapsed(),
+        util::status_text(exit)
+    );
+    drop(dir);
+    teardown(topo)
 }

@@ -114,6 +114,7 @@ fn overlay_through(relay_dataplane: &str) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let b_before = chain.agents[1].stats()?;
+    let counts_before = chain.relay_counts()?;
 
     ping(&chain, 3)?;
     let data = payload();
@@ -143,17 +144,46 @@ fn overlay_through(relay_dataplane: &str) -> Result<()> {
         "b's captures saw only {frames} Myconet frames"
     );
 
+    // b's relay counters account for exactly the data a and c received (see
+    // RelayCounts: they share no link, so all of it crossed b).
+    let counts = chain.settled_relay_counts(&counts_before, Duration::from_secs(10))?;
     let b_after = chain.agents[1].stats()?;
+    eprintln!("{relay_dataplane}: {counts:?}");
+    ensure!(
+        counts.balanced(),
+        "b relayed {} data packets ({} in XDP, {} in its agent), a and c received {} + {}, \
+         named losses {}: {counts:?}\n{b_after}",
+        counts.b_relayed(),
+        counts.b_xdp_relayed,
+        counts.b_agent_relayed,
+        counts.a_rx_data,
+        counts.c_rx_data,
+        counts.named_losses
+    );
+    // 4 MiB over a 1,388-byte overlay MTU alone is more than 3,000 packets a → c.
+    ensure!(
+        counts.c_rx_data > 2000,
+        "c received only {} data packets",
+        counts.c_rx_data
+    );
     let d = |sec: &str, name: &str| -> Result<u64> {
         Ok(counter(&b_after, sec, name)? - counter(&b_before, sec, name)?)
     };
     match relay_dataplane {
         "xdp" => {
+            // What XDP passed up (first packets before a neighbour resolved) is exactly
+            // what reached b's agent, and the agent relayed all of it.
             ensure!(
-                d("xdp", "redirect")? > 1000,
-                "b's XDP relayed too little: {b_after}"
+                counts.b_rx_data == counts.b_xdp_passed_up
+                    && counts.b_agent_relayed == counts.b_rx_data,
+                "b's agent relayed {} of {} data packets; XDP passed up {}: {b_after}",
+                counts.b_agent_relayed,
+                counts.b_rx_data,
+                counts.b_xdp_passed_up
             );
-            ensure!(d("agent", "rx_data")? == 0, "b's agent saw data: {b_after}");
+            for drop in ["drop_unknown_peer", "drop_no_route", "drop_hop_limit"] {
+                ensure!(d("xdp", drop)? == 0, "b's XDP dropped ({drop}): {b_after}");
+            }
         }
         _ => {
             ensure!(
@@ -161,10 +191,20 @@ fn overlay_through(relay_dataplane: &str) -> Result<()> {
                 "XDP attached"
             );
             ensure!(
-                d("agent", "rx_data_relayed")? > 1000,
-                "b relayed too little: {b_after}"
+                counts.b_xdp_relayed == 0 && counts.b_agent_relayed == counts.b_rx_data,
+                "b's agent relayed {} of {} data packets: {b_after}",
+                counts.b_agent_relayed,
+                counts.b_rx_data
             );
         }
+    }
+    for drop in [
+        "rx_data_unknown_peer",
+        "rx_data_no_route",
+        "rx_data_hop_limit",
+        "rx_malformed",
+    ] {
+        ensure!(d("agent", drop)? == 0, "b dropped data ({drop}): {b_after}");
     }
     ensure!(
         d("agent", "rx_handshake_relayed")? >= 2,
