@@ -157,23 +157,25 @@ struct Nbr<N> {
     routes: u32,
 }
 
-/// A request we sent or forwarded, remembered to suppress duplicates, resend ours, and
-/// pass the answer back.
+/// A request we sent or forwarded, remembered to suppress duplicates, resend ours, pass
+/// the answer back and prefer it in route selection.
 #[derive(Debug, Clone)]
 struct Pending {
     /// `None` for a route request, else the requested seqno.
     seqno: Option<u16>,
-    /// The neighbour we forwarded it for (`NONE` when it is our own).
-    from: u16,
-    /// Some neighbour is waiting for the answer (a duplicate we suppressed, or `from`):
-    /// broadcast the route as soon as the request is satisfied.
+    /// We starve for it ourselves: resent while we have no route.
+    own: bool,
+    /// Some neighbour is waiting for the answer (we forwarded its request, or suppressed
+    /// its duplicate): broadcast the route as soon as the request is satisfied.
     wanted: bool,
+    /// Until then the request is live: a route carrying its seqno is selected as soon as
+    /// one arrives (so the new seqno propagates), and it covers duplicates.
     expires: Instant,
     resends_left: u8,
     next_resend: Instant,
-    /// When it last went out. A duplicate is suppressed only for one resend interval
-    /// after that: an older request that may have been lost must not block a newer
-    /// requester's for the whole request lifetime.
+    /// When it last went out. A duplicate goes out again only after half a resend
+    /// interval: a request that was lost further on must not block the requester's
+    /// resend, which arrives about one resend interval after the original.
     sent: Instant,
 }
 
@@ -439,12 +441,6 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         self.pending_dumps.retain(|s| *s != slot);
         self.pending_unicast.retain(|(s, _)| *s != slot);
         self.pending_requests.retain(|(d, _)| *d != Dest::Nbr(slot));
-        for p in self.pending.values_mut() {
-            if p.from == slot {
-                p.from = NONE;
-                p.resends_left = 0;
-            }
-        }
         self.stats.neighbours_down += 1;
     }
 
@@ -733,7 +729,22 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     c.nbr != slot && u32::from(offer) + u32::from(margin) < u32::from(m)
                 });
                 let starving = (e.sel == NONE || better).then(|| e.fd_seqno.wrapping_add(1));
+                let selected = e.sel == slot;
+                let next_seqno = e.fd_seqno.wrapping_add(1);
                 match e.cand_mut(slot) {
+                    // An unfeasible update of the selected route (its metric grew past
+                    // our feasibility distance, typically an increase the neighbour
+                    // did not announce at once) is ignored, as RFC 8966 §3.5.4 allows
+                    // for the same origin: the route stays loop-free (the neighbour's
+                    // own feasibility distance is still below ours) and keeps
+                    // carrying traffic at its last feasible metric, while a newer
+                    // seqno is requested so that the real metric can be accepted.
+                    // Taking the update would leave us, and everyone routing through
+                    // us, starving until that request is answered.
+                    Some(_) if selected && !feasible => {
+                        self.stats.unfeasible_updates += 1;
+                        request = Some(next_seqno);
+                    }
                     Some(c) => {
                         c.signed = signed;
                         c.metric = metric;
@@ -819,7 +830,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         }
         self.reselect(prefix);
         if let Some(s) = request {
-            self.send_seqno_request(prefix, s, request_hops, Dest::Nbr(slot), NONE);
+            self.send_seqno_request(prefix, s, request_hops, Dest::Nbr(slot), true);
         }
     }
 
@@ -913,31 +924,11 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             self.stats.seqno_requests_dropped += 1;
             return;
         }
-        let now = self.now;
-        let resend_after = self.config.request_resend_interval;
-        if let Some(p) = self.pending.get_mut(&prefix)
-            && p.seqno.is_some_and(|s| !seqno_newer(seqno, s))
-            && p.expires > now
-        {
-            // Already asked for this (or newer): remember that a neighbour waits for
-            // the answer, and suppress the duplicate unless our request has been out
-            // unanswered for a resend interval (it or its answer may have been lost, and
-            // our own resends stop once we have any route, however old).
-            p.wanted = true;
-            if now < p.sent + resend_after {
-                self.stats.seqno_requests_dropped += 1;
-                return;
-            }
-            p.sent = now;
-            let Some(pending_seqno) = p.seqno else {
-                return;
-            };
+        if self.send_seqno_request(prefix, seqno, hops - 1, Dest::Nbr(target), false) {
             self.stats.seqno_requests_forwarded += 1;
-            self.queue_request(Dest::Nbr(target), hops - 1, pending_seqno, prefix);
-            return;
+        } else {
+            self.stats.seqno_requests_dropped += 1;
         }
-        self.stats.seqno_requests_forwarded += 1;
-        self.send_seqno_request(prefix, seqno, hops - 1, Dest::Nbr(target), slot);
     }
 
     // ----- origin -----------------------------------------------------------------
@@ -982,9 +973,20 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         self.reselect_with(key, None);
     }
 
-    /// Route selection. `want_seqno`: a seqno request is waiting for this seqno; a
-    /// feasible route carrying it wins regardless of hysteresis.
+    /// Route selection. `want_seqno`: a seqno request is waiting for this seqno (by
+    /// default the live pending one); a feasible route carrying it wins regardless of
+    /// metric and hysteresis.
     fn reselect_with(&mut self, key: u64, want_seqno: Option<u16>) {
+        // A live seqno request (ours or forwarded) wants its answer selected as soon as
+        // it arrives, even if an older-seqno route has a lower metric: otherwise the new
+        // seqno stops here and whoever asked keeps starving until the next resend.
+        let now = self.now;
+        let want_seqno = want_seqno.or_else(|| {
+            self.pending
+                .get(&key)
+                .filter(|p| p.expires > now)
+                .and_then(|p| p.seqno)
+        });
         let nbrs = &self.nbrs;
         let cfg = &self.config;
         let Some(mut e) = self.table.get_mut(key) else {
@@ -1118,7 +1120,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         match starving {
             Some(Some((ni, s))) => {
                 let hops = self.config.request_hops;
-                self.send_seqno_request(key, s, hops, Dest::Nbr(ni), NONE);
+                self.send_seqno_request(key, s, hops, Dest::Nbr(ni), true);
             }
             Some(None) => self.send_route_request(key),
             None => {}
@@ -1127,57 +1129,82 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
 
     // ----- requests -----------------------------------------------------------------
 
-    fn send_seqno_request(&mut self, key: u64, seqno: u16, hops: u8, to: Dest, from: u16) {
-        if let Some(p) = self.pending.get(&key)
-            && p.expires > self.now
-            && p.seqno.is_some_and(|s| !seqno_newer(seqno, s))
-        {
-            return;
-        }
-        if !self.pending.contains_key(&key)
-            && self.pending.len() >= self.config.max_pending_requests
-            || self.pending_requests.len() >= self.config.max_pending_requests
-        {
-            self.stats.requests_dropped_limit += 1;
-            return;
-        }
-        let own = from == NONE;
-        self.pending.insert(
-            key,
-            Pending {
-                seqno: Some(seqno),
-                from,
-                wanted: from != NONE,
-                // A forwarded request suppresses duplicates for one resend interval
-                // only: if it was lost further on, the requester's resend must get
-                // through.
-                expires: self.now
-                    + if own {
-                        self.config.request_timeout
-                    } else {
-                        self.config.request_resend_interval
-                    },
-                resends_left: if own { self.config.request_resends } else { 0 },
-                next_resend: self.now + self.config.request_resend_interval,
-                sent: self.now,
-            },
-        );
-        if own {
-            self.next_resend = Some(
-                self.next_resend
-                    .map_or(self.now + self.config.request_resend_interval, |t| {
-                        t.min(self.now + self.config.request_resend_interval)
-                    }),
-            );
-        }
-        self.queue_request(to, hops, seqno, key);
+    /// Duplicate window of requests: half a resend interval (see [`Pending::sent`]).
+    fn request_window(&self) -> Duration {
+        self.config.request_resend_interval / 2
     }
 
-    /// Queues a seqno request TLV for the next flush (the caller checked the limits).
-    fn queue_request(&mut self, to: Dest, hops: u8, seqno: u16, key: u64) {
+    /// Records a seqno request for `key` and queues it to `to`, unless a live request
+    /// for at least `seqno` went out within the duplicate window. `own`: we starve for
+    /// it (resent while we do); otherwise it is forwarded for a neighbour, who waits for
+    /// the answer. Returns whether it was queued.
+    fn send_seqno_request(&mut self, key: u64, seqno: u16, hops: u8, to: Dest, own: bool) -> bool {
+        let now = self.now;
+        let window = self.request_window();
+        let cfg = &self.config;
+        let interval = cfg.request_resend_interval;
+        let lifetime = cfg.request_timeout;
+        let mut seqno = seqno;
+        let mut schedule_resend = own;
+        match self.pending.get_mut(&key) {
+            Some(p) if p.expires > now && p.seqno.is_some_and(|s| !seqno_newer(seqno, s)) => {
+                // A live request for this or a newer seqno covers it: remember who waits,
+                // and send it again only if it has not just gone out.
+                p.wanted |= !own;
+                p.expires = p.expires.max(now + lifetime);
+                if own && !p.own {
+                    p.own = true;
+                    p.resends_left = cfg.request_resends;
+                    p.next_resend = now + interval;
+                } else {
+                    schedule_resend = false;
+                }
+                seqno = p.seqno.unwrap_or(seqno);
+                if now < p.sent + window {
+                    if schedule_resend {
+                        self.arm_resend(now + interval);
+                    }
+                    return false;
+                }
+                p.sent = now;
+            }
+            old => {
+                let live = old.as_ref().filter(|p| p.expires > now);
+                let wanted = !own || live.is_some_and(|p| p.wanted);
+                let was_own = live.is_some_and(|p| p.own);
+                if old.is_none() && self.pending.len() >= cfg.max_pending_requests {
+                    self.stats.requests_dropped_limit += 1;
+                    return false;
+                }
+                let own = own || was_own;
+                schedule_resend = own;
+                let p = Pending {
+                    seqno: Some(seqno),
+                    own,
+                    wanted,
+                    expires: now + lifetime,
+                    resends_left: if own { cfg.request_resends } else { 0 },
+                    next_resend: now + interval,
+                    sent: now,
+                };
+                self.pending.insert(key, p);
+            }
+        }
+        if schedule_resend {
+            self.arm_resend(now + interval);
+        }
+        self.queue_request(to, hops, seqno, key)
+    }
+
+    fn arm_resend(&mut self, at: Instant) {
+        self.next_resend = Some(self.next_resend.map_or(at, |t| t.min(at)));
+    }
+
+    /// Queues a seqno request TLV for the next flush; false if the queue is full.
+    fn queue_request(&mut self, to: Dest, hops: u8, seqno: u16, key: u64) -> bool {
         if self.pending_requests.len() >= self.config.max_pending_requests {
             self.stats.requests_dropped_limit += 1;
-            return;
+            return false;
         }
         let mut tlv = [0u8; 14];
         let mut v = Vec::with_capacity(14);
@@ -1186,30 +1213,43 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         self.pending_requests.push((to, tlv));
         self.stats.seqno_requests_sent += 1;
         self.arm_flush();
+        true
     }
 
+    /// Broadcasts a route request for `key` (we lost every route to it), unless a
+    /// request for it went out within the duplicate window. A live seqno request is
+    /// kept (its seqno and waiting neighbours still matter).
     fn send_route_request(&mut self, key: u64) {
-        if self.pending.contains_key(&key) {
-            return;
+        let now = self.now;
+        let window = self.request_window();
+        match self.pending.get_mut(&key) {
+            Some(p) if p.expires > now => {
+                if now < p.sent + window {
+                    return;
+                }
+                p.sent = now;
+            }
+            old => {
+                if old.is_none() && self.pending.len() >= self.config.max_pending_requests {
+                    self.stats.requests_dropped_limit += 1;
+                    return;
+                }
+                let p = Pending {
+                    seqno: None,
+                    own: true,
+                    wanted: false,
+                    expires: now + self.config.request_timeout,
+                    resends_left: 0,
+                    next_resend: now + self.config.request_timeout,
+                    sent: now,
+                };
+                self.pending.insert(key, p);
+            }
         }
-        if self.pending.len() >= self.config.max_pending_requests
-            || self.pending_requests.len() >= self.config.max_pending_requests
-        {
+        if self.pending_requests.len() >= self.config.max_pending_requests {
             self.stats.requests_dropped_limit += 1;
             return;
         }
-        self.pending.insert(
-            key,
-            Pending {
-                seqno: None,
-                from: NONE,
-                wanted: false,
-                expires: self.now + self.config.request_timeout,
-                resends_left: 0,
-                next_resend: self.now + self.config.request_timeout,
-                sent: self.now,
-            },
-        );
         let mut tlv = [0u8; 14];
         let mut v = Vec::with_capacity(12);
         wire::put_route_request(&mut v, NODE_PREFIX_LEN, key);
@@ -1320,7 +1360,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let mut resend = Vec::new();
         let mut next: Option<Instant> = None;
         for (k, p) in self.pending.iter_mut() {
-            if p.from != NONE || p.resends_left == 0 {
+            if !p.own || p.resends_left == 0 {
                 continue;
             }
             if p.next_resend <= now {

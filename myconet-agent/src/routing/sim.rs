@@ -355,6 +355,24 @@ pub struct Sim {
     /// Node owning each prefix (to map route events to destinations).
     owner: HashMap<u64, u32>,
     watch: Option<RoutedWatch>,
+    /// When set, (prefix, log): every routing TLV about that prefix put on a link
+    /// (diagnostics: how a starvation is resolved, or why it is not).
+    pub trace: Option<(u64, Vec<Traced>)>,
+}
+
+/// A routing TLV about a traced prefix put on a link ([`Sim::trace`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Traced {
+    /// Send time since the start.
+    pub at: Duration,
+    /// Sender.
+    pub from: u32,
+    /// Receiver.
+    pub to: u32,
+    /// Lost on the link (modelled loss or link down).
+    pub lost: bool,
+    /// The TLV, in words.
+    pub tlv: String,
 }
 
 /// Incremental form of the reachability part of [`Sim::check`]: whether every reachable
@@ -456,6 +474,7 @@ impl Sim {
             event_seconds: None,
             owner: HashMap::new(),
             watch: None,
+            trace: None,
             rng,
             cfg,
         };
@@ -670,7 +689,19 @@ impl Sim {
                 self.counters.packets += 1;
                 self.counters.bytes += payload.len() as u64;
                 let (lat, loss, up) = (link.latency, link.loss, link.up);
-                if !up || (loss > 0.0 && self.rng.next_f64() < loss) {
+                let lost = !up || (loss > 0.0 && self.rng.next_f64() < loss);
+                if let Some((p, log)) = self.trace.as_mut() {
+                    trace_payload(
+                        *p,
+                        &payload,
+                        Duration::from_nanos(self.now),
+                        i,
+                        to,
+                        lost,
+                        log,
+                    );
+                }
+                if lost {
                     self.counters.lost += 1;
                     continue;
                 }
@@ -832,6 +863,16 @@ impl Sim {
             state: vec![0; n],
             since: None,
         });
+    }
+
+    /// Destinations the watch currently finds not routed everywhere (diagnostics).
+    pub fn routed_failing(&self) -> Vec<u32> {
+        let Some(w) = &self.watch else {
+            return Vec::new();
+        };
+        (0..w.failing.len() as u32)
+            .filter(|d| w.failing[*d as usize])
+            .collect()
     }
 
     /// Stops the watch: after a last check now, the time since which every check found
@@ -1194,6 +1235,25 @@ impl Sim {
         out
     }
 
+    /// Every reachable (source, destination) pair whose next-hop chain does not arrive
+    /// (diagnostics: what to trace when a check finds unrouted pairs).
+    pub fn unrouted_pairs(&self) -> Vec<(u32, u32)> {
+        let comp = self.components();
+        let mut state = vec![0u8; self.nodes.len()];
+        let mut out = Vec::new();
+        for d in 0..self.nodes.len() as u32 {
+            if !self.alive(d) {
+                continue;
+            }
+            for s in self.walk_all(d, &mut state, &mut |_| {}) {
+                if s != d && comp[s as usize] == comp[d as usize] {
+                    out.push((s, d));
+                }
+            }
+        }
+        out
+    }
+
     /// Checks `k` random destinations for loops right now (transient-loop sampling).
     pub fn sample_loops(&mut self) {
         let n = self.nodes.len() as u64;
@@ -1327,6 +1387,49 @@ impl Sim {
     /// Signs an announcement of node `x`'s prefix with `x`'s key (for tests).
     pub fn sign_for(&self, x: u32, seqno: u16) -> Option<SignedOrigin> {
         SignedOrigin::sign(self.nodes[x as usize].key.as_ref(), seqno)
+    }
+}
+
+/// Appends the TLVs of `payload` about prefix `p` to a trace.
+fn trace_payload(
+    p: u64,
+    payload: &[u8],
+    t: Duration,
+    from: u32,
+    to: u32,
+    lost: bool,
+    log: &mut Vec<Traced>,
+) {
+    let Ok(body) = wire::parse_header(payload) else {
+        return;
+    };
+    for tlv in wire::Tlvs::new(body) {
+        let s = match tlv {
+            Ok(wire::Tlv::Update {
+                seqno,
+                metric,
+                prefix,
+                ..
+            }) if prefix == p => format!("update seqno {seqno} metric {metric}"),
+            Ok(wire::Tlv::Retraction { prefix, .. }) if prefix == p => "retraction".into(),
+            Ok(wire::Tlv::RouteRequest { prefix, plen }) if prefix == p || plen == 0 => {
+                format!("route request plen {plen}")
+            }
+            Ok(wire::Tlv::SeqnoRequest {
+                hops,
+                seqno,
+                prefix,
+                ..
+            }) if prefix == p => format!("seqno request {seqno} hops {hops}"),
+            _ => continue,
+        };
+        log.push(Traced {
+            at: t,
+            from,
+            to,
+            lost,
+            tlv: s,
+        });
     }
 }
 
