@@ -54,6 +54,10 @@ struct Args {
     /// Repeats of urgent triggered updates (default: the router's default).
     #[arg(long)]
     urgent_repeats: Option<u8>,
+    /// Most pending requests and queued replies per node (default: the router's
+    /// default).
+    #[arg(long)]
+    max_pending_requests: Option<usize>,
     /// Skip the all-pairs checks after each phase (O(N²)).
     #[arg(long)]
     no_check: bool,
@@ -83,6 +87,9 @@ fn main() -> anyhow::Result<()> {
                 urgent_repeats: a
                     .urgent_repeats
                     .unwrap_or(RoutingConfig::default().urgent_repeats),
+                max_pending_requests: a
+                    .max_pending_requests
+                    .unwrap_or(RoutingConfig::default().max_pending_requests),
                 ..RoutingConfig::default()
             },
             loop_sample_destinations: 2,

@@ -79,13 +79,20 @@ pub struct RoutingConfig {
     /// and counted, and comes back with the neighbour's next periodic update.
     pub max_candidates: u8,
     /// Most requests remembered (own and forwarded) and most queued request/unicast
-    /// replies; beyond it requests are dropped and counted.
+    /// replies; beyond it requests are dropped and counted. Requests are remembered
+    /// per prefix held, so this is at most the table size anyway; it must not be
+    /// smaller than the number of prefixes a node may starve for at once (nearly its
+    /// whole table when its main neighbour dies): a dropped request leaves its prefix
+    /// starving until a periodic update (at 10,000 nodes a limit of 4,096 left 2,884
+    /// pairs unrouted).
     pub max_pending_requests: usize,
-    /// How many times an urgent triggered update (a retraction, a new seqno, a route
-    /// regained after a retraction, our own re-signed prefix) is repeated. Triggered
-    /// updates are not acknowledged; without repeats a lost retraction leaves stale
-    /// routes and a lost new seqno leaves neighbours starving until the next periodic
-    /// update (RFC 8966 §3.7.2). The current state is repeated, not the old message.
+    /// How many times (at most 3) an urgent update is repeated: a retraction, a new
+    /// seqno, the first announcement of a prefix (a route gained or regained), our own
+    /// re-signed prefix, and the full table sent to a neighbour that came up. Updates
+    /// are not acknowledged; without repeats a lost retraction leaves stale routes and
+    /// a lost first announcement or new seqno leaves neighbours without a route until
+    /// the next periodic update (RFC 8966 §3.7.2). The current state is repeated, not
+    /// the old message.
     pub urgent_repeats: u8,
     /// Mean delay between repeats (jittered to [0.5, 1.5] ×).
     pub urgent_repeat_delay: Duration,
@@ -115,7 +122,7 @@ impl Default for RoutingConfig {
             max_routes: 200_000,
             max_routes_per_neighbour: 100_000,
             max_candidates: 3,
-            max_pending_requests: 4096,
+            max_pending_requests: 200_000,
             urgent_repeats: 2,
             urgent_repeat_delay: Duration::from_millis(500),
             verify_cache_capacity: 65_536,
@@ -133,8 +140,14 @@ const F_HAS_FD: u8 = 1;
 const F_QUEUED: u8 = 2;
 /// Our last broadcast of the prefix was a retraction.
 const F_RETRACTED: u8 = 4;
-/// A repeat of an urgent update is scheduled.
-const F_REPEAT: u8 = 8;
+/// Repeats of an urgent update still to send (0–3), in bits 4–5.
+const REP_SHIFT: u8 = 4;
+const F_REP_MASK: u8 = 3 << REP_SHIFT;
+/// The repeats were scheduled just before a repeat round: skip that round, so that a
+/// repeat never follows its original within a fraction of the repeat delay.
+const F_REP_NEW: u8 = 64;
+/// Most repeats the flags can count.
+const MAX_REPEATS: u8 = 3;
 
 fn fd_of(e: &Entry) -> Option<Fd> {
     (e.flags & F_HAS_FD != 0).then_some(Fd {
@@ -221,9 +234,18 @@ pub struct Router<N> {
     pending_unicast: Vec<(u16, u64)>,
     pending_requests: Vec<(Dest, [u8; 14])>,
     flush_at: Option<Instant>,
-    /// Scheduled repeats of urgent updates: (due, prefix, repeats left).
-    repeats: Vec<(Instant, u64, u8)>,
+    /// Next round of urgent repeats: every prefix with repeats left in its flags, our
+    /// own prefix and the repeated dumps go out together, in few full payloads. Flags
+    /// rather than a list of scheduled repeats: at cold start every prefix is a first
+    /// announcement, and a list entry per prefix and node would cost more memory than
+    /// the route table.
     next_repeat: Option<Instant>,
+    /// Entries with repeats left (recounted at each round).
+    repeat_count: usize,
+    /// Repeats left of our own prefix, and whether they skip the next round.
+    own_repeats: (u8, bool),
+    /// Full-table dumps to repeat: (neighbour slot, repeats left, skips the next round).
+    dump_repeats: Vec<(u16, u8, bool)>,
     next_periodic: Instant,
     next_sweep: Instant,
     next_resend: Option<Instant>,
@@ -313,8 +335,10 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             pending_unicast: Vec::new(),
             pending_requests: Vec::new(),
             flush_at: None,
-            repeats: Vec::new(),
             next_repeat: None,
+            repeat_count: 0,
+            own_repeats: (0, false),
+            dump_repeats: Vec::new(),
             next_periodic: now + first,
             next_sweep: now + config.sweep_interval,
             next_resend: None,
@@ -414,6 +438,18 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         self.nbr_index.insert(n, slot);
         self.stats.neighbours_up += 1;
         self.pending_dumps.push(slot);
+        // A lost payload of this dump would leave the neighbour without those routes
+        // until our next periodic update: repeat it like an urgent update. (With an
+        // empty table, as at cold start, every route it will need comes later as a
+        // first announcement, which is repeated anyway.)
+        let n = self.config.urgent_repeats.min(MAX_REPEATS);
+        if n > 0 && self.table.len() > 0 {
+            let skip = self.join_repeat_round();
+            self.dump_repeats.push((slot, n, skip));
+        } else {
+            // Our own prefix, the one thing in that dump, is repeated by broadcast.
+            self.schedule_own_repeat();
+        }
         self.arm_flush();
     }
 
@@ -439,6 +475,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         }
         self.nbrs[usize::from(slot)] = None;
         self.pending_dumps.retain(|s| *s != slot);
+        self.dump_repeats.retain(|d| d.0 != slot);
         self.pending_unicast.retain(|(s, _)| *s != slot);
         self.pending_requests.retain(|(d, _)| *d != Dest::Nbr(slot));
         self.stats.neighbours_down += 1;
@@ -877,7 +914,10 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             return;
         }
         let Some(e) = self.table.get(prefix) else {
-            self.stats.seqno_requests_dropped += 1;
+            // No route and nowhere to forward: say so (a retraction), so that a
+            // neighbour still routing through us after our retraction was lost finds
+            // out now, not at hold expiry.
+            self.queue_unicast(slot, prefix);
             return;
         };
         if let Some(c) = e.cand(e.sel)
@@ -917,7 +957,13 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 .map(|c| c.nbr)
         };
         let Some(target) = target else {
-            self.stats.seqno_requests_dropped += 1;
+            if e.sel == NONE {
+                // As above: we have nothing, the requester gets a retraction.
+                self.queue_unicast(slot, prefix);
+            } else {
+                // Our only route is through the requester.
+                self.stats.seqno_requests_dropped += 1;
+            }
             return;
         };
         if hops < 2 {
@@ -1217,17 +1263,32 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     }
 
     /// Broadcasts a route request for `key` (we lost every route to it), unless a
-    /// request for it went out within the duplicate window. A live seqno request is
-    /// kept (its seqno and waiting neighbours still matter).
+    /// request for it went out within the duplicate window; it is resent while we
+    /// starve. A live seqno request is kept (its seqno and waiting neighbours still
+    /// matter) and becomes ours.
     fn send_route_request(&mut self, key: u64) {
         let now = self.now;
         let window = self.request_window();
+        let interval = self.config.request_resend_interval;
+        let resends = self.config.request_resends;
         match self.pending.get_mut(&key) {
             Some(p) if p.expires > now => {
-                if now < p.sent + window {
+                let adopt = !p.own;
+                if adopt {
+                    p.own = true;
+                    p.resends_left = resends;
+                    p.next_resend = now + interval;
+                }
+                let recent = now < p.sent + window;
+                if !recent {
+                    p.sent = now;
+                }
+                if adopt {
+                    self.arm_resend(now + interval);
+                }
+                if recent {
                     return;
                 }
-                p.sent = now;
             }
             old => {
                 if old.is_none() && self.pending.len() >= self.config.max_pending_requests {
@@ -1239,13 +1300,19 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     own: true,
                     wanted: false,
                     expires: now + self.config.request_timeout,
-                    resends_left: 0,
-                    next_resend: now + self.config.request_timeout,
+                    resends_left: resends,
+                    next_resend: now + interval,
                     sent: now,
                 };
                 self.pending.insert(key, p);
+                self.arm_resend(now + interval);
             }
         }
+        self.queue_route_request(key);
+    }
+
+    /// Queues a route request TLV to every neighbour for the next flush.
+    fn queue_route_request(&mut self, key: u64) {
         if self.pending_requests.len() >= self.config.max_pending_requests {
             self.stats.requests_dropped_limit += 1;
             return;
@@ -1351,6 +1418,10 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         self.stats.sources_collected += collected as u64;
         let now = self.now;
         self.pending.retain(|_, p| p.expires > now);
+        // A mass starvation may have grown it to a whole table: give the memory back.
+        if self.pending.capacity() > 4 * self.pending.len() + 64 {
+            self.pending.shrink_to_fit();
+        }
     }
 
     fn resend_requests(&mut self) {
@@ -1367,9 +1438,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 p.resends_left -= 1;
                 p.next_resend = now + interval;
                 p.expires = p.expires.max(now + interval);
-                if let Some(s) = p.seqno {
-                    resend.push((*k, s));
-                }
+                resend.push((*k, p.seqno));
             }
             if p.resends_left > 0 {
                 next = Some(next.map_or(p.next_resend, |t| t.min(p.next_resend)));
@@ -1386,6 +1455,12 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             if let Some(p) = self.pending.get_mut(&k) {
                 p.sent = now;
             }
+            let Some(s) = s else {
+                // A route request (we have no route at all): its answers may have
+                // been lost, or nobody had a route yet.
+                self.queue_route_request(k);
+                continue;
+            };
             let target = e
                 .cands()
                 .filter(|c| c.metric != INFINITY)
@@ -1434,18 +1509,24 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             tlv.clear();
             self.own_update(&mut tlv);
             w.push(&tlv, &mut self.stats);
-            if self.own_queued && !self.dump_all {
-                let own = self.own.prefix;
-                self.schedule_repeat(own);
+            if self.own_queued {
+                self.schedule_own_repeat();
             }
         }
-        // Only triggered updates are repeated: a periodic dump is itself the repeat.
-        let triggered = !self.dump_all;
-        // A periodic dump walks the entries in table order by index (nothing in this
-        // loop inserts or removes entries: repeats are only scheduled for triggered
-        // updates); triggered keys are looked up once each. Either way the order is the
-        // one `prefixes()` gives, so the payloads are the same as with a lookup per key.
+        // Urgent updates (retractions, first announcements, new seqnos) are repeated,
+        // also when a queued one goes out in a periodic dump. The rest of a dump is
+        // not: it is itself the repeat of the last one (in particular a new seqno that
+        // arrived without a triggered update spreads with the periodic updates, as it
+        // did before, not with three copies per hop).
         let dump_all = self.dump_all;
+        let repeats = self.config.urgent_repeats.min(MAX_REPEATS);
+        let skip = repeats > 0 && self.join_repeat_round();
+        let rep_flags = (repeats << REP_SHIFT) | if skip { F_REP_NEW } else { 0 };
+        let mut newly_repeated = 0;
+        // A periodic dump walks the entries in table order by index (nothing in this
+        // loop inserts or removes entries); triggered keys are looked up once each.
+        // Either way the order is the one `prefixes()` gives, so the payloads are the
+        // same as with a lookup per key.
         let keys: Vec<u64> = if dump_all {
             self.pending_bcast.clear();
             Vec::new()
@@ -1474,12 +1555,21 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             if retract {
                 wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, k);
             }
-            let urgent = match adv {
-                None => retract,
-                Some((s, _)) => e.flags & F_RETRACTED != 0 || (was != INFINITY && s != e.adv_seqno),
-            };
+            // A retraction; a first announcement, or a route regained after a
+            // retraction (nothing advertised before); or a new seqno.
+            let urgent = (!dump_all || e.flags & F_QUEUED != 0)
+                && match adv {
+                    None => retract,
+                    Some((s, _)) => was == INFINITY || s != e.adv_seqno,
+                };
             if let Some(mut e) = at.and_then(|at| self.table.get_at_mut(at)) {
                 e.flags &= !F_QUEUED;
+                if urgent && repeats > 0 {
+                    if e.flags & (F_REP_MASK | F_REP_NEW) == 0 {
+                        newly_repeated += 1;
+                    }
+                    e.flags = (e.flags & !(F_REP_MASK | F_REP_NEW)) | rep_flags;
+                }
                 match adv {
                     Some((s, m)) => {
                         e.adv_seqno = s;
@@ -1494,13 +1584,12 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     }
                 }
             }
-            if urgent && triggered {
-                self.schedule_repeat(k);
-            }
             if !tlv.is_empty() {
                 w.push(&tlv, &mut self.stats);
             }
         }
+        self.repeat_count += newly_repeated;
+        self.disarm_idle_repeats();
         self.dump_all = false;
         self.own_queued = false;
         if any_nbr {
@@ -1574,34 +1663,33 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         }
     }
 
-    /// Schedules the repeats of an urgent update of `k` (ours or a table prefix).
-    fn schedule_repeat(&mut self, k: u64) {
-        let n = self.config.urgent_repeats;
-        if n == 0 {
-            return;
-        }
-        if k != self.own.prefix {
-            let Some(mut e) = self.table.get_mut(k) else {
-                return;
-            };
-            if e.flags & F_REPEAT != 0 {
-                return;
+    /// Arms the next repeat round if none is, and says whether something scheduled now
+    /// must skip that round: it is due so soon that the repeat would follow its original
+    /// almost at once (a burst loss would take both).
+    fn join_repeat_round(&mut self) -> bool {
+        match self.next_repeat {
+            Some(t) => t < self.now + self.config.urgent_repeat_delay / 4,
+            None => {
+                self.next_repeat = Some(self.now + self.repeat_delay());
+                false
             }
-            if self.repeats.len() >= self.config.max_pending_requests {
-                self.stats.requests_dropped_limit += 1;
-                return;
-            }
-            e.flags |= F_REPEAT;
-        } else if self.repeats.iter().any(|r| r.1 == k) {
-            return;
         }
-        // Join the batch already scheduled, so repeats leave in few full payloads.
-        let due = match self.next_repeat {
-            Some(t) if t > self.now => t,
-            _ => self.now + self.repeat_delay(),
-        };
-        self.repeats.push((due, k, n));
-        self.next_repeat = Some(self.next_repeat.map_or(due, |t| t.min(due)));
+    }
+
+    /// Drops a repeat round armed by `join_repeat_round` when nothing is scheduled.
+    fn disarm_idle_repeats(&mut self) {
+        if self.repeat_count == 0 && self.own_repeats.0 == 0 && self.dump_repeats.is_empty() {
+            self.next_repeat = None;
+        }
+    }
+
+    /// Schedules the repeats of our own (re-signed) announcement.
+    fn schedule_own_repeat(&mut self) {
+        let n = self.config.urgent_repeats.min(MAX_REPEATS);
+        if n > 0 {
+            let skip = self.join_repeat_round();
+            self.own_repeats = (n, skip);
+        }
     }
 
     fn repeat_delay(&mut self) -> Duration {
@@ -1610,53 +1698,77 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             .mul_f64(0.5 + self.rng.next_f64())
     }
 
-    /// Broadcasts the current state of every prefix whose repeat is due: its selected
-    /// route, or a retraction if it is still retracted (nothing if it changed since
-    /// and is queued anyway).
+    /// A repeat round: broadcasts the current state of every prefix with repeats left
+    /// (its selected route, or a retraction if it is still retracted; nothing if it
+    /// changed since and is queued anyway), and queues the repeated dumps.
     fn send_repeats(&mut self) {
-        let now = self.now;
-        let mut due = Vec::new();
-        let mut i = 0;
-        while i < self.repeats.len() {
-            if self.repeats[i].0 <= now {
-                due.push(self.repeats.swap_remove(i));
-            } else {
-                i += 1;
-            }
-        }
-        due.sort_unstable_by_key(|r| r.1);
         let mut w = Writer::default();
         let mut tlv = Vec::with_capacity(wire::UPDATE_TLV_LEN);
-        let again = now + self.repeat_delay();
-        for (_, k, left) in due {
-            tlv.clear();
-            if k == self.own.prefix {
+        let mut sent = 0u64;
+        match self.own_repeats {
+            (0, _) => {}
+            (n, true) => self.own_repeats = (n, false),
+            (n, false) => {
                 self.own_update(&mut tlv);
-            } else {
-                let Some(e) = self.table.get(k) else {
-                    continue;
-                };
-                if e.flags & F_QUEUED == 0
-                    && self.selected_update(&e, &mut tlv).is_none()
-                    && e.flags & F_RETRACTED != 0
-                {
-                    wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, k);
-                }
-            }
-            if !tlv.is_empty() {
                 w.push(&tlv, &mut self.stats);
-                self.stats.urgent_repeats += 1;
-            }
-            if left > 1 {
-                self.repeats.push((again, k, left - 1));
-            } else if let Some(mut e) = self.table.get_mut(k) {
-                e.flags &= !F_REPEAT;
+                sent += 1;
+                self.own_repeats = (n - 1, false);
             }
         }
-        self.next_repeat = self.repeats.iter().map(|r| r.0).min();
-        if self.repeats.is_empty() {
-            // A burst (a hub losing a neighbour) may have grown it: give the memory back.
-            self.repeats = Vec::new();
+        let mut left_after = 0;
+        if self.repeat_count > 0 {
+            for i in 0..self.table.len() {
+                let Some(e) = self.table.get_at(i) else {
+                    continue;
+                };
+                let f = e.flags;
+                if f & (F_REP_MASK | F_REP_NEW) == 0 {
+                    continue;
+                }
+                let left = (f & F_REP_MASK) >> REP_SHIFT;
+                let (left, new) = if f & F_REP_NEW != 0 {
+                    (left, 0)
+                } else {
+                    tlv.clear();
+                    if f & F_QUEUED == 0
+                        && self.selected_update(&e, &mut tlv).is_none()
+                        && f & F_RETRACTED != 0
+                    {
+                        wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, e.prefix);
+                    }
+                    if !tlv.is_empty() {
+                        w.push(&tlv, &mut self.stats);
+                        sent += 1;
+                    }
+                    (left.saturating_sub(1), 0)
+                };
+                if left > 0 {
+                    left_after += 1;
+                }
+                if let Some(mut e) = self.table.get_at_mut(i) {
+                    e.flags = (e.flags & !(F_REP_MASK | F_REP_NEW)) | (left << REP_SHIFT) | new;
+                }
+            }
+        }
+        self.repeat_count = left_after;
+        self.stats.urgent_repeats += sent;
+        let mut dumps = std::mem::take(&mut self.dump_repeats);
+        for d in dumps.iter_mut() {
+            if d.2 {
+                d.2 = false;
+            } else {
+                d.1 -= 1;
+                if !self.pending_dumps.contains(&d.0) {
+                    self.pending_dumps.push(d.0);
+                    self.arm_flush();
+                }
+            }
+        }
+        dumps.retain(|d| d.1 > 0);
+        self.dump_repeats = dumps;
+        self.next_repeat = None;
+        if self.repeat_count > 0 || self.own_repeats.0 > 0 || !self.dump_repeats.is_empty() {
+            self.next_repeat = Some(self.now + self.repeat_delay());
         }
         if !self.nbr_index.is_empty() {
             for payload in w.finish() {
@@ -1867,7 +1979,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             + self.pending_bcast.capacity() * 8
             + self.pending_unicast.capacity() * size_of::<(u16, u64)>()
             + self.pending_requests.capacity() * size_of::<(Dest, [u8; 14])>()
-            + self.repeats.capacity() * size_of::<(Instant, u64, u8)>();
+            + self.dump_repeats.capacity() * size_of::<(u16, u8, bool)>();
         size_of::<Self>() + table + nbrs + pending
     }
 

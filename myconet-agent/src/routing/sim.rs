@@ -1529,6 +1529,10 @@ pub struct Report {
     pub loop_samples: u64,
     /// Signature verifications in the run (shared cache: once per announcement).
     pub signature_verifications: u64,
+    /// All routers' counters summed over the run (including stopped incarnations):
+    /// among them the bounds that were hit (`requests_dropped_limit`,
+    /// `candidates_dropped`, `rejected_table_full`, `rejected_neighbour_limit`).
+    pub stats: RoutingStats,
     /// Simulated time of the whole run.
     pub simulated: Duration,
     /// Wall time of the whole run.
@@ -1585,7 +1589,7 @@ impl Report {
         }
         let _ = write!(
             s,
-            "],\"steady_packets_per_node_min\":{:.1},\"steady_bytes_per_node_min\":{:.1},\"bytes_per_route\":{:.1},\"cache_bytes_per_route\":{:.2},\"peak_events\":{},\"peak_in_flight_bytes\":{},\"routes\":{},\"candidates\":{},\"transient_loops\":{},\"loop_samples\":{},\"signature_verifications\":{},\"simulated_s\":{:.3},\"wall_s\":{:.3},\"ok\":{}}}",
+            "],\"steady_packets_per_node_min\":{:.1},\"steady_bytes_per_node_min\":{:.1},\"bytes_per_route\":{:.1},\"cache_bytes_per_route\":{:.2},\"peak_events\":{},\"peak_in_flight_bytes\":{},\"routes\":{},\"candidates\":{},\"transient_loops\":{},\"loop_samples\":{},\"signature_verifications\":{},\"requests_dropped_limit\":{},\"candidates_dropped\":{},\"seqno_bumps\":{},\"urgent_repeats\":{},\"simulated_s\":{:.3},\"wall_s\":{:.3},\"ok\":{}}}",
             self.steady_packets_per_node_min,
             self.steady_bytes_per_node_min,
             self.bytes_per_route,
@@ -1597,6 +1601,10 @@ impl Report {
             self.transient_loops,
             self.loop_samples,
             self.signature_verifications,
+            self.stats.requests_dropped_limit,
+            self.stats.candidates_dropped,
+            self.stats.seqno_bumps,
+            self.stats.urgent_repeats,
             self.simulated.as_secs_f64(),
             self.wall.as_secs_f64(),
             self.ok()
@@ -1654,6 +1662,19 @@ impl std::fmt::Display for Report {
             f,
             "  transient loops: {} in {} sampled destinations; signature verifications: {}",
             self.transient_loops, self.loop_samples, self.signature_verifications
+        )?;
+        let st = &self.stats;
+        writeln!(
+            f,
+            "  protocol: {} seqno bumps, {} seqno and {} route requests sent, {} urgent repeats; bounds hit: {} requests dropped, {} candidates dropped, {} table full, {} neighbour limit",
+            st.seqno_bumps,
+            st.seqno_requests_sent,
+            st.route_requests_sent,
+            st.urgent_repeats,
+            st.requests_dropped_limit,
+            st.candidates_dropped,
+            st.rejected_table_full,
+            st.rejected_neighbour_limit
         )?;
         write!(
             f,
@@ -1747,6 +1768,7 @@ impl Scenario {
             Some(c) => c.lock().map(|c| c.verifications).unwrap_or(0),
             None => sim.total_stats().signature_verifications,
         };
+        report.stats = sim.total_stats();
         report.simulated = sim.now();
         report.wall = wall0.elapsed();
         report

@@ -1119,9 +1119,11 @@ fn urgent_updates_are_repeated() {
             .count();
     }
     assert_eq!(repeats, usize::from(test_config().urgent_repeats));
+    // Counted with the repeats of our own prefix (the neighbours came up while our
+    // table was empty: it was all their dumps held).
     assert_eq!(
         a.stats().urgent_repeats,
-        u64::from(test_config().urgent_repeats)
+        2 * u64::from(test_config().urgent_repeats)
     );
     // Regaining the route after a retraction is urgent too; the repeat carries the
     // current route (with its new seqno), not the old message.
@@ -1146,6 +1148,45 @@ fn urgent_updates_are_repeated() {
         origin_updates,
         1 + usize::from(test_config().urgent_repeats)
     );
+}
+
+/// A route's first announcement, and the full table sent to a neighbour that comes up,
+/// are repeated like urgent updates: a lost one would leave the neighbour without the
+/// route until the next periodic update.
+#[test]
+fn first_announcements_and_new_neighbour_dumps_are_repeated() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    let o = kp(9);
+    let p = owned_prefix(&key_of(&o));
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    let _ = flushed(&mut a, t0 + Duration::from_millis(10));
+    a.handle_message(7, &update(&o, 1, 0), t0 + Duration::from_millis(20))
+        .expect("ok");
+    let announces = |out: &[(TransmitTo<u32>, Vec<u8>)], to: TransmitTo<u32>| {
+        out.iter()
+            .filter(|(t, tlv)| {
+                *t == to
+                    && matches!(Tlvs::new(tlv).next(), Some(Ok(Tlv::Update { prefix, .. })) if prefix == p)
+            })
+            .count()
+    };
+    let mut first = 0;
+    for i in 1..=50 {
+        let t = t0 + Duration::from_millis(20 + 50 * i);
+        first += announces(&flushed(&mut a, t), TransmitTo::AllNeighbours);
+    }
+    let n = usize::from(test_config().urgent_repeats);
+    assert_eq!(first, 1 + n);
+    // A neighbour coming up gets the table, and again `urgent_repeats` times.
+    let t1 = t0 + Duration::from_secs(5);
+    a.neighbour_up(8, key_of(&kp(8)), t1);
+    let mut dumped = 0;
+    for i in 1..=50 {
+        let t = t1 + Duration::from_millis(50 * i);
+        dumped += announces(&flushed(&mut a, t), TransmitTo::Neighbour(8));
+    }
+    assert_eq!(dumped, 1 + n);
 }
 
 #[test]
@@ -1196,18 +1237,19 @@ fn candidates_are_capped_keeping_the_best() {
     );
 }
 
-/// With payload loss, retractions are repeated: after failures no node keeps a route to
-/// a destination it can no longer reach (lost retractions used to leave such stale
-/// routes until hold expiry), and there is never a loop.
+/// With payload loss every phase still ends routed, without stale routes and loops:
+/// retractions, first announcements and dumps to new neighbours are repeated, route
+/// requests are resent while a node starves (lost retractions used to leave stale
+/// routes until hold expiry; lost first announcements and requests left pairs
+/// unrouted until the next periodic update).
 #[test]
-fn sim_lossy_failures_leave_no_stale_routes() {
+fn sim_lossy_phases_end_routed_without_stale_routes() {
     let mut s = scenario(200, Topology::Random { avg_degree: 4.0 }, 21);
     s.sim.loss = 0.05;
     let r = s.run();
-    eprintln!("{r}");
+    assert_report(&r);
     for p in &r.phases {
-        let c = p.check.as_ref().expect("checked");
-        assert_eq!((c.loops, c.stale), (0, 0), "{}: {:?}", p.name, c.examples);
+        assert!(p.all_routed.is_some(), "{}: never all routed\n{r}", p.name);
     }
     assert_eq!(r.transient_loops, 0, "{r}");
 }
