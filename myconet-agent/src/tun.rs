@@ -1190,6 +1190,9 @@ impl Coalescer {
             let first = packets[group.first].as_ref();
             if group.count == 1 {
                 let item = out.alloc(VNET_HDR_LEN + first.len());
+                // A zero header (no GSO, checksum done) written out: the slot holds
+                // whatever an earlier batch left there.
+                item[..VNET_HDR_LEN].copy_from_slice(&VirtioNetHdr::default().encode());
                 item[VNET_HDR_LEN..].copy_from_slice(first);
                 continue;
             }
@@ -1661,6 +1664,56 @@ mod tests {
         let mut batch = PacketBatch::new();
         assert!(split_gso(&plain_bad, &mut batch).is_err());
         assert!(batch.is_empty());
+    }
+
+    /// A batch that held other packets before: every byte of its old slots is 0xff.
+    fn dirty_batch() -> PacketBatch {
+        let mut batch = PacketBatch::new();
+        for _ in 0..8 {
+            batch.push(&[0xff; 70_000]);
+        }
+        batch.clear();
+        batch
+    }
+
+    #[test]
+    fn a_reused_batch_gives_the_same_bytes_as_a_fresh_one() {
+        let data: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+        let mut packets: Vec<Vec<u8>> = data
+            .chunks(1300)
+            .enumerate()
+            .map(|(i, c)| tcp(100 + 1300 * i as u32, TCP_ACK, c))
+            .collect();
+        // Ones that pass through on their own: a pure ACK and an out-of-order segment.
+        packets.push(tcp(9, TCP_ACK, &[]));
+        packets.push(tcp(7_000_000, TCP_ACK, &data[..500]));
+        let mut reused = dirty_batch();
+        let n = coalesce(&packets, &mut reused);
+        assert_eq!(n, 3, "one superpacket and two packets on their own");
+        let reused: Vec<Vec<u8>> = reused.iter().map(<[u8]>::to_vec).collect();
+        assert_eq!(reused, coalesced(&packets));
+        for single in &reused[1..] {
+            assert_eq!(
+                VirtioNetHdr::parse(single).expect("header"),
+                VirtioNetHdr::default(),
+                "a packet on its own carries a zero virtio header"
+            );
+        }
+        // Splitting into a reused batch likewise.
+        let mut reused = dirty_batch();
+        split_gso(&reused_input(&data), &mut reused).expect("valid");
+        let reused: Vec<Vec<u8>> = reused.iter().map(<[u8]>::to_vec).collect();
+        assert_eq!(reused, split(&reused_input(&data)).expect("valid"));
+    }
+
+    /// A `GSO_TCPV6` superpacket of `data` as the kernel hands it to an offloading TUN.
+    fn reused_input(data: &[u8]) -> Vec<u8> {
+        let segs: Vec<Vec<u8>> = data
+            .chunks(1300)
+            .enumerate()
+            .map(|(i, c)| tcp(100 + 1300 * i as u32, TCP_ACK, c))
+            .collect();
+        coalesced(&segs).remove(0)
     }
 
     #[test]

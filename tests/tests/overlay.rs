@@ -114,6 +114,7 @@ fn overlay_through(relay_dataplane: &str) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let b_before = chain.agents[1].stats()?;
+    let ends_before = [chain.agents[0].stats()?, chain.agents[2].stats()?];
     let counts_before = chain.relay_counts()?;
 
     ping(&chain, 3)?;
@@ -126,6 +127,21 @@ fn overlay_through(relay_dataplane: &str) -> Result<()> {
         data.len()
     );
     ensure!(got == data, "the bytes c received differ from what a sent");
+    // Every packet a and c opened reached their TUN devices, and every one they read
+    // was sent: TCP's retransmissions would hide a lost write from the byte check.
+    for (name, before, agent) in [
+        ("a", &ends_before[0], &chain.agents[0]),
+        ("c", &ends_before[1], &chain.agents[2]),
+    ] {
+        let after = agent.stats()?;
+        for stat in ["tx_error", "tun_dropped", "rx_inner_invalid"] {
+            let n = counter(&after, "agent", stat)? - counter(before, "agent", stat)?;
+            ensure!(
+                n == 0,
+                "{name} counted {n} {stat} during the transfer: {after}"
+            );
+        }
+    }
 
     // b saw the traffic, and never the plaintext.
     let mut frames = 0;
