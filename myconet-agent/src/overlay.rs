@@ -253,20 +253,18 @@ impl Overlay {
             Some(tun) if tun.offload().is_some() => {
                 scratch.framed.clear();
                 scratch.coalescer.coalesce(&packets, &mut scratch.framed);
-                let mut failed = false;
-                for framed in scratch.framed.iter() {
-                    if let Err(e) = tun.send(framed).await {
-                        failed = true;
-                        debug!(error = %e, "TUN write failed");
+                for (item, framed) in scratch.framed.iter().enumerate() {
+                    let stat = match tun.send(framed).await {
+                        Ok(_) => AgentStat::RxDataLocal,
+                        Err(e) => {
+                            debug!(error = %e, "TUN write failed");
+                            AgentStat::TxError
+                        }
+                    };
+                    for member in scratch.coalescer.members(item) {
+                        self.node
+                            .count(stat, packets.get(member).map_or(0, |p| p.len()));
                     }
-                }
-                let stat = if failed {
-                    AgentStat::TxError
-                } else {
-                    AgentStat::RxDataLocal
-                };
-                for p in &packets {
-                    self.node.count(stat, p.len());
                 }
             }
             Some(tun) => {

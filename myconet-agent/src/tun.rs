@@ -1268,6 +1268,20 @@ impl Coalescer {
     }
 }
 
+impl Coalescer {
+    /// The input packets (indices into the last [`Coalescer::coalesce`] call's
+    /// `packets`) that output item `item` carries, in order: what to count as delivered
+    /// or lost when that one write succeeds or fails.
+    pub fn members(&self, item: usize) -> impl Iterator<Item = usize> + '_ {
+        let mut next = self.groups.get(item).map(|g| g.first);
+        std::iter::from_fn(move || {
+            let index = next?;
+            next = self.segments.get(index).and_then(|s| s.next);
+            Some(index)
+        })
+    }
+}
+
 /// [`Coalescer::coalesce`] with a throwaway coalescer, for callers that do not keep one.
 pub fn coalesce<P: AsRef<[u8]>>(packets: &[P], out: &mut PacketBatch) -> usize {
     Coalescer::new().coalesce(packets, out)
@@ -1688,8 +1702,12 @@ mod tests {
         packets.push(tcp(9, TCP_ACK, &[]));
         packets.push(tcp(7_000_000, TCP_ACK, &data[..500]));
         let mut reused = dirty_batch();
-        let n = coalesce(&packets, &mut reused);
+        let mut coalescer = Coalescer::new();
+        let n = coalescer.coalesce(&packets, &mut reused);
         assert_eq!(n, 3, "one superpacket and two packets on their own");
+        let members: Vec<Vec<usize>> = (0..n).map(|i| coalescer.members(i).collect()).collect();
+        assert_eq!(members, [vec![0, 1, 2, 3], vec![4], vec![5]]);
+        assert_eq!(coalescer.members(n).count(), 0);
         let reused: Vec<Vec<u8>> = reused.iter().map(<[u8]>::to_vec).collect();
         assert_eq!(reused, coalesced(&packets));
         for single in &reused[1..] {
