@@ -568,9 +568,10 @@ fn attach_err(iface: &str, e: ProgramError) -> DataplaneError {
     }
 }
 
-/// An error with every `source()` behind it, because aya's top-level attach errors
-/// ("bpf_link_create failed") hide the kernel's reason one level down.
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with every `source()` behind it, for one-line logs: aya's top-level attach
+/// errors ("bpf_link_create failed") and netlink errors hide the kernel's reason one
+/// level down.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {

@@ -49,6 +49,7 @@ use rtnetlink::{Handle, MulticastGroup, packet_core::NetlinkPayload};
 use tracing::{debug, info, warn};
 
 use crate::{
+    dataplane::error_chain,
     node::{Node, NodeError},
     rib::NextHop,
 };
@@ -440,18 +441,6 @@ fn underlay_address(message: &AddressMessage) -> Option<LocalAddrKey> {
         return None;
     }
     Some(LocalAddrKey::new(addr.octets(), message.header.index))
-}
-
-/// An error with its sources, for one-line logs.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 /// How long to wait before the watcher is restarted after its notifications ended.
