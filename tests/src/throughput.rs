@@ -140,6 +140,10 @@ pub struct ThroughputRun {
     /// UDP datagrams dropped because a socket's receive buffer was full
     /// (`Udp6RcvbufErrors`), on a, b and c.
     pub udp_rcvbuf_errors: [u64; 3],
+    /// Packets the agents of a, b and c failed to write (`tx_error`: a TUN write or an
+    /// underlay send refused): TCP retransmits around such losses, so only this
+    /// counter shows them.
+    pub agent_tx_errors: [u64; 3],
     /// Machine-wide CPU seconds spent in softirq in the window (all cores).
     pub machine_softirq_seconds: f64,
     /// Machine-wide busy CPU seconds in the window (all cores, not idle or iowait).
@@ -457,6 +461,7 @@ fn parse_iperf(report: &Value) -> Result<IperfReport> {
 struct Snapshot {
     at: Instant,
     b_stats: Value,
+    tx_errors: [u64; 3],
     agent_ticks: [u64; 3],
     net: [NetCounters; 3],
     threads: Vec<(usize, u32, String, u64)>,
@@ -482,10 +487,20 @@ impl Snapshot {
         }
         let machine = MachineCpu::read()?;
         let at = Instant::now();
-        let b_stats = chain.agents[1].stats()?;
+        let stats = [
+            chain.agents[0].stats()?,
+            chain.agents[1].stats()?,
+            chain.agents[2].stats()?,
+        ];
+        let mut tx_errors = [0; 3];
+        for (i, s) in stats.iter().enumerate() {
+            tx_errors[i] = counter(s, "agent", "tx_error")?;
+        }
+        let [_, b_stats, _] = stats;
         Ok(Self {
             at,
             b_stats,
+            tx_errors,
             agent_ticks,
             net,
             threads,
@@ -576,6 +591,9 @@ fn results(
             after.net[i]
                 .udp_rcvbuf_errors
                 .saturating_sub(before.net[i].udp_rcvbuf_errors)
+        }),
+        agent_tx_errors: std::array::from_fn(|i| {
+            after.tx_errors[i].saturating_sub(before.tx_errors[i])
         }),
         machine_softirq_seconds: machine.softirq as f64 / ticks,
         machine_busy_seconds: machine.busy as f64 / ticks,
@@ -1059,6 +1077,7 @@ mod tests {
             agent_cpu_seconds: [1.0, 0.0, 1.0],
             tx_dropped: [0; 3],
             udp_rcvbuf_errors: [0; 3],
+            agent_tx_errors: [0; 3],
             machine_softirq_seconds: 1.0,
             machine_busy_seconds: 9.0,
             machine_total_seconds: 10.0,

@@ -95,6 +95,7 @@ fn run_json(r: &ThroughputRun) -> serde_json::Value {
         "agent_cpu_seconds": {"a": r.agent_cpu_seconds[0], "b": r.agent_cpu_seconds[1], "c": r.agent_cpu_seconds[2]},
         "tx_dropped": {"a": r.tx_dropped[0], "b": r.tx_dropped[1], "c": r.tx_dropped[2]},
         "udp_rcvbuf_errors": {"a": r.udp_rcvbuf_errors[0], "b": r.udp_rcvbuf_errors[1], "c": r.udp_rcvbuf_errors[2]},
+        "agent_tx_errors": {"a": r.agent_tx_errors[0], "b": r.agent_tx_errors[1], "c": r.agent_tx_errors[2]},
         "machine_softirq_seconds": r.machine_softirq_seconds,
         "machine_busy_seconds": r.machine_busy_seconds,
         "machine_total_seconds": r.machine_total_seconds,
@@ -150,12 +151,13 @@ fn render(runs: &[ThroughputRun], xdp: &ThroughputRun, user: &ThroughputRun) -> 
     }
     let _ = writeln!(
         s,
-        "\n  drops in the window (a / b / c): transmit (TUN or veth queue full), UDP receive buffer full"
+        "\n  drops in the window (a / b / c): transmit (TUN or veth queue full), UDP receive buffer full, \
+         agent writes refused (tx_error)"
     );
     for r in runs {
         let _ = writeln!(
             s,
-            "    {:<10} tx {} / {} / {}, rcvbuf {} / {} / {}",
+            "    {:<10} tx {} / {} / {}, rcvbuf {} / {} / {}, agent {} / {} / {}",
             r.relay,
             r.tx_dropped[0],
             r.tx_dropped[1],
@@ -163,6 +165,9 @@ fn render(runs: &[ThroughputRun], xdp: &ThroughputRun, user: &ThroughputRun) -> 
             r.udp_rcvbuf_errors[0],
             r.udp_rcvbuf_errors[1],
             r.udp_rcvbuf_errors[2],
+            r.agent_tx_errors[0],
+            r.agent_tx_errors[1],
+            r.agent_tx_errors[2],
         );
     }
     let _ = writeln!(s, "\n  relay ns/pkt by:");
@@ -267,6 +272,7 @@ mod tests {
             agent_cpu_seconds: [4.0, 0.5, 3.0],
             tx_dropped: [11, 0, 0],
             udp_rcvbuf_errors: [0, 0, 2],
+            agent_tx_errors: [0, 0, 5],
             machine_softirq_seconds: 0.5,
             machine_busy_seconds: 9.0,
             machine_total_seconds: 10.0,
@@ -295,7 +301,10 @@ mod tests {
         assert!(text.contains("40.0x"), "{text}");
         assert!(text.contains("3.00x"), "{text}");
         assert!(text.contains("a:tokio-runtime-w[7] 2.50"), "{text}");
-        assert!(text.contains("tx 11 / 0 / 0, rcvbuf 0 / 0 / 2"), "{text}");
+        assert!(
+            text.contains("tx 11 / 0 / 0, rcvbuf 0 / 0 / 2, agent 0 / 0 / 5"),
+            "{text}"
+        );
         let json = run_json(&xdp);
         assert_eq!(json["relay_ns_per_packet"], 50.0);
         assert_eq!(json["agent_cpu_seconds"]["c"], 3.0);
