@@ -223,7 +223,7 @@ fn file_peer(value: &toml::Value) -> anyhow::Result<PeerSetting> {
 }
 
 /// Default name of the overlay TUN device.
-pub const DEFAULT_TUN_NAME: &str = "myconet0";
+pub const DEFAULT_TUN_NAME: &str = crate::tun::DEFAULT_NAME;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/myconet";

@@ -96,8 +96,14 @@ pub enum AgentStat {
     PeerNotAdmitted,
     /// Packets read from the TUN device.
     TunRx,
-    /// TUN packets that could not be sent (not overlay, no session possible).
+    /// TUN packets for the overlay that could not be sent (malformed, no session
+    /// possible).
     TunDropped,
+    /// TUN packets for a destination outside the overlay, or for this node itself: the
+    /// kernel's own chatter on the device (multicast listener reports, router
+    /// solicitations), not Myconet's to carry; kept apart so that `tun_dropped` only
+    /// counts real losses.
+    TunNotOverlay,
     /// Datagrams with no route to their overlay destination.
     TxNoRoute,
     /// Sends that failed.
@@ -106,7 +112,7 @@ pub enum AgentStat {
 
 impl AgentStat {
     /// Every counter in index order.
-    pub const ALL: [AgentStat; 24] = [
+    pub const ALL: [AgentStat; 25] = [
         AgentStat::RxData,
         AgentStat::RxDataLocal,
         AgentStat::RxDataRelayed,
@@ -129,6 +135,7 @@ impl AgentStat {
         AgentStat::PeerNotAdmitted,
         AgentStat::TunRx,
         AgentStat::TunDropped,
+        AgentStat::TunNotOverlay,
         AgentStat::TxNoRoute,
         AgentStat::TxError,
     ];
@@ -158,6 +165,7 @@ impl AgentStat {
             AgentStat::PeerNotAdmitted => "peer_not_admitted",
             AgentStat::TunRx => "tun_rx",
             AgentStat::TunDropped => "tun_dropped",
+            AgentStat::TunNotOverlay => "tun_not_overlay",
             AgentStat::TxNoRoute => "tx_no_route",
             AgentStat::TxError => "tx_error",
         }

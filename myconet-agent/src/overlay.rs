@@ -409,12 +409,19 @@ impl Overlay {
         scratch.dsts.clear();
         for packet in batch.iter() {
             self.node.count(AgentStat::TunRx, packet.len());
-            let dst = ipv6_addrs(packet)
-                .map(|(_, dst)| dst)
-                .filter(|dst| addr::is_overlay(dst) && !self.node.node_prefix().contains(*dst));
-            if dst.is_none() {
-                self.node.count(AgentStat::TunDropped, packet.len());
-            }
+            let dst = match ipv6_addrs(packet) {
+                None => {
+                    self.node.count(AgentStat::TunDropped, packet.len());
+                    None
+                }
+                Some((_, dst))
+                    if !addr::is_overlay(&dst) || self.node.node_prefix().contains(dst) =>
+                {
+                    self.node.count(AgentStat::TunNotOverlay, packet.len());
+                    None
+                }
+                Some((_, dst)) => Some(dst),
+            };
             scratch.dsts.push((dst, false));
         }
         let transmits = {
