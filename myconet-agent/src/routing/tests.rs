@@ -1094,6 +1094,14 @@ fn sim_scale_free_1000_with_failures() {
 }
 
 #[test]
+fn sim_random_1000_with_failures() {
+    let mut s = scenario(1000, Topology::Random { avg_degree: 5.0 }, 14);
+    s.sim.loop_sample_destinations = 2;
+    s.sim.loop_sample_interval = ms(250);
+    assert_report(&s.run());
+}
+
+#[test]
 fn urgent_updates_are_repeated() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
