@@ -1414,6 +1414,21 @@ mod tests {
         assert!(entries(run).is_empty(), "lock removed after shutdown");
     }
 
+    /// Waits (at most 10 s) until connecting to the socket at `path` is refused. A
+    /// listener this process just closed can still accept for a moment: other tests in
+    /// this binary start processes, and a child between fork and exec holds a copy of
+    /// every descriptor, close-on-exec or not. A claimant that got through to such a
+    /// socket would rightly refuse to replace it.
+    fn wait_until_refused(path: &std::path::Path) {
+        for _ in 0..10_000 {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return,
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        panic!("{} still accepts connections after 10 s", path.display());
+    }
+
     /// Two claims of one path racing each other, many times: exactly one wins, the other
     /// is told another agent serves there, and the winner's socket is the one in place.
     #[test]
@@ -1430,6 +1445,7 @@ mod tests {
             if round % 2 == 1 {
                 // Every other round starts from a stale socket, as after a crash.
                 drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+                wait_until_refused(&socket);
             }
             let barrier = std::sync::Barrier::new(2);
             let outcomes: Vec<anyhow::Result<ControlSocket>> = std::thread::scope(|s| {
@@ -1441,8 +1457,15 @@ mod tests {
                 let b = s.spawn(claim);
                 vec![a.join().unwrap(), b.join().unwrap()]
             });
+            let seen: Vec<String> = outcomes
+                .iter()
+                .map(|o| match o {
+                    Ok(_) => "claimed".to_string(),
+                    Err(e) => format!("{e:#}"),
+                })
+                .collect();
             let (won, lost): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
-            assert_eq!((won.len(), lost.len()), (1, 1), "round {round}");
+            assert_eq!((won.len(), lost.len()), (1, 1), "round {round}: {seen:?}");
             let e = lost.into_iter().next().unwrap().unwrap_err();
             assert!(
                 e.to_string()
