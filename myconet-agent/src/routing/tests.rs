@@ -1085,20 +1085,23 @@ fn sim_deterministic() {
     );
 }
 
-#[test]
-fn sim_scale_free_1000_with_failures() {
-    let mut s = scenario(1000, Topology::ScaleFree { m: 2 }, 13);
+/// 1,000 nodes through failures and recovery, with few transient-loop samples (each
+/// costs a walk from every node) so the run fits the suite's time budget.
+fn run_1000_with_failures(topology: Topology, seed: u64) {
+    let mut s = scenario(1000, topology, seed);
     s.sim.loop_sample_destinations = 2;
     s.sim.loop_sample_interval = ms(250);
     assert_report(&s.run());
 }
 
 #[test]
+fn sim_scale_free_1000_with_failures() {
+    run_1000_with_failures(Topology::ScaleFree { m: 2 }, 13);
+}
+
+#[test]
 fn sim_random_1000_with_failures() {
-    let mut s = scenario(1000, Topology::Random { avg_degree: 5.0 }, 14);
-    s.sim.loop_sample_destinations = 2;
-    s.sim.loop_sample_interval = ms(250);
-    assert_report(&s.run());
+    run_1000_with_failures(Topology::Random { avg_degree: 5.0 }, 14);
 }
 
 #[test]
