@@ -39,7 +39,7 @@ use crate::{
     agent::{AgentProcess, counter, counter_bytes},
     netns::NsChild,
     scenario::OverlayChain,
-    topology::Node,
+    topology::{Chain, Node},
     util::{self, TempDir},
 };
 
@@ -238,6 +238,115 @@ pub fn run(bin_dir: &Path, seconds: u64) -> Result<Vec<ThroughputRun>> {
         runs.push(run);
     }
     Ok(runs)
+}
+
+/// Plain kernel TCP a → c with b's kernel forwarding: what one TCP stream reaches on
+/// this testbed with no Myconet at all, as the ceiling to read the overlay's figures
+/// against.
+#[derive(Debug, Clone)]
+pub struct BaselineRun {
+    /// Whether the veths ran GRO (see [`kernel_baseline`]).
+    pub gro: bool,
+    /// Seconds the iperf3 receiver measured over.
+    pub seconds: f64,
+    /// Bits per second c received.
+    pub received_bps: f64,
+    /// TCP retransmits of the sender.
+    pub retransmits: u64,
+    /// Machine-wide busy CPU seconds in the window (all cores).
+    pub machine_busy_seconds: f64,
+    /// Machine-wide CPU seconds available in the window (all cores).
+    pub machine_total_seconds: f64,
+}
+
+impl BaselineRun {
+    /// Goodput in Gbit/s.
+    pub fn gbps(&self) -> f64 {
+        self.received_bps / 1e9
+    }
+
+    /// Share of the machine's CPU that was busy in the window (0..=1).
+    pub fn machine_busy_fraction(&self) -> f64 {
+        ratio(self.machine_busy_seconds, self.machine_total_seconds)
+    }
+}
+
+/// Measures plain kernel TCP a → c for `seconds` over the underlay of a fresh a — b — c
+/// chain built like the relay runs' (same veths, same offloads), b forwarding in its
+/// kernel: no agents, no overlay, no encryption.
+///
+/// With `gro` (as the relay runs' veths are set up) b's kernel merges a's segments and
+/// forwards 64 KB superpackets, a batching no per-packet relay of encrypted datagrams
+/// can do; without it b forwards every 1,500-byte frame on its own, as the XDP relay
+/// does. The two bracket what one TCP stream can expect here.
+pub fn kernel_baseline(seconds: u64, gro: bool) -> Result<BaselineRun> {
+    ensure!(
+        util::is_root(),
+        "the throughput benchmark needs root (namespaces)"
+    );
+    let iperf3 = util::tool("iperf3");
+    ensure!(
+        iperf3.is_file(),
+        "iperf3 not found (cargo xtask setup installs it)"
+    );
+    let how = if gro { "with GRO" } else { "without GRO" };
+    eprintln!("==> {seconds} s of iperf3 a → c with b forwarding in its kernel {how}, no overlay");
+    let topo = Chain::new(3).tag("kfwd").veth_gro(gro).build()?;
+    let (a, b, c) = (topo.node(0), topo.node(1), topo.node(2));
+    let (a_addr, c_addr) = (a.addr_to(1)?, c.addr_to(1)?);
+    let a_route = format!("{c_addr}/128");
+    let c_route = format!("{a_addr}/128");
+    let via_a = b.addr_to(0)?.to_string();
+    let via_c = b.addr_to(2)?.to_string();
+    a.netns().ip([
+        "-6",
+        "route",
+        "add",
+        a_route.as_str(),
+        "via",
+        via_a.as_str(),
+    ])?;
+    c.netns().ip([
+        "-6",
+        "route",
+        "add",
+        c_route.as_str(),
+        "via",
+        via_c.as_str(),
+    ])?;
+    // Resolves every neighbour on the way and proves the path before measuring.
+    a.ping(c_addr, 3)?;
+
+    let logs = TempDir::new("iperf3")?;
+    let server_log = logs.path().join("server.json");
+    let mut server = start_server(c, &iperf3, c_addr, &server_log)?;
+    let before = MachineCpu::read()?;
+    let client = run_client(a, &iperf3, a_addr, c_addr, seconds);
+    let after = MachineCpu::read()?;
+    let client = client.map_err(|e| {
+        e.context(format!(
+            "iperf3 server log {} ends with:\n{}",
+            server_log.display(),
+            util::tail(&server_log, 20)
+        ))
+    })?;
+    if server.wait_timeout(SERVER_TIMEOUT)?.is_none() {
+        eprintln!(
+            "throughput: the iperf3 server in {} did not exit after its test; stopping it",
+            c.ns_name()
+        );
+    }
+    let iperf = parse_iperf(&client)?;
+    let ticks = clock_ticks_per_second()?;
+    let machine = after.since(&before);
+    Ok(BaselineRun {
+        gro,
+        seconds: iperf.seconds,
+        received_bps: iperf.received_bps,
+        retransmits: iperf.retransmits,
+        machine_busy_seconds: machine.busy as f64 / ticks,
+        machine_total_seconds: machine.total as f64 / ticks,
+    })
 }
 
 /// Turns BPF run-time statistics on and puts the previous setting back on drop.

@@ -65,9 +65,11 @@ enum BenchCmd {
         seconds: u64,
     },
     /// TCP throughput a → c through relay b, XDP relay next to userspace relay, with
-    /// relay CPU time per packet for each.
+    /// relay CPU time per packet for each, and plain kernel forwarding (no overlay,
+    /// with and without GRO) as the testbed's own ceiling.
     Throughput {
-        /// Seconds each iperf3 run lasts (one run per relay data plane).
+        /// Seconds each iperf3 run lasts (one run per relay data plane, two for
+        /// kernel forwarding).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },

@@ -3,13 +3,17 @@
 //! per packet in each case; printed as a table with the ratios the issue asks for and
 //! saved as JSON under `target/bench/` so runs can be compared.
 //!
+//! Two more runs measure plain kernel TCP a → c with b forwarding in its kernel and no
+//! Myconet at all, with GRO on the veths and without, so the end-to-end figure can be
+//! read against what the machine itself reaches with one stream.
+//!
 //! The machine is small and shared, so absolute figures drift from run to run; the
-//! ratios between the two variants of one run are what to read.
+//! ratios between the variants of one run are what to read.
 
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result, bail};
-use myconet_testbed::throughput::{self, ThroughputRun};
+use myconet_testbed::throughput::{self, BaselineRun, ThroughputRun};
 
 use crate::cmd;
 
@@ -39,14 +43,29 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
     let (Some(xdp), Some(user)) = (find(&runs, "xdp"), find(&runs, "userspace")) else {
         bail!("the throughput benchmark did not return both an xdp and a userspace run");
     };
+    let kernel = [
+        throughput::kernel_baseline(seconds, true)?,
+        throughput::kernel_baseline(seconds, false)?,
+    ];
 
-    println!("\n{}", render(&runs, xdp, user));
+    println!("\n{}", render(&runs, xdp, user, &kernel));
     let dir = target.join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let json = serde_json::json!({
         "seconds": seconds,
         "runs": runs.iter().map(run_json).collect::<Vec<_>>(),
+        "kernel_forwarding": kernel.iter().map(|k| serde_json::json!({
+            "gro": k.gro,
+            "seconds": k.seconds,
+            "received_bps": k.received_bps,
+            "gbps": k.gbps(),
+            "retransmits": k.retransmits,
+            "machine_busy_seconds": k.machine_busy_seconds,
+            "machine_total_seconds": k.machine_total_seconds,
+        })).collect::<Vec<_>>(),
         "ratios": {
+            "xdp_gbps_over_kernel_forwarding_gro": xdp.gbps() / kernel[0].gbps(),
+            "xdp_gbps_over_kernel_forwarding_no_gro": xdp.gbps() / kernel[1].gbps(),
             "gbps_xdp_over_userspace": xdp.gbps() / user.gbps(),
             "relay_ns_userspace_over_xdp": user.relay_ns_per_packet() / xdp.relay_ns_per_packet(),
             "relay_ns_userspace_over_xdp_softirq_bound":
@@ -106,7 +125,12 @@ fn run_json(r: &ThroughputRun) -> serde_json::Value {
     })
 }
 
-fn render(runs: &[ThroughputRun], xdp: &ThroughputRun, user: &ThroughputRun) -> String {
+fn render(
+    runs: &[ThroughputRun],
+    xdp: &ThroughputRun,
+    user: &ThroughputRun,
+    kernel: &[BaselineRun],
+) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -147,6 +171,21 @@ fn render(runs: &[ThroughputRun], xdp: &ThroughputRun, user: &ThroughputRun) -> 
             pct(r.agent_cpu_seconds[2]),
             100.0 * r.machine_busy_fraction(),
             100.0 * r.other_cpu_fraction(),
+        );
+    }
+    for k in kernel {
+        let _ = writeln!(
+            s,
+            "  {:<10} {:>7.2} {:>8}   plain kernel TCP a → c, b forwarding in its kernel {}, no overlay; busy {:.0}%",
+            kernel_label(k),
+            k.gbps(),
+            k.retransmits,
+            if k.gro {
+                "(GRO: 64 KB superpackets)"
+            } else {
+                "(no GRO: frame by frame, as XDP)"
+            },
+            100.0 * k.machine_busy_fraction(),
         );
     }
     let _ = writeln!(
@@ -217,6 +256,15 @@ fn render(runs: &[ThroughputRun], xdp: &ThroughputRun, user: &ThroughputRun) -> 
         xdp.gbps() / TARGET_GBPS,
         verdict(xdp.gbps() >= TARGET_GBPS)
     );
+    for k in kernel {
+        let _ = writeln!(
+            s,
+            "  XDP end to end ÷ plain {:<9}                      {:>8.2}x  (the target is {:.2}x of it)",
+            kernel_label(k),
+            xdp.gbps() / k.gbps(),
+            TARGET_GBPS / k.gbps(),
+        );
+    }
     let _ = writeln!(
         s,
         "  XDP end to end vs the {}–{} Gbit/s reference:         {:.2}–{:.2}x",
@@ -243,6 +291,10 @@ fn render(runs: &[ThroughputRun], xdp: &ThroughputRun, user: &ThroughputRun) -> 
         let _ = writeln!(s, "  {:<10} {}", r.relay, top.join(", "));
     }
     s
+}
+
+fn kernel_label(k: &BaselineRun) -> &'static str {
+    if k.gro { "kernel" } else { "kernel/1f" }
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -295,11 +347,30 @@ mod tests {
             RelayCpuSource::AgentProcess,
         );
         let runs = [xdp.clone(), user.clone()];
-        let text = render(&runs, &xdp, &user);
+        let kernel = [true, false].map(|gro| BaselineRun {
+            gro,
+            seconds: 5.0,
+            received_bps: if gro { 4.5e9 } else { 3.0e9 },
+            retransmits: 0,
+            machine_busy_seconds: 8.0,
+            machine_total_seconds: 10.0,
+        });
+        let text = render(&runs, &xdp, &user, &kernel);
         assert!(text.contains("xdp") && text.contains("userspace"), "{text}");
         // 2000 ns ÷ 50 ns.
         assert!(text.contains("40.0x"), "{text}");
         assert!(text.contains("3.00x"), "{text}");
+        // 3.6 ÷ 4.5 and ÷ 3.0 Gbit/s, and the 3.5 Gbit/s target ÷ each.
+        assert!(
+            text.contains("0.80x  (the target is 0.78x of it)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1.20x  (the target is 1.17x of it)"),
+            "{text}"
+        );
+        assert!(text.contains("kernel        4.50"), "{text}");
+        assert!(text.contains("kernel/1f     3.00"), "{text}");
         assert!(text.contains("a:tokio-runtime-w[7] 2.50"), "{text}");
         assert!(
             text.contains("tx 11 / 0 / 0, rcvbuf 0 / 0 / 2, agent 0 / 0 / 5"),
