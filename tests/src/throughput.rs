@@ -323,19 +323,7 @@ pub fn kernel_baseline(seconds: u64, gro: bool) -> Result<BaselineRun> {
     let before = MachineCpu::read()?;
     let client = run_client(a, &iperf3, a_addr, c_addr, seconds);
     let after = MachineCpu::read()?;
-    let client = client.map_err(|e| {
-        e.context(format!(
-            "iperf3 server log {} ends with:\n{}",
-            server_log.display(),
-            util::tail(&server_log, 20)
-        ))
-    })?;
-    if server.wait_timeout(SERVER_TIMEOUT)?.is_none() {
-        eprintln!(
-            "throughput: the iperf3 server in {} did not exit after its test; stopping it",
-            c.ns_name()
-        );
-    }
+    let client = finish_client(client, &mut server, c, &server_log)?;
     let iperf = parse_iperf(&client)?;
     let ticks = clock_ticks_per_second()?;
     let machine = after.since(&before);
@@ -424,11 +412,24 @@ fn measure(
     let before = Snapshot::take(&chain, &pids, xdp_progs.as_deref())?;
     let client = run_client(a, iperf3, chain.a_overlay, chain.c_overlay, seconds);
     let after = Snapshot::take(&chain, &pids, xdp_progs.as_deref())?;
+    let client = finish_client(client, &mut server, c, &server_log)?;
+    // The server, then the chain (agents, namespaces) go on return, also on error.
+    results(relay, &client, &before, &after, ticks)
+}
+
+/// The client's report, or its error with the end of the server's log; then gives the
+/// server (which serves one test) a bounded time to exit.
+fn finish_client(
+    client: Result<Value>,
+    server: &mut NsChild,
+    c: &Node,
+    server_log: &Path,
+) -> Result<Value> {
     let client = client.map_err(|e| {
         e.context(format!(
             "iperf3 server log {} ends with:\n{}",
             server_log.display(),
-            util::tail(&server_log, 20)
+            util::tail(server_log, 20)
         ))
     })?;
     if server.wait_timeout(SERVER_TIMEOUT)?.is_none() {
@@ -437,8 +438,7 @@ fn measure(
             c.ns_name()
         );
     }
-    // The server, then the chain (agents, namespaces) go on return, also on error.
-    results(relay, &client, &before, &after, ticks)
+    Ok(client)
 }
 
 /// One overlay ping a → c, retried, so the session exists before anything is measured.
