@@ -1,0 +1,8 @@
+//! Myconet's content cores, sans-IO: nothing here opens a file, a socket or a clock.
+//! The agent's shell drives them with the one contract every Myconet protocol core
+//! follows (`handle_*`, `handle_timeout`, `poll_transmit`, `poll_event`, `poll_timeout`).
+#![deny(missing_docs)]
+
+pub mod hash;
+
+pub use hash::Hash;
