@@ -1,0 +1,1301 @@
+//! The store's logic, over any [`Backend`]: the database, the write order, quota and
+//! eviction, GC, verify. [`DiskStore`](crate::DiskStore) and
+//! [`MemStore`](crate::MemStore) are this with blob files and with blob buffers.
+//!
+//! Locks, always taken in this order: a partial blob's lock, then the database lock;
+//! the `partials` and `touched` maps are leaves (never held while taking another lock).
+//! Every change to blob files that the database names (install, delete, creating a
+//! partial blob's files) happens with the database lock held, so GC, which sweeps files
+//! against rows under the same lock, never sees a half-made change.
+
+use std::{
+    any::Any,
+    collections::{HashMap, HashSet},
+    fmt,
+    io::{self, Read, Write},
+    path::Path,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use crate::{
+    BlobStatus, Completeness, Corruption, FileInfo, GcReport, Hash, Hold, Manifest,
+    OpenReport, PackageId, PackageInfo, Problem, Protect, Result, StoreConfig, StoreError,
+    Usage, VerifyReport,
+    backend::{Backend, BlobReader, Staging},
+    error::io_err,
+    ranges::ByteRanges,
+    schema, seam,
+};
+
+/// Tags every [`Staged`] with the store that made it.
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+/// A blob streamed into the store for an add: its bytes are written and hashed, and
+/// its room is reserved against the quota, but nothing names it yet. Hand it to
+/// [`Store::insert_package`](crate::Store::insert_package) with the manifest that
+/// uses it; dropped instead, its bytes are deleted and its room released.
+pub struct Staged {
+    hash: Hash,
+    size: u64,
+    instance: u64,
+    /// Bytes reserved in `reservation`; zero once handed over to the database.
+    charge: u64,
+    staging: Option<Box<dyn Any + Send>>,
+    reservation: Arc<AtomicU64>,
+}
+
+impl Staged {
+    /// The root hash of the data (its verified-streaming root).
+    pub fn hash(&self) -> Hash {
+        self.hash
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn release(&mut self) {
+        self.reservation.fetch_sub(self.charge, Ordering::AcqRel);
+        self.charge = 0;
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl fmt::Debug for Staged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Staged")
+            .field("hash", &self.hash)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+/// The database connection and what is derived from it under the same lock.
+struct Db {
+    conn: Connection,
+    /// `SELECT sum(charge) FROM blobs`, kept in step with every commit so a quota check
+    /// is O(1) (a query per staged file would make adding n files O(n²)). Recomputed
+    /// on open and by GC.
+    charged: u64,
+}
+
+/// One blob row.
+struct BlobRow {
+    blob: i64,
+    size: u64,
+    complete: bool,
+    verified: Option<Vec<u8>>,
+    charge: u64,
+}
+
+/// What eviction would remove.
+#[derive(Default)]
+struct EvictionPlan {
+    packages: Vec<i64>,
+    freed: u64,
+}
+
+/// The store over a backend.
+pub(crate) struct Core<B: Backend> {
+    backend: B,
+    db: Mutex<Db>,
+    max_bytes: u64,
+    protect: Option<Protect>,
+    /// Bytes reserved by live [`Staged`] blobs.
+    staging: Arc<AtomicU64>,
+    instance: u64,
+    /// The LRU clock: the last value given to `packages.accessed`.
+    clock: AtomicU64,
+    /// Accesses not yet written to `packages.accessed` (package row → clock), written
+    /// before eviction plans and on close: reading a file must not cost a commit.
+    touched: Mutex<HashMap<i64, u64>>,
+    open_report: OpenReport,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The root hash of the empty file.
+fn empty_root() -> Hash {
+    Hash::of(&[])
+}
+
+/// A reader that remembers whether the failure came from it (not from the writer).
+struct TrackedRead<'a> {
+    inner: &'a mut dyn Read,
+    read: u64,
+    failed: bool,
+}
+
+impl Read for TrackedRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.read += n as u64;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Compares what is written with the bytes of a reader.
+struct CompareWriter<'a> {
+    expected: Option<&'a BlobReader>,
+    offset: u64,
+    equal: bool,
+    buf: Vec<u8>,
+}
+
+impl Write for CompareWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.equal {
+            match self.expected {
+                None => self.equal = data.is_empty(),
+                Some(r) => {
+                    self.buf.resize(data.len(), 0);
+                    if r.read_exact_at(self.offset, &mut self.buf).is_err() || self.buf != data
+                    {
+                        self.equal = false;
+                    }
+                }
+            }
+        }
+        self.offset += data.len() as u64;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<B: Backend> Core<B> {
+    /// Opens the store over `conn` and `backend`, migrating the schema and, after an
+    /// unclean shutdown, reconciling files with rows.
+    pub(crate) fn open(
+        backend: B,
+        mut conn: Connection,
+        in_memory: bool,
+        config: StoreConfig,
+    ) -> Result<Self> {
+        schema::configure(&conn, in_memory)?;
+        schema::migrate(&mut conn)?;
+        let mut report = OpenReport {
+            staging_files_deleted: backend.clear_staging()?,
+            ..OpenReport::default()
+        };
+        let clean: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'clean'", [], |r| r.get(0))
+            .optional()?;
+        report.unclean = clean != Some(1);
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('clean', 0)
+             ON CONFLICT (key) DO UPDATE SET value = 0",
+            [],
+        )?;
+        if report.unclean {
+            reconcile(&backend, &mut conn, &mut report)?;
+        }
+        let charged: i64 =
+            conn.query_row("SELECT coalesce(sum(charge), 0) FROM blobs", [], |r| r.get(0))?;
+        let clock: i64 = conn.query_row(
+            "SELECT coalesce(max(accessed), 0) FROM packages",
+            [],
+            |r| r.get(0),
+        )?;
+        let core = Self {
+            backend,
+            db: Mutex::new(Db {
+                conn,
+                charged: u64_of(charged),
+            }),
+            max_bytes: config.max_bytes,
+            protect: config.protect,
+            staging: Arc::new(AtomicU64::new(0)),
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            clock: AtomicU64::new(u64_of(clock)),
+            touched: Mutex::new(HashMap::new()),
+            open_report: report,
+        };
+        // A quota lowered since the last run: evict what may be evicted, best effort.
+        {
+            let mut db = core.lock_db();
+            let used = core.used(&db);
+            if used > core.max_bytes {
+                let plan = core.plan_eviction(&mut db, used - core.max_bytes)?;
+                core.evict(&mut db, &plan)?;
+            }
+        }
+        Ok(core)
+    }
+
+    pub(crate) fn open_report(&self) -> OpenReport {
+        self.open_report
+    }
+
+    pub(crate) fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    fn lock_db(&self) -> MutexGuard<'_, Db> {
+        // A panic while holding the lock left any open transaction rolled back (its
+        // drop), and `charged` is only updated after commits: the state is sound.
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn used(&self, db: &Db) -> u64 {
+        db.charged
+            .saturating_add(self.staging.load(Ordering::Acquire))
+            .saturating_add(self.backend.database_bytes(&db.conn))
+    }
+
+    fn charge_for_blob(&self, size: u64) -> u64 {
+        self.backend.charge_for(size) + self.backend.charge_for(seam::outboard_size(size))
+    }
+
+    fn next_access(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    // ---- quota and eviction ----
+
+    /// Makes room for `needed` more bytes, evicting least recently used cached
+    /// packages if that is enough; refuses, evicting nothing, if it is not.
+    fn make_room(&self, db: &mut Db, needed: u64) -> Result<()> {
+        let used = self.used(db);
+        let want = used.saturating_add(needed).saturating_sub(self.max_bytes);
+        if want == 0 {
+            return Ok(());
+        }
+        let plan = self.plan_eviction(db, want)?;
+        if plan.freed < want {
+            return Err(StoreError::Quota {
+                max_bytes: self.max_bytes,
+                used,
+                needed,
+                evictable: plan.freed,
+            });
+        }
+        self.evict(db, &plan)
+    }
+
+    /// Picks cached, unprotected packages, least recently used first, until evicting
+    /// them would free `want` bytes (or every candidate is taken). A blob is freed only
+    /// once every package using it is evicted.
+    fn plan_eviction(&self, db: &mut Db, want: u64) -> Result<EvictionPlan> {
+        self.flush_touched(db)?;
+        let conn = &db.conn;
+        let mut candidates = conn.prepare_cached(
+            "SELECT pkg, id FROM packages p
+             WHERE NOT EXISTS (SELECT 1 FROM holds h WHERE h.pkg = p.pkg)
+             ORDER BY accessed, pkg",
+        )?;
+        let mut blobs_of = conn.prepare_cached(
+            "SELECT f.blob, b.charge, (SELECT count(DISTINCT f2.pkg) FROM files f2 WHERE f2.blob = f.blob)
+             FROM (SELECT DISTINCT blob FROM files WHERE pkg = ?1) f JOIN blobs b ON b.blob = f.blob",
+        )?;
+        let mut users_left: HashMap<i64, (u64, u64)> = HashMap::new();
+        let mut plan = EvictionPlan::default();
+        let mut rows = candidates.query([])?;
+        while let Some(row) = rows.next()? {
+            if plan.freed >= want {
+                break;
+            }
+            let pkg: i64 = row.get(0)?;
+            let id = hash_from(&row.get::<_, Vec<u8>>(1)?)?;
+            if self.protect.as_ref().is_some_and(|p| p(&id)) {
+                continue;
+            }
+            plan.packages.push(pkg);
+            let mut blobs = blobs_of.query([pkg])?;
+            while let Some(b) = blobs.next()? {
+                let blob: i64 = b.get(0)?;
+                let charge = u64_of(b.get(1)?);
+                let users = u64_of(b.get(2)?);
+                let left = users_left.entry(blob).or_insert((users, charge));
+                left.0 = left.0.saturating_sub(1);
+                if left.0 == 0 {
+                    plan.freed += charge;
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Deletes the planned packages and the blobs nothing else uses.
+    fn evict(&self, db: &mut Db, plan: &EvictionPlan) -> Result<()> {
+        if plan.packages.is_empty() {
+            return Ok(());
+        }
+        let tx = db.conn.transaction()?;
+        let mut blobs = Vec::new();
+        for &pkg in &plan.packages {
+            blobs.extend(delete_package_rows(&tx, pkg)?);
+        }
+        let freed = delete_unused_blobs(&tx, &blobs)?;
+        tx.commit()?;
+        self.forget_blobs(db, &freed);
+        Ok(())
+    }
+
+    /// After a commit that deleted blob rows: the charge and the files go too.
+    fn forget_blobs(&self, db: &mut Db, freed: &[(Hash, u64)]) {
+        for (hash, charge) in freed {
+            db.charged = db.charged.saturating_sub(*charge);
+            // A file that cannot be deleted now is an orphan: GC sweeps it later.
+            let _ = self.backend.delete(hash);
+        }
+    }
+
+    fn flush_touched(&self, db: &mut Db) -> Result<()> {
+        let touched: Vec<(i64, u64)> = {
+            let mut t = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+            t.drain().collect()
+        };
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let tx = db.conn.transaction()?;
+        {
+            let mut up = tx.prepare_cached(
+                "UPDATE packages SET accessed = ?2 WHERE pkg = ?1 AND accessed < ?2",
+            )?;
+            for (pkg, at) in touched {
+                up.execute(params![pkg, i64_of(at)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ---- adding ----
+
+    pub(crate) fn stage(&self, data: &mut dyn Read, size: u64) -> Result<Staged> {
+        let charge = self.charge_for_blob(size);
+        {
+            let mut db = self.lock_db();
+            self.make_room(&mut db, charge)?;
+            self.staging.fetch_add(charge, Ordering::AcqRel);
+        }
+        let mut staged = Staged {
+            hash: Hash([0; 32]),
+            size,
+            instance: self.instance,
+            charge,
+            staging: None,
+            reservation: self.staging.clone(),
+        };
+        let mut files = self.backend.stage()?;
+        let mut reader = TrackedRead {
+            inner: data,
+            read: 0,
+            failed: false,
+        };
+        let hash = {
+            let (d, o) = files.writers();
+            seam::import(&mut reader, size, d, o)
+        };
+        let hash = match hash {
+            Ok(h) => h,
+            Err(e) if reader.failed => return Err(StoreError::Read(e)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(StoreError::DataTooShort {
+                    declared: size,
+                    actual: reader.read,
+                });
+            }
+            Err(e) => return Err(StoreError::Staging(e)),
+        };
+        let mut probe = [0u8; 1];
+        loop {
+            match reader.inner.read(&mut probe) {
+                Ok(0) => break,
+                Ok(_) => return Err(StoreError::DataTooLong { declared: size }),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(StoreError::Read(e)),
+            }
+        }
+        files.finish().map_err(StoreError::Staging)?;
+        staged.hash = hash;
+        staged.staging = Some(Box::new(files));
+        Ok(staged)
+    }
+
+    pub(crate) fn stage_file(&self, path: &Path) -> Result<Staged> {
+        let mut f = std::fs::File::open(path).map_err(io_err("opening", path))?;
+        let size = f.metadata().map_err(io_err("reading size of", path))?.len();
+        self.stage(&mut f, size).map_err(|e| match e {
+            StoreError::Read(source) => io_err("reading", path)(source),
+            e => e,
+        })
+    }
+
+    pub(crate) fn insert_package(
+        &self,
+        manifest: &Manifest,
+        staged: Vec<Staged>,
+        holds: &[Hold],
+    ) -> Result<PackageInfo> {
+        let mut by_hash: HashMap<Hash, Staged> = HashMap::new();
+        for s in staged {
+            if s.instance != self.instance {
+                return Err(StoreError::ForeignStaged(s.hash));
+            }
+            by_hash.entry(s.hash).or_insert(s);
+        }
+        for f in &manifest.files {
+            match by_hash.get(&f.root) {
+                Some(s) if s.size != f.size => {
+                    return Err(StoreError::ManifestSizeMismatch {
+                        path: f.path.clone(),
+                        manifest: f.size,
+                        staged: s.size,
+                    });
+                }
+                _ => check_possible(&f.path, f.root, f.size)?,
+            }
+        }
+        let used_roots: HashSet<Hash> = manifest.files.iter().map(|f| f.root).collect();
+        by_hash.retain(|h, _| used_roots.contains(h));
+        {
+            let to_sync: Vec<&B::Staging> = by_hash
+                .values()
+                .filter_map(|s| s.staging.as_ref()?.downcast_ref::<B::Staging>())
+                .collect();
+            self.backend.sync_staged(&to_sync)?;
+        }
+
+        let mut db = self.lock_db();
+        if let Some(pkg) = find_package(&db.conn, &manifest.id)? {
+            self.add_holds(&mut db, pkg, holds)?;
+            self.touch_row(pkg);
+            return package_info(&db.conn, pkg);
+        }
+        // Which blobs are new, which partial ones the add completes.
+        let mut new_blobs: Vec<(Hash, u64)> = Vec::new();
+        let mut upgrades: Vec<i64> = Vec::new();
+        let mut to_install: Vec<(Hash, Staged, bool)> = Vec::new();
+        let mut seen = HashSet::new();
+        for f in &manifest.files {
+            if !seen.insert(f.root) {
+                continue;
+            }
+            let row = blob_row(&db.conn, &f.root)?;
+            if let Some(r) = &row
+                && r.size != f.size
+            {
+                return Err(StoreError::ImpossibleFile {
+                    path: f.path.clone(),
+                    hash: f.root,
+                    size: f.size,
+                });
+            }
+            match row {
+                Some(r) if r.complete => {}
+                other => {
+                    let s = by_hash.remove(&f.root).ok_or_else(|| StoreError::MissingData {
+                        path: f.path.clone(),
+                        hash: f.root,
+                    })?;
+                    match other {
+                        Some(ref r) => upgrades.push(r.blob),
+                        None => new_blobs.push((f.root, f.size)),
+                    }
+                    to_install.push((f.root, s, other.is_none()));
+                }
+            }
+        }
+        // Data in place and durable before any row names it.
+        let mut installed = Vec::with_capacity(to_install.len());
+        let mut release = Vec::with_capacity(to_install.len());
+        for (hash, mut s, new) in to_install {
+            let files = s
+                .staging
+                .take()
+                .and_then(|b| b.downcast::<B::Staging>().ok())
+                .ok_or(StoreError::ForeignStaged(hash));
+            if let Err(e) = files.and_then(|f| self.backend.install(*f, &hash)) {
+                self.undo_installs(&installed);
+                return Err(e);
+            }
+            installed.push((hash, new));
+            release.push(s);
+        }
+        let hashes: Vec<Hash> = installed.iter().map(|(h, _)| *h).collect();
+        let committed = self.backend.sync_installed(&hashes).and_then(|()| {
+            let tx = db.conn.transaction()?;
+            for &(hash, size) in &new_blobs {
+                tx.prepare_cached(
+                    "INSERT INTO blobs (hash, size, complete, verified, charge) VALUES (?1, ?2, 1, NULL, ?3)",
+                )?
+                .execute(params![&hash.0[..], i64_of(size), i64_of(self.charge_for_blob(size))])?;
+            }
+            for &blob in &upgrades {
+                tx.prepare_cached("UPDATE blobs SET complete = 1, verified = NULL WHERE blob = ?1")?
+                    .execute([blob])?;
+            }
+            let pkg = insert_package_rows(&tx, manifest, holds, self.next_access())?;
+            tx.commit()?;
+            Ok(pkg)
+        });
+        let pkg = match committed {
+            Ok(pkg) => pkg,
+            Err(e) => {
+                self.undo_installs(&installed);
+                return Err(e);
+            }
+        };
+        for &(_, size) in &new_blobs {
+            db.charged += self.charge_for_blob(size);
+        }
+        // The staged room is now charged to the rows (or, for upgrades, was already).
+        for mut s in release {
+            s.release();
+        }
+        package_info(&db.conn, pkg)
+    }
+
+    /// After a failed add: deletes the installed files of blobs that had no row. (Files
+    /// that replaced a partial blob hold that blob's exact bytes, so they stay.)
+    fn undo_installs(&self, installed: &[(Hash, bool)]) {
+        for (h, new) in installed {
+            if *new {
+                let _ = self.backend.delete(h);
+            }
+        }
+    }
+
+    pub(crate) fn put_manifest(&self, manifest: &Manifest, holds: &[Hold]) -> Result<PackageInfo> {
+        for f in &manifest.files {
+            check_possible(&f.path, f.root, f.size)?;
+        }
+        let mut db = self.lock_db();
+        if let Some(pkg) = find_package(&db.conn, &manifest.id)? {
+            self.add_holds(&mut db, pkg, holds)?;
+            self.touch_row(pkg);
+            return package_info(&db.conn, pkg);
+        }
+        let mut missing: Vec<(Hash, u64)> = Vec::new();
+        let mut seen = HashSet::new();
+        for f in &manifest.files {
+            if !seen.insert(f.root) {
+                continue;
+            }
+            match blob_row(&db.conn, &f.root)? {
+                Some(r) if r.size != f.size => {
+                    return Err(StoreError::ImpossibleFile {
+                        path: f.path.clone(),
+                        hash: f.root,
+                        size: f.size,
+                    });
+                }
+                Some(_) => {}
+                None => missing.push((f.root, f.size)),
+            }
+        }
+        let needed: u64 = missing.iter().map(|&(_, s)| self.charge_for_blob(s)).sum();
+        self.make_room(&mut db, needed)?;
+        // The empty file is complete as soon as it is named: it has no bytes to verify.
+        let empties: Vec<Hash> = missing
+            .iter()
+            .filter(|&&(_, s)| s == 0)
+            .map(|&(h, _)| h)
+            .collect();
+        for h in &empties {
+            let mut s = self.backend.stage()?;
+            s.finish().map_err(StoreError::Staging)?;
+            self.backend.sync_staged(&[&s])?;
+            self.backend.install(s, h)?;
+        }
+        self.backend.sync_installed(&empties)?;
+        let committed = (|| -> Result<i64> {
+            let tx = db.conn.transaction()?;
+            for &(hash, size) in &missing {
+                tx.prepare_cached(
+                    "INSERT INTO blobs (hash, size, complete, verified, charge) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    &hash.0[..],
+                    i64_of(size),
+                    size == 0,
+                    (size > 0).then(Vec::<u8>::new),
+                    i64_of(self.charge_for_blob(size))
+                ])?;
+            }
+            let pkg = insert_package_rows(&tx, manifest, holds, self.next_access())?;
+            tx.commit()?;
+            Ok(pkg)
+        })();
+        let pkg = match committed {
+            Ok(pkg) => pkg,
+            Err(e) => {
+                for h in &empties {
+                    let _ = self.backend.delete(h);
+                }
+                return Err(e);
+            }
+        };
+        db.charged += needed;
+        package_info(&db.conn, pkg)
+    }
+
+    // ---- holds, removal, access ----
+
+    fn add_holds(&self, db: &mut Db, pkg: i64, holds: &[Hold]) -> Result<()> {
+        if holds.is_empty() {
+            return Ok(());
+        }
+        let tx = db.conn.transaction()?;
+        insert_holds(&tx, pkg, holds)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub(crate) fn hold(&self, id: &PackageId, hold: Hold) -> Result<()> {
+        let mut db = self.lock_db();
+        let pkg = find_package(&db.conn, id)?.ok_or(StoreError::UnknownPackage(*id))?;
+        self.add_holds(&mut db, pkg, &[hold])
+    }
+
+    pub(crate) fn release(&self, id: &PackageId, hold: Hold) -> Result<()> {
+        let db = self.lock_db();
+        let pkg = find_package(&db.conn, id)?.ok_or(StoreError::UnknownPackage(*id))?;
+        db.conn.execute(
+            "DELETE FROM holds WHERE pkg = ?1 AND reason = ?2",
+            params![pkg, hold.code()],
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn remove(&self, id: &PackageId) -> Result<u64> {
+        let mut db = self.lock_db();
+        let pkg = find_package(&db.conn, id)?.ok_or(StoreError::UnknownPackage(*id))?;
+        let tx = db.conn.transaction()?;
+        let blobs = delete_package_rows(&tx, pkg)?;
+        let freed = delete_unused_blobs(&tx, &blobs)?;
+        tx.commit()?;
+        self.forget_blobs(&mut db, &freed);
+        Ok(freed.iter().map(|(_, c)| c).sum())
+    }
+
+    fn touch_row(&self, pkg: i64) {
+        let at = self.next_access();
+        self.touched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pkg, at);
+    }
+
+    pub(crate) fn touch(&self, id: &PackageId) -> Result<()> {
+        let pkg = {
+            let db = self.lock_db();
+            find_package(&db.conn, id)?.ok_or(StoreError::UnknownPackage(*id))?
+        };
+        self.touch_row(pkg);
+        Ok(())
+    }
+
+    // ---- reading ----
+
+    pub(crate) fn packages(&self) -> Result<Vec<PackageInfo>> {
+        let db = self.lock_db();
+        let pkgs: Vec<i64> = db
+            .conn
+            .prepare_cached("SELECT pkg FROM packages ORDER BY added_at, pkg")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        pkgs.into_iter().map(|p| package_info(&db.conn, p)).collect()
+    }
+
+    pub(crate) fn package(&self, id: &PackageId) -> Result<Option<PackageInfo>> {
+        let db = self.lock_db();
+        find_package(&db.conn, id)?
+            .map(|p| package_info(&db.conn, p))
+            .transpose()
+    }
+
+    pub(crate) fn manifest(&self, id: &PackageId) -> Result<Option<Vec<u8>>> {
+        let db = self.lock_db();
+        Ok(db
+            .conn
+            .prepare_cached("SELECT manifest FROM packages WHERE id = ?1")?
+            .query_row([&id.0[..]], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub(crate) fn files(&self, id: &PackageId) -> Result<Vec<FileInfo>> {
+        let db = self.lock_db();
+        let pkg = find_package(&db.conn, id)?.ok_or(StoreError::UnknownPackage(*id))?;
+        let mut stmt = db.conn.prepare_cached(
+            "SELECT f.path, b.size, f.executable, b.hash, b.complete, b.verified
+             FROM files f JOIN blobs b ON b.blob = f.blob WHERE f.pkg = ?1 ORDER BY f.path",
+        )?;
+        let mut rows = stmt.query([pkg])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let size = u64_of(r.get(1)?);
+            out.push(FileInfo {
+                path: r.get(0)?,
+                size,
+                executable: r.get(2)?,
+                hash: hash_from(&r.get::<_, Vec<u8>>(3)?)?,
+                completeness: completeness(size, r.get(4)?, r.get(5)?),
+            });
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn blob_status(&self, hash: &Hash) -> Result<BlobStatus> {
+        let db = self.lock_db();
+        Ok(match blob_row(&db.conn, hash)? {
+            None => BlobStatus::Missing,
+            Some(r) if r.complete => BlobStatus::Complete { size: r.size },
+            Some(r) => BlobStatus::Partial {
+                size: r.size,
+                verified: verified_ranges(r.size, r.verified.as_deref())
+                    .as_slice()
+                    .to_vec(),
+            },
+        })
+    }
+
+    pub(crate) fn open_blob(&self, hash: &Hash) -> Result<BlobReader> {
+        let db = self.lock_db();
+        let row = blob_row(&db.conn, hash)?.ok_or(StoreError::UnknownBlob(*hash))?;
+        if !row.complete {
+            return Err(StoreError::Incomplete(*hash));
+        }
+        let reader = self
+            .backend
+            .open_data(hash)?
+            .ok_or(StoreError::UnknownBlob(*hash))?;
+        let pkgs: Vec<i64> = db
+            .conn
+            .prepare_cached("SELECT DISTINCT pkg FROM files WHERE blob = ?1")?
+            .query_map([row.blob], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        drop(db);
+        for p in pkgs {
+            self.touch_row(p);
+        }
+        Ok(reader)
+    }
+
+    pub(crate) fn open_file(&self, id: &PackageId, path: &str) -> Result<(FileInfo, BlobReader)> {
+        let db = self.lock_db();
+        let pkg = find_package(&db.conn, id)?.ok_or(StoreError::UnknownPackage(*id))?;
+        let (hash, size, executable, complete, verified): (Vec<u8>, i64, bool, bool, Option<Vec<u8>>) = db
+            .conn
+            .prepare_cached(
+                "SELECT b.hash, b.size, f.executable, b.complete, b.verified
+                 FROM files f JOIN blobs b ON b.blob = f.blob WHERE f.pkg = ?1 AND f.path = ?2",
+            )?
+            .query_row(params![pkg, path], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()?
+            .ok_or_else(|| StoreError::UnknownFile {
+                package: *id,
+                path: path.to_owned(),
+            })?;
+        let hash = hash_from(&hash)?;
+        let size = u64_of(size);
+        let info = FileInfo {
+            path: path.to_owned(),
+            size,
+            executable,
+            hash,
+            completeness: completeness(size, complete, verified),
+        };
+        if !complete {
+            return Err(StoreError::Incomplete(hash));
+        }
+        let reader = self
+            .backend
+            .open_data(&hash)?
+            .ok_or(StoreError::UnknownBlob(hash))?;
+        drop(db);
+        self.touch_row(pkg);
+        Ok((info, reader))
+    }
+
+    // ---- accounting, GC, verify ----
+
+    pub(crate) fn usage(&self) -> Result<Usage> {
+        let db = self.lock_db();
+        let held: i64 = db.conn.query_row(
+            "SELECT coalesce(sum(charge), 0) FROM blobs WHERE blob IN
+               (SELECT f.blob FROM files f JOIN holds h ON h.pkg = f.pkg)",
+            [],
+            |r| r.get(0),
+        )?;
+        let mut reserved = 0u64;
+        {
+            let mut stmt = db
+                .conn
+                .prepare_cached("SELECT size, verified FROM blobs WHERE complete = 0")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let size = u64_of(r.get(0)?);
+                let v: Option<Vec<u8>> = r.get(1)?;
+                reserved += size - verified_ranges(size, v.as_deref()).total();
+            }
+        }
+        let held = u64_of(held);
+        let staging = self.staging.load(Ordering::Acquire);
+        let database = self.backend.database_bytes(&db.conn);
+        Ok(Usage {
+            max_bytes: self.max_bytes,
+            used: db.charged + staging + database,
+            held_bytes: held,
+            cached_bytes: db.charged.saturating_sub(held),
+            reserved_bytes: reserved,
+            staging_bytes: staging,
+            database_bytes: database,
+            slack: crate::QUOTA_SLACK,
+        })
+    }
+
+    pub(crate) fn gc(&self) -> Result<GcReport> {
+        let mut db = self.lock_db();
+        let mut report = GcReport::default();
+        // Rows no package uses (none should exist: every removal deletes them).
+        let unused: Vec<i64> = db
+            .conn
+            .prepare(
+                "SELECT blob FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.blob = b.blob)",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if !unused.is_empty() {
+            let tx = db.conn.transaction()?;
+            let freed = delete_unused_blobs(&tx, &unused)?;
+            tx.commit()?;
+            report.blobs_deleted += freed.len() as u64;
+            report.bytes_freed += freed.iter().map(|(_, c)| c).sum::<u64>();
+            self.forget_blobs(&mut db, &freed);
+        }
+        // Files no row names.
+        let known = all_blob_hashes(&db.conn)?;
+        for h in self.backend.list()? {
+            if !known.contains(&h) {
+                self.backend.delete(&h)?;
+                report.blobs_deleted += 1;
+            }
+        }
+        // The charge total, recomputed from the rows it summarises.
+        let charged: i64 =
+            db.conn
+                .query_row("SELECT coalesce(sum(charge), 0) FROM blobs", [], |r| r.get(0))?;
+        db.charged = u64_of(charged);
+        // Over the quota (it was lowered, or the database grew): evict cached packages.
+        let used = self.used(&db);
+        if used > self.max_bytes {
+            let plan = self.plan_eviction(&mut db, used - self.max_bytes)?;
+            report.packages_evicted = plan.packages.len() as u64;
+            let before = db.charged;
+            self.evict(&mut db, &plan)?;
+            report.bytes_freed += before - db.charged;
+        } else {
+            self.flush_touched(&mut db)?;
+        }
+        Ok(report)
+    }
+
+    pub(crate) fn verify(&self) -> Result<VerifyReport> {
+        let rows: Vec<(Hash, u64, bool)> = {
+            let db = self.lock_db();
+            db.conn
+                .prepare("SELECT hash, size, complete FROM blobs ORDER BY blob")?
+                .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?)))?
+                .map(|r| {
+                    let (h, s, c) = r?;
+                    Ok((hash_from(&h)?, u64_of(s), c))
+                })
+                .collect::<Result<_>>()?
+        };
+        let mut report = VerifyReport::default();
+        for (hash, size, complete) in rows {
+            if !complete {
+                continue;
+            }
+            report.blobs_checked += 1;
+            let problem = self.check_blob(&hash, size, &mut report.bytes_checked)?;
+            let Some(problem) = problem else { continue };
+            let db = self.lock_db();
+            // Removed while being checked: nothing to report.
+            let Some(row) = blob_row(&db.conn, &hash)? else {
+                continue;
+            };
+            if problem != Problem::OutboardRepaired && row.complete {
+                db.conn.execute(
+                    "UPDATE blobs SET complete = 0, verified = x'' WHERE blob = ?1",
+                    [row.blob],
+                )?;
+            }
+            let packages = db
+                .conn
+                .prepare_cached(
+                    "SELECT DISTINCT p.id FROM files f JOIN packages p ON p.pkg = f.pkg WHERE f.blob = ?1",
+                )?
+                .query_map([row.blob], |r| r.get::<_, Vec<u8>>(0))?
+                .map(|r| hash_from(&r?))
+                .collect::<Result<_>>()?;
+            report.corrupt.push(Corruption {
+                hash,
+                problem,
+                packages,
+            });
+        }
+        Ok(report)
+    }
+
+    /// Re-hashes one complete blob; repairs a wrong outboard from good data.
+    fn check_blob(&self, hash: &Hash, size: u64, bytes: &mut u64) -> Result<Option<Problem>> {
+        let Some(mut data) = self.backend.open_data(hash)? else {
+            return Ok(Some(Problem::Missing));
+        };
+        if data.len() != size {
+            return Ok(Some(Problem::WrongLength { found: data.len() }));
+        }
+        let outboard = self.backend.open_outboard(hash)?;
+        let mut cmp = CompareWriter {
+            expected: outboard.as_ref(),
+            offset: 0,
+            equal: true,
+            buf: Vec::new(),
+        };
+        let root = seam::import(&mut data, size, &mut io::sink(), &mut cmp);
+        *bytes += size;
+        let root = match root {
+            Ok(r) => r,
+            // Shrunk while being read.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Ok(Some(Problem::WrongLength { found: data.len() }));
+            }
+            Err(e) => return Err(io_err("reading blob", hash.to_string())(e)),
+        };
+        if root != *hash {
+            return Ok(Some(Problem::DataMismatch));
+        }
+        let expected_len = seam::outboard_size(size);
+        let outboard_len = outboard.as_ref().map_or(0, |o| o.len());
+        if cmp.equal && cmp.offset == expected_len && outboard_len == expected_len {
+            return Ok(None);
+        }
+        let mut data = self
+            .backend
+            .open_data(hash)?
+            .ok_or(StoreError::UnknownBlob(*hash))?;
+        let mut outboard = Vec::new();
+        seam::import(&mut data, size, &mut io::sink(), &mut outboard)
+            .map_err(io_err("reading blob", hash.to_string()))?;
+        self.backend.write_outboard(hash, &mut outboard.as_slice())?;
+        Ok(Some(Problem::OutboardRepaired))
+    }
+
+    /// Writes what is only in memory (access times) and marks the shutdown clean.
+    pub(crate) fn close(&self) -> Result<()> {
+        let mut db = self.lock_db();
+        self.flush_touched(&mut db)?;
+        db.conn
+            .execute("UPDATE meta SET value = 1 WHERE key = 'clean'", [])?;
+        Ok(())
+    }
+}
+
+impl<B: Backend> Drop for Core<B> {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+// ---- row helpers ----
+
+fn hash_from(bytes: &[u8]) -> Result<Hash> {
+    <[u8; 32]>::try_from(bytes).map(Hash).map_err(|_| {
+        StoreError::Database(rusqlite::Error::IntegralValueOutOfRange(0, bytes.len() as i64))
+    })
+}
+
+/// Refuses sizes that cannot belong to a root: only the empty file is 0 bytes.
+fn check_possible(path: &str, root: Hash, size: u64) -> Result<()> {
+    if (size == 0) != (root == empty_root()) {
+        return Err(StoreError::ImpossibleFile {
+            path: path.to_owned(),
+            hash: root,
+            size,
+        });
+    }
+    Ok(())
+}
+
+fn verified_ranges(size: u64, verified: Option<&[u8]>) -> ByteRanges {
+    verified
+        .and_then(|v| ByteRanges::decode(v, size))
+        .unwrap_or_default()
+}
+
+fn completeness(size: u64, complete: bool, verified: Option<Vec<u8>>) -> Completeness {
+    if complete {
+        Completeness::Complete
+    } else {
+        Completeness::Partial {
+            verified_bytes: verified_ranges(size, verified.as_deref()).total(),
+        }
+    }
+}
+
+fn package_info(conn: &Connection, pkg: i64) -> Result<PackageInfo> {
+    let (id, title, kind, total_size, file_count, added_at) = conn
+        .prepare_cached(
+            "SELECT id, title, kind, total_size, file_count, added_at FROM packages WHERE pkg = ?1",
+        )?
+        .query_row([pkg], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+    let holds = conn
+        .prepare_cached("SELECT reason FROM holds WHERE pkg = ?1 ORDER BY reason")?
+        .query_map([pkg], |r| r.get::<_, i64>(0))?
+        .filter_map(|r| r.map(Hold::from_code).transpose())
+        .collect::<rusqlite::Result<_>>()?;
+    let mut complete = true;
+    let mut verified_bytes = 0;
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT b.size, b.complete, b.verified FROM files f JOIN blobs b ON b.blob = f.blob
+             WHERE f.pkg = ?1",
+        )?;
+        let mut rows = stmt.query([pkg])?;
+        while let Some(r) = rows.next()? {
+            let size = u64_of(r.get(0)?);
+            match completeness(size, r.get(1)?, r.get(2)?) {
+                Completeness::Complete => verified_bytes += size,
+                Completeness::Partial { verified_bytes: v } => {
+                    complete = false;
+                    verified_bytes += v;
+                }
+            }
+        }
+    }
+    let disk_bytes: i64 = conn
+        .prepare_cached(
+            "SELECT coalesce(sum(charge), 0) FROM blobs WHERE blob IN (SELECT blob FROM files WHERE pkg = ?1)",
+        )?
+        .query_row([pkg], |r| r.get(0))?;
+    Ok(PackageInfo {
+        id: hash_from(&id)?,
+        title,
+        kind,
+        total_size: u64_of(total_size),
+        file_count: u64_of(file_count),
+        completeness: if complete {
+            Completeness::Complete
+        } else {
+            Completeness::Partial { verified_bytes }
+        },
+        holds,
+        added_at: u64_of(added_at),
+        disk_bytes: u64_of(disk_bytes),
+    })
+}
+
+fn find_package(conn: &Connection, id: &PackageId) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT pkg FROM packages WHERE id = ?1")?
+        .query_row([&id.0[..]], |r| r.get(0))
+        .optional()?)
+}
+
+fn blob_row(conn: &Connection, hash: &Hash) -> Result<Option<BlobRow>> {
+    Ok(conn
+        .prepare_cached("SELECT blob, size, complete, verified, charge FROM blobs WHERE hash = ?1")?
+        .query_row([&hash.0[..]], |r| {
+            Ok(BlobRow {
+                blob: r.get(0)?,
+                size: u64_of(r.get(1)?),
+                complete: r.get(2)?,
+                verified: r.get(3)?,
+                charge: u64_of(r.get(4)?),
+            })
+        })
+        .optional()?)
+}
+
+fn all_blob_hashes(conn: &Connection) -> Result<HashSet<Hash>> {
+    conn.prepare("SELECT hash FROM blobs")?
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+        .map(|r| hash_from(&r?))
+        .collect()
+}
+
+fn insert_holds(tx: &Transaction<'_>, pkg: i64, holds: &[Hold]) -> Result<()> {
+    let now = i64_of(now_secs());
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO holds (pkg, reason, since) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+    )?;
+    for h in holds {
+        stmt.execute(params![pkg, h.code(), now])?;
+    }
+    Ok(())
+}
+
+/// Inserts a package, its files (whose blob rows must exist), holds and search entry.
+fn insert_package_rows(
+    tx: &Transaction<'_>,
+    m: &Manifest,
+    holds: &[Hold],
+    accessed: u64,
+) -> Result<i64> {
+    let total: u64 = m.files.iter().map(|f| f.size).sum();
+    tx.prepare_cached(
+        "INSERT INTO packages (id, manifest, author, created, kind, title, description, tags,
+             language, licence, total_size, file_count, added_at, accessed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?
+    .execute(params![
+        &m.id.0[..],
+        &m.bytes,
+        &m.author[..],
+        i64_of(m.created),
+        &m.kind,
+        &m.title,
+        &m.description,
+        m.tags.join("\n"),
+        &m.language,
+        &m.licence,
+        i64_of(total),
+        i64_of(m.files.len() as u64),
+        i64_of(now_secs()),
+        i64_of(accessed),
+    ])?;
+    let pkg = tx.last_insert_rowid();
+    {
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO files (pkg, path, blob, executable)
+             VALUES (?1, ?2, (SELECT blob FROM blobs WHERE hash = ?3), ?4)",
+        )?;
+        for f in &m.files {
+            ins.execute(params![pkg, &f.path, &f.root.0[..], f.executable])?;
+        }
+    }
+    insert_holds(tx, pkg, holds)?;
+    let paths: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+    tx.prepare_cached(
+        "INSERT INTO search (rowid, title, description, tags, paths) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        pkg,
+        &m.title,
+        &m.description,
+        m.tags.join("\n"),
+        paths.join("\n")
+    ])?;
+    Ok(pkg)
+}
+
+/// Deletes a package's rows; returns the blobs it used.
+fn delete_package_rows(tx: &Transaction<'_>, pkg: i64) -> Result<Vec<i64>> {
+    let blobs: Vec<i64> = tx
+        .prepare_cached("SELECT DISTINCT blob FROM files WHERE pkg = ?1")?
+        .query_map([pkg], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    tx.prepare_cached("DELETE FROM search WHERE rowid = ?1")?
+        .execute([pkg])?;
+    tx.prepare_cached("DELETE FROM packages WHERE pkg = ?1")?
+        .execute([pkg])?;
+    Ok(blobs)
+}
+
+/// Deletes those of `blobs` no package uses any more; returns their hashes and charges.
+fn delete_unused_blobs(tx: &Transaction<'_>, blobs: &[i64]) -> Result<Vec<(Hash, u64)>> {
+    let mut stmt = tx.prepare_cached(
+        "DELETE FROM blobs WHERE blob = ?1 AND NOT EXISTS (SELECT 1 FROM files WHERE blob = ?1)
+         RETURNING hash, charge",
+    )?;
+    let mut out = Vec::new();
+    for &b in blobs {
+        if let Some((h, c)) = stmt
+            .query_row([b], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
+            .optional()?
+        {
+            out.push((hash_from(&h)?, u64_of(c)));
+        }
+    }
+    Ok(out)
+}
+
+/// After an unclean shutdown: deletes blob rows no package uses and files no row names;
+/// marks complete blobs whose files are missing or the wrong size as partial (nothing
+/// verified), so they are fetched again rather than served.
+fn reconcile<B: Backend>(backend: &B, conn: &mut Connection, report: &mut OpenReport) -> Result<()> {
+    let tx = conn.transaction()?;
+    let unused: Vec<i64> = tx
+        .prepare("SELECT blob FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.blob = b.blob)")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    report.blobs_collected = delete_unused_blobs(&tx, &unused)?.len() as u64;
+    let rows: Vec<(i64, Vec<u8>, i64)> = tx
+        .prepare("SELECT blob, hash, size FROM blobs WHERE complete = 1")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (blob, hash, size) in rows {
+        let hash = hash_from(&hash)?;
+        let size = u64_of(size);
+        let data_ok = backend.open_data(&hash)?.is_some_and(|d| d.len() == size);
+        let ob_len = seam::outboard_size(size);
+        let outboard_ok =
+            ob_len == 0 || backend.open_outboard(&hash)?.is_some_and(|o| o.len() == ob_len);
+        if !(data_ok && outboard_ok) {
+            tx.execute(
+                "UPDATE blobs SET complete = 0, verified = x'' WHERE blob = ?1",
+                [blob],
+            )?;
+            report.blobs_damaged += 1;
+        }
+    }
+    let known = all_blob_hashes(&tx)?;
+    tx.commit()?;
+    for h in backend.list()? {
+        if !known.contains(&h) {
+            backend.delete(&h)?;
+            report.orphan_files_deleted += 1;
+        }
+    }
+    Ok(())
+}
