@@ -3,6 +3,9 @@
 //! follows (`handle_*`, `handle_timeout`, `poll_transmit`, `poll_event`, `poll_timeout`).
 #![deny(missing_docs)]
 
+pub mod groups;
 pub mod hash;
+pub mod verified;
 
+pub use groups::GroupSet;
 pub use hash::Hash;
