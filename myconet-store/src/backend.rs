@@ -54,8 +54,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn open_data(&self, hash: &Hash) -> Result<Option<BlobReader>>;
     /// Opens a blob's outboard, `None` if missing.
     fn open_outboard(&self, hash: &Hash) -> Result<Option<BlobReader>>;
-    /// Replaces a blob's outboard.
-    fn write_outboard(&self, hash: &Hash, bytes: &mut dyn Read) -> Result<()>;
+    /// Replaces a blob's outboard with what `fill` writes.
+    fn write_outboard(
+        &self,
+        hash: &Hash,
+        fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<()>;
     /// Every blob that has a data or an outboard file.
     fn list(&self) -> Result<Vec<Hash>>;
     /// Bytes the database takes, with its log.
@@ -88,6 +92,11 @@ impl BlobReader {
         }
     }
 
+    /// A reader of no bytes.
+    pub(crate) fn empty() -> Self {
+        Self::mem(Arc::default())
+    }
+
     pub(crate) fn mem(bytes: Arc<RwLock<Vec<u8>>>) -> Self {
         let len = bytes.read().map(|b| b.len() as u64).unwrap_or(0);
         Self {
@@ -118,7 +127,9 @@ impl BlobReader {
         match &self.source {
             Source::File(f) => f.read_at(buf, offset),
             Source::Mem(m) => {
-                let m = m.read().map_err(|_| io::Error::other("blob lock poisoned"))?;
+                let m = m
+                    .read()
+                    .map_err(|_| io::Error::other("blob lock poisoned"))?;
                 let start = usize::try_from(offset).map_err(io::Error::other)?;
                 let n = buf.len().min(m.len().saturating_sub(start));
                 buf[..n].copy_from_slice(&m[start..start + n]);
@@ -159,9 +170,14 @@ impl Seek for BlobReader {
             SeekFrom::End(d) => self.len.checked_add_signed(d),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
-        self.pos = pos.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "seek before the start")
-        })?;
+        self.pos = pos
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
         Ok(self.pos)
+    }
+}
+
+impl myconet_content::verified::ReadAt for BlobReader {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        BlobReader::read_at(self, pos, buf)
     }
 }

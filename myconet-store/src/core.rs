@@ -21,16 +21,19 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use myconet_content::{
+    GroupSet,
+    verified::{self, Outboard, Verified},
+};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::{
-    BlobStatus, Completeness, Corruption, FileInfo, GcReport, Hash, Hold, Manifest,
-    OpenReport, PackageId, PackageInfo, Problem, Protect, Result, StoreConfig, StoreError,
-    Usage, VerifyReport,
-    backend::{Backend, BlobReader, Staging},
+    BlobSource, BlobStatus, Completeness, Corruption, FileInfo, GcReport, Hash, Hold, Manifest,
+    OpenReport, PackageId, PackageInfo, Problem, Protect, Result, StoreConfig, StoreError, Usage,
+    VerifyReport,
+    backend::{Backend, BlobReader, PartialFiles, Staging},
     error::io_err,
-    ranges::ByteRanges,
-    schema, seam,
+    schema,
 };
 
 /// Tags every [`Staged`] with the store that made it.
@@ -97,7 +100,6 @@ struct BlobRow {
     size: u64,
     complete: bool,
     verified: Option<Vec<u8>>,
-    charge: u64,
 }
 
 /// What eviction would remove.
@@ -121,7 +123,85 @@ pub(crate) struct Core<B: Backend> {
     /// Accesses not yet written to `packages.accessed` (package row → clock), written
     /// before eviction plans and on close: reading a file must not cost a commit.
     touched: Mutex<HashMap<i64, u64>>,
+    /// Partial blobs being written, by hash.
+    partials: Mutex<HashMap<Hash, SharedPartial<B>>>,
     open_report: OpenReport,
+}
+
+/// A partial blob open for writing verified groups. Groups are written to the files as
+/// they verify (`pending`), made durable and committed to the database in batches
+/// (`committed`): what a crash loses is at most the pending batch, fetched again.
+struct Partial<P> {
+    blob: i64,
+    size: u64,
+    files: P,
+    committed: GroupSet,
+    pending: GroupSet,
+    pending_bytes: u64,
+}
+
+/// An open partial blob, shared by the receives writing it.
+type SharedPartial<B> = Arc<Mutex<Partial<<B as Backend>::Partial>>>;
+
+/// Pending bytes after which a partial blob's verified groups are committed: 1/128 of
+/// the blob (so a crash re-fetches under 1 % of it), at least 1 MiB (so small blobs do
+/// not pay an fsync per group), at most 64 MiB.
+fn commit_threshold(size: u64) -> u64 {
+    (size / 128).clamp(1 << 20, 64 << 20)
+}
+
+/// A transfer of verified groups of one blob into the store, started by
+/// [`Store::receive`](crate::Store::receive) and fed the encoded bytes as they arrive
+/// with [`Store::feed`](crate::Store::feed). It holds the decoder that checks every
+/// group and proof against the blob's hash before the store writes a byte of it.
+pub struct Receive {
+    hash: Hash,
+    instance: u64,
+    decoder: verified::Decoder,
+    received: GroupSet,
+}
+
+impl Receive {
+    /// The blob being received.
+    pub fn hash(&self) -> Hash {
+        self.hash
+    }
+
+    /// Bytes of the encoding still to come.
+    pub fn remaining(&self) -> u64 {
+        self.decoder.remaining()
+    }
+
+    /// True once every requested group arrived and verified.
+    pub fn is_done(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    /// The groups verified and written so far.
+    pub fn received(&self) -> &GroupSet {
+        &self.received
+    }
+}
+
+impl fmt::Debug for Receive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receive")
+            .field("hash", &self.hash)
+            .field("remaining", &self.remaining())
+            .field("received", &self.received)
+            .finish()
+    }
+}
+
+/// What one [`Store::feed`](crate::Store::feed) call did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fed {
+    /// Bytes of the input the encoding used; the rest is past its end.
+    pub consumed: usize,
+    /// Groups that verified (and were written) in this call.
+    pub groups: GroupSet,
+    /// True if the blob became complete (every group verified and committed).
+    pub completed: bool,
 }
 
 fn now_secs() -> u64 {
@@ -166,6 +246,24 @@ impl Read for TrackedRead<'_> {
     }
 }
 
+/// Copies what it reads to `copy`, remembering whether the copy failed.
+struct Tee<'a, R> {
+    inner: &'a mut R,
+    copy: &'a mut dyn Write,
+    copy_failed: bool,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Err(e) = self.copy.write_all(&buf[..n]) {
+            self.copy_failed = true;
+            return Err(e);
+        }
+        Ok(n)
+    }
+}
+
 /// Compares what is written with the bytes of a reader.
 struct CompareWriter<'a> {
     expected: Option<&'a BlobReader>,
@@ -181,8 +279,7 @@ impl Write for CompareWriter<'_> {
                 None => self.equal = data.is_empty(),
                 Some(r) => {
                     self.buf.resize(data.len(), 0);
-                    if r.read_exact_at(self.offset, &mut self.buf).is_err() || self.buf != data
-                    {
+                    if r.read_exact_at(self.offset, &mut self.buf).is_err() || self.buf != data {
                         self.equal = false;
                     }
                 }
@@ -206,14 +303,16 @@ impl<B: Backend> Core<B> {
         in_memory: bool,
         config: StoreConfig,
     ) -> Result<Self> {
-        schema::configure(&conn, in_memory)?;
+        schema::configure(&conn, in_memory, config.max_bytes)?;
         schema::migrate(&mut conn)?;
         let mut report = OpenReport {
             staging_files_deleted: backend.clear_staging()?,
             ..OpenReport::default()
         };
         let clean: Option<i64> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'clean'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'clean'", [], |r| {
+                r.get(0)
+            })
             .optional()?;
         report.unclean = clean != Some(1);
         conn.execute(
@@ -225,12 +324,13 @@ impl<B: Backend> Core<B> {
             reconcile(&backend, &mut conn, &mut report)?;
         }
         let charged: i64 =
-            conn.query_row("SELECT coalesce(sum(charge), 0) FROM blobs", [], |r| r.get(0))?;
-        let clock: i64 = conn.query_row(
-            "SELECT coalesce(max(accessed), 0) FROM packages",
-            [],
-            |r| r.get(0),
-        )?;
+            conn.query_row("SELECT coalesce(sum(charge), 0) FROM blobs", [], |r| {
+                r.get(0)
+            })?;
+        let clock: i64 =
+            conn.query_row("SELECT coalesce(max(accessed), 0) FROM packages", [], |r| {
+                r.get(0)
+            })?;
         let core = Self {
             backend,
             db: Mutex::new(Db {
@@ -243,6 +343,7 @@ impl<B: Backend> Core<B> {
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             clock: AtomicU64::new(u64_of(clock)),
             touched: Mutex::new(HashMap::new()),
+            partials: Mutex::new(HashMap::new()),
             open_report: report,
         };
         // A quota lowered since the last run: evict what may be evicted, best effort.
@@ -278,7 +379,14 @@ impl<B: Backend> Core<B> {
     }
 
     fn charge_for_blob(&self, size: u64) -> u64 {
-        self.backend.charge_for(size) + self.backend.charge_for(seam::outboard_size(size))
+        self.backend.charge_for(size) + self.backend.charge_for(verified::outboard_size(size))
+    }
+
+    /// What one commit adding `m` may grow the database by: its rows and index
+    /// entries (the manifest, which holds every path, about three times over: the
+    /// manifest column, file rows, the search index) and the pages a commit touches.
+    fn database_growth(m: &Manifest) -> u64 {
+        64 * 1024 + 3 * m.bytes.len() as u64 + 128 * m.files.len() as u64
     }
 
     fn next_access(&self) -> u64 {
@@ -368,7 +476,9 @@ impl<B: Backend> Core<B> {
 
     /// After a commit that deleted blob rows: the charge and the files go too.
     fn forget_blobs(&self, db: &mut Db, freed: &[(Hash, u64)]) {
+        let mut partials = self.partials_map();
         for (hash, charge) in freed {
+            partials.remove(hash);
             db.charged = db.charged.saturating_sub(*charge);
             // A file that cannot be deleted now is an orphan: GC sweeps it later.
             let _ = self.backend.delete(hash);
@@ -414,30 +524,41 @@ impl<B: Backend> Core<B> {
             reservation: self.staging.clone(),
         };
         let mut files = self.backend.stage()?;
-        let mut reader = TrackedRead {
-            inner: data,
-            read: 0,
-            failed: false,
-        };
-        let hash = {
+        let mut source = io::BufReader::with_capacity(
+            crate::IO_BUFFER,
+            TrackedRead {
+                inner: data,
+                read: 0,
+                failed: false,
+            },
+        );
+        let (hash, copy_failed) = {
             let (d, o) = files.writers();
-            seam::import(&mut reader, size, d, o)
+            let mut tee = Tee {
+                inner: &mut source,
+                copy: d,
+                copy_failed: false,
+            };
+            (
+                verified::compute_outboard(&mut tee, size, o),
+                tee.copy_failed,
+            )
         };
         let hash = match hash {
             Ok(h) => h,
-            Err(e) if reader.failed => return Err(StoreError::Read(e)),
+            Err(e) if source.get_ref().failed => return Err(StoreError::Read(e)),
+            Err(e) if copy_failed => return Err(StoreError::Staging(e)),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 return Err(StoreError::DataTooShort {
                     declared: size,
-                    actual: reader.read,
+                    actual: source.get_ref().read,
                 });
             }
             Err(e) => return Err(StoreError::Staging(e)),
         };
-        let mut probe = [0u8; 1];
         loop {
-            match reader.inner.read(&mut probe) {
-                Ok(0) => break,
+            match io::BufRead::fill_buf(&mut source) {
+                Ok([]) => break,
                 Ok(_) => return Err(StoreError::DataTooLong { declared: size }),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(StoreError::Read(e)),
@@ -499,6 +620,7 @@ impl<B: Backend> Core<B> {
             self.touch_row(pkg);
             return package_info(&db.conn, pkg);
         }
+        self.make_room(&mut db, Self::database_growth(manifest))?;
         // Which blobs are new, which partial ones the add completes.
         let mut new_blobs: Vec<(Hash, u64)> = Vec::new();
         let mut upgrades: Vec<i64> = Vec::new();
@@ -521,10 +643,12 @@ impl<B: Backend> Core<B> {
             match row {
                 Some(r) if r.complete => {}
                 other => {
-                    let s = by_hash.remove(&f.root).ok_or_else(|| StoreError::MissingData {
-                        path: f.path.clone(),
-                        hash: f.root,
-                    })?;
+                    let s = by_hash
+                        .remove(&f.root)
+                        .ok_or_else(|| StoreError::MissingData {
+                            path: f.path.clone(),
+                            hash: f.root,
+                        })?;
                     match other {
                         Some(ref r) => upgrades.push(r.blob),
                         None => new_blobs.push((f.root, f.size)),
@@ -580,6 +704,15 @@ impl<B: Backend> Core<B> {
         for mut s in release {
             s.release();
         }
+        // A partial blob this add completed: its writer's files were replaced.
+        {
+            let mut partials = self.partials_map();
+            for (hash, new) in &installed {
+                if !new {
+                    partials.remove(hash);
+                }
+            }
+        }
         package_info(&db.conn, pkg)
     }
 
@@ -622,7 +755,7 @@ impl<B: Backend> Core<B> {
             }
         }
         let needed: u64 = missing.iter().map(|&(_, s)| self.charge_for_blob(s)).sum();
-        self.make_room(&mut db, needed)?;
+        self.make_room(&mut db, needed + Self::database_growth(manifest))?;
         // The empty file is complete as soon as it is named: it has no bytes to verify.
         let empties: Vec<Hash> = missing
             .iter()
@@ -732,7 +865,9 @@ impl<B: Backend> Core<B> {
             .prepare_cached("SELECT pkg FROM packages ORDER BY added_at, pkg")?
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        pkgs.into_iter().map(|p| package_info(&db.conn, p)).collect()
+        pkgs.into_iter()
+            .map(|p| package_info(&db.conn, p))
+            .collect()
     }
 
     pub(crate) fn package(&self, id: &PackageId) -> Result<Option<PackageInfo>> {
@@ -774,15 +909,16 @@ impl<B: Backend> Core<B> {
     }
 
     pub(crate) fn blob_status(&self, hash: &Hash) -> Result<BlobStatus> {
-        let db = self.lock_db();
-        Ok(match blob_row(&db.conn, hash)? {
+        // Not under the database lock: pending groups take a partial's lock, which is
+        // taken before the database lock, never after.
+        let row = blob_row(&self.lock_db().conn, hash)?;
+        Ok(match row {
             None => BlobStatus::Missing,
             Some(r) if r.complete => BlobStatus::Complete { size: r.size },
             Some(r) => BlobStatus::Partial {
                 size: r.size,
-                verified: verified_ranges(r.size, r.verified.as_deref())
-                    .as_slice()
-                    .to_vec(),
+                verified: verified_groups(r.size, r.verified.as_deref())
+                    .union(&self.pending_groups(hash)),
             },
         })
     }
@@ -812,7 +948,13 @@ impl<B: Backend> Core<B> {
     pub(crate) fn open_file(&self, id: &PackageId, path: &str) -> Result<(FileInfo, BlobReader)> {
         let db = self.lock_db();
         let pkg = find_package(&db.conn, id)?.ok_or(StoreError::UnknownPackage(*id))?;
-        let (hash, size, executable, complete, verified): (Vec<u8>, i64, bool, bool, Option<Vec<u8>>) = db
+        let (hash, size, executable, complete, verified): (
+            Vec<u8>,
+            i64,
+            bool,
+            bool,
+            Option<Vec<u8>>,
+        ) = db
             .conn
             .prepare_cached(
                 "SELECT b.hash, b.size, f.executable, b.complete, b.verified
@@ -866,7 +1008,7 @@ impl<B: Backend> Core<B> {
             while let Some(r) = rows.next()? {
                 let size = u64_of(r.get(0)?);
                 let v: Option<Vec<u8>> = r.get(1)?;
-                reserved += size - verified_ranges(size, v.as_deref()).total();
+                reserved += size - group_set_bytes(size, &verified_groups(size, v.as_deref()));
             }
         }
         let held = u64_of(held);
@@ -914,7 +1056,9 @@ impl<B: Backend> Core<B> {
         // The charge total, recomputed from the rows it summarises.
         let charged: i64 =
             db.conn
-                .query_row("SELECT coalesce(sum(charge), 0) FROM blobs", [], |r| r.get(0))?;
+                .query_row("SELECT coalesce(sum(charge), 0) FROM blobs", [], |r| {
+                    r.get(0)
+                })?;
         db.charged = u64_of(charged);
         // Over the quota (it was lowered, or the database grew): evict cached packages.
         let used = self.used(&db);
@@ -931,35 +1075,45 @@ impl<B: Backend> Core<B> {
     }
 
     pub(crate) fn verify(&self) -> Result<VerifyReport> {
-        let rows: Vec<(Hash, u64, bool)> = {
+        // Pending groups are verified but not committed: commit them so they are checked.
+        self.flush()?;
+        let rows: Vec<(Hash, u64, bool, Option<Vec<u8>>)> = {
             let db = self.lock_db();
             db.conn
-                .prepare("SELECT hash, size, complete FROM blobs ORDER BY blob")?
-                .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?)))?
+                .prepare("SELECT hash, size, complete, verified FROM blobs ORDER BY blob")?
+                .query_map([], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
                 .map(|r| {
-                    let (h, s, c) = r?;
-                    Ok((hash_from(&h)?, u64_of(s), c))
+                    let (h, s, c, v) = r?;
+                    Ok((hash_from(&h)?, u64_of(s), c, v))
                 })
                 .collect::<Result<_>>()?
         };
         let mut report = VerifyReport::default();
-        for (hash, size, complete) in rows {
-            if !complete {
-                continue;
-            }
+        for (hash, size, complete, verified) in rows {
             report.blobs_checked += 1;
-            let problem = self.check_blob(&hash, size, &mut report.bytes_checked)?;
-            let Some(problem) = problem else { continue };
+            let found = if complete {
+                self.check_complete(&hash, size, &mut report.bytes_checked)?
+            } else {
+                let committed = verified_groups(size, verified.as_deref());
+                self.check_partial(&hash, size, &committed, &mut report.bytes_checked)?
+            };
+            let Some((problem, good)) = found else {
+                continue;
+            };
             let db = self.lock_db();
             // Removed while being checked: nothing to report.
             let Some(row) = blob_row(&db.conn, &hash)? else {
                 continue;
             };
-            if problem != Problem::OutboardRepaired && row.complete {
+            if problem != Problem::OutboardRepaired {
                 db.conn.execute(
-                    "UPDATE blobs SET complete = 0, verified = x'' WHERE blob = ?1",
-                    [row.blob],
+                    "UPDATE blobs SET complete = 0, verified = ?2 WHERE blob = ?1",
+                    params![row.blob, good.to_bytes()],
                 )?;
+                // An open partial re-reads its committed groups from the row.
+                self.partials_map().remove(&hash);
             }
             let packages = db
                 .conn
@@ -972,58 +1126,325 @@ impl<B: Backend> Core<B> {
             report.corrupt.push(Corruption {
                 hash,
                 problem,
+                verified_bytes_kept: group_set_bytes(size, &good),
                 packages,
             });
         }
         Ok(report)
     }
 
-    /// Re-hashes one complete blob; repairs a wrong outboard from good data.
-    fn check_blob(&self, hash: &Hash, size: u64, bytes: &mut u64) -> Result<Option<Problem>> {
+    /// Re-hashes one complete blob. Wrong data: which groups still verify. A wrong
+    /// outboard over right data is rewritten from the data.
+    fn check_complete(
+        &self,
+        hash: &Hash,
+        size: u64,
+        bytes: &mut u64,
+    ) -> Result<Option<(Problem, GroupSet)>> {
         let Some(mut data) = self.backend.open_data(hash)? else {
-            return Ok(Some(Problem::Missing));
+            return Ok(Some((Problem::Missing, GroupSet::new())));
         };
         if data.len() != size {
-            return Ok(Some(Problem::WrongLength { found: data.len() }));
+            return Ok(Some((
+                Problem::WrongLength { found: data.len() },
+                GroupSet::new(),
+            )));
         }
-        let outboard = self.backend.open_outboard(hash)?;
+        let outboard = self
+            .backend
+            .open_outboard(hash)?
+            .unwrap_or_else(BlobReader::empty);
         let mut cmp = CompareWriter {
-            expected: outboard.as_ref(),
+            expected: Some(&outboard),
             offset: 0,
             equal: true,
             buf: Vec::new(),
         };
-        let root = seam::import(&mut data, size, &mut io::sink(), &mut cmp);
+        let root = verified::compute_outboard(
+            io::BufReader::with_capacity(crate::IO_BUFFER, &mut data),
+            size,
+            &mut cmp,
+        );
         *bytes += size;
         let root = match root {
             Ok(r) => r,
             // Shrunk while being read.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Ok(Some(Problem::WrongLength { found: data.len() }));
+                return Ok(Some((
+                    Problem::WrongLength { found: data.len() },
+                    GroupSet::new(),
+                )));
             }
             Err(e) => return Err(io_err("reading blob", hash.to_string())(e)),
         };
         if root != *hash {
-            return Ok(Some(Problem::DataMismatch));
+            let all = GroupSet::all(verified::group_count(size));
+            let good = verified::verify_groups(&data, &Outboard::new(*hash, size, &outboard), &all)
+                .unwrap_or_default();
+            return Ok(Some((Problem::DataMismatch, good)));
         }
-        let expected_len = seam::outboard_size(size);
-        let outboard_len = outboard.as_ref().map_or(0, |o| o.len());
-        if cmp.equal && cmp.offset == expected_len && outboard_len == expected_len {
+        let expected_len = verified::outboard_size(size);
+        if cmp.equal && cmp.offset == expected_len && outboard.len() == expected_len {
             return Ok(None);
         }
-        let mut data = self
+        let mut again = self
             .backend
             .open_data(hash)?
             .ok_or(StoreError::UnknownBlob(*hash))?;
-        let mut outboard = Vec::new();
-        seam::import(&mut data, size, &mut io::sink(), &mut outboard)
-            .map_err(io_err("reading blob", hash.to_string()))?;
-        self.backend.write_outboard(hash, &mut outboard.as_slice())?;
-        Ok(Some(Problem::OutboardRepaired))
+        self.backend
+            .write_outboard(hash, &mut |out: &mut dyn Write| {
+                verified::compute_outboard(
+                    io::BufReader::with_capacity(crate::IO_BUFFER, &mut again),
+                    size,
+                    out,
+                )
+                .map(|_| ())
+            })?;
+        Ok(Some((
+            Problem::OutboardRepaired,
+            GroupSet::all(verified::group_count(size)),
+        )))
     }
 
-    /// Writes what is only in memory (access times) and marks the shutdown clean.
+    /// Re-checks the committed groups of a partial blob against the root.
+    fn check_partial(
+        &self,
+        hash: &Hash,
+        size: u64,
+        committed: &GroupSet,
+        bytes: &mut u64,
+    ) -> Result<Option<(Problem, GroupSet)>> {
+        if committed.is_empty() {
+            return Ok(None);
+        }
+        let Some(data) = self.backend.open_data(hash)? else {
+            return Ok(Some((Problem::Missing, GroupSet::new())));
+        };
+        let outboard = self
+            .backend
+            .open_outboard(hash)?
+            .unwrap_or_else(BlobReader::empty);
+        let good =
+            verified::verify_groups(&data, &Outboard::new(*hash, size, &outboard), committed)
+                .map_err(io_err("reading blob", hash.to_string()))?;
+        *bytes += group_set_bytes(size, committed);
+        Ok((good != *committed).then_some((Problem::DataMismatch, good)))
+    }
+
+    // ---- fetching: partial blobs ----
+
+    fn partials_map(&self) -> MutexGuard<'_, HashMap<Hash, SharedPartial<B>>> {
+        self.partials.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Groups of `hash` verified and written but not committed yet.
+    fn pending_groups(&self, hash: &Hash) -> GroupSet {
+        let p = self.partials_map().get(hash).cloned();
+        p.map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).pending.clone())
+            .unwrap_or_default()
+    }
+
+    /// The open partial blob `hash`, opening its files if needed.
+    fn partial(&self, hash: &Hash) -> Result<SharedPartial<B>> {
+        let db = self.lock_db();
+        if let Some(p) = self.partials_map().get(hash) {
+            return Ok(p.clone());
+        }
+        let row = blob_row(&db.conn, hash)?.ok_or(StoreError::UnknownBlob(*hash))?;
+        if row.complete {
+            return Err(StoreError::AlreadyComplete(*hash));
+        }
+        // Under the database lock, so GC's sweep never sees the files without the row.
+        let files = self
+            .backend
+            .open_partial(hash, row.size, verified::outboard_size(row.size))?;
+        let p = Arc::new(Mutex::new(Partial {
+            blob: row.blob,
+            size: row.size,
+            files,
+            committed: verified_groups(row.size, row.verified.as_deref()),
+            pending: GroupSet::new(),
+            pending_bytes: 0,
+        }));
+        self.partials_map().insert(*hash, p.clone());
+        Ok(p)
+    }
+
+    pub(crate) fn receive(&self, hash: &Hash, groups: &GroupSet) -> Result<Receive> {
+        let size = {
+            let db = self.lock_db();
+            let row = blob_row(&db.conn, hash)?.ok_or(StoreError::UnknownBlob(*hash))?;
+            if row.complete {
+                return Err(StoreError::AlreadyComplete(*hash));
+            }
+            row.size
+        };
+        let decoder =
+            verified::Decoder::new(*hash, size, groups).map_err(|e| StoreError::Range {
+                hash: *hash,
+                error: e,
+            })?;
+        Ok(Receive {
+            hash: *hash,
+            instance: self.instance,
+            decoder,
+            received: GroupSet::new(),
+        })
+    }
+
+    pub(crate) fn feed(&self, rx: &mut Receive, input: &[u8]) -> Result<Fed> {
+        if rx.instance != self.instance {
+            return Err(StoreError::ForeignReceive(rx.hash));
+        }
+        let hash = rx.hash;
+        let partial = self.partial(&hash)?;
+        let mut p = partial.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rest = input;
+        let mut fed = Fed::default();
+        let write_err = |e| io_err("writing partial blob", hash.to_string())(e);
+        loop {
+            match rx.decoder.next(&mut rest) {
+                Ok(Some(Verified::Parent(parent))) => {
+                    p.files
+                        .write_outboard(parent.offset, &parent.pair)
+                        .map_err(write_err)?;
+                }
+                Ok(Some(Verified::Group {
+                    group,
+                    offset,
+                    data,
+                })) => {
+                    p.files.write_data(offset, data).map_err(write_err)?;
+                    if !p.committed.contains(group) && !p.pending.contains(group) {
+                        p.pending.insert(group);
+                        p.pending_bytes += data.len() as u64;
+                    }
+                    fed.groups.insert(group);
+                    rx.received.insert(group);
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    // What verified before the bad item is written and stays pending.
+                    return Err(StoreError::Verify { hash, error });
+                }
+            }
+        }
+        fed.consumed = input.len() - rest.len();
+        let all = verified::group_count(p.size);
+        let whole = p.committed.len() + p.pending.len() == all;
+        if whole || p.pending_bytes >= commit_threshold(p.size) {
+            fed.completed = self.commit_partial(&hash, &mut p)?;
+        }
+        Ok(fed)
+    }
+
+    /// Makes a partial blob's pending groups durable, then commits them; marks the
+    /// blob complete when every group is verified. Returns whether it is complete.
+    fn commit_partial(&self, hash: &Hash, p: &mut Partial<B::Partial>) -> Result<bool> {
+        if p.pending.is_empty() {
+            return Ok(false);
+        }
+        p.files
+            .sync()
+            .map_err(io_err("syncing partial blob", hash.to_string()))?;
+        let db = self.lock_db();
+        let row = match blob_row(&db.conn, hash)? {
+            Some(r) if r.blob == p.blob => r,
+            // Evicted or removed meanwhile.
+            _ => {
+                self.partials_map().remove(hash);
+                return Err(StoreError::UnknownBlob(*hash));
+            }
+        };
+        if row.complete {
+            self.partials_map().remove(hash);
+            return Ok(true);
+        }
+        // The row, not memory, says what was committed: verify may have shrunk it.
+        let now = verified_groups(row.size, row.verified.as_deref()).union(&p.pending);
+        let complete = now.len() == verified::group_count(row.size);
+        if complete {
+            db.conn.execute(
+                "UPDATE blobs SET complete = 1, verified = NULL WHERE blob = ?1",
+                [row.blob],
+            )?;
+            self.partials_map().remove(hash);
+        } else {
+            db.conn.execute(
+                "UPDATE blobs SET verified = ?2 WHERE blob = ?1",
+                params![row.blob, now.to_bytes()],
+            )?;
+        }
+        p.committed = now;
+        p.pending = GroupSet::new();
+        p.pending_bytes = 0;
+        Ok(complete)
+    }
+
+    /// Commits every partial blob's pending groups.
+    pub(crate) fn flush(&self) -> Result<()> {
+        let open: Vec<(Hash, SharedPartial<B>)> = self
+            .partials_map()
+            .iter()
+            .map(|(h, p)| (*h, p.clone()))
+            .collect();
+        for (hash, partial) in open {
+            let mut p = partial.lock().unwrap_or_else(|e| e.into_inner());
+            match self.commit_partial(&hash, &mut p) {
+                Ok(_) | Err(StoreError::UnknownBlob(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn source(&self, hash: &Hash) -> Result<BlobSource> {
+        let db = self.lock_db();
+        let row = blob_row(&db.conn, hash)?.ok_or(StoreError::UnknownBlob(*hash))?;
+        let data = self.backend.open_data(hash)?;
+        let outboard = self.backend.open_outboard(hash)?;
+        drop(db);
+        let count = verified::group_count(row.size);
+        let verified = if row.complete {
+            if data.is_none() {
+                return Err(StoreError::UnknownBlob(*hash));
+            }
+            GroupSet::all(count)
+        } else if data.is_none() {
+            GroupSet::new()
+        } else {
+            verified_groups(row.size, row.verified.as_deref()).union(&self.pending_groups(hash))
+        };
+        Ok(BlobSource {
+            hash: *hash,
+            size: row.size,
+            verified,
+            data: data.unwrap_or_else(BlobReader::empty),
+            outboard: Outboard::new(*hash, row.size, outboard.unwrap_or_else(BlobReader::empty)),
+        })
+    }
+
+    pub(crate) fn encode(&self, hash: &Hash, groups: &GroupSet, out: &mut dyn Write) -> Result<()> {
+        let src = self.source(hash)?;
+        let missing = groups.difference(&src.verified);
+        if !missing.is_empty() {
+            return Err(StoreError::NotVerified {
+                hash: *hash,
+                groups: missing,
+            });
+        }
+        verified::encode_groups(&src.data, &src.outboard, groups, out).map_err(|e| match e {
+            verified::EncodeError::Corrupt(error) => {
+                StoreError::LocalCorrupt { hash: *hash, error }
+            }
+            verified::EncodeError::Io(e) => StoreError::Write(e),
+        })
+    }
+
+    /// Writes what is only in memory (pending groups, access times) and marks the
+    /// shutdown clean.
     pub(crate) fn close(&self) -> Result<()> {
+        self.flush()?;
         let mut db = self.lock_db();
         self.flush_touched(&mut db)?;
         db.conn
@@ -1042,7 +1463,10 @@ impl<B: Backend> Drop for Core<B> {
 
 fn hash_from(bytes: &[u8]) -> Result<Hash> {
     <[u8; 32]>::try_from(bytes).map(Hash).map_err(|_| {
-        StoreError::Database(rusqlite::Error::IntegralValueOutOfRange(0, bytes.len() as i64))
+        StoreError::Database(rusqlite::Error::IntegralValueOutOfRange(
+            0,
+            bytes.len() as i64,
+        ))
     })
 }
 
@@ -1058,10 +1482,29 @@ fn check_possible(path: &str, root: Hash, size: u64) -> Result<()> {
     Ok(())
 }
 
-fn verified_ranges(size: u64, verified: Option<&[u8]>) -> ByteRanges {
+/// The committed verified groups of a partial blob, from its `verified` column. A value
+/// that does not parse, or names groups past the end, counts as nothing verified: the
+/// store never trusts bytes it cannot account for.
+fn verified_groups(size: u64, verified: Option<&[u8]>) -> GroupSet {
+    let count = verified::group_count(size);
+    let max_ranges = usize::try_from(count.div_ceil(2)).unwrap_or(usize::MAX);
     verified
-        .and_then(|v| ByteRanges::decode(v, size))
+        .and_then(|v| GroupSet::decode(v, max_ranges).ok())
+        .filter(|g| g.end() <= count)
         .unwrap_or_default()
+}
+
+/// Bytes of a blob of `size` bytes that `groups` cover.
+fn group_set_bytes(size: u64, groups: &GroupSet) -> u64 {
+    groups
+        .ranges()
+        .iter()
+        .map(|r| {
+            let start = verified::group_bytes(size, r.start).start;
+            let end = verified::group_bytes(size, r.end.saturating_sub(1)).end;
+            end.saturating_sub(start)
+        })
+        .sum()
 }
 
 fn completeness(size: u64, complete: bool, verified: Option<Vec<u8>>) -> Completeness {
@@ -1069,7 +1512,7 @@ fn completeness(size: u64, complete: bool, verified: Option<Vec<u8>>) -> Complet
         Completeness::Complete
     } else {
         Completeness::Partial {
-            verified_bytes: verified_ranges(size, verified.as_deref()).total(),
+            verified_bytes: group_set_bytes(size, &verified_groups(size, verified.as_deref())),
         }
     }
 }
@@ -1144,14 +1587,13 @@ fn find_package(conn: &Connection, id: &PackageId) -> Result<Option<i64>> {
 
 fn blob_row(conn: &Connection, hash: &Hash) -> Result<Option<BlobRow>> {
     Ok(conn
-        .prepare_cached("SELECT blob, size, complete, verified, charge FROM blobs WHERE hash = ?1")?
+        .prepare_cached("SELECT blob, size, complete, verified FROM blobs WHERE hash = ?1")?
         .query_row([&hash.0[..]], |r| {
             Ok(BlobRow {
                 blob: r.get(0)?,
                 size: u64_of(r.get(1)?),
                 complete: r.get(2)?,
                 verified: r.get(3)?,
-                charge: u64_of(r.get(4)?),
             })
         })
         .optional()?)
@@ -1263,7 +1705,11 @@ fn delete_unused_blobs(tx: &Transaction<'_>, blobs: &[i64]) -> Result<Vec<(Hash,
 /// After an unclean shutdown: deletes blob rows no package uses and files no row names;
 /// marks complete blobs whose files are missing or the wrong size as partial (nothing
 /// verified), so they are fetched again rather than served.
-fn reconcile<B: Backend>(backend: &B, conn: &mut Connection, report: &mut OpenReport) -> Result<()> {
+fn reconcile<B: Backend>(
+    backend: &B,
+    conn: &mut Connection,
+    report: &mut OpenReport,
+) -> Result<()> {
     let tx = conn.transaction()?;
     let unused: Vec<i64> = tx
         .prepare("SELECT blob FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.blob = b.blob)")?
@@ -1278,9 +1724,11 @@ fn reconcile<B: Backend>(backend: &B, conn: &mut Connection, report: &mut OpenRe
         let hash = hash_from(&hash)?;
         let size = u64_of(size);
         let data_ok = backend.open_data(&hash)?.is_some_and(|d| d.len() == size);
-        let ob_len = seam::outboard_size(size);
-        let outboard_ok =
-            ob_len == 0 || backend.open_outboard(&hash)?.is_some_and(|o| o.len() == ob_len);
+        let ob_len = verified::outboard_size(size);
+        let outboard_ok = ob_len == 0
+            || backend
+                .open_outboard(&hash)?
+                .is_some_and(|o| o.len() == ob_len);
         if !(data_ok && outboard_ok) {
             tx.execute(
                 "UPDATE blobs SET complete = 0, verified = x'' WHERE blob = ?1",

@@ -4,7 +4,7 @@
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{self, BufWriter, Read, Write},
+    io::{self, BufWriter, Write},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
@@ -31,13 +31,15 @@ pub(crate) struct DiskBackend {
     staging: PathBuf,
     block: u64,
     next_staging: AtomicU64,
+    /// The log's size, counted in full from the start (see `schema::wal_limit`).
+    wal_limit: u64,
     /// Held open for its `flock`: one process per store.
     _lock: File,
 }
 
 impl DiskBackend {
     /// Opens (creating) the directory layout and takes the store's lock.
-    pub(crate) fn open(dir: &Path) -> Result<Self> {
+    pub(crate) fn open(dir: &Path, max_bytes: u64) -> Result<Self> {
         fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
         let lock_path = dir.join(LOCK);
         let lock = OpenOptions::new()
@@ -78,6 +80,7 @@ impl DiskBackend {
             blobs,
             staging,
             next_staging: AtomicU64::new(0),
+            wal_limit: crate::schema::wal_limit(max_bytes),
             _lock: lock,
         })
     }
@@ -291,7 +294,10 @@ impl Backend for DiskBackend {
                 .truncate(false)
                 .open(&path)
                 .map_err(io_err("opening", &path))?;
-            let cur = f.metadata().map_err(io_err("reading size of", &path))?.len();
+            let cur = f
+                .metadata()
+                .map_err(io_err("reading size of", &path))?
+                .len();
             if cur != len {
                 f.set_len(len).map_err(io_err("sizing", &path))?;
             }
@@ -323,12 +329,22 @@ impl Backend for DiskBackend {
         open_reader(&self.path(hash, OUTBOARD))
     }
 
-    fn write_outboard(&self, hash: &Hash, bytes: &mut dyn Read) -> Result<()> {
+    fn write_outboard(
+        &self,
+        hash: &Hash,
+        fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<()> {
         let n = self.next_staging.fetch_add(1, Ordering::Relaxed);
         let tmp = self.staging.join(format!("{n}.{OUTBOARD}"));
-        let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
-        io::copy(bytes, &mut f).map_err(io_err("writing", &tmp))?;
-        f.sync_data().map_err(io_err("syncing", &tmp))?;
+        let f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+        let mut w = BufWriter::with_capacity(crate::IO_BUFFER, f);
+        let written = fill(&mut w)
+            .and_then(|()| w.flush())
+            .and_then(|()| w.get_ref().sync_data());
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("writing", &tmp)(e));
+        }
         let dest = self.path(hash, OUTBOARD);
         fs::rename(&tmp, &dest).map_err(io_err("moving into place", &dest))?;
         sync_dir(&self.shard(hash))
@@ -361,14 +377,12 @@ impl Backend for DiskBackend {
     }
 
     fn database_bytes(&self, _conn: &rusqlite::Connection) -> u64 {
-        ["", "-wal", "-shm"]
-            .iter()
-            .filter_map(|suffix| {
-                fs::metadata(self.dir.join(format!("{DATABASE}{suffix}")))
-                    .ok()
-                    .map(|m| m.len())
-            })
-            .sum()
+        let len = |suffix: &str| {
+            fs::metadata(self.dir.join(format!("{DATABASE}{suffix}"))).map_or(0, |m| m.len())
+        };
+        // The log grows to its cut-back size and stays there: count it at that size
+        // from the start, so use does not creep up as it fills.
+        len("") + len("-wal").max(self.wal_limit) + len("-shm")
     }
 
     fn charge_for(&self, len: u64) -> u64 {

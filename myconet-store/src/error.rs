@@ -2,6 +2,11 @@
 
 use std::{io, path::PathBuf};
 
+use myconet_content::{
+    GroupSet,
+    verified::{RangeError, VerifyError},
+};
+
 use crate::{Hash, PackageId};
 
 /// Why a store operation failed.
@@ -41,16 +46,46 @@ pub enum StoreError {
     /// The blob is in the store but not every byte of it is verified yet.
     #[error("blob {0} is not complete: only verified ranges of it can be read")]
     Incomplete(Hash),
-    /// A read asked for bytes the store has not verified.
-    #[error("bytes {start}..{end} of blob {hash} are not verified in this store")]
+    /// A read asked for groups the store has not verified.
+    #[error("groups {groups} of blob {hash} are not verified in this store")]
     NotVerified {
         /// The blob.
         hash: Hash,
-        /// First byte asked for.
-        start: u64,
-        /// One past the last byte asked for.
-        end: u64,
+        /// The groups asked for that are not verified here.
+        groups: GroupSet,
     },
+    /// A blob asked to receive groups is already complete.
+    #[error("blob {0} is already complete")]
+    AlreadyComplete(Hash),
+    /// Groups asked for that the blob does not have.
+    #[error("blob {hash}: {error}")]
+    Range {
+        /// The blob.
+        hash: Hash,
+        /// What is out of range.
+        error: RangeError,
+    },
+    /// Received data or a proof did not verify against the blob's hash: the sender is
+    /// at fault. Groups that verified before it are kept.
+    #[error("received data for blob {hash} failed verification: {error}")]
+    Verify {
+        /// The blob.
+        hash: Hash,
+        /// What failed.
+        error: VerifyError,
+    },
+    /// The store's own copy of a blob failed verification while being read: run
+    /// `verify` to find and mark what is corrupt.
+    #[error("the stored copy of blob {hash} is corrupt: {error}")]
+    LocalCorrupt {
+        /// The blob.
+        hash: Hash,
+        /// What failed.
+        error: VerifyError,
+    },
+    /// A [`Receive`](crate::Receive) was fed to a store other than the one that made it.
+    #[error("the receive of blob {0} belongs to another store")]
+    ForeignReceive(Hash),
     /// The data handed to the store ended before its declared size.
     #[error("the data ended after {actual} bytes but {declared} were declared")]
     DataTooShort {
@@ -145,7 +180,10 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Wraps an [`io::Error`] with what was being done to which path.
-pub(crate) fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
+pub(crate) fn io_err(
+    op: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(io::Error) -> StoreError {
     let path = path.into();
     move |source| StoreError::Io { op, path, source }
 }

@@ -11,21 +11,20 @@ mod core;
 mod disk;
 mod error;
 mod mem;
-mod ranges;
 mod schema;
 mod seam;
 mod store;
 mod types;
 
 pub use backend::BlobReader;
-pub use core::Staged;
+pub use core::{Fed, Receive, Staged};
 pub use error::{Result, StoreError};
-pub use myconet_content::Hash;
+pub use myconet_content::{GroupSet, Hash};
 pub use seam::{Manifest, ManifestFile, PackageId};
 pub use store::{DiskStore, MemStore, Store};
 pub use types::{
-    BlobStatus, Completeness, Corruption, FileInfo, GcReport, Hold, OpenReport, PackageInfo,
-    Problem, Protect, StoreConfig, Usage, VerifyReport,
+    BlobSource, BlobStatus, Completeness, Corruption, FileInfo, GcReport, Hold, OpenReport,
+    PackageInfo, Problem, Protect, StoreConfig, Usage, VerifyReport,
 };
 
 /// Size of the buffers data streams through (reads of added files, staging writes).

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    io::{self, Read, Write},
+    io::{self, Write},
     sync::{Arc, Mutex, RwLock},
 };
 
@@ -124,7 +124,14 @@ impl Backend for MemBackend {
 
     fn open_partial(&self, hash: &Hash, size: u64, outboard_size: u64) -> Result<MemPartial> {
         let mut blobs = self.blobs();
-        if let Some(b) = blobs.get(hash) {
+        if let Some(b) = blobs.get_mut(hash) {
+            // A blob found the wrong length (by verify) is sized back.
+            if let Ok(mut d) = b.data.write() {
+                d.resize(usize::try_from(size).unwrap_or(0), 0);
+            }
+            if b.outboard.is_none() && outboard_size > 0 {
+                b.outboard = Some(zeroed(outboard_size)?);
+            }
             return Ok(MemPartial {
                 data: b.data.clone(),
                 outboard: b.outboard.clone(),
@@ -152,7 +159,10 @@ impl Backend for MemBackend {
     }
 
     fn open_data(&self, hash: &Hash) -> Result<Option<BlobReader>> {
-        Ok(self.blobs().get(hash).map(|b| BlobReader::mem(b.data.clone())))
+        Ok(self
+            .blobs()
+            .get(hash)
+            .map(|b| BlobReader::mem(b.data.clone())))
     }
 
     fn open_outboard(&self, hash: &Hash) -> Result<Option<BlobReader>> {
@@ -163,9 +173,13 @@ impl Backend for MemBackend {
             .map(BlobReader::mem))
     }
 
-    fn write_outboard(&self, hash: &Hash, bytes: &mut dyn Read) -> Result<()> {
+    fn write_outboard(
+        &self,
+        hash: &Hash,
+        fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<()> {
         let mut v = Vec::new();
-        bytes.read_to_end(&mut v).map_err(crate::StoreError::Read)?;
+        fill(&mut v).map_err(crate::StoreError::Staging)?;
         if let Some(b) = self.blobs().get_mut(hash) {
             b.outboard = (!v.is_empty()).then(|| Arc::new(RwLock::new(v)));
         }

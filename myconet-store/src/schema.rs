@@ -77,14 +77,21 @@ CREATE VIRTUAL TABLE search USING fts5 (
 "#,
 ];
 
+/// The size the write-ahead log is kept to: a checkpoint runs when it holds this many
+/// bytes of pages (`wal_autocheckpoint`) and cuts the file back to it
+/// (`journal_size_limit`). 1/64 of the quota, between 64 KiB and 4 MiB, so a small
+/// store is not mostly log.
+pub(crate) fn wal_limit(max_bytes: u64) -> u64 {
+    (max_bytes / 64).clamp(64 << 10, 4 << 20)
+}
+
 /// The schema version this build writes.
 pub(crate) const VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Sets the connection's pragmas. WAL lets readers run beside the writer; `synchronous =
 /// FULL` makes a commit durable when it returns (one fsync of the log per commit, and
-/// the store commits in batches); the log is cut back to 4 MiB after each checkpoint so
-/// it stays inside the quota's slack.
-pub(crate) fn configure(conn: &Connection, in_memory: bool) -> Result<()> {
+/// the store commits in batches); the log is kept to [`wal_limit`].
+pub(crate) fn configure(conn: &Connection, in_memory: bool, max_bytes: u64) -> Result<()> {
     if !in_memory {
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -94,8 +101,15 @@ pub(crate) fn configure(conn: &Connection, in_memory: bool) -> Result<()> {
     conn.execute_batch(
         "PRAGMA synchronous = FULL;
          PRAGMA foreign_keys = ON;
-         PRAGMA journal_size_limit = 4194304;
          PRAGMA temp_store = MEMORY;",
+    )?;
+    let limit = wal_limit(max_bytes);
+    conn.pragma_update(None, "journal_size_limit", limit as i64)?;
+    let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        (limit as i64 / page.max(512)).max(16),
     )?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(())
@@ -126,14 +140,15 @@ mod tests {
     #[test]
     fn migrations_apply_once_and_refuse_newer() {
         let mut conn = Connection::open_in_memory().unwrap();
-        configure(&conn, true).unwrap();
+        configure(&conn, true, 1 << 20).unwrap();
         migrate(&mut conn).unwrap();
         migrate(&mut conn).unwrap();
         let v: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, VERSION);
-        conn.pragma_update(None, "user_version", VERSION + 1).unwrap();
+        conn.pragma_update(None, "user_version", VERSION + 1)
+            .unwrap();
         assert!(matches!(
             migrate(&mut conn),
             Err(StoreError::SchemaTooNew { found, known }) if found == VERSION + 1 && known == VERSION
@@ -143,7 +158,7 @@ mod tests {
     #[test]
     fn a_used_blob_cannot_be_deleted() {
         let mut conn = Connection::open_in_memory().unwrap();
-        configure(&conn, true).unwrap();
+        configure(&conn, true, 1 << 20).unwrap();
         migrate(&mut conn).unwrap();
         conn.execute_batch(
             "INSERT INTO blobs (blob, hash, size, complete, charge) VALUES (1, zeroblob(32), 0, 1, 0);
@@ -153,8 +168,13 @@ mod tests {
              INSERT INTO files (pkg, path, blob, executable) VALUES (1, 'a', 1, 0);",
         )
         .unwrap();
-        assert!(conn.execute("DELETE FROM blobs WHERE blob = 1", []).is_err());
-        conn.execute("DELETE FROM packages WHERE pkg = 1", []).unwrap();
-        conn.execute("DELETE FROM blobs WHERE blob = 1", []).unwrap();
+        assert!(
+            conn.execute("DELETE FROM blobs WHERE blob = 1", [])
+                .is_err()
+        );
+        conn.execute("DELETE FROM packages WHERE pkg = 1", [])
+            .unwrap();
+        conn.execute("DELETE FROM blobs WHERE blob = 1", [])
+            .unwrap();
     }
 }

@@ -1,8 +1,6 @@
-//! The narrow seam to `myconet-content` while its `verified` and `manifest` modules are
-//! being written: the store's view of a manifest, and blob hashing. Everything else in
-//! the store goes through these few items, so switching them over is local.
-
-use std::io::{self, Read, Write};
+//! The store's view of a manifest, until `myconet-content`'s manifest types land: the
+//! few fields the store indexes and the file tree. Only `insert_package_rows` and the
+//! file checks in `core` read it, so switching to the real type is local.
 
 use crate::Hash;
 
@@ -47,34 +45,4 @@ pub struct ManifestFile {
     pub executable: bool,
     /// Verified-streaming root of the data.
     pub root: Hash,
-}
-
-/// Bytes of the outboard (hash tree) kept next to a blob of `size` bytes.
-pub(crate) fn outboard_size(_size: u64) -> u64 {
-    0
-}
-
-/// Reads exactly `size` bytes from `data`, copying them to `data_out` and the outboard
-/// to `outboard_out`, and returns the root hash. Errors with
-/// [`io::ErrorKind::UnexpectedEof`] if `data` ends early.
-pub(crate) fn import(
-    data: &mut dyn Read,
-    size: u64,
-    data_out: &mut dyn Write,
-    _outboard_out: &mut dyn Write,
-) -> io::Result<Hash> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; crate::IO_BUFFER];
-    let mut left = size;
-    while left > 0 {
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let n = data.read(&mut buf[..want])?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        hasher.update(&buf[..n]);
-        data_out.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    Ok(hasher.finalize().into())
 }

@@ -1,12 +1,15 @@
 //! The [`Store`] trait, and its two implementations: [`DiskStore`] and [`MemStore`].
 
-use std::{io::Read, path::Path};
+use std::{
+    io::{Read, Write},
+    path::Path,
+};
 
 use rusqlite::Connection;
 
 use crate::{
-    BlobReader, BlobStatus, FileInfo, GcReport, Hash, Hold, Manifest, OpenReport, PackageId,
-    PackageInfo, Result, Staged, StoreConfig, Usage, VerifyReport,
+    BlobReader, BlobSource, BlobStatus, Fed, FileInfo, GcReport, GroupSet, Hash, Hold, Manifest,
+    OpenReport, PackageId, PackageInfo, Receive, Result, Staged, StoreConfig, Usage, VerifyReport,
     core::Core,
     disk::{DATABASE, DiskBackend},
     error::io_err,
@@ -51,6 +54,30 @@ pub trait Store: Send + Sync {
 
     /// What the store has of a blob.
     fn blob_status(&self, hash: &Hash) -> Result<BlobStatus>;
+
+    /// Starts receiving `groups` of a partial blob from one provider: the encoded
+    /// response (data and proofs, as [`verified`](myconet_content::verified) encodes
+    /// it) is then handed to [`feed`](Self::feed) as it arrives.
+    fn receive(&self, hash: &Hash, groups: &GroupSet) -> Result<Receive>;
+
+    /// Verifies the next bytes of a receive and writes what verified (any split of
+    /// the stream works). Verified groups are committed in batches, and at once when
+    /// the blob becomes complete. A verification failure is the provider's fault
+    /// ([`StoreError::Verify`](crate::StoreError::Verify)): the receive is dead, the
+    /// groups that verified before it are kept.
+    fn feed(&self, receive: &mut Receive, bytes: &[u8]) -> Result<Fed>;
+
+    /// Commits every verified group not committed yet (call it now and then, and when
+    /// a transfer stops, so that a crash loses little).
+    fn flush(&self) -> Result<()>;
+
+    /// What the store has of a blob (complete or partial), to serve verified groups
+    /// of it with proofs at the caller's pace.
+    fn source(&self, hash: &Hash) -> Result<BlobSource>;
+
+    /// Encodes `groups` of a blob with their proofs into `out`; refused unless every
+    /// group is verified here. Each group is checked against the hash as it is read.
+    fn encode(&self, hash: &Hash, groups: &GroupSet, out: &mut dyn Write) -> Result<()>;
 
     /// Reads a complete blob (and counts as an access of the packages using it).
     fn open_blob(&self, hash: &Hash) -> Result<BlobReader>;
@@ -119,6 +146,21 @@ macro_rules! forward_store {
             fn blob_status(&self, hash: &Hash) -> Result<BlobStatus> {
                 self.core.blob_status(hash)
             }
+            fn receive(&self, hash: &Hash, groups: &GroupSet) -> Result<Receive> {
+                self.core.receive(hash, groups)
+            }
+            fn feed(&self, receive: &mut Receive, bytes: &[u8]) -> Result<Fed> {
+                self.core.feed(receive, bytes)
+            }
+            fn flush(&self) -> Result<()> {
+                self.core.flush()
+            }
+            fn source(&self, hash: &Hash) -> Result<BlobSource> {
+                self.core.source(hash)
+            }
+            fn encode(&self, hash: &Hash, groups: &GroupSet, out: &mut dyn Write) -> Result<()> {
+                self.core.encode(hash, groups, out)
+            }
             fn open_blob(&self, hash: &Hash) -> Result<BlobReader> {
                 self.core.open_blob(hash)
             }
@@ -173,7 +215,7 @@ impl DiskStore {
     /// found). Fails with [`StoreError::Locked`](crate::StoreError::Locked) if another
     /// process has it open.
     pub fn open(dir: &Path, config: StoreConfig) -> Result<Self> {
-        let backend = DiskBackend::open(dir)?;
+        let backend = DiskBackend::open(dir, config.max_bytes)?;
         let path = dir.join(DATABASE);
         let conn = Connection::open(&path).map_err(|e| match e {
             rusqlite::Error::SqliteFailure(_, _) => crate::StoreError::Database(e),

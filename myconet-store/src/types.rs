@@ -2,7 +2,9 @@
 
 use std::{fmt, sync::Arc};
 
-use crate::{Hash, PackageId};
+use myconet_content::{GroupSet, verified::Outboard};
+
+use crate::{BlobReader, Hash, PackageId};
 
 /// Why a package is kept. A package with no hold is *cached*: the least recently used
 /// cached packages are evicted when room is needed. A held package is never evicted.
@@ -100,12 +102,12 @@ pub struct FileInfo {
 pub enum BlobStatus {
     /// Nothing.
     Missing,
-    /// Some verified ranges; room for the whole blob is reserved.
+    /// Some verified groups; room for the whole blob is reserved.
     Partial {
         /// Blob size.
         size: u64,
-        /// Verified byte ranges, sorted and disjoint, `[start, end)`.
-        verified: Vec<(u64, u64)>,
+        /// The chunk groups verified here (committed or about to be).
+        verified: GroupSet,
     },
     /// Every byte, verified.
     Complete {
@@ -143,6 +145,8 @@ pub struct Corruption {
     pub hash: Hash,
     /// What is wrong.
     pub problem: Problem,
+    /// Bytes of it that still verify and are kept (the rest can be fetched again).
+    pub verified_bytes_kept: u64,
     /// The packages that use it.
     pub packages: Vec<PackageId>,
 }
@@ -157,7 +161,8 @@ pub enum Problem {
         /// Length found.
         found: u64,
     },
-    /// Its data does not hash to its name.
+    /// Some of its data (or a partial blob's verified groups) no longer verifies
+    /// against its name.
     DataMismatch,
     /// Its data is right but the outboard (hash tree) was not; the outboard was
     /// rewritten from the data, so nothing is lost.
@@ -169,7 +174,7 @@ impl fmt::Display for Problem {
         match self {
             Problem::Missing => f.write_str("data file missing"),
             Problem::WrongLength { found } => write!(f, "data file is {found} bytes"),
-            Problem::DataMismatch => f.write_str("data does not hash to the blob's name"),
+            Problem::DataMismatch => f.write_str("data no longer verifies against the blob's hash"),
             Problem::OutboardRepaired => f.write_str("outboard was wrong and is rewritten"),
         }
     }
@@ -245,4 +250,21 @@ impl fmt::Debug for StoreConfig {
             .field("protect", &self.protect.is_some())
             .finish()
     }
+}
+
+/// What the store has of one blob, to serve verified groups of it at the shell's pace
+/// with [`verified::Encoder`](myconet_content::verified::Encoder) (or in one go with
+/// [`Store::encode`](crate::Store::encode)). The readers hold the files open.
+#[derive(Debug)]
+pub struct BlobSource {
+    /// The blob's hash.
+    pub hash: Hash,
+    /// Its size.
+    pub size: u64,
+    /// The groups that may be served.
+    pub verified: GroupSet,
+    /// Its data.
+    pub data: BlobReader,
+    /// Its outboard.
+    pub outboard: Outboard<BlobReader>,
 }
