@@ -1,0 +1,339 @@
+//! `kill -9` at random moments of adds and fetches leaves the store consistent.
+//!
+//! The test binary runs itself as a child (`MYCONET_STORE_KILL_CHILD` set) that adds,
+//! fetches (from an in-memory provider), removes, pins, unpins and collects against an
+//! on-disk store without pause, and is SIGKILLed after a random delay. After every kill
+//! the parent opens the store and checks every invariant: the store opens (reconciling);
+//! every complete blob re-hashes to its name and every committed group of a partial
+//! blob verifies (`verify` finds nothing); complete packages read back to their hashes;
+//! no file is left that no row names and nothing is left in staging; disk use is within
+//! the quota and its slack; every package the child pinned (and did not start to unpin
+//! or remove) is there.
+//!
+//! Runs as a plain program (`harness = false`): `cargo test -p myconet-store --test
+//! kill`. `MYCONET_STORE_KILLS` sets the number of kills (default 60).
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use myconet_content::verified::{self, GROUP_BYTES};
+use myconet_store::{
+    BlobStatus, Completeness, DiskStore, GroupSet, Hash, Hold, Manifest, MemStore, Store,
+    StoreConfig, StoreError,
+};
+
+const CHILD_ENV: &str = "MYCONET_STORE_KILL_CHILD";
+const MAX_BYTES: u64 = 12 << 20;
+
+fn main() -> ExitCode {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        let (dir, seed) = spec.split_once(',').expect("dir,seed");
+        child(Path::new(dir), seed.parse().expect("seed"));
+    }
+    match parent() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kill test failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---- the child: works until killed ----
+
+/// A file's content is a function of its seed, so packages share files (dedup).
+fn file_data(seed: u64) -> Vec<u8> {
+    let len = match seed % 5 {
+        0 => 0,
+        1 => (seed * 7919) % (GROUP_BYTES as u64),
+        2 => GROUP_BYTES * (1 + seed % 8),
+        _ => (seed * 104_729) % (1536 << 10),
+    };
+    data(seed, len as usize)
+}
+
+fn package(rng: &mut Rng, salt: u64) -> (Manifest, Vec<(String, Vec<u8>)>) {
+    let n = 1 + rng.below(4);
+    let mut files = Vec::new();
+    let mut seeds = HashSet::new();
+    for i in 0..n {
+        let seed = rng.below(40);
+        if seeds.insert(seed) {
+            files.push((format!("dir{}/f{i}", seed % 3), file_data(seed)));
+        }
+    }
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(p, d)| (p.as_str(), &d[..])).collect();
+    (manifest(&format!("k{salt}"), &refs), files)
+}
+
+fn log(line: &str, out: &mut std::fs::File) {
+    // The page cache survives a kill -9; no fsync needed for the parent to read it.
+    let _ = writeln!(out, "{line}");
+}
+
+fn child(dir: &Path, seed: u64) -> ! {
+    let mut rng = Rng(seed);
+    let mut out = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.with_extension("log"))
+        .expect("log");
+    let store = DiskStore::open(dir, StoreConfig::with_max_bytes(MAX_BYTES)).expect("open");
+    let provider = MemStore::new(StoreConfig::with_max_bytes(1 << 30)).expect("provider");
+    let mut salt = seed * 1_000_000;
+    loop {
+        salt += 1;
+        let op = rng.below(10);
+        let name = match op {
+            0..=3 => "add",
+            4..=7 => "fetch",
+            8 => "remove/unpin",
+            _ => "gc",
+        };
+        log(&format!("op {name}"), &mut out);
+        let result = match op {
+            0..=3 => {
+                let (m, files) = package(&mut rng, salt);
+                let pin = rng.below(4) == 0;
+                let staged: Result<Vec<_>, _> = files
+                    .iter()
+                    .map(|(_, d)| store.stage(&mut &d[..], d.len() as u64))
+                    .collect();
+                staged
+                    .and_then(|s| store.insert_package(&m, s, if pin { &[Hold::Pin] } else { &[] }))
+                    .map(|_| {
+                        if pin {
+                            log(&format!("pin {}", m.id), &mut out);
+                            log(&format!("complete {}", m.id), &mut out);
+                        }
+                    })
+            }
+            4..=7 => {
+                let (m, files) = package(&mut rng, salt);
+                let refs: Vec<(&str, &[u8])> =
+                    files.iter().map(|(p, d)| (p.as_str(), &d[..])).collect();
+                let _ = add(&provider, &m, &refs, &[]);
+                fetch(&store, &provider, &m, &mut rng, &mut out)
+            }
+            8 => {
+                let pkgs = store.packages().unwrap_or_default();
+                if pkgs.is_empty() {
+                    Ok(())
+                } else {
+                    let p = &pkgs[rng.below(pkgs.len() as u64) as usize];
+                    if rng.below(2) == 0 {
+                        log(&format!("rm {}", p.id), &mut out);
+                        store.remove(&p.id).map(|_| ())
+                    } else {
+                        log(&format!("unpin {}", p.id), &mut out);
+                        store.release(&p.id, Hold::Pin)
+                    }
+                }
+            }
+            _ => store.gc().map(|_| ()),
+        };
+        match result {
+            Ok(())
+            | Err(StoreError::Quota { .. })
+            | Err(StoreError::UnknownBlob(_))
+            | Err(StoreError::AlreadyComplete(_)) => {}
+            Err(e) => panic!("child: {e}"),
+        }
+    }
+}
+
+/// Fetches a package: groups requested in random order and sizes, fed in random
+/// pieces, with an occasional flush.
+fn fetch(
+    store: &dyn Store,
+    provider: &dyn Store,
+    m: &Manifest,
+    rng: &mut Rng,
+    out: &mut std::fs::File,
+) -> myconet_store::Result<()> {
+    let pin = rng.below(5) == 0;
+    store.put_manifest(m, if pin { &[Hold::Pin] } else { &[] })?;
+    if pin {
+        log(&format!("pin {}", m.id), out);
+    }
+    for f in &m.files {
+        loop {
+            let want = match store.blob_status(&f.root)? {
+                BlobStatus::Complete { .. } => break,
+                BlobStatus::Missing => return Err(StoreError::UnknownBlob(f.root)),
+                BlobStatus::Partial { size, verified } => {
+                    GroupSet::all(verified::group_count(size)).difference(&verified)
+                }
+            };
+            let groups: Vec<u64> = want.iter().collect();
+            let start = groups[rng.below(groups.len() as u64) as usize];
+            let req = want.intersection(&GroupSet::from_range(start..start + 1 + rng.below(24)));
+            let mut rx = store.receive(&f.root, &req)?;
+            feed_all(store, &mut rx, &encoded(provider, &f.root, &req), rng)?;
+            if rng.below(8) == 0 {
+                store.flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- the parent: kills and checks ----
+
+fn parent() -> Result<(), String> {
+    let kills: u64 = std::env::var("MYCONET_STORE_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let dir = tmp.path().join("store");
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut rng = Rng(0x6b696c6c);
+    let mut unclean = 0;
+    let mut during: std::collections::BTreeMap<String, u64> = Default::default();
+    for i in 0..kills {
+        let mut child = Command::new(&exe)
+            .env(CHILD_ENV, format!("{},{}", dir.display(), i + 1))
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(10 + rng.below(240)));
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("child {i} exited by itself: {status}"));
+        }
+        child.kill().map_err(|e| e.to_string())?; // SIGKILL
+        child.wait().map_err(|e| e.to_string())?;
+        // What the child was doing: the last operation it started.
+        let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+        let last = log
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("op "))
+            .filter(|op| *op != "(killed)")
+            .unwrap_or("opening the store");
+        *during.entry(last.to_owned()).or_default() += 1;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.with_extension("log"))
+            .and_then(|mut f| writeln!(f, "op (killed)"))
+            .map_err(|e| e.to_string())?;
+        unclean += u64::from(check(&dir, i)?);
+    }
+    println!(
+        "kill test: {kills} kills ({during:?}), {unclean} left the store needing reconciliation, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if unclean * 2 < kills {
+        return Err(format!(
+            "only {unclean} of {kills} kills landed while the store was open"
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the store after kill `i` and checks every invariant; returns whether the
+/// shutdown was unclean.
+fn check(dir: &Path, i: u64) -> Result<bool, String> {
+    let fail = |what: String| format!("after kill {i}: {what}");
+    let store = DiskStore::open(dir, StoreConfig::with_max_bytes(MAX_BYTES))
+        .map_err(|e| fail(format!("open: {e}")))?;
+    let report = store.open_report();
+    let staging: Vec<PathBuf> = std::fs::read_dir(dir.join("staging"))
+        .map_err(|e| fail(e.to_string()))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    if !staging.is_empty() {
+        return Err(fail(format!("staging not emptied: {staging:?}")));
+    }
+    let v = store.verify().map_err(|e| fail(format!("verify: {e}")))?;
+    if !v.corrupt.is_empty() {
+        return Err(fail(format!("corrupt after reopen: {:?}", v.corrupt)));
+    }
+    let gc = store.gc().map_err(|e| fail(format!("gc: {e}")))?;
+    if gc.blobs_deleted != 0 {
+        return Err(fail(format!(
+            "files or rows left for GC after reconciling: {gc:?}"
+        )));
+    }
+    for p in store.packages().map_err(|e| fail(e.to_string()))? {
+        let files = store.files(&p.id).map_err(|e| fail(e.to_string()))?;
+        if files.len() as u64 != p.file_count {
+            return Err(fail(format!(
+                "package {} half visible: {} of {} files",
+                p.id,
+                files.len(),
+                p.file_count
+            )));
+        }
+        let all_complete = files
+            .iter()
+            .all(|f| f.completeness == Completeness::Complete);
+        if all_complete != (p.completeness == Completeness::Complete) {
+            return Err(fail(format!(
+                "package {} completeness disagrees with its files",
+                p.id
+            )));
+        }
+        for f in files
+            .iter()
+            .filter(|f| f.completeness == Completeness::Complete)
+        {
+            let (_, mut r) = store
+                .open_file(&p.id, &f.path)
+                .map_err(|e| fail(format!("{}: {e}", f.path)))?;
+            let mut bytes = Vec::new();
+            r.read_to_end(&mut bytes).map_err(|e| fail(e.to_string()))?;
+            if Hash::of(&bytes) != f.hash || bytes.len() as u64 != f.size {
+                return Err(fail(format!("{} does not read back to its hash", f.path)));
+            }
+        }
+    }
+    // Pinned and never unpinned or removed: must be there.
+    let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+    let mut pinned = HashSet::new();
+    let mut complete = HashSet::new();
+    for line in log.lines() {
+        match line.split_once(' ') {
+            Some(("pin", id)) => {
+                pinned.insert(id.to_owned());
+            }
+            Some(("complete", id)) => {
+                complete.insert(id.to_owned());
+            }
+            Some(("rm" | "unpin", id)) => {
+                pinned.remove(id);
+                complete.remove(id);
+            }
+            _ => {}
+        }
+    }
+    for id in pinned {
+        let id: Hash = id.parse().map_err(|e| fail(format!("{e}")))?;
+        let Some(p) = store.package(&id).map_err(|e| fail(e.to_string()))? else {
+            return Err(fail(format!("pinned package {id} is gone")));
+        };
+        // Added complete and pinned: only a corruption could make it partial again,
+        // and verify found none.
+        if complete.contains(&id.to_string()) && p.completeness != Completeness::Complete {
+            return Err(fail(format!("pinned package {id} was complete and is not")));
+        }
+    }
+    let u = store.usage().map_err(|e| fail(e.to_string()))?;
+    let du = disk_bytes(dir);
+    if u.used > MAX_BYTES + myconet_store::QUOTA_SLACK
+        || du > MAX_BYTES + myconet_store::QUOTA_SLACK
+    {
+        return Err(fail(format!("over quota: {du} bytes on disk, {u:?}")));
+    }
+    store.close().map_err(|e| fail(e.to_string()))?;
+    Ok(report.unclean)
+}
