@@ -53,7 +53,7 @@ fn main() -> ExitCode {
 fn file_data(seed: u64) -> Vec<u8> {
     let len = match seed % 5 {
         0 => 0,
-        1 => (seed * 7919) % (GROUP_BYTES as u64),
+        1 => (seed * 7919) % GROUP_BYTES,
         2 => GROUP_BYTES * (1 + seed % 8),
         _ => (seed * 104_729) % (1536 << 10),
     };
