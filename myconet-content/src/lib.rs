@@ -5,7 +5,13 @@
 
 pub mod groups;
 pub mod hash;
+pub mod manifest;
+pub mod mri;
+pub mod path;
 pub mod verified;
 
 pub use groups::GroupSet;
 pub use hash::Hash;
+pub use manifest::{Manifest, SignedManifest};
+pub use mri::{Mri, PackageId};
+pub use path::PackagePath;
