@@ -9,6 +9,7 @@ pub mod manifest;
 pub mod mri;
 pub mod path;
 pub mod verified;
+pub mod wire;
 
 pub use groups::GroupSet;
 pub use hash::Hash;
