@@ -22,15 +22,15 @@ use std::{
 };
 
 use myconet_content::{
-    GroupSet,
-    verified::{self, Outboard, Verified},
+    GroupSet, PackagePath, SignedManifest,
+    manifest::Kind,
+    verified::{self, Outboard, PAIR_BYTES, VerifiedParent},
 };
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::{
-    BlobSource, BlobStatus, Completeness, Corruption, FileInfo, GcReport, Hash, Hold, Manifest,
-    OpenReport, PackageId, PackageInfo, Problem, Protect, Result, StoreConfig, StoreError, Usage,
-    VerifyReport,
+    BlobSource, BlobStatus, Completeness, Corruption, FileInfo, GcReport, Hash, Hold, OpenReport,
+    PackageId, PackageInfo, Problem, Protect, Result, StoreConfig, StoreError, Usage, VerifyReport,
     backend::{Backend, BlobReader, PartialFiles, Staging},
     error::io_err,
     schema,
@@ -148,60 +148,6 @@ type SharedPartial<B> = Arc<Mutex<Partial<<B as Backend>::Partial>>>;
 /// not pay an fsync per group), at most 64 MiB.
 fn commit_threshold(size: u64) -> u64 {
     (size / 128).clamp(1 << 20, 64 << 20)
-}
-
-/// A transfer of verified groups of one blob into the store, started by
-/// [`Store::receive`](crate::Store::receive) and fed the encoded bytes as they arrive
-/// with [`Store::feed`](crate::Store::feed). It holds the decoder that checks every
-/// group and proof against the blob's hash before the store writes a byte of it.
-pub struct Receive {
-    hash: Hash,
-    instance: u64,
-    decoder: verified::Decoder,
-    received: GroupSet,
-}
-
-impl Receive {
-    /// The blob being received.
-    pub fn hash(&self) -> Hash {
-        self.hash
-    }
-
-    /// Bytes of the encoding still to come.
-    pub fn remaining(&self) -> u64 {
-        self.decoder.remaining()
-    }
-
-    /// True once every requested group arrived and verified.
-    pub fn is_done(&self) -> bool {
-        self.decoder.is_done()
-    }
-
-    /// The groups verified and written so far.
-    pub fn received(&self) -> &GroupSet {
-        &self.received
-    }
-}
-
-impl fmt::Debug for Receive {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Receive")
-            .field("hash", &self.hash)
-            .field("remaining", &self.remaining())
-            .field("received", &self.received)
-            .finish()
-    }
-}
-
-/// What one [`Store::feed`](crate::Store::feed) call did.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Fed {
-    /// Bytes of the input the encoding used; the rest is past its end.
-    pub consumed: usize,
-    /// Groups that verified (and were written) in this call.
-    pub groups: GroupSet,
-    /// True if the blob became complete (every group verified and committed).
-    pub completed: bool,
 }
 
 fn now_secs() -> u64 {
@@ -385,8 +331,8 @@ impl<B: Backend> Core<B> {
     /// What one commit adding `m` may grow the database by: its rows and index
     /// entries (the manifest, which holds every path, about three times over: the
     /// manifest column, file rows, the search index) and the pages a commit touches.
-    fn database_growth(m: &Manifest) -> u64 {
-        64 * 1024 + 3 * m.bytes.len() as u64 + 128 * m.files.len() as u64
+    fn database_growth(m: &SignedManifest) -> u64 {
+        64 * 1024 + 3 * m.bytes().len() as u64 + 128 * m.manifest().files.len() as u64
     }
 
     fn next_access(&self) -> u64 {
@@ -438,7 +384,7 @@ impl<B: Backend> Core<B> {
                 break;
             }
             let pkg: i64 = row.get(0)?;
-            let id = hash_from(&row.get::<_, Vec<u8>>(1)?)?;
+            let id = id_from(&row.get::<_, Vec<u8>>(1)?)?;
             if self.protect.as_ref().is_some_and(|p| p(&id)) {
                 continue;
             }
@@ -581,10 +527,11 @@ impl<B: Backend> Core<B> {
 
     pub(crate) fn insert_package(
         &self,
-        manifest: &Manifest,
+        signed: &SignedManifest,
         staged: Vec<Staged>,
         holds: &[Hold],
     ) -> Result<PackageInfo> {
+        let manifest = signed.manifest();
         let mut by_hash: HashMap<Hash, Staged> = HashMap::new();
         for s in staged {
             if s.instance != self.instance {
@@ -596,7 +543,7 @@ impl<B: Backend> Core<B> {
             match by_hash.get(&f.root) {
                 Some(s) if s.size != f.size => {
                     return Err(StoreError::ManifestSizeMismatch {
-                        path: f.path.clone(),
+                        path: f.path.to_string(),
                         manifest: f.size,
                         staged: s.size,
                     });
@@ -615,12 +562,12 @@ impl<B: Backend> Core<B> {
         }
 
         let mut db = self.lock_db();
-        if let Some(pkg) = find_package(&db.conn, &manifest.id)? {
+        if let Some(pkg) = find_package(&db.conn, &signed.id())? {
             self.add_holds(&mut db, pkg, holds)?;
             self.touch_row(pkg);
             return package_info(&db.conn, pkg);
         }
-        self.make_room(&mut db, Self::database_growth(manifest))?;
+        self.make_room(&mut db, Self::database_growth(signed))?;
         // Which blobs are new, which partial ones the add completes.
         let mut new_blobs: Vec<(Hash, u64)> = Vec::new();
         let mut upgrades: Vec<i64> = Vec::new();
@@ -635,7 +582,7 @@ impl<B: Backend> Core<B> {
                 && r.size != f.size
             {
                 return Err(StoreError::ImpossibleFile {
-                    path: f.path.clone(),
+                    path: f.path.to_string(),
                     hash: f.root,
                     size: f.size,
                 });
@@ -646,7 +593,7 @@ impl<B: Backend> Core<B> {
                     let s = by_hash
                         .remove(&f.root)
                         .ok_or_else(|| StoreError::MissingData {
-                            path: f.path.clone(),
+                            path: f.path.to_string(),
                             hash: f.root,
                         })?;
                     match other {
@@ -680,13 +627,13 @@ impl<B: Backend> Core<B> {
                 tx.prepare_cached(
                     "INSERT INTO blobs (hash, size, complete, verified, charge) VALUES (?1, ?2, 1, NULL, ?3)",
                 )?
-                .execute(params![&hash.0[..], i64_of(size), i64_of(self.charge_for_blob(size))])?;
+                .execute(params![hash.as_bytes(), i64_of(size), i64_of(self.charge_for_blob(size))])?;
             }
             for &blob in &upgrades {
                 tx.prepare_cached("UPDATE blobs SET complete = 1, verified = NULL WHERE blob = ?1")?
                     .execute([blob])?;
             }
-            let pkg = insert_package_rows(&tx, manifest, holds, self.next_access())?;
+            let pkg = insert_package_rows(&tx, signed, holds, self.next_access())?;
             tx.commit()?;
             Ok(pkg)
         });
@@ -726,12 +673,17 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    pub(crate) fn put_manifest(&self, manifest: &Manifest, holds: &[Hold]) -> Result<PackageInfo> {
+    pub(crate) fn put_manifest(
+        &self,
+        signed: &SignedManifest,
+        holds: &[Hold],
+    ) -> Result<PackageInfo> {
+        let manifest = signed.manifest();
         for f in &manifest.files {
             check_possible(&f.path, f.root, f.size)?;
         }
         let mut db = self.lock_db();
-        if let Some(pkg) = find_package(&db.conn, &manifest.id)? {
+        if let Some(pkg) = find_package(&db.conn, &signed.id())? {
             self.add_holds(&mut db, pkg, holds)?;
             self.touch_row(pkg);
             return package_info(&db.conn, pkg);
@@ -745,7 +697,7 @@ impl<B: Backend> Core<B> {
             match blob_row(&db.conn, &f.root)? {
                 Some(r) if r.size != f.size => {
                     return Err(StoreError::ImpossibleFile {
-                        path: f.path.clone(),
+                        path: f.path.to_string(),
                         hash: f.root,
                         size: f.size,
                     });
@@ -755,7 +707,7 @@ impl<B: Backend> Core<B> {
             }
         }
         let needed: u64 = missing.iter().map(|&(_, s)| self.charge_for_blob(s)).sum();
-        self.make_room(&mut db, needed + Self::database_growth(manifest))?;
+        self.make_room(&mut db, needed + Self::database_growth(signed))?;
         // The empty file is complete as soon as it is named: it has no bytes to verify.
         let empties: Vec<Hash> = missing
             .iter()
@@ -776,14 +728,14 @@ impl<B: Backend> Core<B> {
                     "INSERT INTO blobs (hash, size, complete, verified, charge) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![
-                    &hash.0[..],
+                    hash.as_bytes(),
                     i64_of(size),
                     size == 0,
                     (size > 0).then(Vec::<u8>::new),
                     i64_of(self.charge_for_blob(size))
                 ])?;
             }
-            let pkg = insert_package_rows(&tx, manifest, holds, self.next_access())?;
+            let pkg = insert_package_rows(&tx, signed, holds, self.next_access())?;
             tx.commit()?;
             Ok(pkg)
         })();
@@ -882,7 +834,7 @@ impl<B: Backend> Core<B> {
         Ok(db
             .conn
             .prepare_cached("SELECT manifest FROM packages WHERE id = ?1")?
-            .query_row([&id.0[..]], |r| r.get(0))
+            .query_row([id.0.as_bytes()], |r| r.get(0))
             .optional()?)
     }
 
@@ -898,7 +850,7 @@ impl<B: Backend> Core<B> {
         while let Some(r) = rows.next()? {
             let size = u64_of(r.get(1)?);
             out.push(FileInfo {
-                path: r.get(0)?,
+                path: path_from(r.get(0)?)?,
                 size,
                 executable: r.get(2)?,
                 hash: hash_from(&r.get::<_, Vec<u8>>(3)?)?,
@@ -945,7 +897,11 @@ impl<B: Backend> Core<B> {
         Ok(reader)
     }
 
-    pub(crate) fn open_file(&self, id: &PackageId, path: &str) -> Result<(FileInfo, BlobReader)> {
+    pub(crate) fn open_file(
+        &self,
+        id: &PackageId,
+        path: &PackagePath,
+    ) -> Result<(FileInfo, BlobReader)> {
         let db = self.lock_db();
         let pkg = find_package(&db.conn, id)?.ok_or(StoreError::UnknownPackage(*id))?;
         let (hash, size, executable, complete, verified): (
@@ -960,18 +916,18 @@ impl<B: Backend> Core<B> {
                 "SELECT b.hash, b.size, f.executable, b.complete, b.verified
                  FROM files f JOIN blobs b ON b.blob = f.blob WHERE f.pkg = ?1 AND f.path = ?2",
             )?
-            .query_row(params![pkg, path], |r| {
+            .query_row(params![pkg, path.as_str()], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })
             .optional()?
             .ok_or_else(|| StoreError::UnknownFile {
                 package: *id,
-                path: path.to_owned(),
+                path: path.to_string(),
             })?;
         let hash = hash_from(&hash)?;
         let size = u64_of(size);
         let info = FileInfo {
-            path: path.to_owned(),
+            path: path.clone(),
             size,
             executable,
             hash,
@@ -1121,7 +1077,7 @@ impl<B: Backend> Core<B> {
                     "SELECT DISTINCT p.id FROM files f JOIN packages p ON p.pkg = f.pkg WHERE f.blob = ?1",
                 )?
                 .query_map([row.blob], |r| r.get::<_, Vec<u8>>(0))?
-                .map(|r| hash_from(&r?))
+                .map(|r| id_from(&r?))
                 .collect::<Result<_>>()?;
             report.corrupt.push(Corruption {
                 hash,
@@ -1270,72 +1226,94 @@ impl<B: Backend> Core<B> {
         Ok(p)
     }
 
-    pub(crate) fn receive(&self, hash: &Hash, groups: &GroupSet) -> Result<Receive> {
-        let size = {
-            let db = self.lock_db();
-            let row = blob_row(&db.conn, hash)?.ok_or(StoreError::UnknownBlob(*hash))?;
-            if row.complete {
-                return Err(StoreError::AlreadyComplete(*hash));
-            }
-            row.size
-        };
-        let decoder =
-            verified::Decoder::new(*hash, size, groups).map_err(|e| StoreError::Range {
-                hash: *hash,
-                error: e,
-            })?;
-        Ok(Receive {
-            hash: *hash,
-            instance: self.instance,
-            decoder,
-            received: GroupSet::new(),
-        })
+    /// The open partial blob `hash`, or `None` if it is complete (nothing to write).
+    fn writable(&self, hash: &Hash) -> Result<Option<SharedPartial<B>>> {
+        match self.partial(hash) {
+            Ok(p) => Ok(Some(p)),
+            Err(StoreError::AlreadyComplete(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
-    pub(crate) fn feed(&self, rx: &mut Receive, input: &[u8]) -> Result<Fed> {
-        if rx.instance != self.instance {
-            return Err(StoreError::ForeignReceive(rx.hash));
-        }
-        let hash = rx.hash;
-        let partial = self.partial(&hash)?;
+    pub(crate) fn write_parent(&self, hash: &Hash, parent: &VerifiedParent) -> Result<()> {
+        let Some(partial) = self.writable(hash)? else {
+            return Ok(());
+        };
         let mut p = partial.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rest = input;
-        let mut fed = Fed::default();
-        let write_err = |e| io_err("writing partial blob", hash.to_string())(e);
-        loop {
-            match rx.decoder.next(&mut rest) {
-                Ok(Some(Verified::Parent(parent))) => {
-                    p.files
-                        .write_outboard(parent.offset, &parent.pair)
-                        .map_err(write_err)?;
-                }
-                Ok(Some(Verified::Group {
-                    group,
-                    offset,
-                    data,
-                })) => {
-                    p.files.write_data(offset, data).map_err(write_err)?;
-                    if !p.committed.contains(group) && !p.pending.contains(group) {
-                        p.pending.insert(group);
-                        p.pending_bytes += data.len() as u64;
-                    }
-                    fed.groups.insert(group);
-                    rx.received.insert(group);
-                }
-                Ok(None) => break,
-                Err(error) => {
-                    // What verified before the bad item is written and stays pending.
-                    return Err(StoreError::Verify { hash, error });
-                }
-            }
+        let outboard = verified::outboard_size(p.size);
+        let fits = parent
+            .offset
+            .checked_add(PAIR_BYTES)
+            .is_some_and(|end| end <= outboard);
+        if !parent.offset.is_multiple_of(PAIR_BYTES) || !fits {
+            return Err(StoreError::ParentOutOfRange {
+                hash: *hash,
+                offset: parent.offset,
+            });
         }
-        fed.consumed = input.len() - rest.len();
-        let all = verified::group_count(p.size);
-        let whole = p.committed.len() + p.pending.len() == all;
+        p.files
+            .write_outboard(parent.offset, &parent.pair)
+            .map_err(io_err("writing partial blob", hash.to_string()))
+    }
+
+    pub(crate) fn write_group(&self, hash: &Hash, group: u64, data: &[u8]) -> Result<bool> {
+        let Some(partial) = self.writable(hash)? else {
+            return Ok(true);
+        };
+        let mut p = partial.lock().unwrap_or_else(|e| e.into_inner());
+        let count = verified::group_count(p.size);
+        let range = verified::group_bytes(p.size, group);
+        if group >= count || data.len() as u64 != range.end - range.start {
+            return Err(StoreError::GroupOutOfRange {
+                hash: *hash,
+                group,
+                len: data.len() as u64,
+            });
+        }
+        p.files
+            .write_data(range.start, data)
+            .map_err(io_err("writing partial blob", hash.to_string()))?;
+        if !p.committed.contains(group) && !p.pending.contains(group) {
+            p.pending.insert(group);
+            p.pending_bytes += data.len() as u64;
+        }
+        let whole = p.committed.len() + p.pending.len() == count;
         if whole || p.pending_bytes >= commit_threshold(p.size) {
-            fed.completed = self.commit_partial(&hash, &mut p)?;
+            return self.commit_partial(hash, &mut p);
         }
-        Ok(fed)
+        Ok(false)
+    }
+
+    pub(crate) fn have(&self, id: &PackageId) -> Result<Vec<(Hash, GroupSet)>> {
+        let rows: Vec<(Hash, u64, bool, Option<Vec<u8>>)> = {
+            let db = self.lock_db();
+            let pkg = find_package(&db.conn, id)?.ok_or(StoreError::UnknownPackage(*id))?;
+            db.conn
+                .prepare_cached(
+                    "SELECT b.hash, b.size, b.complete, b.verified FROM blobs b
+                     WHERE b.blob IN (SELECT blob FROM files WHERE pkg = ?1)",
+                )?
+                .query_map([pkg], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .map(|r| {
+                    let (h, s, c, v) = r?;
+                    Ok((hash_from(&h)?, u64_of(s), c, v))
+                })
+                .collect::<Result<_>>()?
+        };
+        // Pending groups are read after the database lock is let go (lock order).
+        Ok(rows
+            .into_iter()
+            .map(|(hash, size, complete, verified)| {
+                let groups = if complete {
+                    GroupSet::all(verified::group_count(size))
+                } else {
+                    verified_groups(size, verified.as_deref()).union(&self.pending_groups(&hash))
+                };
+                (hash, groups)
+            })
+            .collect())
     }
 
     /// Makes a partial blob's pending groups durable, then commits them; marks the
@@ -1462,19 +1440,24 @@ impl<B: Backend> Drop for Core<B> {
 // ---- row helpers ----
 
 fn hash_from(bytes: &[u8]) -> Result<Hash> {
-    <[u8; 32]>::try_from(bytes).map(Hash).map_err(|_| {
-        StoreError::Database(rusqlite::Error::IntegralValueOutOfRange(
-            0,
-            bytes.len() as i64,
-        ))
-    })
+    <[u8; 32]>::try_from(bytes)
+        .map(Hash)
+        .map_err(|_| StoreError::BadRow("hash"))
+}
+
+fn id_from(bytes: &[u8]) -> Result<PackageId> {
+    hash_from(bytes).map(PackageId)
+}
+
+fn path_from(s: String) -> Result<PackagePath> {
+    PackagePath::new(s).map_err(|_| StoreError::BadRow("path"))
 }
 
 /// Refuses sizes that cannot belong to a root: only the empty file is 0 bytes.
-fn check_possible(path: &str, root: Hash, size: u64) -> Result<()> {
+fn check_possible(path: &PackagePath, root: Hash, size: u64) -> Result<()> {
     if (size == 0) != (root == empty_root()) {
         return Err(StoreError::ImpossibleFile {
-            path: path.to_owned(),
+            path: path.to_string(),
             hash: root,
             size,
         });
@@ -1562,9 +1545,11 @@ fn package_info(conn: &Connection, pkg: i64) -> Result<PackageInfo> {
         )?
         .query_row([pkg], |r| r.get(0))?;
     Ok(PackageInfo {
-        id: hash_from(&id)?,
+        id: id_from(&id)?,
         title,
-        kind,
+        kind: kind
+            .parse::<Kind>()
+            .map_err(|_| StoreError::BadRow("kind"))?,
         total_size: u64_of(total_size),
         file_count: u64_of(file_count),
         completeness: if complete {
@@ -1581,14 +1566,14 @@ fn package_info(conn: &Connection, pkg: i64) -> Result<PackageInfo> {
 fn find_package(conn: &Connection, id: &PackageId) -> Result<Option<i64>> {
     Ok(conn
         .prepare_cached("SELECT pkg FROM packages WHERE id = ?1")?
-        .query_row([&id.0[..]], |r| r.get(0))
+        .query_row([id.0.as_bytes()], |r| r.get(0))
         .optional()?)
 }
 
 fn blob_row(conn: &Connection, hash: &Hash) -> Result<Option<BlobRow>> {
     Ok(conn
         .prepare_cached("SELECT blob, size, complete, verified FROM blobs WHERE hash = ?1")?
-        .query_row([&hash.0[..]], |r| {
+        .query_row([hash.as_bytes()], |r| {
             Ok(BlobRow {
                 blob: r.get(0)?,
                 size: u64_of(r.get(1)?),
@@ -1620,28 +1605,30 @@ fn insert_holds(tx: &Transaction<'_>, pkg: i64, holds: &[Hold]) -> Result<()> {
 /// Inserts a package, its files (whose blob rows must exist), holds and search entry.
 fn insert_package_rows(
     tx: &Transaction<'_>,
-    m: &Manifest,
+    signed: &SignedManifest,
     holds: &[Hold],
     accessed: u64,
 ) -> Result<i64> {
-    let total: u64 = m.files.iter().map(|f| f.size).sum();
+    let m = signed.manifest();
+    let md = &m.metadata;
+    let optional = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     tx.prepare_cached(
         "INSERT INTO packages (id, manifest, author, created, kind, title, description, tags,
              language, licence, total_size, file_count, added_at, accessed)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
-        &m.id.0[..],
-        &m.bytes,
-        &m.author[..],
+        signed.id().0.as_bytes(),
+        signed.bytes(),
+        &m.author.0[..],
         i64_of(m.created),
-        &m.kind,
-        &m.title,
-        &m.description,
-        m.tags.join("\n"),
-        &m.language,
-        &m.licence,
-        i64_of(total),
+        md.kind.as_str(),
+        &md.title,
+        &md.description,
+        md.tags.join("\n"),
+        optional(&md.language),
+        optional(&md.licence),
+        i64_of(m.total_size()),
         i64_of(m.files.len() as u64),
         i64_of(now_secs()),
         i64_of(accessed),
@@ -1653,7 +1640,12 @@ fn insert_package_rows(
              VALUES (?1, ?2, (SELECT blob FROM blobs WHERE hash = ?3), ?4)",
         )?;
         for f in &m.files {
-            ins.execute(params![pkg, &f.path, &f.root.0[..], f.executable])?;
+            ins.execute(params![
+                pkg,
+                f.path.as_str(),
+                f.root.as_bytes(),
+                f.executable
+            ])?;
         }
     }
     insert_holds(tx, pkg, holds)?;
@@ -1663,9 +1655,9 @@ fn insert_package_rows(
     )?
     .execute(params![
         pkg,
-        &m.title,
-        &m.description,
-        m.tags.join("\n"),
+        &md.title,
+        &md.description,
+        md.tags.join("\n"),
         paths.join("\n")
     ])?;
     Ok(pkg)

@@ -2,10 +2,7 @@
 
 use std::{io, path::PathBuf};
 
-use myconet_content::{
-    GroupSet,
-    verified::{RangeError, VerifyError},
-};
+use myconet_content::{GroupSet, verified::VerifyError};
 
 use crate::{Hash, PackageId};
 
@@ -54,25 +51,31 @@ pub enum StoreError {
         /// The groups asked for that are not verified here.
         groups: GroupSet,
     },
-    /// A blob asked to receive groups is already complete.
+    /// A blob asked to take verified groups is already complete.
     #[error("blob {0} is already complete")]
     AlreadyComplete(Hash),
-    /// Groups asked for that the blob does not have.
-    #[error("blob {hash}: {error}")]
-    Range {
+    /// A row of the store's database holds a value this build cannot read.
+    #[error("the store's database holds an invalid {0}")]
+    BadRow(&'static str),
+    /// A verified group handed to the store that does not fit the blob: its index or
+    /// length is wrong for the blob's size.
+    #[error("group {group} of {len} bytes does not fit blob {hash}")]
+    GroupOutOfRange {
         /// The blob.
         hash: Hash,
-        /// What is out of range.
-        error: RangeError,
+        /// The group index.
+        group: u64,
+        /// Bytes handed in.
+        len: u64,
     },
-    /// Received data or a proof did not verify against the blob's hash: the sender is
-    /// at fault. Groups that verified before it are kept.
-    #[error("received data for blob {hash} failed verification: {error}")]
-    Verify {
+    /// A verified proof pair handed to the store whose offset is outside the blob's
+    /// outboard.
+    #[error("proof pair at outboard offset {offset} does not fit blob {hash}")]
+    ParentOutOfRange {
         /// The blob.
         hash: Hash,
-        /// What failed.
-        error: VerifyError,
+        /// The pair's offset.
+        offset: u64,
     },
     /// The store's own copy of a blob failed verification while being read: run
     /// `verify` to find and mark what is corrupt.
@@ -83,9 +86,6 @@ pub enum StoreError {
         /// What failed.
         error: VerifyError,
     },
-    /// A [`Receive`](crate::Receive) was fed to a store other than the one that made it.
-    #[error("the receive of blob {0} belongs to another store")]
-    ForeignReceive(Hash),
     /// The data handed to the store ended before its declared size.
     #[error("the data ended after {actual} bytes but {declared} were declared")]
     DataTooShort {

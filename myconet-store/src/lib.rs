@@ -12,15 +12,13 @@ mod disk;
 mod error;
 mod mem;
 mod schema;
-mod seam;
 mod store;
 mod types;
 
 pub use backend::BlobReader;
-pub use core::{Fed, Receive, Staged};
+pub use core::Staged;
 pub use error::{Result, StoreError};
-pub use myconet_content::{GroupSet, Hash};
-pub use seam::{Manifest, ManifestFile, PackageId};
+pub use myconet_content::{GroupSet, Hash, PackageId, PackagePath, SignedManifest};
 pub use store::{DiskStore, MemStore, Store};
 pub use types::{
     BlobSource, BlobStatus, Completeness, Corruption, FileInfo, GcReport, Hold, OpenReport,

@@ -5,11 +5,13 @@ use std::{
     path::Path,
 };
 
+use myconet_content::verified::VerifiedParent;
 use rusqlite::Connection;
 
 use crate::{
-    BlobReader, BlobSource, BlobStatus, Fed, FileInfo, GcReport, GroupSet, Hash, Hold, Manifest,
-    OpenReport, PackageId, PackageInfo, Receive, Result, Staged, StoreConfig, Usage, VerifyReport,
+    BlobReader, BlobSource, BlobStatus, FileInfo, GcReport, GroupSet, Hash, Hold, OpenReport,
+    PackageId, PackageInfo, PackagePath, Result, SignedManifest, Staged, StoreConfig, Usage,
+    VerifyReport,
     core::Core,
     disk::{DATABASE, DiskBackend},
     error::io_err,
@@ -41,7 +43,7 @@ pub trait Store: Send + Sync {
     /// error leaves the store as it was. Adding a package already here adds the holds.
     fn insert_package(
         &self,
-        manifest: &Manifest,
+        manifest: &SignedManifest,
         staged: Vec<Staged>,
         holds: &[Hold],
     ) -> Result<PackageInfo>;
@@ -50,22 +52,25 @@ pub trait Store: Send + Sync {
     /// partial and their whole room is reserved now, so a fetch that starts never
     /// runs out of quota. Refused with [`StoreError::Quota`](crate::StoreError::Quota)
     /// if the room cannot be made.
-    fn put_manifest(&self, manifest: &Manifest, holds: &[Hold]) -> Result<PackageInfo>;
+    fn put_manifest(&self, manifest: &SignedManifest, holds: &[Hold]) -> Result<PackageInfo>;
 
     /// What the store has of a blob.
     fn blob_status(&self, hash: &Hash) -> Result<BlobStatus>;
 
-    /// Starts receiving `groups` of a partial blob from one provider: the encoded
-    /// response (data and proofs, as [`verified`](myconet_content::verified) encodes
-    /// it) is then handed to [`feed`](Self::feed) as it arrives.
-    fn receive(&self, hash: &Hash, groups: &GroupSet) -> Result<Receive>;
+    /// The groups of each distinct blob of a package that are verified here: what a
+    /// download resumes from (`fetch::Fetch::handle_local`).
+    fn have(&self, id: &PackageId) -> Result<Vec<(Hash, GroupSet)>>;
 
-    /// Verifies the next bytes of a receive and writes what verified (any split of
-    /// the stream works). Verified groups are committed in batches, and at once when
-    /// the blob becomes complete. A verification failure is the provider's fault
-    /// ([`StoreError::Verify`](crate::StoreError::Verify)): the receive is dead, the
-    /// groups that verified before it are kept.
-    fn feed(&self, receive: &mut Receive, bytes: &[u8]) -> Result<Fed>;
+    /// Stores a verified proof pair of a partial blob (`fetch::Event::Parent`). The
+    /// caller vouches that it came out of a `verified::Decoder` for this blob; the
+    /// store checks that it fits and writes it at its place. A complete blob ignores it.
+    fn write_parent(&self, hash: &Hash, parent: &VerifiedParent) -> Result<()>;
+
+    /// Stores a verified group of a partial blob (`fetch::Event::Group`), after the
+    /// pairs that prove it. Same contract as [`write_parent`](Self::write_parent).
+    /// Groups are committed in batches (and at once when the blob is whole); returns
+    /// whether the blob is now complete.
+    fn write_group(&self, hash: &Hash, group: u64, data: &[u8]) -> Result<bool>;
 
     /// Commits every verified group not committed yet (call it now and then, and when
     /// a transfer stops, so that a crash loses little).
@@ -83,7 +88,7 @@ pub trait Store: Send + Sync {
     fn open_blob(&self, hash: &Hash) -> Result<BlobReader>;
 
     /// Reads a complete file of a package, by path (an access of the package).
-    fn open_file(&self, id: &PackageId, path: &str) -> Result<(FileInfo, BlobReader)>;
+    fn open_file(&self, id: &PackageId, path: &PackagePath) -> Result<(FileInfo, BlobReader)>;
 
     /// Every package, oldest first.
     fn packages(&self) -> Result<Vec<PackageInfo>>;
@@ -134,23 +139,30 @@ macro_rules! forward_store {
             }
             fn insert_package(
                 &self,
-                manifest: &Manifest,
+                manifest: &SignedManifest,
                 staged: Vec<Staged>,
                 holds: &[Hold],
             ) -> Result<PackageInfo> {
                 self.core.insert_package(manifest, staged, holds)
             }
-            fn put_manifest(&self, manifest: &Manifest, holds: &[Hold]) -> Result<PackageInfo> {
+            fn put_manifest(
+                &self,
+                manifest: &SignedManifest,
+                holds: &[Hold],
+            ) -> Result<PackageInfo> {
                 self.core.put_manifest(manifest, holds)
             }
             fn blob_status(&self, hash: &Hash) -> Result<BlobStatus> {
                 self.core.blob_status(hash)
             }
-            fn receive(&self, hash: &Hash, groups: &GroupSet) -> Result<Receive> {
-                self.core.receive(hash, groups)
+            fn have(&self, id: &PackageId) -> Result<Vec<(Hash, GroupSet)>> {
+                self.core.have(id)
             }
-            fn feed(&self, receive: &mut Receive, bytes: &[u8]) -> Result<Fed> {
-                self.core.feed(receive, bytes)
+            fn write_parent(&self, hash: &Hash, parent: &VerifiedParent) -> Result<()> {
+                self.core.write_parent(hash, parent)
+            }
+            fn write_group(&self, hash: &Hash, group: u64, data: &[u8]) -> Result<bool> {
+                self.core.write_group(hash, group, data)
             }
             fn flush(&self) -> Result<()> {
                 self.core.flush()
@@ -164,7 +176,11 @@ macro_rules! forward_store {
             fn open_blob(&self, hash: &Hash) -> Result<BlobReader> {
                 self.core.open_blob(hash)
             }
-            fn open_file(&self, id: &PackageId, path: &str) -> Result<(FileInfo, BlobReader)> {
+            fn open_file(
+                &self,
+                id: &PackageId,
+                path: &PackagePath,
+            ) -> Result<(FileInfo, BlobReader)> {
                 self.core.open_file(id, path)
             }
             fn packages(&self) -> Result<Vec<PackageInfo>> {

@@ -2,7 +2,7 @@
 
 use std::{fmt, sync::Arc};
 
-use myconet_content::{GroupSet, verified::Outboard};
+use myconet_content::{GroupSet, PackagePath, manifest::Kind, verified::Outboard};
 
 use crate::{BlobReader, Hash, PackageId};
 
@@ -65,7 +65,7 @@ pub struct PackageInfo {
     /// Title from the manifest.
     pub title: String,
     /// Kind from the manifest.
-    pub kind: String,
+    pub kind: Kind,
     /// Sum of its files' sizes.
     pub total_size: u64,
     /// Number of files.
@@ -86,7 +86,7 @@ pub struct PackageInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileInfo {
     /// Path inside the package.
-    pub path: String,
+    pub path: PackagePath,
     /// Size in bytes.
     pub size: u64,
     /// Executable bit.

@@ -24,10 +24,10 @@ use std::{
 };
 
 use common::*;
-use myconet_content::verified::{self, GROUP_BYTES};
+use myconet_content::verified::GROUP_BYTES;
 use myconet_store::{
-    BlobStatus, Completeness, DiskStore, GroupSet, Hash, Hold, Manifest, MemStore, Store,
-    StoreConfig, StoreError,
+    Completeness, DiskStore, Hash, Hold, MemStore, PackageId, SignedManifest, Store, StoreConfig,
+    StoreError,
 };
 
 const CHILD_ENV: &str = "MYCONET_STORE_KILL_CHILD";
@@ -60,7 +60,7 @@ fn file_data(seed: u64) -> Vec<u8> {
     data(seed, len as usize)
 }
 
-fn package(rng: &mut Rng, salt: u64) -> (Manifest, Vec<(String, Vec<u8>)>) {
+fn package(rng: &mut Rng, salt: u64) -> (SignedManifest, Vec<(String, Vec<u8>)>) {
     let n = 1 + rng.below(4);
     let mut files = Vec::new();
     let mut seeds = HashSet::new();
@@ -111,8 +111,8 @@ fn child(dir: &Path, seed: u64) -> ! {
                     .and_then(|s| store.insert_package(&m, s, if pin { &[Hold::Pin] } else { &[] }))
                     .map(|_| {
                         if pin {
-                            log(&format!("pin {}", m.id), &mut out);
-                            log(&format!("complete {}", m.id), &mut out);
+                            log(&format!("pin {}", m.id()), &mut out);
+                            log(&format!("complete {}", m.id()), &mut out);
                         }
                     })
             }
@@ -121,7 +121,13 @@ fn child(dir: &Path, seed: u64) -> ! {
                 let refs: Vec<(&str, &[u8])> =
                     files.iter().map(|(p, d)| (p.as_str(), &d[..])).collect();
                 let _ = add(&provider, &m, &refs, &[]);
-                fetch(&store, &provider, &m, &mut rng, &mut out)
+                let holds: &[Hold] = if rng.below(5) == 0 { &[Hold::Pin] } else { &[] };
+                store.put_manifest(&m, holds).and_then(|_| {
+                    if !holds.is_empty() {
+                        log(&format!("pin {}", m.id()), &mut out);
+                    }
+                    fetch(&store, &provider, &m, holds, &mut rng)
+                })
             }
             8 => {
                 let pkgs = store.packages().unwrap_or_default();
@@ -148,42 +154,6 @@ fn child(dir: &Path, seed: u64) -> ! {
             Err(e) => panic!("child: {e}"),
         }
     }
-}
-
-/// Fetches a package: groups requested in random order and sizes, fed in random
-/// pieces, with an occasional flush.
-fn fetch(
-    store: &dyn Store,
-    provider: &dyn Store,
-    m: &Manifest,
-    rng: &mut Rng,
-    out: &mut std::fs::File,
-) -> myconet_store::Result<()> {
-    let pin = rng.below(5) == 0;
-    store.put_manifest(m, if pin { &[Hold::Pin] } else { &[] })?;
-    if pin {
-        log(&format!("pin {}", m.id), out);
-    }
-    for f in &m.files {
-        loop {
-            let want = match store.blob_status(&f.root)? {
-                BlobStatus::Complete { .. } => break,
-                BlobStatus::Missing => return Err(StoreError::UnknownBlob(f.root)),
-                BlobStatus::Partial { size, verified } => {
-                    GroupSet::all(verified::group_count(size)).difference(&verified)
-                }
-            };
-            let groups: Vec<u64> = want.iter().collect();
-            let start = groups[rng.below(groups.len() as u64) as usize];
-            let req = want.intersection(&GroupSet::from_range(start..start + 1 + rng.below(24)));
-            let mut rx = store.receive(&f.root, &req)?;
-            feed_all(store, &mut rx, &encoded(provider, &f.root, &req), rng)?;
-            if rng.below(8) == 0 {
-                store.flush()?;
-            }
-        }
-    }
-    Ok(())
 }
 
 // ---- the parent: kills and checks ----
@@ -317,7 +287,7 @@ fn check(dir: &Path, i: u64) -> Result<bool, String> {
         }
     }
     for id in pinned {
-        let id: Hash = id.parse().map_err(|e| fail(format!("{e}")))?;
+        let id: PackageId = id.parse().map_err(|e| fail(format!("{e}")))?;
         let Some(p) = store.package(&id).map_err(|e| fail(e.to_string()))? else {
             return Err(fail(format!("pinned package {id} is gone")));
         };

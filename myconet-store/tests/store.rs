@@ -11,7 +11,7 @@ use std::{
 use common::*;
 use myconet_content::verified::{self, GROUP_BYTES};
 use myconet_store::{
-    BlobStatus, Completeness, DiskStore, GroupSet, Hash, Hold, MemStore, Problem, Store,
+    BlobStatus, Completeness, DiskStore, GroupSet, Hash, Hold, MemStore, PackageId, Problem, Store,
     StoreConfig, StoreError,
 };
 
@@ -37,8 +37,8 @@ macro_rules! both {
     };
 }
 
-fn read_all(store: &dyn Store, id: &Hash, path: &str) -> Vec<u8> {
-    let (_, mut r) = store.open_file(id, path).unwrap();
+fn read_all(store: &dyn Store, id: &PackageId, p: &str) -> Vec<u8> {
+    let (_, mut r) = store.open_file(id, &path(p)).unwrap();
     let mut v = Vec::new();
     r.read_to_end(&mut v).unwrap();
     v
@@ -58,23 +58,23 @@ both!(
         assert_eq!(info.holds, vec![Hold::Pin]);
         assert_eq!(info.total_size, (big.len() + small.len()) as u64);
         assert_eq!(info.file_count, 3);
-        assert_eq!(read_all(s, &m.id, "big.bin"), big);
-        assert_eq!(read_all(s, &m.id, "dir/small.txt"), small);
-        assert_eq!(read_all(s, &m.id, "empty"), b"");
+        assert_eq!(read_all(s, &m.id(), "big.bin"), big);
+        assert_eq!(read_all(s, &m.id(), "dir/small.txt"), small);
+        assert_eq!(read_all(s, &m.id(), "empty"), b"");
         // Ranged reads (what a gateway serving HTTP Range does).
-        let (_, mut r) = s.open_file(&m.id, "big.bin").unwrap();
+        let (_, mut r) = s.open_file(&m.id(), &path("big.bin")).unwrap();
         r.seek(SeekFrom::Start(40_000)).unwrap();
         let mut buf = [0u8; 100];
         r.read_exact(&mut buf).unwrap();
         assert_eq!(&buf[..], &big[40_000..40_100]);
-        assert_eq!(s.manifest(&m.id).unwrap(), Some(m.bytes.clone()));
-        let files = s.files(&m.id).unwrap();
+        assert_eq!(s.manifest(&m.id()).unwrap(), Some(m.bytes().to_vec()));
+        let files = s.files(&m.id()).unwrap();
         assert_eq!(
             files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
             ["big.bin", "dir/small.txt", "empty"]
         );
         assert!(matches!(
-            s.open_file(&m.id, "nope"),
+            s.open_file(&m.id(), &path("nope")),
             Err(StoreError::UnknownFile { .. })
         ));
         // Adding the same package again only adds holds.
@@ -103,21 +103,21 @@ both!(
         );
         assert!(b.disk_bytes > 0);
         // Removing a keeps the shared blob for b; removing b frees it.
-        let freed_a = s.remove(&ma.id).unwrap();
+        let freed_a = s.remove(&ma.id()).unwrap();
         assert!(freed_a > 0 && freed_a < used_a);
-        assert_eq!(read_all(s, &mb.id, "again"), shared);
+        assert_eq!(read_all(s, &mb.id(), "again"), shared);
         assert_eq!(
             s.blob_status(&Hash::of(&a_only)).unwrap(),
             BlobStatus::Missing
         );
-        s.remove(&mb.id).unwrap();
+        s.remove(&mb.id()).unwrap();
         assert_eq!(s.usage().unwrap().cached_bytes, 0);
         assert_eq!(
             s.blob_status(&Hash::of(&shared)).unwrap(),
             BlobStatus::Missing
         );
         assert!(matches!(
-            s.remove(&mb.id),
+            s.remove(&mb.id()),
             Err(StoreError::UnknownPackage(_))
         ));
     }
@@ -177,19 +177,15 @@ both!(
                 ..
             })
         ));
-        // An empty file whose root is not the hash of nothing, and the reverse.
-        let bad_empty = manifest_of("e", vec![("f".into(), 0, Hash::of(b"x"))]);
-        assert!(matches!(
-            s.insert_package(&bad_empty, vec![], &[]),
-            Err(StoreError::ImpossibleFile { .. })
-        ));
-        assert!(matches!(
-            s.put_manifest(&bad_empty, &[]),
-            Err(StoreError::ImpossibleFile { .. })
-        ));
+        // A non-empty file whose root is the hash of nothing (the manifest format refuses
+        // the reverse itself).
         let bad_size = manifest_of("z", vec![("f".into(), 5, Hash::of(b""))]);
         assert!(matches!(
             s.put_manifest(&bad_size, &[]),
+            Err(StoreError::ImpossibleFile { .. })
+        ));
+        assert!(matches!(
+            s.insert_package(&bad_size, vec![], &[]),
             Err(StoreError::ImpossibleFile { .. })
         ));
         // None of it left anything behind.
@@ -245,16 +241,16 @@ both!(
             "{err}"
         );
         // Not enough could be freed, so nothing was evicted.
-        assert!(s.package(&mc.id).unwrap().is_some());
-        assert_eq!(read_all(s, &mp.id, "p"), pinned);
+        assert!(s.package(&mc.id()).unwrap().is_some());
+        assert_eq!(read_all(s, &mp.id(), "p"), pinned);
         // A fetch beyond the quota is refused the same way, pinned data intact.
         let remote = manifest_of("r", vec![("r".into(), 3 * MIB, Hash::of(b"not fetched"))]);
         assert!(matches!(
             s.put_manifest(&remote, &[]),
             Err(StoreError::Quota { .. })
         ));
-        assert!(s.package(&remote.id).unwrap().is_none());
-        assert_eq!(read_all(s, &mp.id, "p"), pinned);
+        assert!(s.package(&remote.id()).unwrap().is_none());
+        assert_eq!(read_all(s, &mp.id(), "p"), pinned);
     }
 );
 
@@ -268,7 +264,7 @@ both!(
             let f: &[(&str, &[u8])] = &[("f", &d)];
             let m = manifest(&format!("lru{i}"), f);
             add(s, &m, f, &[]).unwrap();
-            ids.push(m.id);
+            ids.push(m.id());
         }
         // 0 is used again: 1 is now the least recently used.
         read_all(s, &ids[0], "f");
@@ -285,11 +281,13 @@ both!(
 
 #[test]
 fn protected_and_held_packages_are_never_evicted() {
-    let protected: Arc<Mutex<Option<Hash>>> = Arc::default();
+    let protected: Arc<Mutex<Option<PackageId>>> = Arc::default();
     let p2 = protected.clone();
     let config = StoreConfig {
         max_bytes: 3 * MIB,
-        protect: Some(Arc::new(move |id: &Hash| *p2.lock().unwrap() == Some(*id))),
+        protect: Some(Arc::new(move |id: &PackageId| {
+            *p2.lock().unwrap() == Some(*id)
+        })),
     };
     let s = MemStore::new(config).unwrap();
     let mut ids = Vec::new();
@@ -298,7 +296,7 @@ fn protected_and_held_packages_are_never_evicted() {
         let f: &[(&str, &[u8])] = &[("f", &d)];
         let m = manifest(&format!("p{i}"), f);
         add(&s, &m, f, &[]).unwrap();
-        ids.push(m.id);
+        ids.push(m.id());
     }
     *protected.lock().unwrap() = Some(ids[0]);
     s.hold(&ids[1], Hold::Replica).unwrap();
@@ -319,34 +317,6 @@ fn protected_and_held_packages_are_never_evicted() {
     assert!(s.package(&ids[1]).unwrap().is_none());
 }
 
-/// Fetches every blob of `m` from `provider` into `s`, in random request sizes and
-/// splits.
-fn fetch(
-    s: &dyn Store,
-    provider: &dyn Store,
-    m: &myconet_store::Manifest,
-    rng: &mut Rng,
-) -> myconet_store::Result<()> {
-    s.put_manifest(m, &[])?;
-    for f in &m.files {
-        loop {
-            let want = match s.blob_status(&f.root)? {
-                BlobStatus::Complete { .. } => break,
-                BlobStatus::Missing => return Err(StoreError::UnknownBlob(f.root)),
-                BlobStatus::Partial { size, verified } => {
-                    GroupSet::all(verified::group_count(size)).difference(&verified)
-                }
-            };
-            let first = want.first().unwrap();
-            let req = want.intersection(&GroupSet::from_range(first..first + 1 + rng.below(40)));
-            let mut rx = s.receive(&f.root, &req)?;
-            feed_all(s, &mut rx, &encoded(provider, &f.root, &req), rng)?;
-            assert!(rx.is_done());
-        }
-    }
-    Ok(())
-}
-
 both!(
     a_fetch_fills_partial_blobs_with_verified_groups,
     64 * MIB,
@@ -363,22 +333,22 @@ both!(
             Completeness::Partial { verified_bytes: 0 }
         );
         assert!(matches!(
-            s.open_file(&m.id, "a"),
+            s.open_file(&m.id(), &path("a")),
             Err(StoreError::Incomplete(_))
         ));
         assert_eq!(
-            read_all(s, &m.id, "e"),
+            read_all(s, &m.id(), "e"),
             b"",
             "the empty file is complete at once"
         );
         // Room for everything is reserved up front.
         let reserved = s.usage().unwrap().reserved_bytes;
         assert_eq!(reserved, (a.len() + b.len()) as u64);
-        fetch(s, &provider, &m, &mut Rng(1)).unwrap();
-        let info = s.package(&m.id).unwrap().unwrap();
+        fetch(s, &provider, &m, &[], &mut Rng(1)).unwrap();
+        let info = s.package(&m.id()).unwrap().unwrap();
         assert_eq!(info.completeness, Completeness::Complete);
-        assert_eq!(read_all(s, &m.id, "a"), a);
-        assert_eq!(read_all(s, &m.id, "b"), b);
+        assert_eq!(read_all(s, &m.id(), "a"), a);
+        assert_eq!(read_all(s, &m.id(), "b"), b);
         assert_eq!(s.usage().unwrap().reserved_bytes, 0);
         // It now serves what it fetched, proofs included.
         let g = GroupSet::from_range(3..9);
@@ -391,7 +361,7 @@ both!(
 );
 
 both!(
-    corrupt_data_from_a_provider_is_refused_and_what_verified_is_kept,
+    groups_before_a_corrupt_one_are_kept_and_served,
     64 * MIB,
     |s: &dyn Store| {
         let provider = MemStore::new(StoreConfig::with_max_bytes(64 * MIB)).unwrap();
@@ -406,29 +376,79 @@ both!(
         // Flip a byte in the data of the 6th group (well past the proofs at the start).
         let at = enc.len() - 3 * GROUP_BYTES as usize + 10;
         enc[at] ^= 1;
-        let mut rx = s.receive(&h, &req).unwrap();
-        let err = s.feed(&mut rx, &enc).unwrap_err();
-        assert!(
-            matches!(err, StoreError::Verify { hash, .. } if hash == h),
-            "{err}"
-        );
-        // The groups before the bad one verified and are kept (pending until flushed).
+        let r = transfer(s, &h, a.len() as u64, &req, &enc, &mut Rng(4));
+        assert!(matches!(r, Err(TransferError::Verify(_))), "{r:?}");
+        // The groups before the bad one were written; after a flush they are committed.
         s.flush().unwrap();
         let BlobStatus::Partial { verified, .. } = s.blob_status(&h).unwrap() else {
             panic!()
         };
         assert_eq!(verified, GroupSet::from_range(0..5));
-        // Serving them works, serving more is refused.
-        encoded(s, &h, &GroupSet::from_range(0..5));
+        assert_eq!(
+            s.have(&m.id()).unwrap(),
+            vec![(h, GroupSet::from_range(0..5))]
+        );
+        // Serving them works and matches the provider, serving more is refused.
+        let five = GroupSet::from_range(0..5);
+        assert_eq!(encoded(s, &h, &five), encoded(&provider, &h, &five));
         assert!(matches!(
             s.encode(&h, &GroupSet::from_range(0..6), &mut Vec::new()),
             Err(StoreError::NotVerified { .. })
         ));
-        // Asking for groups the blob does not have is refused.
+    }
+);
+
+both!(
+    verified_items_that_do_not_fit_the_blob_are_refused,
+    64 * MIB,
+    |s: &dyn Store| {
+        let a = data(71, 3 * GROUP_BYTES as usize + 10);
+        let m = manifest("fit", &[("a", &a)]);
+        s.put_manifest(&m, &[]).unwrap();
+        let h = Hash::of(&a);
+        let g = GROUP_BYTES as usize;
         assert!(matches!(
-            s.receive(&h, &GroupSet::from_range(0..21)),
-            Err(StoreError::Range { .. })
+            s.write_group(&h, 4, &a[..10]),
+            Err(StoreError::GroupOutOfRange { group: 4, .. })
         ));
+        assert!(matches!(
+            s.write_group(&h, 3, &a[..11]),
+            Err(StoreError::GroupOutOfRange { group: 3, .. })
+        ));
+        assert!(matches!(
+            s.write_group(&h, 0, &a[..g - 1]),
+            Err(StoreError::GroupOutOfRange { .. })
+        ));
+        let pair = verified::VerifiedParent {
+            offset: 3 * 64,
+            pair: [0; 64],
+        };
+        assert!(matches!(
+            s.write_parent(&h, &pair),
+            Err(StoreError::ParentOutOfRange { offset: 192, .. })
+        ));
+        let huge = verified::VerifiedParent {
+            offset: u64::MAX - 63,
+            pair: [0; 64],
+        };
+        assert!(matches!(
+            s.write_parent(&h, &huge),
+            Err(StoreError::ParentOutOfRange { .. })
+        ));
+        let odd = verified::VerifiedParent {
+            offset: 1,
+            pair: [0; 64],
+        };
+        assert!(matches!(
+            s.write_parent(&h, &odd),
+            Err(StoreError::ParentOutOfRange { .. })
+        ));
+        assert!(matches!(
+            s.write_group(&Hash::of(b"?"), 0, b"?"),
+            Err(StoreError::UnknownBlob(_))
+        ));
+        // None of it counted as verified.
+        assert_eq!(s.have(&m.id()).unwrap(), vec![(h, GroupSet::new())]);
     }
 );
 
@@ -445,8 +465,8 @@ fn an_interrupted_fetch_resumes_from_what_was_committed() {
         let s = DiskStore::open(dir.path(), StoreConfig::with_max_bytes(1 << 30)).unwrap();
         s.put_manifest(&m, &[]).unwrap();
         let req = GroupSet::from_range(0..150);
-        let mut rx = s.receive(&h, &req).unwrap();
-        feed_all(&s, &mut rx, &encoded(&provider, &h, &req), &mut Rng(2)).unwrap();
+        let enc = encoded(&provider, &h, &req);
+        transfer(&s, &h, a.len() as u64, &req, &enc, &mut Rng(2)).unwrap();
         s.close().unwrap();
     }
     let s = DiskStore::open(dir.path(), StoreConfig::with_max_bytes(1 << 30)).unwrap();
@@ -456,15 +476,15 @@ fn an_interrupted_fetch_resumes_from_what_was_committed() {
     };
     assert_eq!(verified, GroupSet::from_range(0..150));
     let rest = GroupSet::from_range(150..301);
-    let mut rx = s.receive(&h, &rest).unwrap();
-    feed_all(&s, &mut rx, &encoded(&provider, &h, &rest), &mut Rng(3)).unwrap();
+    let enc = encoded(&provider, &h, &rest);
+    transfer(&s, &h, a.len() as u64, &rest, &enc, &mut Rng(3)).unwrap();
     assert_eq!(
         s.blob_status(&h).unwrap(),
         BlobStatus::Complete {
             size: a.len() as u64
         }
     );
-    assert_eq!(read_all(&s, &m.id, "a"), a);
+    assert_eq!(read_all(&s, &m.id(), "a"), a);
 }
 
 fn blob_file(dir: &Path, h: &Hash, ext: &str) -> std::path::PathBuf {
@@ -494,17 +514,17 @@ fn verify_finds_corruption_keeps_what_verifies_and_repairs_outboards() {
     assert_eq!(report.corrupt.len(), 2, "{report:?}");
     let ca = report.corrupt.iter().find(|c| c.hash == ha).unwrap();
     assert_eq!(ca.problem, Problem::DataMismatch);
-    assert_eq!(ca.packages, vec![m.id]);
+    assert_eq!(ca.packages, vec![m.id()]);
     assert_eq!(ca.verified_bytes_kept, 9 * GROUP_BYTES);
     let cb = report.corrupt.iter().find(|c| c.hash == hb).unwrap();
     assert_eq!(cb.problem, Problem::OutboardRepaired);
     // a is no longer served as complete; b still is, with a good outboard again.
     assert!(matches!(
-        s.open_file(&m.id, "a"),
+        s.open_file(&m.id(), &path("a")),
         Err(StoreError::Incomplete(_))
     ));
     assert!(matches!(
-        s.package(&m.id).unwrap().unwrap().completeness,
+        s.package(&m.id()).unwrap().unwrap().completeness,
         Completeness::Partial { .. }
     ));
     let BlobStatus::Partial { verified, .. } = s.blob_status(&ha).unwrap() else {
@@ -514,15 +534,15 @@ fn verify_finds_corruption_keeps_what_verifies_and_repairs_outboards() {
         verified,
         GroupSet::from_range(0..4).union(&GroupSet::from_range(5..10))
     );
-    assert_eq!(read_all(&s, &m.id, "b"), b);
+    assert_eq!(read_all(&s, &m.id(), "b"), b);
     assert!(s.verify().unwrap().corrupt.is_empty(), "repairs hold");
     // The bad group is fetched again and a is complete.
     let provider = MemStore::new(StoreConfig::with_max_bytes(64 * MIB)).unwrap();
     add(&provider, &m, files, &[]).unwrap();
     let g = GroupSet::from_range(4..5);
-    let mut rx = s.receive(&ha, &g).unwrap();
-    s.feed(&mut rx, &encoded(&provider, &ha, &g)).unwrap();
-    assert_eq!(read_all(&s, &m.id, "a"), a);
+    let enc = encoded(&provider, &ha, &g);
+    transfer(&s, &ha, a.len() as u64, &g, &enc, &mut Rng(6)).unwrap();
+    assert_eq!(read_all(&s, &m.id(), "a"), a);
 }
 
 #[test]
@@ -561,9 +581,9 @@ fn reopening_after_a_crash_reconciles_files_with_rows() {
         "{r:?}"
     );
     assert!(!blob_file(dir.path(), &orphan, "data").exists());
-    assert_eq!(read_all(&s, &ma.id, "a"), a);
+    assert_eq!(read_all(&s, &ma.id(), "a"), a);
     assert!(matches!(
-        s.open_file(&mb.id, "b"),
+        s.open_file(&mb.id(), &path("b")),
         Err(StoreError::Incomplete(_))
     ));
 }
@@ -608,8 +628,8 @@ fn a_lowered_quota_evicts_cached_packages_on_open_and_gc_frees_leftovers() {
         add(&s, &mg, fg, &[]).unwrap();
     }
     let s = DiskStore::open(dir.path(), StoreConfig::with_max_bytes(MIB)).unwrap();
-    assert!(s.package(&mg.id).unwrap().is_none());
-    assert_eq!(read_all(&s, &mk.id, "k"), keep);
+    assert!(s.package(&mg.id()).unwrap().is_none());
+    assert_eq!(read_all(&s, &mk.id(), "k"), keep);
     let u = s.usage().unwrap();
     assert!(u.used <= u.max_bytes, "{u:?}");
     // GC removes files no row names.
@@ -636,7 +656,7 @@ fn disk_use_stays_within_the_quota_and_its_slack() {
         } else {
             add(&provider, &m, f, &[]).unwrap();
             if s.put_manifest(&m, &[]).is_ok() {
-                fetch(&s, &provider, &m, &mut rng).unwrap();
+                fetch(&s, &provider, &m, &[], &mut rng).unwrap();
             }
         }
         let u = s.usage().unwrap();
@@ -668,7 +688,7 @@ fn concurrent_adds_fetches_and_gc_leave_a_consistent_store() {
                         1 => {
                             add(&*provider, &m, f, &[]).unwrap();
                             // Refused for quota, or evicted by another thread mid-fetch.
-                            match fetch(&*s, &*provider, &m, &mut rng) {
+                            match fetch(&*s, &*provider, &m, &[], &mut rng) {
                                 Ok(())
                                 | Err(StoreError::Quota { .. })
                                 | Err(StoreError::UnknownBlob(_))

@@ -1,11 +1,18 @@
-//! Helpers shared by the store's integration tests: deterministic data, manifests
-//! (until myconet-content's manifest type lands, the store's view of one), and a
-//! provider that serves verified groups.
+//! Helpers shared by the store's integration tests: deterministic data, signed
+//! manifests, and fetching from a provider as the agent's shell does with the download
+//! core's verified events.
 #![allow(dead_code)]
 
 use std::io::Read;
 
-use myconet_store::{GroupSet, Hash, Manifest, ManifestFile, Store};
+use myconet_content::{
+    manifest::{AuthorKey, FileEntry, Kind, Manifest, Metadata},
+    verified::{self, Verified},
+};
+use myconet_store::{
+    BlobStatus, GroupSet, Hash, Hold, PackagePath, SignedManifest, Store, StoreError,
+};
+use ring::signature::Ed25519KeyPair;
 
 /// SplitMix64: deterministic test data and choices, no dependency.
 #[derive(Clone)]
@@ -73,8 +80,8 @@ impl Read for DataReader {
     }
 }
 
-/// A manifest over `files` (path, bytes), its id made unique by `salt`.
-pub fn manifest(salt: &str, files: &[(&str, &[u8])]) -> Manifest {
+/// A signed manifest over `files` (path, bytes), its id made unique by `salt`.
+pub fn manifest(salt: &str, files: &[(&str, &[u8])]) -> SignedManifest {
     manifest_of(
         salt,
         files
@@ -84,44 +91,44 @@ pub fn manifest(salt: &str, files: &[(&str, &[u8])]) -> Manifest {
     )
 }
 
-/// A manifest over (path, size, root) entries.
-pub fn manifest_of(salt: &str, mut files: Vec<(String, u64, Hash)>) -> Manifest {
-    files.sort();
-    let mut bytes = salt.as_bytes().to_vec();
-    for (p, s, h) in &files {
-        bytes.extend_from_slice(p.as_bytes());
-        bytes.extend_from_slice(&s.to_le_bytes());
-        bytes.extend_from_slice(h.as_bytes());
-    }
-    Manifest {
-        id: Hash::of(&bytes),
-        bytes,
-        author: [7; 32],
-        created: 1_700_000_000,
-        kind: "file".into(),
+/// A signed manifest over (path, size, root) entries, whatever they say.
+pub fn manifest_of(salt: &str, files: Vec<(String, u64, Hash)>) -> SignedManifest {
+    let key = Ed25519KeyPair::from_seed_unchecked(&[7; 32]).expect("key");
+    let metadata = Metadata {
         title: format!("package {salt}"),
-        description: "test package".into(),
+        description: "a test package".into(),
         tags: vec!["test".into()],
-        language: Some("en".into()),
-        licence: Some("MIT".into()),
-        files: files
-            .into_iter()
-            .map(|(path, size, root)| ManifestFile {
-                path,
-                size,
-                executable: false,
-                root,
-            })
-            .collect(),
-    }
+        language: "en".into(),
+        licence: "MIT".into(),
+        kind: Kind::File,
+        extra: Default::default(),
+    };
+    let files = files
+        .into_iter()
+        .map(|(path, size, root)| FileEntry {
+            path: PackagePath::new(path).expect("path"),
+            size,
+            executable: false,
+            root,
+        })
+        .collect();
+    Manifest::new(AuthorKey::of(&key), 1_700_000_000, metadata, files)
+        .expect("manifest")
+        .sign(&key)
+        .expect("signed")
+}
+
+/// A package path.
+pub fn path(p: &str) -> PackagePath {
+    PackagePath::new(p).expect("path")
 }
 
 /// Stages every file and inserts the package.
 pub fn add(
     store: &dyn Store,
-    m: &Manifest,
+    m: &SignedManifest,
     files: &[(&str, &[u8])],
-    holds: &[myconet_store::Hold],
+    holds: &[Hold],
 ) -> myconet_store::Result<myconet_store::PackageInfo> {
     let mut staged = Vec::new();
     for (_, d) in files {
@@ -130,7 +137,7 @@ pub fn add(
     store.insert_package(m, staged, holds)
 }
 
-/// Encodes `groups` of `hash` from `provider` (a store with the blob complete).
+/// Encodes `groups` of `hash` from `provider` (a store with them verified).
 pub fn encoded(provider: &dyn Store, hash: &Hash, groups: &GroupSet) -> Vec<u8> {
     let mut out = Vec::new();
     provider
@@ -139,24 +146,82 @@ pub fn encoded(provider: &dyn Store, hash: &Hash, groups: &GroupSet) -> Vec<u8> 
     out
 }
 
-/// Feeds `bytes` to a receive in random pieces; returns the first error.
-pub fn feed_all(
+/// Why a transfer stopped.
+#[derive(Debug)]
+pub enum TransferError {
+    /// The encoding did not verify (the download core drops such a provider).
+    Verify(verified::VerifyError),
+    /// The store refused.
+    Store(StoreError),
+}
+
+/// What the shell does with a download's events: decodes an encoded response in
+/// random pieces, as `fetch::Fetch` does, and writes every verified pair and group.
+pub fn transfer(
     store: &dyn Store,
-    rx: &mut myconet_store::Receive,
-    bytes: &[u8],
+    hash: &Hash,
+    size: u64,
+    groups: &GroupSet,
+    encoded: &[u8],
+    rng: &mut Rng,
+) -> Result<(), TransferError> {
+    let mut decoder = verified::Decoder::new(*hash, size, groups).expect("groups in range");
+    let mut at = 0;
+    while at < encoded.len() {
+        let end = (at + 1 + rng.below(40_000) as usize).min(encoded.len());
+        let mut input = &encoded[at..end];
+        loop {
+            match decoder.next(&mut input).map_err(TransferError::Verify)? {
+                Some(Verified::Parent(p)) => {
+                    store.write_parent(hash, &p).map_err(TransferError::Store)?
+                }
+                Some(Verified::Group { group, data, .. }) => {
+                    store
+                        .write_group(hash, group, data)
+                        .map_err(TransferError::Store)?;
+                }
+                None => break,
+            }
+        }
+        assert!(input.is_empty(), "nothing past the end of the encoding");
+        at = end;
+    }
+    assert!(decoder.is_done());
+    Ok(())
+}
+
+/// Fetches every blob of `m` from `provider` into `store`, in random request sizes and
+/// splits.
+pub fn fetch(
+    store: &dyn Store,
+    provider: &dyn Store,
+    m: &SignedManifest,
+    holds: &[Hold],
     rng: &mut Rng,
 ) -> myconet_store::Result<()> {
-    let mut at = 0;
-    while at < bytes.len() {
-        let n = 1 + rng.below(40_000) as usize;
-        let end = (at + n).min(bytes.len());
-        let fed = store.feed(rx, &bytes[at..end])?;
-        assert_eq!(
-            fed.consumed,
-            end - at,
-            "the encoding has no bytes past its end here"
-        );
-        at = end;
+    store.put_manifest(m, holds)?;
+    for (hash, size) in m.manifest().blobs() {
+        loop {
+            let want = match store.blob_status(&hash)? {
+                BlobStatus::Complete { .. } => break,
+                BlobStatus::Missing => return Err(StoreError::UnknownBlob(hash)),
+                BlobStatus::Partial { verified, .. } => {
+                    GroupSet::all(verified::group_count(size)).difference(&verified)
+                }
+            };
+            let firsts: Vec<u64> = want.ranges().iter().map(|r| r.start).collect();
+            let start = firsts[rng.below(firsts.len() as u64) as usize];
+            let req = want.intersection(&GroupSet::from_range(start..start + 1 + rng.below(40)));
+            let enc = encoded(provider, &hash, &req);
+            match transfer(store, &hash, size, &req, &enc, rng) {
+                Ok(()) => {}
+                Err(TransferError::Store(e)) => return Err(e),
+                Err(TransferError::Verify(e)) => panic!("an honest provider: {e}"),
+            }
+            if rng.below(8) == 0 {
+                store.flush()?;
+            }
+        }
     }
     Ok(())
 }
