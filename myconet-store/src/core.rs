@@ -100,6 +100,7 @@ struct BlobRow {
     size: u64,
     complete: bool,
     verified: Option<Vec<u8>>,
+    unsynced: Option<Vec<u8>>,
 }
 
 /// What eviction would remove.
@@ -129,8 +130,11 @@ pub(crate) struct Core<B: Backend> {
 }
 
 /// A partial blob open for writing verified groups. Groups are written to the files as
-/// they verify (`pending`), made durable and committed to the database in batches
-/// (`committed`): what a crash loses is at most the pending batch, fetched again.
+/// they verify (`pending`) and committed to the database in batches (`committed`), two
+/// ways: often *unsynced* (no fsync; the groups are also listed in `blobs.unsynced`,
+/// and re-verified against the root on open after a crash), and now and then durably
+/// (fsync the files, then commit). A killed process loses at most its pending batch;
+/// a power loss at most what its unsynced groups lost, found by re-verifying them.
 struct Partial<P> {
     blob: i64,
     size: u64,
@@ -138,16 +142,25 @@ struct Partial<P> {
     committed: GroupSet,
     pending: GroupSet,
     pending_bytes: u64,
+    /// Bytes committed since the files were last fsynced.
+    unsynced_bytes: u64,
 }
 
 /// An open partial blob, shared by the receives writing it.
 type SharedPartial<B> = Arc<Mutex<Partial<<B as Backend>::Partial>>>;
 
-/// Pending bytes after which a partial blob's verified groups are committed: 1/128 of
-/// the blob (so a crash re-fetches under 1 % of it), at least 1 MiB (so small blobs do
-/// not pay an fsync per group), at most 64 MiB.
-fn commit_threshold(size: u64) -> u64 {
-    (size / 128).clamp(1 << 20, 64 << 20)
+/// Pending bytes after which a partial blob's verified groups are committed *unsynced*
+/// (no fsync: what a killed process loses, since the page cache outlives it): 1/256 of
+/// the blob, between 256 KiB and 4 MiB.
+fn soft_commit_bytes(size: u64) -> u64 {
+    (size / 256).clamp(256 << 10, 4 << 20)
+}
+
+/// Unsynced bytes after which a partial blob's files are fsynced and its groups
+/// committed durably (what a power loss can make us re-verify, and re-fetch if lost):
+/// 1/8 of the blob, between 8 MiB and 256 MiB.
+fn sync_bytes(size: u64) -> u64 {
+    (size / 8).clamp(8 << 20, 256 << 20)
 }
 
 fn now_secs() -> u64 {
@@ -426,6 +439,7 @@ impl<B: Backend> Core<B> {
         for (hash, charge) in freed {
             partials.remove(hash);
             db.charged = db.charged.saturating_sub(*charge);
+            crate::crash_point();
             // A file that cannot be deleted now is an orphan: GC sweeps it later.
             let _ = self.backend.delete(hash);
         }
@@ -449,6 +463,7 @@ impl<B: Backend> Core<B> {
             }
         }
         tx.commit()?;
+        crate::crash_point();
         Ok(())
     }
 
@@ -511,6 +526,7 @@ impl<B: Backend> Core<B> {
             }
         }
         files.finish().map_err(StoreError::Staging)?;
+        crate::crash_point();
         staged.hash = hash;
         staged.staging = Some(Box::new(files));
         Ok(staged)
@@ -560,6 +576,7 @@ impl<B: Backend> Core<B> {
                 .collect();
             self.backend.sync_staged(&to_sync)?;
         }
+        crate::crash_point();
 
         let mut db = self.lock_db();
         if let Some(pkg) = find_package(&db.conn, &signed.id())? {
@@ -619,9 +636,11 @@ impl<B: Backend> Core<B> {
             }
             installed.push((hash, new));
             release.push(s);
+            crate::crash_point();
         }
         let hashes: Vec<Hash> = installed.iter().map(|(h, _)| *h).collect();
         let committed = self.backend.sync_installed(&hashes).and_then(|()| {
+            crate::crash_point();
             let tx = db.conn.transaction()?;
             for &(hash, size) in &new_blobs {
                 tx.prepare_cached(
@@ -630,11 +649,14 @@ impl<B: Backend> Core<B> {
                 .execute(params![hash.as_bytes(), i64_of(size), i64_of(self.charge_for_blob(size))])?;
             }
             for &blob in &upgrades {
-                tx.prepare_cached("UPDATE blobs SET complete = 1, verified = NULL WHERE blob = ?1")?
+                tx.prepare_cached(
+                    "UPDATE blobs SET complete = 1, verified = NULL, unsynced = NULL WHERE blob = ?1",
+                )?
                     .execute([blob])?;
             }
             let pkg = insert_package_rows(&tx, signed, holds, self.next_access())?;
             tx.commit()?;
+            crate::crash_point();
             Ok(pkg)
         });
         let pkg = match committed {
@@ -721,6 +743,7 @@ impl<B: Backend> Core<B> {
             self.backend.install(s, h)?;
         }
         self.backend.sync_installed(&empties)?;
+        crate::crash_point();
         let committed = (|| -> Result<i64> {
             let tx = db.conn.transaction()?;
             for &(hash, size) in &missing {
@@ -737,6 +760,7 @@ impl<B: Backend> Core<B> {
             }
             let pkg = insert_package_rows(&tx, signed, holds, self.next_access())?;
             tx.commit()?;
+            crate::crash_point();
             Ok(pkg)
         })();
         let pkg = match committed {
@@ -1005,6 +1029,7 @@ impl<B: Backend> Core<B> {
         let known = all_blob_hashes(&db.conn)?;
         for h in self.backend.list()? {
             if !known.contains(&h) {
+                crate::crash_point();
                 self.backend.delete(&h)?;
                 report.blobs_deleted += 1;
             }
@@ -1065,7 +1090,7 @@ impl<B: Backend> Core<B> {
             };
             if problem != Problem::OutboardRepaired {
                 db.conn.execute(
-                    "UPDATE blobs SET complete = 0, verified = ?2 WHERE blob = ?1",
+                    "UPDATE blobs SET complete = 0, verified = ?2, unsynced = NULL WHERE blob = ?1",
                     params![row.blob, good.to_bytes()],
                 )?;
                 // An open partial re-reads its committed groups from the row.
@@ -1221,6 +1246,7 @@ impl<B: Backend> Core<B> {
             committed: verified_groups(row.size, row.verified.as_deref()),
             pending: GroupSet::new(),
             pending_bytes: 0,
+            unsynced_bytes: 0,
         }));
         self.partials_map().insert(*hash, p.clone());
         Ok(p)
@@ -1253,7 +1279,9 @@ impl<B: Backend> Core<B> {
         }
         p.files
             .write_outboard(parent.offset, &parent.pair)
-            .map_err(io_err("writing partial blob", hash.to_string()))
+            .map_err(io_err("writing partial blob", hash.to_string()))?;
+        crate::crash_point();
+        Ok(())
     }
 
     pub(crate) fn write_group(&self, hash: &Hash, group: u64, data: &[u8]) -> Result<bool> {
@@ -1273,13 +1301,17 @@ impl<B: Backend> Core<B> {
         p.files
             .write_data(range.start, data)
             .map_err(io_err("writing partial blob", hash.to_string()))?;
+        crate::crash_point();
         if !p.committed.contains(group) && !p.pending.contains(group) {
             p.pending.insert(group);
             p.pending_bytes += data.len() as u64;
         }
         let whole = p.committed.len() + p.pending.len() == count;
-        if whole || p.pending_bytes >= commit_threshold(p.size) {
-            return self.commit_partial(hash, &mut p);
+        if whole || p.unsynced_bytes + p.pending_bytes >= sync_bytes(p.size) {
+            return self.commit_partial(hash, &mut p, true);
+        }
+        if p.pending_bytes >= soft_commit_bytes(p.size) {
+            return self.commit_partial(hash, &mut p, false);
         }
         Ok(false)
     }
@@ -1316,15 +1348,28 @@ impl<B: Backend> Core<B> {
             .collect())
     }
 
-    /// Makes a partial blob's pending groups durable, then commits them; marks the
-    /// blob complete when every group is verified. Returns whether it is complete.
-    fn commit_partial(&self, hash: &Hash, p: &mut Partial<B::Partial>) -> Result<bool> {
-        if p.pending.is_empty() {
+    /// Commits a partial blob's pending groups: `durable`, after fsyncing its files
+    /// (and then its unsynced groups are durable too); otherwise unsynced. Marks the
+    /// blob complete, always durably, when every group is verified. Returns whether it
+    /// is complete.
+    fn commit_partial(
+        &self,
+        hash: &Hash,
+        p: &mut Partial<B::Partial>,
+        durable: bool,
+    ) -> Result<bool> {
+        if p.pending.is_empty() && !(durable && p.unsynced_bytes > 0) {
             return Ok(false);
         }
-        p.files
-            .sync()
-            .map_err(io_err("syncing partial blob", hash.to_string()))?;
+        let sync = |p: &mut Partial<B::Partial>| {
+            p.files
+                .sync()
+                .map_err(io_err("syncing partial blob", hash.to_string()))
+        };
+        if durable {
+            sync(p)?;
+            crate::crash_point();
+        }
         let db = self.lock_db();
         let row = match blob_row(&db.conn, hash)? {
             Some(r) if r.blob == p.blob => r,
@@ -1342,24 +1387,44 @@ impl<B: Backend> Core<B> {
         let now = verified_groups(row.size, row.verified.as_deref()).union(&p.pending);
         let complete = now.len() == verified::group_count(row.size);
         if complete {
+            if !durable {
+                sync(p)?;
+            }
             db.conn.execute(
-                "UPDATE blobs SET complete = 1, verified = NULL WHERE blob = ?1",
+                "UPDATE blobs SET complete = 1, verified = NULL, unsynced = NULL WHERE blob = ?1",
                 [row.blob],
             )?;
             self.partials_map().remove(hash);
-        } else {
+        } else if durable {
             db.conn.execute(
-                "UPDATE blobs SET verified = ?2 WHERE blob = ?1",
+                "UPDATE blobs SET verified = ?2, unsynced = NULL WHERE blob = ?1",
                 params![row.blob, now.to_bytes()],
             )?;
+        } else {
+            let unsynced = verified_groups(row.size, row.unsynced.as_deref()).union(&p.pending);
+            // Not durable on its own (the log is not fsynced): a power loss may take
+            // the commit back, which loses nothing but the groups' record.
+            db.conn.pragma_update(None, "synchronous", "NORMAL")?;
+            let updated = db.conn.execute(
+                "UPDATE blobs SET verified = ?2, unsynced = ?3 WHERE blob = ?1",
+                params![row.blob, now.to_bytes(), unsynced.to_bytes()],
+            );
+            db.conn.pragma_update(None, "synchronous", "FULL")?;
+            updated?;
         }
+        crate::crash_point();
         p.committed = now;
+        p.unsynced_bytes = if durable || complete {
+            0
+        } else {
+            p.unsynced_bytes + p.pending_bytes
+        };
         p.pending = GroupSet::new();
         p.pending_bytes = 0;
         Ok(complete)
     }
 
-    /// Commits every partial blob's pending groups.
+    /// Commits every partial blob's pending and unsynced groups durably.
     pub(crate) fn flush(&self) -> Result<()> {
         let open: Vec<(Hash, SharedPartial<B>)> = self
             .partials_map()
@@ -1368,7 +1433,7 @@ impl<B: Backend> Core<B> {
             .collect();
         for (hash, partial) in open {
             let mut p = partial.lock().unwrap_or_else(|e| e.into_inner());
-            match self.commit_partial(&hash, &mut p) {
+            match self.commit_partial(&hash, &mut p, true) {
                 Ok(_) | Err(StoreError::UnknownBlob(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -1572,13 +1637,16 @@ fn find_package(conn: &Connection, id: &PackageId) -> Result<Option<i64>> {
 
 fn blob_row(conn: &Connection, hash: &Hash) -> Result<Option<BlobRow>> {
     Ok(conn
-        .prepare_cached("SELECT blob, size, complete, verified FROM blobs WHERE hash = ?1")?
+        .prepare_cached(
+            "SELECT blob, size, complete, verified, unsynced FROM blobs WHERE hash = ?1",
+        )?
         .query_row([hash.as_bytes()], |r| {
             Ok(BlobRow {
                 blob: r.get(0)?,
                 size: u64_of(r.get(1)?),
                 complete: r.get(2)?,
                 verified: r.get(3)?,
+                unsynced: r.get(4)?,
             })
         })
         .optional()?)
@@ -1723,11 +1791,59 @@ fn reconcile<B: Backend>(
                 .is_some_and(|o| o.len() == ob_len);
         if !(data_ok && outboard_ok) {
             tx.execute(
-                "UPDATE blobs SET complete = 0, verified = x'' WHERE blob = ?1",
+                "UPDATE blobs SET complete = 0, verified = x'', unsynced = NULL WHERE blob = ?1",
                 [blob],
             )?;
             report.blobs_damaged += 1;
         }
+    }
+    // Groups committed before their bytes were fsynced: a power loss may have lost
+    // their bytes (or the pairs proving them). Kept only if they verify again.
+    /// A partial blob with groups committed unsynced.
+    struct Unsynced {
+        blob: i64,
+        hash: Vec<u8>,
+        size: i64,
+        verified: Option<Vec<u8>>,
+        unsynced: Vec<u8>,
+    }
+    let rows: Vec<Unsynced> = tx
+        .prepare(
+            "SELECT blob, hash, size, verified, unsynced FROM blobs
+             WHERE complete = 0 AND unsynced IS NOT NULL",
+        )?
+        .query_map([], |r| {
+            Ok(Unsynced {
+                blob: r.get(0)?,
+                hash: r.get(1)?,
+                size: r.get(2)?,
+                verified: r.get(3)?,
+                unsynced: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for row in rows {
+        let hash = hash_from(&row.hash)?;
+        let size = u64_of(row.size);
+        let claimed = verified_groups(size, Some(&row.unsynced));
+        let good = match backend.open_data(&hash)? {
+            Some(data) => {
+                let outboard = backend
+                    .open_outboard(&hash)?
+                    .unwrap_or_else(BlobReader::empty);
+                verified::verify_groups(&data, &Outboard::new(hash, size, &outboard), &claimed)
+                    .unwrap_or_default()
+            }
+            None => GroupSet::new(),
+        };
+        let lost = claimed.difference(&good);
+        report.unsynced_groups_checked += claimed.len();
+        report.unsynced_groups_lost += lost.len();
+        let kept = verified_groups(size, row.verified.as_deref()).difference(&lost);
+        tx.execute(
+            "UPDATE blobs SET verified = ?2, unsynced = NULL WHERE blob = ?1",
+            params![row.blob, kept.to_bytes()],
+        )?;
     }
     let known = all_blob_hashes(&tx)?;
     tx.commit()?;

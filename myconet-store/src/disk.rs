@@ -1,13 +1,16 @@
 //! Blob bytes as files: `<dir>/blobs/<2 hex>/<64 hex>.data` and `.obao` (the outboard,
 //! only for blobs bigger than one chunk group), staged under `<dir>/staging/` and moved
-//! into place by rename. See docs/content.md, "The store", for the write order.
+//! into place by rename. Shard directories are made when first used. See docs/content.md, "The store", for the write order.
 
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, BufWriter, Write},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use crate::{
@@ -31,6 +34,9 @@ pub(crate) struct DiskBackend {
     staging: PathBuf,
     block: u64,
     next_staging: AtomicU64,
+    /// Shard directories known to exist (made on first use: a small store does not pay
+    /// for 256 directories).
+    shards: Mutex<[bool; 256]>,
     /// The log's size, counted in full from the start (see `schema::wal_limit`).
     wal_limit: u64,
     /// Held open for its `flock`: one process per store.
@@ -61,17 +67,10 @@ impl DiskBackend {
         }
         let blobs = dir.join(BLOBS);
         let staging = dir.join(STAGING);
+        let created = !blobs.is_dir() || !staging.is_dir();
+        fs::create_dir_all(&blobs).map_err(io_err("creating", &blobs))?;
         fs::create_dir_all(&staging).map_err(io_err("creating", &staging))?;
-        let mut created = false;
-        for shard in 0..=255u8 {
-            let d = blobs.join(format!("{shard:02x}"));
-            if !d.is_dir() {
-                fs::create_dir_all(&d).map_err(io_err("creating", &d))?;
-                created = true;
-            }
-        }
         if created {
-            sync_dir(&blobs)?;
             sync_dir(dir)?;
         }
         Ok(Self {
@@ -80,6 +79,7 @@ impl DiskBackend {
             blobs,
             staging,
             next_staging: AtomicU64::new(0),
+            shards: Mutex::new([false; 256]),
             wal_limit: crate::schema::wal_limit(max_bytes),
             _lock: lock,
         })
@@ -87,6 +87,23 @@ impl DiskBackend {
 
     fn shard(&self, hash: &Hash) -> PathBuf {
         self.blobs.join(format!("{:02x}", hash.0[0]))
+    }
+
+    /// Makes the shard directory of `hash` if needed, durably, before a file is put in.
+    fn ensure_shard(&self, hash: &Hash) -> Result<()> {
+        let mut known = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        let i = usize::from(hash.0[0]);
+        if known[i] {
+            return Ok(());
+        }
+        let d = self.shard(hash);
+        match fs::create_dir(&d) {
+            Ok(()) => sync_dir(&self.blobs)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("creating", &d)(e)),
+        }
+        known[i] = true;
+        Ok(())
     }
 
     fn path(&self, hash: &Hash, ext: &str) -> PathBuf {
@@ -261,6 +278,7 @@ impl Backend for DiskBackend {
     }
 
     fn install(&self, mut staged: DiskStaging, hash: &Hash) -> Result<()> {
+        self.ensure_shard(hash)?;
         let data = self.path(hash, DATA);
         let obao = self.path(hash, OUTBOARD);
         if staged.obao.is_some() {
@@ -268,6 +286,7 @@ impl Backend for DiskBackend {
         } else {
             remove_if_exists(&obao)?;
         }
+        crate::crash_point();
         fs::rename(&staged.data_path, &data).map_err(io_err("moving into place", &data))?;
         staged.installed = true;
         Ok(())
@@ -284,6 +303,7 @@ impl Backend for DiskBackend {
     }
 
     fn open_partial(&self, hash: &Hash, size: u64, outboard_size: u64) -> Result<DiskPartial> {
+        self.ensure_shard(hash)?;
         let mut created = false;
         let mut open = |path: PathBuf, len: u64| -> Result<File> {
             created |= !path.exists();
@@ -354,7 +374,12 @@ impl Backend for DiskBackend {
         let mut out = Vec::new();
         for shard in 0..=255u8 {
             let d = self.blobs.join(format!("{shard:02x}"));
-            for entry in fs::read_dir(&d).map_err(io_err("listing", &d))? {
+            let entries = match fs::read_dir(&d) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("listing", &d)(e)),
+            };
+            for entry in entries {
                 let entry = entry.map_err(io_err("listing", &d))?;
                 let name = entry.file_name();
                 let Some(name) = name.to_str() else { continue };

@@ -34,3 +34,47 @@ pub(crate) const IO_BUFFER: usize = 256 * 1024;
 /// (256 shard directories are made at open), and metadata the file system keeps per
 /// file. Blob files are counted rounded up to whole blocks, so they are exact.
 pub const QUOTA_SLACK: u64 = 16 * 1024 * 1024;
+
+/// A step of the write path where the kill test may stop the process, to check that
+/// a `kill -9` between any two steps leaves the store consistent. With the
+/// `crash-points` feature and `MYCONET_STORE_CRASH_AT=n` set, the n-th step reached
+/// (counting from 1) SIGKILLs the process. Without the feature it is nothing.
+#[inline(always)]
+pub(crate) fn crash_point() {
+    #[cfg(feature = "crash-points")]
+    crash::point();
+}
+
+/// Crash points reached so far by this process (`crash-points` feature, for the kill
+/// test).
+#[cfg(feature = "crash-points")]
+pub use crash::reached as crash_points_reached;
+
+#[cfg(feature = "crash-points")]
+mod crash {
+    use std::sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    };
+
+    static REACHED: AtomicU64 = AtomicU64::new(0);
+    static TARGET: OnceLock<Option<u64>> = OnceLock::new();
+
+    /// Steps reached so far by this process.
+    pub fn reached() -> u64 {
+        REACHED.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn point() {
+        let at = TARGET.get_or_init(|| {
+            std::env::var("MYCONET_STORE_CRASH_AT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        let n = REACHED.fetch_add(1, Ordering::SeqCst) + 1;
+        if *at == Some(n) {
+            // SAFETY: signals this process; kill(2) touches no memory of ours.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+}

@@ -44,7 +44,9 @@ CREATE TABLE blobs (
     hash     BLOB NOT NULL UNIQUE CHECK (length(hash) = 32),
     size     INTEGER NOT NULL CHECK (size >= 0),
     complete INTEGER NOT NULL CHECK (complete IN (0, 1)),
-    verified BLOB,                        -- partial: committed verified ranges; NULL if complete
+    verified BLOB,                        -- partial: committed verified groups; NULL if complete
+    unsynced BLOB,                        -- the part of `verified` committed before its bytes
+                                          -- were fsynced: re-verified after a crash
     charge   INTEGER NOT NULL             -- bytes counted against the quota
 );
 

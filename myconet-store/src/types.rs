@@ -217,6 +217,11 @@ pub struct OpenReport {
     pub blobs_damaged: u64,
     /// Blob rows no package used any more, deleted.
     pub blobs_collected: u64,
+    /// Groups of partial blobs committed before their bytes were fsynced, verified
+    /// again against the root.
+    pub unsynced_groups_checked: u64,
+    /// Of those, groups that no longer verified (lost to a power loss): to fetch again.
+    pub unsynced_groups_lost: u64,
 }
 
 /// A callback that says whether a package is in use outside the store (being fetched,

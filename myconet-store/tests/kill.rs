@@ -3,15 +3,22 @@
 //! The test binary runs itself as a child (`MYCONET_STORE_KILL_CHILD` set) that adds,
 //! fetches (from an in-memory provider), removes, pins, unpins and collects against an
 //! on-disk store without pause, and is SIGKILLed after a random delay. After every kill
-//! the parent opens the store and checks every invariant: the store opens (reconciling);
+//! the parent opens the store and checks every invariant: the store opens (reconciling,
+//! and no group committed before its fsync fails to verify again: a kill keeps the page
+//! cache);
 //! every complete blob re-hashes to its name and every committed group of a partial
 //! blob verifies (`verify` finds nothing); complete packages read back to their hashes;
 //! no file is left that no row names and nothing is left in staging; disk use is within
 //! the quota and its slack; every package the child pinned (and did not start to unpin
 //! or remove) is there.
 //!
+//! Then the same checks after kills at chosen steps: the child runs a fixed workload on
+//! an empty store and SIGKILLs itself at the n-th step of the write path (the store's
+//! `crash-points` feature), for n spread over every step the workload takes, so that
+//! narrow windows (between a rename and a commit, a write and its commit) are hit too.
+//!
 //! Runs as a plain program (`harness = false`): `cargo test -p myconet-store --test
-//! kill`. `MYCONET_STORE_KILLS` sets the number of kills (default 60).
+//! kill`. `MYCONET_STORE_KILLS` sets the number of kills of each kind (default 60).
 
 mod common;
 
@@ -31,6 +38,11 @@ use myconet_store::{
 };
 
 const CHILD_ENV: &str = "MYCONET_STORE_KILL_CHILD";
+/// Operations the child runs before it exits by itself (the crash-point phase).
+const OPS_ENV: &str = "MYCONET_STORE_KILL_OPS";
+/// The workload of the crash-point phase: its seed and length.
+const STEP_SEED: u64 = 1000;
+const STEP_OPS: u64 = 15;
 const MAX_BYTES: u64 = 12 << 20;
 
 fn main() -> ExitCode {
@@ -89,7 +101,11 @@ fn child(dir: &Path, seed: u64) -> ! {
     let store = DiskStore::open(dir, StoreConfig::with_max_bytes(MAX_BYTES)).expect("open");
     let provider = MemStore::new(StoreConfig::with_max_bytes(1 << 30)).expect("provider");
     let mut salt = seed * 1_000_000;
-    loop {
+    let ops: Option<u64> = std::env::var(OPS_ENV).ok().and_then(|v| v.parse().ok());
+    for done in 0.. {
+        if ops == Some(done) {
+            break;
+        }
         salt += 1;
         let op = rng.below(10);
         let name = match op {
@@ -154,6 +170,13 @@ fn child(dir: &Path, seed: u64) -> ! {
             Err(e) => panic!("child: {e}"),
         }
     }
+    drop(store);
+    // The crash-point phase counts the steps of its workload from this.
+    let _ = std::fs::write(
+        dir.with_extension("steps"),
+        myconet_store::crash_points_reached().to_string(),
+    );
+    std::process::exit(0);
 }
 
 // ---- the parent: kills and checks ----
@@ -198,7 +221,7 @@ fn parent() -> Result<(), String> {
         unclean += u64::from(check(&dir, i)?);
     }
     println!(
-        "kill test: {kills} kills ({during:?}), {unclean} left the store needing reconciliation, {:.1} s",
+        "kill test: {kills} random kills ({during:?}), {unclean} left the store needing reconciliation, {:.1} s",
         started.elapsed().as_secs_f64()
     );
     if unclean * 2 < kills {
@@ -206,6 +229,53 @@ fn parent() -> Result<(), String> {
             "only {unclean} of {kills} kills landed while the store was open"
         ));
     }
+    crash_points(&tmp.path().join("steps"), &exe, kills)
+}
+
+/// The same workload each time, from an empty store, killed at chosen steps of the
+/// write path: every kind of step boundary is hit, not only the wide ones random
+/// kills land in.
+fn crash_points(base: &Path, exe: &Path, runs: u64) -> Result<(), String> {
+    let started = Instant::now();
+    let count_file = base.with_extension("steps");
+    let run = |dir: &Path, at: Option<u64>| -> Result<std::process::ExitStatus, String> {
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_file(dir.with_extension("log"));
+        let mut cmd = Command::new(exe);
+        cmd.env(CHILD_ENV, format!("{},{STEP_SEED}", dir.display()))
+            .env(OPS_ENV, STEP_OPS.to_string());
+        if let Some(at) = at {
+            cmd.env("MYCONET_STORE_CRASH_AT", at.to_string());
+        }
+        cmd.status().map_err(|e| e.to_string())
+    };
+    let status = run(base, None)?;
+    if !status.success() {
+        return Err(format!(
+            "the crash-point workload failed on its own: {status}"
+        ));
+    }
+    let total: u64 = std::fs::read_to_string(&count_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or("the workload reached no crash point (built without `crash-points`?)")?;
+    let runs = runs.min(total);
+    for i in 0..runs {
+        // Spread over the whole workload, first and last steps included.
+        let at = 1 + i * (total - 1) / (runs - 1).max(1);
+        let status = run(base, Some(at))?;
+        use std::os::unix::process::ExitStatusExt;
+        if status.signal() != Some(libc::SIGKILL) {
+            return Err(format!(
+                "step {at} of {total}: the child was not killed there ({status})"
+            ));
+        }
+        check(base, at).map_err(|e| format!("killed at step {at} of {total}: {e}"))?;
+    }
+    println!(
+        "kill test: {runs} kills at steps spread over the {total} steps of a {STEP_OPS}-operation workload, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -216,6 +286,17 @@ fn check(dir: &Path, i: u64) -> Result<bool, String> {
     let store = DiskStore::open(dir, StoreConfig::with_max_bytes(MAX_BYTES))
         .map_err(|e| fail(format!("open: {e}")))?;
     let report = store.open_report();
+    // A kill keeps the page cache: a group committed unsynced whose bytes do not
+    // verify was committed before it was written.
+    if report.unsynced_groups_lost != 0 {
+        return Err(fail(format!("committed groups lost to a kill: {report:?}")));
+    }
+    // Nor can a committed row be left without its files.
+    if report.blobs_damaged != 0 {
+        return Err(fail(format!(
+            "committed blobs without their files: {report:?}"
+        )));
+    }
     let staging: Vec<PathBuf> = std::fs::read_dir(dir.join("staging"))
         .map_err(|e| fail(e.to_string()))?
         .flatten()
