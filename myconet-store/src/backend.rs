@@ -138,6 +138,26 @@ impl BlobReader {
         }
     }
 
+    /// Copies the whole blob into `out` (from its start, whatever the cursor). From a
+    /// file this is `copy_file_range`: the kernel copies (or, on file systems that can,
+    /// shares the extents), so exporting a large file costs no pass through user space.
+    pub fn copy_to(&self, out: &mut File) -> io::Result<u64> {
+        match &self.source {
+            Source::File(f) => {
+                let mut f = f.try_clone()?;
+                f.seek(SeekFrom::Start(0))?;
+                io::copy(&mut (&f).take(self.len), out)
+            }
+            Source::Mem(m) => {
+                let m = m
+                    .read()
+                    .map_err(|_| io::Error::other("blob lock poisoned"))?;
+                out.write_all(&m)?;
+                Ok(m.len() as u64)
+            }
+        }
+    }
+
     /// Fills `buf` from `offset`; errors with `UnexpectedEof` past the end.
     pub fn read_exact_at(&self, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
         while !buf.is_empty() {

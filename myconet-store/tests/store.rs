@@ -768,3 +768,45 @@ fn groups_committed_before_an_fsync_are_verified_again_after_a_crash() {
     transfer(&s, &h, a.len() as u64, &rest, &enc, &mut Rng(8)).unwrap();
     assert_eq!(read_all(&s, &m.id(), "a"), a);
 }
+
+both!(files_export_to_a_file_whole, 64 * MIB, |s: &dyn Store| {
+    let d = data(130, 5 * GROUP_BYTES as usize + 3);
+    let files: &[(&str, &[u8])] = &[("out.bin", &d)];
+    let m = manifest("x", files);
+    add(s, &m, files, &[]).unwrap();
+    let (_, mut r) = s.open_file(&m.id(), &path("out.bin")).unwrap();
+    // The cursor does not matter: the whole blob is copied.
+    r.seek(SeekFrom::Start(100)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("out.bin");
+    let mut f = std::fs::File::create(&dest).unwrap();
+    assert_eq!(r.copy_to(&mut f).unwrap(), d.len() as u64);
+    drop(f);
+    assert_eq!(std::fs::read(&dest).unwrap(), d);
+});
+
+#[test]
+fn the_search_index_is_written_and_cleared_with_the_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), StoreConfig::with_max_bytes(64 * MIB)).unwrap();
+    let d = data(140, 1000);
+    let files: &[(&str, &[u8])] = &[("docs/spores.html", &d)];
+    let m = manifest("mycelium", files);
+    add(&s, &m, files, &[]).unwrap();
+    let db = rusqlite::Connection::open(dir.path().join("store.sqlite")).unwrap();
+    let hits = |q: &str| -> i64 {
+        db.query_row(
+            "SELECT count(*) FROM search WHERE search MATCH ?1",
+            [q],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    // Title, tags and file paths are indexed, in the package's own commit.
+    assert_eq!(hits("mycelium"), 1);
+    assert_eq!(hits("spores"), 1);
+    assert_eq!(hits("test"), 1);
+    assert_eq!(hits("nothing"), 0);
+    s.remove(&m.id()).unwrap();
+    assert_eq!(hits("mycelium"), 0);
+}
