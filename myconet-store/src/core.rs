@@ -108,6 +108,8 @@ struct BlobRow {
 struct EvictionPlan {
     packages: Vec<i64>,
     freed: u64,
+    /// Blobs not to free.
+    keep: HashSet<i64>,
 }
 
 /// The store over a backend.
@@ -310,7 +312,7 @@ impl<B: Backend> Core<B> {
             let mut db = core.lock_db();
             let used = core.used(&db);
             if used > core.max_bytes {
-                let plan = core.plan_eviction(&mut db, used - core.max_bytes)?;
+                let plan = core.plan_eviction(&mut db, used - core.max_bytes, &HashSet::new())?;
                 core.evict(&mut db, &plan)?;
             }
         }
@@ -355,14 +357,15 @@ impl<B: Backend> Core<B> {
     // ---- quota and eviction ----
 
     /// Makes room for `needed` more bytes, evicting least recently used cached
-    /// packages if that is enough; refuses, evicting nothing, if it is not.
-    fn make_room(&self, db: &mut Db, needed: u64) -> Result<()> {
+    /// packages if that is enough; refuses, evicting nothing, if it is not. The blobs
+    /// in `keep` (those the package being stored uses) are never freed.
+    fn make_room(&self, db: &mut Db, needed: u64, keep: &HashSet<Hash>) -> Result<()> {
         let used = self.used(db);
         let want = used.saturating_add(needed).saturating_sub(self.max_bytes);
         if want == 0 {
             return Ok(());
         }
-        let plan = self.plan_eviction(db, want)?;
+        let plan = self.plan_eviction(db, want, keep)?;
         if plan.freed < want {
             return Err(StoreError::Quota {
                 max_bytes: self.max_bytes,
@@ -376,10 +379,16 @@ impl<B: Backend> Core<B> {
 
     /// Picks cached, unprotected packages, least recently used first, until evicting
     /// them would free `want` bytes (or every candidate is taken). A blob is freed only
-    /// once every package using it is evicted.
-    fn plan_eviction(&self, db: &mut Db, want: u64) -> Result<EvictionPlan> {
+    /// once every package using it is evicted, and a blob in `keep` never is.
+    fn plan_eviction(&self, db: &mut Db, want: u64, keep: &HashSet<Hash>) -> Result<EvictionPlan> {
         self.flush_touched(db)?;
         let conn = &db.conn;
+        let mut plan = EvictionPlan::default();
+        for h in keep {
+            if let Some(r) = blob_row(conn, h)? {
+                plan.keep.insert(r.blob);
+            }
+        }
         let mut candidates = conn.prepare_cached(
             "SELECT pkg, id FROM packages p
              WHERE NOT EXISTS (SELECT 1 FROM holds h WHERE h.pkg = p.pkg)
@@ -390,7 +399,6 @@ impl<B: Backend> Core<B> {
              FROM (SELECT DISTINCT blob FROM files WHERE pkg = ?1) f JOIN blobs b ON b.blob = f.blob",
         )?;
         let mut users_left: HashMap<i64, (u64, u64)> = HashMap::new();
-        let mut plan = EvictionPlan::default();
         let mut rows = candidates.query([])?;
         while let Some(row) = rows.next()? {
             if plan.freed >= want {
@@ -409,7 +417,7 @@ impl<B: Backend> Core<B> {
                 let users = u64_of(b.get(2)?);
                 let left = users_left.entry(blob).or_insert((users, charge));
                 left.0 = left.0.saturating_sub(1);
-                if left.0 == 0 {
+                if left.0 == 0 && !plan.keep.contains(&blob) {
                     plan.freed += charge;
                 }
             }
@@ -427,6 +435,9 @@ impl<B: Backend> Core<B> {
         for &pkg in &plan.packages {
             blobs.extend(delete_package_rows(&tx, pkg)?);
         }
+        // A kept blob no package names for now is named again by the commit that asked
+        // for the room (or, if that fails, collected by GC).
+        blobs.retain(|b| !plan.keep.contains(b));
         let freed = delete_unused_blobs(&tx, &blobs)?;
         tx.commit()?;
         self.forget_blobs(db, &freed);
@@ -473,7 +484,7 @@ impl<B: Backend> Core<B> {
         let charge = self.charge_for_blob(size);
         {
             let mut db = self.lock_db();
-            self.make_room(&mut db, charge)?;
+            self.make_room(&mut db, charge, &HashSet::new())?;
             self.staging.fetch_add(charge, Ordering::AcqRel);
         }
         let mut staged = Staged {
@@ -584,7 +595,8 @@ impl<B: Backend> Core<B> {
             self.touch_row(pkg);
             return package_info(&db.conn, pkg);
         }
-        self.make_room(&mut db, Self::database_growth(signed))?;
+        let roots: HashSet<Hash> = manifest.files.iter().map(|f| f.root).collect();
+        self.make_room(&mut db, Self::database_growth(signed), &roots)?;
         // Which blobs are new, which partial ones the add completes.
         let mut new_blobs: Vec<(Hash, u64)> = Vec::new();
         let mut upgrades: Vec<i64> = Vec::new();
@@ -729,7 +741,8 @@ impl<B: Backend> Core<B> {
             }
         }
         let needed: u64 = missing.iter().map(|&(_, s)| self.charge_for_blob(s)).sum();
-        self.make_room(&mut db, needed + Self::database_growth(signed))?;
+        let roots: HashSet<Hash> = manifest.files.iter().map(|f| f.root).collect();
+        self.make_room(&mut db, needed + Self::database_growth(signed), &roots)?;
         // The empty file is complete as soon as it is named: it has no bytes to verify.
         let empties: Vec<Hash> = missing
             .iter()
@@ -1044,7 +1057,7 @@ impl<B: Backend> Core<B> {
         // Over the quota (it was lowered, or the database grew): evict cached packages.
         let used = self.used(&db);
         if used > self.max_bytes {
-            let plan = self.plan_eviction(&mut db, used - self.max_bytes)?;
+            let plan = self.plan_eviction(&mut db, used - self.max_bytes, &HashSet::new())?;
             report.packages_evicted = plan.packages.len() as u64;
             let before = db.charged;
             self.evict(&mut db, &plan)?;

@@ -810,3 +810,45 @@ fn the_search_index_is_written_and_cleared_with_the_package() {
     s.remove(&m.id()).unwrap();
     assert_eq!(hits("mycelium"), 0);
 }
+
+both!(
+    eviction_never_frees_a_blob_the_incoming_package_uses,
+    3 * MIB,
+    |s: &dyn Store| {
+        // A cached package holds blobs x and z; a new package shares x and needs room
+        // that only evicting the cached one can make (by freeing z, not x).
+        let x = data(150, 1_000_000);
+        let z = data(152, 900_000);
+        let fp: &[(&str, &[u8])] = &[("x", &x), ("z", &z)];
+        let mp = manifest("old", fp);
+        add(s, &mp, fp, &[]).unwrap();
+        let y = data(151, 1_200_000);
+        let fq: &[(&str, &[u8])] = &[("x", &x), ("y", &y)];
+        let mq = manifest("new", fq);
+        let info = s.put_manifest(&mq, &[Hold::Pin]).unwrap();
+        assert!(
+            s.package(&mp.id()).unwrap().is_none(),
+            "the old package made room"
+        );
+        assert_eq!(
+            info.completeness,
+            Completeness::Partial {
+                verified_bytes: x.len() as u64
+            }
+        );
+        assert_eq!(read_all(s, &mq.id(), "x"), x);
+        // An add stages every file: room made while staging may evict x's other
+        // package, and the staged copy of x is what the add then installs.
+        s.remove(&mq.id()).unwrap();
+        add(s, &mp, fp, &[]).unwrap();
+        let mr = manifest("add", fq);
+        let info = add(s, &mr, fq, &[]).unwrap();
+        assert!(
+            s.package(&mp.id()).unwrap().is_none(),
+            "the old package made room"
+        );
+        assert_eq!(info.completeness, Completeness::Complete);
+        assert_eq!(read_all(s, &mr.id(), "x"), x);
+        assert!(s.verify().unwrap().corrupt.is_empty());
+    }
+);
