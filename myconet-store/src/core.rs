@@ -590,13 +590,13 @@ impl<B: Backend> Core<B> {
         crate::crash_point();
 
         let mut db = self.lock_db();
-        if let Some(pkg) = find_package(&db.conn, &signed.id())? {
-            self.add_holds(&mut db, pkg, holds)?;
-            self.touch_row(pkg);
-            return package_info(&db.conn, pkg);
+        // Already here (perhaps partly fetched): the add completes what it can and
+        // adds the holds.
+        let existing = find_package(&db.conn, &signed.id())?;
+        if existing.is_none() {
+            let roots: HashSet<Hash> = manifest.files.iter().map(|f| f.root).collect();
+            self.make_room(&mut db, Self::database_growth(signed), &roots)?;
         }
-        let roots: HashSet<Hash> = manifest.files.iter().map(|f| f.root).collect();
-        self.make_room(&mut db, Self::database_growth(signed), &roots)?;
         // Which blobs are new, which partial ones the add completes.
         let mut new_blobs: Vec<(Hash, u64)> = Vec::new();
         let mut upgrades: Vec<i64> = Vec::new();
@@ -618,6 +618,7 @@ impl<B: Backend> Core<B> {
             }
             match row {
                 Some(r) if r.complete => {}
+                Some(_) if existing.is_some() && !by_hash.contains_key(&f.root) => {}
                 other => {
                     let s = by_hash
                         .remove(&f.root)
@@ -666,7 +667,13 @@ impl<B: Backend> Core<B> {
                 )?
                     .execute([blob])?;
             }
-            let pkg = insert_package_rows(&tx, signed, holds, self.next_access())?;
+            let pkg = match existing {
+                Some(pkg) => {
+                    insert_holds(&tx, pkg, holds)?;
+                    pkg
+                }
+                None => insert_package_rows(&tx, signed, holds, self.next_access())?,
+            };
             tx.commit()?;
             crate::crash_point();
             Ok(pkg)
@@ -680,6 +687,9 @@ impl<B: Backend> Core<B> {
         };
         for &(_, size) in &new_blobs {
             db.charged += self.charge_for_blob(size);
+        }
+        if existing.is_some() {
+            self.touch_row(pkg);
         }
         // The staged room is now charged to the rows (or, for upgrades, was already).
         for mut s in release {

@@ -852,3 +852,43 @@ both!(
         assert!(s.verify().unwrap().corrupt.is_empty());
     }
 );
+
+both!(
+    adding_a_package_being_fetched_completes_it,
+    64 * MIB,
+    |s: &dyn Store| {
+        let provider = MemStore::new(StoreConfig::with_max_bytes(64 * MIB)).unwrap();
+        let a = data(160, 30 * GROUP_BYTES as usize);
+        let b = data(161, 10 * GROUP_BYTES as usize);
+        let files: &[(&str, &[u8])] = &[("a", &a), ("b", &b)];
+        let m = manifest("half", files);
+        add(&provider, &m, files, &[]).unwrap();
+        s.put_manifest(&m, &[]).unwrap();
+        let (ha, hb) = (Hash::of(&a), Hash::of(&b));
+        let req = GroupSet::from_range(0..12);
+        let enc = encoded(&provider, &ha, &req);
+        transfer(s, &ha, a.len() as u64, &req, &enc, &mut Rng(9)).unwrap();
+        // The user adds the same files: the package is complete and pinned.
+        let info = add(s, &m, files, &[Hold::Pin]).unwrap();
+        assert_eq!(info.completeness, Completeness::Complete);
+        assert_eq!(info.holds, vec![Hold::Pin]);
+        assert_eq!(
+            s.blob_status(&hb).unwrap(),
+            BlobStatus::Complete {
+                size: b.len() as u64
+            }
+        );
+        // A late group of the fetch is ignored: the blob is already whole.
+        assert!(
+            s.write_group(
+                &ha,
+                20,
+                &a[20 * GROUP_BYTES as usize..21 * GROUP_BYTES as usize]
+            )
+            .unwrap()
+        );
+        s.flush().unwrap();
+        assert_eq!(read_all(s, &m.id(), "a"), a);
+        assert!(s.verify().unwrap().corrupt.is_empty());
+    }
+);
