@@ -33,6 +33,7 @@ use crate::{
     PackageId, PackageInfo, Problem, Protect, Result, StoreConfig, StoreError, Usage, VerifyReport,
     backend::{Backend, BlobReader, PartialFiles, Staging},
     error::io_err,
+    partial::Partial,
     schema,
 };
 
@@ -129,23 +130,6 @@ pub(crate) struct Core<B: Backend> {
     /// Partial blobs being written, by hash.
     partials: Mutex<HashMap<Hash, SharedPartial<B>>>,
     open_report: OpenReport,
-}
-
-/// A partial blob open for writing verified groups. Groups are written to the files as
-/// they verify (`pending`) and committed to the database in batches (`committed`), two
-/// ways: often *unsynced* (no fsync; the groups are also listed in `blobs.unsynced`,
-/// and re-verified against the root on open after a crash), and now and then durably
-/// (fsync the files, then commit). A killed process loses at most its pending batch;
-/// a power loss at most what its unsynced groups lost, found by re-verifying them.
-struct Partial<P> {
-    blob: i64,
-    size: u64,
-    files: P,
-    committed: GroupSet,
-    pending: GroupSet,
-    pending_bytes: u64,
-    /// Bytes committed since the files were last fsynced.
-    unsynced_bytes: u64,
 }
 
 /// An open partial blob, shared by the receives writing it.
@@ -1116,8 +1100,6 @@ impl<B: Backend> Core<B> {
                     "UPDATE blobs SET complete = 0, verified = ?2, unsynced = NULL WHERE blob = ?1",
                     params![row.blob, good.to_bytes()],
                 )?;
-                // An open partial re-reads its committed groups from the row.
-                self.partials_map().remove(&hash);
             }
             let packages = db
                 .conn
@@ -1262,15 +1244,12 @@ impl<B: Backend> Core<B> {
         let files = self
             .backend
             .open_partial(hash, row.size, verified::outboard_size(row.size))?;
-        let p = Arc::new(Mutex::new(Partial {
-            blob: row.blob,
-            size: row.size,
+        let p = Arc::new(Mutex::new(Partial::new(
+            row.blob,
+            row.size,
             files,
-            committed: verified_groups(row.size, row.verified.as_deref()),
-            pending: GroupSet::new(),
-            pending_bytes: 0,
-            unsynced_bytes: 0,
-        }));
+            verified_groups(row.size, row.verified.as_deref()),
+        )));
         self.partials_map().insert(*hash, p.clone());
         Ok(p)
     }
@@ -1300,11 +1279,8 @@ impl<B: Backend> Core<B> {
                 offset: parent.offset,
             });
         }
-        p.files
-            .write_outboard(parent.offset, &parent.pair)
-            .map_err(io_err("writing partial blob", hash.to_string()))?;
-        crate::crash_point();
-        Ok(())
+        p.put_pair(parent.offset, &parent.pair)
+            .map_err(io_err("writing partial blob", hash.to_string()))
     }
 
     pub(crate) fn write_group(&self, hash: &Hash, group: u64, data: &[u8]) -> Result<bool> {
@@ -1321,15 +1297,11 @@ impl<B: Backend> Core<B> {
                 len: data.len() as u64,
             });
         }
-        p.files
-            .write_data(range.start, data)
+        p.put_data(range.start, data)
             .map_err(io_err("writing partial blob", hash.to_string()))?;
-        crate::crash_point();
-        if !p.committed.contains(group) && !p.pending.contains(group) {
-            p.pending.insert(group);
-            p.pending_bytes += data.len() as u64;
-        }
-        let whole = p.committed.len() + p.pending.len() == count;
+        // A group committed before is taken again: verify may have dropped it.
+        p.add_pending(group, data.len() as u64);
+        let whole = p.is_whole(count);
         if whole || p.unsynced_bytes + p.pending_bytes >= sync_bytes(p.size) {
             return self.commit_partial(hash, &mut p, true);
         }
@@ -1381,6 +1353,11 @@ impl<B: Backend> Core<B> {
         p: &mut Partial<B::Partial>,
         durable: bool,
     ) -> Result<bool> {
+        // Gathered bytes and pairs reach the files before anything is committed (pairs
+        // may precede the groups they prove by a call or more).
+        p.write_buffered()
+            .map_err(io_err("writing partial blob", hash.to_string()))?;
+        crate::crash_point();
         if p.pending.is_empty() && !(durable && p.unsynced_bytes > 0) {
             return Ok(false);
         }
@@ -1460,6 +1437,14 @@ impl<B: Backend> Core<B> {
                 Ok(_) | Err(StoreError::UnknownBlob(_)) => {}
                 Err(e) => return Err(e),
             }
+            // Everything is written and committed: let the files and buffers go (a
+            // later write opens them again). Not if a writer took it meanwhile.
+            let mut map = self.partials_map();
+            if map.get(&hash).is_some_and(|q| Arc::ptr_eq(q, &partial))
+                && Arc::strong_count(&partial) == 2
+            {
+                map.remove(&hash);
+            }
         }
         Ok(())
     }
@@ -1479,7 +1464,8 @@ impl<B: Backend> Core<B> {
         } else if data.is_none() {
             GroupSet::new()
         } else {
-            verified_groups(row.size, row.verified.as_deref()).union(&self.pending_groups(hash))
+            // Committed groups only: pending ones may still be in a write buffer.
+            verified_groups(row.size, row.verified.as_deref())
         };
         Ok(BlobSource {
             hash: *hash,

@@ -11,6 +11,7 @@ mod core;
 mod disk;
 mod error;
 mod mem;
+mod partial;
 mod schema;
 mod store;
 mod types;
