@@ -88,6 +88,28 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) this process used so far.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Wall and CPU seconds of one case.
+struct Clock(Instant, f64);
+
+impl Clock {
+    fn start() -> Self {
+        Clock(Instant::now(), cpu_secs())
+    }
+    fn stop(self, wall: &mut Vec<f64>, cpu: &mut Vec<f64>) {
+        wall.push(self.0.elapsed().as_secs_f64());
+        cpu.push(cpu_secs() - self.1);
+    }
+}
+
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
@@ -237,16 +259,17 @@ fn run() -> Result<(), String> {
     let baseline_rss = rss_kib("VmRSS:");
     let cases = ["blake3", "write", "add", "serve", "fetch"];
     let mut secs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut peak = vec![0u64; cases.len()];
     let config = StoreConfig::with_max_bytes(4 * bytes + (1 << 30));
     for round in 0..a.rounds {
-        let t = Instant::now();
+        let t = Clock::start();
         let root = raw_hash(&source).map_err(e)?;
-        secs[0].push(t.elapsed().as_secs_f64());
+        t.stop(&mut secs[0], &mut cpu[0]);
 
-        let t = Instant::now();
+        let t = Clock::start();
         raw_write(&source, &dir.join("copy.bin")).map_err(e)?;
-        secs[1].push(t.elapsed().as_secs_f64());
+        t.stop(&mut secs[1], &mut cpu[1]);
         std::fs::remove_file(dir.join("copy.bin")).map_err(e)?;
 
         let store_dir = dir.join(format!("store{round}"));
@@ -254,7 +277,7 @@ fn run() -> Result<(), String> {
         {
             let store = DiskStore::open(&store_dir, config.clone()).map_err(|e| e.to_string())?;
             reset_peak();
-            let t = Instant::now();
+            let t = Clock::start();
             let staged = store.stage_file(&source).map_err(|e| e.to_string())?;
             if staged.hash() != root {
                 return Err("the store's root differs from BLAKE3".into());
@@ -263,11 +286,11 @@ fn run() -> Result<(), String> {
             store
                 .insert_package(&m, vec![staged], &[])
                 .map_err(|e| e.to_string())?;
-            secs[2].push(t.elapsed().as_secs_f64());
+            t.stop(&mut secs[2], &mut cpu[2]);
             peak[2] = peak[2].max(rss_kib("VmHWM:"));
 
             reset_peak();
-            let t = Instant::now();
+            let t = Clock::start();
             let mut sink = Sink(0);
             store
                 .encode(
@@ -276,7 +299,7 @@ fn run() -> Result<(), String> {
                     &mut sink,
                 )
                 .map_err(|e| e.to_string())?;
-            secs[3].push(t.elapsed().as_secs_f64());
+            t.stop(&mut secs[3], &mut cpu[3]);
             peak[3] = peak[3].max(rss_kib("VmHWM:"));
 
             let encoding = dir.join("encoding.bin");
@@ -284,9 +307,9 @@ fn run() -> Result<(), String> {
             let to = DiskStore::open(&fetch_dir, config.clone()).map_err(|e| e.to_string())?;
             to.put_manifest(&m, &[]).map_err(|e| e.to_string())?;
             reset_peak();
-            let t = Instant::now();
+            let t = Clock::start();
             fetch_into(&encoding, &to, &root, bytes)?;
-            secs[4].push(t.elapsed().as_secs_f64());
+            t.stop(&mut secs[4], &mut cpu[4]);
             peak[4] = peak[4].max(rss_kib("VmHWM:"));
         }
         std::fs::remove_file(dir.join("encoding.bin")).map_err(e)?;
@@ -296,9 +319,10 @@ fn run() -> Result<(), String> {
     }
     let mib = a.mib as f64;
     let med: Vec<f64> = secs.iter_mut().map(|v| median(v)).collect();
+    let cpu_med: Vec<f64> = cpu.iter_mut().map(|v| median(v)).collect();
     println!(
-        "\n{:<8} {:>10} {:>10} {:>10} {:>10} {:>14}",
-        "case", "MiB/s", "vs blake3", "vs write", "seconds", "peak RSS MiB"
+        "\n{:<8} {:>8} {:>10} {:>9} {:>9} {:>10} {:>13} {:>13}",
+        "case", "MiB/s", "vs blake3", "vs write", "seconds", "CPU s", "CPU/blake3", "peak RSS MiB"
     );
     for (i, c) in cases.iter().enumerate() {
         let rss = if peak[i] > 0 {
@@ -307,17 +331,19 @@ fn run() -> Result<(), String> {
             "-".into()
         };
         println!(
-            "{:<8} {:>10.0} {:>10.2} {:>10.2} {:>10.2} {:>14}",
+            "{:<8} {:>8.0} {:>10.2} {:>9.2} {:>9.2} {:>10.2} {:>13.2} {:>13}",
             c,
             mib / med[i],
             med[0] / med[i],
             med[1] / med[i],
             med[i],
+            cpu_med[i],
+            cpu_med[i] / cpu_med[0],
             rss
         );
     }
     println!(
-        "(medians of {} rounds; ratios are throughput against the raw case; baseline RSS {:.1} MiB)",
+        "(medians of {} rounds; \"vs\" columns are throughput against the raw case, CPU/blake3 is CPU time against raw hashing; baseline RSS {:.1} MiB)",
         a.rounds,
         baseline_rss as f64 / 1024.0
     );
@@ -326,9 +352,10 @@ fn run() -> Result<(), String> {
         let mut j = format!("{{\"mib\":{},\"rounds\":{},\"cases\":{{", a.mib, a.rounds);
         for (i, c) in cases.iter().enumerate() {
             j += &format!(
-                "{}\"{c}\":{{\"seconds\":{:.4},\"mib_per_s\":{:.1},\"vs_blake3\":{:.3},\"vs_write\":{:.3},\"peak_rss_kib\":{}}}",
+                "{}\"{c}\":{{\"seconds\":{:.4},\"cpu_seconds\":{:.4},\"mib_per_s\":{:.1},\"vs_blake3\":{:.3},\"vs_write\":{:.3},\"peak_rss_kib\":{}}}",
                 if i > 0 { "," } else { "" },
                 med[i],
+                cpu_med[i],
                 mib / med[i],
                 med[0] / med[i],
                 med[1] / med[i],
