@@ -241,6 +241,52 @@ impl AuthorKey {
         k.copy_from_slice(key.public_key().as_ref());
         Self(k)
     }
+
+    /// True for a point of small order (its order divides 8). Nobody holds a private key
+    /// for such a point, yet signatures "verify" under it for almost any message (a
+    /// small-order R with S = 0 passes whenever R = -[k]A, one message in eight or
+    /// better), and ring's verification accepts them. A manifest under such a key could
+    /// be signed by anybody, and re-signed into as many package ids as a forger likes,
+    /// so these keys are refused.
+    pub fn is_small_order(&self) -> bool {
+        let mut y = self.0;
+        y[31] &= 0x7f; // the sign of x: both signs of a small-order y are small-order
+        SMALL_ORDER_Y.contains(&y)
+    }
+}
+
+/// The y coordinates (little-endian, 255 bits) of the Ed25519 points of small order:
+/// 0 (order 4, x = ±sqrt(-1)), 1 (the identity), the two of order 8 (y² = (-1 +
+/// sqrt(1 + d)) / d, the root for which that is a square), p - 1 (order 2), and p and
+/// p + 1, the non-canonical spellings of 0 and 1 (y ≥ p is only possible for y < 19).
+/// Computed for this module from the curve equation -x² + y² = 1 + d·x²·y².
+const SMALL_ORDER_Y: [[u8; 32]; 7] = [
+    hex32("0000000000000000000000000000000000000000000000000000000000000000"),
+    hex32("0100000000000000000000000000000000000000000000000000000000000000"),
+    hex32("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    hex32("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+    hex32("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex32("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex32("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+];
+
+const fn hex32(s: &str) -> [u8; 32] {
+    const fn nibble(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => panic!("not lowercase hex"),
+        }
+    }
+    let b = s.as_bytes();
+    assert!(b.len() == 64);
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        out[i] = (nibble(b[2 * i]) << 4) | nibble(b[2 * i + 1]);
+        i += 1;
+    }
+    out
 }
 
 /// The descriptive part of a manifest.
@@ -309,6 +355,9 @@ pub enum ManifestError {
     /// The author key is not 32 bytes.
     #[error("author key is {0} bytes, an Ed25519 key is 32")]
     AuthorKey(usize),
+    /// The author key is a point of small order, under which anybody can sign.
+    #[error("author key {0} is an Ed25519 point of small order: anybody can sign under it")]
+    WeakAuthorKey(AuthorKey),
     /// The signature does not verify under the author key.
     #[error("signature does not verify under the author's key")]
     BadSignature,
@@ -604,6 +653,9 @@ impl Manifest {
 
     /// Checks every rule of the format.
     pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.author.is_small_order() {
+            return Err(ManifestError::WeakAuthorKey(self.author));
+        }
         self.metadata.validate()?;
         if self.files.is_empty() {
             return Err(ManifestError::NoFiles);

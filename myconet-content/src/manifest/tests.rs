@@ -398,3 +398,60 @@ proptest! {
         let _ = check_spdx(&s);
     }
 }
+
+/// Every encoding of an Ed25519 point of small order: the seven y values (0, 1, -1, the
+/// two of order 8, and the non-canonical p and p + 1), each with either sign bit.
+fn small_order_encodings() -> Vec<[u8; 32]> {
+    let mut out = Vec::new();
+    for y in SMALL_ORDER_Y {
+        out.push(y);
+        let mut neg = y;
+        neg[31] |= 0x80;
+        out.push(neg);
+    }
+    out
+}
+
+/// Under a small-order key a "signature" of a small-order R and S = 0 verifies for about
+/// seven messages in eight: nobody holds the key, so anybody can sign as it, and one
+/// manifest gets as many ids as forgers like. ring accepts such keys, so the manifest
+/// must refuse them.
+#[test]
+fn small_order_author_keys_are_refused() {
+    let encodings = small_order_encodings();
+    for author in &encodings {
+        let mut p = sample().to_pb();
+        p.author = author.to_vec();
+        let mut forged = None;
+        'search: for created in 0..64 {
+            p.created = created;
+            let manifest = p.encode_to_vec();
+            for r in &encodings {
+                let mut signature = r.to_vec();
+                signature.resize(64, 0);
+                if UnparsedPublicKey::new(&ED25519, author)
+                    .verify(&signed_message(&manifest), &signature)
+                    .is_ok()
+                {
+                    forged = Some(
+                        pb::Signed {
+                            manifest,
+                            signature,
+                        }
+                        .encode_to_vec(),
+                    );
+                    break 'search;
+                }
+            }
+        }
+        let forged = forged.expect("a forgery verifies under a small-order key");
+        assert_eq!(
+            SignedManifest::parse(&forged),
+            Err(ManifestError::WeakAuthorKey(AuthorKey(*author))),
+        );
+    }
+    // Ordinary keys are not caught by the check.
+    for n in 0..=255u8 {
+        assert!(!AuthorKey::of(&key(n)).is_small_order());
+    }
+}
