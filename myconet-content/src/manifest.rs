@@ -34,7 +34,11 @@
 //! and measures the metadata before anything is allocated for them, so a manifest of
 //! millions of empty entries costs a scan, not gigabytes of structs.
 
-use std::{collections::BTreeMap, collections::HashSet, fmt, str::FromStr};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    str::FromStr,
+};
 
 use prost::Message;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
@@ -408,6 +412,28 @@ pub enum ManifestError {
     /// An empty file whose hash is not the hash of no bytes.
     #[error("file {0}: size 0 but its hash is not the hash of no bytes")]
     EmptyFileHash(String),
+    /// Two files with one hash and different sizes: one size disagrees with the data.
+    #[error(
+        "files {other_path} ({other_size} bytes) and {path} ({size} bytes) have one hash: a size disagrees with the data"
+    )]
+    RootSizeConflict {
+        /// The later file.
+        path: String,
+        /// Its size.
+        size: u64,
+        /// The earlier file with the same hash.
+        other_path: String,
+        /// Its size.
+        other_size: u64,
+    },
+    /// A file whose hash is the hash of no bytes but whose size is not 0.
+    #[error("file {path}: {size} bytes, but its hash is the hash of no bytes")]
+    EmptyHashSize {
+        /// The file.
+        path: String,
+        /// Its size.
+        size: u64,
+    },
     /// A file over [`MAX_FILE_BYTES`].
     #[error("file {path}: {size} bytes, at most {MAX_FILE_BYTES} (MAX_FILE_BYTES) allowed")]
     FileTooLarge {
@@ -664,6 +690,10 @@ impl Manifest {
             return Err(ManifestError::TooManyFiles(self.files.len()));
         }
         let mut dirs = HashSet::new();
+        // The first file of each hash: every other file with that hash must agree on the
+        // size (the hash commits to the length, so at most one size can be the data's).
+        let mut first_of: HashMap<Hash, usize> = HashMap::with_capacity(self.files.len());
+        let empty = Hash::of(b"");
         let mut total = 0u64;
         for (i, f) in self.files.iter().enumerate() {
             if i > 0 {
@@ -684,8 +714,23 @@ impl Manifest {
                     size: f.size,
                 });
             }
-            if f.size == 0 && f.root != Hash::of(b"") {
+            if f.size == 0 && f.root != empty {
                 return Err(ManifestError::EmptyFileHash(f.path.to_string()));
+            }
+            if f.size != 0 && f.root == empty {
+                return Err(ManifestError::EmptyHashSize {
+                    path: f.path.to_string(),
+                    size: f.size,
+                });
+            }
+            let first = &self.files[*first_of.entry(f.root).or_insert(i)];
+            if first.size != f.size {
+                return Err(ManifestError::RootSizeConflict {
+                    path: f.path.to_string(),
+                    size: f.size,
+                    other_path: first.path.to_string(),
+                    other_size: first.size,
+                });
             }
             total = total
                 .checked_add(f.size)

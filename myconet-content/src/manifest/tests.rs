@@ -186,6 +186,26 @@ fn bad_files_are_refused_with_their_reason() {
         with(&|p| p.files[1].root = vec![7; 32]),
         ManifestError::EmptyFileHash("empty".into())
     );
+    // One hash at two sizes: at most one of them is the data's. Were it accepted, the
+    // package would list one blob (the first size) and present the other file as
+    // complete at a size its bytes do not have.
+    assert_eq!(
+        with(&|p| p.files[2].root = p.files[0].root.clone()),
+        ManifestError::RootSizeConflict {
+            path: "site/index.html".into(),
+            size: 6,
+            other_path: "a.jpg".into(),
+            other_size: 4,
+        }
+    );
+    // The hash of no bytes at a size that is not 0: no data can ever match it.
+    assert_eq!(
+        with(&|p| p.files[0].root = Hash::of(b"").0.to_vec()),
+        ManifestError::EmptyHashSize {
+            path: "a.jpg".into(),
+            size: 4
+        }
+    );
     assert!(matches!(
         with(&|p| p.files[0].root = vec![7; 31]),
         ManifestError::RootLength { len: 31, .. }
