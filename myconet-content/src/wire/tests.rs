@@ -279,3 +279,48 @@ fn bodies_must_be_used_exactly() {
         )
     );
 }
+
+/// An 8-byte header announcing the largest manifest must not make a requester allocate
+/// 16 MiB: memory follows the bytes that actually arrived (the sender pays for what we
+/// hold), and a large frame's buffer is not kept once the next frame starts.
+#[test]
+fn memory_follows_the_bytes_received_not_the_announced_length() {
+    let max = MessageType::Manifest.max_body();
+    let mut h = vec![VERSION, MessageType::Manifest as u8, 0, 0];
+    h.extend_from_slice(&(max as u32).to_be_bytes());
+    h.extend_from_slice(&[0u8; 100]);
+    let mut d = Deframer::new(Role::Requester);
+    let mut input = &h[..];
+    assert_eq!(d.next_frame(&mut input), Ok(None));
+    assert_eq!(d.buffered(), 108);
+    assert!(
+        d.buf.capacity() <= 4096,
+        "{} bytes held for 108 received",
+        d.buf.capacity()
+    );
+    // A whole 1 MiB manifest frame, then a small frame: the big buffer is released.
+    let big = vec![7u8; 1 << 20];
+    let frame = Message::Manifest { id: 1, bytes: &big }.to_bytes();
+    let small = Message::Error {
+        id: 2,
+        code: ErrorCode::NotFound,
+        retry_after_ms: 0,
+    }
+    .to_bytes();
+    let mut d = Deframer::new(Role::Requester);
+    let mut input = &frame[..];
+    assert_eq!(
+        d.next_frame(&mut input).unwrap().map(<[u8]>::len),
+        Some(frame.len())
+    );
+    let mut input = &small[..];
+    assert_eq!(
+        d.next_frame(&mut input).unwrap().map(<[u8]>::len),
+        Some(small.len())
+    );
+    assert!(
+        d.buf.capacity() <= Deframer::KEEP_CAPACITY,
+        "{}",
+        d.buf.capacity()
+    );
+}
