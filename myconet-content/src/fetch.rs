@@ -37,7 +37,7 @@
 //! Providers are identified by `P` (the shell's overlay address type).
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     fmt,
     hash::Hash as StdHash,
     time::{Duration, Instant},
@@ -47,7 +47,7 @@ use crate::{
     GroupSet, Hash, SignedManifest,
     manifest::ManifestError,
     mri::PackageId,
-    verified::{Decoder, Verified, VerifiedParent, group_bytes, group_count},
+    verified::{Decoder, Verified, VerifiedParent, encoded_len, group_bytes, group_count},
     wire::{ErrorCode, Message},
 };
 
@@ -244,10 +244,34 @@ struct ProviderState<P> {
     /// Groups of blob i this provider does not hold (learned from refusals).
     lacks: HashMap<usize, GroupSet>,
     tried_manifest: bool,
-    /// Ids of requests given up while the connection stayed open: their late frames
-    /// are ignored, not taken for protocol violations.
-    stale: HashSet<u32>,
+    /// Requests given up while the connection stayed open: their late frames are
+    /// checked against what they may still carry and ignored (not progress, not
+    /// violations). An entry ends with the request's error or the last byte of its
+    /// encoding, as it does on the provider.
+    stale: HashMap<u32, Stale>,
 }
+
+/// What a cancelled request may still bring on its connection.
+#[derive(Debug)]
+enum Stale {
+    /// A manifest request: a manifest or an error ends it.
+    Manifest,
+    /// A groups request whose stream had not started: a groups header (a subset of
+    /// `asked`) may still come, or an error.
+    Header {
+        /// The blob's size.
+        size: u64,
+        /// The groups asked for.
+        asked: GroupSet,
+    },
+    /// A groups stream under way: at most this many encoded bytes remain.
+    Stream(u64),
+}
+
+/// Most cancelled requests whose streams may still be arriving on one connection. An
+/// honest provider ends each (its stream or an error) in order, so it never has more
+/// than what was recently in flight; one that never ends them is dropped.
+const MAX_STALE: usize = 1024;
 
 impl<P> ProviderState<P> {
     fn usable(&self, now: Instant) -> bool {
@@ -368,7 +392,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             busy_time: Duration::ZERO,
             lacks: HashMap::new(),
             tried_manifest: false,
-            stale: HashSet::new(),
+            stale: HashMap::new(),
         });
         self.drive();
     }
@@ -404,14 +428,16 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         if self.providers[pi].dropped.is_some() || self.is_finished() {
             return;
         }
-        self.providers[pi].last_activity = now;
-        if self.providers[pi].stale.contains(&msg.id()) {
-            // A late frame of a request given up on; an error ends it.
-            if matches!(msg, Message::Error { .. }) {
-                self.providers[pi].stale.remove(&msg.id());
+        if self.providers[pi].stale.contains_key(&msg.id()) {
+            // A late frame of a request given up on: bounded, and not progress (else a
+            // provider could hide a stall behind a trickle of it).
+            if let Err(what) = self.on_stale(pi, msg) {
+                self.violation(pi, &what);
             }
+            self.drive();
             return;
         }
+        self.providers[pi].last_activity = now;
         match msg {
             Message::Manifest { id, bytes } => self.on_manifest(pi, *id, bytes),
             Message::Groups { id, groups } => self.on_groups(pi, *id, groups),
@@ -626,8 +652,6 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         }
         self.providers[pi].delivered += new_bytes;
         if req.decoder.as_ref().is_some_and(|d| d.is_done()) {
-            // Complete (if it was cancelled meanwhile, the provider ignores the cancel).
-            self.providers[pi].stale.remove(&id);
             self.finish_request(pi, id);
         }
         if new_bytes > 0 {
@@ -636,6 +660,41 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             }
             self.cancel_covered(blob);
         }
+    }
+
+    /// A frame for a cancelled request: checked against what it may still carry.
+    fn on_stale(&mut self, pi: usize, msg: &Message<'_>) -> Result<(), String> {
+        let stale = &mut self.providers[pi].stale;
+        let id = msg.id();
+        let Some(entry) = stale.get_mut(&id) else {
+            return Ok(());
+        };
+        match (msg, &*entry) {
+            (Message::Error { .. }, _) | (Message::Manifest { .. }, Stale::Manifest) => {
+                stale.remove(&id);
+            }
+            (Message::Groups { groups, .. }, Stale::Header { size, asked })
+                if !groups.is_empty() && asked.is_superset(groups) =>
+            {
+                let len = encoded_len(*size, groups).map_err(|e| e.to_string())?;
+                *entry = Stale::Stream(len);
+            }
+            (Message::Data { bytes, .. }, Stale::Stream(left)) if bytes.len() as u64 <= *left => {
+                let left = *left - bytes.len() as u64;
+                if left == 0 {
+                    stale.remove(&id);
+                } else {
+                    *entry = Stale::Stream(left);
+                }
+            }
+            (m, _) => {
+                return Err(format!(
+                    "{} not allowed for cancelled request {id}",
+                    m.message_type()
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn on_error(&mut self, pi: usize, id: u32, code: ErrorCode, retry_after_ms: u32) {
@@ -756,14 +815,33 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         }
     }
 
+    /// Cancels request `id` of `pi` (a groups request still in `requests`, or the
+    /// manifest request): its late frames will be checked against what it may still
+    /// carry. The caller then forgets the request.
     fn cancel(&mut self, pi: usize, id: u32) {
-        let stale = &mut self.providers[pi].stale;
-        // Bounded: a provider that never ends cancelled streams is dropped long before.
-        if stale.len() >= 4096 {
-            stale.clear();
+        if self.providers[pi].dropped.is_some() {
+            return;
         }
-        stale.insert(id);
+        let entry = match self.requests.get(&(pi, id)) {
+            Some(r) => match &r.decoder {
+                Some(d) => Stale::Stream(d.remaining()),
+                None => Stale::Header {
+                    size: self.blobs[r.blob].size,
+                    asked: r.asked.clone(),
+                },
+            },
+            None => Stale::Manifest,
+        };
+        if let Stale::Stream(0) = entry {
+            // Every byte arrived: nothing can follow.
+            return;
+        }
+        let stale = &mut self.providers[pi].stale;
+        stale.insert(id, entry);
         self.send(pi, Message::Cancel { id });
+        if self.providers[pi].stale.len() > MAX_STALE {
+            self.drop_provider(pi, DropReason::Unresponsive);
+        }
     }
 
     fn set_idle_if_done(&mut self, pi: usize) {

@@ -901,3 +901,176 @@ fn an_invalid_manifest_under_its_own_hash_fails_the_download() {
         Some(Event::Failed(FetchError::InvalidManifest(_)))
     ));
 }
+
+// ----- hostile providers, driven frame by frame ---------------------------------------
+
+/// What the core asked of each provider since the last call.
+fn sent(f: &mut Fetch<u8>) -> Vec<(u8, Message<'static>)> {
+    std::iter::from_fn(|| f.poll_transmit())
+        .map(|t| (t.provider, t.message))
+        .collect()
+}
+
+fn events(f: &mut Fetch<u8>) -> Vec<Event<u8>> {
+    std::iter::from_fn(|| f.poll_event()).collect()
+}
+
+/// The groups requests among `sent`: (id, blob, groups).
+fn groups_requests(sent: &[(u8, Message<'static>)]) -> Vec<(u32, Hash, GroupSet)> {
+    sent.iter()
+        .filter_map(|(_, m)| match m {
+            Message::GetGroups {
+                id, blob, groups, ..
+            } => Some((*id, *blob, groups.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The true encoding of `groups` of `data`.
+fn encoding(data: &[u8], groups: &GroupSet) -> Vec<u8> {
+    let mut out = Vec::new();
+    myconet_content::verified::encode_groups(data, &Outboard::create(data), groups, &mut out)
+        .unwrap();
+    out
+}
+
+fn downloading(
+    config: FetchConfig,
+    providers: &[u8],
+) -> (Fetch<u8>, HashMap<Hash, Vec<u8>>, Instant) {
+    let (signed, blobs) = package(1);
+    let t0 = start();
+    let mut f = Fetch::<u8>::with_manifest(t0, signed, config);
+    f.handle_local(t0, &[]);
+    for p in providers {
+        f.add_provider(t0, *p);
+    }
+    (f, blobs, t0)
+}
+
+/// A provider that announces a stream and then sends, once a second, one byte of a
+/// request the requester cancelled (as late frames of a cancelled stream look), while it
+/// never answers its new requests. Late frames of cancelled requests are not progress:
+/// the new requests stall, and the provider is dropped instead of holding the download
+/// forever.
+#[test]
+fn late_frames_of_cancelled_requests_do_not_hide_a_stall() {
+    let config = FetchConfig {
+        stall_timeout: Duration::from_secs(2),
+        ..FetchConfig::default()
+    };
+    let (mut f, _, t0) = downloading(config, &[1]);
+    let (id, _, groups) = groups_requests(&sent(&mut f))[0].clone();
+    f.handle_message(t0, &1, &Message::Groups { id, groups });
+    let mut now = t0;
+    let mut cancelled = false;
+    let mut log = Vec::new();
+    while now < t0 + Duration::from_secs(600) && !f.is_finished() {
+        now += Duration::from_secs(1);
+        if cancelled {
+            f.handle_message(now, &1, &Message::Data { id, bytes: &[0] });
+        }
+        f.handle_timeout(now);
+        cancelled |= sent(&mut f)
+            .iter()
+            .any(|(_, m)| *m == Message::Cancel { id });
+        log.extend(events(&mut f));
+    }
+    assert!(f.is_finished(), "the download still hangs after 600 s");
+    assert!(log.contains(&Event::ProviderDropped {
+        provider: 1,
+        reason: DropReason::Unresponsive
+    }));
+    assert!(matches!(
+        log.last(),
+        Some(Event::Failed(FetchError::Unavailable { .. }))
+    ));
+}
+
+/// A cancelled stream may still bring what its encoding holds, no more: a provider that
+/// keeps sending under a cancelled id is breaking the protocol.
+#[test]
+fn a_cancelled_stream_carries_at_most_its_encoding() {
+    let config = FetchConfig {
+        stall_timeout: Duration::from_secs(2),
+        ..FetchConfig::default()
+    };
+    let (mut f, blobs, t0) = downloading(config, &[1]);
+    let (id, blob, groups) = groups_requests(&sent(&mut f))[0].clone();
+    f.handle_message(
+        t0,
+        &1,
+        &Message::Groups {
+            id,
+            groups: groups.clone(),
+        },
+    );
+    let now = t0 + Duration::from_secs(3);
+    f.handle_timeout(now);
+    assert!(
+        sent(&mut f)
+            .iter()
+            .any(|(_, m)| *m == Message::Cancel { id })
+    );
+    // The whole true encoding, late: ignored, no blame.
+    let enc = encoding(&blobs[&blob], &groups);
+    for piece in enc.chunks(MAX_DATA_BYTES) {
+        f.handle_message(now, &1, &Message::Data { id, bytes: piece });
+    }
+    assert_eq!(f.stats().protocol_violations, 0);
+    // One byte more: a violation.
+    f.handle_message(now, &1, &Message::Data { id, bytes: &[0] });
+    assert_eq!(f.stats().protocol_violations, 1);
+    assert!(events(&mut f).iter().any(|e| matches!(
+        e,
+        Event::ProviderDropped {
+            provider: 1,
+            reason: DropReason::Protocol(_)
+        }
+    )));
+}
+
+/// An honest but slow provider answers every request in full, one stall late (after the
+/// requester gave up on it), round after round. The requester must not forget which
+/// requests it cancelled while their streams are still coming, and never blame it for
+/// frames of its own cancelled requests, however long this goes on.
+#[test]
+fn a_provider_finishing_cancelled_streams_late_is_never_blamed() {
+    let config = FetchConfig {
+        unit_groups: 1,
+        stall_timeout: Duration::from_secs(1),
+        max_failures: u32::MAX,
+        backoff: Duration::ZERO,
+        ..FetchConfig::default()
+    };
+    let (mut f, blobs, t0) = downloading(config, &[1]);
+    let mut now = t0;
+    let mut late: Vec<(u32, Hash, GroupSet)> = Vec::new();
+    for round in 0..1100 {
+        let asked = groups_requests(&sent(&mut f));
+        assert!(!asked.is_empty());
+        now += Duration::from_secs(2);
+        f.handle_timeout(now);
+        // Last round's requests, answered in full now that they were cancelled.
+        for (id, blob, groups) in late.drain(..) {
+            f.handle_message(
+                now,
+                &1,
+                &Message::Groups {
+                    id,
+                    groups: groups.clone(),
+                },
+            );
+            let enc = encoding(&blobs[&blob], &groups);
+            f.handle_message(now, &1, &Message::Data { id, bytes: &enc });
+        }
+        late = asked;
+        assert_eq!(
+            f.stats().protocol_violations,
+            0,
+            "an honest provider was blamed in round {round}"
+        );
+        events(&mut f);
+    }
+}
