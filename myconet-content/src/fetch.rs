@@ -23,8 +23,10 @@
 //! 5. **Slow providers.** When no unassigned work is left, an idle provider duplicates
 //!    the largest unfinished unit of another provider (endgame); whichever delivers a
 //!    group first wins, the other request is cancelled when its unit is done. A
-//!    provider that sends nothing for `stall_timeout` while it has requests loses them
-//!    (cancelled and reassigned) and backs off; after `max_failures` it is dropped.
+//!    provider that makes no progress (answers no request and delivers no verified
+//!    group) for `stall_timeout` while it has requests loses them (cancelled and
+//!    reassigned) and backs off; after `max_failures` it is dropped. Bytes alone are
+//!    not progress, so a trickle stalls like silence.
 //! 6. **Verification.** Every group is checked against the file's root before it is
 //!    handed to the shell. A provider whose data or proofs fail is dropped at once and
 //!    counted; its unfinished units go back to the others. Protocol violations
@@ -58,7 +60,9 @@ pub struct FetchConfig {
     pub unit_groups: u64,
     /// Requests in flight per provider.
     pub depth: usize,
-    /// A provider with requests that sends nothing for this long has stalled.
+    /// A provider with requests that makes no progress (answers no request, delivers no
+    /// verified group) for this long has stalled: with 16 KiB groups and 10 s, a
+    /// provider slower than 1.6 kB/s.
     pub stall_timeout: Duration,
     /// Stalls and lost connections before a provider is dropped.
     pub max_failures: u32,
@@ -236,6 +240,9 @@ struct ProviderState<P> {
     backoff_until: Option<Instant>,
     failures: u32,
     in_flight: usize,
+    /// When it last made progress: answered a request (a manifest, a groups header, an
+    /// error, a stream's end) or delivered a verified group. Bytes alone are not
+    /// progress: a trickle would never stall.
     last_activity: Instant,
     delivered: u64,
     received: u64,
@@ -437,7 +444,6 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             self.drive();
             return;
         }
-        self.providers[pi].last_activity = now;
         match msg {
             Message::Manifest { id, bytes } => self.on_manifest(pi, *id, bytes),
             Message::Groups { id, groups } => self.on_groups(pi, *id, groups),
@@ -567,6 +573,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             return self.violation(pi, "unsolicited manifest");
         }
         self.manifest_request = None;
+        self.providers[pi].last_activity = self.now;
         self.set_idle_if_done(pi);
         if PackageId::of_signed_manifest(bytes) != self.package {
             self.drop_provider(pi, DropReason::Corrupt);
@@ -597,6 +604,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         req.asked = offered.clone();
         req.decoder = Some(decoder);
         let blob = req.blob;
+        self.providers[pi].last_activity = self.now;
         if !missing.is_empty() {
             let lacks = self.providers[pi].lacks.entry(blob).or_default();
             *lacks = lacks.union(&missing);
@@ -629,6 +637,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
                     offset,
                     data,
                 })) => {
+                    self.providers[pi].last_activity = self.now;
                     let b = &mut self.blobs[blob];
                     if b.verified.contains(group) {
                         self.stats.duplicate_groups += 1;
@@ -703,6 +712,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             .is_some_and(|(p, i, _)| p == pi && i == id)
         {
             self.manifest_request = None;
+            self.providers[pi].last_activity = self.now;
             self.set_idle_if_done(pi);
             if code == ErrorCode::Busy {
                 self.stats.busy += 1;
@@ -717,6 +727,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         };
         let blob = req.blob;
         let asked = req.asked.clone();
+        self.providers[pi].last_activity = self.now;
         self.finish_request(pi, id);
         match code {
             ErrorCode::NotFound => {

@@ -1074,3 +1074,58 @@ fn a_provider_finishing_cancelled_streams_late_is_never_blamed() {
         events(&mut f);
     }
 }
+
+/// A provider that answers with true bytes, one every five seconds: never silent for the
+/// stall timeout, yet a 1 MiB request would take two months. Progress is a verified
+/// group (or a request answered), not a frame: it stalls, and is dropped after its
+/// failures instead of holding the download.
+#[test]
+fn a_provider_trickling_true_bytes_stalls() {
+    let (mut f, blobs, t0) = downloading(FetchConfig::default(), &[1]);
+    let mut now = t0;
+    // The one stream it trickles: id, true encoding, bytes sent.
+    let mut stream: Option<(u32, Vec<u8>, usize)> = None;
+    let mut log = Vec::new();
+    while now < t0 + Duration::from_secs(3600) && !f.is_finished() {
+        for (_, m) in sent(&mut f) {
+            match m {
+                Message::Cancel { id } if stream.as_ref().is_some_and(|s| s.0 == id) => {
+                    stream = None
+                }
+                Message::GetGroups {
+                    id, blob, groups, ..
+                } if stream.is_none() => {
+                    f.handle_message(
+                        now,
+                        &1,
+                        &Message::Groups {
+                            id,
+                            groups: groups.clone(),
+                        },
+                    );
+                    stream = Some((id, encoding(&blobs[&blob], &groups), 0));
+                }
+                _ => {}
+            }
+        }
+        now += Duration::from_secs(5);
+        if let Some((id, enc, at)) = &mut stream {
+            f.handle_message(
+                now,
+                &1,
+                &Message::Data {
+                    id: *id,
+                    bytes: &enc[*at..*at + 1],
+                },
+            );
+            *at += 1;
+        }
+        f.handle_timeout(now);
+        log.extend(events(&mut f));
+    }
+    assert!(f.is_finished(), "the download still hangs after an hour");
+    assert!(log.contains(&Event::ProviderDropped {
+        provider: 1,
+        reason: DropReason::Unresponsive
+    }));
+}
