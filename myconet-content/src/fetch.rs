@@ -85,6 +85,15 @@ impl Default for FetchConfig {
     }
 }
 
+/// Longest busy delay a provider's `retry after` can impose: one frame must not park a
+/// download for days (the field allows 49).
+pub const MAX_BUSY_DELAY: Duration = Duration::from_secs(60);
+
+/// The back-off for a busy answer: at least 10 ms, at most [`MAX_BUSY_DELAY`].
+fn busy_delay(retry_after_ms: u32) -> Duration {
+    Duration::from_millis(retry_after_ms.max(10).into()).min(MAX_BUSY_DELAY)
+}
+
 /// Why a provider was dropped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DropReason {
@@ -716,8 +725,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             self.set_idle_if_done(pi);
             if code == ErrorCode::Busy {
                 self.stats.busy += 1;
-                self.providers[pi].backoff_until =
-                    Some(self.now + Duration::from_millis(retry_after_ms.into()));
+                self.providers[pi].backoff_until = Some(self.now + busy_delay(retry_after_ms));
                 self.providers[pi].tried_manifest = false;
             }
             return;
@@ -743,11 +751,16 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             }
             ErrorCode::Busy => {
                 self.stats.busy += 1;
-                self.providers[pi].backoff_until =
-                    Some(self.now + Duration::from_millis(retry_after_ms.max(10).into()));
+                self.providers[pi].backoff_until = Some(self.now + busy_delay(retry_after_ms));
             }
-            ErrorCode::Cancelled => {}
-            ErrorCode::BadRequest | ErrorCode::TooLarge | ErrorCode::Unavailable => {
+            // Cancelled answers a cancel, and this request was not cancelled (a
+            // cancelled one is stale and never gets here): the provider will not serve
+            // it. Forgetting it without a note would hand it the same groups again at
+            // once, forever.
+            ErrorCode::Cancelled
+            | ErrorCode::BadRequest
+            | ErrorCode::TooLarge
+            | ErrorCode::Unavailable => {
                 let lacks = self.providers[pi].lacks.entry(blob).or_default();
                 *lacks = lacks.union(&asked);
             }

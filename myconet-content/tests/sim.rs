@@ -1129,3 +1129,42 @@ fn a_provider_trickling_true_bytes_stalls() {
         reason: DropReason::Unresponsive
     }));
 }
+
+/// "Cancelled" answers only a cancel. A provider that answers every request with it at
+/// once would otherwise get the same units back at once, forever: the download neither
+/// progresses nor fails. Taken as "cannot serve these groups", it ends.
+#[test]
+fn unasked_cancelled_answers_do_not_loop_forever() {
+    let (mut f, _, t0) = downloading(FetchConfig::default(), &[1]);
+    let mut rounds = 0;
+    while !f.is_finished() && rounds < 1000 {
+        rounds += 1;
+        for (id, _, _) in groups_requests(&sent(&mut f)) {
+            f.handle_message(t0, &1, &error(id, ErrorCode::Cancelled, 0));
+        }
+    }
+    assert!(f.is_finished(), "still asking after {rounds} rounds");
+    assert!(matches!(
+        events(&mut f).last(),
+        Some(Event::Failed(FetchError::Unavailable { .. }))
+    ));
+}
+
+/// A busy provider names its retry delay, but one frame must not park a download for
+/// 49 days (u32::MAX ms): the delay honoured is capped.
+#[test]
+fn a_busy_delay_is_capped() {
+    let (mut f, _, t0) = downloading(FetchConfig::default(), &[1]);
+    let asked = groups_requests(&sent(&mut f));
+    for (id, _, _) in &asked {
+        f.handle_message(t0, &1, &error(*id, ErrorCode::Busy, u32::MAX));
+    }
+    let next = f.poll_timeout().expect("a retry is scheduled");
+    assert!(
+        next <= t0 + myconet_content::fetch::MAX_BUSY_DELAY,
+        "retry in {:?}",
+        next - t0
+    );
+    f.handle_timeout(next);
+    assert!(!groups_requests(&sent(&mut f)).is_empty(), "asked again");
+}
