@@ -49,7 +49,7 @@ use crate::{
     GroupSet, Hash, SignedManifest,
     manifest::ManifestError,
     mri::PackageId,
-    verified::{Decoder, Verified, VerifiedParent, encoded_len, group_bytes, group_count},
+    verified::{Decoder, Verified, VerifiedParent, encoded_len, group_count, groups_byte_len},
     wire::{ErrorCode, Message},
 };
 
@@ -259,12 +259,47 @@ struct ProviderState<P> {
     busy_time: Duration,
     /// Groups of blob i this provider does not hold (learned from refusals).
     lacks: HashMap<usize, GroupSet>,
+    /// Blobs it can no longer help with, skipped by the scheduler.
+    exhausted: Skip,
     tried_manifest: bool,
     /// Requests given up while the connection stayed open: their late frames are
     /// checked against what they may still carry and ignored (not progress, not
     /// violations). An entry ends with the request's error or the last byte of its
     /// encoding, as it does on the provider.
     stale: HashMap<u32, Stale>,
+}
+
+/// The blob indices a provider may still help with, in file order. A blob is removed
+/// once every group of it not yet verified is one the provider refused: verified groups
+/// and refusals only ever grow, so a removal is final, and a union-find next-pointer
+/// (with path halving) finds the next candidate in amortised constant time. This keeps
+/// scheduling linear in the number of files (a manifest may hold 100,000) instead of a
+/// walk over every file for every request.
+#[derive(Debug, Default)]
+struct Skip {
+    /// `next[i] == i` while blob `i` is a candidate; the sentinel `next[n] == n`.
+    next: Vec<u32>,
+}
+
+impl Skip {
+    /// The first candidate at or after `i` (`n` if none), for `n` blobs.
+    fn find(&mut self, n: usize, mut i: usize) -> usize {
+        if self.next.len() != n + 1 {
+            // n <= MAX_FILES, far below u32::MAX.
+            self.next = (0..=n as u32).collect();
+        }
+        while self.next[i] as usize != i {
+            let skip = self.next[self.next[i] as usize];
+            self.next[i] = skip;
+            i = skip as usize;
+        }
+        i
+    }
+
+    /// Blob `i` (a candidate just returned by `find`) is no longer one.
+    fn remove(&mut self, i: usize) {
+        self.next[i] = i as u32 + 1;
+    }
 }
 
 /// What a cancelled request may still bring on its connection.
@@ -332,6 +367,10 @@ pub struct Fetch<P> {
     manifest: Option<SignedManifest>,
     manifest_request: Option<(usize, u32, Instant)>,
     blobs: Vec<BlobState>,
+    /// Blobs not yet complete (the download is done at 0).
+    incomplete: usize,
+    /// Blobs some provider answered size mismatch for (few; checked on every drive).
+    mismatched: Vec<usize>,
     providers: Vec<ProviderState<P>>,
     requests: HashMap<(usize, u32), Request>,
     next_id: u32,
@@ -351,6 +390,8 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             manifest: None,
             manifest_request: None,
             blobs: Vec::new(),
+            incomplete: 0,
+            mismatched: Vec::new(),
             providers: Vec::new(),
             requests: HashMap::new(),
             next_id: 1,
@@ -407,6 +448,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             busy_since: None,
             busy_time: Duration::ZERO,
             lacks: HashMap::new(),
+            exhausted: Skip::default(),
             tried_manifest: false,
             stale: HashMap::new(),
         });
@@ -419,17 +461,27 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         if self.phase != Phase::Local {
             return;
         }
+        // Blobs are distinct by hash (the manifest refuses one hash at two sizes).
+        let index: HashMap<Hash, usize> = self
+            .blobs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.hash, i))
+            .collect();
         for (hash, groups) in have {
-            for b in self.blobs.iter_mut().filter(|b| b.hash == *hash) {
+            if let Some(b) = index.get(hash).map(|&i| &mut self.blobs[i]) {
                 let all = GroupSet::all(group_count(b.size));
                 b.verified = b.verified.union(&groups.intersection(&all));
             }
         }
         self.phase = Phase::Download;
+        self.incomplete = 0;
         for i in 0..self.blobs.len() {
             if self.blob_complete(i) {
                 self.events
                     .push_back(Event::BlobComplete(self.blobs[i].hash));
+            } else {
+                self.incomplete += 1;
             }
         }
         self.drive();
@@ -546,15 +598,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
 
     /// Where the download stands.
     pub fn progress(&self) -> Progress<P> {
-        let size_of = |b: &BlobState| -> u64 {
-            b.verified
-                .iter()
-                .map(|g| {
-                    let r = group_bytes(b.size, g);
-                    r.end - r.start
-                })
-                .sum()
-        };
+        let size_of = |b: &BlobState| groups_byte_len(b.size, &b.verified);
         Progress {
             total_bytes: self.blobs.iter().map(|b| b.size).sum(),
             verified_bytes: self.blobs.iter().map(size_of).sum(),
@@ -673,7 +717,9 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             self.finish_request(pi, id);
         }
         if new_bytes > 0 {
+            // It gained groups, so it was not complete before: this is the one moment.
             if self.blob_complete(blob) {
+                self.incomplete -= 1;
                 self.events.push_back(Event::BlobComplete(hash));
             }
             self.cancel_covered(blob);
@@ -745,6 +791,9 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             ErrorCode::SizeMismatch => {
                 let all = GroupSet::all(group_count(self.blobs[blob].size));
                 self.providers[pi].lacks.insert(blob, all);
+                if self.blobs[blob].mismatch.is_empty() {
+                    self.mismatched.push(blob);
+                }
                 if !self.blobs[blob].mismatch.contains(&pi) {
                     self.blobs[blob].mismatch.push(pi);
                 }
@@ -1013,7 +1062,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
     }
 
     fn drive_download(&mut self) {
-        if (0..self.blobs.len()).all(|i| self.blob_complete(i)) {
+        if self.incomplete == 0 {
             self.phase = Phase::Done;
             let all: Vec<(usize, u32)> = self.requests.keys().copied().collect();
             for (pi, id) in all {
@@ -1023,14 +1072,14 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             self.events.push_back(Event::Done);
             return;
         }
-        for (i, b) in self.blobs.iter().enumerate() {
-            let live = self
-                .providers
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.dropped.is_none())
-                .count();
-            if !b.mismatch.is_empty() && b.mismatch.len() >= live && !self.blob_complete(i) {
+        let live = self
+            .providers
+            .iter()
+            .filter(|p| p.dropped.is_none())
+            .count();
+        for &i in &self.mismatched {
+            let b = &self.blobs[i];
+            if b.mismatch.len() >= live && !self.blob_complete(i) {
                 let blob = b.hash;
                 return self.fail(FetchError::SizeMismatch { blob });
             }
@@ -1081,38 +1130,39 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
                 let missing_bytes = self
                     .blobs
                     .iter()
-                    .map(|b| {
-                        b.size.saturating_sub(
-                            b.verified
-                                .iter()
-                                .map(|g| {
-                                    let r = group_bytes(b.size, g);
-                                    r.end - r.start
-                                })
-                                .sum::<u64>(),
-                        )
-                    })
+                    .map(|b| b.size - groups_byte_len(b.size, &b.verified))
                     .sum();
                 self.fail(FetchError::Unavailable { missing_bytes });
             }
         }
     }
 
-    /// The first unassigned unit provider `pi` may hold.
-    fn next_unit(&self, pi: usize) -> Option<(usize, GroupSet)> {
+    /// The first unassigned unit provider `pi` may hold. Blobs it can no longer help
+    /// with are dropped from its candidates for good, so over a download each provider
+    /// passes each blob once, plus the blobs with requests in flight on every call.
+    fn next_unit(&mut self, pi: usize) -> Option<(usize, GroupSet)> {
         let u = self.config.unit_groups.max(1);
-        for (i, b) in self.blobs.iter().enumerate() {
-            let count = group_count(b.size);
-            let mut free = GroupSet::all(count)
-                .difference(&b.verified)
-                .difference(&b.assigned);
-            if let Some(l) = self.providers[pi].lacks.get(&i) {
-                free = free.difference(l);
+        let n = self.blobs.len();
+        let p = &mut self.providers[pi];
+        let mut i = p.exhausted.find(n, 0);
+        while i < n {
+            let b = &self.blobs[i];
+            let mut open = GroupSet::all(group_count(b.size)).difference(&b.verified);
+            if let Some(l) = p.lacks.get(&i) {
+                open = open.difference(l);
             }
-            let Some(first) = free.first() else { continue };
-            let start = first / u * u;
-            let unit = free.intersection(&GroupSet::from_range(start..start.saturating_add(u)));
-            return Some((i, unit));
+            if open.is_empty() {
+                p.exhausted.remove(i);
+            } else {
+                let free = open.difference(&b.assigned);
+                if let Some(first) = free.first() {
+                    let start = first / u * u;
+                    let unit =
+                        free.intersection(&GroupSet::from_range(start..start.saturating_add(u)));
+                    return Some((i, unit));
+                }
+            }
+            i = p.exhausted.find(n, i + 1);
         }
         None
     }

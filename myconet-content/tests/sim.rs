@@ -1168,3 +1168,69 @@ fn a_busy_delay_is_capped() {
     f.handle_timeout(next);
     assert!(!groups_requests(&sent(&mut f)).is_empty(), "asked again");
 }
+
+/// A site of MAX_FILES small files (what the manifest allows) downloads in time linear
+/// in the files: scheduling once walked every file for every request, and 100,000 files
+/// took hours of CPU (on main this test does not finish in 10 minutes). Resuming it
+/// (the store reports every file but the last) is linear too.
+#[test]
+fn a_package_of_max_files_downloads_in_linear_time() {
+    use myconet_content::manifest::MAX_FILES;
+    let key = Ed25519KeyPair::from_seed_unchecked(&[9; 32]).unwrap();
+    let mut files = Vec::with_capacity(MAX_FILES);
+    let mut data = HashMap::with_capacity(MAX_FILES);
+    for i in 0..MAX_FILES {
+        let d = format!("page {i}").into_bytes();
+        files.push(FileEntry {
+            path: PackagePath::new(format!("site/{i:06}.html")).unwrap(),
+            size: d.len() as u64,
+            executable: false,
+            root: Hash::of(&d),
+        });
+        data.insert(Hash::of(&d), d);
+    }
+    let m = Manifest::new(AuthorKey::of(&key), 1, Metadata::default(), files).unwrap();
+    let signed = m.sign(&key).unwrap();
+    let t = start();
+    // An honest provider answering everything at once.
+    let serve = |f: &mut Fetch<u8>| -> usize {
+        let mut groups_out = 0;
+        loop {
+            let asked = groups_requests(&sent(f));
+            if asked.is_empty() {
+                return groups_out;
+            }
+            for (id, blob, groups) in asked {
+                f.handle_message(
+                    t,
+                    &1,
+                    &Message::Groups {
+                        id,
+                        groups: groups.clone(),
+                    },
+                );
+                let enc = encoding(&data[&blob], &groups);
+                f.handle_message(t, &1, &Message::Data { id, bytes: &enc });
+                groups_out += groups.len() as usize;
+            }
+            events(f);
+        }
+    };
+    let mut f = Fetch::<u8>::with_manifest(t, signed.clone(), FetchConfig::default());
+    f.handle_local(t, &[]);
+    f.add_provider(t, 1);
+    assert_eq!(serve(&mut f), MAX_FILES);
+    assert!(f.is_finished());
+    let p = f.progress();
+    assert_eq!(p.verified_bytes, p.total_bytes);
+    // Resume with all but the last file verified.
+    let have: Vec<(Hash, GroupSet)> = m.files[..MAX_FILES - 1]
+        .iter()
+        .map(|f| (f.root, GroupSet::all(1)))
+        .collect();
+    let mut f = Fetch::<u8>::with_manifest(t, signed, FetchConfig::default());
+    f.handle_local(t, &have);
+    f.add_provider(t, 1);
+    assert_eq!(serve(&mut f), 1);
+    assert!(f.is_finished());
+}
