@@ -1079,7 +1079,15 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             .count();
         for &i in &self.mismatched {
             let b = &self.blobs[i];
-            if b.mismatch.len() >= live && !self.blob_complete(i) {
+            // Only answers of providers still in the download count: a dropped one's
+            // word (perhaps a lie before it got itself dropped) must not fail a blob
+            // that a live provider holds.
+            let disagree = b
+                .mismatch
+                .iter()
+                .filter(|&&p| self.providers[p].dropped.is_none())
+                .count();
+            if disagree > 0 && disagree >= live && !self.blob_complete(i) {
                 let blob = b.hash;
                 return self.fail(FetchError::SizeMismatch { blob });
             }

@@ -1234,3 +1234,45 @@ fn a_package_of_max_files_downloads_in_linear_time() {
     assert_eq!(serve(&mut f), 1);
     assert!(f.is_finished());
 }
+
+/// A hostile provider answers "size mismatch" for one blob and then gets itself dropped
+/// (corrupt data for another). Its mismatch answer must leave with it: the honest
+/// provider holds the blob, and the download completes from it instead of failing
+/// with "every provider disagrees with the manifest".
+#[test]
+fn a_dropped_providers_size_mismatch_does_not_fail_the_download() {
+    let (mut f, blobs, t0) = downloading(FetchConfig::default(), &[1, 2]);
+    let mut answered_1 = 0;
+    let mut log = Vec::new();
+    for _ in 0..100 {
+        if f.is_finished() {
+            break;
+        }
+        for (to, m) in sent(&mut f) {
+            let Message::GetGroups {
+                id, blob, groups, ..
+            } = m
+            else {
+                continue;
+            };
+            let mut enc = encoding(&blobs[&blob], &groups);
+            if to == 1 {
+                answered_1 += 1;
+                if answered_1 == 1 {
+                    f.handle_message(t0, &1, &error(id, ErrorCode::SizeMismatch, 0));
+                    continue;
+                }
+                enc[0] ^= 1;
+            }
+            f.handle_message(t0, &to, &Message::Groups { id, groups });
+            f.handle_message(t0, &to, &Message::Data { id, bytes: &enc });
+        }
+        log.extend(events(&mut f));
+    }
+    log.extend(events(&mut f));
+    assert!(log.contains(&Event::ProviderDropped {
+        provider: 1,
+        reason: DropReason::Corrupt
+    }));
+    assert_eq!(log.last(), Some(&Event::Done), "{:?}", log.last());
+}
