@@ -28,7 +28,7 @@ use std::{
 use crate::{
     GroupSet,
     verified::group_count,
-    wire::{ErrorCode, MAX_REQUEST_GROUPS},
+    wire::{ErrorCode, MAX_REQUEST_GROUPS, MAX_REQUEST_RANGES},
 };
 
 /// Limits of the serving side (the `content` section of the agent's configuration).
@@ -273,8 +273,8 @@ impl<P: Clone + Eq + StdHash> Server<P> {
     }
 }
 
-/// What to send for a groups request: the requested groups this node holds, or why
-/// none. `local` is the blob's size and verified groups here (`None`: not held).
+/// What to send for a groups request: the requested groups this node holds (at most
+/// [`MAX_REQUEST_RANGES`] ranges of them, what a groups header carries), or why none. `local` is the blob's size and verified groups here (`None`: not held).
 pub fn plan_groups(
     requested_size: u64,
     requested: &GroupSet,
@@ -296,7 +296,10 @@ pub fn plan_groups(
     if send.is_empty() {
         return Err(ErrorCode::NotFound);
     }
-    Ok(send)
+    // Holes in what is held can split a one-range request into more ranges than a
+    // groups header may carry; send the first ones (the requester takes the rest as
+    // not held here) rather than a header the requester must refuse.
+    Ok(send.first_ranges(MAX_REQUEST_RANGES))
 }
 
 #[cfg(test)]
@@ -422,6 +425,30 @@ mod tests {
         s.handle_timeout(now);
         assert_eq!(s.peers.len(), 0);
         assert!(s.poll_timeout().is_none());
+    }
+
+    /// A groups answer must fit the wire's limit on ranges, or the honest provider's
+    /// own header is refused by the requester (and the provider dropped): a request of
+    /// one range over a blob held every other group intersects to thousands of ranges.
+    #[test]
+    fn the_groups_answer_fits_the_wire() {
+        let size = MAX_REQUEST_GROUPS * 16384;
+        let have: GroupSet = (0..MAX_REQUEST_GROUPS).step_by(2).collect();
+        let send = plan_groups(
+            size,
+            &GroupSet::all(MAX_REQUEST_GROUPS),
+            Some((size, &have)),
+        )
+        .unwrap();
+        let frame = crate::wire::Message::Groups {
+            id: 1,
+            groups: send.clone(),
+        }
+        .to_bytes();
+        let parsed = crate::wire::Frame::new_checked(&frame[..])
+            .and_then(|f| crate::wire::Message::parse(&f, crate::wire::Role::Requester));
+        assert!(parsed.is_ok(), "{parsed:?}");
+        assert!(have.is_superset(&send) && !send.is_empty());
     }
 
     #[test]
