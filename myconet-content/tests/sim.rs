@@ -1276,3 +1276,331 @@ fn a_dropped_providers_size_mismatch_does_not_fail_the_download() {
     }));
     assert_eq!(log.last(), Some(&Event::Done), "{:?}", log.last());
 }
+
+// ----- property: whatever providers send, only true bytes come out ---------------------
+
+mod fuzz {
+    use super::*;
+    use myconet_content::verified::{GROUP_BYTES, group_bytes};
+    use proptest::{prelude::*, sample::Index};
+
+    /// A 7-group file (last group short), a 3-group file, a tiny one and an empty one.
+    fn small_package() -> (SignedManifest, HashMap<Hash, Vec<u8>>) {
+        let key = Ed25519KeyPair::from_seed_unchecked(&[5; 32]).unwrap();
+        let mut files = Vec::new();
+        let mut blobs = HashMap::new();
+        for (path, data) in [
+            ("a/big", bytes(6 * 16384 + 1000, 11)),
+            ("a/mid", bytes(40_001, 12)),
+            ("b/tiny", b"tiny".to_vec()),
+            ("b/empty", Vec::new()),
+        ] {
+            files.push(FileEntry {
+                path: PackagePath::new(path).unwrap(),
+                size: data.len() as u64,
+                executable: false,
+                root: Hash::of(&data),
+            });
+            blobs.insert(Hash::of(&data), data);
+        }
+        let m = Manifest::new(AuthorKey::of(&key), 1, Metadata::default(), files).unwrap();
+        (m.sign(&key).unwrap(), blobs)
+    }
+
+    #[derive(Debug, Clone)]
+    enum Act {
+        /// Answer one of the requests sent to `p` (any, stale ones included) with true
+        /// bytes: a header offering all or half of what was asked, then the encoding in
+        /// pieces, possibly with a bit flipped, cut short, or with junk after it.
+        Answer {
+            p: u8,
+            which: Index,
+            half: bool,
+            piece: usize,
+            flip: Option<(Index, u8)>,
+            cut: Option<Index>,
+            junk: bool,
+        },
+        /// Any message from `p` under a recent or arbitrary id.
+        Raw {
+            p: u8,
+            kind: u8,
+            id: Result<Index, u32>,
+            groups: Vec<(u64, u64)>,
+            bytes: Vec<u8>,
+            code: u8,
+            retry: u32,
+        },
+        /// Time passes.
+        Tick(u16),
+        /// The connection to `p` closes.
+        Close(u8),
+    }
+
+    fn act() -> impl Strategy<Value = Act> {
+        let p = 1u8..=4; // 4 was never added
+        prop_oneof![
+            24 => (
+                p.clone(),
+                any::<Index>(),
+                any::<bool>(),
+                1usize..40_000,
+                proptest::option::weighted(0.04, (any::<Index>(), 0u8..8)),
+                proptest::option::weighted(0.04, any::<Index>()),
+                proptest::bool::weighted(0.04),
+            )
+                .prop_map(|(p, which, half, piece, flip, cut, junk)| Act::Answer {
+                    p,
+                    which,
+                    half,
+                    piece,
+                    flip,
+                    cut,
+                    junk,
+                }),
+            1 => (
+                p.clone(),
+                0u8..6,
+                prop_oneof![any::<Index>().prop_map(Ok), any::<u32>().prop_map(Err)],
+                proptest::collection::vec((0u64..12, 1u64..4), 0..3),
+                proptest::collection::vec(any::<u8>(), 1..200),
+                0u8..8,
+                any::<u32>(),
+            )
+                .prop_map(|(p, kind, id, groups, bytes, code, retry)| Act::Raw {
+                    p,
+                    kind,
+                    id,
+                    groups,
+                    bytes,
+                    code,
+                    retry,
+                }),
+            1 => (0u16..12).prop_map(Act::Tick),
+            1 => p.prop_map(Act::Close),
+        ]
+    }
+
+    struct World {
+        f: Fetch<u8>,
+        now: Instant,
+        signed: SignedManifest,
+        blobs: HashMap<Hash, Vec<u8>>,
+        outboards: HashMap<Hash, Vec<u8>>,
+        /// Every request sent, per provider, in order.
+        asked: HashMap<u8, Vec<Message<'static>>>,
+        ids: Vec<u32>,
+        answered: std::collections::HashSet<u32>,
+        delivered: HashMap<Hash, GroupSet>,
+        ended: bool,
+    }
+
+    impl World {
+        fn pump(&mut self) -> Result<(), TestCaseError> {
+            for (to, m) in sent(&mut self.f) {
+                self.ids.push(m.id());
+                self.asked.entry(to).or_default().push(m);
+            }
+            while let Some(e) = self.f.poll_event() {
+                match e {
+                    Event::Manifest(m) => {
+                        prop_assert_eq!(m.bytes(), self.signed.bytes());
+                        self.f.handle_local(self.now, &[]);
+                    }
+                    Event::Parent { blob, parent } => {
+                        let ob = &self.outboards[&blob];
+                        let at = parent.offset as usize;
+                        prop_assert_eq!(&parent.pair[..], &ob[at..at + 64], "a false proof pair");
+                    }
+                    Event::Group {
+                        blob,
+                        group,
+                        offset,
+                        data,
+                    } => {
+                        prop_assert!(!self.ended, "data after the end");
+                        let truth = &self.blobs[&blob];
+                        let r = group_bytes(truth.len() as u64, group);
+                        prop_assert_eq!(offset, group * GROUP_BYTES);
+                        prop_assert!(
+                            data == truth[r.start as usize..r.end as usize],
+                            "false data"
+                        );
+                        let d = self.delivered.entry(blob).or_default();
+                        prop_assert!(!d.contains(group), "group {} handed out twice", group);
+                        d.insert(group);
+                    }
+                    Event::BlobComplete(h) => {
+                        let n = group_count(self.blobs[&h].len() as u64);
+                        prop_assert_eq!(self.delivered.get(&h).map_or(0, GroupSet::len), n);
+                    }
+                    Event::Done => {
+                        for (h, d) in &self.blobs {
+                            let n = group_count(d.len() as u64);
+                            prop_assert_eq!(self.delivered.get(h).map_or(0, GroupSet::len), n);
+                        }
+                        self.ended = true;
+                    }
+                    Event::Failed(_) => self.ended = true,
+                    Event::ProviderDropped { .. } => {}
+                }
+            }
+            Ok(())
+        }
+
+        /// Carries out an [`Act::Answer`].
+        fn answer(&mut self, act: &Act) {
+            let &Act::Answer {
+                p,
+                which,
+                half,
+                piece,
+                flip,
+                cut,
+                junk,
+            } = act
+            else {
+                return;
+            };
+            let Some(list) = self.asked.get(&p).filter(|l| !l.is_empty()) else {
+                return;
+            };
+            // Mostly the oldest request not answered yet (as a provider works), now and
+            // then any request at all (answered, cancelled or stale).
+            let open: Vec<usize> = (0..list.len())
+                .filter(|&i| !self.answered.contains(&list[i].id()))
+                .collect();
+            let pick = which.index(5 * list.len());
+            let i = match open.first() {
+                Some(&i) if pick >= list.len() => i,
+                _ => pick % list.len(),
+            };
+            let msg = list[i].clone();
+            self.answered.insert(msg.id());
+            match msg {
+                Message::GetManifest { id, .. } => {
+                    let mut bytes = self.signed.bytes().to_vec();
+                    if let Some((at, bit)) = flip {
+                        let i = at.index(bytes.len());
+                        bytes[i] ^= 1 << bit;
+                    }
+                    self.f
+                        .handle_message(self.now, &p, &Message::Manifest { id, bytes: &bytes });
+                }
+                Message::GetGroups {
+                    id, blob, groups, ..
+                } => {
+                    let offered = if half && groups.len() > 1 {
+                        groups.take_first(groups.len() / 2)
+                    } else {
+                        groups
+                    };
+                    let mut enc = encoding(&self.blobs[&blob], &offered);
+                    if let Some((at, bit)) = flip {
+                        let i = at.index(enc.len());
+                        enc[i] ^= 1 << bit;
+                    }
+                    if let Some(at) = cut {
+                        enc.truncate(at.index(enc.len()));
+                    }
+                    if junk {
+                        enc.extend_from_slice(b"junk");
+                    }
+                    self.f.handle_message(
+                        self.now,
+                        &p,
+                        &Message::Groups {
+                            id,
+                            groups: offered,
+                        },
+                    );
+                    for chunk in enc.chunks(piece.min(MAX_DATA_BYTES)) {
+                        self.f
+                            .handle_message(self.now, &p, &Message::Data { id, bytes: chunk });
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        /// Providers sending anything at all, honest, corrupt, cut, replayed, unsolicited
+        /// or out of order, with time passing and connections closing: the download core
+        /// never panics, never hands out a byte or a proof pair that is not the true one,
+        /// never hands out a group twice, and says done only when every group arrived.
+        #[test]
+        fn only_true_bytes_come_out(acts in proptest::collection::vec(act(), 1..80)) {
+            let (signed, blobs) = small_package();
+            let outboards = blobs
+                .iter()
+                .map(|(h, d)| (*h, Outboard::create(d).into_data()))
+                .collect();
+            let t0 = start();
+            let mut w = World {
+                f: Fetch::new(t0, signed.id(), FetchConfig {
+                    unit_groups: 2,
+                    stall_timeout: Duration::from_secs(20),
+                    ..FetchConfig::default()
+                }),
+                now: t0,
+                signed,
+                blobs,
+                outboards,
+                asked: HashMap::new(),
+                ids: Vec::new(),
+                answered: std::collections::HashSet::new(),
+                delivered: HashMap::new(),
+                ended: false,
+            };
+            for p in 1..=3 {
+                w.f.add_provider(t0, p);
+            }
+            w.pump()?;
+            for a in acts {
+                match a {
+                    Act::Answer { .. } => w.answer(&a),
+                    Act::Raw { p, kind, id, groups, bytes, code, retry } => {
+                        let id = match id {
+                            Ok(i) if !w.ids.is_empty() => w.ids[i.index(w.ids.len())],
+                            Ok(_) => 1,
+                            Err(id) => id,
+                        };
+                        let mut set = GroupSet::new();
+                        for (s, n) in groups {
+                            set.insert_range(s..s + n);
+                        }
+                        let code = [
+                            ErrorCode::NotFound,
+                            ErrorCode::Busy,
+                            ErrorCode::BadRequest,
+                            ErrorCode::SizeMismatch,
+                            ErrorCode::TooLarge,
+                            ErrorCode::Unavailable,
+                            ErrorCode::Cancelled,
+                        ][code as usize % 7];
+                        let msg = match kind {
+                            0 => Message::Groups { id, groups: set },
+                            1 => Message::Data { id, bytes: &bytes },
+                            2 => Message::Error { id, code, retry_after_ms: retry % 100_000 },
+                            3 => Message::Manifest { id, bytes: &bytes },
+                            4 => Message::Have { id, state: HaveState::None, groups: GroupSet::new() },
+                            _ => Message::Cancel { id },
+                        };
+                        w.f.handle_message(w.now, &p, &msg);
+                    }
+                    Act::Tick(s) => {
+                        w.now += Duration::from_secs(s.into());
+                        w.f.handle_timeout(w.now);
+                    }
+                    Act::Close(p) => w.f.handle_closed(w.now, &p),
+                }
+                w.pump()?;
+                let _ = w.f.progress();
+                let _ = w.f.poll_timeout();
+            }
+        }
+    }
+}

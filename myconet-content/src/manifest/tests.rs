@@ -475,3 +475,95 @@ fn small_order_author_keys_are_refused() {
         assert!(!AuthorKey::of(&key(n)).is_small_order());
     }
 }
+
+/// Edits of a canonical manifest's bytes, as a forger trying a second encoding would
+/// make them: splice a copy of a span elsewhere (repeated fields, duplicated entries),
+/// delete a span, insert bytes, or overwrite one byte.
+#[derive(Debug, Clone)]
+enum Edit {
+    Duplicate {
+        from: prop::sample::Index,
+        len: usize,
+        to: prop::sample::Index,
+    },
+    Delete {
+        at: prop::sample::Index,
+        len: usize,
+    },
+    Insert {
+        at: prop::sample::Index,
+        bytes: Vec<u8>,
+    },
+    Set {
+        at: prop::sample::Index,
+        byte: u8,
+    },
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        (
+            any::<prop::sample::Index>(),
+            1usize..40,
+            any::<prop::sample::Index>()
+        )
+            .prop_map(|(from, len, to)| Edit::Duplicate { from, len, to }),
+        (any::<prop::sample::Index>(), 1usize..8).prop_map(|(at, len)| Edit::Delete { at, len }),
+        (
+            any::<prop::sample::Index>(),
+            proptest::collection::vec(any::<u8>(), 1..6)
+        )
+            .prop_map(|(at, bytes)| Edit::Insert { at, bytes }),
+        (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(at, byte)| Edit::Set { at, byte }),
+    ]
+}
+
+fn apply(b: &mut Vec<u8>, e: &Edit) {
+    if b.is_empty() {
+        return;
+    }
+    match e {
+        Edit::Duplicate { from, len, to } => {
+            let f = from.index(b.len());
+            let span = b[f..(f + len).min(b.len())].to_vec();
+            let t = to.index(b.len() + 1);
+            b.splice(t..t, span);
+        }
+        Edit::Delete { at, len } => {
+            let a = at.index(b.len());
+            b.drain(a..(a + len).min(b.len()));
+        }
+        Edit::Insert { at, bytes } => {
+            let a = at.index(b.len() + 1);
+            b.splice(a..a, bytes.iter().copied());
+        }
+        Edit::Set { at, byte } => {
+            let a = at.index(b.len());
+            b[a] = *byte;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// One manifest, one encoding: whatever edited bytes the author's key signs, if they
+    /// parse they are exactly the canonical encoding of what they parse to, and so
+    /// the package id names one manifest. (A forger holding the key is the strongest
+    /// case: every edit gets a valid signature.)
+    #[test]
+    fn edited_manifests_parse_only_in_canonical_form(m in arb_manifest(), edits in proptest::collection::vec(edit(), 1..4)) {
+        let k = key(3);
+        let mut bytes = m.encode();
+        for e in &edits {
+            apply(&mut bytes, e);
+        }
+        let signature = k.sign(&signed_message(&bytes)).as_ref().to_vec();
+        let signed = pb::Signed { manifest: bytes.clone(), signature }.encode_to_vec();
+        if let Ok(p) = SignedManifest::parse(&signed) {
+            prop_assert_eq!(p.manifest().encode(), bytes);
+            prop_assert_eq!(p.bytes(), &signed[..]);
+            prop_assert!(p.manifest().validate().is_ok());
+        }
+    }
+}

@@ -149,6 +149,35 @@ proptest! {
         while let Ok(Some(_)) = d.next_frame(&mut input) {}
     }
 
+    /// Valid frames with body bytes overwritten (ids, counts, ranges, states, codes,
+    /// lengths inside the body): the deframer hands over exactly the frame, parsing
+    /// never panics, and what parses re-emits to exactly the same bytes, so no message
+    /// has two encodings.
+    #[test]
+    fn edited_bodies_parse_only_in_canonical_form(
+        m in message(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+    ) {
+        let msg = build(&m);
+        let role = role_for(&msg);
+        let mut frame = msg.to_bytes();
+        for (at, byte) in &edits {
+            if frame.len() > HEADER_LEN {
+                let i = HEADER_LEN + at.index(frame.len() - HEADER_LEN);
+                frame[i] = *byte;
+            }
+        }
+        let mut d = Deframer::new(role);
+        let mut input = &frame[..];
+        let got = d.next_frame(&mut input).map(|f| f.map(<[u8]>::to_vec));
+        prop_assert_eq!(got, Ok(Some(frame.clone())));
+        let f = Frame::new_checked(&frame[..]).unwrap();
+        if let Ok(parsed) = Message::parse(&f, role) {
+            prop_assert_eq!(parsed.to_bytes(), frame.clone());
+            let _ = parsed.to_string();
+        }
+    }
+
     #[test]
     fn truncated_frames_are_refused(m in message(), cut in 0usize..400) {
         let msg = build(&m);
