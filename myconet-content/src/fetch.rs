@@ -50,13 +50,14 @@ use crate::{
     manifest::ManifestError,
     mri::PackageId,
     verified::{Decoder, Verified, VerifiedParent, encoded_len, group_count, groups_byte_len},
-    wire::{ErrorCode, Message},
+    wire::{ErrorCode, MAX_REQUEST_GROUPS, MAX_REQUEST_RANGES, Message},
 };
 
 /// Tuning of downloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchConfig {
-    /// Groups per request unit (64 = 1 MiB).
+    /// Groups per request unit (64 = 1 MiB; at most `wire::MAX_REQUEST_GROUPS`, and a
+    /// unit over held groups' holes is cut to `wire::MAX_REQUEST_RANGES` ranges).
     pub unit_groups: u64,
     /// Requests in flight per provider.
     pub depth: usize,
@@ -1149,7 +1150,8 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
     /// with are dropped from its candidates for good, so over a download each provider
     /// passes each blob once, plus the blobs with requests in flight on every call.
     fn next_unit(&mut self, pi: usize) -> Option<(usize, GroupSet)> {
-        let u = self.config.unit_groups.max(1);
+        // Whatever the configuration, a unit is a request a provider accepts.
+        let u = self.config.unit_groups.clamp(1, MAX_REQUEST_GROUPS);
         let n = self.blobs.len();
         let p = &mut self.providers[pi];
         let mut i = p.exhausted.find(n, 0);
@@ -1165,8 +1167,9 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
                 let free = open.difference(&b.assigned);
                 if let Some(first) = free.first() {
                     let start = first / u * u;
-                    let unit =
-                        free.intersection(&GroupSet::from_range(start..start.saturating_add(u)));
+                    let unit = free
+                        .intersection(&GroupSet::from_range(start..start.saturating_add(u)))
+                        .first_ranges(MAX_REQUEST_RANGES);
                     return Some((i, unit));
                 }
             }
@@ -1186,6 +1189,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
                 if let Some(l) = self.providers[pi].lacks.get(&r.blob) {
                     rest = rest.difference(l);
                 }
+                let rest = rest.first_ranges(MAX_REQUEST_RANGES);
                 (!rest.is_empty()).then_some((r.blob, rest, *k))
             })
             .max_by_key(|(_, rest, k)| (rest.len(), std::cmp::Reverse(*k)))

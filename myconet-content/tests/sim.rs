@@ -1604,3 +1604,56 @@ mod fuzz {
         }
     }
 }
+
+/// Whatever the configuration and whatever the store already holds, every request the
+/// core sends is one a provider accepts: at most MAX_REQUEST_GROUPS groups in at most
+/// MAX_REQUEST_RANGES ranges. (A unit of 8,192 groups, or one of 4,096 over a blob held
+/// every other group, was a request the provider's deframer refuses, closing the
+/// connection: every download with that setting failed.)
+#[test]
+fn requests_fit_the_wire_whatever_the_configuration() {
+    use myconet_content::wire::{MAX_REQUEST_GROUPS, MAX_REQUEST_RANGES};
+    let key = Ed25519KeyPair::from_seed_unchecked(&[4; 32]).unwrap();
+    let size = 3 * 8192 * 16384u64; // 24,576 groups
+    let root = Hash::of(b"not checked here");
+    let m = Manifest::new(
+        AuthorKey::of(&key),
+        1,
+        Metadata::default(),
+        vec![FileEntry {
+            path: PackagePath::new("big").unwrap(),
+            size,
+            executable: false,
+            root,
+        }],
+    )
+    .unwrap();
+    let signed = m.sign(&key).unwrap();
+    let every_other: GroupSet = (0..group_count(size)).step_by(2).collect();
+    for (unit_groups, held) in [(4096, every_other), (8192, GroupSet::new())] {
+        let t = start();
+        let config = FetchConfig {
+            unit_groups,
+            ..FetchConfig::default()
+        };
+        let mut f = Fetch::<u8>::with_manifest(t, signed.clone(), config);
+        f.handle_local(t, &[(root, held)]);
+        f.add_provider(t, 1);
+        let asked = sent(&mut f);
+        assert!(!asked.is_empty());
+        for (_, m) in asked {
+            let bytes = m.to_bytes();
+            let parsed = Frame::new_checked(&bytes[..])
+                .and_then(|fr| Message::parse(&fr, Role::Provider).map(|_| ()));
+            assert!(
+                parsed.is_ok(),
+                "unit {unit_groups}: {} refused: {parsed:?}",
+                m.message_type()
+            );
+            if let Message::GetGroups { groups, .. } = m {
+                assert!(groups.len() <= MAX_REQUEST_GROUPS);
+                assert!(groups.ranges().len() <= MAX_REQUEST_RANGES);
+            }
+        }
+    }
+}
