@@ -36,7 +36,10 @@
 //!    busy backs off for the stated delay; a size mismatch from every provider of a
 //!    blob fails the download with that reason (the manifest disagrees with the data).
 //!
-//! Providers are identified by `P` (the shell's overlay address type).
+//! Providers are identified by `P` (the shell's overlay address type). Request ids are
+//! unique within one `Fetch` (counting from 1): a shell that carries several downloads
+//! over one connection to a provider must keep their ids apart (the serving side
+//! refuses an id the peer already has in progress).
 
 use std::{
     collections::{HashMap, VecDeque},
