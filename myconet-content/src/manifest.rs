@@ -247,9 +247,9 @@ impl AuthorKey {
     }
 
     /// True for a point of small order (its order divides 8). Nobody holds a private key
-    /// for such a point, yet signatures "verify" under it for almost any message (a
-    /// small-order R with S = 0 passes whenever R = -[k]A, one message in eight or
-    /// better), and ring's verification accepts them. A manifest under such a key could
+    /// for such a point, yet signatures "verify" under it for most messages (S = 0 with
+    /// R the small-order point `-[k]A`, which a forger computes by trying the eight),
+    /// and ring's verification accepts them. A manifest under such a key could
     /// be signed by anybody, and re-signed into as many package ids as a forger likes,
     /// so these keys are refused.
     pub fn is_small_order(&self) -> bool {
