@@ -118,8 +118,8 @@ pub enum StoreError {
         /// Size of the staged data with the same root hash.
         staged: u64,
     },
-    /// A manifest claims a size for a root hash that cannot be true (e.g. an empty file
-    /// whose root is not the hash of nothing).
+    /// A manifest claims a size for a root hash that cannot be true: the blob of that
+    /// root here has another size.
     #[error("file {path:?}: root {hash} cannot be a {size}-byte file")]
     ImpossibleFile {
         /// The file's path in the manifest.

@@ -177,17 +177,22 @@ both!(
                 ..
             })
         ));
-        // A non-empty file whose root is the hash of nothing (the manifest format refuses
-        // the reverse itself).
-        let bad_size = manifest_of("z", vec![("f".into(), 5, Hash::of(b""))]);
+        // A size that disagrees with the blob of that root already here (the manifest
+        // format itself refuses an empty root with a size and the reverse).
+        let here = data(8, 30_000);
+        let fh: &[(&str, &[u8])] = &[("h", &here)];
+        let mh = manifest("here", fh);
+        add(s, &mh, fh, &[]).unwrap();
+        let other_size = manifest_of("w", vec![("g".into(), 29_999, Hash::of(&here))]);
         assert!(matches!(
-            s.put_manifest(&bad_size, &[]),
-            Err(StoreError::ImpossibleFile { .. })
+            s.put_manifest(&other_size, &[]),
+            Err(StoreError::ImpossibleFile { size: 29_999, .. })
         ));
         assert!(matches!(
-            s.insert_package(&bad_size, vec![], &[]),
-            Err(StoreError::ImpossibleFile { .. })
+            s.insert_package(&other_size, vec![], &[]),
+            Err(StoreError::ImpossibleFile { size: 29_999, .. })
         ));
+        s.remove(&mh.id()).unwrap();
         // None of it left anything behind.
         assert!(s.packages().unwrap().is_empty());
         let u = s.usage().unwrap();

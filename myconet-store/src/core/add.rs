@@ -139,7 +139,7 @@ impl<B: Backend> Core<B> {
                         staged: s.size,
                     });
                 }
-                _ => check_possible(&f.path, f.root, f.size)?,
+                _ => {}
             }
         }
         let used_roots: HashSet<Hash> = manifest.files.iter().map(|f| f.root).collect();
@@ -287,9 +287,6 @@ impl<B: Backend> Core<B> {
         holds: &[Hold],
     ) -> Result<PackageInfo> {
         let manifest = signed.manifest();
-        for f in &manifest.files {
-            check_possible(&f.path, f.root, f.size)?;
-        }
         let mut db = self.lock_db();
         if let Some(pkg) = find_package(&db.conn, &signed.id())? {
             self.add_holds(&mut db, pkg, holds)?;

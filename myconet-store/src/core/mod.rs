@@ -154,11 +154,6 @@ pub(super) fn u64_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// The root hash of the empty file.
-pub(super) fn empty_root() -> Hash {
-    Hash::of(&[])
-}
-
 impl<B: Backend> Core<B> {
     /// Opens the store over `conn` and `backend`, migrating the schema and, after an
     /// unclean shutdown, reconciling files with rows.

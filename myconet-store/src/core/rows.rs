@@ -16,18 +16,6 @@ pub(super) fn path_from(s: String) -> Result<PackagePath> {
     PackagePath::new(s).map_err(|_| StoreError::BadRow("path"))
 }
 
-/// Refuses sizes that cannot belong to a root: only the empty file is 0 bytes.
-pub(super) fn check_possible(path: &PackagePath, root: Hash, size: u64) -> Result<()> {
-    if (size == 0) != (root == empty_root()) {
-        return Err(StoreError::ImpossibleFile {
-            path: path.to_string(),
-            hash: root,
-            size,
-        });
-    }
-    Ok(())
-}
-
 /// The committed verified groups of a partial blob, from its `verified` column. A value
 /// that does not parse, or names groups past the end, counts as nothing verified: the
 /// store never trusts bytes it cannot account for.
