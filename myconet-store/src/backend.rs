@@ -38,8 +38,8 @@ pub(crate) trait Backend: Send + Sync + 'static {
 
     /// Deletes everything staging left behind (only called while no add is running).
     fn clear_staging(&self) -> Result<u64>;
-    /// Starts staging a blob.
-    fn stage(&self) -> Result<Self::Staging>;
+    /// Starts staging a blob of `size` bytes.
+    fn stage(&self, size: u64) -> Result<Self::Staging>;
     /// Makes staged bytes durable.
     fn sync_staged(&self, staged: &[&Self::Staging]) -> Result<()>;
     /// Puts a staged blob in place as `hash`, replacing a partial one of that name.

@@ -26,6 +26,9 @@ const BLOBS: &str = "blobs";
 const STAGING: &str = "staging";
 const DATA: &str = "data";
 const OUTBOARD: &str = "obao";
+/// Up to this many files (or directories) are fsynced one by one; more, and the whole
+/// file system is synced at once.
+const SYNC_ONE_BY_ONE: usize = 16;
 
 /// Blob files under one store directory, which this process holds locked.
 pub(crate) struct DiskBackend {
@@ -83,6 +86,21 @@ impl DiskBackend {
             wal_limit: crate::schema::wal_limit(max_bytes),
             _lock: lock,
         })
+    }
+
+    /// Makes everything written to the store's file system durable at once: for many
+    /// files, one `syncfs` costs one journal commit where an fsync each costs one each
+    /// (10,000 small files: about a minute here, against seconds). It also waits for
+    /// other writers' dirty data on the same file system.
+    fn sync_file_system(&self) -> Result<()> {
+        let d = File::open(&self.staging).map_err(io_err("opening", &self.staging))?;
+        // SAFETY: syncfs on a descriptor we own; no memory is passed.
+        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+            return Err(io_err("syncing the file system of", &self.dir)(
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
     }
 
     fn shard(&self, hash: &Hash) -> PathBuf {
@@ -147,6 +165,7 @@ pub(crate) struct DiskStaging {
 struct LazyFile {
     path: PathBuf,
     file: Option<BufWriter<File>>,
+    buffer: usize,
 }
 
 impl Write for LazyFile {
@@ -159,7 +178,7 @@ impl Write for LazyFile {
                 .write(true)
                 .create_new(true)
                 .open(&self.path)?;
-            self.file = Some(BufWriter::with_capacity(crate::IO_BUFFER, f));
+            self.file = Some(BufWriter::with_capacity(self.buffer, f));
         }
         self.file.as_mut().map_or(Ok(0), |f| f.write(buf))
     }
@@ -240,7 +259,7 @@ impl Backend for DiskBackend {
         Ok(n)
     }
 
-    fn stage(&self) -> Result<DiskStaging> {
+    fn stage(&self, size: u64) -> Result<DiskStaging> {
         let n = self.next_staging.fetch_add(1, Ordering::Relaxed);
         let data_path = self.staging.join(format!("{n}.{DATA}"));
         let obao_path = self.staging.join(format!("{n}.{OUTBOARD}"));
@@ -251,10 +270,11 @@ impl Backend for DiskBackend {
             .map_err(io_err("creating", &data_path))?;
         Ok(DiskStaging {
             data_path,
-            data: BufWriter::with_capacity(crate::IO_BUFFER, data),
+            data: BufWriter::with_capacity(crate::io_buffer_for(size), data),
             obao_writer: LazyFile {
                 path: obao_path.clone(),
                 file: None,
+                buffer: crate::io_buffer_for(myconet_content::verified::outboard_size(size)),
             },
             obao_path,
             obao: None,
@@ -263,6 +283,9 @@ impl Backend for DiskBackend {
     }
 
     fn sync_staged(&self, staged: &[&DiskStaging]) -> Result<()> {
+        if staged.len() > SYNC_ONE_BY_ONE {
+            return self.sync_file_system();
+        }
         for s in staged {
             s.data
                 .get_ref()
@@ -296,6 +319,9 @@ impl Backend for DiskBackend {
         let mut shards: Vec<u8> = hashes.iter().map(|h| h.0[0]).collect();
         shards.sort_unstable();
         shards.dedup();
+        if shards.len() > SYNC_ONE_BY_ONE {
+            return self.sync_file_system();
+        }
         for s in shards {
             sync_dir(&self.blobs.join(format!("{s:02x}")))?;
         }

@@ -29,6 +29,12 @@ pub use types::{
 /// Size of the buffers data streams through (reads of added files, staging writes).
 pub(crate) const IO_BUFFER: usize = 256 * 1024;
 
+/// The buffer for streaming `len` bytes: no bigger than the data (a site of 10,000
+/// small files must not allocate 10,000 full buffers), at least a page.
+pub(crate) fn io_buffer_for(len: u64) -> usize {
+    usize::try_from(len).map_or(IO_BUFFER, |l| l.clamp(4096, IO_BUFFER))
+}
+
 /// How far disk use may exceed `max_bytes`: what the quota does not count exactly.
 /// The write-ahead log beyond its 4 MiB cut-back between checkpoints (one commit's
 /// pages: a package row with its manifest and file rows), directory blocks and inodes

@@ -101,7 +101,7 @@ impl Backend for MemBackend {
         Ok(0)
     }
 
-    fn stage(&self) -> Result<MemStaging> {
+    fn stage(&self, _size: u64) -> Result<MemStaging> {
         Ok(MemStaging::default())
     }
 

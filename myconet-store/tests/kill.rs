@@ -63,6 +63,10 @@ fn main() -> ExitCode {
 
 /// A file's content is a function of its seed, so packages share files (dedup).
 fn file_data(seed: u64) -> Vec<u8> {
+    if seed >= 1000 {
+        // The small files of many-file packages.
+        return data(seed, ((seed * 7919) % (20 << 10)) as usize);
+    }
     let len = match seed % 5 {
         0 => 0,
         1 => (seed * 7919) % GROUP_BYTES,
@@ -73,11 +77,21 @@ fn file_data(seed: u64) -> Vec<u8> {
 }
 
 fn package(rng: &mut Rng, salt: u64) -> (SignedManifest, Vec<(String, Vec<u8>)>) {
-    let n = 1 + rng.below(4);
+    // Now and then a package of many files: the path that syncs the file system once
+    // instead of each file.
+    let n = if rng.below(8) == 0 {
+        24
+    } else {
+        1 + rng.below(4)
+    };
     let mut files = Vec::new();
     let mut seeds = HashSet::new();
     for i in 0..n {
-        let seed = rng.below(40);
+        let seed = if n > 4 {
+            1000 + rng.below(400)
+        } else {
+            rng.below(40)
+        };
         if seeds.insert(seed) {
             files.push((format!("dir{}/f{i}", seed % 3), file_data(seed)));
         }

@@ -897,3 +897,26 @@ both!(
         assert!(s.verify().unwrap().corrupt.is_empty());
     }
 );
+
+both!(
+    a_package_of_many_files_is_added_whole,
+    64 * MIB,
+    |s: &dyn Store| {
+        // More files than are fsynced one by one: the file system is synced at once.
+        let bodies: Vec<Vec<u8>> = (0..40)
+            .map(|i| data(300 + i, 100 + 999 * i as usize))
+            .collect();
+        let names: Vec<String> = (0..40).map(|i| format!("d{}/f{i}", i % 7)).collect();
+        let files: Vec<(&str, &[u8])> = names
+            .iter()
+            .zip(&bodies)
+            .map(|(n, b)| (n.as_str(), &b[..]))
+            .collect();
+        let m = manifest("many", &files);
+        let info = add(s, &m, &files, &[]).unwrap();
+        assert_eq!(info.completeness, Completeness::Complete);
+        for (n, b) in &files {
+            assert_eq!(read_all(s, &m.id(), n), *b);
+        }
+    }
+);

@@ -59,9 +59,9 @@ impl<B: Backend> Core<B> {
             staging: None,
             reservation: self.staging.clone(),
         };
-        let mut files = self.backend.stage()?;
+        let mut files = self.backend.stage(size)?;
         let mut source = io::BufReader::with_capacity(
-            crate::IO_BUFFER,
+            crate::io_buffer_for(size),
             TrackedRead {
                 inner: data,
                 read: 0,
@@ -321,7 +321,7 @@ impl<B: Backend> Core<B> {
             .map(|&(h, _)| h)
             .collect();
         for h in &empties {
-            let mut s = self.backend.stage()?;
+            let mut s = self.backend.stage(0)?;
             s.finish().map_err(StoreError::Staging)?;
             self.backend.sync_staged(&[&s])?;
             self.backend.install(s, h)?;
