@@ -4,12 +4,14 @@
 //! c's MTU), but a large ping or UDP datagram from a leaves a's agent as 1,448-byte
 //! Myconet datagrams that b cannot send on. The relay must answer with an
 //! authenticated "too big", a's agent must turn it into an ICMPv6 Packet Too Big its
-//! kernel applies, and the application's next packets must arrive.
+//! kernel applies, and the application's next packets must arrive: for pings (the
+//! ICMPv6 error handler) and for UDP (the UDP socket's), with b relaying in XDP and on
+//! the userspace path.
 //!
 //! Runs as root (CI is root): three namespaces, three agents, TUN devices, real veths.
 
 use std::{
-    net::{SocketAddr, SocketAddrV6, UdpSocket},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket},
     time::Duration,
 };
 
@@ -130,10 +132,10 @@ fn udp_once(tx: &UdpSocket, rx: &UdpSocket, to: SocketAddr, n: usize) -> Result<
     Ok(false)
 }
 
-/// Large UDP datagrams a → c: until two in a row arrive intact, then [`STEADY`] more;
-/// returns (tries before the two, arrivals of the steady ones).
-fn large_udp(chain: &OverlayChain) -> Result<(usize, usize)> {
-    let to = SocketAddr::V6(SocketAddrV6::new(chain.c_overlay, UDP_PORT, 0, 0));
+/// Large UDP datagrams a → `dst` (an address of c): until two in a row arrive intact,
+/// then [`STEADY`] more; returns (tries before the two, arrivals of the steady ones).
+fn large_udp(chain: &OverlayChain, dst: Ipv6Addr) -> Result<(usize, usize)> {
+    let to = SocketAddr::V6(SocketAddrV6::new(dst, UDP_PORT, 0, 0));
     let rx = bind_udp(chain.topo.node(2).netns(), to)?;
     rx.set_read_timeout(Some(Duration::from_millis(100)))?;
     let from = SocketAddr::V6(SocketAddrV6::new(chain.a_overlay, 0, 0, 0));
@@ -207,11 +209,31 @@ fn large_packets_cross_a_narrower_link(relay_dataplane: &str) -> Result<()> {
         replies >= STEADY - 1,
         "only {replies} of {STEADY} large pings answered once the path MTU was known"
     );
-    let (tries, arrived) = large_udp(&chain)?;
+    // UDP to a second address of c: a's kernel learned the path MTU of c's first
+    // address from the pings, not of this one, so it takes a Packet Too Big of its own
+    // (through the UDP socket's error handler this time) from a's agent, which knows
+    // the path MTU of c's whole /64 by now.
+    let c2 = Ipv6Addr::from(u128::from(chain.c_overlay) + 1);
+    chain.topo.node(2).netns().ip([
+        "-6",
+        "addr",
+        "add",
+        &format!("{c2}/128"),
+        "dev",
+        tun,
+        "nodad",
+    ])?;
+    let a_before_udp = chain.agents[0].stats()?;
+    let (tries, arrived) = large_udp(&chain, c2)?;
     eprintln!("{relay_dataplane}: UDP: two in a row after {tries}, then {arrived}/{STEADY}");
     ensure!(
         arrived >= STEADY - 1,
         "only {arrived} of {STEADY} large UDP datagrams arrived once the path MTU was known"
+    );
+    let a_after_udp = chain.agents[0].stats()?;
+    ensure!(
+        delta(&a_after_udp, &a_before_udp, "agent", "tun_too_big")? >= 1,
+        "a's agent answered no oversized UDP datagram: {a_after_udp}"
     );
 
     // The signal took the path the design says, and every drop was counted.
