@@ -213,12 +213,15 @@ impl TooBigReporter {
 #[derive(Debug, Clone)]
 pub struct EgressMtus<K> {
     known: HashMap<K, (u32, Instant)>,
+    /// The last answer given: a relay's packets mostly go to one next hop in a row.
+    last: Option<(K, u32, Instant)>,
 }
 
 impl<K> Default for EgressMtus<K> {
     fn default() -> Self {
         Self {
             known: HashMap::new(),
+            last: None,
         }
     }
 }
@@ -235,12 +238,21 @@ impl<K: Copy + Eq + std::hash::Hash> EgressMtus<K> {
         now: Instant,
         query: impl FnOnce() -> Option<u32>,
     ) -> Option<u32> {
-        if let Some((mtu, at)) = self.known.get(&next_hop)
-            && now.saturating_duration_since(*at) < EGRESS_MTU_TTL
+        let fresh = |at: Instant| now.saturating_duration_since(at) < EGRESS_MTU_TTL;
+        if let Some((hop, mtu, at)) = self.last
+            && hop == next_hop
+            && fresh(at)
         {
-            return Some(*mtu);
+            return Some(mtu);
+        }
+        if let Some(&(mtu, at)) = self.known.get(&next_hop)
+            && fresh(at)
+        {
+            self.last = Some((next_hop, mtu, at));
+            return Some(mtu);
         }
         let mtu = query()?;
+        self.last = Some((next_hop, mtu, now));
         if self.known.len() >= MAX_PATHS {
             self.known
                 .retain(|_, (_, at)| now.saturating_duration_since(*at) < EGRESS_MTU_TTL);

@@ -102,6 +102,8 @@ pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>)
         };
         relays.clear();
         local.clear();
+        // One clock read per batch for the egress MTU cache, not one per packet.
+        mtu.now = Instant::now();
         for i in 0..n {
             let segment = batch.segment_size(i);
             let Some((buf, from)) = batch.get_mut(i) else {
@@ -218,9 +220,7 @@ async fn handle(
             node.count(AgentStat::RxHandshakeRelayLimited, len);
             Action::Done
         }
-        Decision::Forward { next_hop, .. }
-            if is_data && mtu.exceeds(node, datagram, next_hop, Instant::now()) =>
-        {
+        Decision::Forward { next_hop, .. } if is_data && mtu.exceeds(node, datagram, next_hop) => {
             Action::Done
         }
         Decision::Forward {
@@ -259,18 +259,31 @@ async fn handle(
 /// The relay's path-MTU duties (`pmtu`): a data packet larger than its next link takes
 /// is dropped, never handed to the kernel to fragment or refuse, and its source gets a
 /// signed too-big report within the reporter's rates.
-#[derive(Default)]
 struct RelayMtu {
     egress: EgressMtus<NextHop>,
     reporter: TooBigReporter,
     /// Reports to send after the batch, with the next hop towards their destination.
     reports: Vec<(Vec<u8>, SocketAddr)>,
+    /// When the current receive batch arrived.
+    now: Instant,
+}
+
+impl Default for RelayMtu {
+    fn default() -> Self {
+        Self {
+            egress: EgressMtus::default(),
+            reporter: TooBigReporter::default(),
+            reports: Vec::new(),
+            now: Instant::now(),
+        }
+    }
 }
 
 impl RelayMtu {
     /// Whether `datagram`, a data packet to relay to `next_hop`, exceeds the path to
     /// it; if so it is counted and a report for its source is queued.
-    fn exceeds(&mut self, node: &Node, datagram: &[u8], next_hop: NextHop, now: Instant) -> bool {
+    fn exceeds(&mut self, node: &Node, datagram: &[u8], next_hop: NextHop) -> bool {
+        let now = self.now;
         let len = datagram.len();
         if len <= pmtu::ALWAYS_FITS {
             return false;

@@ -484,6 +484,17 @@ fn the_egress_mtu_is_asked_once_a_second() {
     });
     assert_eq!((got, asked), (Some(1500), 2));
     assert_eq!(mtus.get(2u8, now, || None), None, "unknown stays unknown");
+    // Alternating next hops are answered from the table, each asked once.
+    let t = now + Duration::from_millis(1500);
+    for hop in [3u8, 4, 3, 4, 3] {
+        mtus.get(hop, t, || {
+            asked += 1;
+            Some(1280 + u32::from(hop))
+        });
+    }
+    assert_eq!(asked, 4);
+    assert_eq!(mtus.get(4u8, t, || None), Some(1284));
+    assert_eq!(mtus.get(3u8, t, || None), Some(1283));
 }
 
 // --- ICMPv6 Packet Too Big -------------------------------------------------------------
