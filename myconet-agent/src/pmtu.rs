@@ -122,6 +122,9 @@ pub enum NotReported {
     /// Not a `Data` packet with a whole header.
     #[error("not a data packet")]
     NotData,
+    /// The packet fits the link: nothing to report.
+    #[error("the packet fits")]
+    Fits,
     /// The next link cannot even carry an IPv6-minimum packet: a misconfigured
     /// underlay, which no source can work around.
     #[error("egress MTU {0} is below what the overlay needs")]
@@ -174,7 +177,7 @@ impl TooBigReporter {
         }
         let quoted_len = u16::try_from(offending.len()).unwrap_or(u16::MAX);
         if quoted_len <= max {
-            return Err(NotReported::NotData);
+            return Err(NotReported::Fits);
         }
         // The source's own bucket first, so a source over its rate spends none of the
         // relay's overall budget.

@@ -357,7 +357,7 @@ fn the_relay_signs_a_bounded_number_of_reports() {
     let fits = net.data(7, 5, 1372);
     assert_eq!(
         reporter.report(&net.b, net.b_addr(), &fits, NARROW, now),
-        Err(NotReported::NotData)
+        Err(NotReported::Fits)
     );
     let mut control = packet.clone();
     control[wire::field::TYPE] = PacketType::Control as u8;
