@@ -5,8 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=myconet.proto");
+    println!("cargo:rerun-if-changed=content.proto");
     tonic_prost_build::configure()
         .type_attribute(".", "#[derive(serde::Serialize)]")
-        .compile_protos(&["myconet.proto"], &["."])?;
+        .compile_protos(&["myconet.proto", "content.proto"], &["."])?;
     Ok(())
 }

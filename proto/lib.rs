@@ -5,3 +5,11 @@
 pub mod v1 {
     tonic::include_proto!("myconet.v1");
 }
+
+/// The content API (`content.proto`): packages, downloads, the store.
+pub mod content {
+    /// Version 1 of the content API.
+    pub mod v1 {
+        tonic::include_proto!("myconet.content.v1");
+    }
+}

@@ -68,6 +68,9 @@ pub struct Cli {
     /// Do not create a TUN device (a pure relay).
     #[arg(long)]
     pub no_tun: bool,
+    /// The content store and protocol.
+    #[command(flatten)]
+    pub content: crate::content::settings::ContentFlags,
 }
 
 /// Which forwarding path the node uses.
@@ -114,6 +117,8 @@ pub struct FileConfig {
     hello_interval_ms: Option<u64>,
     #[serde(default)]
     routes: Vec<FileRoute>,
+    storage: Option<crate::content::settings::StorageSection>,
+    content: Option<crate::content::settings::ContentSection>,
 }
 
 /// A static route in the file.
@@ -155,6 +160,8 @@ pub struct Settings {
     pub routes: Vec<(Prefix, NextHop)>,
     /// The TUN device to create, `None` for a pure relay.
     pub tun_name: Option<String>,
+    /// The content store and protocol (`storage` and `content` sections).
+    pub content: crate::content::settings::ContentSettings,
 }
 
 /// A configured neighbour.
@@ -347,14 +354,22 @@ impl Cli {
             }
             Some(name)
         };
+        let state_dir = self
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let content = crate::content::settings::ContentSettings::resolve(
+            &self.content,
+            file.storage,
+            file.content,
+            &state_dir,
+        )?;
         Ok(Settings {
             interfaces,
             tun_name,
             port,
-            state_dir: self
-                .state_dir
-                .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            content,
+            state_dir,
             socket: self
                 .socket
                 .or(file.socket)

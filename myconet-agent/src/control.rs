@@ -30,6 +30,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use myconet_common::wire::DEFAULT_PORT;
+use myconet_proto::content::v1::content_server::ContentServer;
 use myconet_proto::v1 as pb;
 use myconet_proto::v1::control_server::{Control, ControlServer};
 use tokio::net::{UnixListener, UnixStream};
@@ -38,6 +39,7 @@ use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
 use crate::{
+    content::grpc::ContentService,
     link::Links,
     node::{Node, NodeError, RouteRow},
     peers::LinkEndpoint,
@@ -172,6 +174,7 @@ impl Drop for ControlSocket {
 pub async fn serve_on(
     node: Arc<Node>,
     links: Arc<Links>,
+    content: Option<ContentServer<ContentService>>,
     socket: ControlSocket,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -182,6 +185,7 @@ pub async fn serve_on(
         .context("control socket already served")?;
     let served = tonic::transport::Server::builder()
         .add_service(ControlServer::new(ControlService::new(node, links)))
+        .add_optional_service(content)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .with_context(|| format!("serving the control API on {}", socket.path.display()));
@@ -200,7 +204,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let claimed = ControlSocket::claim(socket, mode).await?;
-    serve_on(node, links, claimed, shutdown).await
+    serve_on(node, links, None, claimed, shutdown).await
 }
 
 /// Longest path a Unix socket can be bound at (`sun_path` is 108 bytes with its NUL).

@@ -9,12 +9,15 @@
 //! - `underlay`: the UDP socket and what happens to packets the kernel passes up.
 //! - `control`: the gRPC control API on a Unix socket.
 //! - `identity`: the Ed25519 key and the /64 derived from it.
+//! - `content`: packages: the store, downloads and serving over the overlay, and the
+//!   `Content` gRPC service.
 //! - `watch`: follows rtnetlink so the data plane's view of the underlay (own
 //!   addresses, sources, neighbours, egress interfaces) stays current.
 #![deny(missing_docs)]
 
 pub mod batch_io;
 pub mod config;
+pub mod content;
 pub mod control;
 pub mod dataplane;
 pub mod egress;

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use myconet_agent::{
     config::{Cli, DataplaneChoice},
+    content::Content,
     control::{self, ControlSocket},
     dataplane::{self, XdpDataplane},
     identity::{Identity, StateLock},
@@ -65,7 +66,9 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
     let (dataplane, interfaces) = set_up_dataplane(&settings, &mut journal)?;
     let node = Arc::new(Node::new(identity, settings.port, dataplane, journal)?);
     node.set_interfaces(settings.dataplane.as_str(), interfaces);
-    let result = serve(&node, &settings, control_socket).await;
+    let content = Content::open(settings.content.clone(), node.identity_arc()).await?;
+    let result = serve(&node, &settings, control_socket, &content).await;
+    content.shutdown().await;
     node.shutdown();
     info!("stopped");
     result
@@ -181,6 +184,7 @@ async fn serve(
     node: &Arc<Node>,
     settings: &myconet_agent::config::Settings,
     control_socket: ControlSocket,
+    content: &Arc<Content>,
 ) -> anyhow::Result<()> {
     let links = Arc::new(Links::new(
         node.clone(),
@@ -217,6 +221,13 @@ async fn serve(
         Some(name) => Some(open_tun(node, settings, name).await?),
         None => None,
     };
+    match &tun {
+        // The content protocol rides the overlay: it listens on the overlay address.
+        Some(t) => {
+            content.listen(Some(t.name()))?;
+        }
+        None => info!("no TUN device: the content protocol does not listen (local API only)"),
+    }
     let overlay = Arc::new(Overlay::new(
         node.clone(),
         socket.clone(),
@@ -244,7 +255,14 @@ async fn serve(
         }
     };
     info!(socket = %settings.socket.display(), port = settings.port, "agent ready");
-    let served = control::serve_on(node.clone(), links, control_socket, shutdown).await;
+    let served = control::serve_on(
+        node.clone(),
+        links,
+        Some(content.service()),
+        control_socket,
+        shutdown,
+    )
+    .await;
     for t in tasks {
         t.abort();
     }
