@@ -4,6 +4,7 @@
 
 mod cli;
 mod client;
+mod content;
 mod render;
 
 use std::{io::Write, process::ExitCode};
@@ -69,6 +70,9 @@ fn show<T: serde::Serialize>(
 /// Runs one command and returns what to print.
 async fn run(cli: Cli) -> anyhow::Result<String> {
     let json = cli.json;
+    if let Command::Content { action } = cli.command {
+        return content::run(&cli.socket, json, action).await;
+    }
     let mut client = client::connect(&cli.socket).await?;
     match cli.command {
         Command::Status => show(json, &client.status().await?, render::status),
@@ -129,5 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             }
         },
         Command::Stats { all } => show(json, &client.stats().await?, |s| render::stats(s, all)),
+        // Handled before the control client connects; kept here for completeness.
+        Command::Content { action } => content::run(&cli.socket, json, action).await,
     }
 }

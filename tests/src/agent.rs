@@ -105,6 +105,9 @@ pub struct AgentProcess {
     state_dir: PathBuf,
     log: PathBuf,
     port: u16,
+    /// The agent's flags and `RUST_LOG`, to start it again the same way.
+    args: Vec<String>,
+    log_filter: Option<String>,
     dir: TempDir,
 }
 
@@ -161,6 +164,8 @@ impl AgentProcess {
             state_dir,
             log,
             port: options.port,
+            args,
+            log_filter: options.log_filter.clone(),
             dir,
         };
         agent
@@ -311,6 +316,26 @@ impl AgentProcess {
     /// returns its exit status, so tests can check it shuts down cleanly.
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.child.terminate(STOP_GRACE)
+    }
+
+    /// Kills the agent with SIGKILL (a crash: nothing shuts down politely) and starts it
+    /// again in `netns` with the same flags, state directory, socket and log (appended),
+    /// waiting until it answers.
+    pub fn kill_and_restart(&mut self, netns: &Netns) -> Result<()> {
+        self.child.signal(libc::SIGKILL)?;
+        self.child
+            .wait_timeout(STOP_GRACE)?
+            .context("the agent did not die after SIGKILL")?;
+        let agent = self.bin_dir.join(AGENT_BIN);
+        self.child = spawn_with_env(
+            netns,
+            &agent,
+            &self.args,
+            &self.log,
+            self.log_filter.as_deref(),
+        )?;
+        self.wait_ready(STARTUP_TIMEOUT)
+            .map_err(|e| self.with_log(e))
     }
 
     /// Kills the agent with SIGKILL, as a crash or a power cut would: no shutdown

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod content;
 pub mod demo;
 pub mod fixture;
 pub mod netns;

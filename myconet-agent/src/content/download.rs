@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 use super::{counters::Counters, store::StoreAccess};
 
 /// Frames queued between the connections and the driver.
-pub const INPUT_QUEUE: usize = 64;
+pub const INPUT_QUEUE: usize = 16;
 /// How often the driver wakes for timers and progress.
 pub const TICK: Duration = Duration::from_millis(100);
 /// How often progress is reported while nothing else happens.

@@ -160,15 +160,13 @@ impl ContentService {
         Ok(added(&self.content, &signed, &info))
     }
 
-    async fn run_add_stream(
-        &self,
-        mut stream: Streaming<pb::AddStreamMessage>,
-    ) -> Result<pb::AddResponse> {
+    /// `AddStream` over any stream of messages (the gRPC one, or a test's).
+    pub async fn run_add_stream<S>(&self, mut stream: S) -> Result<pb::AddResponse>
+    where
+        S: Stream<Item = std::result::Result<pb::AddStreamMessage, Status>> + Unpin + Send,
+    {
         use pb::add_stream_message::Item;
-        let first = stream
-            .message()
-            .await
-            .map_err(|s| ContentError::Invalid(format!("reading the stream: {}", s.message())))?;
+        let first = next_message(&mut stream).await?;
         let Some(pb::AddStreamMessage {
             item: Some(Item::Start(start)),
         }) = first
@@ -180,10 +178,7 @@ impl ContentService {
         let meta = metadata_input(start.metadata);
         meta.to_metadata()?;
         let mut files: Vec<StagedFile> = Vec::new();
-        let mut next = stream
-            .message()
-            .await
-            .map_err(|s| ContentError::Invalid(format!("reading the stream: {}", s.message())))?;
+        let mut next = next_message(&mut stream).await?;
         loop {
             let header = match next {
                 None => break,
@@ -214,9 +209,7 @@ impl ContentService {
                 let tx = tx;
                 let mut sent = 0u64;
                 loop {
-                    let m = stream.message().await.map_err(|s| {
-                        ContentError::Invalid(format!("reading the stream: {}", s.message()))
-                    })?;
+                    let m = next_message(&mut stream).await?;
                     match m {
                         Some(pb::AddStreamMessage {
                             item: Some(Item::Data(d)),
@@ -238,11 +231,13 @@ impl ContentService {
             };
             // Feed and stage together.
             let (fed, staged) = tokio::join!(feed, staging);
+            // The stream's own fault first: staging then only saw it end early.
+            let fed = fed?;
             let staged = staged.map_err(|e| match e {
                 ContentError::Store(e) => ContentError::Invalid(format!("{path}: {e}")),
                 e => e,
             })?;
-            next = fed?;
+            next = fed;
             files.push(StagedFile {
                 path,
                 executable: header.executable,
@@ -313,6 +308,19 @@ impl ContentService {
             })
             .await
     }
+}
+
+/// The next message of a client stream (`None` at its end).
+async fn next_message<S, T>(stream: &mut S) -> Result<Option<T>>
+where
+    S: Stream<Item = std::result::Result<T, Status>> + Unpin,
+{
+    use tokio_stream::StreamExt;
+    stream
+        .next()
+        .await
+        .transpose()
+        .map_err(|s| ContentError::Invalid(format!("reading the stream: {}", s.message())))
 }
 
 /// Reads what a channel brings, for staging a streamed file on a blocking thread.
@@ -652,5 +660,152 @@ impl ContentApi for ContentService {
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::content::{settings::ContentSettings, store::StoreAccess};
+    use myconet_store::{MemStore, StoreConfig};
+    use pb::add_stream_message::Item;
+
+    fn service(tag: &str) -> (ContentService, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("myconet-grpc-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let identity = Arc::new(crate::identity::Identity::load_or_create(&dir).unwrap());
+        let store = MemStore::new(StoreConfig::with_max_bytes(64 << 20)).unwrap();
+        let content = Content::with_store(
+            ContentSettings::defaults(&dir),
+            identity,
+            StoreAccess::new(Arc::new(store)),
+            Default::default(),
+        );
+        (ContentService::new(content), dir)
+    }
+
+    fn msg(item: Item) -> std::result::Result<pb::AddStreamMessage, Status> {
+        Ok(pb::AddStreamMessage { item: Some(item) })
+    }
+
+    fn start() -> std::result::Result<pb::AddStreamMessage, Status> {
+        msg(Item::Start(pb::AddStart {
+            metadata: Some(pb::Metadata {
+                title: "t".into(),
+                ..Default::default()
+            }),
+            no_pin: false,
+        }))
+    }
+
+    fn file(path: &str, size: u64) -> std::result::Result<pb::AddStreamMessage, Status> {
+        msg(Item::File(pb::FileHeader {
+            path: path.into(),
+            size,
+            executable: false,
+        }))
+    }
+
+    async fn add(
+        svc: &ContentService,
+        items: Vec<std::result::Result<pb::AddStreamMessage, Status>>,
+    ) -> Result<pb::AddResponse> {
+        svc.run_add_stream(tokio_stream::iter(items)).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streamed_files_become_a_package_that_reads_back() {
+        let (svc, dir) = service("ok");
+        let data = vec![7u8; 3 << 20];
+        let r = add(
+            &svc,
+            vec![
+                start(),
+                file("a/b.bin", data.len() as u64),
+                msg(Item::Data(data[..1 << 20].to_vec())),
+                msg(Item::Data(data[1 << 20..].to_vec())),
+                file("empty", 0),
+            ],
+        )
+        .await
+        .unwrap();
+        let mri: Mri = r.mri.parse().unwrap();
+        let detail = svc.info_of(mri.package).await.unwrap();
+        assert_eq!(detail.files.len(), 2);
+        assert!(detail.package.unwrap().complete);
+        let id = mri.package;
+        let path = PackagePath::new("a/b.bin").unwrap();
+        let (info, reader) = svc
+            .content
+            .store()
+            .run(move |s| Ok(s.open_file(&id, &path)?))
+            .await
+            .unwrap();
+        assert_eq!(info.size, data.len() as u64);
+        let mut back = vec![0u8; data.len()];
+        reader.read_exact_at(0, &mut back).unwrap();
+        assert_eq!(back, data);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_streams_are_refused_with_the_reason() {
+        let (svc, dir) = service("bad");
+        let err = |r: Result<pb::AddResponse>| r.unwrap_err().to_string();
+        for (items, needle) in [
+            (vec![file("x", 1)], "starts with a `start`"),
+            (
+                vec![start(), file("../etc/passwd", 1), msg(Item::Data(vec![1]))],
+                "\"..\"",
+            ),
+            (
+                vec![start(), file("/etc/passwd", 1), msg(Item::Data(vec![1]))],
+                "absolute",
+            ),
+            (
+                vec![start(), file("a", 1), msg(Item::Data(vec![1, 2]))],
+                "more than the 1 bytes",
+            ),
+            (
+                vec![start(), file("a", 5), msg(Item::Data(vec![1]))],
+                "ended after 1 bytes",
+            ),
+            (
+                vec![start(), msg(Item::Data(vec![1]))],
+                "expected a `file` header",
+            ),
+            (vec![start()], "at least one file"),
+            (
+                vec![
+                    start(),
+                    file("a", 1),
+                    msg(Item::Data(vec![1])),
+                    file("a", 1),
+                    msg(Item::Data(vec![1])),
+                ],
+                "duplicate",
+            ),
+        ] {
+            let e = err(add(&svc, items).await);
+            assert!(
+                e.to_lowercase().contains(&needle.to_lowercase()),
+                "{needle}: {e}"
+            );
+        }
+        // An oversized title is refused before any byte is staged.
+        let big = msg(Item::Start(pb::AddStart {
+            metadata: Some(pb::Metadata {
+                title: "x".repeat(300),
+                ..Default::default()
+            }),
+            no_pin: false,
+        }));
+        let e = err(add(&svc, vec![big, file("a", 1), msg(Item::Data(vec![1]))]).await);
+        assert!(e.contains("title"), "{e}");
+        // Nothing was left staged by the failures.
+        let usage = svc.content.store().run(|s| Ok(s.usage()?)).await.unwrap();
+        assert_eq!(usage.staging_bytes, 0);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
