@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod bench;
 pub mod content;
+pub mod content_bench;
 pub mod demo;
 pub mod fixture;
 pub mod netns;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod content_bench;
 mod setup;
 mod test;
 mod throughput;
@@ -72,6 +73,17 @@ enum BenchCmd {
         /// kernel forwarding).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// Content: add against raw BLAKE3 and a raw write, fetch against iperf3 over the
+    /// same overlay path, proof overhead, time to first byte, the share fetched again
+    /// after a killed download, and the agents' memory while serving and fetching.
+    Content {
+        /// Size of the large file, MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Seconds of the iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        iperf_seconds: u64,
     },
     /// The routing simulator at scale (random and scale-free topologies, link and node
     /// failures): convergence time, messages and bytes per node per minute, memory per
@@ -143,6 +155,9 @@ fn run(cli: Cli) -> Result<()> {
             match which {
                 BenchCmd::Relay { seconds } => bench::relay(&root, seconds.clamp(1, 60)),
                 BenchCmd::Throughput { seconds } => throughput::run(&root, seconds.clamp(1, 120)),
+                BenchCmd::Content { mib, iperf_seconds } => {
+                    content_bench::run(&root, mib.clamp(16, 8192), iperf_seconds.clamp(1, 60))
+                }
                 BenchCmd::Routing { .. } => unreachable!("handled above"),
             }
         }

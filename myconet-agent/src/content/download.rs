@@ -183,6 +183,8 @@ struct Driver {
     last_errors: HashMap<SocketAddrV6, String>,
     /// Received bytes already added to the `fetch_bytes` counter.
     counted_bytes: u64,
+    /// When the first verified group was stored, seconds after the start.
+    first_byte: Option<f64>,
 }
 
 /// How a download ended.
@@ -211,6 +213,7 @@ impl Driver {
             last_report: now,
             last_errors: HashMap::new(),
             counted_bytes: 0,
+            first_byte: None,
         }
     }
 
@@ -440,6 +443,9 @@ impl Driver {
                     return Some(End::Failed(e.to_string()));
                 }
                 Counters::add(&self.ctx.counters.fetch_data_bytes, data.len() as u64);
+                if self.first_byte.is_none() {
+                    self.first_byte = Some(self.started.elapsed().as_secs_f64());
+                }
             }
             Event::BlobComplete(_) => {}
             Event::ProviderDropped { provider, reason } => {
@@ -518,6 +524,7 @@ impl Driver {
             event,
             error,
             elapsed_seconds: elapsed,
+            first_byte_seconds: self.first_byte.unwrap_or(0.0),
             ..pb::Progress::default()
         };
         if let Some(f) = fetch {
