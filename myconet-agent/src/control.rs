@@ -506,9 +506,9 @@ fn routing_info(r: &RouteSnapshot<LinkEndpoint>) -> pb::RoutingInfo {
         metric: u32::from(r.metric),
         advertised_metric: u32::from(r.advertised_metric),
         link_cost: u32::from(r.link_cost),
-        seqno: u32::from(r.seqno),
+        seqno: r.seqno,
         feasible: r.feasible,
-        fd_seqno: r.feasibility_distance.map(|f| u32::from(f.seqno)),
+        fd_seqno: r.feasibility_distance.map(|f| f.seqno),
         fd_metric: r.feasibility_distance.map(|f| u32::from(f.metric)),
         age_ms: u64::try_from(r.age.as_millis()).unwrap_or(u64::MAX),
         selected: r.selected,
@@ -949,7 +949,9 @@ mod tests {
     fn links(node: &Arc<Node>) -> Arc<Links> {
         let config = crate::peers::PeerConfig::default();
         let routing = crate::routing::RoutingConfig::default();
-        Arc::new(Links::new(node.clone(), config, routing, std::time::Instant::now(), 1).unwrap())
+        let seqnos = crate::seqno_store::SeqnoStore::ephemeral(1);
+        let now = std::time::Instant::now();
+        Arc::new(Links::new(node.clone(), config, routing, seqnos, now, 1).unwrap())
     }
 
     async fn serve_test(

@@ -9,6 +9,7 @@
 //! - `underlay`: the UDP socket and what happens to packets the kernel passes up.
 //! - `control`: the gRPC control API on a Unix socket.
 //! - `identity`: the Ed25519 key and the /64 derived from it.
+//! - `seqno_store`: the routing sequence numbers reserved across restarts.
 //! - `watch`: follows rtnetlink so the data plane's view of the underlay (own
 //!   addresses, sources, neighbours, egress interfaces) stays current.
 #![deny(missing_docs)]
@@ -27,6 +28,7 @@ pub mod overlay;
 pub mod peers;
 pub mod rib;
 pub mod routing;
+pub mod seqno_store;
 pub mod session;
 pub mod sysctl;
 pub mod tun;

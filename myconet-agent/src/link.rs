@@ -45,13 +45,16 @@ use crate::{
     routing::{
         Explanation, RouteEvent, RouteSnapshot, Router, RoutingConfig, RoutingStats, TransmitTo,
     },
+    seqno_store::SeqnoStore,
     session::{Event, FailReason, SessionTable},
 };
 
-/// The routing core and the neighbours it may send to (those up).
+/// The routing core, the neighbours it may send to (those up), and the reservation of
+/// its sequence numbers.
 struct Routing {
     router: Router<LinkEndpoint>,
     up: BTreeSet<LinkEndpoint>,
+    seqnos: SeqnoStore,
 }
 
 /// The node's neighbours: who they are, whether their link is authenticated, and what
@@ -73,22 +76,31 @@ impl std::fmt::Debug for Links {
 
 impl Links {
     /// The neighbour layer of `node` with its routing core; `seed` jitters hello and
-    /// update timers (use fresh randomness).
+    /// update timers (use fresh randomness); `seqnos` is where the routing core's
+    /// sequence numbers start and are reserved.
     pub fn new(
         node: Arc<Node>,
         config: PeerConfig,
         routing: RoutingConfig,
+        seqnos: SeqnoStore,
         now: Instant,
         seed: u64,
     ) -> anyhow::Result<Self> {
         let key = NodeKey::from_slice(node.identity().public_key())
             .ok_or(PeerError::InvalidConfig("identity key is not 32 bytes"))?;
-        let router = Router::new(node.identity_arc(), routing, seed.rotate_left(17), now)?;
+        let router = Router::new(
+            node.identity_arc(),
+            routing,
+            seed.rotate_left(17),
+            seqnos.first(),
+            now,
+        )?;
         Ok(Self {
             manager: Mutex::new(PeerManager::new(config, key, now, seed)?),
             routing: Mutex::new(Routing {
                 router,
                 up: BTreeSet::new(),
+                seqnos,
             }),
             node,
             kick: Notify::new(),
@@ -300,6 +312,9 @@ impl Links {
         rng: &dyn SecureRandom,
     ) -> usize {
         let mut routing = self.routing();
+        // A re-signed announcement is about to leave: its seqno must be reserved first.
+        let seqno = routing.router.own_seqno();
+        routing.seqnos.cover(seqno);
         let mut applied = 0;
         while let Some(t) = routing.router.poll_transmit() {
             applied += 1;

@@ -16,6 +16,7 @@ use myconet_agent::{
     overlay::{self, Overlay},
     peers::{Beaconer, DiscoveryConfig, LinkEndpoint, ReceivedBeacon},
     routing::RoutingConfig,
+    seqno_store::SeqnoStore,
     sysctl,
     tun::{Tun, TunOptions},
     underlay,
@@ -186,6 +187,7 @@ async fn serve(
         node.clone(),
         settings.peer_config.clone(),
         RoutingConfig::default(),
+        SeqnoStore::open(&settings.state_dir),
         Instant::now(),
         jitter_seed(),
     )?);

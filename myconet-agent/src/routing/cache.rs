@@ -26,7 +26,7 @@ pub struct SignedOrigin {
     /// Upper 64 bits of the announced /64.
     pub prefix: u64,
     /// The origin's sequence number for this announcement.
-    pub seqno: u16,
+    pub seqno: u32,
     /// Ed25519 signature over [`signing_message`]`(key, prefix, 64, seqno)`.
     pub signature: [u8; 64],
 }
@@ -47,7 +47,7 @@ pub fn owned_prefix(key: &[u8]) -> u64 {
 
 impl SignedOrigin {
     /// Signs an announcement of `key`'s own /64 at `seqno`.
-    pub fn sign(signer: &dyn crate::session::Signer, seqno: u16) -> Option<Self> {
+    pub fn sign(signer: &dyn crate::session::Signer, seqno: u32) -> Option<Self> {
         let key: [u8; 32] = signer.public_key().try_into().ok()?;
         let prefix = owned_prefix(&key);
         let sig = signer.sign(&signing_message(&key, prefix, NODE_PREFIX_LEN, seqno));
@@ -65,7 +65,7 @@ impl SignedOrigin {
     pub fn verify(
         key: &[u8; 32],
         prefix: u64,
-        seqno: u16,
+        seqno: u32,
         signature: &[u8; 64],
     ) -> Result<Self, OriginReject> {
         if owned_prefix(key) != prefix {
@@ -93,8 +93,8 @@ impl SignedOrigin {
 /// re-checked each time it arrives (and counted each time).
 #[derive(Debug)]
 pub struct VerifyCache {
-    current: HashMap<(u64, u16), Arc<SignedOrigin>, KeyedState>,
-    previous: HashMap<(u64, u16), Arc<SignedOrigin>, KeyedState>,
+    current: HashMap<(u64, u32), Arc<SignedOrigin>, KeyedState>,
+    previous: HashMap<(u64, u32), Arc<SignedOrigin>, KeyedState>,
     capacity: usize,
     /// Lookups answered from the cache.
     pub hits: u64,
@@ -130,7 +130,7 @@ impl VerifyCache {
         &mut self,
         key: &[u8; 32],
         prefix: u64,
-        seqno: u16,
+        seqno: u32,
         signature: &[u8; 64],
     ) -> Result<Arc<SignedOrigin>, OriginReject> {
         let same = |s: &SignedOrigin| s.key == *key && s.signature == *signature;
@@ -179,7 +179,7 @@ impl VerifyCache {
     /// (with the Arc counters) per entry. Entries also referenced by routes are counted
     /// here once, which is where they live.
     pub fn memory_bytes(&self) -> usize {
-        let bucket = size_of::<((u64, u16), Arc<SignedOrigin>)>() + 1;
+        let bucket = size_of::<((u64, u32), Arc<SignedOrigin>)>() + 1;
         (self.current.capacity() + self.previous.capacity()) * bucket
             + self.len() * (size_of::<SignedOrigin>() + 16)
     }

@@ -250,7 +250,7 @@ pub struct RouteSnapshot<N> {
     /// Our current cost of the link to the neighbour.
     pub link_cost: u16,
     /// Origin sequence number carried by the route.
-    pub seqno: u16,
+    pub seqno: u32,
     /// Whether the route satisfies the feasibility condition.
     pub feasible: bool,
     /// Our feasibility distance for the prefix.

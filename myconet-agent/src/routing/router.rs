@@ -56,7 +56,10 @@ pub struct RoutingConfig {
     /// this many times.
     pub request_hops: u8,
     /// Minimum interval between two sequence-number bumps of our own prefix, so
-    /// neighbours cannot make us re-sign (and flood the network) at will.
+    /// neighbours cannot make us re-sign (and flood the network) at will. A seqno request
+    /// raises our seqno by one, never further (as babeld does): requests are not signed,
+    /// and a request that could move us far ahead could also move us through the whole
+    /// space (see [`seqno_newer`]).
     pub seqno_bump_min_interval: Duration,
     /// Route selection hysteresis, absolute part: a feasible route replaces the selected
     /// one only when better by at least this much (and by `selected / hysteresis_div`).
@@ -175,7 +178,7 @@ struct Nbr<N> {
 #[derive(Debug, Clone)]
 struct Pending {
     /// `None` for a route request, else the requested seqno.
-    seqno: Option<u16>,
+    seqno: Option<u32>,
     /// We starve for it ourselves: resent while we have no route.
     own: bool,
     /// Some neighbour is waiting for the answer (we forwarded its request, or suppressed
@@ -191,6 +194,10 @@ struct Pending {
     /// resend, which arrives about one resend interval after the original.
     sent: Instant,
 }
+
+/// A queued request TLV (a seqno request, or a shorter route request padded with zeros:
+/// `wire::tlv_len` reads its real length).
+type RequestTlv = [u8; wire::SEQNO_REQUEST_TLV_LEN];
 
 /// Where a queued request goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -221,7 +228,6 @@ pub struct Router<N> {
     own_queued: bool,
     last_bump: Option<Instant>,
     bump_at: Option<Instant>,
-    bump_target: u16,
     nbrs: Vec<Option<Nbr<N>>>,
     nbr_index: HashMap<N, u16, KeyedState>,
     configured_cost: HashMap<N, u16, KeyedState>,
@@ -232,7 +238,7 @@ pub struct Router<N> {
     dump_all: bool,
     pending_dumps: Vec<u16>,
     pending_unicast: Vec<(u16, u64)>,
-    pending_requests: Vec<(Dest, [u8; 14])>,
+    pending_requests: Vec<(Dest, RequestTlv)>,
     flush_at: Option<Instant>,
     /// Next round of urgent repeats: every prefix with repeats left in its flags, our
     /// own prefix and the repeated dumps go out together, in few full payloads. Flags
@@ -282,16 +288,20 @@ fn lock(cache: &SharedVerifyCache) -> MutexGuard<'_, VerifyCache> {
 
 impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     /// A router for the node whose key `signer` holds, with its own verification cache.
-    /// `seed` drives jitter, the initial sequence number and table hashing, so two runs
-    /// with the same inputs behave identically.
+    /// `seed` drives jitter and table hashing, so two runs with the same inputs behave
+    /// identically. `seqno` is the first sequence number of this run: it must be above
+    /// every seqno the node announced in earlier runs (the agent reserves them in its
+    /// state directory), or its announcements stay unfeasible wherever an older
+    /// feasibility distance is still held, until it hears one of them and jumps past it.
     pub fn new(
         signer: Arc<dyn Signer>,
         config: RoutingConfig,
         seed: u64,
+        seqno: u32,
         now: Instant,
     ) -> Result<Self, RoutingError> {
         let cache = VerifyCache::shared(config.verify_cache_capacity, seed ^ 0x5eed);
-        Self::with_cache(signer, config, seed, now, cache)
+        Self::with_cache(signer, config, seed, seqno, now, cache)
     }
 
     /// Like [`Router::new`] but verifying through a caller-supplied cache. The simulator
@@ -302,11 +312,11 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         signer: Arc<dyn Signer>,
         config: RoutingConfig,
         seed: u64,
+        seqno: u32,
         now: Instant,
         cache: SharedVerifyCache,
     ) -> Result<Self, RoutingError> {
         let mut rng = SplitMix::new(seed);
-        let seqno = rng.next_u64() as u16;
         let own = Arc::new(
             SignedOrigin::sign(signer.as_ref(), seqno).ok_or(RoutingError::InvalidSigner)?,
         );
@@ -322,7 +332,6 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             own_queued: false,
             last_bump: None,
             bump_at: None,
-            bump_target: seqno,
             nbrs: Vec::new(),
             nbr_index: HashMap::with_hasher(hs),
             configured_cost: HashMap::with_hasher(hs),
@@ -356,7 +365,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     }
 
     /// This node's current sequence number.
-    pub fn own_seqno(&self) -> u16 {
+    pub fn own_seqno(&self) -> u32 {
         self.own.seqno
     }
 
@@ -677,7 +686,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         slot: u16,
         cache: &mut VerifyCache,
         plen: u8,
-        seqno: u16,
+        seqno: u32,
         metric: u16,
         prefix: u64,
         key: &[u8; 32],
@@ -688,12 +697,13 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         }
         if prefix == self.own.prefix {
             self.stats.own_prefix_ignored += 1;
-            // An older incarnation of us announced a newer seqno than we now have:
-            // catch up, or our announcements would be unfeasible everywhere.
+            // An older incarnation of us announced a newer seqno than we now have (its
+            // reservation was lost): catch up, or our announcements would be unfeasible
+            // everywhere. Safe to follow however far ahead: only we can sign it.
             if *key == self.own.key && seqno_newer(seqno, self.own.seqno) {
                 let before = cache.verifications;
                 if cache.check(key, prefix, seqno, signature).is_ok() {
-                    self.bump_own(seqno.wrapping_add(1));
+                    self.bump_own(Some(seqno));
                 }
                 self.stats.signature_verifications += cache.verifications - before;
             }
@@ -742,7 +752,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let tick = self.tick;
         let max_per = self.config.max_routes_per_neighbour;
         let request_hops = self.config.request_hops;
-        let mut request: Option<u16> = None;
+        let mut request: Option<u32> = None;
         match self.table.get_mut(prefix) {
             Some(mut e) => {
                 // The origin is whichever key our candidates carry (all the same); an
@@ -765,9 +775,9 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     let margin = cfg.hysteresis_abs.max(m / cfg.hysteresis_div.max(1));
                     c.nbr != slot && u32::from(offer) + u32::from(margin) < u32::from(m)
                 });
-                let starving = (e.sel == NONE || better).then(|| e.fd_seqno.wrapping_add(1));
+                let starving = (e.sel == NONE || better).then(|| e.fd_seqno.saturating_add(1));
                 let selected = e.sel == slot;
-                let next_seqno = e.fd_seqno.wrapping_add(1);
+                let next_seqno = e.fd_seqno.saturating_add(1);
                 match e.cand_mut(slot) {
                     // An unfeasible update of the selected route (its metric grew past
                     // our feasibility distance, typically an increase the neighbour
@@ -901,13 +911,13 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         self.arm_flush();
     }
 
-    fn on_seqno_request(&mut self, slot: u16, plen: u8, hops: u8, seqno: u16, prefix: u64) {
+    fn on_seqno_request(&mut self, slot: u16, plen: u8, hops: u8, seqno: u32, prefix: u64) {
         if !self.valid_prefix(plen, prefix) {
             return;
         }
         if prefix == self.own.prefix {
             if seqno_newer(seqno, self.own.seqno) {
-                self.request_bump(seqno);
+                self.request_bump();
             } else {
                 self.queue_unicast(slot, prefix);
             }
@@ -979,28 +989,26 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
 
     // ----- origin -----------------------------------------------------------------
 
-    fn request_bump(&mut self, target: u16) {
+    /// A seqno request for something newer than our own: one bump by one, now or (rate
+    /// limited) at the next allowed instant; requests meanwhile join that one bump.
+    fn request_bump(&mut self) {
         let due = self
             .last_bump
             .map(|t| t + self.config.seqno_bump_min_interval);
         match due {
             Some(d) if d > self.now => {
-                if self.bump_at.is_none() || seqno_newer(target, self.bump_target) {
-                    self.bump_target = target;
-                }
                 self.bump_at = Some(d);
                 self.stats.seqno_bumps_deferred += 1;
             }
-            _ => self.bump_own(target),
+            _ => self.bump_own(None),
         }
     }
 
-    fn bump_own(&mut self, target: u16) {
-        let next = if seqno_newer(target, self.own.seqno) {
-            target
-        } else {
-            self.own.seqno.wrapping_add(1)
-        };
+    /// Re-signs our prefix with the next seqno, or with the one after `past` (a newer
+    /// seqno of ours, signed by us in an earlier run).
+    fn bump_own(&mut self, past: Option<u32>) {
+        let base = past.map_or(self.own.seqno, |p| p.max(self.own.seqno));
+        let next = base.saturating_add(1);
         if let Some(s) = SignedOrigin::sign(self.signer.as_ref(), next) {
             // Not inserted into the verify cache: `handle_message` may hold its lock, and
             // nobody routes our own prefix back to us anyway.
@@ -1022,7 +1030,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     /// Route selection. `want_seqno`: a seqno request is waiting for this seqno (by
     /// default the live pending one); a feasible route carrying it wins regardless of
     /// metric and hysteresis.
-    fn reselect_with(&mut self, key: u64, want_seqno: Option<u16>) {
+    fn reselect_with(&mut self, key: u64, want_seqno: Option<u32>) {
         // A live seqno request (ours or forwarded) wants its answer selected as soon as
         // it arrives, even if an older-seqno route has a lower metric: otherwise the new
         // seqno stops here and whoever asked keeps starving until the next resend.
@@ -1149,7 +1157,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 }
                 if old != NONE {
                     starving = Some(match best_unfeasible {
-                        Some((_, ni)) => Some((ni, e.fd_seqno.wrapping_add(1))),
+                        Some((_, ni)) => Some((ni, e.fd_seqno.saturating_add(1))),
                         None => None,
                     });
                 }
@@ -1184,7 +1192,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     /// for at least `seqno` went out within the duplicate window. `own`: we starve for
     /// it (resent while we do); otherwise it is forwarded for a neighbour, who waits for
     /// the answer. Returns whether it was queued.
-    fn send_seqno_request(&mut self, key: u64, seqno: u16, hops: u8, to: Dest, own: bool) -> bool {
+    fn send_seqno_request(&mut self, key: u64, seqno: u32, hops: u8, to: Dest, own: bool) -> bool {
         let now = self.now;
         let window = self.request_window();
         let cfg = &self.config;
@@ -1247,13 +1255,13 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     }
 
     /// Queues a seqno request TLV for the next flush; false if the queue is full.
-    fn queue_request(&mut self, to: Dest, hops: u8, seqno: u16, key: u64) -> bool {
+    fn queue_request(&mut self, to: Dest, hops: u8, seqno: u32, key: u64) -> bool {
         if self.pending_requests.len() >= self.config.max_pending_requests {
             self.stats.requests_dropped_limit += 1;
             return false;
         }
-        let mut tlv = [0u8; 14];
-        let mut v = Vec::with_capacity(14);
+        let mut tlv: RequestTlv = [0; wire::SEQNO_REQUEST_TLV_LEN];
+        let mut v = Vec::with_capacity(tlv.len());
         wire::put_seqno_request(&mut v, NODE_PREFIX_LEN, hops, seqno, key);
         tlv.copy_from_slice(&v);
         self.pending_requests.push((to, tlv));
@@ -1317,8 +1325,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             self.stats.requests_dropped_limit += 1;
             return;
         }
-        let mut tlv = [0u8; 14];
-        let mut v = Vec::with_capacity(12);
+        let mut tlv: RequestTlv = [0; wire::SEQNO_REQUEST_TLV_LEN];
+        let mut v = Vec::with_capacity(tlv.len());
         wire::put_route_request(&mut v, NODE_PREFIX_LEN, key);
         tlv[..v.len()].copy_from_slice(&v);
         self.pending_requests.push((Dest::All, tlv));
@@ -1360,8 +1368,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.set_now(now);
         if self.bump_at.is_some_and(|t| t <= now) {
-            let t = self.bump_target;
-            self.bump_own(t);
+            self.bump_own(None);
         }
         if self.next_sweep <= now {
             self.sweep();
@@ -1472,8 +1479,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 })
                 .map(|c| Dest::Nbr(c.nbr))
                 .unwrap_or(Dest::All);
-            let mut tlv = [0u8; 14];
-            let mut v = Vec::with_capacity(14);
+            let mut tlv: RequestTlv = [0; wire::SEQNO_REQUEST_TLV_LEN];
+            let mut v = Vec::with_capacity(tlv.len());
             wire::put_seqno_request(&mut v, NODE_PREFIX_LEN, hops, s, k);
             tlv.copy_from_slice(&v);
             if self.pending_requests.len() < self.config.max_pending_requests {
@@ -1486,7 +1493,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
 
     // ----- output -------------------------------------------------------------------
 
-    fn selected_update(&self, e: &EntryRef<'_>, out: &mut Vec<u8>) -> Option<(u16, u16)> {
+    fn selected_update(&self, e: &EntryRef<'_>, out: &mut Vec<u8>) -> Option<(u32, u16)> {
         let c = e.cand(e.sel)?;
         let m = add_metric(c.metric, Self::cost_of(&self.nbrs, c.nbr));
         if m == INFINITY {
@@ -1978,7 +1985,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let pending = self.pending.capacity() * (size_of::<(u64, Pending)>() + 1)
             + self.pending_bcast.capacity() * 8
             + self.pending_unicast.capacity() * size_of::<(u16, u64)>()
-            + self.pending_requests.capacity() * size_of::<(Dest, [u8; 14])>()
+            + self.pending_requests.capacity() * size_of::<(Dest, RequestTlv)>()
             + self.dump_repeats.capacity() * size_of::<(u16, u8, bool)>();
         size_of::<Self>() + table + nbrs + pending
     }

@@ -144,6 +144,9 @@ struct Node {
     timer: Option<u64>,
     up: Vec<u32>,
     retired: RoutingStats,
+    /// First seqno of the next run: the agent's reservation in its state directory
+    /// (`seqno_store`), modelled exactly (above the last seqno the node announced).
+    next_seqno: u32,
 }
 
 /// A queued event with its ordering key.
@@ -450,6 +453,7 @@ impl Sim {
                 timer: None,
                 up: Vec::new(),
                 retired: RoutingStats::default(),
+                next_seqno: 1,
             });
         }
         let mut sim = Sim {
@@ -585,9 +589,11 @@ impl Sim {
         let now = self.instant();
         let node = &mut self.nodes[i as usize];
         let signer: Arc<dyn crate::session::Signer> = node.key.clone();
+        let seqno = node.next_seqno;
+        let cfg = self.cfg.routing.clone();
         let r = match &self.cache {
-            Some(c) => Router::with_cache(signer, self.cfg.routing.clone(), seed, now, c.clone()),
-            None => Router::new(signer, self.cfg.routing.clone(), seed, now),
+            Some(c) => Router::with_cache(signer, cfg, seed, seqno, now, c.clone()),
+            None => Router::new(signer, cfg, seed, seqno, now),
         };
         node.router = r.ok();
         node.inc += 1;
@@ -1002,6 +1008,7 @@ impl Sim {
         if let Some(r) = n.router.take() {
             let s = r.stats().clone();
             add_stats(&mut n.retired, &s);
+            n.next_seqno = r.own_seqno().saturating_add(1);
         }
         n.inc += 1;
         n.up.clear();
@@ -1012,7 +1019,8 @@ impl Sim {
         }
     }
 
-    /// Restarts a failed node with fresh state (same key, new seed).
+    /// Restarts a failed node with fresh state (same key, new seed; its sequence numbers
+    /// continue above the last one it announced, as the agent's reservation makes them).
     pub fn restore_node(&mut self, x: u32) {
         if self.nodes[x as usize].router.is_some() {
             return;
@@ -1385,7 +1393,7 @@ impl Sim {
     }
 
     /// Signs an announcement of node `x`'s prefix with `x`'s key (for tests).
-    pub fn sign_for(&self, x: u32, seqno: u16) -> Option<SignedOrigin> {
+    pub fn sign_for(&self, x: u32, seqno: u32) -> Option<SignedOrigin> {
         SignedOrigin::sign(self.nodes[x as usize].key.as_ref(), seqno)
     }
 }

@@ -28,10 +28,12 @@ fn test_config() -> RoutingConfig {
 }
 
 fn router(i: u8, now: Instant) -> Router<u32> {
-    Router::new(kp(i), test_config(), u64::from(i), now).expect("router")
+    // Seqnos that differ between routers, as they would in a network.
+    let seqno = 1000 * u32::from(i) + 7;
+    Router::new(kp(i), test_config(), u64::from(i), seqno, now).expect("router")
 }
 
-fn update(origin: &Ed25519KeyPair, seqno: u16, metric: u16) -> Vec<u8> {
+fn update(origin: &Ed25519KeyPair, seqno: u32, metric: u16) -> Vec<u8> {
     let s = SignedOrigin::sign(origin, seqno).expect("sign");
     let mut p = vec![wire::VERSION, 0];
     wire::put_signed_update(&mut p, &s, metric);
@@ -74,22 +76,23 @@ fn flushed(r: &mut Router<u32>, now: Instant) -> Vec<(TransmitTo<u32>, Vec<u8>)>
     out
 }
 
-fn seqno_of(t: &Router<u32>) -> u16 {
+fn seqno_of(t: &Router<u32>) -> u32 {
     t.own_seqno()
 }
 
 // ----- pure functions ---------------------------------------------------------------
 
 #[test]
-fn seqno_comparison_wraps() {
+fn seqnos_never_wrap() {
     assert!(seqno_newer(1, 0));
     assert!(!seqno_newer(0, 1));
     assert!(!seqno_newer(5, 5));
-    assert!(seqno_newer(0, 0xFFFF), "0 follows 65535");
-    assert!(seqno_newer(3, 0xFFF0));
-    assert!(!seqno_newer(0xFFF0, 3));
-    assert!(seqno_newer(0x7FFF, 0));
-    assert!(!seqno_newer(0x8000, 0), "half the space away is not newer");
+    // However far ahead a seqno is, an older one never becomes newer again: that is
+    // what keeps an archived announcement older than the current one.
+    assert!(seqno_newer(u32::MAX, 0));
+    assert!(!seqno_newer(0, u32::MAX));
+    assert!(seqno_newer(0x8000_0001, 0));
+    assert!(!seqno_newer(3, 0xFFFF_FFF0));
 }
 
 #[test]
@@ -108,11 +111,14 @@ fn feasibility_condition() {
         is_feasible(fd, 9, INFINITY),
         "retractions are always feasible"
     );
-    let wrap = Some(Fd {
-        seqno: 0xFFFF,
+    let top = Some(Fd {
+        seqno: u32::MAX,
         metric: 100,
     });
-    assert!(is_feasible(wrap, 0, 5000), "newer across the wrap");
+    assert!(
+        !is_feasible(top, 0, 5000),
+        "no wrap: 0 is older than the top"
+    );
 }
 
 #[test]
@@ -367,8 +373,13 @@ fn measurement_jitter_does_not_change_cost() {
     assert_eq!(a.neighbour_cost(7), Some(INFINITY), "dead link at once");
 }
 
+/// The seqno of an update TLV (type, length, plen, flags, then the 4-byte seqno).
+fn tlv_seqno(t: &[u8]) -> u32 {
+    u32::from_be_bytes([t[4], t[5], t[6], t[7]])
+}
+
 /// The first seqno request of `out`, as (recipient, requested seqno, hop count).
-fn seqno_request_in(out: &[(TransmitTo<u32>, Vec<u8>)]) -> Option<(TransmitTo<u32>, u16, u8)> {
+fn seqno_request_in(out: &[(TransmitTo<u32>, Vec<u8>)]) -> Option<(TransmitTo<u32>, u32, u8)> {
     out.iter().find_map(|(to, t)| {
         let body = [&[wire::VERSION, 0][..], t].concat();
         match Tlvs::new(&body[2..]).next() {
@@ -522,7 +533,7 @@ fn relay_forwards_seqno_request_and_answer() {
     let out = flushed(&mut b, t0 + ms(120));
     assert!(
         out.iter()
-            .any(|(_, t)| t[0] == wire::TLV_UPDATE && u16::from_be_bytes([t[4], t[5]]) == 4),
+            .any(|(_, t)| t[0] == wire::TLV_UPDATE && tlv_seqno(t) == 4),
         "{out:?}"
     );
 }
@@ -577,7 +588,7 @@ fn relay_selects_the_requested_seqno_and_passes_resends() {
     assert!(
         out.iter().any(|(to, t)| *to == TransmitTo::AllNeighbours
             && t[0] == wire::TLV_UPDATE
-            && u16::from_be_bytes([t[4], t[5]]) == 4),
+            && tlv_seqno(t) == 4),
         "the answer is passed on: {out:?}"
     );
 }
@@ -644,12 +655,12 @@ fn forged_announcements_are_rejected_and_counted() {
     // A valid signature replayed with a different seqno.
     let good = update(&victim, 1, 0);
     let mut replay = good.clone();
-    replay[6] ^= 1; // seqno low byte (2 header + 2 tlv hdr + plen + flags + seqno hi)
+    replay[9] ^= 1; // seqno low byte (2 header + 2 tlv hdr + plen + flags + 3 seqno bytes)
     a.handle_message(6, &replay, t0).expect("payload ok");
     assert_eq!(a.stats().rejected_bad_signature, 2);
     // Not an overlay /64.
     let mut p = good.clone();
-    p[10] = 0x20; // first prefix byte
+    p[12] = 0x20; // first prefix byte (after seqno and metric)
     a.handle_message(6, &p, t0).expect("payload ok");
     assert_eq!(a.stats().rejected_bad_prefix, 1);
     let mut p = good;
@@ -667,7 +678,7 @@ fn garbage_is_counted_never_fatal() {
     let mut a = router(1, t0);
     a.neighbour_up(7, key_of(&kp(7)), t0);
     assert!(a.handle_message(7, &[], t0).is_err());
-    assert!(a.handle_message(7, &[2, 0], t0).is_err());
+    assert!(a.handle_message(7, &[wire::VERSION + 1, 0], t0).is_err());
     assert_eq!(a.stats().rejected_version, 1);
     let good = update(&kp(9), 1, 0);
     for cut in 3..good.len() {
@@ -686,6 +697,60 @@ fn garbage_is_counted_never_fatal() {
         Err(RoutingError::UnknownNeighbour)
     );
     assert_eq!(a.stats().rejected_unknown_neighbour, 1);
+}
+
+/// Adversarial finding 5: seqno requests are unauthenticated, so whatever they make the
+/// origin do must not let an archived (genuinely signed) announcement become newer than
+/// the origin's current one. Before the fix a request made the origin jump up to 2^15 − 1
+/// ahead, two requests wrapped the 16-bit space, and the archived announcement won at
+/// every node while the honest refresh was refused as unfeasible.
+#[test]
+fn seqno_requests_cannot_make_an_archived_announcement_newer() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let origin_key = kp(9);
+    let mut origin = router(9, t0);
+    let p = prefix(&origin_key);
+    let bits = owned_prefix(&key_of(&origin_key));
+    // The attacker (neighbour 7 of the origin) archives the current announcement ...
+    let s0 = seqno_of(&origin);
+    let archived = update(&origin_key, s0, 0);
+    origin.neighbour_up(7, key_of(&kp(7)), t0);
+    // ... and asks for seqnos far ahead, twice (past the bump rate limit).
+    for (i, at) in [ms(10), ms(1010)].into_iter().enumerate() {
+        let mut req = vec![wire::VERSION, 0];
+        let want = seqno_of(&origin).wrapping_add(0x7fff);
+        wire::put_seqno_request(&mut req, 64, 16, want, bits);
+        origin
+            .handle_message(7, &req, t0 + at)
+            .expect("request parses");
+        origin.handle_timeout(t0 + at + ms(600));
+        assert!(
+            origin.stats().seqno_bumps > i as u64,
+            "request {i} bumped the seqno"
+        );
+    }
+    let current = seqno_of(&origin);
+    // An honest node holds the origin's current announcement through neighbour 5; the
+    // attacker (neighbour 6, a cheaper link) replays the archived one.
+    let mut b = router(2, t0);
+    b.neighbour_up(5, key_of(&kp(5)), t0);
+    b.neighbour_up(6, key_of(&kp(6)), t0);
+    b.set_neighbour_cost(6, 10);
+    b.handle_message(5, &update(&origin_key, current, 0), t0 + ms(2000))
+        .expect("ok");
+    b.handle_message(6, &archived, t0 + ms(2010)).expect("ok");
+    // The origin's periodic refresh still arrives and must still be taken.
+    b.handle_message(5, &update(&origin_key, current, 0), t0 + ms(2020))
+        .expect("ok");
+    let r = b.explain(p, t0 + ms(2030));
+    let sel = r.selected.clone().expect("routed");
+    assert_eq!(
+        (sel.next_hop, sel.seqno),
+        (Some(5), current),
+        "the archived announcement must stay older than the current one: {r}"
+    );
+    assert_eq!(sel.feasibility_distance.map(|fd| fd.seqno), Some(current));
 }
 
 #[test]
@@ -710,7 +775,7 @@ fn memory_is_bounded() {
         max_pending_requests: 2,
         ..test_config()
     };
-    let mut a = Router::<u32>::new(kp(1), cfg, 1, t0).expect("router");
+    let mut a = Router::<u32>::new(kp(1), cfg, 1, 1, t0).expect("router");
     a.neighbour_up(7, key_of(&kp(7)), t0);
     a.neighbour_up(8, key_of(&kp(8)), t0);
     for i in 10..14 {
@@ -1209,6 +1274,7 @@ fn candidates_are_capped_keeping_the_best() {
             max_candidates: 2,
             ..test_config()
         },
+        1,
         1,
         t0,
     )
