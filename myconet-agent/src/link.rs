@@ -37,13 +37,14 @@ use tracing::{debug, info, warn};
 use crate::{
     node::{AgentStat, Node},
     peers::{
-        Action, ControlMessage, LinkEndpoint, NodeKey, PeerConfig, PeerError, PeerManager,
+        Action, ControlMessage, LinkEndpoint, NodeKey, Origin, PeerConfig, PeerError, PeerManager,
         PeerSnapshot, PeerStats,
         control::{frame_routing, routing_payload},
     },
     rib::{NextHop, Prefix},
     routing::{
-        Explanation, RouteEvent, RouteSnapshot, Router, RoutingConfig, RoutingStats, TransmitTo,
+        Admission, Explanation, RouteEvent, RouteSnapshot, Router, RoutingConfig, RoutingStats,
+        TransmitTo,
     },
     seqno_store::SeqnoStore,
     session::{Event, FailReason, SessionTable},
@@ -158,6 +159,10 @@ impl Links {
     /// completes. `false` if it was already configured.
     pub fn add_static(&self, endpoint: LinkEndpoint) -> Result<bool, PeerError> {
         let added = self.manager().add_static(endpoint, Instant::now())?;
+        // An inbound or discovered neighbour that is up becomes a configured one.
+        self.routing()
+            .router
+            .set_neighbour_admission(endpoint, Admission::Configured);
         self.kick.notify_one();
         Ok(added)
     }
@@ -242,7 +247,9 @@ impl Links {
     }
 
     /// A control message that opened under the link session with `endpoint`. Every
-    /// such packet (an empty one included) proves the neighbour alive.
+    /// such packet (an empty one included) proves the neighbour alive. Called without
+    /// the session table's lock: a routing payload's signature checks must not stall
+    /// the data path.
     pub fn on_control(&self, endpoint: LinkEndpoint, payload: &[u8], now: Instant) {
         let mut manager = self.manager();
         manager.on_any_packet_from(endpoint, now);
@@ -390,7 +397,9 @@ impl Links {
                     warn!(%endpoint, error = %e, "cannot start link handshake");
                 }
             }
-            Action::PeerUp { node_key, .. } => {
+            Action::PeerUp {
+                node_key, origin, ..
+            } => {
                 // The routing core may only route over a neighbour whose packets this
                 // node will relay: one that is in the relay peer set (XDP map and the
                 // userspace path's set alike).
@@ -398,7 +407,13 @@ impl Links {
                     Ok(()) => {
                         let mut routing = self.routing();
                         routing.up.insert(endpoint);
-                        routing.router.neighbour_up(endpoint, node_key.0, now);
+                        let admission = match origin {
+                            Origin::Static => Admission::Configured,
+                            Origin::Discovered | Origin::Inbound => Admission::SelfAdmitted,
+                        };
+                        routing
+                            .router
+                            .neighbour_up(endpoint, node_key.0, admission, now);
                         info!(%endpoint, %node_key, "neighbour up: may relay through this node")
                     }
                     Err(e) => {

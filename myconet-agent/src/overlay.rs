@@ -115,27 +115,31 @@ impl Overlay {
 
     /// Handles a data, control, handshake or cookie datagram addressed to this node.
     pub async fn on_datagram(&self, from: SocketAddr, datagram: &[u8]) {
-        let (delivered, transmits) = {
+        let now = Instant::now();
+        let (delivered, control, mut transmits) = {
             let mut st = self.sessions();
-            let now = Instant::now();
             let result = st.handle_datagram(from, datagram, now, &self.rng);
-            let delivered = match result {
-                Ok(Inbound::Data { remote, payload }) => Some((remote, payload)),
+            let (mut delivered, mut control) = (None, None);
+            match result {
+                Ok(Inbound::Data { remote, payload }) => delivered = Some((remote, payload)),
                 Ok(Inbound::Control {
                     endpoint, payload, ..
-                }) => {
-                    self.links.on_control(endpoint, &payload, now);
-                    None
-                }
-                Ok(Inbound::Keepalive { .. }) | Ok(Inbound::Handshake(_)) => None,
+                }) => control = Some((endpoint, payload)),
+                Ok(Inbound::Keepalive { .. }) | Ok(Inbound::Handshake(_)) => {}
                 Err(e) => {
                     self.node.count(stat_for(&e), datagram.len());
                     debug!(%from, error = %e, "datagram rejected");
-                    None
                 }
             };
-            (delivered, self.drain(&mut st))
+            (delivered, control, self.drain(&mut st))
         };
+        // Routing work (signature checks of a neighbour's announcements) runs without
+        // the session table's lock, which the data path needs for every packet; what it
+        // queued is sent under the lock again.
+        if let Some((endpoint, payload)) = control {
+            self.links.on_control(endpoint, &payload, now);
+            transmits.extend(self.drain(&mut self.sessions()));
+        }
         self.timers.notify_one();
         if let Some((remote, payload)) = delivered {
             self.deliver(remote, &payload).await;

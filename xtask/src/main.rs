@@ -87,6 +87,18 @@ enum BenchCmd {
         /// Run only this topology (`random` or `scale-free`); both by default.
         #[arg(long)]
         topology: Option<String>,
+        /// Add a table-fill attack: a host nobody configured attaches to the node with
+        /// the most links after cold start and announces this many prefixes of keys it
+        /// made (0: none; see docs/routing.md, "Self-admitted neighbours").
+        #[arg(long, default_value_t = 0)]
+        attack_junk: usize,
+        /// What the attacked node takes the attacker for: `self-admitted` or
+        /// `configured` (how every neighbour was treated before the limits).
+        #[arg(long, default_value = "self-admitted")]
+        attack_admission: String,
+        /// Most prefixes a node holds (default: the router's, 200,000).
+        #[arg(long)]
+        max_routes: Option<usize>,
     },
 }
 
@@ -134,8 +146,25 @@ fn run(cli: Cli) -> Result<()> {
                     nodes,
                     seed,
                     topology,
+                    attack_junk,
+                    attack_admission,
+                    max_routes,
                 },
-        } => routing_bench(&root, nodes, seed, topology.as_deref()),
+        } => {
+            let mut extra = Vec::new();
+            if attack_junk > 0 {
+                extra.extend([
+                    "--attack-junk".to_string(),
+                    attack_junk.to_string(),
+                    "--attack-admission".to_string(),
+                    attack_admission,
+                ]);
+            }
+            if let Some(m) = max_routes {
+                extra.extend(["--max-routes".to_string(), m.to_string()]);
+            }
+            routing_bench(&root, nodes, seed, topology.as_deref(), &extra)
+        }
         Cmd::Bench { which } => {
             require_root()?;
             setup::run()?;
@@ -205,7 +234,13 @@ fn netns_down() -> Result<()> {
 
 /// Runs the routing simulator (release build) on a random and a scale-free topology;
 /// each run prints its report and saves it as JSON under `target/bench/`.
-fn routing_bench(root: &std::path::Path, nodes: u32, seed: u64, only: Option<&str>) -> Result<()> {
+fn routing_bench(
+    root: &std::path::Path,
+    nodes: u32,
+    seed: u64,
+    only: Option<&str>,
+    extra: &[String],
+) -> Result<()> {
     let out = cmd::target_dir(root)?.join("bench");
     std::fs::create_dir_all(&out)?;
     let all = ["random", "scale-free"];
@@ -215,25 +250,30 @@ fn routing_bench(root: &std::path::Path, nodes: u32, seed: u64, only: Option<&st
         anyhow::bail!("unknown topology {t:?} (random or scale-free)");
     }
     for topology in all.into_iter().filter(|t| only.is_none_or(|o| o == *t)) {
-        let json = out.join(format!("routing-{topology}-{nodes}.json"));
+        let tag = if extra.is_empty() { "" } else { "-attack" };
+        let json = out.join(format!("routing-{topology}-{nodes}{tag}.json"));
         println!("==> routing simulator: {nodes} nodes, {topology}, seed {seed}");
-        cmd::run(cmd::cargo(root).args([
-            "run",
-            "--release",
-            "-p",
-            "myconet-agent",
-            "--example",
-            "routing_sim",
-            "--",
-            "--nodes",
-            &nodes.to_string(),
-            "--topology",
-            topology,
-            "--seed",
-            &seed.to_string(),
-            "--json",
-            &json.display().to_string(),
-        ]))?;
+        cmd::run(
+            cmd::cargo(root)
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "myconet-agent",
+                    "--example",
+                    "routing_sim",
+                    "--",
+                    "--nodes",
+                    &nodes.to_string(),
+                    "--topology",
+                    topology,
+                    "--seed",
+                    &seed.to_string(),
+                    "--json",
+                    &json.display().to_string(),
+                ])
+                .args(extra),
+        )?;
         println!("saved {}", json.display());
     }
     Ok(())

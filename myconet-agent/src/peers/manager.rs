@@ -223,6 +223,8 @@ pub enum Action {
         endpoint: LinkEndpoint,
         /// The key the link handshake proved.
         node_key: NodeKey,
+        /// How it came to be a neighbour (routing limits self-admitted ones).
+        origin: Origin,
     },
     /// The neighbour is gone: remove `endpoint` from the XDP peer map.
     PeerDown {
@@ -708,6 +710,7 @@ impl Core {
         self.actions.push_back(Action::PeerUp {
             endpoint,
             node_key: key,
+            origin: peer.origin,
         });
         self.actions.push_back(Action::SendKeepalive(endpoint));
     }

@@ -157,7 +157,8 @@ fn peers_static_peer_connects_then_goes_up_only_after_authentication() {
         vec![
             Action::PeerUp {
                 endpoint: e,
-                node_key: k
+                node_key: k,
+                origin: Origin::Static,
             },
             Action::SendKeepalive(e)
         ]
@@ -337,7 +338,8 @@ fn peers_dead_interval_takes_peer_down_and_recovery_brings_it_up() {
         vec![
             Action::PeerUp {
                 endpoint: e,
-                node_key: k
+                node_key: k,
+                origin: Origin::Static,
             },
             Action::SendKeepalive(e)
         ]
@@ -539,7 +541,8 @@ fn peers_endpoint_taken_over_by_another_key_is_a_new_neighbour() {
             Action::PeerDown { endpoint: e },
             Action::PeerUp {
                 endpoint: e,
-                node_key: k2
+                node_key: k2,
+                origin: Origin::Static,
             },
             Action::SendKeepalive(e),
         ]

@@ -45,6 +45,26 @@ pub use router::{Router, RoutingConfig, RoutingTransmit};
 pub use util::SplitMix;
 pub use wire::MAX_PAYLOAD;
 
+/// How a neighbour came to be one, which decides how much it may add to the route
+/// table.
+///
+/// Why: a neighbour nobody configured (found by a discovery beacon, or one that dialled
+/// us) costs its operator nothing, and every prefix it is the first to announce is
+/// stored and re-advertised by every node behind us. Self-made keys own their prefixes,
+/// so announcing many of them is cheap; limiting them where they enter (here) is what
+/// keeps one such host from filling every node's route table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Admission {
+    /// The operator configured it: the prefixes it announces are taken like any
+    /// protocol's, and when the table is full they push out self-admitted ones.
+    Configured,
+    /// It admitted itself (discovered, or inbound): the prefixes it is the first to
+    /// announce are limited per neighbour (`self_admitted_origin_quota`), in total
+    /// (`max_self_admitted_origins`) and in rate (`self_admitted_origin_rate`), and give
+    /// way to a configured neighbour's when the table is full.
+    SelfAdmitted,
+}
+
 /// Whom a payload is for. `AllNeighbours` lets the core build a full-table update once
 /// however many neighbours there are; the agent sends the same bytes on every link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -151,6 +171,9 @@ pub struct RoutingStats {
     // resource limits
     pub rejected_table_full: u64,
     pub rejected_neighbour_limit: u64,
+    pub rejected_origin_quota: u64,
+    pub rejected_origin_rate: u64,
+    pub origins_evicted: u64,
     pub candidates_dropped: u64,
     pub requests_dropped_limit: u64,
     // state changes
@@ -197,6 +220,9 @@ macro_rules! with_stat_fields {
             unfeasible_updates,
             rejected_table_full,
             rejected_neighbour_limit,
+            rejected_origin_quota,
+            rejected_origin_rate,
+            origins_evicted,
             candidates_dropped,
             requests_dropped_limit,
             route_changes,

@@ -21,8 +21,8 @@ use super::table::{Cand, Entry, EntryRef, Table};
 use super::util::{KeyedState, SplitMix};
 use super::wire::{self, MAX_PAYLOAD, Tlv, Tlvs};
 use super::{
-    Explanation, NotChosen, RouteEvent, RouteSnapshot, RoutingError, RoutingStats, Selection,
-    TransmitTo,
+    Admission, Explanation, NotChosen, RouteEvent, RouteSnapshot, RoutingError, RoutingStats,
+    Selection, TransmitTo,
 };
 use crate::session::Signer;
 
@@ -76,6 +76,24 @@ pub struct RoutingConfig {
     pub max_routes: usize,
     /// Most routes one neighbour can have us hold.
     pub max_routes_per_neighbour: u32,
+    /// Most prefixes one self-admitted neighbour may introduce: prefixes it was the
+    /// first to announce and that no configured neighbour has offered since (see
+    /// [`Admission`]). Beyond it its new prefixes are refused before their signature is
+    /// checked (`rejected_origin_quota`). A self-admitted neighbour that is the only
+    /// way to more nodes than this must be configured (on this side) instead.
+    pub self_admitted_origin_quota: u32,
+    /// Most prefixes held that no configured neighbour has offered, all self-admitted
+    /// neighbours together (a host can bring many identities). Beyond it a new one
+    /// pushes out one of the neighbour that introduced the most, if that one holds
+    /// more than the newcomer, and is refused otherwise.
+    pub max_self_admitted_origins: usize,
+    /// New prefixes per second all self-admitted neighbours together may introduce
+    /// (a token bucket of `self_admitted_origin_burst`): bounds the signature checks
+    /// and the churn a host cycling through identities can cause.
+    pub self_admitted_origin_rate: f64,
+    /// Burst of the rate above (what a whole set of inbound neighbours brings at once
+    /// when this node starts).
+    pub self_admitted_origin_burst: u32,
     /// Most candidate routes kept per prefix: the selected one plus the best feasible
     /// alternatives. Alternatives make failover instant, but beyond a few they only cost
     /// memory (a hub would hold one per neighbour and prefix); a worse offer is dropped
@@ -124,6 +142,10 @@ impl Default for RoutingConfig {
             significant_div: 8,
             max_routes: 200_000,
             max_routes_per_neighbour: 100_000,
+            self_admitted_origin_quota: 256,
+            max_self_admitted_origins: 16_384,
+            self_admitted_origin_rate: 64.0,
+            self_admitted_origin_burst: 4096,
             max_candidates: 3,
             max_pending_requests: 200_000,
             urgent_repeats: 2,
@@ -149,6 +171,9 @@ const F_REP_MASK: u8 = 3 << REP_SHIFT;
 /// The repeats were scheduled just before a repeat round: skip that round, so that a
 /// repeat never follows its original within a fraction of the repeat delay.
 const F_REP_NEW: u8 = 64;
+/// A configured neighbour has offered the prefix: it is charged to nobody and is not
+/// pushed out for another (see [`Admission`]).
+const F_VOUCHED: u8 = 128;
 /// Most repeats the flags can count.
 const MAX_REPEATS: u8 = 3;
 
@@ -171,6 +196,9 @@ struct Nbr<N> {
     /// Whether a measurement has arrived (the first one applies without smoothing).
     measured: bool,
     routes: u32,
+    admission: Admission,
+    /// Prefixes charged to it as their introducer (self-admitted neighbours only).
+    introduced: u32,
 }
 
 /// A request we sent or forwarded, remembered to suppress duplicates, resend ours, pass
@@ -232,6 +260,14 @@ pub struct Router<N> {
     nbr_index: HashMap<N, u16, KeyedState>,
     configured_cost: HashMap<N, u16, KeyedState>,
     table: Table,
+    /// Prefixes held that no configured neighbour has offered (not `F_VOUCHED`).
+    unvouched: usize,
+    /// Token bucket of new prefixes from self-admitted neighbours: tokens, last refill.
+    origin_tokens: (f64, Instant),
+    /// Prefixes pushed out for others whose retraction has not gone out yet.
+    evicted: Vec<u64>,
+    /// Where the search for an entry to push out resumes (a round-robin cursor).
+    evict_cursor: usize,
     cache: SharedVerifyCache,
     pending: HashMap<u64, Pending, KeyedState>,
     pending_bcast: Vec<u64>,
@@ -336,6 +372,10 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             nbr_index: HashMap::with_hasher(hs),
             configured_cost: HashMap::with_hasher(hs),
             table: Table::new(seed ^ 0x7ab1e),
+            unvouched: 0,
+            origin_tokens: (f64::from(config.self_admitted_origin_burst), now),
+            evicted: Vec::new(),
+            evict_cursor: 0,
             cache,
             pending: HashMap::with_hasher(hs),
             pending_bcast: Vec::new(),
@@ -407,9 +447,10 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
 
     /// A neighbour's link session came up: it may now send us routes, and it gets our
     /// whole table at the next flush. `node_key` is its authenticated identity, shown in
-    /// the operator view. Calling it again for an up neighbour resets it (a new session
-    /// means the peer may have restarted and forgotten what we told it).
-    pub fn neighbour_up(&mut self, n: N, node_key: [u8; 32], now: Instant) {
+    /// the operator view; `admission` how much it may add to the table ([`Admission`]).
+    /// Calling it again for an up neighbour resets it (a new session means the peer may
+    /// have restarted and forgotten what we told it).
+    pub fn neighbour_up(&mut self, n: N, node_key: [u8; 32], admission: Admission, now: Instant) {
         self.set_now(now);
         if self.nbr_index.contains_key(&n) {
             self.neighbour_down(n, now);
@@ -433,6 +474,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             cost: link_cost(&self.config.cost, base, None, None),
             measured: false,
             routes: 0,
+            admission,
+            introduced: 0,
         };
         let slot = match self.nbrs.iter().position(|s| s.is_none()) {
             Some(i) => {
@@ -475,6 +518,11 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let tick = self.tick;
         let mut affected = Vec::new();
         self.table.for_each_mut(|mut e| {
+            // Its introductions stay unvouched, charged to nobody: the next
+            // self-admitted neighbour to offer one is charged with it.
+            if e.intro == slot {
+                e.intro = NONE;
+            }
             if e.remove(slot, tick).is_some() {
                 affected.push(e.prefix);
             }
@@ -508,6 +556,32 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             nb.cost = c;
             self.cost_changed(slot);
         }
+    }
+
+    /// Changes how a neighbour that is up was admitted (an operator configured a
+    /// neighbour that had come by itself): from then on its prefixes are taken as a
+    /// configured neighbour's, and those charged to it stop being charged.
+    pub fn set_neighbour_admission(&mut self, n: N, admission: Admission) {
+        let Some(&slot) = self.nbr_index.get(&n) else {
+            return;
+        };
+        let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) else {
+            return;
+        };
+        let was = std::mem::replace(&mut nb.admission, admission);
+        if was == admission || admission == Admission::SelfAdmitted {
+            return;
+        }
+        nb.introduced = 0;
+        let mut vouched = 0;
+        self.table.for_each_mut(|mut e| {
+            if e.flags & F_VOUCHED == 0 && e.intro == slot {
+                e.intro = NONE;
+                e.flags |= F_VOUCHED;
+                vouched += 1;
+            }
+        });
+        self.unvouched = self.unvouched.saturating_sub(vouched);
     }
 
     /// Feeds the agent's smoothed RTT and hello loss for a neighbour. The link cost is
@@ -709,6 +783,26 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             }
             return;
         }
+        // A self-admitted neighbour would be charged with this prefix (it is new, or held
+        // but charged to nobody): refused before its signature is checked when the
+        // neighbour's quota or the rate of new prefixes is spent, so announcements
+        // beyond them cost a lookup, not a verification.
+        let admission = self.admission_of(slot);
+        let (exists, orphan) = match self.table.get(prefix) {
+            None => (false, false),
+            Some(e) => (true, e.flags & F_VOUCHED == 0 && e.intro == NONE),
+        };
+        if admission == Admission::SelfAdmitted && (!exists || orphan) {
+            let introduced = self.nbr(slot).map_or(0, |n| n.introduced);
+            if introduced >= self.config.self_admitted_origin_quota {
+                self.stats.rejected_origin_quota += 1;
+                return;
+            }
+            if !exists && self.origin_tokens() < 1.0 {
+                self.stats.rejected_origin_rate += 1;
+                return;
+            }
+        }
         // A periodic refresh repeats exactly the announcement this neighbour's candidate
         // already carries (verified when it was stored): reuse it and skip the cache
         // lookup, which at scale costs a cache miss per update. Counted as a cache hit.
@@ -762,6 +856,29 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     return;
                 }
                 let feasible = is_feasible(fd_of(&e), seqno, metric);
+                if e.flags & F_VOUCHED == 0 {
+                    match admission {
+                        // A configured neighbour offers it, on a path that does not run
+                        // through us (feasible: an unfeasible offer may be our own
+                        // re-advertisement coming back): nobody is charged any more.
+                        Admission::Configured if feasible => {
+                            if let Some(Some(n)) = self.nbrs.get_mut(usize::from(e.intro)) {
+                                n.introduced = n.introduced.saturating_sub(1);
+                            }
+                            e.intro = NONE;
+                            e.flags |= F_VOUCHED;
+                            self.unvouched = self.unvouched.saturating_sub(1);
+                        }
+                        // Its introducer went away: this neighbour carries it now.
+                        Admission::SelfAdmitted if e.intro == NONE => {
+                            if let Some(Some(n)) = self.nbrs.get_mut(usize::from(slot)) {
+                                n.introduced += 1;
+                                e.intro = slot;
+                            }
+                        }
+                        Admission::Configured | Admission::SelfAdmitted => {}
+                    }
+                }
                 // An unfeasible offer we would take if it were feasible (we are
                 // starving, or it beats the selected route by the hysteresis margin)
                 // asks for a newer seqno (RFC 8966 §3.8.2.2): typically a link came
@@ -854,17 +971,29 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 }
             }
             None => {
-                if self.table.len() >= self.config.max_routes {
+                if self.nbr(slot).is_none_or(|nb| nb.routes >= max_per) {
+                    self.stats.rejected_neighbour_limit += 1;
+                    return;
+                }
+                let self_admitted = admission == Admission::SelfAdmitted;
+                let requester = self_admitted.then_some(slot);
+                if self_admitted
+                    && self.unvouched >= self.config.max_self_admitted_origins
+                    && !self.evict_for(requester)
+                {
+                    self.stats.rejected_origin_quota += 1;
+                    return;
+                }
+                // Full: a configured neighbour's new prefix pushes out a self-admitted
+                // one (a self-admitted neighbour's only one of a neighbour holding more
+                // than it); what configured neighbours brought is first come.
+                if self.table.len() >= self.config.max_routes && !self.evict_for(requester) {
                     self.stats.rejected_table_full += 1;
                     return;
                 }
                 let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) else {
                     return;
                 };
-                if nb.routes >= max_per {
-                    self.stats.rejected_neighbour_limit += 1;
-                    return;
-                }
                 nb.routes += 1;
                 let c = Cand {
                     signed,
@@ -872,13 +1001,132 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     metric,
                     updated: tick,
                 };
-                self.table.insert(Entry::new(prefix, c, NONE, INFINITY));
+                let mut e = Entry::new(prefix, c, NONE, INFINITY);
+                if self_admitted {
+                    nb.introduced += 1;
+                    e.intro = slot;
+                    self.unvouched += 1;
+                    self.origin_tokens.0 -= 1.0;
+                } else {
+                    e.flags |= F_VOUCHED;
+                }
+                self.table.insert(e);
             }
         }
         self.reselect(prefix);
         if let Some(s) = request {
             self.send_seqno_request(prefix, s, request_hops, Dest::Nbr(slot), true);
         }
+    }
+
+    fn nbr(&self, slot: u16) -> Option<&Nbr<N>> {
+        self.nbrs.get(usize::from(slot)).and_then(|n| n.as_ref())
+    }
+
+    fn admission_of(&self, slot: u16) -> Admission {
+        self.nbr(slot)
+            .map_or(Admission::SelfAdmitted, |n| n.admission)
+    }
+
+    /// New-prefix tokens of self-admitted neighbours now (refilled, not consumed).
+    fn origin_tokens(&mut self) -> f64 {
+        let (tokens, at) = self.origin_tokens;
+        let burst = f64::from(self.config.self_admitted_origin_burst);
+        let elapsed = self.now.saturating_duration_since(at).as_secs_f64();
+        let refilled = (tokens + elapsed * self.config.self_admitted_origin_rate).min(burst);
+        self.origin_tokens = (refilled, self.now);
+        refilled
+    }
+
+    /// Pushes out one prefix no configured neighbour has offered, to make room for a
+    /// new one from the self-admitted neighbour `requester` or (`None`) from a
+    /// configured one: one charged to nobody (its introducer went away) first, else one
+    /// charged to the self-admitted neighbour holding the most, which for a
+    /// self-admitted requester must hold at least two more than it (fair share: no one
+    /// grows past another by pushing out its prefixes). Returns whether it did.
+    ///
+    /// The prefix goes with its feasibility distance (keeping it would keep the
+    /// memory); its retraction is broadcast at the next flush. A later offer of it is
+    /// a new prefix again.
+    fn evict_for(&mut self, requester: Option<u16>) -> bool {
+        if self.unvouched == 0 {
+            return false;
+        }
+        let charged: u64 = self
+            .nbrs
+            .iter()
+            .flatten()
+            .map(|n| u64::from(n.introduced))
+            .sum();
+        let target = if self.unvouched as u64 > charged {
+            NONE
+        } else {
+            let Some((top, count)) = self
+                .nbrs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| n.as_ref().map(|n| (i as u16, n.introduced)))
+                .max_by_key(|&(i, c)| (c, Reverse(i)))
+            else {
+                return false;
+            };
+            if let Some(r) = requester {
+                let mine = self.nbr(r).map_or(0, |n| n.introduced);
+                if top == r || count < mine.saturating_add(2) {
+                    return false;
+                }
+            }
+            top
+        };
+        let n = self.table.len();
+        for k in 0..n {
+            let i = (self.evict_cursor + k) % n;
+            let Some(e) = self.table.get_at(i) else {
+                continue;
+            };
+            if e.flags & F_VOUCHED == 0 && e.intro == target {
+                self.evict_cursor = i;
+                let p = e.prefix;
+                self.evict(p);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Drops prefix `p` from the table now (see [`Router::evict_for`]).
+    fn evict(&mut self, p: u64) {
+        let Some(e) = self.table.get(p) else {
+            return;
+        };
+        let (sel, intro, flags, adv) = (e.sel, e.intro, e.flags, e.adv_metric);
+        let offered: Vec<u16> = e.cands().map(|c| c.nbr).collect();
+        for n in offered {
+            if let Some(Some(nb)) = self.nbrs.get_mut(usize::from(n)) {
+                nb.routes = nb.routes.saturating_sub(1);
+            }
+        }
+        if let Some(prev) = self.nbr(sel).map(|n| n.id) {
+            self.events.push_back(RouteEvent::Removed {
+                prefix: prefix_addr(p),
+                plen: NODE_PREFIX_LEN,
+                previous: prev,
+            });
+            self.stats.route_changes += 1;
+        }
+        if adv != INFINITY && self.evicted.len() < self.config.max_pending_requests {
+            self.evicted.push(p);
+            self.arm_flush();
+        }
+        if flags & F_VOUCHED == 0 {
+            self.unvouched = self.unvouched.saturating_sub(1);
+            if let Some(Some(n)) = self.nbrs.get_mut(usize::from(intro)) {
+                n.introduced = n.introduced.saturating_sub(1);
+            }
+        }
+        self.pending.remove(&p);
+        self.table.remove(p);
+        self.stats.origins_evicted += 1;
     }
 
     fn on_retraction(&mut self, slot: u16, plen: u8, prefix: u64) {
@@ -1416,11 +1664,20 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         for k in expired {
             self.reselect(k);
         }
+        let nbrs = &mut self.nbrs;
+        let unvouched = &mut self.unvouched;
         let collected = self.table.retain(|e| {
-            !(e.sel == NONE
+            let keep = !(e.sel == NONE
                 && e.flags & F_QUEUED == 0
                 && e.idle_since()
-                    .is_some_and(|t| now_tick.saturating_sub(t) >= gc))
+                    .is_some_and(|t| now_tick.saturating_sub(t) >= gc));
+            if !keep && e.flags & F_VOUCHED == 0 {
+                *unvouched = unvouched.saturating_sub(1);
+                if let Some(Some(n)) = nbrs.get_mut(usize::from(e.intro)) {
+                    n.introduced = n.introduced.saturating_sub(1);
+                }
+            }
+            keep
         });
         self.stats.sources_collected += collected as u64;
         let now = self.now;
@@ -1592,6 +1849,13 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 }
             }
             if !tlv.is_empty() {
+                w.push(&tlv, &mut self.stats);
+            }
+        }
+        for p in std::mem::take(&mut self.evicted) {
+            if self.table.get(p).is_none() {
+                tlv.clear();
+                wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, p);
                 w.push(&tlv, &mut self.stats);
             }
         }
@@ -1963,6 +2227,11 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         ex
     }
 
+    /// Every prefix held (upper 64 bits), for the simulator's attack reports.
+    pub(crate) fn held_prefixes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.table.prefixes()
+    }
+
     /// Number of prefixes held (selected or not), excluding our own.
     pub fn prefix_count(&self) -> usize {
         self.table.len()
@@ -1987,7 +2256,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             + self.pending_unicast.capacity() * size_of::<(u16, u64)>()
             + self.pending_requests.capacity() * size_of::<(Dest, RequestTlv)>()
             + self.dump_repeats.capacity() * size_of::<(u16, u8, bool)>();
-        size_of::<Self>() + table + nbrs + pending
+        size_of::<Self>() + table + nbrs + pending + self.evicted.capacity() * 8
     }
 
     /// The cache this router verifies through.

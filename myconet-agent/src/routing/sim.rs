@@ -19,7 +19,7 @@
 //! each one once too, through its own cache; sharing only removes the repetition across
 //! simulated nodes). Broadcast payloads are shared between the deliveries (`Rc<[u8]>`).
 
-use std::cmp::Ordering;
+use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::rc::Rc;
@@ -32,7 +32,7 @@ use super::cache::{SharedVerifyCache, SignedOrigin, VerifyCache, owned_prefix};
 use super::router::{Router, RoutingConfig, prefix_addr};
 use super::util::SplitMix;
 use super::wire;
-use super::{RoutingStats, TransmitTo};
+use super::{Admission, RoutingStats, TransmitTo};
 
 /// Shape of the generated network.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,6 +133,23 @@ enum Ev {
         peer: u32,
     },
     Sample,
+    /// A table-fill attacker re-sends its announcements (see [`Sim::add_table_filler`]).
+    AttackRefresh {
+        attacker: usize,
+    },
+}
+
+/// A host that is no simulated node, attached to one as a neighbour nobody configured,
+/// announcing prefixes of keys it made (adversarial finding 4).
+struct TableFiller {
+    at: u32,
+    id: u32,
+    key: [u8; 32],
+    admission: Admission,
+    /// The node's incarnation it is attached to (re-attached after a restart).
+    inc: u32,
+    payloads: Vec<Rc<[u8]>>,
+    prefixes: HashSet<u64>,
 }
 
 struct Node {
@@ -361,6 +378,7 @@ pub struct Sim {
     /// When set, (prefix, log): every routing TLV about that prefix put on a link
     /// (diagnostics: how a starvation is resolved, or why it is not).
     pub trace: Option<(u64, Vec<Traced>)>,
+    fillers: Vec<TableFiller>,
 }
 
 /// A routing TLV about a traced prefix put on a link ([`Sim::trace`]).
@@ -479,6 +497,7 @@ impl Sim {
             owner: HashMap::new(),
             watch: None,
             trace: None,
+            fillers: Vec::new(),
             rng,
             cfg,
         };
@@ -786,7 +805,7 @@ impl Sim {
                 if link.cost != default_base {
                     r.set_neighbour_cost(peer, link.cost);
                 }
-                r.neighbour_up(peer, key, now);
+                r.neighbour_up(peer, key, Admission::Configured, now);
                 if measure {
                     r.neighbour_measurement(peer, Some(link.latency * 2), Some(link.loss), now);
                 }
@@ -821,7 +840,92 @@ impl Sim {
                     self.push(t, Ev::Sample);
                 }
             }
+            Ev::AttackRefresh { attacker } => self.refresh_filler(attacker),
         }
+    }
+
+    /// Attaches a table-fill attacker to node `at` (adversarial finding 4): a host that is
+    /// not a simulated node becomes `at`'s neighbour with `admission` (what it would be
+    /// in the agent: `SelfAdmitted` for a discovered or inbound neighbour) and announces
+    /// `junk` prefixes, each validly signed by a key made for it (from `seed`), ten per
+    /// payload, again every update interval as a real sender would. What `at` accepts it
+    /// re-advertises to the simulated network like any route.
+    pub fn add_table_filler(&mut self, at: u32, admission: Admission, junk: usize, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let mut keypair = || {
+            let mut s = [0u8; 32];
+            for c in s.chunks_mut(8) {
+                c.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            Ed25519KeyPair::from_seed_unchecked(&s).ok()
+        };
+        let key: [u8; 32] = keypair()
+            .and_then(|k| {
+                ring::signature::KeyPair::public_key(&k)
+                    .as_ref()
+                    .try_into()
+                    .ok()
+            })
+            .unwrap_or([0; 32]);
+        let mut payloads = Vec::new();
+        let mut prefixes = HashSet::new();
+        let mut p = vec![wire::VERSION, 0];
+        for _ in 0..junk {
+            let Some(s) = keypair().and_then(|k| SignedOrigin::sign(&k, 1)) else {
+                continue;
+            };
+            if p.len() + wire::UPDATE_TLV_LEN > wire::MAX_PAYLOAD {
+                payloads.push(Rc::from(std::mem::replace(&mut p, vec![wire::VERSION, 0])));
+            }
+            wire::put_signed_update(&mut p, &s, 0);
+            prefixes.insert(s.prefix);
+        }
+        if p.len() > 2 {
+            payloads.push(Rc::from(p));
+        }
+        // An id no simulated node has; what `at` sends it is dropped (no link).
+        let id = u32::MAX - self.fillers.len() as u32;
+        self.fillers.push(TableFiller {
+            at,
+            id,
+            key,
+            admission,
+            inc: 0,
+            payloads,
+            prefixes,
+        });
+        self.refresh_filler(self.fillers.len() - 1);
+    }
+
+    fn refresh_filler(&mut self, i: usize) {
+        let now = self.instant();
+        let Some(f) = self.fillers.get_mut(i) else {
+            return;
+        };
+        let node = &mut self.nodes[f.at as usize];
+        if let Some(r) = node.router.as_mut() {
+            if f.inc != node.inc {
+                f.inc = node.inc;
+                r.neighbour_up(f.id, f.key, f.admission, now);
+            }
+            for p in &f.payloads {
+                let _ = r.handle_message(f.id, p, now);
+            }
+            let at = f.at;
+            self.drain(at);
+        }
+        let t = self.now + self.cfg.routing.update_interval.as_nanos() as u64;
+        self.push(t, Ev::AttackRefresh { attacker: i });
+    }
+
+    /// Prefixes node `x` holds that table-fill attackers announced.
+    pub fn junk_held(&self, x: u32) -> usize {
+        let Some(r) = self.nodes[x as usize].router.as_ref() else {
+            return 0;
+        };
+        r.held_prefixes()
+            .filter(|p| self.fillers.iter().any(|f| f.prefixes.contains(p)))
+            .count()
     }
 
     /// Runs events until simulated time `t` (since start).
@@ -1469,6 +1573,18 @@ pub struct Scenario {
     pub steady_window: Duration,
     /// Run the full all-pairs check after each phase (O(N²)).
     pub full_checks: bool,
+    /// A table-fill attack (adversarial finding 4) started after cold start, as its own
+    /// phase, at the node with the most links, and kept up for the rest of the run.
+    pub table_fill: Option<TableFill>,
+}
+
+/// A table-fill attacker for a [`Scenario`] (see [`Sim::add_table_filler`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TableFill {
+    /// Prefixes it announces (each of a key it made).
+    pub junk: usize,
+    /// What the node it attaches to takes it for.
+    pub admission: Admission,
 }
 
 /// Figures of one phase.
@@ -1541,6 +1657,9 @@ pub struct Report {
     /// among them the bounds that were hit (`requests_dropped_limit`,
     /// `candidates_dropped`, `rejected_table_full`, `rejected_neighbour_limit`).
     pub stats: RoutingStats,
+    /// Table-fill attack: (prefixes announced, admission, most of them held by one node,
+    /// held by all nodes together) at the end of the run.
+    pub table_fill: Option<(usize, Admission, usize, usize)>,
     /// Simulated time of the whole run.
     pub simulated: Duration,
     /// Wall time of the whole run.
@@ -1617,6 +1736,18 @@ impl Report {
             self.wall.as_secs_f64(),
             self.ok()
         );
+        if let Some((junk, admission, max, total)) = self.table_fill {
+            s.pop();
+            let st = &self.stats;
+            let _ = write!(
+                s,
+                ",\"table_fill\":{{\"junk\":{junk},\"admission\":\"{admission:?}\",\"held_max\":{max},\"held_total\":{total},\"rejected_origin_quota\":{},\"rejected_origin_rate\":{},\"origins_evicted\":{},\"rejected_table_full\":{}}}}}",
+                st.rejected_origin_quota,
+                st.rejected_origin_rate,
+                st.origins_evicted,
+                st.rejected_table_full
+            );
+        }
         s
     }
 }
@@ -1684,6 +1815,13 @@ impl std::fmt::Display for Report {
             st.rejected_table_full,
             st.rejected_neighbour_limit
         )?;
+        if let Some((junk, admission, max, total)) = self.table_fill {
+            writeln!(
+                f,
+                "  table-fill attack: {junk} prefixes announced by a {admission:?} neighbour of the hub; held: at most {max} by one node, {total} by all; refused: {} over quota, {} over rate; {} pushed out",
+                st.rejected_origin_quota, st.rejected_origin_rate, st.origins_evicted
+            )?;
+        }
         write!(
             f,
             "  simulated {:.1}s in {:.2}s wall: {}",
@@ -1717,6 +1855,16 @@ impl Scenario {
         report
             .phases
             .push(self.phase(&mut sim, "cold start", |_| {}));
+        if let Some(attack) = self.table_fill {
+            let hub = (0..sim.len() as u32)
+                .max_by_key(|x| (sim.degree(*x), Reverse(*x)))
+                .unwrap_or(0);
+            report
+                .phases
+                .push(self.phase(&mut sim, "table-fill attack", |s| {
+                    s.add_table_filler(hub, attack.admission, attack.junk, self.sim.seed ^ 0xf111)
+                }));
+        }
         for r in 0..self.rounds {
             let mut failed_links = Vec::new();
             let mut failed_nodes = Vec::new();
@@ -1777,6 +1925,11 @@ impl Scenario {
             None => sim.total_stats().signature_verifications,
         };
         report.stats = sim.total_stats();
+        report.table_fill = self.table_fill.map(|a| {
+            let held: Vec<usize> = (0..sim.len() as u32).map(|x| sim.junk_held(x)).collect();
+            let max = held.iter().copied().max().unwrap_or(0);
+            (a.junk, a.admission, max, held.iter().sum())
+        });
         report.simulated = sim.now();
         report.wall = wall0.elapsed();
         report

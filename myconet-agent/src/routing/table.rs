@@ -53,6 +53,9 @@ pub(super) struct Entry {
     aux: u32,
     /// Selected neighbour slot, or `router::NONE`.
     pub sel: u16,
+    /// The self-admitted neighbour slot charged with introducing this prefix while no
+    /// configured neighbour has offered it, or `router::NONE` (see `Admission`).
+    pub intro: u16,
     pub fd_seqno: u32,
     pub fd_metric: u16,
     /// Seqno and metric in our last broadcast (`INFINITY`: nothing / retracted).
@@ -69,6 +72,7 @@ impl Entry {
             first: Some(c),
             aux: NIL,
             sel,
+            intro: u16::MAX,
             fd_seqno: 0,
             fd_metric: infinity,
             adv_seqno: 0,

@@ -166,7 +166,7 @@ fn learns_signed_route_and_relays_it_with_own_metric() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 42, 100), t0).expect("ok");
     assert_eq!(
         events(&mut a),
@@ -201,7 +201,7 @@ fn learns_signed_route_and_relays_it_with_own_metric() {
     assert_eq!(relayed, Some((TransmitTo::AllNeighbours, 196, 42)));
     assert_eq!(a.stats().signature_verifications, 1);
     // The same announcement again is a cache hit, not a second verification.
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(8, &update(&o, 42, 50), t0).expect("ok");
     assert_eq!(a.stats().signature_verifications, 1);
     assert_eq!(a.stats().verify_cache_hits, 1);
@@ -211,7 +211,7 @@ fn learns_signed_route_and_relays_it_with_own_metric() {
 fn own_prefix_is_originated_to_new_neighbours() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     let out = flushed(&mut a, t0 + Duration::from_millis(20));
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].0, TransmitTo::Neighbour(7));
@@ -238,8 +238,8 @@ fn retraction_removes_and_is_propagated() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 1, 0), t0).expect("ok");
     let _ = flushed(&mut a, t0 + Duration::from_millis(20));
     events(&mut a);
@@ -274,8 +274,8 @@ fn unfeasible_routes_are_not_taken() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 5, 0), t0).expect("ok"); // FD (5, 96)
     a.handle_message(8, &update(&o, 5, 96), t0).expect("ok"); // 96 !< 96: unfeasible
     assert_eq!(a.stats().unfeasible_updates, 1);
@@ -309,8 +309,8 @@ fn hysteresis_prevents_flapping() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 5, 100), t0).expect("ok"); // 196
     events(&mut a);
     // A slightly better route appears and the two alternate around each other.
@@ -346,7 +346,7 @@ fn hysteresis_prevents_flapping() {
 fn measurement_jitter_does_not_change_cost() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     a.neighbour_measurement(7, Some(Duration::from_millis(40)), Some(0.0), t0);
     let settled = a.neighbour_cost(7).expect("up");
     assert_eq!(settled, 96 + 41, "first measurement applies at once");
@@ -397,7 +397,7 @@ fn unfeasible_update_of_selected_route_keeps_it_and_requests_seqno() {
     let mut origin = router(9, t0);
     let s0 = seqno_of(&origin);
     let p = prefix(&kp(9));
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     a.handle_message(7, &update(&kp(9), s0, 0), t0).expect("ok");
     events(&mut a);
     let _ = flushed(&mut a, t0 + ms(20));
@@ -420,7 +420,7 @@ fn unfeasible_update_of_selected_route_keeps_it_and_requests_seqno() {
     // The origin (reached through the neighbour) bumps and re-signs.
     let mut body = vec![wire::VERSION, 0];
     wire::put_seqno_request(&mut body, 64, hops, seqno, owned_prefix(&key_of(&kp(9))));
-    origin.neighbour_up(7, key_of(&kp(7)), t0);
+    origin.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     origin
         .handle_message(7, &body, t0 + ms(70))
         .expect("request accepted");
@@ -455,8 +455,8 @@ fn starvation_is_resolved_by_route_and_seqno_request() {
     let mut a = router(1, t0);
     let s0 = 40;
     let p = prefix(&kp(9));
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&kp(9), s0, 0), t0).expect("ok");
     // 8's route is longer than our feasibility distance (96): not taken.
     a.handle_message(8, &update(&kp(9), s0, 200), t0)
@@ -511,8 +511,8 @@ fn relay_forwards_seqno_request_and_answer() {
     let ms = Duration::from_millis;
     let mut b = router(2, t0); // relay: 7 = towards origin, 8 = requester
     let o = kp(9);
-    b.neighbour_up(7, key_of(&kp(7)), t0);
-    b.neighbour_up(8, key_of(&kp(8)), t0);
+    b.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    b.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     b.handle_message(7, &update(&o, 3, 10), t0).expect("ok");
     let _ = flushed(&mut b, t0 + ms(20));
     let mut req = vec![wire::VERSION, 0];
@@ -551,7 +551,7 @@ fn relay_selects_the_requested_seqno_and_passes_resends() {
     let o = kp(9);
     let p = prefix(&o);
     for n in [6, 7, 8] {
-        b.neighbour_up(n, key_of(&kp(n as u8)), t0);
+        b.neighbour_up(n, key_of(&kp(n as u8)), Admission::Configured, t0);
     }
     b.handle_message(7, &update(&o, 3, 10), t0).expect("ok");
     b.handle_message(6, &update(&o, 3, 50), t0).expect("ok");
@@ -598,7 +598,7 @@ fn routes_expire_after_hold_time() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 1, 0), t0).expect("ok");
     events(&mut a);
     let hold = a.config().hold_time;
@@ -636,7 +636,7 @@ fn forged_announcements_are_rejected_and_counted() {
     let mut a = router(1, t0);
     let victim = kp(9);
     let attacker = kp(6);
-    a.neighbour_up(6, key_of(&attacker), t0);
+    a.neighbour_up(6, key_of(&attacker), Admission::Configured, t0);
     let vp = owned_prefix(&key_of(&victim));
     // Attacker's own key, valid signature, victim's prefix.
     let msg = wire::signing_message(&key_of(&attacker), vp, 64, 1);
@@ -676,7 +676,7 @@ fn forged_announcements_are_rejected_and_counted() {
 fn garbage_is_counted_never_fatal() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     assert!(a.handle_message(7, &[], t0).is_err());
     assert!(a.handle_message(7, &[wire::VERSION + 1, 0], t0).is_err());
     assert_eq!(a.stats().rejected_version, 1);
@@ -715,7 +715,7 @@ fn seqno_requests_cannot_make_an_archived_announcement_newer() {
     // The attacker (neighbour 7 of the origin) archives the current announcement ...
     let s0 = seqno_of(&origin);
     let archived = update(&origin_key, s0, 0);
-    origin.neighbour_up(7, key_of(&kp(7)), t0);
+    origin.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     // ... and asks for seqnos far ahead, twice (past the bump rate limit).
     for (i, at) in [ms(10), ms(1010)].into_iter().enumerate() {
         let mut req = vec![wire::VERSION, 0];
@@ -734,8 +734,8 @@ fn seqno_requests_cannot_make_an_archived_announcement_newer() {
     // An honest node holds the origin's current announcement through neighbour 5; the
     // attacker (neighbour 6, a cheaper link) replays the archived one.
     let mut b = router(2, t0);
-    b.neighbour_up(5, key_of(&kp(5)), t0);
-    b.neighbour_up(6, key_of(&kp(6)), t0);
+    b.neighbour_up(5, key_of(&kp(5)), Admission::Configured, t0);
+    b.neighbour_up(6, key_of(&kp(6)), Admission::Configured, t0);
     b.set_neighbour_cost(6, 10);
     b.handle_message(5, &update(&origin_key, current, 0), t0 + ms(2000))
         .expect("ok");
@@ -753,11 +753,188 @@ fn seqno_requests_cannot_make_an_archived_announcement_newer() {
     assert_eq!(sel.feasibility_distance.map(|fd| fd.seqno), Some(current));
 }
 
+/// Keys made for junk announcements (what a table-filling host generates at will).
+fn junk_keys(n: usize, tag: u8) -> Vec<Arc<Ed25519KeyPair>> {
+    (0..n)
+        .map(|i| {
+            let mut seed = [tag; 32];
+            seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            Arc::new(Ed25519KeyPair::from_seed_unchecked(&seed).expect("seed"))
+        })
+        .collect()
+}
+
+/// Sends `origins`' announcements from `from`, ten per payload.
+fn announce(r: &mut Router<u32>, from: u32, origins: &[Arc<Ed25519KeyPair>], now: Instant) {
+    for chunk in origins.chunks(10) {
+        let mut p = vec![wire::VERSION, 0];
+        for o in chunk {
+            let s = SignedOrigin::sign(o.as_ref(), 1).expect("sign");
+            wire::put_signed_update(&mut p, &s, 0);
+        }
+        r.handle_message(from, &p, now).expect("payload ok");
+    }
+}
+
+fn routed(r: &Router<u32>, origins: &[Arc<Ed25519KeyPair>]) -> usize {
+    origins
+        .iter()
+        .filter(|o| r.next_hop(prefix(o)).is_some())
+        .count()
+}
+
+/// Adversarial finding 4: a neighbour nobody configured announces many validly signed
+/// prefixes of keys it made. Before the fix every one was stored (and re-advertised),
+/// the table cap was first come, and a configured neighbour's new prefixes were then
+/// refused (`rejected_table_full`).
+#[test]
+fn a_self_admitted_neighbour_cannot_fill_the_table() {
+    let t0 = Instant::now();
+    let cfg = RoutingConfig {
+        max_routes: 300,
+        self_admitted_origin_quota: 16,
+        ..test_config()
+    };
+    let mut a = Router::new(kp(1), cfg, 1, 1, t0).expect("router");
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(66, key_of(&kp(66)), Admission::SelfAdmitted, t0);
+    let junk = junk_keys(400, 0xa5);
+    announce(&mut a, 66, &junk, t0);
+    let _ = flushed(&mut a, t0 + Duration::from_millis(20)); // and re-advertises them
+    assert_eq!(routed(&a, &junk), 16, "the quota bounds what it introduces");
+    assert_eq!(a.stats().rejected_origin_quota, 400 - 16);
+    assert_eq!(
+        a.stats().signature_verifications,
+        16,
+        "announcements beyond the quota are refused before their signature is checked"
+    );
+    // A configured neighbour echoes them back (our own re-advertisement, through us,
+    // so unfeasible here): that vouches for nothing, the quota stays spent.
+    for chunk in junk[..16].chunks(10) {
+        let mut p = vec![wire::VERSION, 0];
+        for o in chunk {
+            let s = SignedOrigin::sign(o.as_ref(), 1).expect("sign");
+            wire::put_signed_update(&mut p, &s, 2 * 96);
+        }
+        a.handle_message(7, &p, t0 + Duration::from_millis(21))
+            .expect("ok");
+    }
+    announce(
+        &mut a,
+        66,
+        &junk_keys(4, 0xa6),
+        t0 + Duration::from_millis(22),
+    );
+    assert_eq!(a.prefix_count(), 16);
+    // A configured neighbour brings 300 new prefixes: the table holds 300, so the
+    // self-admitted ones make room.
+    let legit = junk_keys(300, 0x17);
+    announce(&mut a, 7, &legit, t0 + Duration::from_millis(25));
+    assert_eq!(routed(&a, &legit), 300);
+    assert_eq!(a.stats().rejected_table_full, 0);
+    assert_eq!(a.stats().origins_evicted, 16);
+    assert_eq!(routed(&a, &junk), 0);
+    // Their retractions go out with the next flush.
+    let out = flushed(&mut a, t0 + Duration::from_millis(40));
+    let retracted = out
+        .iter()
+        .filter(|(_, t)| t[0] == wire::TLV_RETRACTION)
+        .count();
+    assert_eq!(retracted, 16);
+    // Still full: the self-admitted neighbour's new prefixes now find no room at all
+    // (configured neighbours' prefixes are never pushed out for it).
+    let more = junk_keys(5, 0x5a);
+    announce(&mut a, 66, &more, t0 + Duration::from_millis(50));
+    assert_eq!(routed(&a, &more), 0);
+    assert_eq!(a.stats().rejected_table_full, 5);
+}
+
+/// Many self-admitted identities together are bounded too, and share fairly: a
+/// neighbour that holds less may push out one of the neighbour holding the most, so one
+/// host with many identities cannot starve an honest self-admitted neighbour.
+#[test]
+fn self_admitted_neighbours_share_a_bounded_part_of_the_table() {
+    let t0 = Instant::now();
+    let cfg = RoutingConfig {
+        self_admitted_origin_quota: 16,
+        max_self_admitted_origins: 40,
+        ..test_config()
+    };
+    let mut a = Router::new(kp(1), cfg, 1, 1, t0).expect("router");
+    // One host, four identities: 4 × 16 > 40 (they also push out each other's, down
+    // to a fair share).
+    for id in 60..64u32 {
+        a.neighbour_up(id, key_of(&kp(id as u8)), Admission::SelfAdmitted, t0);
+        let junk = junk_keys(16, id as u8);
+        announce(&mut a, id, &junk, t0);
+    }
+    assert_eq!(a.prefix_count(), 40);
+    let evicted = a.stats().origins_evicted;
+    // An honest discovered neighbour with three prefixes of its own gets them in.
+    a.neighbour_up(70, key_of(&kp(70)), Admission::SelfAdmitted, t0);
+    let honest = junk_keys(3, 0x70);
+    announce(&mut a, 70, &honest, t0 + Duration::from_millis(5));
+    assert_eq!(routed(&a, &honest), 3);
+    assert_eq!(a.prefix_count(), 40);
+    assert_eq!(a.stats().origins_evicted, evicted + 3);
+    // An identity gone: its prefixes are charged to nobody until another self-admitted
+    // neighbour offers them, and are the first to make room.
+    a.neighbour_down(60, t0 + Duration::from_millis(10));
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
+    let legit = junk_keys(2, 0x08);
+    announce(&mut a, 8, &legit, t0 + Duration::from_millis(20));
+    assert_eq!(routed(&a, &legit), 2);
+}
+
+/// New prefixes from self-admitted neighbours are rate limited as a whole, so a host
+/// cycling through identities cannot churn the table (and the signature checks) at
+/// will; configured neighbours are not limited.
+#[test]
+fn new_prefixes_from_self_admitted_neighbours_are_rate_limited() {
+    let t0 = Instant::now();
+    let cfg = RoutingConfig {
+        self_admitted_origin_burst: 10,
+        self_admitted_origin_rate: 2.0,
+        ..test_config()
+    };
+    let mut a = Router::new(kp(1), cfg, 1, 1, t0).expect("router");
+    a.neighbour_up(66, key_of(&kp(66)), Admission::SelfAdmitted, t0);
+    let junk = junk_keys(30, 0x66);
+    announce(&mut a, 66, &junk[..20], t0);
+    assert_eq!(routed(&a, &junk), 10);
+    assert_eq!(a.stats().rejected_origin_rate, 10);
+    // Five seconds later: ten more tokens.
+    announce(&mut a, 66, &junk[20..], t0 + Duration::from_secs(5));
+    assert_eq!(routed(&a, &junk), 20);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    let legit = junk_keys(50, 0x07);
+    announce(&mut a, 7, &legit, t0 + Duration::from_secs(5));
+    assert_eq!(routed(&a, &legit), 50);
+}
+
+/// An operator configuring a neighbour that came by itself lifts its limits.
+#[test]
+fn configuring_a_self_admitted_neighbour_vouches_for_its_prefixes() {
+    let t0 = Instant::now();
+    let cfg = RoutingConfig {
+        self_admitted_origin_quota: 4,
+        ..test_config()
+    };
+    let mut a = Router::new(kp(1), cfg, 1, 1, t0).expect("router");
+    a.neighbour_up(66, key_of(&kp(66)), Admission::SelfAdmitted, t0);
+    let site = junk_keys(10, 0x66);
+    announce(&mut a, 66, &site, t0);
+    assert_eq!(routed(&a, &site), 4);
+    a.set_neighbour_admission(66, Admission::Configured);
+    announce(&mut a, 66, &site, t0 + Duration::from_millis(10));
+    assert_eq!(routed(&a, &site), 10);
+}
+
 #[test]
 fn own_prefix_from_older_incarnation_bumps_seqno() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     let s = seqno_of(&a).wrapping_add(1000);
     a.handle_message(7, &update(&kp(1), s, 300), t0)
         .expect("ok");
@@ -776,8 +953,8 @@ fn memory_is_bounded() {
         ..test_config()
     };
     let mut a = Router::<u32>::new(kp(1), cfg, 1, 1, t0).expect("router");
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     for i in 10..14 {
         a.handle_message(7, &update(&kp(i), 1, 0), t0).expect("ok");
     }
@@ -801,12 +978,17 @@ fn memory_is_bounded() {
 fn large_tables_are_split_into_bounded_payloads() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     for i in 10..60u8 {
         a.handle_message(7, &update(&kp(i), 1, 0), t0).expect("ok");
     }
     let _ = flushed(&mut a, t0 + Duration::from_millis(20));
-    a.neighbour_up(8, key_of(&kp(8)), t0 + Duration::from_millis(30));
+    a.neighbour_up(
+        8,
+        key_of(&kp(8)),
+        Admission::Configured,
+        t0 + Duration::from_millis(30),
+    );
     a.handle_timeout(t0 + Duration::from_millis(50));
     let ts = transmits(&mut a);
     assert!(ts.len() >= 5, "51 updates need several payloads");
@@ -824,7 +1006,7 @@ fn large_tables_are_split_into_bounded_payloads() {
 fn periodic_update_covers_whole_table() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     a.handle_message(7, &update(&kp(9), 1, 0), t0).expect("ok");
     let _ = flushed(&mut a, t0 + Duration::from_millis(20));
     let mut t = t0 + Duration::from_millis(20);
@@ -848,8 +1030,8 @@ fn explain_and_snapshot() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 5, 0), t0).expect("ok");
     a.handle_message(8, &update(&o, 5, 50), t0).expect("ok");
     let rs = a.routes(t0 + Duration::from_secs(3));
@@ -890,7 +1072,7 @@ proptest::proptest! {
     fn arbitrary_payloads_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
         let t0 = Instant::now();
         let mut a = router(1, t0);
-        a.neighbour_up(7, key_of(&kp(7)), t0);
+        a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
         let _ = a.handle_message(7, &data, t0);
         let mut framed = vec![wire::VERSION, 0];
         framed.extend_from_slice(&data);
@@ -905,7 +1087,7 @@ proptest::proptest! {
     ) {
         let t0 = Instant::now();
         let mut a = router(1, t0);
-        a.neighbour_up(7, key_of(&kp(7)), t0);
+        a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
         let mut p = update(&kp(9), 1, 0);
         for (i, x) in &flips {
             if *i < p.len() { p[*i] ^= x | 1; }
@@ -1092,6 +1274,59 @@ fn sim_hijack_is_ignored_and_counted() {
     assert!(sim.check().is_clean());
 }
 
+/// The table-fill attack of adversarial finding 4 in the simulator: a host nobody
+/// configured attaches to one node and announces 300 validly signed prefixes of keys it
+/// made, refreshing them like a real node. With the attacker taken as what the agent
+/// makes of it (self-admitted), no node holds more than the quota of its prefixes and a
+/// node that (re)joins afterwards is routed everywhere. Taken as configured (what every
+/// neighbour was before the fix), the junk fills every table and the newcomer is
+/// refused (`rejected_table_full`).
+#[test]
+fn sim_table_fill_attack_is_contained() {
+    let run = |admission: Admission| {
+        let cfg = SimConfig {
+            nodes: 30,
+            topology: Topology::Random { avg_degree: 3.0 },
+            seed: 12,
+            routing: RoutingConfig {
+                max_routes: 60,
+                self_admitted_origin_quota: 8,
+                ..sim_routing()
+            },
+            ..SimConfig::default()
+        };
+        let mut sim = Sim::new(cfg);
+        assert!(
+            sim.run_until_quiet(ms(2000), Duration::from_secs(60))
+                .is_some()
+        );
+        // The newcomer is down while the attack runs, and long enough for every
+        // trace of it to be collected.
+        let newcomer = 29;
+        sim.fail_node(newcomer);
+        let t = sim.now() + Duration::from_secs(200);
+        sim.run_until(t);
+        sim.add_table_filler(0, admission, 300, 7);
+        let t = sim.now() + Duration::from_secs(40);
+        sim.run_until(t);
+        let junk = (0..29).map(|x| sim.junk_held(x)).max().unwrap_or(0);
+        sim.restore_node(newcomer);
+        let quiet = sim.run_until_quiet(ms(3000), Duration::from_secs(120));
+        assert!(quiet.is_some());
+        (junk, sim.check(), sim.total_stats())
+    };
+    let (junk, check, stats) = run(Admission::SelfAdmitted);
+    assert!(junk <= 8, "{junk} junk prefixes held by a node");
+    assert!(check.is_clean(), "{check:?}");
+    assert_eq!(stats.rejected_table_full, 0);
+    assert!(stats.rejected_origin_quota >= 292);
+    // Control: the same attack from a neighbour taken as configured fills the tables.
+    let (junk, check, stats) = run(Admission::Configured);
+    assert!(junk >= 30, "{junk}");
+    assert!(check.unrouted > 0, "{check:?}");
+    assert!(stats.rejected_table_full > 0);
+}
+
 fn scenario(nodes: usize, topology: Topology, seed: u64) -> Scenario {
     Scenario {
         sim: SimConfig {
@@ -1110,6 +1345,7 @@ fn scenario(nodes: usize, topology: Topology, seed: u64) -> Scenario {
         max_phase: Duration::from_secs(120),
         steady_window: Duration::ZERO,
         full_checks: true,
+        table_fill: None,
     }
 }
 
@@ -1174,8 +1410,8 @@ fn urgent_updates_are_repeated() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 1, 0), t0).expect("ok");
     let _ = flushed(&mut a, t0 + Duration::from_millis(20));
     a.handle_message(7, &retraction(&o), t0 + Duration::from_millis(30))
@@ -1235,7 +1471,7 @@ fn first_announcements_and_new_neighbour_dumps_are_repeated() {
     let mut a = router(1, t0);
     let o = kp(9);
     let p = owned_prefix(&key_of(&o));
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     let _ = flushed(&mut a, t0 + Duration::from_millis(10));
     a.handle_message(7, &update(&o, 1, 0), t0 + Duration::from_millis(20))
         .expect("ok");
@@ -1256,7 +1492,7 @@ fn first_announcements_and_new_neighbour_dumps_are_repeated() {
     assert_eq!(first, 1 + n);
     // A neighbour coming up gets the table, and again `urgent_repeats` times.
     let t1 = t0 + Duration::from_secs(5);
-    a.neighbour_up(8, key_of(&kp(8)), t1);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t1);
     let mut dumped = 0;
     for i in 1..=50 {
         let t = t1 + Duration::from_millis(50 * i);
@@ -1281,7 +1517,7 @@ fn candidates_are_capped_keeping_the_best() {
     .expect("router");
     let o = kp(9);
     for n in 2..=5 {
-        a.neighbour_up(n, key_of(&kp(n as u8)), t0);
+        a.neighbour_up(n, key_of(&kp(n as u8)), Admission::Configured, t0);
     }
     a.handle_message(2, &update(&o, 1, 0), t0).expect("ok"); // selected, FD (1, 96)
     a.handle_message(3, &update(&o, 1, 50), t0).expect("ok"); // 146
