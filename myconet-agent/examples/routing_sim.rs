@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
                     .max_pending_requests
                     .unwrap_or(RoutingConfig::default().max_pending_requests),
                 max_routes: a.max_routes.unwrap_or(RoutingConfig::default().max_routes),
-                ..RoutingConfig::default()
+                ..SimConfig::default().routing
             },
             loop_sample_destinations: 2,
             loop_sample_interval: Duration::from_millis(250),

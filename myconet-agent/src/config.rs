@@ -114,6 +114,9 @@ pub struct FileConfig {
     hello_interval_ms: Option<u64>,
     #[serde(default)]
     routes: Vec<FileRoute>,
+    /// Ed25519 keys (hex) pinned for their /64 by the operator (`crate::pins`).
+    #[serde(default)]
+    pinned_keys: Vec<String>,
 }
 
 /// A static route in the file.
@@ -155,6 +158,8 @@ pub struct Settings {
     pub routes: Vec<(Prefix, NextHop)>,
     /// The TUN device to create, `None` for a pure relay.
     pub tun_name: Option<String>,
+    /// Keys the operator pins for their /64, over whatever was learned (`crate::pins`).
+    pub pinned_keys: Vec<[u8; 32]>,
 }
 
 /// A configured neighbour.
@@ -333,6 +338,12 @@ impl Cli {
                 },
             ));
         }
+        let mut pinned_keys = Vec::new();
+        for k in &file.pinned_keys {
+            pinned_keys.push(crate::pins::parse_key(k).with_context(|| {
+                format!("pinned_keys: {k:?} is not an Ed25519 public key (64 hex digits)")
+            })?);
+        }
         let tun_name = if self.no_tun || file.tun == Some(false) {
             None
         } else {
@@ -371,6 +382,7 @@ impl Cli {
                 self.discover
             },
             routes,
+            pinned_keys,
         })
     }
 }
@@ -397,6 +409,7 @@ interfaces = ["eth0"]
 port = 7000
 socket_mode = "0660"
 peers = ["[fd00::1]:7000", "fd00::2", { endpoint = "[fd00::3]:7000", cost = 400 }]
+pinned_keys = ["0101010101010101010101010101010101010101010101010101010101010101"]
 [[routes]]
 prefix = "fd6d:1:2:3::/64"
 via = "fd00::1"
@@ -418,6 +431,11 @@ via = "fd00::1"
             }
         );
         assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.pinned_keys, vec![[1u8; 32]]);
+        std::fs::write(&f, "pinned_keys = [\"0102\"]\n").unwrap();
+        let cli = Cli::parse_from(["myconet-agent", "-c", f.to_str().unwrap()]);
+        let err = cli.resolve().unwrap_err();
+        assert!(format!("{err:#}").contains("64 hex digits"), "{err:#}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

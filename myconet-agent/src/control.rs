@@ -29,7 +29,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use myconet_common::wire::DEFAULT_PORT;
+use myconet_common::{addr, wire::DEFAULT_PORT};
 use myconet_proto::v1 as pb;
 use myconet_proto::v1::control_server::{Control, ControlServer};
 use tokio::net::{UnixListener, UnixStream};
@@ -424,6 +424,14 @@ fn node_status(e: NodeError) -> Status {
             error!(error = %e, "data plane operation failed");
             Status::internal(e.to_string())
         }
+    }
+}
+
+fn key_pin(prefix: u64, key: [u8; 32], source: crate::pins::PinSource) -> pb::KeyPin {
+    pb::KeyPin {
+        prefix: format!("{}/64", Ipv6Addr::from(u128::from(prefix) << 64)),
+        key: key.iter().map(|b| format!("{b:02x}")).collect(),
+        source: source.name().to_string(),
     }
 }
 
@@ -848,6 +856,55 @@ impl Control for ControlService {
         Ok(Response::new(pb::RemoveRouteResponse { removed }))
     }
 
+    async fn list_pins(
+        &self,
+        _request: Request<pb::ListPinsRequest>,
+    ) -> Result<Response<pb::ListPinsResponse>, Status> {
+        let pins = crate::pins::lock(self.links.pins())
+            .list()
+            .into_iter()
+            .map(|(p, pin)| key_pin(p, pin.key, pin.source))
+            .collect();
+        Ok(Response::new(pb::ListPinsResponse { pins }))
+    }
+
+    async fn set_pin(
+        &self,
+        request: Request<pb::SetPinRequest>,
+    ) -> Result<Response<pb::KeyPin>, Status> {
+        let text = request.into_inner().key;
+        let key = crate::pins::parse_key(&text).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "key {text:?} is not an Ed25519 public key (64 hex digits)"
+            ))
+        })?;
+        let prefix = self.links.pin_key(key, std::time::Instant::now());
+        info!(%prefix, key = %text.trim(), "key pinned via control API");
+        let bits = (u128::from(prefix) >> 64) as u64;
+        Ok(Response::new(key_pin(
+            bits,
+            key,
+            crate::pins::PinSource::Operator,
+        )))
+    }
+
+    async fn forget_pin(
+        &self,
+        request: Request<pb::ForgetPinRequest>,
+    ) -> Result<Response<pb::ForgetPinResponse>, Status> {
+        let value = request.into_inner().prefix;
+        let addr = value.trim().split('/').next().unwrap_or_default();
+        let addr = parse_addr("prefix", addr)?;
+        if !addr::is_overlay(&addr) {
+            return Err(Status::invalid_argument(format!(
+                "{value:?} is not an overlay address"
+            )));
+        }
+        let forgotten = self.links.forget_pin(addr, std::time::Instant::now());
+        info!(prefix = %value.trim(), forgotten, "key pin forgotten via control API");
+        Ok(Response::new(pb::ForgetPinResponse { forgotten }))
+    }
+
     async fn get_stats(
         &self,
         _request: Request<pb::GetStatsRequest>,
@@ -950,8 +1007,9 @@ mod tests {
         let config = crate::peers::PeerConfig::default();
         let routing = crate::routing::RoutingConfig::default();
         let seqnos = crate::seqno_store::SeqnoStore::ephemeral(1);
+        let pins = crate::pins::Pins::new(64).shared();
         let now = std::time::Instant::now();
-        Arc::new(Links::new(node.clone(), config, routing, seqnos, now, 1).unwrap())
+        Arc::new(Links::new(node.clone(), config, routing, seqnos, pins, now, 1).unwrap())
     }
 
     async fn serve_test(
@@ -1075,6 +1133,50 @@ mod tests {
         let e = get("2001:db8::1").await.unwrap().into_inner();
         assert_eq!(e.decided_by, "none");
         assert!(e.explanation.contains("not an overlay address"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn pins_set_list_forget() {
+        let (_dir, svc) = service();
+        let key = "07".repeat(32);
+        let set = svc
+            .set_pin(Request::new(pb::SetPinRequest { key: key.clone() }))
+            .await
+            .unwrap()
+            .into_inner();
+        let prefix = myconet_common::addr::node_prefix(&[7u8; 32]);
+        assert_eq!(set.prefix, format!("{prefix}/64"));
+        assert_eq!(set.source, "operator");
+        let list = svc
+            .list_pins(Request::new(pb::ListPinsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(list.pins, vec![set.clone()]);
+        let bad = svc
+            .set_pin(Request::new(pb::SetPinRequest { key: "12".into() }))
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        let forget = |p: String| svc.forget_pin(Request::new(pb::ForgetPinRequest { prefix: p }));
+        assert!(
+            forget(set.prefix.clone())
+                .await
+                .unwrap()
+                .into_inner()
+                .forgotten
+        );
+        assert!(
+            !forget(set.prefix.clone())
+                .await
+                .unwrap()
+                .into_inner()
+                .forgotten
+        );
+        assert_eq!(
+            forget("2001:db8::/64".into()).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 //! - `control`: the gRPC control API on a Unix socket.
 //! - `identity`: the Ed25519 key and the /64 derived from it.
 //! - `seqno_store`: the routing sequence numbers reserved across restarts.
+//! - `pins`: the key pinned per /64 (trust on first use), for routing and sessions.
 //! - `watch`: follows rtnetlink so the data plane's view of the underlay (own
 //!   addresses, sources, neighbours, egress interfaces) stays current.
 #![deny(missing_docs)]
@@ -26,6 +27,7 @@ pub mod netlink;
 pub mod node;
 pub mod overlay;
 pub mod peers;
+pub mod pins;
 pub mod rib;
 pub mod routing;
 pub mod seqno_store;

@@ -41,6 +41,7 @@ use crate::{
         PeerSnapshot, PeerStats,
         control::{frame_routing, routing_payload},
     },
+    pins::{self, SharedPins},
     rib::{NextHop, Prefix},
     routing::{
         Admission, Explanation, RouteEvent, RouteSnapshot, Router, RoutingConfig, RoutingStats,
@@ -63,6 +64,8 @@ struct Routing {
 pub struct Links {
     manager: Mutex<PeerManager>,
     routing: Mutex<Routing>,
+    /// Keys pinned per /64, shared by the routing core and the session table.
+    pins: SharedPins,
     node: Arc<Node>,
     kick: Notify,
 }
@@ -78,26 +81,29 @@ impl std::fmt::Debug for Links {
 impl Links {
     /// The neighbour layer of `node` with its routing core; `seed` jitters hello and
     /// update timers (use fresh randomness); `seqnos` is where the routing core's
-    /// sequence numbers start and are reserved.
+    /// sequence numbers start and are reserved; `pins` the keys pinned per /64.
     pub fn new(
         node: Arc<Node>,
         config: PeerConfig,
         routing: RoutingConfig,
         seqnos: SeqnoStore,
+        pins: SharedPins,
         now: Instant,
         seed: u64,
     ) -> anyhow::Result<Self> {
         let key = NodeKey::from_slice(node.identity().public_key())
             .ok_or(PeerError::InvalidConfig("identity key is not 32 bytes"))?;
-        let router = Router::new(
+        let mut router = Router::new(
             node.identity_arc(),
             routing,
             seed.rotate_left(17),
             seqnos.first(),
             now,
         )?;
+        router.set_pins(pins.clone());
         Ok(Self {
             manager: Mutex::new(PeerManager::new(config, key, now, seed)?),
+            pins,
             routing: Mutex::new(Routing {
                 router,
                 up: BTreeSet::new(),
@@ -114,6 +120,30 @@ impl Links {
 
     fn routing(&self) -> MutexGuard<'_, Routing> {
         self.routing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The keys pinned per /64 (the session table checks them too).
+    pub fn pins(&self) -> &SharedPins {
+        &self.pins
+    }
+
+    /// Pins `key` for its /64 as the operator's choice; routes to that /64 under any
+    /// other key go at once. Returns the /64.
+    pub fn pin_key(&self, key: [u8; 32], now: Instant) -> std::net::Ipv6Addr {
+        let prefix = pins::lock(&self.pins).set_operator(&key);
+        let addr = std::net::Ipv6Addr::from(u128::from(prefix) << 64);
+        self.routing().router.drop_routes(addr, Some(key), now);
+        self.kick.notify_one();
+        addr
+    }
+
+    /// Forgets the pin of the /64 of `addr`, and the routes to it, so the next key heard
+    /// owning it is taken (and pinned). Returns whether there was a pin.
+    pub fn forget_pin(&self, addr: std::net::Ipv6Addr, now: Instant) -> bool {
+        let had = pins::lock(&self.pins).forget((u128::from(addr) >> 64) as u64);
+        self.routing().router.drop_routes(addr, None, now);
+        self.kick.notify_one();
+        had
     }
 
     /// Every candidate route the routing core holds, for `ListRoutes`.

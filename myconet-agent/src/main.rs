@@ -15,6 +15,7 @@ use myconet_agent::{
     node::{ConfiguredInterface, Node},
     overlay::{self, Overlay},
     peers::{Beaconer, DiscoveryConfig, LinkEndpoint, ReceivedBeacon},
+    pins,
     routing::RoutingConfig,
     seqno_store::SeqnoStore,
     sysctl,
@@ -183,11 +184,16 @@ async fn serve(
     settings: &myconet_agent::config::Settings,
     control_socket: ControlSocket,
 ) -> anyhow::Result<()> {
+    let pins = pins::load(&settings.state_dir, pins::DEFAULT_CAPACITY).shared();
+    for key in &settings.pinned_keys {
+        pins::lock(&pins).set_operator(key);
+    }
     let links = Arc::new(Links::new(
         node.clone(),
         settings.peer_config.clone(),
         RoutingConfig::default(),
         SeqnoStore::open(&settings.state_dir),
+        pins.clone(),
         Instant::now(),
         jitter_seed(),
     )?);
@@ -232,6 +238,7 @@ async fn serve(
         tokio::spawn(overlay.run_timers()),
         tokio::spawn(node.clone().refresh_nexthops_forever()),
         tokio::spawn(watch::follow_forever(watch)),
+        tokio::spawn(save_pins_forever(pins.clone(), settings.state_dir.clone())),
     ];
     if !settings.discover.is_empty() {
         tasks.extend(start_discovery(node, &links, settings)?);
@@ -250,7 +257,26 @@ async fn serve(
     for t in tasks {
         t.abort();
     }
+    save_pins(&pins, &settings.state_dir);
     served
+}
+
+/// Persists the pins once a minute when they changed (a crash loses at most a minute
+/// of newly learned pins; they are learned again from the next announcements).
+async fn save_pins_forever(pins: pins::SharedPins, state_dir: std::path::PathBuf) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (p, d) = (pins.clone(), state_dir.clone());
+        let _ = tokio::task::spawn_blocking(move || save_pins(&p, &d)).await;
+    }
+}
+
+fn save_pins(pins: &pins::SharedPins, state_dir: &std::path::Path) {
+    if let Err(e) = pins::save_if_changed(pins, state_dir) {
+        warn!(error = %e, dir = %state_dir.display(), "cannot persist the key pins");
+    }
 }
 
 /// Starts beaconing on the `--discover` interfaces and feeds what arrives to the

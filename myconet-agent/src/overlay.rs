@@ -13,10 +13,7 @@ use std::{
     time::Instant,
 };
 
-use myconet_common::{
-    addr::{self, NODE_PREFIX_LEN},
-    wire::HEADER_LEN,
-};
+use myconet_common::{addr, wire::HEADER_LEN};
 use ring::rand::SystemRandom;
 use tokio::{net::UdpSocket, sync::Notify};
 use tracing::{debug, info, warn};
@@ -92,7 +89,8 @@ impl Overlay {
         links: Arc<Links>,
         config: Config,
     ) -> anyhow::Result<Self> {
-        let sessions = SessionTable::new(node.identity_arc(), config, Instant::now())?;
+        let mut sessions = SessionTable::new(node.identity_arc(), config, Instant::now())?;
+        sessions.set_pins(links.pins().clone());
         Ok(Self {
             node,
             socket,
@@ -177,16 +175,16 @@ impl Overlay {
         }
     }
 
-    /// Whether an opened packet is an IPv6 packet from `remote`'s /64 to this node;
-    /// counts it as invalid if not.
+    /// Whether an opened packet is an IPv6 packet from `remote` (the session's address,
+    /// which the handshake proved the remote's key owns in full) to this node's
+    /// address; counts it as invalid if not. A node has exactly one overlay address:
+    /// other addresses in a /64 are bound to the key by 48 bits only.
     fn inner_ok(&self, remote: Ipv6Addr, packet: &[u8]) -> bool {
         let Some((src, dst)) = ipv6_addrs(packet) else {
             self.node.count(AgentStat::RxInnerInvalid, packet.len());
             return false;
         };
-        if !addr::prefix_contains(remote, NODE_PREFIX_LEN, src)
-            || !self.node.node_prefix().contains(dst)
-        {
+        if src != remote || dst != self.node.identity().node_address() {
             self.node.count(AgentStat::RxInnerInvalid, packet.len());
             debug!(%remote, %src, %dst, "inner addresses do not match the session");
             return false;

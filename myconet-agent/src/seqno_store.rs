@@ -136,8 +136,8 @@ impl SeqnoStore {
 }
 
 /// Writes `bytes` to `path` through a temporary file, fsync and rename, so a crash leaves
-/// either the old or the new content.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// either the old or the new content (also used for the pins).
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = fs::File::create(&tmp)?;
     f.write_all(bytes)?;

@@ -58,6 +58,32 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// The key pinned for each /64 (without a subcommand: list); set or forget one.
+    Pins {
+        /// What to do with pins.
+        #[command(subcommand)]
+        action: Option<PinsCommand>,
+    },
+}
+
+/// `pins ...`
+#[derive(Debug, Subcommand)]
+pub enum PinsCommand {
+    /// List every pinned key.
+    List,
+    /// Pin a key for the /64 it owns, over whatever was learned: pins set KEY.
+    Set {
+        /// Ed25519 public key, 64 hex digits (`myconet-ctl status` shows a node's).
+        #[arg(value_name = "KEY")]
+        key: String,
+    },
+    /// Forget the pin of a /64 (and the routes to it): the next key heard owning it is
+    /// taken: pins forget PREFIX.
+    Forget {
+        /// The /64 (fd6d:1:2:3::/64) or any address in it.
+        #[arg(value_name = "PREFIX")]
+        prefix: String,
+    },
 }
 
 /// `peers ...`

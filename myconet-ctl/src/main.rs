@@ -13,7 +13,7 @@ use clap::Parser;
 use myconet_proto::v1 as pb;
 
 use crate::{
-    cli::{Cli, Command, PeersCommand, RouteCommand},
+    cli::{Cli, Command, PeersCommand, PinsCommand, RouteCommand},
     client::CtlError,
 };
 
@@ -129,5 +129,20 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             }
         },
         Command::Stats { all } => show(json, &client.stats().await?, |s| render::stats(s, all)),
+        Command::Pins { action } => match action.unwrap_or(PinsCommand::List) {
+            PinsCommand::List => show(json, &client.pins().await?, render::pins),
+            PinsCommand::Set { key } => {
+                let req = pb::SetPinRequest { key };
+                show(json, &client.set_pin(req).await?, render::pin_set)
+            }
+            PinsCommand::Forget { prefix } => {
+                let req = pb::ForgetPinRequest {
+                    prefix: prefix.clone(),
+                };
+                show(json, &client.forget_pin(req).await?, |r| {
+                    render::pin_forgotten(&prefix, r.forgotten)
+                })
+            }
+        },
     }
 }

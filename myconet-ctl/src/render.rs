@@ -499,9 +499,50 @@ pub fn route_removed(prefix: &str, removed: bool) -> String {
     }
 }
 
+/// `pins`: one line per pinned /64.
+pub fn pins(r: &pb::ListPinsResponse) -> String {
+    if r.pins.is_empty() {
+        return "no pinned keys\n".to_string();
+    }
+    let mut out = format!("{:<26} {:<9} KEY\n", "PREFIX", "SOURCE");
+    for p in &r.pins {
+        out.push_str(&format!("{:<26} {:<9} {}\n", p.prefix, p.source, p.key));
+    }
+    out
+}
+
+/// One line for `pins set`.
+pub fn pin_set(p: &pb::KeyPin) -> String {
+    format!("pinned {} to key {} ({})\n", p.prefix, p.key, p.source)
+}
+
+/// One line for `pins forget`.
+pub fn pin_forgotten(prefix: &str, forgotten: bool) -> String {
+    if forgotten {
+        format!("forgot the pin of {prefix}: the next key heard owning it is taken\n")
+    } else {
+        format!("no pin for {prefix}; nothing forgotten (its routes were dropped)\n")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pins_table() {
+        let r = pb::ListPinsResponse {
+            pins: vec![pb::KeyPin {
+                prefix: "fd6d:1:2:3::/64".into(),
+                key: "ab".repeat(32),
+                source: "learned".into(),
+            }],
+        };
+        let t = pins(&r);
+        assert!(t.starts_with("PREFIX"), "{t}");
+        assert!(t.contains("fd6d:1:2:3::/64            learned"), "{t}");
+        assert_eq!(pins(&pb::ListPinsResponse::default()), "no pinned keys\n");
+    }
 
     fn counter(name: &str, packets: u64, bytes: u64) -> pb::Counter {
         pb::Counter {

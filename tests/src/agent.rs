@@ -63,6 +63,21 @@ fn check_bin_dir(dir: PathBuf) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Places a pre-generated identity in a fresh state directory, as the agent would have
+/// written it (`identity.pk8`, mode 0600).
+fn write_identity(state_dir: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("identity.pk8");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&crate::identities::next_pkcs8()))
+        .with_context(|| format!("failed to write {}", path.display()))
+}
+
 /// How to start an agent.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -78,6 +93,9 @@ pub struct AgentOptions {
     pub log_filter: Option<String>,
     /// How long to wait for the agent to answer `status`.
     pub startup_timeout: Duration,
+    /// Let the agent generate its identity (the proof of work takes seconds) instead of
+    /// starting with one of the pre-generated ones ([`crate::identities`]).
+    pub fresh_identity: bool,
 }
 
 impl Default for AgentOptions {
@@ -89,6 +107,7 @@ impl Default for AgentOptions {
             extra_args: Vec::new(),
             log_filter: None,
             startup_timeout: STARTUP_TIMEOUT,
+            fresh_identity: false,
         }
     }
 }
@@ -131,6 +150,9 @@ impl AgentProcess {
         let state_dir = dir.path().join("state");
         std::fs::create_dir(&state_dir)
             .with_context(|| format!("failed to create {}", state_dir.display()))?;
+        if !options.fresh_identity {
+            write_identity(&state_dir)?;
+        }
         let socket = dir.path().join("agent.sock");
         let log = dir.path().join("agent.log");
         let agent = bin_dir.join(AGENT_BIN);

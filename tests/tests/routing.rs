@@ -617,8 +617,10 @@ fn a_neighbour_announcing_a_prefix_it_does_not_own_is_ignored() -> Result<()> {
     )?;
     socket.set_read_timeout(Some(Duration::from_millis(100)))?;
 
+    // A key with the identity proof of work: without it the victim would refuse the
+    // rogue's own prefix too (`rejected_insufficient_work`).
     let rogue: Arc<Ed25519KeyPair> = Arc::new(
-        Ed25519KeyPair::from_seed_unchecked(&[0x66; 32])
+        Ed25519KeyPair::from_pkcs8(&myconet_testbed::identities::next_pkcs8())
             .map_err(|e| anyhow::anyhow!("rogue key: {e}"))?,
     );
     let someone: Ed25519KeyPair = Ed25519KeyPair::from_seed_unchecked(&[0x77; 32])

@@ -24,6 +24,7 @@ use super::{
     Admission, Explanation, NotChosen, RouteEvent, RouteSnapshot, RoutingError, RoutingStats,
     Selection, TransmitTo,
 };
+use crate::pins::{self, PinCheck, SharedPins};
 use crate::session::Signer;
 
 /// Everything tunable about the routing core. [`RoutingConfig::default`] is what a node
@@ -119,6 +120,11 @@ pub struct RoutingConfig {
     pub urgent_repeat_delay: Duration,
     /// Capacity of each generation of the signature-verification cache.
     pub verify_cache_capacity: usize,
+    /// Identity proof of work an origin key must have (`addr::identity_work`); its
+    /// announcements are refused otherwise (`rejected_insufficient_work`). The network's
+    /// [`myconet_common::addr::IDENTITY_WORK_BITS`]; the simulator, whose keys are made
+    /// without it, uses 0.
+    pub min_identity_work: u32,
     /// Link cost function parameters.
     pub cost: CostParams,
 }
@@ -151,6 +157,7 @@ impl Default for RoutingConfig {
             urgent_repeats: 2,
             urgent_repeat_delay: Duration::from_millis(500),
             verify_cache_capacity: 65_536,
+            min_identity_work: myconet_common::addr::IDENTITY_WORK_BITS,
             cost: CostParams::default(),
         }
     }
@@ -269,6 +276,8 @@ pub struct Router<N> {
     /// Where the search for an entry to push out resumes (a round-robin cursor).
     evict_cursor: usize,
     cache: SharedVerifyCache,
+    /// Keys pinned per prefix (`crate::pins`); `None`: no pinning (the simulator).
+    pins: Option<SharedPins>,
     pending: HashMap<u64, Pending, KeyedState>,
     pending_bcast: Vec<u64>,
     dump_all: bool,
@@ -336,7 +345,11 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         seqno: u32,
         now: Instant,
     ) -> Result<Self, RoutingError> {
-        let cache = VerifyCache::shared(config.verify_cache_capacity, seed ^ 0x5eed);
+        let cache = VerifyCache::shared(
+            config.verify_cache_capacity,
+            config.min_identity_work,
+            seed ^ 0x5eed,
+        );
         Self::with_cache(signer, config, seed, seqno, now, cache)
     }
 
@@ -377,6 +390,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             evicted: Vec::new(),
             evict_cursor: 0,
             cache,
+            pins: None,
             pending: HashMap::with_hasher(hs),
             pending_bcast: Vec::new(),
             dump_all: false,
@@ -556,6 +570,36 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             nb.cost = c;
             self.cost_changed(slot);
         }
+    }
+
+    /// Pins origin keys per prefix through `pins` from now on: a prefix new to the table
+    /// takes only the key pinned for it, and pins the key it takes (see `crate::pins`).
+    pub fn set_pins(&mut self, pins: SharedPins) {
+        self.pins = Some(pins);
+    }
+
+    /// Drops every route to the /64 of `addr` whose origin key is not `keep` (all of
+    /// them with `None`), selecting again among what is left: how an operator's pin
+    /// (or forgetting one) takes effect at once. Returns how many routes went.
+    pub fn drop_routes(&mut self, addr: Ipv6Addr, keep: Option<[u8; 32]>, now: Instant) -> usize {
+        self.set_now(now);
+        let p = prefix_bits(addr);
+        let tick = self.tick;
+        let nbrs = &mut self.nbrs;
+        let Some(mut e) = self.table.get_mut(p) else {
+            return 0;
+        };
+        let n = e.retain(tick, |c| {
+            let stay = keep.is_some_and(|k| k == c.signed.key);
+            if !stay && let Some(Some(nb)) = nbrs.get_mut(usize::from(c.nbr)) {
+                nb.routes = nb.routes.saturating_sub(1);
+            }
+            stay
+        });
+        if n > 0 {
+            self.reselect(p);
+        }
+        n
     }
 
     /// Changes how a neighbour that is up was admitted (an operator configured a
@@ -842,6 +886,10 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 self.stats.rejected_bad_signature += 1;
                 return;
             }
+            Err(OriginReject::InsufficientWork) => {
+                self.stats.rejected_insufficient_work += 1;
+                return;
+            }
         };
         let tick = self.tick;
         let max_per = self.config.max_routes_per_neighbour;
@@ -853,6 +901,14 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 // idle entry (no candidate, feasibility distance kept) takes any owner.
                 if e.cands().next().is_some_and(|c| c.signed.key != signed.key) {
                     self.stats.rejected_conflicting_origin += 1;
+                    return;
+                }
+                // An idle entry takes any owner the pin allows (and learns it).
+                if e.cands().next().is_none()
+                    && let Some(p) = &self.pins
+                    && pins::lock(p).check(prefix, &signed.key) == PinCheck::Conflict
+                {
+                    self.stats.rejected_pinned_key += 1;
                     return;
                 }
                 let feasible = is_feasible(fd_of(&e), seqno, metric);
@@ -975,6 +1031,12 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     self.stats.rejected_neighbour_limit += 1;
                     return;
                 }
+                if let Some(p) = &self.pins
+                    && !pins::lock(p).allows(prefix, &signed.key)
+                {
+                    self.stats.rejected_pinned_key += 1;
+                    return;
+                }
                 let self_admitted = admission == Admission::SelfAdmitted;
                 let requester = self_admitted.then_some(slot);
                 if self_admitted
@@ -1001,6 +1063,9 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     metric,
                     updated: tick,
                 };
+                if let Some(p) = &self.pins {
+                    pins::lock(p).check(prefix, &c.signed.key);
+                }
                 let mut e = Entry::new(prefix, c, NONE, INFINITY);
                 if self_admitted {
                     nb.introduced += 1;

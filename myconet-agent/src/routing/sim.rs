@@ -70,7 +70,9 @@ pub struct SimConfig {
     pub detect_delay: Duration,
     /// Feed modelled RTT (2 × latency) and loss into the link cost.
     pub measure_rtt: bool,
-    /// Routing configuration of every node.
+    /// Routing configuration of every node. Simulated keys are made without the
+    /// identity proof of work (a second each at 10,000 nodes would be hours), so the
+    /// default accepts them (`min_identity_work` 0).
     pub routing: RoutingConfig,
     /// Share one verification cache among all routers (see module docs).
     pub share_cache: bool,
@@ -95,7 +97,10 @@ impl Default for SimConfig {
             loss: 0.0,
             detect_delay: Duration::from_millis(1500),
             measure_rtt: true,
-            routing: RoutingConfig::default(),
+            routing: RoutingConfig {
+                min_identity_work: 0,
+                ..RoutingConfig::default()
+            },
             share_cache: true,
             loop_sample_destinations: 8,
             loop_sample_interval: Duration::from_millis(100),
@@ -446,9 +451,9 @@ impl Sim {
     pub fn new(cfg: SimConfig) -> Self {
         let mut rng = SplitMix::new(cfg.seed);
         let n = cfg.nodes;
-        let cache = cfg
-            .share_cache
-            .then(|| VerifyCache::shared(4 * n + 1024, rng.next_u64()));
+        let cache = cfg.share_cache.then(|| {
+            VerifyCache::shared(4 * n + 1024, cfg.routing.min_identity_work, rng.next_u64())
+        });
         let mut nodes = Vec::with_capacity(n);
         for _ in 0..n {
             let mut seed = [0u8; 32];

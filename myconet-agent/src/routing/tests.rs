@@ -20,8 +20,11 @@ fn key_of(k: &Ed25519KeyPair) -> [u8; 32] {
     Signer::public_key(k).try_into().expect("32 bytes")
 }
 
+/// Test keys come from fixed seeds, without the identity proof of work (except where a
+/// test asks for it).
 fn test_config() -> RoutingConfig {
     RoutingConfig {
+        min_identity_work: 0,
         triggered_delay: Duration::from_millis(10),
         ..RoutingConfig::default()
     }
@@ -230,7 +233,7 @@ fn own_prefix_is_originated_to_new_neighbours() {
     assert_eq!(metric, 0);
     assert_eq!(*key, key_of(&kp(1)));
     assert_eq!(seqno, seqno_of(&a));
-    assert!(SignedOrigin::verify(key, p, seqno, signature).is_ok());
+    assert!(SignedOrigin::verify(key, p, seqno, signature, 0).is_ok());
 }
 
 #[test]
@@ -672,6 +675,79 @@ fn forged_announcements_are_rejected_and_counted() {
     assert_eq!(a.next_hop(prefix(&victim)), None);
 }
 
+/// An origin key without the identity proof of work is not routed: a host making keys
+/// for junk prefixes pays the work for each (`addr::IDENTITY_WORK_BITS` in a network;
+/// 6 bits here to keep the test fast).
+#[test]
+fn keys_without_the_identity_proof_of_work_are_not_routed() {
+    let t0 = Instant::now();
+    let cfg = RoutingConfig {
+        min_identity_work: 6,
+        ..test_config()
+    };
+    let mut a = Router::new(kp(1), cfg, 1, 1, t0).expect("router");
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    let keys = junk_keys(300, 0x3c);
+    let work = |k: &Arc<Ed25519KeyPair>| myconet_common::addr::identity_work(&key_of(k));
+    let weak: Vec<_> = keys.iter().filter(|k| work(k) < 6).cloned().collect();
+    let strong: Vec<_> = keys.iter().filter(|k| work(k) >= 6).cloned().collect();
+    assert!(!strong.is_empty() && !weak.is_empty());
+    announce(&mut a, 7, &keys, t0);
+    assert_eq!(routed(&a, &strong), strong.len());
+    assert_eq!(routed(&a, &weak), 0);
+    assert_eq!(a.stats().rejected_insufficient_work, weak.len() as u64);
+    assert_eq!(
+        a.stats().signature_verifications,
+        strong.len() as u64,
+        "keys without the work cost a blake3, not a signature check"
+    );
+}
+
+/// Adversarial finding 3: routing took the first key it heard for a prefix each time
+/// the prefix was new to it. With pins, the first key sticks (across restarts: the
+/// agent persists them): another key owning the same /64 is refused even when the
+/// prefix had been gone. A real second owner of a /64 costs a 2^64 search; the test
+/// stands one in by pinning the attacker's /64 to the victim's key.
+#[test]
+fn a_pinned_key_keeps_any_other_owner_of_the_prefix_out() {
+    let t0 = Instant::now();
+    let pins = crate::pins::Pins::new(64).shared();
+    let (victim, attacker) = (kp(9), kp(8));
+    let contested = owned_prefix(&key_of(&attacker));
+    crate::pins::lock(&pins).check(contested, &key_of(&victim));
+    let mut a = router(1, t0);
+    a.set_pins(pins.clone());
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    // The "colliding" owner's genuine announcement is refused.
+    a.handle_message(7, &update(&attacker, 1, 0), t0)
+        .expect("ok");
+    assert_eq!(a.next_hop(prefix(&attacker)), None);
+    assert_eq!(a.stats().rejected_pinned_key, 1);
+    // Any other prefix: its first key is learned and routed.
+    let o = kp(10);
+    a.handle_message(7, &update(&o, 1, 0), t0).expect("ok");
+    assert_eq!(a.next_hop(prefix(&o)), Some(7));
+    let learned = crate::pins::lock(&pins).get(owned_prefix(&key_of(&o)));
+    assert_eq!(learned.map(|p| p.key), Some(key_of(&o)));
+    // Forgetting the pin (the operator's override) lets the next key in, and pins it.
+    crate::pins::lock(&pins).forget(contested);
+    a.handle_message(7, &update(&attacker, 2, 0), t0)
+        .expect("ok");
+    assert_eq!(a.next_hop(prefix(&attacker)), Some(7));
+    let learned = crate::pins::lock(&pins).get(contested);
+    assert_eq!(learned.map(|p| p.key), Some(key_of(&attacker)));
+    // Once the prefix is gone (retracted: its entry is kept for its feasibility
+    // distance only, which used to take any owner), a new owner is held to the pin.
+    a.handle_message(7, &retraction(&attacker), t0).expect("ok");
+    assert_eq!(a.next_hop(prefix(&attacker)), None);
+    crate::pins::lock(&pins).forget(contested);
+    crate::pins::lock(&pins).check(contested, &key_of(&victim));
+    a.handle_message(7, &update(&attacker, 3, 0), t0)
+        .expect("ok");
+    assert_eq!(a.next_hop(prefix(&attacker)), None);
+    assert_eq!(a.stats().rejected_pinned_key, 2);
+}
+
 #[test]
 fn garbage_is_counted_never_fatal() {
     let t0 = Instant::now();
@@ -1095,7 +1171,7 @@ proptest::proptest! {
         let _ = a.handle_message(7, &p, t0);
         // Whatever was installed must be owned by and signed by its origin key.
         for r in a.routes(t0) {
-            proptest::prop_assert!(myconet_common::addr::key_owns(&r.origin, &r.prefix));
+            proptest::prop_assert!(myconet_common::addr::key_owns_prefix(&r.origin, &r.prefix));
         }
     }
 }
@@ -1108,6 +1184,7 @@ fn ms(x: u64) -> Duration {
 
 fn sim_routing() -> RoutingConfig {
     RoutingConfig {
+        min_identity_work: 0,
         triggered_delay: ms(10),
         ..RoutingConfig::default()
     }

@@ -35,13 +35,15 @@ use std::{
 
 use myconet_common::{
     addr::{
-        LINK_ADDRESS, NODE_PREFIX_LEN, is_link_reserved, is_overlay, key_owns, mask, node_address,
+        LINK_ADDRESS, NODE_PREFIX_LEN, is_link_reserved, is_overlay, key_owns, key_owns_prefix,
+        mask, node_address,
     },
     wire::{self, Packet, PacketType, Repr},
 };
 use ring::rand::SecureRandom;
 
 use crate::peers::LinkEndpoint;
+use crate::pins::{self, PinCheck, SharedPins};
 
 use super::{
     Config, ConfigError, DataHeader, ExpiryReason, HandshakeError, InboundError, PUBLIC_KEY_LEN,
@@ -299,6 +301,21 @@ pub struct SessionTable {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: Stats,
+    /// Keys pinned per /64 (`crate::pins`), shared with routing; see [`pin_allows`].
+    pins: Option<SharedPins>,
+}
+
+/// Whether `key`, which proved it owns the address `remote` in full, may also have the
+/// /64 of `remote`: no other key is pinned for it (the key is then pinned). Sessions are
+/// keyed by /64, so without this a second key owning the same /64 (the identity proof of
+/// work makes that 2^64 trials) could take over the session of a node already known.
+/// Link dials (`LINK_ADDRESS`) name no overlay address and are not pinned here.
+fn pin_allows(pins: &Option<SharedPins>, remote: Ipv6Addr, key: &[u8; PUBLIC_KEY_LEN]) -> bool {
+    let Some(pins) = pins else {
+        return true;
+    };
+    remote == LINK_ADDRESS
+        || pins::lock(pins).check((u128::from(remote) >> 64) as u64, key) != PinCheck::Conflict
 }
 
 impl std::fmt::Debug for SessionTable {
@@ -338,6 +355,7 @@ impl SessionTable {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            pins: None,
         })
     }
 
@@ -395,6 +413,11 @@ impl SessionTable {
         self.sessions.get(&index).map(|s| &s.session)
     }
 
+    /// Pins remote keys per /64 through `pins` from now on (see [`pin_allows`]).
+    pub fn set_pins(&mut self, pins: SharedPins) {
+        self.pins = Some(pins);
+    }
+
     /// Next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
@@ -409,7 +432,7 @@ impl SessionTable {
         if !is_overlay(&remote) || is_link_reserved(&remote) {
             return Err(SendError::NotOverlay(remote));
         }
-        if key_owns(&self.local_key, &remote) {
+        if key_owns_prefix(&self.local_key, &remote) {
             return Err(SendError::SelfAddress(remote));
         }
         Ok(RemoteId::Node(mask(remote, NODE_PREFIX_LEN)))
@@ -865,7 +888,7 @@ impl SessionTable {
         } else {
             return Err(HandshakeError::NotForUs(dst).into());
         };
-        if msg.static_key == self.local_key || key_owns(&self.local_key, &src) {
+        if msg.static_key == self.local_key || key_owns_prefix(&self.local_key, &src) {
             return Err(HandshakeError::SelfHandshake.into());
         }
         let loaded = self.loaded(now);
@@ -897,6 +920,9 @@ impl SessionTable {
             return Err(InboundError::RateLimited(from.ip()));
         }
         let verified = handshake::verify_init(msg)?;
+        if !pin_allows(&self.pins, src, &verified.msg.static_key) {
+            return Err(HandshakeError::UnexpectedKey(src).into());
+        }
 
         // Verified: the initiator holds the key that owns `src`.
         let m = &verified.msg;
@@ -1026,6 +1052,10 @@ impl SessionTable {
             .as_ref()
             .ok_or(InboundError::UnknownIndex(index))?;
         let verified = pending.initiation.verify_response(&msg)?;
+        let dialled = pending.initiation.remote_addr;
+        if !pin_allows(&self.pins, dialled, &msg.static_key) {
+            return Err(HandshakeError::UnexpectedKey(dialled).into());
+        }
         // Authentic: the initiation is over either way.
         self.pending_index.remove(&index);
         let Some(pending) = peer.pending.take() else {

@@ -1827,3 +1827,94 @@ fn batched_in_place_sealing_and_opening_match_the_single_packet_path() {
         Err(InboundError::UnknownIndex(0xdead_beef))
     );
 }
+
+/// Adversarial finding 3: a handshake binds the whole dialled address to the key, not
+/// only its /64. Before, a key owning the /64 (48 bits: a second key with them is a
+/// 2^48 search) answered for every address in it; now an address other than the
+/// node's own is refused at both ends.
+#[test]
+fn the_full_dialled_address_must_be_the_responders() {
+    let mut net = Net::pair();
+    let rng = SystemRandom::new();
+    // Another address in b's /64: not b's, although b's key owns the prefix.
+    let mut other = net.addr(1).octets();
+    other[15] ^= 0x5a;
+    let other = Ipv6Addr::from(other);
+    assert_eq!(
+        mask(other, NODE_PREFIX_LEN),
+        mask(net.addr(1), NODE_PREFIX_LEN)
+    );
+    assert!(matches!(
+        net.nodes[0]
+            .table
+            .send(other, b"x".to_vec(), net.now, &net.rng),
+        Ok(SendStatus::Queued { .. })
+    ));
+    let init = net.take(0).remove(0).datagram;
+    assert_eq!(
+        net.deliver(0, 1, &init),
+        Err(InboundError::Handshake(HandshakeError::NotForUs(other))),
+        "b does not answer for an address that is not its own"
+    );
+    // Nor does a response signed by the key owning the /64 complete the dial.
+    let verified = handshake::verify_init(InitMsg::parse(&init).unwrap()).expect("genuine");
+    let b_key = net.nodes[1].key.clone();
+    let pb = public(&b_key);
+    let (response, _) = handshake::respond(
+        &*b_key,
+        &pb,
+        &verified,
+        77,
+        Suite::ChaCha20Poly1305,
+        TransportConfig::default(),
+        net.now,
+        &rng,
+    )
+    .expect("signs");
+    assert_eq!(
+        net.deliver(1, 0, &response),
+        Err(InboundError::Handshake(HandshakeError::ResponderIdentity(
+            other
+        )))
+    );
+    assert_eq!(net.nodes[0].table.session_count(), 0);
+}
+
+/// Adversarial finding 3: the key pinned for a /64 (`crate::pins`) keeps any other key
+/// owning that /64 out of the session table, at both ends. A real second owner of a /64
+/// costs a 2^64 search; the test stands one in by pinning the /64 to another key.
+#[test]
+fn a_key_pinned_for_the_prefix_keeps_other_owners_out() {
+    let other = public(&keypair(9));
+    for pinned_at in [0usize, 1] {
+        let mut net = Net::pair();
+        let remote = net.addr(1 - pinned_at);
+        let pins = crate::pins::Pins::new(8).shared();
+        crate::pins::lock(&pins).check((u128::from(remote) >> 64) as u64, &other);
+        net.nodes[pinned_at].table.set_pins(pins);
+        net.send(0, 1, b"hello");
+        net.pump();
+        assert!(
+            net.nodes[pinned_at]
+                .errors
+                .contains(&InboundError::Handshake(HandshakeError::UnexpectedKey(
+                    remote
+                ))),
+            "pinned at {pinned_at}: {:?}",
+            net.nodes[pinned_at].errors
+        );
+        assert!(net.nodes[1].received.is_empty());
+    }
+    // Unpinned, the first key is learned and then required.
+    let mut net = Net::pair();
+    let pins = crate::pins::Pins::new(8).shared();
+    net.nodes[0].table.set_pins(pins.clone());
+    net.send(0, 1, b"hello");
+    net.pump();
+    assert_eq!(net.nodes[1].received, vec![b"hello".to_vec()]);
+    let b = (u128::from(net.addr(1)) >> 64) as u64;
+    assert_eq!(
+        crate::pins::lock(&pins).get(b).map(|p| p.key),
+        Some(public(&net.nodes[1].key))
+    );
+}
