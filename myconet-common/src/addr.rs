@@ -77,9 +77,9 @@ pub fn prefix_contains(prefix: Ipv6Addr, len: u8, addr: Ipv6Addr) -> bool {
 
 /// Leading zero bits the identity proof of work requires of a node key: the bits of
 /// [`identity_work`]. Generating a key that has them takes 2^16 key generations on
-/// average (about a second on one core; `identity::generate`), checking it one blake3.
-/// It makes identities cost something (a table-filling or Sybil host pays it per
-/// identity) and adds its bits to the cost of a key colliding with another's /64.
+/// average (1.4 s with two cores here, `identity::generate_pkcs8`); checking it, one
+/// blake3. It makes identities cost something (a table-filling or Sybil host pays it
+/// per identity) and adds its bits to the cost of a key colliding with another's /64.
 pub const IDENTITY_WORK_BITS: u32 = 16;
 
 #[cfg(feature = "std")]
