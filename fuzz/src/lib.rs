@@ -11,10 +11,11 @@
 //!
 //! Targets drive the agent's public entry points (`SessionTable::handle_datagram`,
 //! `ControlMessage::parse`, `Router::handle_message`, `PeerManager::on_beacon`,
-//! `FileConfig::from_toml`, the loaded XDP program), so they follow the formats as they
+//! `FileConfig::from_toml`, `myconet_content`'s parsers, the loaded XDP program), so they follow the formats as they
 //! change instead of pinning private layouts.
 
 pub mod config;
+pub mod content;
 pub mod control;
 pub mod discovery;
 pub mod header;
@@ -57,6 +58,11 @@ pub const TARGETS: &[(&str, Target, &str)] = &[
         "config",
         config::run,
         "the agent's TOML config file through resolution",
+    ),
+    (
+        "content",
+        content::run,
+        "content protocol frames and streams, manifests, MRIs and paths: round trips",
     ),
     (
         "xdp",

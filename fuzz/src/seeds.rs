@@ -152,6 +152,94 @@ ifindex = 2
     ]
 }
 
+fn content() -> Vec<(String, Vec<u8>)> {
+    use myconet_content::{
+        GroupSet, Hash, Manifest, PackagePath,
+        manifest::{AuthorKey, FileEntry, Kind, Metadata},
+        wire::{ErrorCode, Message},
+    };
+    let key = keypair(8);
+    let file = |path: &str, data: &[u8]| FileEntry {
+        path: PackagePath::new(path).expect("path"),
+        size: data.len() as u64,
+        executable: false,
+        root: Hash::of(data),
+    };
+    let manifest = Manifest::new(
+        AuthorKey::of(&key),
+        1_700_000_000,
+        Metadata {
+            title: "Holiday".into(),
+            tags: vec!["sea".into()],
+            language: "en".into(),
+            licence: "MIT".into(),
+            kind: Kind::Site,
+            ..Metadata::default()
+        },
+        vec![file("site/index.html", b"<html>"), file("a.jpg", b"jpeg")],
+    )
+    .expect("manifest");
+    let signed = manifest.sign(&key).expect("sign");
+    let blob = Hash::of(b"jpeg");
+    // Requests (read by a provider) and responses (read by a requester), back to back.
+    let mut requests = vec![4u8];
+    for m in [
+        Message::GetManifest {
+            id: 1,
+            package: signed.id(),
+        },
+        Message::GetGroups {
+            id: 2,
+            blob,
+            size: 1 << 20,
+            groups: GroupSet::from_range(0..8),
+        },
+        Message::Cancel { id: 2 },
+    ] {
+        requests.extend(m.to_bytes());
+    }
+    // Mode 0 with a 7-byte read size: a requester reading the responses.
+    let mut responses = vec![7u8 << 3];
+    for m in [
+        Message::Manifest {
+            id: 1,
+            bytes: signed.bytes(),
+        },
+        Message::Groups {
+            id: 2,
+            groups: GroupSet::from_range(0..2),
+        },
+        Message::Data {
+            id: 2,
+            bytes: b"encoded",
+        },
+        Message::Error {
+            id: 3,
+            code: ErrorCode::Busy,
+            retry_after_ms: 500,
+        },
+    ] {
+        responses.extend(m.to_bytes());
+    }
+    let mut unsigned = vec![1u8];
+    unsigned.extend(manifest.encode());
+    let mut signed_seed = vec![2u8];
+    signed_seed.extend(signed.bytes());
+    let mri = format!(
+        "{}\nsite/index.html",
+        myconet_content::Mri::package(signed.id())
+    );
+    let mut names = vec![3u8];
+    names.extend(mri.as_bytes());
+    vec![
+        ("requests".into(), requests),
+        ("responses".into(), responses),
+        ("manifest".into(), unsigned),
+        ("signed_manifest".into(), signed_seed),
+        ("names".into(), names),
+    ]
+}
+
 fn xdp() -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = differential::base_frames()
         .into_iter()
@@ -218,6 +306,7 @@ pub fn all() -> Vec<Seed> {
     }));
     add("discovery", beacons);
     add("config", config());
+    add("content", content());
     add("xdp", xdp());
     out
 }

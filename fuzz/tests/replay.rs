@@ -69,6 +69,11 @@ fn config_inputs_replay() {
 }
 
 #[test]
+fn content_inputs_replay() {
+    replay("content");
+}
+
+#[test]
 fn xdp_inputs_replay() {
     replay("xdp");
 }

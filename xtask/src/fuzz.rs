@@ -27,6 +27,10 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("discovery", "discovery beacons into the peer manager"),
     ("config", "the agent's TOML config file"),
     (
+        "content",
+        "content protocol frames, manifests, MRIs and paths",
+    ),
+    (
         "xdp",
         "frames through the XDP program vs the userspace decision (root)",
     ),
