@@ -23,8 +23,10 @@
 //! 5. **Slow providers.** When no unassigned work is left, an idle provider duplicates
 //!    the largest unfinished unit of another provider (endgame); whichever delivers a
 //!    group first wins, the other request is cancelled when its unit is done. A
-//!    provider that sends nothing for `stall_timeout` while it has requests loses them
-//!    (cancelled and reassigned) and backs off; after `max_failures` it is dropped.
+//!    provider that makes no progress (answers no request and delivers no verified
+//!    group) for `stall_timeout` while it has requests loses them (cancelled and
+//!    reassigned) and backs off; after `max_failures` it is dropped. Bytes alone are
+//!    not progress, so a trickle stalls like silence.
 //! 6. **Verification.** Every group is checked against the file's root before it is
 //!    handed to the shell. A provider whose data or proofs fail is dropped at once and
 //!    counted; its unfinished units go back to the others. Protocol violations
@@ -34,10 +36,13 @@
 //!    busy backs off for the stated delay; a size mismatch from every provider of a
 //!    blob fails the download with that reason (the manifest disagrees with the data).
 //!
-//! Providers are identified by `P` (the shell's overlay address type).
+//! Providers are identified by `P` (the shell's overlay address type). Request ids are
+//! unique within one `Fetch` (counting from 1): a shell that carries several downloads
+//! over one connection to a provider must keep their ids apart (the serving side
+//! refuses an id the peer already has in progress).
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     fmt,
     hash::Hash as StdHash,
     time::{Duration, Instant},
@@ -47,18 +52,21 @@ use crate::{
     GroupSet, Hash, SignedManifest,
     manifest::ManifestError,
     mri::PackageId,
-    verified::{Decoder, Verified, VerifiedParent, group_bytes, group_count},
-    wire::{ErrorCode, Message},
+    verified::{Decoder, Verified, VerifiedParent, encoded_len, group_count, groups_byte_len},
+    wire::{ErrorCode, MAX_REQUEST_GROUPS, MAX_REQUEST_RANGES, Message},
 };
 
 /// Tuning of downloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchConfig {
-    /// Groups per request unit (64 = 1 MiB).
+    /// Groups per request unit (64 = 1 MiB; at most `wire::MAX_REQUEST_GROUPS`, and a
+    /// unit over held groups' holes is cut to `wire::MAX_REQUEST_RANGES` ranges).
     pub unit_groups: u64,
     /// Requests in flight per provider.
     pub depth: usize,
-    /// A provider with requests that sends nothing for this long has stalled.
+    /// A provider with requests that makes no progress (answers no request, delivers no
+    /// verified group) for this long has stalled: with 16 KiB groups and 10 s, a
+    /// provider slower than 1.6 kB/s.
     pub stall_timeout: Duration,
     /// Stalls and lost connections before a provider is dropped.
     pub max_failures: u32,
@@ -79,6 +87,15 @@ impl Default for FetchConfig {
             endgame: true,
         }
     }
+}
+
+/// Longest busy delay a provider's `retry after` can impose: one frame must not park a
+/// download for days (the field allows 49).
+pub const MAX_BUSY_DELAY: Duration = Duration::from_secs(60);
+
+/// The back-off for a busy answer: at least 10 ms, at most [`MAX_BUSY_DELAY`].
+fn busy_delay(retry_after_ms: u32) -> Duration {
+    Duration::from_millis(retry_after_ms.max(10).into()).min(MAX_BUSY_DELAY)
 }
 
 /// Why a provider was dropped.
@@ -236,6 +253,9 @@ struct ProviderState<P> {
     backoff_until: Option<Instant>,
     failures: u32,
     in_flight: usize,
+    /// When it last made progress: answered a request (a manifest, a groups header, an
+    /// error, a stream's end) or delivered a verified group. Bytes alone are not
+    /// progress: a trickle would never stall.
     last_activity: Instant,
     delivered: u64,
     received: u64,
@@ -243,11 +263,70 @@ struct ProviderState<P> {
     busy_time: Duration,
     /// Groups of blob i this provider does not hold (learned from refusals).
     lacks: HashMap<usize, GroupSet>,
+    /// Blobs it can no longer help with, skipped by the scheduler.
+    exhausted: Skip,
     tried_manifest: bool,
-    /// Ids of requests given up while the connection stayed open: their late frames
-    /// are ignored, not taken for protocol violations.
-    stale: HashSet<u32>,
+    /// Requests given up while the connection stayed open: their late frames are
+    /// checked against what they may still carry and ignored (not progress, not
+    /// violations). An entry ends with the request's error or the last byte of its
+    /// encoding, as it does on the provider.
+    stale: HashMap<u32, Stale>,
 }
+
+/// The blob indices a provider may still help with, in file order. A blob is removed
+/// once every group of it not yet verified is one the provider refused: verified groups
+/// and refusals only ever grow, so a removal is final, and a union-find next-pointer
+/// (with path halving) finds the next candidate in amortised constant time. This keeps
+/// scheduling linear in the number of files (a manifest may hold 100,000) instead of a
+/// walk over every file for every request.
+#[derive(Debug, Default)]
+struct Skip {
+    /// `next[i] == i` while blob `i` is a candidate; the sentinel `next[n] == n`.
+    next: Vec<u32>,
+}
+
+impl Skip {
+    /// The first candidate at or after `i` (`n` if none), for `n` blobs.
+    fn find(&mut self, n: usize, mut i: usize) -> usize {
+        if self.next.len() != n + 1 {
+            // n <= MAX_FILES, far below u32::MAX.
+            self.next = (0..=n as u32).collect();
+        }
+        while self.next[i] as usize != i {
+            let skip = self.next[self.next[i] as usize];
+            self.next[i] = skip;
+            i = skip as usize;
+        }
+        i
+    }
+
+    /// Blob `i` (a candidate just returned by `find`) is no longer one.
+    fn remove(&mut self, i: usize) {
+        self.next[i] = i as u32 + 1;
+    }
+}
+
+/// What a cancelled request may still bring on its connection.
+#[derive(Debug)]
+enum Stale {
+    /// A manifest request: a manifest or an error ends it.
+    Manifest,
+    /// A groups request whose stream had not started: a groups header (a subset of
+    /// `asked`) may still come, or an error.
+    Header {
+        /// The blob's size.
+        size: u64,
+        /// The groups asked for.
+        asked: GroupSet,
+    },
+    /// A groups stream under way: at most this many encoded bytes remain.
+    Stream(u64),
+}
+
+/// Most cancelled requests whose streams may still be arriving on one connection. An
+/// honest provider ends each (its stream or an error) in order, so it never has more
+/// than what was recently in flight; one that never ends them is dropped.
+const MAX_STALE: usize = 1024;
 
 impl<P> ProviderState<P> {
     fn usable(&self, now: Instant) -> bool {
@@ -292,6 +371,10 @@ pub struct Fetch<P> {
     manifest: Option<SignedManifest>,
     manifest_request: Option<(usize, u32, Instant)>,
     blobs: Vec<BlobState>,
+    /// Blobs not yet complete (the download is done at 0).
+    incomplete: usize,
+    /// Blobs some provider answered size mismatch for (few; checked on every drive).
+    mismatched: Vec<usize>,
     providers: Vec<ProviderState<P>>,
     requests: HashMap<(usize, u32), Request>,
     next_id: u32,
@@ -311,6 +394,8 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             manifest: None,
             manifest_request: None,
             blobs: Vec::new(),
+            incomplete: 0,
+            mismatched: Vec::new(),
             providers: Vec::new(),
             requests: HashMap::new(),
             next_id: 1,
@@ -367,8 +452,9 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             busy_since: None,
             busy_time: Duration::ZERO,
             lacks: HashMap::new(),
+            exhausted: Skip::default(),
             tried_manifest: false,
-            stale: HashSet::new(),
+            stale: HashMap::new(),
         });
         self.drive();
     }
@@ -379,17 +465,27 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         if self.phase != Phase::Local {
             return;
         }
+        // Blobs are distinct by hash (the manifest refuses one hash at two sizes).
+        let index: HashMap<Hash, usize> = self
+            .blobs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.hash, i))
+            .collect();
         for (hash, groups) in have {
-            for b in self.blobs.iter_mut().filter(|b| b.hash == *hash) {
+            if let Some(b) = index.get(hash).map(|&i| &mut self.blobs[i]) {
                 let all = GroupSet::all(group_count(b.size));
                 b.verified = b.verified.union(&groups.intersection(&all));
             }
         }
         self.phase = Phase::Download;
+        self.incomplete = 0;
         for i in 0..self.blobs.len() {
             if self.blob_complete(i) {
                 self.events
                     .push_back(Event::BlobComplete(self.blobs[i].hash));
+            } else {
+                self.incomplete += 1;
             }
         }
         self.drive();
@@ -404,12 +500,13 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         if self.providers[pi].dropped.is_some() || self.is_finished() {
             return;
         }
-        self.providers[pi].last_activity = now;
-        if self.providers[pi].stale.contains(&msg.id()) {
-            // A late frame of a request given up on; an error ends it.
-            if matches!(msg, Message::Error { .. }) {
-                self.providers[pi].stale.remove(&msg.id());
+        if self.providers[pi].stale.contains_key(&msg.id()) {
+            // A late frame of a request given up on: bounded, and not progress (else a
+            // provider could hide a stall behind a trickle of it).
+            if let Err(what) = self.on_stale(pi, msg) {
+                self.violation(pi, &what);
             }
+            self.drive();
             return;
         }
         match msg {
@@ -505,15 +602,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
 
     /// Where the download stands.
     pub fn progress(&self) -> Progress<P> {
-        let size_of = |b: &BlobState| -> u64 {
-            b.verified
-                .iter()
-                .map(|g| {
-                    let r = group_bytes(b.size, g);
-                    r.end - r.start
-                })
-                .sum()
-        };
+        let size_of = |b: &BlobState| groups_byte_len(b.size, &b.verified);
         Progress {
             total_bytes: self.blobs.iter().map(|b| b.size).sum(),
             verified_bytes: self.blobs.iter().map(size_of).sum(),
@@ -541,6 +630,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             return self.violation(pi, "unsolicited manifest");
         }
         self.manifest_request = None;
+        self.providers[pi].last_activity = self.now;
         self.set_idle_if_done(pi);
         if PackageId::of_signed_manifest(bytes) != self.package {
             self.drop_provider(pi, DropReason::Corrupt);
@@ -571,6 +661,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         req.asked = offered.clone();
         req.decoder = Some(decoder);
         let blob = req.blob;
+        self.providers[pi].last_activity = self.now;
         if !missing.is_empty() {
             let lacks = self.providers[pi].lacks.entry(blob).or_default();
             *lacks = lacks.union(&missing);
@@ -603,6 +694,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
                     offset,
                     data,
                 })) => {
+                    self.providers[pi].last_activity = self.now;
                     let b = &mut self.blobs[blob];
                     if b.verified.contains(group) {
                         self.stats.duplicate_groups += 1;
@@ -626,16 +718,51 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         }
         self.providers[pi].delivered += new_bytes;
         if req.decoder.as_ref().is_some_and(|d| d.is_done()) {
-            // Complete (if it was cancelled meanwhile, the provider ignores the cancel).
-            self.providers[pi].stale.remove(&id);
             self.finish_request(pi, id);
         }
         if new_bytes > 0 {
+            // It gained groups, so it was not complete before: this is the one moment.
             if self.blob_complete(blob) {
+                self.incomplete -= 1;
                 self.events.push_back(Event::BlobComplete(hash));
             }
             self.cancel_covered(blob);
         }
+    }
+
+    /// A frame for a cancelled request: checked against what it may still carry.
+    fn on_stale(&mut self, pi: usize, msg: &Message<'_>) -> Result<(), String> {
+        let stale = &mut self.providers[pi].stale;
+        let id = msg.id();
+        let Some(entry) = stale.get_mut(&id) else {
+            return Ok(());
+        };
+        match (msg, &*entry) {
+            (Message::Error { .. }, _) | (Message::Manifest { .. }, Stale::Manifest) => {
+                stale.remove(&id);
+            }
+            (Message::Groups { groups, .. }, Stale::Header { size, asked })
+                if !groups.is_empty() && asked.is_superset(groups) =>
+            {
+                let len = encoded_len(*size, groups).map_err(|e| e.to_string())?;
+                *entry = Stale::Stream(len);
+            }
+            (Message::Data { bytes, .. }, Stale::Stream(left)) if bytes.len() as u64 <= *left => {
+                let left = *left - bytes.len() as u64;
+                if left == 0 {
+                    stale.remove(&id);
+                } else {
+                    *entry = Stale::Stream(left);
+                }
+            }
+            (m, _) => {
+                return Err(format!(
+                    "{} not allowed for cancelled request {id}",
+                    m.message_type()
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn on_error(&mut self, pi: usize, id: u32, code: ErrorCode, retry_after_ms: u32) {
@@ -644,11 +771,11 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             .is_some_and(|(p, i, _)| p == pi && i == id)
         {
             self.manifest_request = None;
+            self.providers[pi].last_activity = self.now;
             self.set_idle_if_done(pi);
             if code == ErrorCode::Busy {
                 self.stats.busy += 1;
-                self.providers[pi].backoff_until =
-                    Some(self.now + Duration::from_millis(retry_after_ms.into()));
+                self.providers[pi].backoff_until = Some(self.now + busy_delay(retry_after_ms));
                 self.providers[pi].tried_manifest = false;
             }
             return;
@@ -658,6 +785,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         };
         let blob = req.blob;
         let asked = req.asked.clone();
+        self.providers[pi].last_activity = self.now;
         self.finish_request(pi, id);
         match code {
             ErrorCode::NotFound => {
@@ -667,17 +795,25 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             ErrorCode::SizeMismatch => {
                 let all = GroupSet::all(group_count(self.blobs[blob].size));
                 self.providers[pi].lacks.insert(blob, all);
+                if self.blobs[blob].mismatch.is_empty() {
+                    self.mismatched.push(blob);
+                }
                 if !self.blobs[blob].mismatch.contains(&pi) {
                     self.blobs[blob].mismatch.push(pi);
                 }
             }
             ErrorCode::Busy => {
                 self.stats.busy += 1;
-                self.providers[pi].backoff_until =
-                    Some(self.now + Duration::from_millis(retry_after_ms.max(10).into()));
+                self.providers[pi].backoff_until = Some(self.now + busy_delay(retry_after_ms));
             }
-            ErrorCode::Cancelled => {}
-            ErrorCode::BadRequest | ErrorCode::TooLarge | ErrorCode::Unavailable => {
+            // Cancelled answers a cancel, and this request was not cancelled (a
+            // cancelled one is stale and never gets here): the provider will not serve
+            // it. Forgetting it without a note would hand it the same groups again at
+            // once, forever.
+            ErrorCode::Cancelled
+            | ErrorCode::BadRequest
+            | ErrorCode::TooLarge
+            | ErrorCode::Unavailable => {
                 let lacks = self.providers[pi].lacks.entry(blob).or_default();
                 *lacks = lacks.union(&asked);
             }
@@ -756,14 +892,33 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
         }
     }
 
+    /// Cancels request `id` of `pi` (a groups request still in `requests`, or the
+    /// manifest request): its late frames will be checked against what it may still
+    /// carry. The caller then forgets the request.
     fn cancel(&mut self, pi: usize, id: u32) {
-        let stale = &mut self.providers[pi].stale;
-        // Bounded: a provider that never ends cancelled streams is dropped long before.
-        if stale.len() >= 4096 {
-            stale.clear();
+        if self.providers[pi].dropped.is_some() {
+            return;
         }
-        stale.insert(id);
+        let entry = match self.requests.get(&(pi, id)) {
+            Some(r) => match &r.decoder {
+                Some(d) => Stale::Stream(d.remaining()),
+                None => Stale::Header {
+                    size: self.blobs[r.blob].size,
+                    asked: r.asked.clone(),
+                },
+            },
+            None => Stale::Manifest,
+        };
+        if let Stale::Stream(0) = entry {
+            // Every byte arrived: nothing can follow.
+            return;
+        }
+        let stale = &mut self.providers[pi].stale;
+        stale.insert(id, entry);
         self.send(pi, Message::Cancel { id });
+        if self.providers[pi].stale.len() > MAX_STALE {
+            self.drop_provider(pi, DropReason::Unresponsive);
+        }
     }
 
     fn set_idle_if_done(&mut self, pi: usize) {
@@ -911,7 +1066,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
     }
 
     fn drive_download(&mut self) {
-        if (0..self.blobs.len()).all(|i| self.blob_complete(i)) {
+        if self.incomplete == 0 {
             self.phase = Phase::Done;
             let all: Vec<(usize, u32)> = self.requests.keys().copied().collect();
             for (pi, id) in all {
@@ -921,14 +1076,22 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
             self.events.push_back(Event::Done);
             return;
         }
-        for (i, b) in self.blobs.iter().enumerate() {
-            let live = self
-                .providers
+        let live = self
+            .providers
+            .iter()
+            .filter(|p| p.dropped.is_none())
+            .count();
+        for &i in &self.mismatched {
+            let b = &self.blobs[i];
+            // Only answers of providers still in the download count: a dropped one's
+            // word (perhaps a lie before it got itself dropped) must not fail a blob
+            // that a live provider holds.
+            let disagree = b
+                .mismatch
                 .iter()
-                .enumerate()
-                .filter(|(_, p)| p.dropped.is_none())
+                .filter(|&&p| self.providers[p].dropped.is_none())
                 .count();
-            if !b.mismatch.is_empty() && b.mismatch.len() >= live && !self.blob_complete(i) {
+            if disagree > 0 && disagree >= live && !self.blob_complete(i) {
                 let blob = b.hash;
                 return self.fail(FetchError::SizeMismatch { blob });
             }
@@ -979,38 +1142,41 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
                 let missing_bytes = self
                     .blobs
                     .iter()
-                    .map(|b| {
-                        b.size.saturating_sub(
-                            b.verified
-                                .iter()
-                                .map(|g| {
-                                    let r = group_bytes(b.size, g);
-                                    r.end - r.start
-                                })
-                                .sum::<u64>(),
-                        )
-                    })
+                    .map(|b| b.size - groups_byte_len(b.size, &b.verified))
                     .sum();
                 self.fail(FetchError::Unavailable { missing_bytes });
             }
         }
     }
 
-    /// The first unassigned unit provider `pi` may hold.
-    fn next_unit(&self, pi: usize) -> Option<(usize, GroupSet)> {
-        let u = self.config.unit_groups.max(1);
-        for (i, b) in self.blobs.iter().enumerate() {
-            let count = group_count(b.size);
-            let mut free = GroupSet::all(count)
-                .difference(&b.verified)
-                .difference(&b.assigned);
-            if let Some(l) = self.providers[pi].lacks.get(&i) {
-                free = free.difference(l);
+    /// The first unassigned unit provider `pi` may hold. Blobs it can no longer help
+    /// with are dropped from its candidates for good, so over a download each provider
+    /// passes each blob once, plus the blobs with requests in flight on every call.
+    fn next_unit(&mut self, pi: usize) -> Option<(usize, GroupSet)> {
+        // Whatever the configuration, a unit is a request a provider accepts.
+        let u = self.config.unit_groups.clamp(1, MAX_REQUEST_GROUPS);
+        let n = self.blobs.len();
+        let p = &mut self.providers[pi];
+        let mut i = p.exhausted.find(n, 0);
+        while i < n {
+            let b = &self.blobs[i];
+            let mut open = GroupSet::all(group_count(b.size)).difference(&b.verified);
+            if let Some(l) = p.lacks.get(&i) {
+                open = open.difference(l);
             }
-            let Some(first) = free.first() else { continue };
-            let start = first / u * u;
-            let unit = free.intersection(&GroupSet::from_range(start..start.saturating_add(u)));
-            return Some((i, unit));
+            if open.is_empty() {
+                p.exhausted.remove(i);
+            } else {
+                let free = open.difference(&b.assigned);
+                if let Some(first) = free.first() {
+                    let start = first / u * u;
+                    let unit = free
+                        .intersection(&GroupSet::from_range(start..start.saturating_add(u)))
+                        .first_ranges(MAX_REQUEST_RANGES);
+                    return Some((i, unit));
+                }
+            }
+            i = p.exhausted.find(n, i + 1);
         }
         None
     }
@@ -1026,6 +1192,7 @@ impl<P: Clone + Eq + StdHash + fmt::Debug> Fetch<P> {
                 if let Some(l) = self.providers[pi].lacks.get(&r.blob) {
                     rest = rest.difference(l);
                 }
+                let rest = rest.first_ranges(MAX_REQUEST_RANGES);
                 (!rest.is_empty()).then_some((r.blob, rest, *k))
             })
             .max_by_key(|(_, rest, k)| (rest.len(), std::cmp::Reverse(*k)))

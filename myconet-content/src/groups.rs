@@ -221,6 +221,13 @@ impl GroupSet {
         GroupSet { ranges: out }
     }
 
+    /// The groups of the first `max` ranges of the set.
+    pub fn first_ranges(&self, max: usize) -> GroupSet {
+        GroupSet {
+            ranges: self.ranges.iter().take(max).cloned().collect(),
+        }
+    }
+
     /// Bytes [`GroupSet::encode`] writes.
     pub fn encoded_len(&self) -> usize {
         Self::COUNT_LEN + self.ranges.len() * Self::RANGE_LEN

@@ -34,7 +34,11 @@
 //! and measures the metadata before anything is allocated for them, so a manifest of
 //! millions of empty entries costs a scan, not gigabytes of structs.
 
-use std::{collections::BTreeMap, collections::HashSet, fmt, str::FromStr};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    str::FromStr,
+};
 
 use prost::Message;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
@@ -241,6 +245,52 @@ impl AuthorKey {
         k.copy_from_slice(key.public_key().as_ref());
         Self(k)
     }
+
+    /// True for a point of small order (its order divides 8). Nobody holds a private key
+    /// for such a point, yet signatures "verify" under it for most messages (S = 0 with
+    /// R the small-order point `-[k]A`, which a forger computes by trying the eight),
+    /// and ring's verification accepts them. A manifest under such a key could
+    /// be signed by anybody, and re-signed into as many package ids as a forger likes,
+    /// so these keys are refused.
+    pub fn is_small_order(&self) -> bool {
+        let mut y = self.0;
+        y[31] &= 0x7f; // the sign of x: both signs of a small-order y are small-order
+        SMALL_ORDER_Y.contains(&y)
+    }
+}
+
+/// The y coordinates (little-endian, 255 bits) of the Ed25519 points of small order:
+/// 0 (order 4, x = ±sqrt(-1)), 1 (the identity), the two of order 8 (y² = (-1 +
+/// sqrt(1 + d)) / d, the root for which that is a square), p - 1 (order 2), and p and
+/// p + 1, the non-canonical spellings of 0 and 1 (y ≥ p is only possible for y < 19).
+/// Computed for this module from the curve equation -x² + y² = 1 + d·x²·y².
+const SMALL_ORDER_Y: [[u8; 32]; 7] = [
+    hex32("0000000000000000000000000000000000000000000000000000000000000000"),
+    hex32("0100000000000000000000000000000000000000000000000000000000000000"),
+    hex32("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    hex32("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+    hex32("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex32("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex32("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+];
+
+const fn hex32(s: &str) -> [u8; 32] {
+    const fn nibble(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => panic!("not lowercase hex"),
+        }
+    }
+    let b = s.as_bytes();
+    assert!(b.len() == 64);
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        out[i] = (nibble(b[2 * i]) << 4) | nibble(b[2 * i + 1]);
+        i += 1;
+    }
+    out
 }
 
 /// The descriptive part of a manifest.
@@ -309,6 +359,9 @@ pub enum ManifestError {
     /// The author key is not 32 bytes.
     #[error("author key is {0} bytes, an Ed25519 key is 32")]
     AuthorKey(usize),
+    /// The author key is a point of small order, under which anybody can sign.
+    #[error("author key {0} is an Ed25519 point of small order: anybody can sign under it")]
+    WeakAuthorKey(AuthorKey),
     /// The signature does not verify under the author key.
     #[error("signature does not verify under the author's key")]
     BadSignature,
@@ -359,6 +412,28 @@ pub enum ManifestError {
     /// An empty file whose hash is not the hash of no bytes.
     #[error("file {0}: size 0 but its hash is not the hash of no bytes")]
     EmptyFileHash(String),
+    /// Two files with one hash and different sizes: one size disagrees with the data.
+    #[error(
+        "files {other_path} ({other_size} bytes) and {path} ({size} bytes) have one hash: a size disagrees with the data"
+    )]
+    RootSizeConflict {
+        /// The later file.
+        path: String,
+        /// Its size.
+        size: u64,
+        /// The earlier file with the same hash.
+        other_path: String,
+        /// Its size.
+        other_size: u64,
+    },
+    /// A file whose hash is the hash of no bytes but whose size is not 0.
+    #[error("file {path}: {size} bytes, but its hash is the hash of no bytes")]
+    EmptyHashSize {
+        /// The file.
+        path: String,
+        /// Its size.
+        size: u64,
+    },
     /// A file over [`MAX_FILE_BYTES`].
     #[error("file {path}: {size} bytes, at most {MAX_FILE_BYTES} (MAX_FILE_BYTES) allowed")]
     FileTooLarge {
@@ -604,6 +679,9 @@ impl Manifest {
 
     /// Checks every rule of the format.
     pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.author.is_small_order() {
+            return Err(ManifestError::WeakAuthorKey(self.author));
+        }
         self.metadata.validate()?;
         if self.files.is_empty() {
             return Err(ManifestError::NoFiles);
@@ -612,6 +690,10 @@ impl Manifest {
             return Err(ManifestError::TooManyFiles(self.files.len()));
         }
         let mut dirs = HashSet::new();
+        // The first file of each hash: every other file with that hash must agree on the
+        // size (the hash commits to the length, so at most one size can be the data's).
+        let mut first_of: HashMap<Hash, usize> = HashMap::with_capacity(self.files.len());
+        let empty = Hash::of(b"");
         let mut total = 0u64;
         for (i, f) in self.files.iter().enumerate() {
             if i > 0 {
@@ -632,8 +714,23 @@ impl Manifest {
                     size: f.size,
                 });
             }
-            if f.size == 0 && f.root != Hash::of(b"") {
+            if f.size == 0 && f.root != empty {
                 return Err(ManifestError::EmptyFileHash(f.path.to_string()));
+            }
+            if f.size != 0 && f.root == empty {
+                return Err(ManifestError::EmptyHashSize {
+                    path: f.path.to_string(),
+                    size: f.size,
+                });
+            }
+            let first = &self.files[*first_of.entry(f.root).or_insert(i)];
+            if first.size != f.size {
+                return Err(ManifestError::RootSizeConflict {
+                    path: f.path.to_string(),
+                    size: f.size,
+                    other_path: first.path.to_string(),
+                    other_size: first.size,
+                });
             }
             total = total
                 .checked_add(f.size)

@@ -75,22 +75,27 @@ impl FromStr for PackageId {
     type Err = MriError;
     /// Parses the 52-character base32 form (without the scheme).
     fn from_str(s: &str) -> Result<Self, MriError> {
+        // Characters first, then the length: a non-ASCII character makes the byte length
+        // differ from what a reader counts, and "52 characters, got 52" helps nobody.
+        if let Some((position, found)) = s
+            .chars()
+            .enumerate()
+            .find(|(_, c)| !matches!(c, 'a'..='z' | '2'..='7'))
+        {
+            return Err(MriError::IdChar { position, found });
+        }
         let b = s.as_bytes();
         if b.len() != ID_CHARS {
-            return Err(MriError::IdLength(s.chars().count()));
+            return Err(MriError::IdLength(b.len()));
         }
         let mut out = [0u8; 32];
         let (mut acc, mut bits, mut n) = (0u32, 0u32, 0usize);
-        for (position, &c) in b.iter().enumerate() {
-            let v = match c {
-                b'a'..=b'z' => c - b'a',
-                b'2'..=b'7' => c - b'2' + 26,
-                _ => {
-                    return Err(MriError::IdChar {
-                        position,
-                        found: s[position..].chars().next().unwrap_or('?'),
-                    });
-                }
+        for &c in b {
+            // Checked above: lowercase letters and 2-7 only.
+            let v = if c.is_ascii_lowercase() {
+                c - b'a'
+            } else {
+                c - b'2' + 26
             };
             acc = (acc << 5) | u32::from(v);
             bits += 5;
@@ -312,6 +317,21 @@ mod tests {
             ),
             (format!("mri:{}b", &idpart[..51]), MriError::IdTrailingBits),
             (format!("{good}/"), MriError::EmptyPath),
+            // 52 characters but 53 bytes: the error is the character, not the length.
+            (
+                format!("mri:{}é", &idpart[..51]),
+                MriError::IdChar {
+                    position: 51,
+                    found: 'é',
+                },
+            ),
+            (
+                format!("mri:{}é", &idpart[..50]),
+                MriError::IdChar {
+                    position: 50,
+                    found: 'é',
+                },
+            ),
             (format!("{good}/a%2"), MriError::BadEscape(1)),
             (format!("{good}/a%2f"), MriError::BadEscape(1)),
             (format!("{good}/%41"), MriError::NotCanonical(0)),

@@ -12,7 +12,7 @@
 //! Linux never collides; a normalising or case-folding file system elsewhere may merge
 //! names, which the extractor there must refuse.
 
-use std::{fmt, str::FromStr};
+use std::{collections::VecDeque, fmt, str::FromStr};
 
 /// Longest path in bytes.
 pub const MAX_PATH_BYTES: usize = 1024;
@@ -20,6 +20,8 @@ pub const MAX_PATH_BYTES: usize = 1024;
 pub const MAX_COMPONENT_BYTES: usize = 255;
 /// Most components in one path.
 pub const MAX_DEPTH: usize = 64;
+/// Most symbolic links followed to resolve one (Linux's limit for a path lookup).
+pub const MAX_SYMLINK_HOPS: usize = 40;
 
 /// A normalised relative path inside a package.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -67,6 +69,12 @@ pub enum PathError {
         /// Byte offset.
         at: usize,
     },
+    /// A chain of symbolic links longer than [`MAX_SYMLINK_HOPS`] (a loop).
+    #[error("symbolic link {link}: more than {MAX_SYMLINK_HOPS} links followed (a loop?)")]
+    SymlinkLoop {
+        /// The link's own path.
+        link: String,
+    },
     /// A symbolic link whose target leaves the package.
     #[error("symbolic link {link} points to {target:?}, outside the package")]
     SymlinkEscapes {
@@ -105,10 +113,24 @@ impl PackagePath {
         self.0.match_indices('/').map(|(i, _)| &self.0[..i])
     }
 
-    /// Where a symbolic link at `link` with target `target` points inside the package, or
-    /// [`PathError::SymlinkEscapes`] if it leaves it (absolute targets always do). Importers
-    /// use this to follow links that stay inside the tree and refuse the others.
-    pub fn resolve_symlink(link: &PackagePath, target: &str) -> Result<PackagePath, PathError> {
+    /// Where a symbolic link at `link` with target `target` leads inside the package, or
+    /// [`PathError::SymlinkEscapes`] if it leaves it (absolute targets always do; so
+    /// does a target that is the package's root, which is no file). Importers use this
+    /// to follow links that stay inside the tree and refuse the others.
+    ///
+    /// Resolution is the kernel's, not lexical: each component of the target is looked
+    /// up in turn, and one that is itself a link is replaced by that link's target
+    /// (`read_link` gives the target of a path in the package if it is a symbolic link,
+    /// `None` if it is not). Lexically `a/b/l -> s/../../../x` is `x`, but with
+    /// `a/b/s -> ../../c` the `..` after `s` climb from `c`, not from `a/b/s`, and the
+    /// link leaves the package. `link` is where the importer found the link, walking
+    /// real directories. More than [`MAX_SYMLINK_HOPS`] links is
+    /// [`PathError::SymlinkLoop`].
+    pub fn resolve_symlink(
+        link: &PackagePath,
+        target: &str,
+        mut read_link: impl FnMut(&PackagePath) -> Option<String>,
+    ) -> Result<PackagePath, PathError> {
         let escapes = || PathError::SymlinkEscapes {
             link: link.0.clone(),
             target: target.to_owned(),
@@ -116,16 +138,38 @@ impl PackagePath {
         if target.starts_with('/') {
             return Err(escapes());
         }
-        let mut parts: Vec<&str> = link
+        let mut parts: Vec<String> = link
             .parent()
-            .map_or_else(Vec::new, |d| d.split('/').collect());
-        for c in target.split('/') {
-            match c {
+            .map_or_else(Vec::new, |d| d.split('/').map(str::to_owned).collect());
+        let mut pending: VecDeque<String> = target.split('/').map(str::to_owned).collect();
+        let mut hops = 0;
+        while let Some(c) = pending.pop_front() {
+            match c.as_str() {
                 "" | "." => {}
                 ".." => {
                     parts.pop().ok_or_else(escapes)?;
                 }
-                c => parts.push(c),
+                _ => {
+                    parts.push(c);
+                    let here = PackagePath::new(parts.join("/"))?;
+                    if let Some(next) = read_link(&here) {
+                        hops += 1;
+                        if hops > MAX_SYMLINK_HOPS {
+                            return Err(PathError::SymlinkLoop {
+                                link: link.0.clone(),
+                            });
+                        }
+                        if next.starts_with('/') {
+                            return Err(escapes());
+                        }
+                        // The link's own name goes; its target is read from its
+                        // directory.
+                        parts.pop();
+                        for comp in next.split('/').rev() {
+                            pending.push_front(comp.to_owned());
+                        }
+                    }
+                }
             }
         }
         if parts.is_empty() {
@@ -263,7 +307,7 @@ mod tests {
     #[test]
     fn symlinks_inside_resolve_and_outside_are_refused() {
         let link = PackagePath::new("site/img/logo").unwrap();
-        let ok = |t: &str| PackagePath::resolve_symlink(&link, t).map(|p| p.0);
+        let ok = |t: &str| PackagePath::resolve_symlink(&link, t, |_| None).map(|p| p.0);
         assert_eq!(ok("real.png").as_deref(), Ok("site/img/real.png"));
         assert_eq!(ok("../css/./a.css").as_deref(), Ok("site/css/a.css"));
         assert_eq!(ok("../../top").as_deref(), Ok("top"));
@@ -273,6 +317,49 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// Links met on the way are followed as the kernel would, not skipped lexically: a
+    /// `..` after a link climbs from where the link leads.
+    #[test]
+    fn links_on_the_way_are_followed() {
+        let links: std::collections::HashMap<&str, &str> = [
+            ("a/b/s", "../../c"), // a directory at the top
+            ("a/b/deep", "../../c/d/e"),
+            ("loop1", "loop2"),
+            ("loop2", "loop1"),
+            ("a/up", ".."),
+        ]
+        .into_iter()
+        .collect();
+        let read = |p: &PackagePath| links.get(p.as_str()).map(|t| t.to_string());
+        let l = PackagePath::new("a/b/l").unwrap();
+        let resolve = |t: &str| PackagePath::resolve_symlink(&l, t, read).map(|p| p.0);
+        // Lexically "x"; really c/.. is the top and one more .. leaves the package.
+        assert!(
+            matches!(
+                resolve("s/../../../x"),
+                Err(PathError::SymlinkEscapes { .. })
+            ),
+            "{:?}",
+            resolve("s/../../../x")
+        );
+        // Lexically "a/x"; really c/d/e/../.. is c.
+        assert_eq!(resolve("deep/../../x").as_deref(), Ok("c/x"));
+        assert_eq!(resolve("s/y").as_deref(), Ok("c/y"));
+        // A link to a link: a/up leads to the top.
+        assert_eq!(resolve("../up/z").as_deref(), Ok("z"));
+        assert!(matches!(
+            resolve("../up/../z"),
+            Err(PathError::SymlinkEscapes { .. })
+        ));
+        let top = PackagePath::new("start").unwrap();
+        assert_eq!(
+            PackagePath::resolve_symlink(&top, "loop1", read),
+            Err(PathError::SymlinkLoop {
+                link: "start".into()
+            })
+        );
     }
 
     proptest! {

@@ -13,8 +13,10 @@
 //! **What a peer can make us spend.** At most `max_concurrent` requests in progress
 //! (queued or streaming) per peer, bytes at most at `rate` per peer after a `burst`,
 //! one request at most [`crate::wire::MAX_REQUEST_GROUPS`] groups, state for at most
-//! `max_peers` peers (the least recently seen idle peer is forgotten first; when all
-//! are busy a new peer is refused with busy). Every refusal is an error message with a
+//! `max_peers` peers (an idle peer is forgotten after `idle_timeout` once its token
+//! bucket has refilled, so forgetting never hands out a fresh burst; when the table is
+//! full the least recently seen idle peer makes room, and when all are busy a new peer
+//! is refused with busy). Every refusal is an error message with a
 //! retry delay and a counter.
 
 use std::{
@@ -26,7 +28,7 @@ use std::{
 use crate::{
     GroupSet,
     verified::group_count,
-    wire::{ErrorCode, MAX_REQUEST_GROUPS},
+    wire::{ErrorCode, MAX_REQUEST_GROUPS, MAX_REQUEST_RANGES},
 };
 
 /// Limits of the serving side (the `content` section of the agent's configuration).
@@ -99,6 +101,21 @@ struct Peer {
     tokens: f64,
     refilled: Instant,
     seen: Instant,
+}
+
+impl Peer {
+    /// When its token bucket is full again (`None`: not within the clock's range).
+    /// Until then the peer is remembered even when idle: forgetting it would hand it a
+    /// fresh burst on its next request.
+    fn full_at(&self, config: &ServeConfig) -> Option<Instant> {
+        let burst = config.burst.max(1) as f64;
+        if config.rate == 0 || self.tokens >= burst {
+            return Some(self.refilled);
+        }
+        let secs = (burst - self.tokens) / config.rate as f64;
+        self.refilled
+            .checked_add(Duration::try_from_secs_f64(secs).ok()?)
+    }
 }
 
 /// Per-peer admission and pacing for the content protocol's serving side.
@@ -217,12 +234,15 @@ impl<P: Clone + Eq + StdHash> Server<P> {
         }
     }
 
-    /// Forgets peers idle for the idle timeout.
+    /// Forgets peers idle for the idle timeout whose token bucket has refilled.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let idle = self.config.idle_timeout;
+        let config = &self.config;
         let before = self.peers.len();
-        self.peers
-            .retain(|_, p| !p.active.is_empty() || now.saturating_duration_since(p.seen) < idle);
+        self.peers.retain(|_, p| {
+            !p.active.is_empty()
+                || now.saturating_duration_since(p.seen) < config.idle_timeout
+                || p.full_at(config).is_none_or(|t| now < t)
+        });
         self.stats.peers_forgotten += (before - self.peers.len()) as u64;
     }
 
@@ -231,7 +251,7 @@ impl<P: Clone + Eq + StdHash> Server<P> {
         self.peers
             .values()
             .filter(|p| p.active.is_empty())
-            .map(|p| p.seen + self.config.idle_timeout)
+            .filter_map(|p| Some((p.seen + self.config.idle_timeout).max(p.full_at(&self.config)?)))
             .min()
     }
 
@@ -253,8 +273,8 @@ impl<P: Clone + Eq + StdHash> Server<P> {
     }
 }
 
-/// What to send for a groups request: the requested groups this node holds, or why
-/// none. `local` is the blob's size and verified groups here (`None`: not held).
+/// What to send for a groups request: the requested groups this node holds (at most
+/// [`MAX_REQUEST_RANGES`] ranges of them, what a groups header carries), or why none. `local` is the blob's size and verified groups here (`None`: not held).
 pub fn plan_groups(
     requested_size: u64,
     requested: &GroupSet,
@@ -276,7 +296,10 @@ pub fn plan_groups(
     if send.is_empty() {
         return Err(ErrorCode::NotFound);
     }
-    Ok(send)
+    // Holes in what is held can split a one-range request into more ranges than a
+    // groups header may carry; send the first ones (the requester takes the rest as
+    // not held here) rather than a header the requester must refuse.
+    Ok(send.first_ranges(MAX_REQUEST_RANGES))
 }
 
 #[cfg(test)]
@@ -364,6 +387,68 @@ mod tests {
         s.finish(now, &2, 1);
         s.handle_timeout(now + Duration::from_secs(200));
         assert!(s.poll_timeout().is_none() || s.peers.len() == 1);
+    }
+
+    /// Forgetting an idle peer must not hand it a fresh burst: a peer that drains its
+    /// bucket, idles past the idle timeout and comes back gets what the rate refilled,
+    /// so over any stretch it receives at most burst + rate x time.
+    #[test]
+    fn forgetting_an_idle_peer_does_not_refill_its_bucket() {
+        let t0 = t0();
+        let (rate, burst) = (1_000u64, 1_000_000u64);
+        let mut s = Server::new(ServeConfig {
+            rate,
+            burst,
+            idle_timeout: Duration::from_secs(120),
+            ..ServeConfig::default()
+        });
+        let mut now = t0;
+        let mut sent = 0u64;
+        for round in 0..5u32 {
+            s.admit(now, &1u8, round).unwrap();
+            // Take whatever the bucket gives now.
+            while let Allowance::Now(n) = s.allowance(now, &1, burst as usize) {
+                s.consume(&1, n);
+                sent += n as u64;
+            }
+            s.finish(now, &1, round);
+            now += Duration::from_secs(121);
+            s.handle_timeout(now);
+        }
+        let elapsed = (now - t0).as_secs();
+        assert!(
+            sent <= burst + rate * elapsed,
+            "{sent} bytes in {elapsed} s at {rate} B/s with a {burst} B burst"
+        );
+        // The peer is forgotten once its bucket is full again: idle state is bounded.
+        now += Duration::from_secs(burst / rate + 1);
+        s.handle_timeout(now);
+        assert_eq!(s.peers.len(), 0);
+        assert!(s.poll_timeout().is_none());
+    }
+
+    /// A groups answer must fit the wire's limit on ranges, or the honest provider's
+    /// own header is refused by the requester (and the provider dropped): a request of
+    /// one range over a blob held every other group intersects to thousands of ranges.
+    #[test]
+    fn the_groups_answer_fits_the_wire() {
+        let size = MAX_REQUEST_GROUPS * 16384;
+        let have: GroupSet = (0..MAX_REQUEST_GROUPS).step_by(2).collect();
+        let send = plan_groups(
+            size,
+            &GroupSet::all(MAX_REQUEST_GROUPS),
+            Some((size, &have)),
+        )
+        .unwrap();
+        let frame = crate::wire::Message::Groups {
+            id: 1,
+            groups: send.clone(),
+        }
+        .to_bytes();
+        let parsed = crate::wire::Frame::new_checked(&frame[..])
+            .and_then(|f| crate::wire::Message::parse(&f, crate::wire::Role::Requester));
+        assert!(parsed.is_ok(), "{parsed:?}");
+        assert!(have.is_superset(&send) && !send.is_empty());
     }
 
     #[test]

@@ -71,6 +71,19 @@ pub fn group_bytes(size: u64, group: u64) -> Range<u64> {
     start..start.saturating_add(GROUP_BYTES).min(size)
 }
 
+/// Bytes of a blob of `size` bytes held in `groups` (groups past the end count
+/// nothing): O(ranges), not O(groups).
+pub fn groups_byte_len(size: u64, groups: &GroupSet) -> u64 {
+    groups
+        .ranges()
+        .iter()
+        .map(|r| {
+            let start = r.start.saturating_mul(GROUP_BYTES).min(size);
+            r.end.saturating_mul(GROUP_BYTES).min(size) - start
+        })
+        .sum()
+}
+
 /// The groups that hold the bytes `bytes` of a blob of `size` bytes (clipped to it).
 pub fn groups_for_bytes(size: u64, bytes: Range<u64>) -> GroupSet {
     let end = bytes.end.min(size);

@@ -186,6 +186,26 @@ fn bad_files_are_refused_with_their_reason() {
         with(&|p| p.files[1].root = vec![7; 32]),
         ManifestError::EmptyFileHash("empty".into())
     );
+    // One hash at two sizes: at most one of them is the data's. Were it accepted, the
+    // package would list one blob (the first size) and present the other file as
+    // complete at a size its bytes do not have.
+    assert_eq!(
+        with(&|p| p.files[2].root = p.files[0].root.clone()),
+        ManifestError::RootSizeConflict {
+            path: "site/index.html".into(),
+            size: 6,
+            other_path: "a.jpg".into(),
+            other_size: 4,
+        }
+    );
+    // The hash of no bytes at a size that is not 0: no data can ever match it.
+    assert_eq!(
+        with(&|p| p.files[0].root = Hash::of(b"").0.to_vec()),
+        ManifestError::EmptyHashSize {
+            path: "a.jpg".into(),
+            size: 4
+        }
+    );
     assert!(matches!(
         with(&|p| p.files[0].root = vec![7; 31]),
         ManifestError::RootLength { len: 31, .. }
@@ -396,5 +416,154 @@ proptest! {
     fn language_and_licence_checks_never_panic(s in "\\PC{0,40}") {
         let _ = check_language(&s);
         let _ = check_spdx(&s);
+    }
+}
+
+/// Every encoding of an Ed25519 point of small order: the seven y values (0, 1, -1, the
+/// two of order 8, and the non-canonical p and p + 1), each with either sign bit.
+fn small_order_encodings() -> Vec<[u8; 32]> {
+    let mut out = Vec::new();
+    for y in SMALL_ORDER_Y {
+        out.push(y);
+        let mut neg = y;
+        neg[31] |= 0x80;
+        out.push(neg);
+    }
+    out
+}
+
+/// Under a small-order key a "signature" of a small-order R and S = 0 verifies for about
+/// seven messages in eight: nobody holds the key, so anybody can sign as it, and one
+/// manifest gets as many ids as forgers like. ring accepts such keys, so the manifest
+/// must refuse them.
+#[test]
+fn small_order_author_keys_are_refused() {
+    let encodings = small_order_encodings();
+    for author in &encodings {
+        let mut p = sample().to_pb();
+        p.author = author.to_vec();
+        let mut forged = None;
+        'search: for created in 0..64 {
+            p.created = created;
+            let manifest = p.encode_to_vec();
+            for r in &encodings {
+                let mut signature = r.to_vec();
+                signature.resize(64, 0);
+                if UnparsedPublicKey::new(&ED25519, author)
+                    .verify(&signed_message(&manifest), &signature)
+                    .is_ok()
+                {
+                    forged = Some(
+                        pb::Signed {
+                            manifest,
+                            signature,
+                        }
+                        .encode_to_vec(),
+                    );
+                    break 'search;
+                }
+            }
+        }
+        let forged = forged.expect("a forgery verifies under a small-order key");
+        assert_eq!(
+            SignedManifest::parse(&forged),
+            Err(ManifestError::WeakAuthorKey(AuthorKey(*author))),
+        );
+    }
+    // Ordinary keys are not caught by the check.
+    for n in 0..=255u8 {
+        assert!(!AuthorKey::of(&key(n)).is_small_order());
+    }
+}
+
+/// Edits of a canonical manifest's bytes, as a forger trying a second encoding would
+/// make them: splice a copy of a span elsewhere (repeated fields, duplicated entries),
+/// delete a span, insert bytes, or overwrite one byte.
+#[derive(Debug, Clone)]
+enum Edit {
+    Duplicate {
+        from: prop::sample::Index,
+        len: usize,
+        to: prop::sample::Index,
+    },
+    Delete {
+        at: prop::sample::Index,
+        len: usize,
+    },
+    Insert {
+        at: prop::sample::Index,
+        bytes: Vec<u8>,
+    },
+    Set {
+        at: prop::sample::Index,
+        byte: u8,
+    },
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        (
+            any::<prop::sample::Index>(),
+            1usize..40,
+            any::<prop::sample::Index>()
+        )
+            .prop_map(|(from, len, to)| Edit::Duplicate { from, len, to }),
+        (any::<prop::sample::Index>(), 1usize..8).prop_map(|(at, len)| Edit::Delete { at, len }),
+        (
+            any::<prop::sample::Index>(),
+            proptest::collection::vec(any::<u8>(), 1..6)
+        )
+            .prop_map(|(at, bytes)| Edit::Insert { at, bytes }),
+        (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(at, byte)| Edit::Set { at, byte }),
+    ]
+}
+
+fn apply(b: &mut Vec<u8>, e: &Edit) {
+    if b.is_empty() {
+        return;
+    }
+    match e {
+        Edit::Duplicate { from, len, to } => {
+            let f = from.index(b.len());
+            let span = b[f..(f + len).min(b.len())].to_vec();
+            let t = to.index(b.len() + 1);
+            b.splice(t..t, span);
+        }
+        Edit::Delete { at, len } => {
+            let a = at.index(b.len());
+            b.drain(a..(a + len).min(b.len()));
+        }
+        Edit::Insert { at, bytes } => {
+            let a = at.index(b.len() + 1);
+            b.splice(a..a, bytes.iter().copied());
+        }
+        Edit::Set { at, byte } => {
+            let a = at.index(b.len());
+            b[a] = *byte;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// One manifest, one encoding: whatever edited bytes the author's key signs, if they
+    /// parse they are exactly the canonical encoding of what they parse to, and so
+    /// the package id names one manifest. (A forger holding the key is the strongest
+    /// case: every edit gets a valid signature.)
+    #[test]
+    fn edited_manifests_parse_only_in_canonical_form(m in arb_manifest(), edits in proptest::collection::vec(edit(), 1..4)) {
+        let k = key(3);
+        let mut bytes = m.encode();
+        for e in &edits {
+            apply(&mut bytes, e);
+        }
+        let signature = k.sign(&signed_message(&bytes)).as_ref().to_vec();
+        let signed = pb::Signed { manifest: bytes.clone(), signature }.encode_to_vec();
+        if let Ok(p) = SignedManifest::parse(&signed) {
+            prop_assert_eq!(p.manifest().encode(), bytes);
+            prop_assert_eq!(p.bytes(), &signed[..]);
+            prop_assert!(p.manifest().validate().is_ok());
+        }
     }
 }

@@ -87,6 +87,18 @@ fn case() -> impl Strategy<Value = (usize, GroupSet, u64, usize)> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
+    /// The byte count of a group set, computed on ranges, is the sum over its groups.
+    #[test]
+    fn groups_byte_len_is_the_sum_of_the_groups((size, groups, _, _) in case()) {
+        let size = size as u64;
+        let each: u64 = groups.iter().map(|g| {
+            let r = group_bytes(size, g);
+            r.end - r.start
+        }).sum();
+        prop_assert_eq!(groups_byte_len(size, &groups), each);
+        prop_assert_eq!(groups_byte_len(size, &GroupSet::all(group_count(size))), size);
+    }
+
     /// What the encoder sends is byte for byte what bao-tree's own validated encoder
     /// sends, its length is known in advance, and the decoder hands back exactly the
     /// requested groups with the true data, whatever the split of the stream.

@@ -231,8 +231,9 @@ pub fn check_header(header: &[u8; HEADER_LEN], role: Role) -> Result<MessageType
 }
 
 /// Reassembles frames from a byte stream (sans-IO: the shell hands it what it read).
-/// Memory is at most one frame of the largest type its role accepts, reserved only
-/// once a valid header announced it.
+/// Memory is at most one frame of the largest type its role accepts, and grows with the
+/// bytes received (never reserved from the announced length); beyond
+/// [`Deframer::KEEP_CAPACITY`] it is released when the next frame starts.
 #[derive(Debug)]
 pub struct Deframer {
     role: Role,
@@ -242,6 +243,10 @@ pub struct Deframer {
 }
 
 impl Deframer {
+    /// Buffer capacity kept between frames (a data frame and then some); the buffer of a
+    /// larger frame (a manifest) is released when the next frame starts.
+    pub const KEEP_CAPACITY: usize = 128 << 10;
+
     /// A deframer for the reading side `role`.
     pub fn new(role: Role) -> Self {
         Self {
@@ -260,6 +265,7 @@ impl Deframer {
         if self.ready {
             // The previous frame was handed out; start the next.
             self.buf.clear();
+            self.buf.shrink_to(Self::KEEP_CAPACITY);
             self.need = HEADER_LEN;
             self.ready = false;
         }
@@ -276,7 +282,9 @@ impl Deframer {
                 check_header(&h, self.role)?;
                 let body = Frame::new_unchecked(&h[..]).body_len();
                 self.need = HEADER_LEN + body;
-                self.buf.reserve_exact(body);
+                // No reservation of the announced length: the buffer grows with the
+                // bytes that arrive (at most twice them), so a header alone costs a
+                // sender 8 bytes and us nothing.
                 if body > 0 {
                     continue;
                 }

@@ -149,6 +149,35 @@ proptest! {
         while let Ok(Some(_)) = d.next_frame(&mut input) {}
     }
 
+    /// Valid frames with body bytes overwritten (ids, counts, ranges, states, codes,
+    /// lengths inside the body): the deframer hands over exactly the frame, parsing
+    /// never panics, and what parses re-emits to exactly the same bytes, so no message
+    /// has two encodings.
+    #[test]
+    fn edited_bodies_parse_only_in_canonical_form(
+        m in message(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+    ) {
+        let msg = build(&m);
+        let role = role_for(&msg);
+        let mut frame = msg.to_bytes();
+        for (at, byte) in &edits {
+            if frame.len() > HEADER_LEN {
+                let i = HEADER_LEN + at.index(frame.len() - HEADER_LEN);
+                frame[i] = *byte;
+            }
+        }
+        let mut d = Deframer::new(role);
+        let mut input = &frame[..];
+        let got = d.next_frame(&mut input).map(|f| f.map(<[u8]>::to_vec));
+        prop_assert_eq!(got, Ok(Some(frame.clone())));
+        let f = Frame::new_checked(&frame[..]).unwrap();
+        if let Ok(parsed) = Message::parse(&f, role) {
+            prop_assert_eq!(parsed.to_bytes(), frame.clone());
+            let _ = parsed.to_string();
+        }
+    }
+
     #[test]
     fn truncated_frames_are_refused(m in message(), cut in 0usize..400) {
         let msg = build(&m);
@@ -277,5 +306,50 @@ fn bodies_must_be_used_exactly() {
             "get-groups id=3 blob={} size=9 groups={{0..2}}",
             Hash::of(b"x")
         )
+    );
+}
+
+/// An 8-byte header announcing the largest manifest must not make a requester allocate
+/// 16 MiB: memory follows the bytes that actually arrived (the sender pays for what we
+/// hold), and a large frame's buffer is not kept once the next frame starts.
+#[test]
+fn memory_follows_the_bytes_received_not_the_announced_length() {
+    let max = MessageType::Manifest.max_body();
+    let mut h = vec![VERSION, MessageType::Manifest as u8, 0, 0];
+    h.extend_from_slice(&(max as u32).to_be_bytes());
+    h.extend_from_slice(&[0u8; 100]);
+    let mut d = Deframer::new(Role::Requester);
+    let mut input = &h[..];
+    assert_eq!(d.next_frame(&mut input), Ok(None));
+    assert_eq!(d.buffered(), 108);
+    assert!(
+        d.buf.capacity() <= 4096,
+        "{} bytes held for 108 received",
+        d.buf.capacity()
+    );
+    // A whole 1 MiB manifest frame, then a small frame: the big buffer is released.
+    let big = vec![7u8; 1 << 20];
+    let frame = Message::Manifest { id: 1, bytes: &big }.to_bytes();
+    let small = Message::Error {
+        id: 2,
+        code: ErrorCode::NotFound,
+        retry_after_ms: 0,
+    }
+    .to_bytes();
+    let mut d = Deframer::new(Role::Requester);
+    let mut input = &frame[..];
+    assert_eq!(
+        d.next_frame(&mut input).unwrap().map(<[u8]>::len),
+        Some(frame.len())
+    );
+    let mut input = &small[..];
+    assert_eq!(
+        d.next_frame(&mut input).unwrap().map(<[u8]>::len),
+        Some(small.len())
+    );
+    assert!(
+        d.buf.capacity() <= Deframer::KEEP_CAPACITY,
+        "{}",
+        d.buf.capacity()
     );
 }
