@@ -194,14 +194,25 @@ pub fn run_target(root: &Path, target: &str, seconds: u64) -> Result<Figures> {
     }
     let status = child.wait()?;
     if !status.success() {
+        // The newest input libFuzzer saved during this run, if any.
         let crash = std::fs::read_dir(&artifacts)
             .ok()
             .and_then(|d| {
                 d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.metadata()
+                            .and_then(|m| m.modified())
+                            .is_ok_and(|t| t.elapsed().is_ok_and(|e| e <= started.elapsed()))
+                    })
                     .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
             })
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "(no artifact written)".into());
+            .map(|p| p.display().to_string());
+        let Some(crash) = crash else {
+            bail!(
+                "cargo fuzz run {target} failed ({status}) without saving a crash input: \
+                 a build or setup failure, see the output above"
+            );
+        };
         bail!(
             "fuzz target {target} failed after {:.0}s ({status}); input: {crash}\n\
              keep it as a regression case once fixed: cp {crash} {}/",
