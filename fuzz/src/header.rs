@@ -1,7 +1,11 @@
 //! The cleartext Myconet header (`myconet_common::wire`), which every relay and every
-//! agent parses before anything is authenticated.
+//! agent parses before anything is authenticated, and the body of a too-big report
+//! (`myconet_common::too_big`), which a relay sends to a packet's source.
 
-use myconet_common::wire::{HEADER_LEN, Packet, PacketType, Repr, WireError, field};
+use myconet_common::{
+    too_big,
+    wire::{HEADER_LEN, Packet, PacketType, Repr, WireError, field},
+};
 
 /// Parses `data` as a header; whatever parses re-emits to the same 48 bytes, and what
 /// does not is rejected for the reason its bytes show.
@@ -26,6 +30,9 @@ pub fn run(data: &[u8]) {
                 let want = if i == field::HOP_LIMIT { 0 } else { *d };
                 assert_eq!(*a, want, "associated data byte {i}");
             }
+            if repr.packet_type == PacketType::TooBig {
+                too_big_round_trip(data);
+            }
         }
         Err(WireError::Truncated(n)) => {
             assert_eq!(n, data.len());
@@ -41,4 +48,19 @@ pub fn run(data: &[u8]) {
             assert!(PacketType::from_u8(t).is_none());
         }
     }
+}
+
+/// A too-big report that parses emits to a report that parses to the same value.
+fn too_big_round_trip(data: &[u8]) {
+    let Ok(packet) = too_big::Packet::new_checked(data) else {
+        return;
+    };
+    let Ok(repr) = too_big::Repr::parse(&packet) else {
+        return;
+    };
+    let mut out = vec![0u8; too_big::LEN];
+    repr.emit(&mut too_big::Packet::new_unchecked(&mut out[..]));
+    let again = too_big::Repr::parse(&too_big::Packet::new_checked(&out[..]).expect("length"))
+        .expect("an emitted report parses");
+    assert_eq!(again, repr, "too-big parse → emit → parse");
 }

@@ -282,6 +282,13 @@ pub fn all() -> Vec<Seed> {
             ("data".into(), header(PacketType::Data, b"ciphertext")),
             ("init".into(), header(PacketType::HandshakeInit, &[1; 166])),
             ("bare".into(), header(PacketType::Control, &[])),
+            ("too_big".into(), {
+                // A report quoting a data header, with room for the signature.
+                let mut body = vec![0x05, 0x8c, 0, 48];
+                body.extend(header(PacketType::Data, &[]));
+                body.extend([0u8; 64]);
+                header(PacketType::TooBig, &body)
+            }),
         ],
     );
     add("session", session());
