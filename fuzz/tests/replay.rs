@@ -90,6 +90,7 @@ fn every_target_has_a_replay_test() {
             "routing",
             "discovery",
             "config",
+            "content",
             "xdp"
         ],
         "add a replay test for a new target"
