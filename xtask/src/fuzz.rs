@@ -140,8 +140,8 @@ pub fn build(root: &Path) -> Result<()> {
     cmd::run(cargo_fuzz(root).arg("build").args(BUILD_ARGS))
 }
 
-/// Runs `target` for `seconds`; returns libFuzzer's figures. A crash fails with where
-/// the input was saved and how to keep it as a regression case.
+/// Runs the built `target` for `seconds`; returns libFuzzer's figures. A crash fails
+/// with where the input was saved and how to keep it as a regression case.
 pub fn run_target(root: &Path, target: &str, seconds: u64) -> Result<Figures> {
     known(target)?;
     if target == "xdp" && !cmd::is_root() {
@@ -154,17 +154,23 @@ pub fn run_target(root: &Path, target: &str, seconds: u64) -> Result<Figures> {
     std::fs::create_dir_all(&artifacts)?;
     let seeds = fuzz_dir(root).join("corpus").join(target);
     let regressions = fuzz_dir(root).join("regressions").join(target);
-    let mut c = cargo_fuzz(root);
-    c.args(["run"])
-        .args(BUILD_ARGS)
-        .arg(target)
-        .arg(&corpus)
-        .arg(&seeds);
+    // The binary `build` made (cargo-fuzz's layout); running it directly spares a
+    // cargo invocation per target.
+    let binary = cmd::target_dir(root)?
+        .join("x86_64-unknown-linux-gnu/release")
+        .join(target);
+    if !binary.is_file() {
+        bail!(
+            "{} is missing: build the fuzz targets first",
+            binary.display()
+        );
+    }
+    let mut c = Command::new(&binary);
+    c.current_dir(root).arg(&corpus).arg(&seeds);
     if regressions.is_dir() {
         c.arg(&regressions);
     }
-    c.arg("--")
-        .arg(format!("-max_total_time={seconds}"))
+    c.arg(format!("-max_total_time={seconds}"))
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg("-print_final_stats=1")
         // Inputs beyond 4 KiB reach nothing new in any of these formats.
@@ -209,8 +215,8 @@ pub fn run_target(root: &Path, target: &str, seconds: u64) -> Result<Figures> {
             .map(|p| p.display().to_string());
         let Some(crash) = crash else {
             bail!(
-                "cargo fuzz run {target} failed ({status}) without saving a crash input: \
-                 a build or setup failure, see the output above"
+                "fuzz target {target} failed ({status}) without saving a crash input: \
+                 a setup failure, see the output above"
             );
         };
         bail!(
