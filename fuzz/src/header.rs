@@ -58,7 +58,7 @@ fn too_big_round_trip(data: &[u8]) {
     let Ok(repr) = too_big::Repr::parse(&packet) else {
         return;
     };
-    let mut out = vec![0u8; too_big::LEN];
+    let mut out = [0u8; too_big::LEN];
     repr.emit(&mut too_big::Packet::new_unchecked(&mut out[..]));
     let again = too_big::Repr::parse(&too_big::Packet::new_checked(&out[..]).expect("length"))
         .expect("an emitted report parses");
