@@ -201,31 +201,17 @@ impl Links {
     /// Feeds a session-table event about a link session to the manager; end-to-end
     /// events are ignored.
     pub fn on_session_event(&self, event: &Event, now: Instant) {
-        match event {
-            Event::Established {
+        match feed_manager(&mut self.manager(), event, now) {
+            Ok(Some(Event::Established {
                 link: Some(endpoint),
                 remote_key,
                 ..
-            } => {
-                let key = NodeKey(*remote_key);
-                match self.manager().on_link_authenticated(*endpoint, key, now) {
-                    Ok(()) => debug!(%endpoint, node_key = %key, "link authenticated"),
-                    Err(e) => {
-                        self.node.count(AgentStat::LinkRefused, 0);
-                        warn!(%endpoint, error = %e, "link refused");
-                    }
-                }
+            })) => debug!(%endpoint, node_key = %NodeKey(*remote_key), "link authenticated"),
+            Ok(_) => {}
+            Err((endpoint, e)) => {
+                self.node.count(AgentStat::LinkRefused, 0);
+                warn!(%endpoint, error = %e, "link refused");
             }
-            Event::Expired {
-                link: Some(endpoint),
-                ..
-            }
-            | Event::Failed {
-                link: Some(endpoint),
-                reason: FailReason::Timeout | FailReason::Handshake(_),
-                ..
-            } => self.manager().on_link_lost(*endpoint, now),
-            _ => {}
         }
     }
 
@@ -362,19 +348,7 @@ impl Links {
         rng: &dyn SecureRandom,
     ) {
         let endpoint = action.endpoint();
-        if let Some(message) = action.control_message() {
-            if let Err(e) = table.send_link(endpoint, message.to_vec(), now, rng) {
-                debug!(%endpoint, error = %e, "cannot send control message");
-            }
-            return;
-        }
         match action {
-            Action::StartLinkHandshake { expected_key, .. } => {
-                let expected = expected_key.map(|k| k.0);
-                if let Err(e) = table.connect_link(endpoint, expected, now, rng) {
-                    warn!(%endpoint, error = %e, "cannot start link handshake");
-                }
-            }
             Action::PeerUp { node_key, .. } => {
                 // The routing core may only route over a neighbour whose packets this
                 // node will relay: one that is in the relay peer set (XDP map and the
@@ -407,10 +381,86 @@ impl Links {
             }
             Action::CloseLink(_) => {
                 self.routing_neighbour_down(endpoint, now);
-                table.close_link(endpoint);
+                apply_to_table(&action, table, now, rng);
             }
-            Action::SendHello(..) | Action::SendHelloAck(..) | Action::SendKeepalive(_) => {}
+            Action::StartLinkHandshake { .. }
+            | Action::SendHello(..)
+            | Action::SendHelloAck(..)
+            | Action::SendKeepalive(_) => {
+                apply_to_table(&action, table, now, rng);
+            }
         }
+    }
+}
+
+/// What a session-table event tells the neighbour manager: an authenticated link
+/// handshake, or a link session lost. Returns the event if the manager took it (`None`
+/// for events it has no business with) and the endpoint with the reason if the manager
+/// refused an authenticated link. Shared by [`Links`] and the tests that drive a
+/// manager and a table together.
+pub(crate) fn feed_manager<'e>(
+    manager: &mut PeerManager,
+    event: &'e Event,
+    now: Instant,
+) -> Result<Option<&'e Event>, (LinkEndpoint, PeerError)> {
+    match event {
+        Event::Established {
+            link: Some(endpoint),
+            remote_key,
+            ..
+        } => {
+            let key = NodeKey(*remote_key);
+            manager
+                .on_link_authenticated(*endpoint, key, now)
+                .map_err(|e| (*endpoint, e))?;
+            Ok(Some(event))
+        }
+        Event::Expired {
+            link: Some(endpoint),
+            ..
+        }
+        | Event::Failed {
+            link: Some(endpoint),
+            reason: FailReason::Timeout | FailReason::Handshake(_),
+            ..
+        } => {
+            manager.on_link_lost(*endpoint, now);
+            Ok(Some(event))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The session table's part of a manager action: link handshakes, sealed control
+/// messages, closing a link. Actions that are not the table's (peer-map changes) are
+/// left alone. Shared by [`Links`] and the tests that drive a manager and a table
+/// together.
+pub(crate) fn apply_to_table(
+    action: &Action,
+    table: &mut SessionTable,
+    now: Instant,
+    rng: &dyn SecureRandom,
+) {
+    let endpoint = action.endpoint();
+    if let Some(message) = action.control_message() {
+        if let Err(e) = table.send_link(endpoint, message.to_vec(), now, rng) {
+            debug!(%endpoint, error = %e, "cannot send control message");
+        }
+        return;
+    }
+    match action {
+        Action::StartLinkHandshake { expected_key, .. } => {
+            let expected = expected_key.map(|k| k.0);
+            if let Err(e) = table.connect_link(endpoint, expected, now, rng) {
+                warn!(%endpoint, error = %e, "cannot start link handshake");
+            }
+        }
+        Action::CloseLink(_) => table.close_link(endpoint),
+        Action::PeerUp { .. }
+        | Action::PeerDown { .. }
+        | Action::SendHello(..)
+        | Action::SendHelloAck(..)
+        | Action::SendKeepalive(_) => {}
     }
 }
 
