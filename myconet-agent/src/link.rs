@@ -8,7 +8,7 @@
 //! table:   Established{link}  ─► manager.on_link_authenticated     ─► PeerUp ─► XDP peer map
 //! manager: SendHello/Ack/...  ─► table.send_link (sealed Control)  ─► neighbour
 //! table:   Inbound::Control   ─► manager.handle_control            (RTT, liveness)
-//! table:   Expired/Failed     ─► manager.on_link_lost / retry      ─► PeerDown ─► map entry gone
+//! table:   Lost               ─► manager.on_link_lost              ─► PeerDown ─► map entry gone
 //! ```
 //!
 //! Only `PeerUp` puts an endpoint into the peer map, so no unauthenticated neighbour can
@@ -45,8 +45,11 @@ use crate::{
     routing::{
         Explanation, RouteEvent, RouteSnapshot, Router, RoutingConfig, RoutingStats, TransmitTo,
     },
-    session::{Event, FailReason, SessionTable},
+    session::{Event, SessionTable},
 };
+
+#[cfg(test)]
+mod tests;
 
 /// The routing core and the neighbours it may send to (those up).
 struct Routing {
@@ -415,19 +418,21 @@ pub(crate) fn feed_manager<'e>(
                 .map_err(|e| (*endpoint, e))?;
             Ok(Some(event))
         }
-        Event::Expired {
+        // Only the loss of the session in use is a lost link. A session replaced by a
+        // newer handshake, an unconfirmed duplicate dropped, or a handshake that failed
+        // while the link works (a rekey) are not: the manager's own dead interval and
+        // retries cover a neighbour that really went away.
+        Event::Lost {
             link: Some(endpoint),
-            ..
-        }
-        | Event::Failed {
-            link: Some(endpoint),
-            reason: FailReason::Timeout | FailReason::Handshake(_),
             ..
         } => {
             manager.on_link_lost(*endpoint, now);
             Ok(Some(event))
         }
-        _ => Ok(None),
+        Event::Established { link: None, .. }
+        | Event::Lost { link: None, .. }
+        | Event::Expired { .. }
+        | Event::Failed { .. } => Ok(None),
     }
 }
 
