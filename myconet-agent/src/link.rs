@@ -9,6 +9,7 @@
 //! manager: SendHello/Ack/...  ─► table.send_link (sealed Control)  ─► neighbour
 //! table:   Inbound::Control   ─► manager.handle_control            (RTT, liveness)
 //! table:   Lost               ─► manager.on_link_lost              ─► PeerDown ─► map entry gone
+//! table:   Established again  ─► manager (same key, still up)      ─► LinkRenewed ─► full routing dump
 //! ```
 //!
 //! Only `PeerUp` puts an endpoint into the peer map, so no unauthenticated neighbour can
@@ -386,6 +387,13 @@ impl Links {
                 self.routing_neighbour_down(endpoint, now);
                 apply_to_table(&action, table, now, rng);
             }
+            Action::LinkRenewed(_) => {
+                let mut routing = self.routing();
+                if routing.up.contains(&endpoint) {
+                    routing.router.neighbour_renewed(endpoint, now);
+                    debug!(%endpoint, "link renewed: the neighbour gets the routing table again");
+                }
+            }
             Action::StartLinkHandshake { .. }
             | Action::SendHello(..)
             | Action::SendHelloAck(..)
@@ -463,6 +471,7 @@ pub(crate) fn apply_to_table(
         Action::CloseLink(_) => table.close_link(endpoint),
         Action::PeerUp { .. }
         | Action::PeerDown { .. }
+        | Action::LinkRenewed(_)
         | Action::SendHello(..)
         | Action::SendHelloAck(..)
         | Action::SendKeepalive(_) => {}

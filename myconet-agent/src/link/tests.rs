@@ -38,7 +38,7 @@ struct SimNode {
     table: SessionTable,
     manager: PeerManager,
     underlay: SocketAddrV6,
-    /// Every `PeerUp` / `PeerDown` with the time it was emitted.
+    /// Every `PeerUp`, `PeerDown` and `LinkRenewed` with the time it was emitted.
     transitions: Vec<(Instant, Action)>,
     /// Datagrams this node put on the wire.
     sent: u64,
@@ -145,7 +145,10 @@ impl Sim {
             }
             while let Some(action) = node.manager.poll_action() {
                 moved += 1;
-                if matches!(action, Action::PeerUp { .. } | Action::PeerDown { .. }) {
+                if matches!(
+                    action,
+                    Action::PeerUp { .. } | Action::PeerDown { .. } | Action::LinkRenewed(_)
+                ) {
                     node.transitions.push((now, action.clone()));
                 }
                 apply_to_table(&action, &mut node.table, now, &self.rng);
@@ -341,6 +344,10 @@ fn a_quickly_restarted_neighbour_is_never_taken_down() {
     assert!(took < Duration::from_secs(1), "relinked after {took:?}");
     sim.stays_linked(0, 1, STAYS_UP);
     assert_eq!(sim.downs(0, 1), 0, "node 0 never took its neighbour down");
+    // ...but it learned that the link was renewed, so it resends its routing table
+    // to the neighbour that lost it.
+    let renewed = Action::LinkRenewed(sim.nodes[1].endpoint());
+    assert!(sim.nodes[0].transitions.iter().any(|(_, a)| *a == renewed));
 }
 
 #[test]

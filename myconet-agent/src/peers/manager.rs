@@ -232,6 +232,11 @@ pub enum Action {
     /// The manager forgot this endpoint (removed, expired or evicted): the session layer
     /// may drop its link session and any pending link handshake with it.
     CloseLink(LinkEndpoint),
+    /// An Up neighbour completed a new link handshake with the same key: a rekey, or the
+    /// neighbour restarted (or forgot this node) and dialled again, having lost whatever
+    /// it learned over the old session. It stays Up; what was sent to it only once
+    /// (the routing table) must be sent again.
+    LinkRenewed(LinkEndpoint),
 }
 
 impl Action {
@@ -244,7 +249,8 @@ impl Action {
             Self::SendHello(e, _)
             | Self::SendHelloAck(e, _)
             | Self::SendKeepalive(e)
-            | Self::CloseLink(e) => *e,
+            | Self::CloseLink(e)
+            | Self::LinkRenewed(e) => *e,
         }
     }
 
@@ -1128,8 +1134,10 @@ impl PeerManager {
         }
         if peer.is_up() {
             if peer.node_key == Some(node_key) {
-                // A rekey or a repeated handshake: same neighbour, still alive.
+                // A rekey or a repeated handshake: same neighbour, still alive, but
+                // perhaps restarted with nothing of what it learned from us.
                 peer.last_seen = Some(now);
+                self.core.actions.push_back(Action::LinkRenewed(endpoint));
                 return Ok(());
             }
             // Another node now answers at this endpoint: it is a different neighbour.
