@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod bench;
 pub mod demo;
+pub mod diamond;
 pub mod fixture;
 pub mod netns;
 pub mod packet;
