@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use myconet_testbed::{
     agent::{AgentOptions, AgentProcess, bin_dir, counter},
-    diamond::Diamond,
+    diamond::{self, Diamond},
     probe::{Mode, Probe},
     scenario::{PORT, json_str},
     timing,
@@ -339,6 +339,16 @@ fn default_failover_of_a_ping_stream_across_a_diamond_is_under_two_seconds() -> 
             "the stream flows through the other relay in XDP: {}",
             report.summary()
         );
+        // Both ends noticed by probing, not by waiting out the dead interval.
+        for end in [diamond::A, diamond::D] {
+            let stats = diamond.agent(end)?.stats()?;
+            ensure!(
+                counter(&stats, "neighbours", "peer_down_unanswered")? == 1,
+                "{} took the dead relay down after unanswered probes: {}",
+                diamond.topo.node(end).name(),
+                stats["neighbours"]
+            );
+        }
         Ok(())
     })();
     if result.is_err() {
