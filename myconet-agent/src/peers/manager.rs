@@ -440,7 +440,7 @@ pub struct PeerStats {
     /// Probe hellos sent after a hello went unanswered for the probe timeout.
     pub probes_sent: u64,
     /// Transitions out of Up because a hello and every probe after it went unanswered
-    /// (included in `peer_ups`' counterpart `peer_downs`).
+    /// (also counted in `peer_downs`).
     pub probe_downs: u64,
     /// Hellos accepted (and acknowledged).
     pub hellos_received: u64,
@@ -593,12 +593,15 @@ struct Peer {
     next_hello: Option<Instant>,
     next_sequence: u32,
     hellos: VecDeque<HelloRecord>,
-    /// Probes of the current episode, for matching their acks (RTT samples); kept out of
-    /// `hellos` so the loss estimate stays about regular hellos.
+    /// The most recent probes (at most `probe_count`), for matching their acks (RTT
+    /// samples), late ones included; kept out of `hellos` so the loss estimate stays
+    /// about regular hellos.
     probes: VecDeque<HelloRecord>,
     /// When the oldest hello not followed by anything authenticated from the neighbour
     /// was sent: the start of a probe episode.
     unanswered_since: Option<Instant>,
+    /// Probes sent in the current episode.
+    episode_probes: u32,
     rtt: Option<Rtt>,
     observed_by_peer: Option<(Ipv6Addr, u16)>,
 }
@@ -621,6 +624,7 @@ impl Peer {
             hellos: VecDeque::new(),
             probes: VecDeque::new(),
             unanswered_since: None,
+            episode_probes: 0,
             rtt: None,
             observed_by_peer: None,
         }
@@ -635,7 +639,7 @@ impl Peer {
     fn heard(&mut self, now: Instant) {
         self.last_seen = Some(now);
         self.unanswered_since = None;
-        self.probes.clear();
+        self.episode_probes = 0;
     }
 
     /// How long a hello may go unanswered before the next probe: the RFC 6298 RTO
@@ -656,10 +660,7 @@ impl Peer {
     fn probe_due(&self, config: &PeerConfig) -> Option<Instant> {
         let since = self.unanswered_since?;
         let timeout = self.probe_timeout(config)?;
-        let step = u32::try_from(self.probes.len())
-            .unwrap_or(u32::MAX)
-            .saturating_add(1);
-        since.checked_add(timeout.saturating_mul(step))
+        since.checked_add(timeout.saturating_mul(self.episode_probes.saturating_add(1)))
     }
 
     fn dead_at(&self, config: &PeerConfig) -> Instant {
@@ -788,6 +789,7 @@ impl Core {
         peer.since = now;
         peer.next_hello = None;
         peer.unanswered_since = None;
+        peer.episode_probes = 0;
         peer.probes.clear();
         self.stats.peer_downs += 1;
         self.actions.push_back(Action::PeerDown { endpoint });
@@ -818,6 +820,10 @@ impl Core {
     fn send_probe(&mut self, endpoint: LinkEndpoint, peer: &mut Peer, now: Instant) {
         let record = self.hello_record(peer, now);
         peer.probes.push_back(record);
+        while peer.probes.len() > self.config.probe_count as usize {
+            peer.probes.pop_front();
+        }
+        peer.episode_probes = peer.episode_probes.saturating_add(1);
         self.stats.probes_sent += 1;
         self.queue_hello(endpoint, record);
     }
@@ -1410,9 +1416,7 @@ impl PeerManager {
             if peer.is_up() {
                 let dead = now >= peer.dead_at(&core.config);
                 let probe_due = peer.probe_due(&core.config).is_some_and(|t| now >= t);
-                let unanswered = probe_due
-                    && u32::try_from(peer.probes.len()).unwrap_or(u32::MAX)
-                        >= core.config.probe_count;
+                let unanswered = probe_due && peer.episode_probes >= core.config.probe_count;
                 if dead || unanswered {
                     if unanswered && !dead {
                         core.stats.probe_downs += 1;

@@ -1192,3 +1192,27 @@ fn peers_probing_settings_are_validated() {
     };
     assert!(off.validate().is_ok());
 }
+
+#[test]
+fn peers_a_round_trip_that_grows_past_the_probe_timeout_is_probed_not_dropped() {
+    let config = agent_config();
+    let t0 = Instant::now();
+    let mut m = manager_with(config, t0);
+    let (e, _) = up_peer(&mut m, t0);
+    let t1 = t0 + Duration::from_secs(10);
+    answering(&mut m, e, t0, t1, Duration::from_millis(1), |_| true);
+    // The round trip jumps to 150 ms: the next hello is probed after 100 ms, its ack
+    // ends the episode, and the probe's own late ack still matches (an RTT sample, not
+    // an unmatched ack).
+    let t2 = t1 + Duration::from_secs(20);
+    answering(&mut m, e, t1, t2, Duration::from_millis(150), |_| true);
+    assert_eq!(m.peer(e, t2).unwrap().state, PeerState::Up);
+    assert!(m.stats().probes_sent >= 1);
+    assert_eq!(m.stats().acks_unmatched, 0);
+    assert_eq!(m.stats().peer_downs, 0);
+    // The estimate caught up: no more probes once the timeout covers the new RTT.
+    let probes = m.stats().probes_sent;
+    let t3 = t2 + Duration::from_secs(20);
+    answering(&mut m, e, t2, t3, Duration::from_millis(150), |_| true);
+    assert_eq!(m.stats().probes_sent, probes);
+}
