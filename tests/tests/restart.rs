@@ -59,11 +59,16 @@ fn scenario(diamond: &mut Diamond) -> Result<()> {
     for (relay, how) in [(B, Stop::Kill), (C, Stop::Term)] {
         let netns = diamond.topo.node(relay).netns();
         let name = diamond.topo.node(relay).name().to_string();
+        let stopped = Instant::now();
         diamond.agents[relay]
             .as_mut()
             .context("relay running")?
             .restart(netns, how)?;
         let restarted = Instant::now();
+        eprintln!(
+            "{name} stopped ({how:?}) and answering again after {:?}",
+            restarted - stopped
+        );
         diamond.wait_all_up(RELINK_BOUND).with_context(|| {
             format!(
                 "links not all up {RELINK_BOUND:?} ({} hello intervals) after {name} restarted ({how:?})",
