@@ -54,8 +54,10 @@ pub struct Cli {
     /// Static peer, `[ADDR]:PORT` or `ADDR` (repeat for several).
     #[arg(long = "peer")]
     pub peers: Vec<String>,
-    /// Milliseconds between hellos to each neighbour; a neighbour silent for three
-    /// intervals and a half is down, which bounds how long a dead relay keeps routes.
+    /// Milliseconds between hellos to each neighbour. A hello left unanswered starts
+    /// five quick probes (100 ms apart, or the link's RTT timeout if longer): a
+    /// neighbour that answers none of them is down, and so is one silent for three
+    /// intervals and a half. This bounds how long a dead relay keeps routes.
     #[arg(long, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub hello_interval_ms: Option<u64>,
     /// Find neighbours on this interface by signed link-local multicast beacons
@@ -257,7 +259,8 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddrV6> {
 
 /// Neighbour timers from the hello interval (default 1 s): down after three intervals
 /// and a half without an authenticated packet, so three lost hellos in a row take a link
-/// down and two never do.
+/// down and two never do; sooner when a hello and the five probes after it all go
+/// unanswered (see `PeerConfig::probe_count`), which is what makes failover fast.
 fn peer_config(hello_interval_ms: Option<u64>) -> anyhow::Result<crate::peers::PeerConfig> {
     let mut config = crate::peers::PeerConfig::default();
     let hello = std::time::Duration::from_millis(hello_interval_ms.unwrap_or(1000));
@@ -273,13 +276,30 @@ fn peer_config(hello_interval_ms: Option<u64>) -> anyhow::Result<crate::peers::P
     Ok(config)
 }
 
+impl FileConfig {
+    /// Parses the text of a config file (what `--config` reads).
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
 impl Cli {
+    /// No flags at all: the file alone decides (tests and the config fuzz target).
+    pub fn without_flags() -> Self {
+        Self::parse_from(["myconet-agent"])
+    }
+
     /// Merges flags over the file (if any) and validates everything.
     pub fn resolve(self) -> anyhow::Result<Settings> {
         let file = match &self.config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
+        self.resolve_with(file)
+    }
+
+    /// Merges flags over an already parsed `file` and validates everything.
+    pub fn resolve_with(self, file: FileConfig) -> anyhow::Result<Settings> {
         let interfaces = if self.interfaces.is_empty() {
             file.interfaces.unwrap_or_default()
         } else {
@@ -390,7 +410,7 @@ impl Cli {
 fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    FileConfig::from_toml(&text).with_context(|| format!("parsing config {}", path.display()))
 }
 
 #[cfg(test)]

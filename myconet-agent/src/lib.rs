@@ -28,6 +28,7 @@ pub mod node;
 pub mod overlay;
 pub mod peers;
 pub mod pins;
+pub mod pmtu;
 pub mod rib;
 pub mod routing;
 pub mod seqno_store;

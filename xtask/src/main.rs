@@ -3,6 +3,8 @@
 
 mod bench;
 mod cmd;
+mod failover;
+mod fuzz;
 mod setup;
 mod test;
 mod throughput;
@@ -30,7 +32,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Install missing system packages, nightly rust-src and bpf-linker (idempotent).
+    /// Install missing system packages, nightly rust-src, bpf-linker and cargo-fuzz
+    /// (idempotent).
     Setup,
     /// Setup, then build the release binaries.
     Build,
@@ -48,6 +51,19 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         which: BenchCmd,
+    },
+    /// Coverage-guided fuzzing (cargo-fuzz, nightly): list the targets with no argument
+    /// or `--list`, run one with `TARGET`, or all in turn with `all`. The `xdp` target
+    /// needs root.
+    Fuzz {
+        /// Target to run (`all` for every target in turn); none lists them.
+        target: Option<String>,
+        /// List the targets.
+        #[arg(long)]
+        list: bool,
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
     },
     /// Bring up or tear down a chain of namespaces for manual experiments; needs root.
     Netns {
@@ -72,6 +88,25 @@ enum BenchCmd {
         /// kernel forwarding).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// Failover of a ping stream across the diamond a — b|c — d when the active relay is
+    /// killed (outage per run), and the links' steady-state control traffic; for the
+    /// release build, or for the builds named with --bin-dir, side by side.
+    Failover {
+        /// Failovers per build (each in a fresh diamond).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Seconds of idle control traffic measured per build (0: skip; at least 60
+        /// covers the routing protocol's 30 s periodic updates).
+        #[arg(long, default_value_t = 60)]
+        control_seconds: u64,
+        /// A directory with myconet-agent and myconet-ctl to measure instead of this
+        /// tree's release build (repeat to compare builds; runs are interleaved).
+        #[arg(long = "bin-dir")]
+        bin_dirs: Vec<std::path::PathBuf>,
+        /// Hello interval for every agent (default: the agent's own default).
+        #[arg(long)]
+        hello_interval_ms: Option<u64>,
     },
     /// The routing simulator at scale (random and scale-free topologies, link and node
     /// failures): convergence time, messages and bytes per node per minute, memory per
@@ -165,6 +200,35 @@ fn run(cli: Cli) -> Result<()> {
             }
             routing_bench(&root, nodes, seed, topology.as_deref(), &extra)
         }
+        Cmd::Bench {
+            which:
+                BenchCmd::Failover {
+                    runs,
+                    control_seconds,
+                    bin_dirs,
+                    hello_interval_ms,
+                },
+        } => {
+            require_root()?;
+            setup::run()?;
+            let target = cmd::target_dir(&root)?;
+            let bin_dirs = if bin_dirs.is_empty() {
+                cmd::run(cmd::cargo(&root).args(["build", "--release", "--bins"]))?;
+                vec![target.join("release")]
+            } else {
+                bin_dirs
+            };
+            let extra: Vec<String> = hello_interval_ms
+                .map(|ms| vec!["--hello-interval-ms".to_string(), ms.to_string()])
+                .unwrap_or_default();
+            failover::run(
+                &target,
+                &bin_dirs,
+                &extra,
+                runs.clamp(1, 100),
+                std::time::Duration::from_secs(control_seconds.min(3600)),
+            )
+        }
         Cmd::Bench { which } => {
             require_root()?;
             setup::run()?;
@@ -172,9 +236,25 @@ fn run(cli: Cli) -> Result<()> {
             match which {
                 BenchCmd::Relay { seconds } => bench::relay(&root, seconds.clamp(1, 60)),
                 BenchCmd::Throughput { seconds } => throughput::run(&root, seconds.clamp(1, 120)),
-                BenchCmd::Routing { .. } => unreachable!("handled above"),
+                BenchCmd::Routing { .. } | BenchCmd::Failover { .. } => {
+                    unreachable!("handled above")
+                }
             }
         }
+        Cmd::Fuzz { target, list, time } => match target {
+            Some(t) if !list => {
+                let targets: Vec<String> = if t == "all" {
+                    fuzz::TARGETS.iter().map(|t| t.0.to_string()).collect()
+                } else {
+                    vec![t]
+                };
+                fuzz::run(&root, &targets, time.max(1))
+            }
+            _ => {
+                fuzz::list();
+                Ok(())
+            }
+        },
         Cmd::Netns { action } => match action {
             NetnsCmd::Up { nodes } => netns_up(nodes),
             NetnsCmd::Down => netns_down(),
@@ -299,6 +379,34 @@ mod tests {
         assert!(Cli::try_parse_from(["xtask", "netns", "up", "--nodes", "4"]).is_ok());
         assert!(Cli::try_parse_from(["xtask", "demo"]).is_ok());
         assert!(Cli::try_parse_from(["xtask", "bench", "relay", "--seconds", "2"]).is_ok());
+        assert!(
+            Cli::try_parse_from([
+                "xtask",
+                "bench",
+                "failover",
+                "--runs",
+                "3",
+                "--bin-dir",
+                "/a",
+                "--bin-dir",
+                "/b"
+            ])
+            .is_ok()
+        );
         assert!(Cli::try_parse_from(["xtask", "bench", "nonsense"]).is_err());
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "fuzz", "header", "--time", "5"]).unwrap().command,
+            Cmd::Fuzz { target: Some(t), list: false, time: 5 } if t == "header"
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "fuzz"]).unwrap().command,
+            Cmd::Fuzz { target: None, .. }
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "fuzz", "--list"])
+                .unwrap()
+                .command,
+            Cmd::Fuzz { list: true, .. }
+        ));
     }
 }

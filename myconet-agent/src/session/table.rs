@@ -135,13 +135,29 @@ pub enum Event {
         /// Queued plaintext packets discarded.
         dropped: usize,
     },
-    /// A session was removed; its receiver index is free again.
+    /// A session was removed; its receiver index is free again. On its own this says
+    /// nothing about reachability: most removals are of sessions a newer handshake
+    /// already replaced ([`ExpiryReason::Replaced`]) or of unconfirmed duplicates
+    /// ([`ExpiryReason::Unconfirmed`]). [`Event::Lost`] follows when it mattered.
     Expired {
         /// The peer's overlay address.
         remote: Ipv6Addr,
         /// The removed session's receiver index.
         local_index: u32,
         /// Why.
+        reason: ExpiryReason,
+        /// The neighbour's endpoint if this was a link session.
+        link: Option<LinkEndpoint>,
+    },
+    /// The remote has no session left that can send: the one in use was removed (idle,
+    /// lifetime, closed) and no newer one had taken over. Follows the session's
+    /// [`Event::Expired`]. The neighbour layer takes a link down on this event only, so
+    /// a double handshake (a restarted neighbour, a simultaneous open, a rekey) never
+    /// looks like a lost link.
+    Lost {
+        /// The peer's overlay address.
+        remote: Ipv6Addr,
+        /// Why the session in use was removed.
         reason: ExpiryReason,
         /// The neighbour's endpoint if this was a link session.
         link: Option<LinkEndpoint>,
@@ -472,10 +488,16 @@ impl SessionTable {
         Ok(())
     }
 
-    /// Starts a link handshake with the neighbour at `endpoint` (if no link session is
-    /// up or under way). `expected_key` pins the key it must prove (a beacon announced
-    /// it); `None` accepts whichever key answers there, which the
-    /// [`Event::Established`] reports.
+    /// Starts a link handshake with the neighbour at `endpoint` unless one is under way
+    /// (ours, or the neighbour's awaiting its confirmation). `expected_key` pins the key
+    /// it must prove (a beacon announced it); `None` accepts whichever key answers there,
+    /// which the [`Event::Established`] reports.
+    ///
+    /// Unlike [`SessionTable::connect`], a link session already up does not stop it: the
+    /// neighbour layer asks only when it does not hold the link working (new, found
+    /// dead, or retrying), and a session the neighbour may long have forgotten (it
+    /// restarted) proves nothing. The old session keeps carrying packets
+    /// until the new one replaces it.
     pub fn connect_link(
         &mut self,
         endpoint: LinkEndpoint,
@@ -485,7 +507,8 @@ impl SessionTable {
     ) -> Result<(), SendError> {
         let id = RemoteId::Link(endpoint);
         self.peers.entry(id).or_default().pinned = expected_key;
-        self.connect_id(id, LINK_ADDRESS, now, rng)
+        self.ensure_handshake(id, LINK_ADDRESS, now, rng)?;
+        Ok(())
     }
 
     /// Seals a control message for the neighbour at `endpoint` on its link session, or
@@ -717,6 +740,8 @@ impl SessionTable {
             PacketType::HandshakeInit => self.handle_init(from, datagram, now, rng),
             PacketType::HandshakeResponse => self.handle_response(datagram, now),
             PacketType::CookieReply => self.handle_cookie_reply(datagram, now),
+            // Too-big reports are the path MTU layer's (`pmtu`), never a session's.
+            PacketType::TooBig => Err(InboundError::NotSessionTraffic(PacketType::TooBig as u8)),
         }
     }
 
@@ -833,9 +858,11 @@ impl SessionTable {
         let Some(slot) = self.sessions.remove(&index) else {
             return;
         };
+        let mut lost = false;
         if let Some(peer) = self.peers.get_mut(&slot.peer) {
             if peer.current == Some(index) {
                 peer.current = None;
+                lost = true;
             }
             if peer.previous.is_some_and(|(i, _)| i == index) {
                 peer.previous = None;
@@ -845,12 +872,21 @@ impl SessionTable {
             }
         }
         self.stats.sessions_expired += 1;
+        let remote = slot.session.remote_addr();
+        let link = slot.peer.link();
         self.events.push_back(Event::Expired {
-            remote: slot.session.remote_addr(),
+            remote,
             local_index: index,
             reason,
-            link: slot.peer.link(),
+            link,
         });
+        if lost {
+            self.events.push_back(Event::Lost {
+                remote,
+                reason,
+                link,
+            });
+        }
     }
 
     /// Counts an init against the built-in load meter; true if cookies are required.
@@ -1362,5 +1398,33 @@ impl SessionTable {
         let id = slot.peer;
         self.after_open(id, index, !range.is_empty(), now);
         Ok((repr.src_addr, range))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Path MTU: what a too-big report may quote.
+// ---------------------------------------------------------------------------------------
+
+impl SessionTable {
+    /// Whether a `Data` packet with this session index (the remote's receiver index, as
+    /// in the header) and counter left this node recently on its current or previous
+    /// session to `remote`'s /64: a too-big report must quote such a packet (`pmtu`),
+    /// and only the path it took has seen one.
+    pub fn sent_recently(&self, remote: Ipv6Addr, session_id: u32, counter: u64) -> bool {
+        let Some(peer) = self
+            .peers
+            .get(&RemoteId::Node(mask(remote, NODE_PREFIX_LEN)))
+        else {
+            return false;
+        };
+        [peer.current, peer.previous.map(|(index, _)| index)]
+            .into_iter()
+            .flatten()
+            .filter_map(|index| self.sessions.get(&index))
+            .any(|slot| {
+                !slot.session.is_link()
+                    && slot.session.remote_index() == session_id
+                    && slot.session.sent_recently(counter)
+            })
     }
 }

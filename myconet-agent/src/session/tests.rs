@@ -1828,6 +1828,43 @@ fn batched_in_place_sealing_and_opening_match_the_single_packet_path() {
     );
 }
 
+#[test]
+fn sent_recently_knows_only_what_this_node_sealed_lately() {
+    let mut cfg = config();
+    cfg.transport.rekey_after_packets = 4;
+    let mut net = Net::new(&[1, 2], vec![cfg.clone(), cfg]);
+    net.send(0, 1, b"start");
+    net.pump();
+    let (a, b) = (net.addr(0), net.addr(1));
+    let mut headers = Vec::new();
+    for i in 0..10 {
+        assert_eq!(net.send(0, 1, &data(i)), SendStatus::Sent);
+        for t in net.take(0) {
+            let p = Packet::new_unchecked(&t.datagram[..]);
+            headers.push((p.session_id(), p.counter()));
+        }
+    }
+    let table = &net.nodes[0].table;
+    let (sid, last) = *headers.last().expect("sent");
+    assert!(table.sent_recently(b, sid, last));
+    // Any address of b's /64 names the same sessions.
+    assert!(table.sent_recently(mask(b, 64), sid, last));
+    // Four packets a phase: the last two phases are recent, the first is not.
+    let phase = last >> PHASE_SHIFT;
+    assert!(phase >= 2, "{headers:?}");
+    for (s, c) in &headers {
+        assert_eq!(
+            table.sent_recently(b, *s, *c),
+            (c >> PHASE_SHIFT) + 1 >= phase
+        );
+    }
+    // Not yet sent, another session index, another remote, or the receiving side.
+    assert!(!table.sent_recently(b, sid, last + 1));
+    assert!(!table.sent_recently(b, sid ^ 1, last));
+    assert!(!table.sent_recently(a, sid, last));
+    assert!(!net.nodes[1].table.sent_recently(a, sid, last));
+}
+
 /// Adversarial finding 3: a handshake binds the whole dialled address to the key, not
 /// only its /64. Before, a key owning the /64 (48 bits: a second key with them is a
 /// 2^48 search) answered for every address in it; now an address other than the
