@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 use crate::netns::{Netns, NsChild, STOP_GRACE};
@@ -105,6 +105,10 @@ pub struct AgentProcess {
     state_dir: PathBuf,
     log: PathBuf,
     port: u16,
+    /// What it was started with, for [`AgentProcess::restart`].
+    args: Vec<String>,
+    log_filter: Option<String>,
+    startup_timeout: Duration,
     dir: TempDir,
 }
 
@@ -161,6 +165,9 @@ impl AgentProcess {
             state_dir,
             log,
             port: options.port,
+            args,
+            log_filter: options.log_filter.clone(),
+            startup_timeout: options.startup_timeout,
             dir,
         };
         agent
@@ -311,6 +318,29 @@ impl AgentProcess {
     /// returns its exit status, so tests can check it shuts down cleanly.
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.child.terminate(STOP_GRACE)
+    }
+
+    /// Stops the agent with `signal` (`SIGKILL`: a crash; `SIGTERM`: an operator's
+    /// restart) and starts it again in `netns` with the same arguments, state directory
+    /// (so the same identity), socket and log (appended to), waiting until it answers
+    /// `status`. What was configured at run time (`route add`, `peers add`) is gone, as
+    /// it would be for an operator.
+    pub fn restart(&mut self, netns: &Netns, signal: libc::c_int) -> Result<()> {
+        ensure!(netns.name() == self.ns, "restart in another namespace");
+        self.child.signal(signal)?;
+        self.child
+            .wait_timeout(STOP_GRACE)?
+            .context("the agent did not stop for its restart")?;
+        let agent = self.bin_dir.join(AGENT_BIN);
+        self.child = spawn_with_env(
+            netns,
+            &agent,
+            &self.args,
+            &self.log,
+            self.log_filter.as_deref(),
+        )?;
+        let timeout = self.startup_timeout;
+        self.wait_ready(timeout).map_err(|e| self.with_log(e))
     }
 
     /// Kills the agent with SIGKILL, as a crash or a power cut would: no shutdown
