@@ -209,7 +209,7 @@ fn a_restarted_receiver_gets_data_again_within_seconds() -> Result<()> {
             })?;
             let killed = Instant::now();
             let c_ns = pair.topo.node(1).netns();
-            pair.agents[1].restart(&c_ns, libc::SIGKILL)?;
+            pair.agents[1].restart(c_ns, libc::SIGKILL)?;
             pair.route_c_to_a()?;
             let ready = Instant::now();
             let at_ready = lock(&progress);
