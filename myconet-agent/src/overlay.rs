@@ -185,9 +185,12 @@ impl Overlay {
                 }
                 Ok(Screened::Done(_)) => None,
                 Err(e) => {
+                    // A refused init changed nothing and sends nothing: under a flood
+                    // most inits end here, so this path stays short.
+                    drop(st);
                     self.node.count(stat_for(&e), datagram.len());
                     debug!(%from, error = %e, "handshake init rejected");
-                    None
+                    return;
                 }
             };
             (job, self.drain(&mut st))

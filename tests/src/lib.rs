@@ -11,6 +11,7 @@ pub mod agent;
 pub mod bench;
 pub mod demo;
 pub mod fixture;
+pub mod flood;
 pub mod netns;
 pub mod packet;
 pub mod scenario;

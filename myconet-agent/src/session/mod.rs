@@ -27,6 +27,8 @@
 mod admission;
 mod cookie;
 mod error;
+#[doc(hidden)]
+pub mod forge;
 mod freshness;
 mod handshake;
 mod msg;

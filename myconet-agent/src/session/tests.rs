@@ -2363,3 +2363,55 @@ fn link_inits_need_a_known_own_endpoint() {
         Err(InboundError::Handshake(HandshakeError::EndpointMismatch(_)))
     ));
 }
+
+/// Data packets for unknown sessions (anyone can send them, with any source) make a
+/// node start handshakes only within bounds: never for packets smaller than the init
+/// (no amplification), at most the prompt budget overall, once per second per /64.
+#[test]
+fn unknown_session_prompts_are_bounded() {
+    let mut net = Net::new(&[1], vec![Config::default()]);
+    let me = net.addr(0);
+    let datagram = |src: Ipv6Addr, len: usize| {
+        let mut buf = vec![0u8; len];
+        Repr {
+            packet_type: PacketType::Data,
+            hop_limit: 64,
+            flags: 0,
+            session_id: 0xdead_beef,
+            counter: 0,
+            dst_addr: me,
+            src_addr: src,
+        }
+        .emit(&mut Packet::new_unchecked(&mut buf[..]));
+        buf
+    };
+    let spoofer: SocketAddr = "[2001:db8:bad::1]:9651".parse().unwrap();
+    let victim = |i: u32| {
+        let mut a = node_address(&public(&keypair((i % 200) as u8 + 20))).octets();
+        a[6..8].copy_from_slice(&(i as u16).to_be_bytes());
+        Ipv6Addr::from(a)
+    };
+    // Small packets never prompt.
+    for i in 0..100 {
+        let _ = net.deliver_from(spoofer, 0, &datagram(victim(i), 100));
+    }
+    assert_eq!(net.nodes[0].table.stats().unknown_session_prompts, 0);
+    assert!(net.take(0).is_empty());
+    // Large ones from 1,000 spoofed sources in one second: the budget (8, then 4/s).
+    let start = net.now;
+    for i in 0..1000 {
+        net.now += Duration::from_millis(1);
+        let _ = net.deliver_from(spoofer, 0, &datagram(victim(i), 1200));
+    }
+    let prompts = net.nodes[0].table.stats().unknown_session_prompts;
+    let elapsed = (net.now - start).as_secs_f64();
+    assert!(prompts <= 8 + (4.0 * elapsed).ceil() as u64, "{prompts}");
+    assert!(prompts >= 8, "{prompts}");
+    // One /64 again and again: once, then nothing while its handshake is under way.
+    let mut net = Net::new(&[1], vec![Config::default()]);
+    for _ in 0..50 {
+        net.now += Duration::from_millis(100);
+        let _ = net.deliver_from(spoofer, 0, &datagram(victim(7), 1200));
+    }
+    assert_eq!(net.nodes[0].table.stats().unknown_session_prompts, 1);
+}
