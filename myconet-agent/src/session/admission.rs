@@ -10,7 +10,9 @@
 //!    where the init came from, so a host sending directly earns a cookie for any
 //!    overlay source it claims: a cookie says nothing about the overlay source;
 //! 3. without one: gets a CookieReply instead when loaded, or when its last hop has
-//!    used up its cookieless share (the *source* bucket), and stops there;
+//!    used up its cookieless share (the *source* bucket), and stops there; cookie
+//!    replies to one last hop are themselves bounded (the *cookie reply* bucket), so a
+//!    flood of inits, replayed or spoofed, cannot make the node answer each one;
 //! 4. is charged to its initiator, the pair (last hop, claimed overlay /64), so that
 //!    initiators behind one relay do not share one bucket;
 //! 5. takes a token from the global verification budget; when that runs dry the node is
@@ -56,6 +58,8 @@ pub(crate) enum Limit {
     CookieSender,
     /// The node's verification budget.
     Budget,
+    /// The last hop has had its share of cookie replies: the init is dropped unanswered.
+    CookieReplies,
 }
 
 /// Counts inits per second, the built-in load signal.
@@ -75,6 +79,8 @@ pub(crate) struct InitGate {
     cookieless: RateLimiter,
     /// Per last hop, inits with a valid cookie; see [`Config::cookie_rate_limit`].
     cookie_bearing: RateLimiter,
+    /// Per last hop, cookie replies sent; see [`Config::cookie_reply_rate_limit`].
+    cookie_replies: RateLimiter,
     /// The whole node's verifications; see [`Config::verify_budget`].
     budget: RateLimiter<()>,
     budget_dry_until: Option<Instant>,
@@ -91,6 +97,7 @@ impl InitGate {
             initiators: RateLimiter::new(config.rate_limit)?,
             cookieless: RateLimiter::new(config.source_rate_limit)?,
             cookie_bearing: RateLimiter::new(config.cookie_rate_limit)?,
+            cookie_replies: RateLimiter::new(config.cookie_reply_rate_limit)?,
             budget: RateLimiter::new(config.verify_budget)?,
             budget_dry_until: None,
             load: LoadMeter {
@@ -136,6 +143,9 @@ impl InitGate {
                 return Ok(Verdict::Limited(Limit::CookieSender));
             }
         } else if loaded || !self.cookieless.allow(from.ip(), now) {
+            if !self.cookie_replies.allow(from.ip(), now) {
+                return Ok(Verdict::Limited(Limit::CookieReplies));
+            }
             let cookie = self
                 .cookies
                 .make(from, src, now, rng)

@@ -135,6 +135,11 @@ impl RejectedInits {
         }
     }
 
+    /// Whether no failed init is remembered (then nobody need hash an init to ask).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
     /// Whether this exact init failed before.
     pub(crate) fn contains(&self, digest: &[u8; 32]) -> bool {
         self.digests.contains(digest)

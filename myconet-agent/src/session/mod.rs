@@ -194,6 +194,11 @@ pub struct Config {
     /// nothing more (a host sending directly gets the cookie for any overlay source it
     /// claims), so that is what such inits are charged to.
     pub cookie_rate_limit: RateLimitConfig,
+    /// Token bucket per underlay sender (last hop) over the cookie replies sent to it:
+    /// over it, an init that would get one is dropped unanswered (its initiator's next
+    /// retransmission gets one). A flood of inits, replayed or from spoofed sources,
+    /// would otherwise cost a reply (a send) each.
+    pub cookie_reply_rate_limit: RateLimitConfig,
     /// The whole node's signature verifications of inits (`burst` at once, then
     /// `per_second`); `max_sources` is unused. When it runs dry the node demands cookies
     /// for a second.
@@ -253,6 +258,12 @@ impl Default for Config {
                 max_sources: 16_384,
                 ..RateLimitConfig::default()
             },
+            cookie_reply_rate_limit: RateLimitConfig {
+                burst: 128,
+                per_second: 64,
+                max_sources: 16_384,
+                ..RateLimitConfig::default()
+            },
             verify_budget: RateLimitConfig {
                 burst: 256,
                 per_second: 512,
@@ -301,6 +312,7 @@ impl Config {
             &self.rate_limit,
             &self.source_rate_limit,
             &self.cookie_rate_limit,
+            &self.cookie_reply_rate_limit,
             &self.verify_budget,
             &self.initiation_rate,
             &self.prompt_rate_limit,

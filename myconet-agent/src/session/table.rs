@@ -241,6 +241,9 @@ pub struct Stats {
     pub rate_limited: u64,
     /// Of those, refused by the node's verification budget.
     pub budget_exhausted: u64,
+    /// Of those, dropped unanswered because their last hop had its share of cookie
+    /// replies.
+    pub cookie_replies_withheld: u64,
     /// Inits whose signature this node checked (the expensive step a flood aims at).
     pub inits_verified: u64,
     /// Inits refused because they were not newer than one already accepted from that
@@ -1226,8 +1229,7 @@ impl SessionTable {
             self.stats.inits_replayed += 1;
             return Err(HandshakeError::Replayed.into());
         }
-        let digest = init_digest(datagram);
-        if self.rejected.contains(&digest) {
+        if !self.rejected.is_empty() && self.rejected.contains(&init_digest(datagram)) {
             self.stats.inits_known_bad += 1;
             return Err(HandshakeError::BadSignature.into());
         }
@@ -1262,8 +1264,10 @@ impl SessionTable {
             }
             Verdict::Limited(limit) => {
                 self.stats.rate_limited += 1;
-                if limit == Limit::Budget {
-                    self.stats.budget_exhausted += 1;
+                match limit {
+                    Limit::Budget => self.stats.budget_exhausted += 1,
+                    Limit::CookieReplies => self.stats.cookie_replies_withheld += 1,
+                    Limit::Initiator | Limit::CookieSender => {}
                 }
                 return Err(InboundError::RateLimited(from.ip()));
             }
@@ -1273,7 +1277,7 @@ impl SessionTable {
             msg,
             id,
             from,
-            digest,
+            digest: init_digest(datagram),
             suite,
             signer: self.signer.clone(),
             local_key: self.local_key,

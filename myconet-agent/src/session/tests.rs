@@ -51,6 +51,7 @@ fn config() -> Config {
         rate_limit: generous,
         source_rate_limit: generous,
         cookie_rate_limit: generous,
+        cookie_reply_rate_limit: generous,
         verify_budget: generous,
         initiation_rate: generous,
         ..Config::default()
@@ -2414,4 +2415,27 @@ fn unknown_session_prompts_are_bounded() {
         let _ = net.deliver_from(spoofer, 0, &datagram(victim(7), 1200));
     }
     assert_eq!(net.nodes[0].table.stats().unknown_session_prompts, 1);
+}
+
+/// A loaded node answers cookieless inits with cookie replies, but not without bound per
+/// sender: replayed or spoofed inits cannot make it send one reply each.
+#[test]
+fn cookie_replies_to_one_sender_are_bounded() {
+    let mut net = Net::new(&[1, 2], vec![Config::default(), Config::default()]);
+    net.nodes[1].table.set_under_load(true);
+    let init = fresh_initiation(&net, 1, 9);
+    let from: SocketAddr = "[2001:db8:bad::1]:9651".parse().unwrap();
+    let start = net.now;
+    for _ in 0..5_000 {
+        net.now += Duration::from_micros(20);
+        let _ = net.deliver_from(from, 1, init.message());
+    }
+    let elapsed = (net.now - start).as_secs_f64();
+    let stats = net.nodes[1].table.stats().clone();
+    let limit = Config::default().cookie_reply_rate_limit;
+    let bound = u64::from(limit.burst) + (f64::from(limit.per_second) * elapsed).ceil() as u64;
+    assert!(stats.cookies_sent <= bound, "{stats:?}");
+    assert_eq!(stats.cookies_sent + stats.cookie_replies_withheld, 5_000, "{stats:?}");
+    assert_eq!(net.take(1).len() as u64, stats.cookies_sent);
+    assert_eq!(stats.inits_verified, 0);
 }
