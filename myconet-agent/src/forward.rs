@@ -164,11 +164,12 @@ mod tests {
             decide(&rib, &peers, peer, &control),
             Decision::Drop(DropReason::NotRelayable)
         );
-        // Handshakes follow the same rules as data.
+        // Handshakes and too-big reports follow the same rules as data.
         for t in [
             PacketType::HandshakeInit,
             PacketType::HandshakeResponse,
             PacketType::CookieReply,
+            PacketType::TooBig,
         ] {
             let mut h = header("fd6d:c::1", 64);
             h.packet_type = t;

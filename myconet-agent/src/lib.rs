@@ -25,6 +25,7 @@ pub mod netlink;
 pub mod node;
 pub mod overlay;
 pub mod peers;
+pub mod pmtu;
 pub mod rib;
 pub mod routing;
 pub mod session;

@@ -118,6 +118,12 @@ impl Links {
         self.routing().router.stats().clone()
     }
 
+    /// The key the routing table holds for the /64 of `addr` (this node's own too):
+    /// whose signature a too-big report from `addr` must carry (`pmtu`).
+    pub fn origin_key(&self, addr: std::net::Ipv6Addr) -> Option<[u8; 32]> {
+        self.routing().router.origin_of(addr)
+    }
+
     /// The routing counters by stable name, for `GetStats`.
     pub fn routing_counters(&self) -> Vec<(&'static str, u64)> {
         self.routing().router.stats().counters()

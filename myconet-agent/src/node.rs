@@ -65,9 +65,9 @@ pub enum AgentStat {
     RxDataHopLimit,
     /// Handshake and cookie packets for this node.
     RxHandshake,
-    /// Handshake and cookie packets relayed for others.
+    /// Handshake, cookie and too-big packets relayed for others.
     RxHandshakeRelayed,
-    /// Handshake and cookie packets dropped by the relay rules.
+    /// Handshake, cookie and too-big packets dropped by the relay rules.
     RxHandshakeDropped,
     /// Handshake and cookie packets not relayed because the neighbour that handed them
     /// over exceeded its share (see `underlay::RELAY_HANDSHAKE_LIMIT`).
@@ -117,11 +117,40 @@ pub enum AgentStat {
     TxNoRoute,
     /// Sends that failed.
     TxError,
+    /// Data not relayed because it is larger than the next link takes (its source gets
+    /// a too-big report, see `pmtu`).
+    RxDataTooBig,
+    /// Too-big reports this relay sent.
+    TooBigSent,
+    /// Oversized packets no report was sent for (report rate exceeded, or a next link
+    /// too small for the overlay at all).
+    TooBigSuppressed,
+    /// Too-big reports believed: the path MTU towards a destination was lowered.
+    TooBigAccepted,
+    /// Too-big reports that are not structurally valid.
+    TooBigMalformed,
+    /// Too-big reports about packets from addresses this node does not own.
+    TooBigNotOurs,
+    /// Too-big reports that would lower a path below the IPv6 minimum MTU.
+    TooBigBelowMinimum,
+    /// Too-big reports quoting no packet this node sent recently.
+    TooBigUnknownQuote,
+    /// Too-big reports not newer than the last one believed (replays).
+    TooBigReplayed,
+    /// Too-big reports over the signature-verification budget.
+    TooBigRateLimited,
+    /// Too-big reports from relays the routing table holds no key for.
+    TooBigUnknownReporter,
+    /// Too-big reports whose signature does not verify.
+    TooBigBadSignature,
+    /// TUN packets dropped for exceeding the path MTU towards their destination (each
+    /// answered, within a rate, by an ICMPv6 Packet Too Big on the TUN device).
+    TunTooBig,
 }
 
 impl AgentStat {
     /// Every counter in index order.
-    pub const ALL: [AgentStat; 28] = [
+    pub const ALL: [AgentStat; 41] = [
         AgentStat::RxData,
         AgentStat::RxDataLocal,
         AgentStat::RxDataRelayed,
@@ -150,6 +179,19 @@ impl AgentStat {
         AgentStat::TunNotOverlay,
         AgentStat::TxNoRoute,
         AgentStat::TxError,
+        AgentStat::RxDataTooBig,
+        AgentStat::TooBigSent,
+        AgentStat::TooBigSuppressed,
+        AgentStat::TooBigAccepted,
+        AgentStat::TooBigMalformed,
+        AgentStat::TooBigNotOurs,
+        AgentStat::TooBigBelowMinimum,
+        AgentStat::TooBigUnknownQuote,
+        AgentStat::TooBigReplayed,
+        AgentStat::TooBigRateLimited,
+        AgentStat::TooBigUnknownReporter,
+        AgentStat::TooBigBadSignature,
+        AgentStat::TunTooBig,
     ];
 
     /// Stable name for the API and the CLI.
@@ -183,14 +225,37 @@ impl AgentStat {
             AgentStat::TunNotOverlay => "tun_not_overlay",
             AgentStat::TxNoRoute => "tx_no_route",
             AgentStat::TxError => "tx_error",
+            AgentStat::RxDataTooBig => "rx_data_too_big",
+            AgentStat::TooBigSent => "too_big_sent",
+            AgentStat::TooBigSuppressed => "too_big_suppressed",
+            AgentStat::TooBigAccepted => "too_big_accepted",
+            AgentStat::TooBigMalformed => "too_big_malformed",
+            AgentStat::TooBigNotOurs => "too_big_not_ours",
+            AgentStat::TooBigBelowMinimum => "too_big_below_minimum",
+            AgentStat::TooBigUnknownQuote => "too_big_unknown_quote",
+            AgentStat::TooBigReplayed => "too_big_replayed",
+            AgentStat::TooBigRateLimited => "too_big_rate_limited",
+            AgentStat::TooBigUnknownReporter => "too_big_unknown_reporter",
+            AgentStat::TooBigBadSignature => "too_big_bad_signature",
+            AgentStat::TunTooBig => "tun_too_big",
         }
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct AgentCounters {
     packets: [AtomicU64; AgentStat::ALL.len()],
     bytes: [AtomicU64; AgentStat::ALL.len()],
+}
+
+// By hand: `Default` is derived for arrays of at most 32 elements.
+impl Default for AgentCounters {
+    fn default() -> Self {
+        Self {
+            packets: std::array::from_fn(|_| AtomicU64::new(0)),
+            bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 /// One configured underlay interface as the agent set it up at start.

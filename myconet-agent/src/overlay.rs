@@ -11,7 +11,7 @@ use std::{
     os::fd::AsFd,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Instant,
 };
@@ -28,6 +28,7 @@ use crate::{
     batch_io::{self, RecvBatch},
     link::Links,
     node::{AgentStat, Node},
+    pmtu::{self, Limit, PathMtu, Rejected},
     session::{
         Config, Event, HandshakeError, Inbound, InboundError, Screened, SendError, SessionTable,
         Suite, TAG_LEN, Transmit,
@@ -51,6 +52,11 @@ pub struct Overlay {
     timers: Notify,
     /// Generation of the node's underlay addresses the session table was last given.
     underlay_generation: AtomicU64,
+    /// Path MTUs learned from too-big reports (`pmtu`).
+    path_mtu: Mutex<PathMtu>,
+    /// Whether `path_mtu` holds anything: until a report is believed, the TUN path
+    /// checks no sizes and takes no lock for it.
+    path_mtu_known: AtomicBool,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -112,6 +118,8 @@ impl Overlay {
             rng: SystemRandom::new(),
             timers: Notify::new(),
             underlay_generation: AtomicU64::new(generation),
+            path_mtu: Mutex::new(PathMtu::default()),
+            path_mtu_known: AtomicBool::new(false),
         })
     }
 
@@ -224,17 +232,7 @@ impl Overlay {
         if !self.inner_ok(remote, packet) {
             return;
         }
-        let written = if tun.offload().is_some() {
-            // An offloading TUN wants a virtio_net_hdr on every packet; zero means "a
-            // plain packet, checksum complete".
-            let mut framed = Vec::with_capacity(VNET_HDR_LEN + packet.len());
-            framed.resize(VNET_HDR_LEN, 0);
-            framed.extend_from_slice(packet);
-            tun.send(&framed).await
-        } else {
-            tun.send(packet).await
-        };
-        match written {
+        match write_plain(tun, packet).await {
             Ok(_) => self.node.count(AgentStat::RxDataLocal, packet.len()),
             Err(e) => {
                 self.node.count(AgentStat::TxError, packet.len());
@@ -406,6 +404,7 @@ impl Overlay {
                 return;
             }
             self.send_all(transmits).await;
+            self.write_packet_too_big(&mut scratch.ptbs).await;
         }
     }
 
@@ -463,9 +462,11 @@ impl Overlay {
     pub async fn on_tun_packet(&self, packet: &[u8]) {
         let mut job = SealedBatch::default();
         job.batch.push(packet);
-        let transmits = self.seal_batch(&mut job, &mut TxScratch::default());
+        let mut scratch = TxScratch::default();
+        let transmits = self.seal_batch(&mut job, &mut scratch);
         self.send_sealed(&self.socket, &job).await;
         self.send_all(transmits).await;
+        self.write_packet_too_big(&mut scratch.ptbs).await;
     }
 
     /// Seals every packet of `job.batch` (plain IPv6 packets in slots with header room
@@ -494,6 +495,7 @@ impl Overlay {
             };
             scratch.dsts.push((dst, false));
         }
+        self.enforce_path_mtu(batch, &mut scratch.dsts, &mut scratch.ptbs);
         let transmits = {
             let mut st = self.sessions();
             let now = Instant::now();
@@ -583,6 +585,109 @@ impl Overlay {
             let (datagram, to) = out[i];
             self.node.count(AgentStat::TxError, datagram.len());
             debug!(%to, "send failed");
+        }
+    }
+
+    fn path_mtu(&self) -> MutexGuard<'_, PathMtu> {
+        self.path_mtu.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A too-big report addressed to this node (`pmtu`). Believed only after the checks
+    /// there, cheapest first: the quote is checked against the sessions, the signature
+    /// against the key the routing table holds for the reporting relay, with neither
+    /// table locked while it verifies. A believed report lowers the path MTU towards
+    /// the quoted destination; the application hears of it at its next oversized
+    /// packet ([`Overlay::enforce_path_mtu`]).
+    pub fn on_too_big(&self, datagram: &[u8]) {
+        let now = Instant::now();
+        let local = self.node.node_prefix().addr();
+        let screened = self.path_mtu().screen(
+            datagram,
+            local,
+            |quoted| {
+                self.sessions()
+                    .sent_recently(quoted.dst_addr, quoted.session_id, quoted.counter)
+            },
+            now,
+        );
+        let verified = screened.and_then(|s| {
+            let key = self.links.origin_key(s.reporter());
+            s.verify(key.as_ref())
+        });
+        match verified {
+            Ok(report) => {
+                let repr = *report.repr();
+                let limit = self.path_mtu().commit(report, now);
+                self.path_mtu_known.store(true, Ordering::Relaxed);
+                self.node.count(AgentStat::TooBigAccepted, datagram.len());
+                info!(
+                    destination = %repr.quoted.dst_addr,
+                    reporter = %repr.reporter,
+                    mtu = limit.inner_mtu,
+                    "path MTU lowered by a too-big report"
+                );
+            }
+            Err(e) => {
+                self.node.count(too_big_stat(&e), datagram.len());
+                debug!(error = %e, "too-big report refused");
+            }
+        }
+    }
+
+    /// Drops the packets of a TUN batch that exceed the path MTU learned towards their
+    /// destination (marking them not to be sent), and puts an ICMPv6 Packet Too Big
+    /// quoting each (within a rate per destination) into `ptbs` for the TUN device, so
+    /// the kernel lowers the destination's PMTU and sends smaller packets. Takes no
+    /// lock until a path MTU is known.
+    fn enforce_path_mtu(
+        &self,
+        batch: &PacketBatch,
+        dsts: &mut [(Option<Ipv6Addr>, bool)],
+        ptbs: &mut Vec<Vec<u8>>,
+    ) {
+        if !self.path_mtu_known.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        let mut paths = self.path_mtu();
+        let mut last: Option<(Ipv6Addr, Option<Limit>)> = None;
+        for (i, entry) in dsts.iter_mut().enumerate() {
+            let Some(dst) = entry.0 else { continue };
+            let limit = match last {
+                Some((d, limit)) if d == dst => limit,
+                _ => {
+                    let limit = paths.limit(dst, now);
+                    last = Some((dst, limit));
+                    limit
+                }
+            };
+            let (Some(limit), Some(packet)) = (limit, batch.get(i)) else {
+                continue;
+            };
+            if packet.len() <= usize::from(limit.inner_mtu) {
+                continue;
+            }
+            entry.0 = None;
+            self.node.count(AgentStat::TunTooBig, packet.len());
+            if paths.allow_ptb(dst, now)
+                && let Some(ptb) = pmtu::packet_too_big(packet, limit.inner_mtu, limit.reporter)
+            {
+                ptbs.push(ptb);
+            }
+        }
+    }
+
+    /// Writes the ICMPv6 Packet Too Big messages [`Overlay::enforce_path_mtu`] made.
+    async fn write_packet_too_big(&self, ptbs: &mut Vec<Vec<u8>>) {
+        let Some(tun) = &self.tun else {
+            ptbs.clear();
+            return;
+        };
+        for ptb in ptbs.drain(..) {
+            if let Err(e) = write_plain(tun, &ptb).await {
+                self.node.count(AgentStat::TxError, ptb.len());
+                debug!(error = %e, "TUN write of a Packet Too Big failed");
+            }
         }
     }
 
@@ -735,6 +840,35 @@ impl Default for SealedBatch {
 struct TxScratch {
     /// Per packet: its overlay destination if it may be sent, and whether it was sealed.
     dsts: Vec<(Option<Ipv6Addr>, bool)>,
+    /// ICMPv6 Packet Too Big messages to write to the TUN device.
+    ptbs: Vec<Vec<u8>>,
+}
+
+/// Writes one plain packet to the TUN device. An offloading TUN wants a
+/// `virtio_net_hdr` on every packet; zero means "a plain packet, checksum complete".
+async fn write_plain(tun: &Tun, packet: &[u8]) -> std::io::Result<usize> {
+    if tun.offload().is_some() {
+        let mut framed = Vec::with_capacity(VNET_HDR_LEN + packet.len());
+        framed.resize(VNET_HDR_LEN, 0);
+        framed.extend_from_slice(packet);
+        tun.send(&framed).await
+    } else {
+        tun.send(packet).await
+    }
+}
+
+/// The counter of a refused too-big report.
+fn too_big_stat(e: &Rejected) -> AgentStat {
+    match e {
+        Rejected::Malformed(_) => AgentStat::TooBigMalformed,
+        Rejected::NotOurs => AgentStat::TooBigNotOurs,
+        Rejected::BelowMinimum(_) => AgentStat::TooBigBelowMinimum,
+        Rejected::UnknownQuote => AgentStat::TooBigUnknownQuote,
+        Rejected::Replayed => AgentStat::TooBigReplayed,
+        Rejected::RateLimited => AgentStat::TooBigRateLimited,
+        Rejected::UnknownReporter(_) => AgentStat::TooBigUnknownReporter,
+        Rejected::BadSignature => AgentStat::TooBigBadSignature,
+    }
 }
 
 fn stat_for(e: &InboundError) -> AgentStat {

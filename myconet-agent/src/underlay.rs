@@ -18,11 +18,13 @@ use tokio::net::UdpSocket;
 use tracing::debug;
 
 use crate::{
-    batch_io::{self, BATCH, RecvBatch, recv_batch, send_gso_batch},
+    batch_io::{self, BATCH, RecvBatch, recv_batch, send_batch, send_gso_batch},
     forward::{Decision, DropReason},
     node::{AgentStat, Node},
     overlay::Overlay,
     peers::LinkEndpoint,
+    pmtu::{self, EgressMtus, TooBigReporter},
+    rib::NextHop,
     session::{RateLimitConfig, RateLimiter},
 };
 
@@ -120,6 +122,7 @@ pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>)
     // A constant, checked by `relay_handshake_limit_is_valid`.
     let mut relay_limiter =
         RateLimiter::new(RELAY_HANDSHAKE_LIMIT).expect("RELAY_HANDSHAKE_LIMIT is valid");
+    let mut mtu = RelayMtu::default();
     loop {
         let n = match recv_batch(&socket, &mut batch).await {
             Ok(n) => n,
@@ -131,6 +134,8 @@ pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>)
         };
         relays.clear();
         local.clear();
+        // One clock read per batch for the egress MTU cache, not one per packet.
+        mtu.now = Instant::now();
         for i in 0..n {
             let segment = batch.segment_size(i);
             let Some((buf, from)) = batch.get_mut(i) else {
@@ -140,7 +145,16 @@ pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>)
                 let Some(datagram) = buf.get_mut(range.clone()) else {
                     continue;
                 };
-                match handle(&node, &overlay, &mut relay_limiter, datagram, from).await {
+                match handle(
+                    &node,
+                    &overlay,
+                    &mut relay_limiter,
+                    &mut mtu,
+                    datagram,
+                    from,
+                )
+                .await
+                {
                     Action::Relay(relay) => relays.push((i, range, relay)),
                     Action::Deliver => local.push((i, range, from)),
                     Action::Done => {}
@@ -152,6 +166,7 @@ pub async fn run(node: Arc<Node>, socket: Arc<UdpSocket>, overlay: Arc<Overlay>)
                 .deliver_datagrams(&mut batch, &local, &mut scratch)
                 .await;
         }
+        mtu.send_reports(&node, &socket).await;
         if relays.is_empty() {
             continue;
         }
@@ -194,6 +209,7 @@ async fn handle(
     node: &Node,
     overlay: &Overlay,
     relay_limiter: &mut RateLimiter,
+    mtu: &mut RelayMtu,
     datagram: &mut [u8],
     from: SocketAddrV6,
 ) -> Action {
@@ -218,6 +234,10 @@ async fn handle(
         _ => {}
     }
     match node.decide(LinkEndpoint::from(from), &header) {
+        Decision::Deliver if header.packet_type == PacketType::TooBig => {
+            overlay.on_too_big(datagram);
+            Action::Done
+        }
         Decision::Deliver => {
             if is_data {
                 return Action::Deliver;
@@ -230,6 +250,9 @@ async fn handle(
             if !is_data && !relay_limiter.allow(IpAddr::V6(*from.ip()), Instant::now()) =>
         {
             node.count(AgentStat::RxHandshakeRelayLimited, len);
+            Action::Done
+        }
+        Decision::Forward { next_hop, .. } if is_data && mtu.exceeds(node, datagram, next_hop) => {
             Action::Done
         }
         Decision::Forward {
@@ -262,6 +285,90 @@ async fn handle(
             );
             Action::Done
         }
+    }
+}
+
+/// The relay's path-MTU duties (`pmtu`): a data packet larger than its next link takes
+/// is dropped, never handed to the kernel to fragment or refuse, and its source gets a
+/// signed too-big report within the reporter's rates.
+struct RelayMtu {
+    egress: EgressMtus<NextHop>,
+    reporter: TooBigReporter,
+    /// Reports to send after the batch, with the next hop towards their destination.
+    reports: Vec<(Vec<u8>, SocketAddr)>,
+    /// When the current receive batch arrived.
+    now: Instant,
+}
+
+impl Default for RelayMtu {
+    fn default() -> Self {
+        Self {
+            egress: EgressMtus::default(),
+            reporter: TooBigReporter::default(),
+            reports: Vec::new(),
+            now: Instant::now(),
+        }
+    }
+}
+
+impl RelayMtu {
+    /// Whether `datagram`, a data packet to relay to `next_hop`, exceeds the path to
+    /// it; if so it is counted and a report for its source is queued.
+    fn exceeds(&mut self, node: &Node, datagram: &[u8], next_hop: NextHop) -> bool {
+        let now = self.now;
+        let len = datagram.len();
+        if len <= pmtu::ALWAYS_FITS {
+            return false;
+        }
+        let Some(mtu) = self.egress.get(next_hop, now, || next_hop.path_mtu()) else {
+            return false;
+        };
+        if len + pmtu::OUTER_HEADERS <= mtu as usize {
+            return false;
+        }
+        node.count(AgentStat::RxDataTooBig, len);
+        let identity = node.identity();
+        match self
+            .reporter
+            .report(identity, identity.node_address(), datagram, mtu, now)
+        {
+            Ok(report) => {
+                let source = Packet::new_unchecked(datagram).src_addr();
+                match node.next_hop_for(source) {
+                    Some(back) => self
+                        .reports
+                        .push((report, SocketAddr::V6(back.socket_addr()))),
+                    None => node.count(AgentStat::TxNoRoute, report.len()),
+                }
+            }
+            Err(e) => {
+                node.count(AgentStat::TooBigSuppressed, len);
+                debug!(error = %e, next_hop = %next_hop.socket_addr(), mtu, "oversized packet not reported");
+            }
+        }
+        true
+    }
+
+    /// Sends the queued reports.
+    async fn send_reports(&mut self, node: &Node, socket: &UdpSocket) {
+        if self.reports.is_empty() {
+            return;
+        }
+        let out: Vec<(&[u8], SocketAddr)> = self
+            .reports
+            .iter()
+            .map(|(report, to)| (report.as_slice(), *to))
+            .collect();
+        let failed = send_batch(socket, &out).await;
+        for (i, (report, to)) in out.iter().enumerate() {
+            if failed.contains(&i) {
+                debug!(%to, "too-big report send failed");
+                node.count(AgentStat::TxError, report.len());
+            } else {
+                node.count(AgentStat::TooBigSent, report.len());
+            }
+        }
+        self.reports.clear();
     }
 }
 

@@ -261,6 +261,7 @@ fn every_verdict() {
             PacketType::HandshakeInit,
             PacketType::HandshakeResponse,
             PacketType::CookieReply,
+            PacketType::TooBig,
         ] {
             let mut r = header("fd6d:c::1", 64);
             r.packet_type = t;
@@ -721,6 +722,41 @@ fn frames_leave_only_the_ways_their_egress_can_take_them() {
         let (act, _, stat) = fx.run(&back);
         assert_eq!((act, stat), (XDP_TX, Stat::Tx));
         let (act, _, stat) = fx.run(&across);
+        assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect));
+    })
+    .expect("run in namespace");
+}
+
+/// A data frame the egress link cannot take (the FIB's MTU check) is passed up as
+/// `pass_too_big`, untouched, for the agent to report to its source; one that just
+/// fits is relayed. Checked after smaller frames of the same flow filled the caches,
+/// which must not let a larger one through.
+#[test]
+fn frames_larger_than_the_egress_are_passed_up_as_too_big() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        let fx = Fixture::new();
+        // v2's MTU is the veth default, 1500: the largest IPv6 packet it sends.
+        let sized = |ipv6_len: usize| {
+            let payload = vec![0x5a; ipv6_len - IPV6_LEN - UDP_LEN - HEADER_LEN];
+            packet::frame(
+                PEER_MAC,
+                V0_MAC,
+                a("fd00:1::2"),
+                a("fd00:1::1"),
+                PORT,
+                PORT,
+                &header("fd6d:d::1", 64),
+                &payload,
+            )
+        };
+        let (act, _, stat) = fx.run(&sized(200));
+        assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect));
+        let (act, _, stat) = fx.run(&sized(1500));
+        assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect), "just fits");
+        assert_unchanged(&fx, &sized(1501), XDP_PASS, Stat::PassTooBig);
+        // The flow's smaller packets are still relayed from the cache.
+        let (act, _, stat) = fx.run(&sized(1400));
         assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect));
     })
     .expect("run in namespace");

@@ -144,12 +144,21 @@ pub fn sum_bytes(data: &[u8]) -> u32 {
     sum as u32
 }
 
+/// The checksum of an IPv6 upper-layer `segment` (its checksum field zeroed) of protocol
+/// `next_header` sent from `src` to `dst`: one's complement of the pseudo-header
+/// (RFC 8200 §8.1) and segment sum. UDP and ICMPv6 share it.
+pub fn ipv6_upper_layer(src: &[u8; 16], dst: &[u8; 16], next_header: u8, segment: &[u8]) -> u16 {
+    let len = segment.len() as u32;
+    let pseudo =
+        sum_bytes(src) + sum_bytes(dst) + (len >> 16) + (len & 0xffff) + u32::from(next_header);
+    !fold(pseudo + sum_bytes(segment))
+}
+
 /// The UDP checksum of `segment` (UDP header with its checksum field zeroed, plus
 /// payload) sent from `src` to `dst` over IPv6.
 pub fn udp_ipv6(src: &[u8; 16], dst: &[u8; 16], segment: &[u8]) -> u16 {
-    let len = segment.len() as u32;
-    let pseudo = sum_bytes(src) + sum_bytes(dst) + (len >> 16) + (len & 0xffff) + 17;
-    let c = !fold(pseudo + sum_bytes(segment));
+    let c = ipv6_upper_layer(src, dst, 17, segment);
+    // Zero means "no checksum" in UDP, so a computed zero is sent as all ones.
     if c == 0 { 0xffff } else { c }
 }
 

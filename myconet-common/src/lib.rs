@@ -8,4 +8,5 @@
 pub mod addr;
 pub mod checksum;
 pub mod maps;
+pub mod too_big;
 pub mod wire;

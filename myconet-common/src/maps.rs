@@ -331,7 +331,7 @@ pub enum Stat {
     /// Next hop's link-layer address unknown; the kernel resolves it and later packets
     /// take the fast path.
     PassNoNeighbour = 3,
-    /// The FIB could not decide in the kernel fast path (forwarding disabled, MTU), or
+    /// The FIB could not decide in the kernel fast path (forwarding disabled), or
     /// the egress cannot take the frame from XDP ([`EGRESS_MAP`]); the agent's
     /// userspace path handles it.
     PassSlowPath = 4,
@@ -359,11 +359,14 @@ pub enum Stat {
     /// ordinary IPv6 router): not ours to relay, left to the kernel, which forwards or
     /// drops it by its own rules.
     PassNotLocal = 14,
+    /// Data larger than the egress link takes (the FIB's MTU check): the agent drops it
+    /// and sends its source a too-big report, which the kernel fast path cannot sign.
+    PassTooBig = 15,
 }
 
 impl Stat {
     /// Number of entries in [`STATS_MAP`].
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Every stat in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
@@ -382,6 +385,7 @@ impl Stat {
         Stat::DropUnreachable,
         Stat::DropNotUnicast,
         Stat::PassNotLocal,
+        Stat::PassTooBig,
     ];
 
     /// Stable snake_case name for the API and the CLI.
@@ -402,6 +406,7 @@ impl Stat {
             Stat::DropUnreachable => "drop_unreachable",
             Stat::DropNotUnicast => "drop_not_unicast",
             Stat::PassNotLocal => "pass_not_local",
+            Stat::PassTooBig => "pass_too_big",
         }
     }
 

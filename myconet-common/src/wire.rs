@@ -67,6 +67,10 @@ pub enum PacketType {
     CookieReply = 4,
     /// Link-level control between authenticated neighbours (hello, routing, keepalive).
     Control = 5,
+    /// A relay's signed report that a `Data` packet was too big for its next link
+    /// ([`crate::too_big`]); travels end to end to the packet's source, relayed by
+    /// agents like handshakes.
+    TooBig = 6,
 }
 
 impl PacketType {
@@ -79,6 +83,7 @@ impl PacketType {
             3 => Some(Self::HandshakeResponse),
             4 => Some(Self::CookieReply),
             5 => Some(Self::Control),
+            6 => Some(Self::TooBig),
             _ => None,
         }
     }
@@ -312,6 +317,7 @@ mod tests {
             Just(PacketType::HandshakeResponse),
             Just(PacketType::CookieReply),
             Just(PacketType::Control),
+            Just(PacketType::TooBig),
         ]
     }
 

@@ -16,9 +16,9 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, BPF_FIB_LOOKUP_OUTPUT,
-        BPF_FIB_LOOKUP_SRC, bpf_fib_lookup as FibParams, xdp_action,
+        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
+        BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::generated::bpf_fib_lookup,
     macros::{map, xdp},
@@ -504,6 +504,9 @@ fn resolve(
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_NO_NEIGH => return Err((xdp_action::XDP_PASS, Stat::PassNoNeighbour)),
+        // Larger than the egress takes: the agent drops it and signs a too-big report
+        // for its source (docs/protocol.md, "Path MTU").
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err((xdp_action::XDP_PASS, Stat::PassTooBig)),
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
             return Err((xdp_action::XDP_DROP, Stat::DropUnreachable));
         }

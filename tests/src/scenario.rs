@@ -345,7 +345,7 @@ pub struct RelayCounts {
     /// Packets b's XDP program relayed (`redirect` + `tx`).
     pub b_xdp_relayed: u64,
     /// Data packets b's XDP program passed up to its agent for relaying
-    /// (`pass_no_neighbour` + `pass_slow_path`).
+    /// (`pass_no_neighbour` + `pass_slow_path` + `pass_too_big`).
     pub b_xdp_passed_up: u64,
     /// Data packets that reached b's agent.
     pub b_rx_data: u64,
@@ -444,7 +444,8 @@ impl OverlayChain {
             c_rx_data: counter(&c, "agent", "rx_data")?,
             b_xdp_relayed: xdp_counter(&b, "redirect")? + xdp_counter(&b, "tx")?,
             b_xdp_passed_up: xdp_counter(&b, "pass_no_neighbour")?
-                + xdp_counter(&b, "pass_slow_path")?,
+                + xdp_counter(&b, "pass_slow_path")?
+                + xdp_counter(&b, "pass_too_big")?,
             b_rx_data: counter(&b, "agent", "rx_data")?,
             b_agent_relayed: counter(&b, "agent", "rx_data_relayed")?,
             named_losses,

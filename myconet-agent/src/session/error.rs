@@ -223,4 +223,7 @@ pub enum InboundError {
     /// A data packet was refused.
     #[error("data packet rejected: {0}")]
     Open(#[from] OpenError),
+    /// A packet type the session layer does not handle.
+    #[error("packet type {0} is not session traffic")]
+    NotSessionTraffic(u8),
 }

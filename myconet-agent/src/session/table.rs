@@ -981,6 +981,8 @@ impl SessionTable {
             },
             PacketType::HandshakeResponse => self.handle_response(datagram, now),
             PacketType::CookieReply => self.handle_cookie_reply(datagram, now),
+            // Too-big reports are the path MTU layer's (`pmtu`), never a session's.
+            PacketType::TooBig => Err(InboundError::NotSessionTraffic(PacketType::TooBig as u8)),
         }
     }
 
@@ -1881,5 +1883,33 @@ impl SessionTable {
         let id = slot.peer;
         self.after_open(id, index, !range.is_empty(), rekeyed, now);
         Ok((repr.src_addr, range))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Path MTU: what a too-big report may quote.
+// ---------------------------------------------------------------------------------------
+
+impl SessionTable {
+    /// Whether a `Data` packet with this session index (the remote's receiver index, as
+    /// in the header) and counter left this node recently on its current or previous
+    /// session to `remote`'s /64: a too-big report must quote such a packet (`pmtu`),
+    /// and only the path it took has seen one.
+    pub fn sent_recently(&self, remote: Ipv6Addr, session_id: u32, counter: u64) -> bool {
+        let Some(peer) = self
+            .peers
+            .get(&RemoteId::Node(mask(remote, NODE_PREFIX_LEN)))
+        else {
+            return false;
+        };
+        [peer.current, peer.previous.map(|(index, _)| index)]
+            .into_iter()
+            .flatten()
+            .filter_map(|index| self.sessions.get(&index))
+            .any(|slot| {
+                !slot.session.is_link()
+                    && slot.session.remote_index() == session_id
+                    && slot.session.sent_recently(counter)
+            })
     }
 }

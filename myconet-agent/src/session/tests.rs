@@ -2435,7 +2435,48 @@ fn cookie_replies_to_one_sender_are_bounded() {
     let limit = Config::default().cookie_reply_rate_limit;
     let bound = u64::from(limit.burst) + (f64::from(limit.per_second) * elapsed).ceil() as u64;
     assert!(stats.cookies_sent <= bound, "{stats:?}");
-    assert_eq!(stats.cookies_sent + stats.cookie_replies_withheld, 5_000, "{stats:?}");
+    assert_eq!(
+        stats.cookies_sent + stats.cookie_replies_withheld,
+        5_000,
+        "{stats:?}"
+    );
     assert_eq!(net.take(1).len() as u64, stats.cookies_sent);
     assert_eq!(stats.inits_verified, 0);
+}
+
+#[test]
+fn sent_recently_knows_only_what_this_node_sealed_lately() {
+    let mut cfg = config();
+    cfg.transport.rekey_after_packets = 4;
+    let mut net = Net::new(&[1, 2], vec![cfg.clone(), cfg]);
+    net.send(0, 1, b"start");
+    net.pump();
+    let (a, b) = (net.addr(0), net.addr(1));
+    let mut headers = Vec::new();
+    for i in 0..10 {
+        assert_eq!(net.send(0, 1, &data(i)), SendStatus::Sent);
+        for t in net.take(0) {
+            let p = Packet::new_unchecked(&t.datagram[..]);
+            headers.push((p.session_id(), p.counter()));
+        }
+    }
+    let table = &net.nodes[0].table;
+    let (sid, last) = *headers.last().expect("sent");
+    assert!(table.sent_recently(b, sid, last));
+    // Any address of b's /64 names the same sessions.
+    assert!(table.sent_recently(mask(b, 64), sid, last));
+    // Four packets a phase: the last two phases are recent, the first is not.
+    let phase = last >> PHASE_SHIFT;
+    assert!(phase >= 2, "{headers:?}");
+    for (s, c) in &headers {
+        assert_eq!(
+            table.sent_recently(b, *s, *c),
+            (c >> PHASE_SHIFT) + 1 >= phase
+        );
+    }
+    // Not yet sent, another session index, another remote, or the receiving side.
+    assert!(!table.sent_recently(b, sid, last + 1));
+    assert!(!table.sent_recently(b, sid ^ 1, last));
+    assert!(!table.sent_recently(a, sid, last));
+    assert!(!net.nodes[1].table.sent_recently(a, sid, last));
 }

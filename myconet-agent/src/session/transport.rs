@@ -356,6 +356,14 @@ impl Session {
         self.tx.phase
     }
 
+    /// Whether this session sealed the packet with `counter` recently: below the next
+    /// counter, in the current send key phase or the one before (a phase lasts at most
+    /// `rekey_after_time`). A too-big report must quote such a packet (`pmtu`).
+    pub fn sent_recently(&self, counter: u64) -> bool {
+        let next = (u64::from(self.tx.phase) << PHASE_SHIFT) | self.tx.sent_in_phase;
+        counter < next && phase_of(counter).saturating_add(1) >= self.tx.phase
+    }
+
     /// Current receive key phase.
     pub fn recv_phase(&self) -> u32 {
         self.rx.current.phase
