@@ -20,7 +20,7 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
 use crate::{
-    agent::counter,
+    agent::{AgentProcess, counter},
     netns::NsChild,
     scenario::{OverlayChain, PORT},
     throughput::{self, MachineCpu, NetCounters},
@@ -77,8 +77,10 @@ impl Flood {
     }
 }
 
-/// The windows measured per target, in order.
-pub const WINDOWS: [Flood; 3] = [Flood::None, Flood::Fresh, Flood::Replay];
+/// The windows measured per target, in order: unflooded before and after, so drift of
+/// the shared machine during the run shows, and the flooded ones are read against the
+/// mean of the two.
+pub const WINDOWS: [Flood; 4] = [Flood::None, Flood::Fresh, Flood::Replay, Flood::None];
 
 /// What one window measured.
 #[derive(Debug, Clone)]
@@ -103,6 +105,8 @@ pub struct FloodWindow {
     pub target_rcvbuf_errors: u64,
     /// The attacker's own report (its JSON line), `None` without a flood.
     pub attacker: Option<Value>,
+    /// CPU seconds the attacker process used in the window (it shares the machine).
+    pub attacker_cpu_seconds: f64,
 }
 
 impl FloodWindow {
@@ -135,10 +139,10 @@ pub struct FloodRun {
     /// a's handshakes that failed over the whole run (its session with c must carry
     /// the transfer through every flood).
     pub a_handshakes_failed: u64,
-    /// With the relay b as the target: seconds until a, which has never talked to b end
-    /// to end, got a first ping reply from b's overlay address while the fresh-key
-    /// flood was still running (a real initiator's handshake during the flood); `None`
-    /// if none came within 10 s, or for target c.
+    /// With the relay b as the target: seconds until a, which had never talked to b end
+    /// to end, had its packets delivered by b's agent while the fresh-key flood was
+    /// still running (a real initiator's handshake with the flooded node); `None` if
+    /// not within 10 s, or for target c.
     pub new_session_under_flood: Option<f64>,
 }
 
@@ -253,14 +257,15 @@ pub fn run(
         }
         let window = measure_window(&chain, &iperf3, c, t, victim_pid, seconds, ticks);
         if flood == Flood::Fresh && target == Target::B {
-            let start = Instant::now();
-            new_session_under_flood = ping_until(a, victim_overlay, Duration::from_secs(10))
-                .ok()
-                .map(|()| start.elapsed().as_secs_f64());
+            new_session_under_flood = reach_relay(a, &chain.agents[t], victim_overlay)?;
         }
-        let attacker_report = match attacker {
-            Some((mut child, log)) => Some(finish_attacker(&mut child, &log, seconds)?),
-            None => None,
+        let (attacker_report, attacker_cpu_seconds) = match attacker {
+            Some((mut child, log, cpu_before)) => {
+                let cpu = throughput::process_cpu_ticks(child.id())
+                    .map_or(0.0, |t| t.saturating_sub(cpu_before) as f64 / ticks);
+                (Some(finish_attacker(&mut child, &log, seconds)?), cpu)
+            }
+            None => (None, 0.0),
         };
         let (received_bps, retransmits, window_seconds, cpu, machine_busy, counters, rcvbuf) =
             window?;
@@ -275,6 +280,7 @@ pub fn run(
             target_counters: counters,
             target_rcvbuf_errors: rcvbuf,
             attacker: attacker_report,
+            attacker_cpu_seconds,
         });
     }
     let a_after = chain.agents[0].stats()?;
@@ -289,22 +295,25 @@ pub fn run(
     })
 }
 
-/// Pings `addr` from `node` until one reply comes back, for at most `timeout`.
-fn ping_until(node: &Node, addr: Ipv6Addr, timeout: Duration) -> Result<()> {
-    let target = addr.to_string();
-    util::poll(
-        "an overlay ping after the flood",
-        timeout,
-        Duration::from_millis(200),
-        || {
-            node.netns()
-                .exec(
-                    util::tool("ping"),
-                    ["-6", "-n", "-c", "1", "-W", "1", target.as_str()],
-                )
-                .map(|_| Some(()))
-        },
-    )
+/// Pings the relay's overlay address from `a` (a new end-to-end session: a never
+/// talked to b) until b's agent has delivered one of the pings (b has no TUN device,
+/// so nothing answers them: its `rx_data_local` counts them); seconds it took, `None`
+/// if not within 10 s.
+fn reach_relay(a: &Node, b: &AgentProcess, b_overlay: Ipv6Addr) -> Result<Option<f64>> {
+    let before = counter(&b.stats()?, "agent", "rx_data_local")?;
+    let target = b_overlay.to_string();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        // Replies never come; the exit status is not the point.
+        let _ = a.netns().exec(
+            util::tool("ping"),
+            ["-6", "-n", "-c", "1", "-W", "1", target.as_str()],
+        );
+        if counter(&b.stats()?, "agent", "rx_data_local")? > before {
+            return Ok(Some(start.elapsed().as_secs_f64()));
+        }
+    }
+    Ok(None)
 }
 
 /// Starts the attacker for `seconds`; returns it with its log.
@@ -316,7 +325,7 @@ fn start_attacker(
     to: SocketAddr,
     from: &str,
     seconds: u64,
-) -> Result<(NsChild, (TempDir, std::path::PathBuf))> {
+) -> Result<(NsChild, (TempDir, std::path::PathBuf), u64)> {
     let dir = TempDir::new("flood")?;
     let log = dir.path().join("flood.json");
     let mode = match flood {
@@ -336,7 +345,10 @@ fn start_attacker(
         seconds.to_string(),
     ];
     let child = x.netns().spawn(flood_bin, &args, Some(&log))?;
-    Ok((child, (dir, log)))
+    // `ip netns exec` execs the attacker in place, so this pid is the attacker's.
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu = throughput::process_cpu_ticks(child.id()).unwrap_or(0);
+    Ok((child, (dir, log), cpu))
 }
 
 /// Waits for the attacker to end and reads its report.

@@ -53,11 +53,19 @@ pub fn run(root: &Path, seconds: u64, targets: &[Target], sources: usize) -> Res
     Ok(())
 }
 
+/// The unflooded throughput: the mean of the unflooded windows (before and after).
 fn baseline(run: &FloodRun) -> f64 {
-    run.windows
+    let none: Vec<f64> = run
+        .windows
         .iter()
-        .find(|w| w.flood == Flood::None)
-        .map_or(f64::NAN, |w| w.received_bps)
+        .filter(|w| w.flood == Flood::None)
+        .map(|w| w.received_bps)
+        .collect();
+    if none.is_empty() {
+        f64::NAN
+    } else {
+        none.iter().sum::<f64>() / none.len() as f64
+    }
 }
 
 fn run_json(run: &FloodRun) -> serde_json::Value {
@@ -79,6 +87,8 @@ fn run_json(run: &FloodRun) -> serde_json::Value {
             "target_inits_verified_per_second": w.per_second("handshake_verified"),
             "target_udp_rcvbuf_errors": w.target_rcvbuf_errors,
             "attacker": w.attacker,
+            "attacker_cpu_seconds": w.attacker_cpu_seconds,
+            "attacker_cpu_percent_of_a_core": 100.0 * w.attacker_cpu_seconds / w.window_seconds,
         })).collect::<Vec<_>>(),
     })
 }
@@ -95,12 +105,13 @@ fn render(runs: &[FloodRun], sources: usize) -> String {
         let _ = writeln!(s, "\n  target {}", run.target.as_str());
         let _ = writeln!(
             s,
-            "  {:<26} {:>7} {:>7} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>8}",
+            "  {:<26} {:>7} {:>7} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>8}",
             "flood",
             "Gbit/s",
             "ratio",
             "retrans",
             "agent CPU",
+            "attkr CPU",
             "inits rx/s",
             "verified/s",
             "limited/s",
@@ -119,12 +130,13 @@ fn render(runs: &[FloodRun], sources: usize) -> String {
             };
             let _ = writeln!(
                 s,
-                "  {:<26} {:>7.2} {:>6.2}x {:>7} {:>8.0}% {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>8} {:>10.0} {:>8.0}",
+                "  {:<26} {:>7.2} {:>6.2}x {:>7} {:>8.0}% {:>8.0}% {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>8} {:>10.0} {:>8.0}",
                 w.flood.as_str(),
                 w.gbps(),
                 w.received_bps / base,
                 w.retransmits,
                 100.0 * w.target_cpu_seconds / w.window_seconds,
+                100.0 * w.attacker_cpu_seconds / w.window_seconds,
                 w.per_second("rx_handshake"),
                 w.per_second("handshake_verified"),
                 w.per_second("handshake_rate_limited"),
@@ -156,15 +168,15 @@ fn render(runs: &[FloodRun], sources: usize) -> String {
                 s,
                 "  a new session a → b during the fresh-key flood: {}",
                 run.new_session_under_flood
-                    .map_or("none within 10 s".to_string(), |t| format!(
-                        "first reply after {t:.2} s"
-                    ))
+                    .map_or("none within 10 s".to_string(), |t| {
+                        format!("a's packets delivered by b after {t:.2} s")
+                    })
             );
         }
     }
     let _ = writeln!(
         s,
-        "\n  agent CPU is the target agent's, % of one core; rcvbuf = datagrams the target's kernel dropped \
+        "\n  ratio = against the mean of the two unflooded windows (before and after); agent CPU is the target agent's,\n  attkr CPU the attacker's (same machine), % of one core; rcvbuf = datagrams the target's kernel dropped \
          because the agent's socket was full (data included);\n  sent/s = what the attacker got out, \
          echoed = cookie replies it answered."
     );
