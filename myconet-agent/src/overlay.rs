@@ -191,10 +191,13 @@ impl Overlay {
                         .count(AgentStat::HandshakeVerified, datagram.len());
                     Some(job)
                 }
+                // A copy answered silently from the cache (or ignored) produced
+                // nothing: under a flood of replays most inits end here, so this path
+                // wakes nobody.
+                Ok(Screened::Done(_)) if !st.has_output() => return,
                 Ok(Screened::Done(_)) => None,
                 Err(e) => {
-                    // A refused init changed nothing and sends nothing: under a flood
-                    // most inits end here, so this path stays short.
+                    // A refused init changed nothing and sends nothing.
                     drop(st);
                     self.node.count(stat_for(&e), datagram.len());
                     debug!(%from, error = %e, "handshake init rejected");

@@ -613,6 +613,13 @@ impl SessionTable {
         self.sessions.get(&index).map(|s| &s.session)
     }
 
+    /// Whether anything waits in [`SessionTable::poll_transmit`] or
+    /// [`SessionTable::poll_event`]: a caller that finds nothing need not drain (an init
+    /// refused or answered silently from the cache produced nothing).
+    pub fn has_output(&self) -> bool {
+        !self.transmits.is_empty() || !self.events.is_empty()
+    }
+
     /// Next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
