@@ -12,6 +12,7 @@ pub mod bench;
 pub mod demo;
 pub mod diamond;
 pub mod fixture;
+pub mod flood;
 pub mod identities;
 pub mod netns;
 pub mod packet;

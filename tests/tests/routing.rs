@@ -592,6 +592,8 @@ fn a_neighbour_announcing_a_prefix_it_does_not_own_is_ignored() -> Result<()> {
     let rng = SystemRandom::new();
     let start = Instant::now();
     let mut table = SessionTable::new(rogue.clone(), Config::default(), start)?;
+    // Link handshakes are bound to both ends' underlay endpoints: the rogue's own.
+    table.set_local_underlay(PORT, [topo.node(1).addr_to(0)?]);
     let link = LinkEndpoint::from(victim_ep);
     table
         .connect_link(link, None, start, &rng)

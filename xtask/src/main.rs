@@ -4,6 +4,7 @@
 mod bench;
 mod cmd;
 mod failover;
+mod flood;
 mod fuzz;
 mod setup;
 mod test;
@@ -107,6 +108,20 @@ enum BenchCmd {
         /// Hello interval for every agent (default: the agent's own default).
         #[arg(long)]
         hello_interval_ms: Option<u64>,
+    },
+    /// a → c TCP throughput while an attacker floods the receiver c (then the relay b)
+    /// with handshake inits, fresh keys echoing cookies and replays, each next to an
+    /// unflooded window: throughput ratio, inits verified per second, target agent CPU.
+    Flood {
+        /// Seconds each iperf3 window lasts (three windows per target).
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Flood only this node (`c` or `b`); both by default.
+        #[arg(long)]
+        target: Option<String>,
+        /// How many underlay /64s the attacker sends from.
+        #[arg(long, default_value_t = 16)]
+        sources: usize,
     },
     /// The routing simulator at scale (random and scale-free topologies, link and node
     /// failures): convergence time, messages and bytes per node per minute, memory per
@@ -238,6 +253,20 @@ fn run(cli: Cli) -> Result<()> {
                 BenchCmd::Throughput { seconds } => throughput::run(&root, seconds.clamp(1, 120)),
                 BenchCmd::Routing { .. } | BenchCmd::Failover { .. } => {
                     unreachable!("handled above")
+                }
+                BenchCmd::Flood {
+                    seconds,
+                    target,
+                    sources,
+                } => {
+                    use myconet_testbed::flood::Target;
+                    let targets = match target.as_deref() {
+                        None => vec![Target::C, Target::B],
+                        Some("c") => vec![Target::C],
+                        Some("b") => vec![Target::B],
+                        Some(other) => anyhow::bail!("--target {other}: c or b"),
+                    };
+                    flood::run(&root, seconds.clamp(2, 60), &targets, sources.clamp(1, 200))
                 }
             }
         }
