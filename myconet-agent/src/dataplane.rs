@@ -14,7 +14,7 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use myconet_common::maps::{
-    CONFIG_MAP, Config, Counter, DEVMAP_MAP, EGRESS_MAP, EGRESS_REDIRECT, EGRESS_TX,
+    CONFIG_MAP, Config, Counter, DEVMAP_MAP, EGRESS_MAP, EGRESS_REDIRECT, EGRESS_TX, IFACE_GENERIC,
     LOCAL_ADDRS_MAP, LocalAddrKey, PEERS_MAP, PROGRAM_NAME, PeerKey, PeerValue, ROUTES_MAP,
     RouteValue, STATS_MAP, Stat,
 };
@@ -248,8 +248,27 @@ impl XdpDataplane {
 
     /// Sets how the program may send frames out of `ifindex` (device map entry for
     /// redirects, `EGRESS` bits for both) and makes cached decisions stale, since they
-    /// remember the policy their egress had.
+    /// remember the policy their egress had. The interface keeps the mode it is
+    /// attached in (driver mode if it is not attached).
     pub fn set_egress(&mut self, ifindex: u32, policy: EgressPolicy) -> Result<(), DataplaneError> {
+        let mode = self
+            .attachments
+            .iter()
+            .find(|(a, _)| a.ifindex == ifindex)
+            .map_or(AttachedMode::Driver, |(a, _)| a.mode);
+        self.set_interface(ifindex, policy, mode)
+    }
+
+    /// [`XdpDataplane::set_egress`] with the mode the program runs in on `ifindex`:
+    /// frames arriving on a generic-mode interface are skbs that keep a partial
+    /// checksum's state when relayed, so the program treats them differently
+    /// ([`myconet_common::maps::Stat::CsumPartial`]). Public for test fixtures.
+    pub fn set_interface(
+        &mut self,
+        ifindex: u32,
+        policy: EgressPolicy,
+        mode: AttachedMode,
+    ) -> Result<(), DataplaneError> {
         if policy.redirect {
             self.devmap
                 .insert(ifindex, ifindex, None, 0)
@@ -265,7 +284,12 @@ impl XdpDataplane {
             }
         }
         let bits = (if policy.redirect { EGRESS_REDIRECT } else { 0 })
-            | (if policy.tx { EGRESS_TX } else { 0 });
+            | (if policy.tx { EGRESS_TX } else { 0 })
+            | (if mode == AttachedMode::Generic {
+                IFACE_GENERIC
+            } else {
+                0
+            });
         self.egress
             .insert(ifindex, bits, 0)
             .map_err(map_err(EGRESS_MAP))?;
@@ -284,8 +308,8 @@ impl XdpDataplane {
             if policy == a.policy {
                 continue;
             }
-            let ifindex = a.ifindex;
-            self.set_egress(ifindex, policy)?;
+            let (ifindex, mode) = (a.ifindex, a.mode);
+            self.set_interface(ifindex, policy, mode)?;
             self.attachments[i].0.policy = policy;
             changed.push(self.attachments[i].0.clone());
         }
@@ -344,7 +368,7 @@ impl XdpDataplane {
         // them (see crate::egress); the rest take the slow path instead of vanishing.
         let facts = egress::facts(iface, ifindex, mode);
         let policy = facts.policy();
-        self.set_egress(ifindex, policy)?;
+        self.set_interface(ifindex, policy, mode)?;
         let attachment = Attachment {
             name: iface.to_string(),
             ifindex,
@@ -352,6 +376,7 @@ impl XdpDataplane {
             policy,
         };
         self.attachments.push((attachment.clone(), link));
+        let tx_csum_offload = egress::tx_checksum_offload(iface);
         info!(
             iface,
             ifindex,
@@ -360,8 +385,17 @@ impl XdpDataplane {
             xdp_tx = policy.tx,
             veth = facts.veth,
             xdp_features = ?facts.xdp_features,
+            tx_csum_offload = ?tx_csum_offload,
             "XDP attached"
         );
+        if facts.veth && tx_csum_offload == Some(true) {
+            // Not a fault: this node's relays complete such checksums (`csum_partial`).
+            // A relay that cannot, on the far end, would drop our data silently.
+            info!(
+                iface,
+                "veth with TX checksum offload: datagrams this node sends here leave with                  partial checksums, which a relay on the far end must complete (Myconet                  relays do, counted as csum_partial); if the far end's kernel counts                  Udp6InCsumErrors, `ethtool -K {iface} tx off` makes this kernel compute them"
+            );
+        }
         Ok(attachment)
     }
 
