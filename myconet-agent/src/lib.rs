@@ -9,6 +9,7 @@
 //! - `underlay`: the UDP socket and what happens to packets the kernel passes up.
 //! - `control`: the gRPC control API on a Unix socket.
 //! - `identity`: the Ed25519 key and the /64 derived from it.
+//! - `kstats`: the kernel's own UDP loss counters, shown beside the agent's.
 //! - `watch`: follows rtnetlink so the data plane's view of the underlay (own
 //!   addresses, sources, neighbours, egress interfaces) stays current.
 #![deny(missing_docs)]
@@ -20,6 +21,7 @@ pub mod dataplane;
 pub mod egress;
 pub mod forward;
 pub mod identity;
+pub mod kstats;
 pub mod link;
 pub mod netlink;
 pub mod node;

@@ -439,6 +439,22 @@ pub fn stats(s: &pb::Stats, all: bool) -> String {
     }
     out.push_str("\nAgent (userspace)\n");
     out.push_str(&counter_table(&s.agent, all));
+    if !s.kernel.is_empty() {
+        // Always listed, zeros included: "nothing lost in the kernel" is an answer.
+        out.push_str(
+            "\nKernel (datagrams lost before the agent; UDP counters of this network namespace)\n",
+        );
+        let rows: Vec<Vec<String>> = s
+            .kernel
+            .iter()
+            .map(|c| vec![c.name.clone(), c.packets.to_string()])
+            .collect();
+        out.push_str(&table(
+            &["NAME", "COUNT"],
+            &[Align::Left, Align::Right],
+            &rows,
+        ));
+    }
     if !s.routing.is_empty() {
         out.push_str("\nRouting protocol\n");
         let rows: Vec<Vec<String>> = s
@@ -816,6 +832,7 @@ mod tests {
             agent: vec![counter("rx_data", 0, 0), counter("rx_control", 2, 180)],
             routing: vec![],
             interfaces: vec![],
+            kernel: vec![],
         };
         let text = stats(&s, false);
         assert_eq!(
@@ -843,6 +860,7 @@ mod tests {
                 agent: vec![counter("rx_data", 0, 0)],
                 routing: vec![counter("rejected_unowned_prefix", 1, 0)],
                 interfaces: vec![],
+                kernel: vec![],
             },
             false,
         );
@@ -873,9 +891,29 @@ mod tests {
                 tx_packets: 7,
                 tx_dropped: 42,
             }],
+            kernel: vec![
+                counter("udp6_in_errors", 5, 0),
+                counter("udp6_in_csum_errors", 5, 0),
+                counter("socket_drops", 0, 0),
+            ],
         };
         let text = stats(&s, false);
         assert!(text.contains("TX DROPPED"), "{text}");
+        // Kernel losses are listed with their zeros, after the agent's counters.
+        let kernel = text.split("\nKernel (").nth(1).expect("a kernel section");
+        let rows: Vec<Vec<&str>> = kernel
+            .lines()
+            .skip(2)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ["udp6_in_errors", "5"],
+                ["udp6_in_csum_errors", "5"],
+                ["socket_drops", "0"]
+            ]
+        );
         let row = text
             .lines()
             .find(|l| l.starts_with("to-c"))
