@@ -68,6 +68,15 @@ pub struct Cli {
     /// Do not create a TUN device (a pure relay).
     #[arg(long)]
     pub no_tun: bool,
+    /// Directory on a BPF file system where the XDP links and maps are pinned, so the
+    /// relay keeps forwarding while the agent restarts (default: a directory under
+    /// /sys/fs/bpf/myconet derived from the state directory).
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, leave the XDP program relaying on its pinned maps (and the
+    /// sysctls set) for the next agent to adopt, as SIGUSR2 always does.
+    #[arg(long)]
+    pub hitless_restart: bool,
 }
 
 /// Which forwarding path the node uses.
@@ -114,6 +123,8 @@ pub struct FileConfig {
     hello_interval_ms: Option<u64>,
     #[serde(default)]
     routes: Vec<FileRoute>,
+    pin_dir: Option<PathBuf>,
+    hitless_restart: Option<bool>,
 }
 
 /// A static route in the file.
@@ -155,6 +166,10 @@ pub struct Settings {
     pub routes: Vec<(Prefix, NextHop)>,
     /// The TUN device to create, `None` for a pure relay.
     pub tun_name: Option<String>,
+    /// Where the data plane is pinned (see `crate::pins`).
+    pub pin_dir: PathBuf,
+    /// Whether SIGTERM/SIGINT leave the pinned data plane for the next agent.
+    pub hitless_restart: bool,
 }
 
 /// A configured neighbour.
@@ -347,14 +362,21 @@ impl Cli {
             }
             Some(name)
         };
+        let state_dir = self
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let pin_dir = self
+            .pin_dir
+            .or(file.pin_dir)
+            .unwrap_or_else(|| crate::pins::default_dir(&state_dir));
         Ok(Settings {
             interfaces,
             tun_name,
             port,
-            state_dir: self
-                .state_dir
-                .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            pin_dir,
+            hitless_restart: self.hitless_restart || file.hitless_restart.unwrap_or(false),
+            state_dir,
             socket: self
                 .socket
                 .or(file.socket)
@@ -418,6 +440,30 @@ via = "fd00::1"
             }
         );
         assert_eq!(s.routes.len(), 1);
+        // Pins default to a directory of this state directory's own; the file and the
+        // flags can name one, and ask for hitless restarts.
+        assert_eq!(
+            s.pin_dir,
+            crate::pins::default_dir(Path::new(DEFAULT_STATE_DIR))
+        );
+        assert!(!s.hitless_restart);
+        std::fs::write(
+            &f,
+            "pin_dir = \"/sys/fs/bpf/node1\"\nhitless_restart = true\n",
+        )
+        .unwrap();
+        let s = Cli::parse_from(["a", "-c", f.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(s.pin_dir, Path::new("/sys/fs/bpf/node1"));
+        assert!(s.hitless_restart);
+        let s = Cli::parse_from(["a", "--pin-dir", "/x", "--hitless-restart"])
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            (s.pin_dir.as_path(), s.hitless_restart),
+            (Path::new("/x"), true)
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -9,6 +9,7 @@
 //! - `underlay`: the UDP socket and what happens to packets the kernel passes up.
 //! - `control`: the gRPC control API on a Unix socket.
 //! - `identity`: the Ed25519 key and the /64 derived from it.
+//! - `pins`: where the data plane's links and maps are pinned so they outlive the agent.
 //! - `kstats`: the kernel's own UDP loss counters, shown beside the agent's.
 //! - `watch`: follows rtnetlink so the data plane's view of the underlay (own
 //!   addresses, sources, neighbours, egress interfaces) stays current.
@@ -27,6 +28,7 @@ pub mod netlink;
 pub mod node;
 pub mod overlay;
 pub mod peers;
+pub mod pins;
 pub mod rib;
 pub mod routing;
 pub mod session;

@@ -78,6 +78,10 @@ pub struct AgentOptions {
     pub log_filter: Option<String>,
     /// How long to wait for the agent to answer `status`.
     pub startup_timeout: Duration,
+    /// `--pin-dir`: where the agent pins its data plane (on a
+    /// [`crate::bpffs::BpfFs`]); `None` leaves the agent's default, which is never a
+    /// BPF file system under `ip netns exec`, so the agent runs unpinned.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -89,6 +93,7 @@ impl Default for AgentOptions {
             extra_args: Vec::new(),
             log_filter: None,
             startup_timeout: STARTUP_TIMEOUT,
+            pin_dir: None,
         }
     }
 }
@@ -105,6 +110,10 @@ pub struct AgentProcess {
     state_dir: PathBuf,
     log: PathBuf,
     port: u16,
+    /// The command line and environment, for [`AgentProcess::restart`].
+    args: Vec<String>,
+    log_filter: Option<String>,
+    startup_timeout: Duration,
     dir: TempDir,
 }
 
@@ -150,6 +159,9 @@ impl AgentProcess {
         if let Some(mode) = &options.xdp_mode {
             args.extend(["--xdp-mode".to_owned(), mode.clone()]);
         }
+        if let Some(dir) = &options.pin_dir {
+            args.extend(["--pin-dir".to_owned(), dir.display().to_string()]);
+        }
         args.extend(options.extra_args.iter().cloned());
 
         let child = spawn_with_env(netns, &agent, &args, &log, options.log_filter.as_deref())?;
@@ -161,6 +173,9 @@ impl AgentProcess {
             state_dir,
             log,
             port: options.port,
+            args,
+            log_filter: options.log_filter,
+            startup_timeout: options.startup_timeout,
             dir,
         };
         agent
@@ -311,6 +326,38 @@ impl AgentProcess {
     /// returns its exit status, so tests can check it shuts down cleanly.
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.child.terminate(STOP_GRACE)
+    }
+
+    /// Sends `signal` (e.g. SIGKILL for a crash, SIGTERM, SIGUSR2) and waits, bounded,
+    /// until the agent has exited; its state directory, socket path and log stay for
+    /// [`AgentProcess::restart`].
+    pub fn signal_and_wait(&mut self, signal: libc::c_int) -> Result<ExitStatus> {
+        self.child.signal(signal)?;
+        self.child
+            .wait_timeout(STOP_GRACE)?
+            .with_context(|| format!("the agent did not exit after signal {signal}"))
+    }
+
+    /// Starts the agent again in `netns` (the one it ran in), after it exited, with the
+    /// same command line, state directory, socket and log (appended), and waits until
+    /// it answers `status`.
+    pub fn restart(&mut self, netns: &Netns) -> Result<()> {
+        if netns.name() != self.ns {
+            bail!("the agent ran in {}, not in {}", self.ns, netns.name());
+        }
+        if self.is_running()? {
+            bail!("{AGENT_BIN} in {} is still running", self.ns);
+        }
+        let agent = self.bin_dir.join(AGENT_BIN);
+        self.child = spawn_with_env(
+            netns,
+            &agent,
+            &self.args,
+            &self.log,
+            self.log_filter.as_deref(),
+        )?;
+        let timeout = self.startup_timeout;
+        self.wait_ready(timeout).map_err(|e| self.with_log(e))
     }
 
     /// Kills the agent with SIGKILL, as a crash or a power cut would: no shutdown
