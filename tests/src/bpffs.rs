@@ -122,7 +122,8 @@ mod tests {
         assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
         assert_eq!(st.f_type as i64, 0xcafe_4a11);
         std::fs::create_dir(path.join("d")).unwrap();
-        assert_eq!(fs.entries(), vec![path.join("d")]);
+        // The kernel may preload iterators (maps.debug, progs.debug) into a new mount.
+        assert!(fs.entries().contains(&path.join("d")), "{:?}", fs.entries());
         drop(fs);
         assert!(!path.exists());
     }
