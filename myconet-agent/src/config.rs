@@ -70,6 +70,15 @@ pub struct Cli {
     /// Do not create a TUN device (a pure relay).
     #[arg(long)]
     pub no_tun: bool,
+    /// Directory on a BPF file system where the XDP links and maps are pinned, so the
+    /// relay keeps forwarding while the agent restarts (default: a directory under
+    /// /sys/fs/bpf/myconet derived from the state directory).
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, leave the XDP program relaying on its pinned maps (and the
+    /// sysctls set) for the next agent to adopt, as SIGUSR2 always does.
+    #[arg(long)]
+    pub hitless_restart: bool,
 }
 
 /// Which forwarding path the node uses.
@@ -119,6 +128,8 @@ pub struct FileConfig {
     /// Ed25519 keys (hex) pinned for their /64 by the operator (`crate::pins`).
     #[serde(default)]
     pinned_keys: Vec<String>,
+    pin_dir: Option<PathBuf>,
+    hitless_restart: Option<bool>,
 }
 
 /// A static route in the file.
@@ -162,6 +173,10 @@ pub struct Settings {
     pub tun_name: Option<String>,
     /// Keys the operator pins for their /64, over whatever was learned (`crate::pins`).
     pub pinned_keys: Vec<[u8; 32]>,
+    /// Where the data plane is pinned (see `crate::bpf_pins`).
+    pub pin_dir: PathBuf,
+    /// Whether SIGTERM/SIGINT leave the pinned data plane for the next agent.
+    pub hitless_restart: bool,
 }
 
 /// A configured neighbour.
@@ -378,14 +393,21 @@ impl Cli {
             }
             Some(name)
         };
+        let state_dir = self
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let pin_dir = self
+            .pin_dir
+            .or(file.pin_dir)
+            .unwrap_or_else(|| crate::bpf_pins::default_dir(&state_dir));
         Ok(Settings {
             interfaces,
             tun_name,
             port,
-            state_dir: self
-                .state_dir
-                .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            pin_dir,
+            hitless_restart: self.hitless_restart || file.hitless_restart.unwrap_or(false),
+            state_dir,
             socket: self
                 .socket
                 .or(file.socket)
@@ -456,6 +478,30 @@ via = "fd00::1"
         let cli = Cli::parse_from(["myconet-agent", "-c", f.to_str().unwrap()]);
         let err = cli.resolve().unwrap_err();
         assert!(format!("{err:#}").contains("64 hex digits"), "{err:#}");
+        // Pins default to a directory of this state directory's own; the file and the
+        // flags can name one, and ask for hitless restarts.
+        assert_eq!(
+            s.pin_dir,
+            crate::bpf_pins::default_dir(Path::new(DEFAULT_STATE_DIR))
+        );
+        assert!(!s.hitless_restart);
+        std::fs::write(
+            &f,
+            "pin_dir = \"/sys/fs/bpf/node1\"\nhitless_restart = true\n",
+        )
+        .unwrap();
+        let s = Cli::parse_from(["a", "-c", f.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(s.pin_dir, Path::new("/sys/fs/bpf/node1"));
+        assert!(s.hitless_restart);
+        let s = Cli::parse_from(["a", "--pin-dir", "/x", "--hitless-restart"])
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            (s.pin_dir.as_path(), s.hitless_restart),
+            (Path::new("/x"), true)
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

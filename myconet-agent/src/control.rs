@@ -964,12 +964,22 @@ impl Control for ControlService {
                 });
             }
         }
+        let kernel = crate::kstats::read(self.node.port())
+            .map_err(|e| Status::internal(format!("reading /proc/net: {e}")))?
+            .into_iter()
+            .map(|(name, n)| pb::Counter {
+                name: name.to_string(),
+                packets: n,
+                bytes: 0,
+            })
+            .collect();
         Ok(Response::new(pb::Stats {
             xdp,
             agent,
             routing,
             interfaces,
             neighbours,
+            kernel,
         }))
     }
 }

@@ -11,17 +11,22 @@
 //! - `identity`: the Ed25519 key and the /64 derived from it.
 //! - `seqno_store`: the routing sequence numbers reserved across restarts.
 //! - `pins`: the key pinned per /64 (trust on first use), for routing and sessions.
+//! - `bpf_pins`: where the data plane's links and maps are pinned (a BPF file system)
+//!   so they outlive the agent.
+//! - `kstats`: the kernel's own UDP loss counters, shown beside the agent's.
 //! - `watch`: follows rtnetlink so the data plane's view of the underlay (own
 //!   addresses, sources, neighbours, egress interfaces) stays current.
 #![deny(missing_docs)]
 
 pub mod batch_io;
+pub mod bpf_pins;
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod egress;
 pub mod forward;
 pub mod identity;
+pub mod kstats;
 pub mod link;
 pub mod netlink;
 pub mod node;

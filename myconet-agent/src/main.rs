@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Instant};
 use anyhow::Context;
 use clap::Parser;
 use myconet_agent::{
+    bpf_pins::PinDir,
     config::{Cli, DataplaneChoice},
     control::{self, ControlSocket},
     dataplane::{self, XdpDataplane},
@@ -58,7 +59,12 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
         "identity loaded"
     );
 
-    let mut journal = sysctl::Journal::open(&settings.state_dir).with_context(|| {
+    // A predecessor that left its data plane pinned (killed, or a hitless exit) is
+    // still relaying: its sysctls must stay until this agent has taken over.
+    let adopting = settings.dataplane != DataplaneChoice::Userspace
+        && !settings.interfaces.is_empty()
+        && PinDir::has_links(&settings.pin_dir);
+    let mut journal = sysctl::Journal::open(&settings.state_dir, adopting).with_context(|| {
         format!(
             "opening the sysctl journal in {}",
             settings.state_dir.display()
@@ -68,9 +74,38 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
     let node = Arc::new(Node::new(identity, settings.port, dataplane, journal)?);
     node.set_interfaces(settings.dataplane.as_str(), interfaces);
     let result = serve(&node, &settings, control_socket).await;
-    node.shutdown();
-    info!("stopped");
-    result
+    let hitless = matches!(result, Ok(Exit::Hitless));
+    node.shutdown(hitless);
+    info!(hitless, "stopped");
+    result.map(|_| ())
+}
+
+/// How the agent was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Detach, remove the pins, restore the sysctls.
+    Clean,
+    /// Leave the pinned data plane relaying for the next agent.
+    Hitless,
+}
+
+/// Loads the program, pinned under `settings.pin_dir` when that is on a BPF file
+/// system (with a warning naming the remedy when it is not).
+fn load_dataplane(
+    settings: &myconet_agent::config::Settings,
+) -> Result<XdpDataplane, dataplane::DataplaneError> {
+    match XdpDataplane::load_pinned(settings.port, &settings.pin_dir) {
+        Ok(dp) => Ok(dp),
+        Err(dataplane::DataplaneError::Pins(reason)) => {
+            warn!(
+                reason,
+                "XDP not pinned: the program and its maps go with this process, so an \
+                 agent restart stops relaying until the new agent is up"
+            );
+            XdpDataplane::load(settings.port)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Attaches XDP as `--dataplane` asks and records which path relays each interface.
@@ -108,12 +143,13 @@ fn set_up_dataplane(
     let strict = match settings.dataplane {
         DataplaneChoice::Userspace => {
             info!("--dataplane userspace: XDP not attached, the agent relays every packet");
+            dataplane::remove_pins(&settings.pin_dir);
             return Ok((None, all_userspace(interfaces, "--dataplane userspace")));
         }
         DataplaneChoice::Xdp => true,
         DataplaneChoice::Auto => false,
     };
-    let mut dp = match XdpDataplane::load(settings.port) {
+    let mut dp = match load_dataplane(settings) {
         Ok(dp) => dp,
         Err(e) if !strict => {
             let reason = format!("{e:#}");
@@ -121,9 +157,13 @@ fn set_up_dataplane(
                 error = reason,
                 "XDP unavailable: every interface takes the userspace data path (slower)"
             );
+            dataplane::remove_pins(&settings.pin_dir);
             return Ok((None, all_userspace(interfaces, &reason)));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            dataplane::remove_pins(&settings.pin_dir);
+            return Err(e.into());
+        }
     };
     for iface in &mut interfaces {
         match attach_one(&mut dp, iface, settings, journal) {
@@ -144,6 +184,10 @@ fn set_up_dataplane(
                 iface.userspace_reason = Some(reason);
             }
         }
+    }
+    // Whatever a predecessor pinned that this agent does not use goes now.
+    if let Err(e) = dp.finish_adoption() {
+        warn!(error = %e, "could not remove all the pinned state this agent does not use");
     }
     if interfaces.iter().all(|i| i.userspace_reason.is_some()) {
         warn!("XDP attached nowhere: every interface takes the userspace data path (slower)");
@@ -183,7 +227,7 @@ async fn serve(
     node: &Arc<Node>,
     settings: &myconet_agent::config::Settings,
     control_socket: ControlSocket,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Exit> {
     let pins = pins::load(&settings.state_dir, pins::DEFAULT_CAPACITY).shared();
     for key in &settings.pinned_keys {
         pins::lock(&pins).set_operator(key);
@@ -246,11 +290,23 @@ async fn serve(
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
+    // SIGTERM and SIGINT stop cleanly unless the operator configured hitless restarts;
+    // SIGUSR2 always leaves the pinned data plane relaying for the next agent.
+    let on_stop = if settings.hitless_restart {
+        Exit::Hitless
+    } else {
+        Exit::Clean
+    };
+    let exit = Arc::new(std::sync::Mutex::new(Exit::Clean));
+    let asked = exit.clone();
     let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = int.recv() => info!("SIGINT: shutting down"),
-        }
+        let how = tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); on_stop }
+            _ = int.recv() => { info!("SIGINT: shutting down"); on_stop }
+            _ = usr2.recv() => { info!("SIGUSR2: exiting, leaving the data plane relaying"); Exit::Hitless }
+        };
+        *asked.lock().unwrap_or_else(|p| p.into_inner()) = how;
     };
     info!(socket = %settings.socket.display(), port = settings.port, "agent ready");
     let served = control::serve_on(node.clone(), links, control_socket, shutdown).await;
@@ -258,7 +314,9 @@ async fn serve(
         t.abort();
     }
     save_pins(&pins, &settings.state_dir);
-    served
+    served?;
+    let how = *exit.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(how)
 }
 
 /// Persists the pins once a minute when they changed (a crash loses at most a minute

@@ -446,6 +446,8 @@ impl Node {
     pub fn refresh_nexthops(&self) {
         if let Some(dp) = self.state().dataplane.as_mut() {
             dp.invalidate_caches();
+            // Adopted routes and peers this agent did not confirm in time go.
+            dp.expire_adopted(Instant::now());
         }
     }
 
@@ -956,9 +958,19 @@ impl Node {
         forward::decide(&st.rib, &st.peers, from, header)
     }
 
-    /// Detaches XDP and restores sysctls; idempotent.
-    pub fn shutdown(&self) {
+    /// Detaches XDP, removes its pins and restores sysctls; idempotent. With `hitless`
+    /// and a pinned data plane, leaves the program relaying on its pinned maps and the
+    /// sysctls as they are, for the next agent on this state directory to adopt.
+    pub fn shutdown(&self, hitless: bool) {
         let mut st = self.state();
+        let keep = hitless && st.dataplane.as_mut().is_some_and(XdpDataplane::release);
+        if keep {
+            st.sysctls.keep_for_successor();
+            return;
+        }
+        if hitless {
+            tracing::warn!("nothing is pinned: the data plane goes with this agent");
+        }
         if let Some(dp) = st.dataplane.as_mut() {
             dp.detach_all();
         }

@@ -439,6 +439,22 @@ pub fn stats(s: &pb::Stats, all: bool) -> String {
     }
     out.push_str("\nAgent (userspace)\n");
     out.push_str(&counter_table(&s.agent, all));
+    if !s.kernel.is_empty() {
+        // Always listed, zeros included: "nothing lost in the kernel" is an answer.
+        out.push_str(
+            "\nKernel (datagrams lost before the agent; UDP counters of this network namespace)\n",
+        );
+        let rows: Vec<Vec<String>> = s
+            .kernel
+            .iter()
+            .map(|c| vec![c.name.clone(), c.packets.to_string()])
+            .collect();
+        out.push_str(&table(
+            &["NAME", "COUNT"],
+            &[Align::Left, Align::Right],
+            &rows,
+        ));
+    }
     for (title, counts) in [
         ("Neighbours", &s.neighbours),
         ("Routing protocol", &s.routing),
@@ -863,6 +879,7 @@ mod tests {
             routing: vec![],
             interfaces: vec![],
             neighbours: vec![],
+            kernel: vec![],
         };
         let text = stats(&s, false);
         assert_eq!(
@@ -891,6 +908,7 @@ mod tests {
                 routing: vec![counter("rejected_unowned_prefix", 1, 0)],
                 interfaces: vec![],
                 neighbours: vec![counter("peer_up", 2, 0), counter("peer_down", 0, 0)],
+                kernel: vec![],
             },
             false,
         );
@@ -925,9 +943,29 @@ mod tests {
                 tx_dropped: 42,
             }],
             neighbours: vec![],
+            kernel: vec![
+                counter("udp6_in_errors", 5, 0),
+                counter("udp6_in_csum_errors", 5, 0),
+                counter("socket_drops", 0, 0),
+            ],
         };
         let text = stats(&s, false);
         assert!(text.contains("TX DROPPED"), "{text}");
+        // Kernel losses are listed with their zeros, after the agent's counters.
+        let kernel = text.split("\nKernel (").nth(1).expect("a kernel section");
+        let rows: Vec<Vec<&str>> = kernel
+            .lines()
+            .skip(2)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ["udp6_in_errors", "5"],
+                ["udp6_in_csum_errors", "5"],
+                ["socket_drops", "0"]
+            ]
+        );
         let row = text
             .lines()
             .find(|l| l.starts_with("to-c"))

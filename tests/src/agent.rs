@@ -97,6 +97,10 @@ pub struct AgentOptions {
     /// Let the agent generate its identity (the proof of work takes seconds) instead of
     /// starting with one of the pre-generated ones ([`crate::identities`]).
     pub fresh_identity: bool,
+    /// `--pin-dir`: where the agent pins its data plane (on a
+    /// [`crate::bpffs::BpfFs`]); `None` leaves the agent's default, which is never a
+    /// BPF file system under `ip netns exec`, so the agent runs unpinned.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -109,6 +113,7 @@ impl Default for AgentOptions {
             log_filter: None,
             startup_timeout: STARTUP_TIMEOUT,
             fresh_identity: false,
+            pin_dir: None,
         }
     }
 }
@@ -190,6 +195,9 @@ impl AgentProcess {
         ]);
         if let Some(mode) = &options.xdp_mode {
             args.extend(["--xdp-mode".to_owned(), mode.clone()]);
+        }
+        if let Some(dir) = &options.pin_dir {
+            args.extend(["--pin-dir".to_owned(), dir.display().to_string()]);
         }
         args.extend(options.extra_args.iter().cloned());
 
@@ -373,13 +381,32 @@ impl AgentProcess {
         }
         let status = match how {
             Stop::Term => self.child.terminate(STOP_GRACE)?,
-            Stop::Kill => {
-                self.child.signal(libc::SIGKILL)?;
-                self.child
-                    .wait_timeout(STOP_GRACE)?
-                    .context("the agent did not die after SIGKILL")?
-            }
+            Stop::Kill => self.signal_and_wait(libc::SIGKILL)?,
         };
+        self.start_again(netns)?;
+        Ok(status)
+    }
+
+    /// Sends `signal` (e.g. SIGKILL for a crash, SIGTERM, SIGUSR2) and waits, bounded,
+    /// until the agent has exited; its state directory, socket path and log stay for
+    /// [`AgentProcess::start_again`].
+    pub fn signal_and_wait(&mut self, signal: libc::c_int) -> Result<ExitStatus> {
+        self.child.signal(signal)?;
+        self.child
+            .wait_timeout(STOP_GRACE)?
+            .with_context(|| format!("the agent did not exit after signal {signal}"))
+    }
+
+    /// Starts the agent again in `netns` (the one it ran in), after it exited, with the
+    /// same command line, state directory, socket and log (appended), and waits until
+    /// it answers `status`.
+    pub fn start_again(&mut self, netns: &Netns) -> Result<()> {
+        if netns.name() != self.ns {
+            bail!("the agent ran in {}, not in {}", self.ns, netns.name());
+        }
+        if self.is_running()? {
+            bail!("{AGENT_BIN} in {} is still running", self.ns);
+        }
         let agent = self.bin_dir.join(AGENT_BIN);
         self.child = spawn_with_env(
             netns,
@@ -388,9 +415,8 @@ impl AgentProcess {
             &self.log,
             self.log_filter.as_deref(),
         )?;
-        self.wait_ready(self.startup_timeout)
-            .map_err(|e| self.with_log(e))?;
-        Ok(status)
+        let timeout = self.startup_timeout;
+        self.wait_ready(timeout).map_err(|e| self.with_log(e))
     }
 
     /// Kills the agent with SIGKILL, as a crash or a power cut would: no shutdown

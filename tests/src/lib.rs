@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bpffs;
 pub mod demo;
 pub mod diamond;
 pub mod fixture;

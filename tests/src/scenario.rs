@@ -75,6 +75,22 @@ impl RelayChain {
         veth_gro: bool,
         c_args: &[&str],
     ) -> Result<Self> {
+        Self::start_full(bin_dir, xdp_mode, veth_gro, c_args, None)
+    }
+
+    /// Like [`RelayChain::start`] with b's data plane pinned in `b_pin_dir` (on a
+    /// [`crate::bpffs::BpfFs`]), so b keeps relaying while its agent restarts.
+    pub fn start_pinned(bin_dir: &Path, xdp_mode: &str, b_pin_dir: &Path) -> Result<Self> {
+        Self::start_full(bin_dir, xdp_mode, true, &[], Some(b_pin_dir))
+    }
+
+    fn start_full(
+        bin_dir: &Path,
+        xdp_mode: &str,
+        veth_gro: bool,
+        c_args: &[&str],
+        b_pin_dir: Option<&Path>,
+    ) -> Result<Self> {
         let topo = Chain::new(3).tag("relay").veth_gro(veth_gro).build()?;
         let mut agents = Vec::new();
         for (i, node) in topo.nodes().iter().enumerate() {
@@ -87,6 +103,7 @@ impl RelayChain {
                 } else {
                     Vec::new()
                 },
+                pin_dir: b_pin_dir.filter(|_| i == 1).map(Path::to_path_buf),
                 ..AgentOptions::default()
             };
             agents.push(AgentProcess::start(node, bin_dir, options)?);

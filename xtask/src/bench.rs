@@ -43,7 +43,10 @@ pub fn relay(root: &Path, seconds: u64) -> Result<()> {
     for row in &test_run {
         let want = match row.case.split('@').next().unwrap_or_default() {
             "relay_xdp_tx" => 3,
-            "relay_redirect" | "relay_redirect_fib_src" => 4,
+            "relay_redirect"
+            | "relay_redirect_fib_src"
+            | "relay_redirect_partial_csum"
+            | "partial_csum_completion" => 4,
             "pass_local" => 2,
             _ => 1,
         };
