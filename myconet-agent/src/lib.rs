@@ -14,18 +14,24 @@
 #![deny(missing_docs)]
 
 pub mod batch_io;
+pub mod caps;
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod egress;
 pub mod forward;
+pub mod generate;
 pub mod identity;
 pub mod link;
+pub mod lockfile;
+pub mod logging;
+pub mod metrics;
 pub mod netlink;
 pub mod node;
 pub mod overlay;
 pub mod peers;
 pub mod pmtu;
+pub mod preflight;
 pub mod rib;
 pub mod routing;
 pub mod session;

@@ -4,17 +4,21 @@
 use std::{sync::Arc, time::Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use myconet_agent::{
+    caps::{self, CapSet},
     config::{Cli, DataplaneChoice},
-    control::{self, ControlSocket},
+    control::{self, ControlService, ControlSocket},
     dataplane::{self, XdpDataplane},
-    identity::{Identity, StateLock},
+    generate,
+    identity::{Identity, KEY_FILE, StateLock},
     link::Links,
+    logging, metrics,
     netlink::{self, Netlink},
     node::{ConfiguredInterface, Node},
     overlay::{self, Overlay},
     peers::{Beaconer, DiscoveryConfig, LinkEndpoint, ReceivedBeacon},
+    preflight,
     routing::RoutingConfig,
     sysctl,
     tun::{Tun, TunOptions},
@@ -25,14 +29,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let settings = Cli::parse().resolve()?;
+    let cli = Cli::parse();
+    if let Some(dir) = &cli.generate_docs {
+        return generate::write_docs(Cli::command(), dir);
+    }
+    if let Some(problem) = logging::init(cli.log_format) {
+        warn!("{problem}");
+    }
+    let settings = cli.resolve()?;
+    // Everything that can be found wrong is found before anything is claimed.
+    preflight::check(&settings)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -45,16 +51,24 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
     // Claim the control socket before touching the system: a second agent started by
     // mistake must fail with "already serving" and change nothing.
     let control_socket = ControlSocket::claim(&settings.socket, settings.socket_mode).await?;
-    for iface in &settings.interfaces {
-        dataplane::ifindex(iface)?;
-    }
     let _state_lock = StateLock::acquire(&settings.state_dir)?;
-    let identity = Identity::load_or_create(&settings.state_dir)?;
-    info!(
-        address = %identity.node_address(),
-        prefix = %identity.node_prefix(),
-        "identity loaded"
-    );
+    let (identity, created) = Identity::open(&settings.state_dir)?;
+    let key_path = settings.state_dir.join(KEY_FILE);
+    if created {
+        info!(
+            path = %key_path.display(),
+            address = %identity.node_address(),
+            prefix = %identity.node_prefix(),
+            "identity created"
+        );
+    } else {
+        info!(
+            path = %key_path.display(),
+            address = %identity.node_address(),
+            prefix = %identity.node_prefix(),
+            "identity loaded"
+        );
+    }
 
     let mut journal = sysctl::Journal::open(&settings.state_dir).with_context(|| {
         format!(
@@ -63,9 +77,10 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
         )
     })?;
     let (dataplane, interfaces) = set_up_dataplane(&settings, &mut journal)?;
+    let xdp_loaded = dataplane.is_some();
     let node = Arc::new(Node::new(identity, settings.port, dataplane, journal)?);
     node.set_interfaces(settings.dataplane.as_str(), interfaces);
-    let result = serve(&node, &settings, control_socket).await;
+    let result = serve(&node, &settings, control_socket, xdp_loaded).await;
     node.shutdown();
     info!("stopped");
     result
@@ -181,6 +196,7 @@ async fn serve(
     node: &Arc<Node>,
     settings: &myconet_agent::config::Settings,
     control_socket: ControlSocket,
+    xdp_loaded: bool,
 ) -> anyhow::Result<()> {
     let links = Arc::new(Links::new(
         node.clone(),
@@ -234,6 +250,14 @@ async fn serve(
     if !settings.discover.is_empty() {
         tasks.extend(start_discovery(node, &links, settings)?);
     }
+    if let Some(addr) = settings.metrics_listen {
+        let listener = metrics::bind(addr).await?;
+        let service = ControlService::new(node.clone(), links.clone());
+        tasks.push(tokio::spawn(metrics::serve(listener, service)));
+    }
+    // Everything that needs privilege at set-up is done: sockets bound, TUN open, XDP
+    // attached. Keep only what running needs (caps.rs says which and why).
+    drop_capabilities(xdp_loaded)?;
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -287,6 +311,20 @@ fn start_discovery(
         }
     });
     Ok(vec![beacons, intake])
+}
+
+/// Drops every capability the running agent does not need, in every thread, and says
+/// which it kept.
+fn drop_capabilities(xdp_loaded: bool) -> anyhow::Result<()> {
+    let before = caps::effective();
+    let kept = caps::drop_to(caps::needed_after_setup(xdp_loaded))
+        .context("dropping the capabilities set-up needed")?;
+    info!(
+        kept = %kept,
+        dropped = %CapSet(before.0 & !kept.0),
+        "capabilities dropped after set-up"
+    );
+    Ok(())
 }
 
 /// Fresh randomness for timer jitter, so neighbours' hellos do not synchronise.
@@ -344,10 +382,28 @@ fn create_tun(name: &str) -> anyhow::Result<Tun> {
             }
             Ok(tun)
         }
+        // Not an offload problem: no fallback, and no warning about offload before the
+        // real error.
+        Err(e) if is_permission_error(&e) => Err(anyhow::Error::new(e)
+            .context(preflight::tun_capability_error(name))),
         Err(e) => {
             warn!(tun = name, error = %e, "TUN offload unavailable: one packet per read and write");
             Tun::create(name, TunOptions::default())
                 .with_context(|| format!("creating TUN device {name}"))
         }
     }
+}
+
+/// Whether an error's cause is EPERM or EACCES from the kernel.
+fn is_permission_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
