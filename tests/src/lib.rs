@@ -12,6 +12,7 @@ pub mod bench;
 pub mod demo;
 pub mod fixture;
 pub mod netns;
+pub mod package;
 pub mod packet;
 pub mod scenario;
 pub mod throughput;

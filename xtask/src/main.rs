@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod package;
 mod setup;
 mod test;
 mod throughput;
@@ -48,6 +49,16 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         which: BenchCmd,
+    },
+    /// Setup, release build, then the Debian package (target/debian/myconet_*.deb):
+    /// binaries, systemd unit, sample config, man pages, completions and docs.
+    Package {
+        /// Package the debug binaries instead (quicker; what the test suite does).
+        #[arg(long)]
+        debug: bool,
+        /// Directory for the .deb (default: target/debian).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
     },
     /// Bring up or tear down a chain of namespaces for manual experiments; needs root.
     Netns {
@@ -146,6 +157,7 @@ fn run(cli: Cli) -> Result<()> {
                 BenchCmd::Routing { .. } => unreachable!("handled above"),
             }
         }
+        Cmd::Package { debug, out } => package::run(&root, debug, out),
         Cmd::Netns { action } => match action {
             NetnsCmd::Up { nodes } => netns_up(nodes),
             NetnsCmd::Down => netns_down(),
