@@ -459,7 +459,10 @@ mod tests {
 
     #[test]
     fn sets_print_by_name() {
-        assert_eq!(CapSet::of(&[CAP_NET_ADMIN, CAP_BPF]).to_string(), "cap_net_admin,cap_bpf");
+        assert_eq!(
+            CapSet::of(&[CAP_NET_ADMIN, CAP_BPF]).to_string(),
+            "cap_net_admin,cap_bpf"
+        );
         assert_eq!(CapSet(0).to_string(), "none");
         assert_eq!(CAP_NET_ADMIN.to_string(), "CAP_NET_ADMIN");
         assert!(CapSet::of(&[CAP_BPF]).has(CAP_BPF));

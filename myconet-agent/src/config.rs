@@ -513,7 +513,9 @@ via = "fd00::1"
         };
         assert_eq!(resolve(&[]).unwrap().metrics_listen, None);
         assert_eq!(
-            resolve(&["--metrics-listen", "[::1]:9652"]).unwrap().metrics_listen,
+            resolve(&["--metrics-listen", "[::1]:9652"])
+                .unwrap()
+                .metrics_listen,
             Some("[::1]:9652".parse().unwrap())
         );
         let err = resolve(&["--metrics-listen", "[::]:9652"]).unwrap_err();
@@ -530,7 +532,10 @@ via = "fd00::1"
         for (text, ok) in [
             ("[metrics]\nlisten = \"127.0.0.1:9652\"\n", true),
             ("[metrics]\nlisten = \"192.0.2.1:9652\"\n", false),
-            ("[metrics]\nlisten = \"192.0.2.1:9652\"\nallow_remote = true\n", true),
+            (
+                "[metrics]\nlisten = \"192.0.2.1:9652\"\nallow_remote = true\n",
+                true,
+            ),
             ("[metrics]\nlisten = \"localhost\"\n", false),
             ("[metrics]\nlisten = \"[::1]:0\"\n", false),
             ("[metrics]\nlsiten = \"[::1]:9652\"\n", false),

@@ -1307,6 +1307,106 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn health_and_reflection_answer_on_the_socket() {
+        use tonic_health::pb::{
+            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+        };
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+
+        let dir = TempDir::new();
+        let node = node(&dir);
+        let socket = dir.0.join("agent.sock");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn({
+            let socket = socket.clone();
+            async move {
+                serve_test(node, &socket, 0o600, async {
+                    let _ = stopped.await;
+                })
+                .await
+            }
+        });
+        wait_for(&socket).await;
+        let channel = tonic::transport::Endpoint::from_shared(format!("unix:{}", socket.display()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+
+        let mut health = HealthClient::new(channel.clone());
+        for service in ["", "myconet.v1.Control"] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+        }
+        let unknown = health
+            .check(HealthCheckRequest {
+                service: "no.such.Service".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), Code::NotFound);
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let ask = |request| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        };
+        let mut answers = reflection
+            .server_reflection_info(tokio_stream::iter([
+                ask(MessageRequest::ListServices(String::new())),
+                ask(MessageRequest::FileContainingSymbol(
+                    "myconet.v1.Control".into(),
+                )),
+            ]))
+            .await
+            .unwrap()
+            .into_inner();
+        let listed = answers.message().await.unwrap().unwrap().message_response;
+        let Some(MessageResponse::ListServicesResponse(list)) = listed else {
+            panic!("expected a service list, got {listed:?}");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        for want in [
+            "myconet.v1.Control",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+        ] {
+            assert!(names.contains(&want), "{want} not listed: {names:?}");
+        }
+        let file = answers.message().await.unwrap().unwrap().message_response;
+        let Some(MessageResponse::FileDescriptorResponse(file)) = file else {
+            panic!("expected the descriptor of myconet.proto, got {file:?}");
+        };
+        assert!(!file.file_descriptor_proto.is_empty());
+        // The descriptor is myconet.proto's: it names the service's methods.
+        let bytes = &file.file_descriptor_proto[0];
+        assert!(
+            bytes.windows(b"GetStats".len()).any(|w| w == b"GetStats"),
+            "the descriptor does not describe the Control service"
+        );
+
+        stop.send(()).unwrap();
+        drop(answers);
+        drop(reflection);
+        drop(health);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("server stops on shutdown")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn serves_on_a_unix_socket_and_cleans_up() {
         let dir = TempDir::new();
         let node = node(&dir);

@@ -64,7 +64,10 @@ pub fn init(format: LogFormat) -> Option<String> {
         Ok(f) => (f, None),
         Err(e) => (
             EnvFilter::new(directives(None)),
-            Some(format!("ignoring RUST_LOG={:?}: {e}", rust_log.unwrap_or_default())),
+            Some(format!(
+                "ignoring RUST_LOG={:?}: {e}",
+                rust_log.unwrap_or_default()
+            )),
         ),
     };
     let builder = tracing_subscriber::fmt()
@@ -98,7 +101,10 @@ mod tests {
             "info,h2=info,hyper=info,hyper_util=info,tonic=info,tower=info,rtnetlink=info,netlink_proto=info"
         );
         let d = directives(Some("debug,h2=trace,tonic::transport=debug"));
-        assert!(d.starts_with("debug,h2=trace,tonic::transport=debug,hyper=info"), "{d}");
+        assert!(
+            d.starts_with("debug,h2=trace,tonic::transport=debug,hyper=info"),
+            "{d}"
+        );
         assert!(!d.contains("h2=info") && !d.contains("tonic=info"), "{d}");
         assert_eq!(directives(Some("  ")), directives(None));
     }
@@ -141,6 +147,9 @@ mod tests {
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         assert!(text.contains("hello sent"), "{text}");
         assert!(text.contains("connection error"), "{text}");
-        assert!(!text.contains("send frame") && !text.contains("connecting"), "{text}");
+        assert!(
+            !text.contains("send frame") && !text.contains("connecting"),
+            "{text}"
+        );
     }
 }

@@ -21,7 +21,7 @@ use myconet_agent::{
     preflight,
     routing::RoutingConfig,
     sysctl,
-    tun::{Tun, TunOptions},
+    tun::{Tun, TunError, TunOptions},
     underlay,
     watch::{self, UnderlayWatch},
 };
@@ -384,8 +384,12 @@ fn create_tun(name: &str) -> anyhow::Result<Tun> {
         }
         // Not an offload problem: no fallback, and no warning about offload before the
         // real error.
-        Err(e) if is_permission_error(&e) => Err(anyhow::Error::new(e)
-            .context(preflight::tun_capability_error(name))),
+        Err(e @ TunError::Open { .. }) if os_error(&e).is_some_and(is_denied) => {
+            Err(anyhow::Error::new(e).context(preflight::tun_device_error(name)))
+        }
+        Err(e) if os_error(&e).is_some_and(is_denied) => {
+            Err(anyhow::Error::new(e).context(preflight::tun_capability_error(name)))
+        }
         Err(e) => {
             warn!(tun = name, error = %e, "TUN offload unavailable: one packet per read and write");
             Tun::create(name, TunOptions::default())
@@ -394,16 +398,23 @@ fn create_tun(name: &str) -> anyhow::Result<Tun> {
     }
 }
 
-/// Whether an error's cause is EPERM or EACCES from the kernel.
-fn is_permission_error(e: &(dyn std::error::Error + 'static)) -> bool {
+/// The OS error at the root of `e`, if any.
+fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
     let mut cause = Some(e);
     while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>()
-            && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+        if let Some(code) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
         {
-            return true;
+            return Some(code);
         }
         cause = c.source();
     }
-    false
+    None
+}
+
+/// EPERM or EACCES: a missing capability or file permission, not something an
+/// offload-less retry would fix.
+fn is_denied(code: i32) -> bool {
+    code == libc::EPERM || code == libc::EACCES
 }

@@ -85,8 +85,10 @@ fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 async fn respond(service: &ControlService, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
-        r.headers_mut()
-            .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
         return r;
     }
     match req.uri().path() {
@@ -192,7 +194,11 @@ pub const OTHER_STATS_FIELDS: &[&str] = &["interfaces"];
 pub fn render(status: &pb::Status, peers: &[pb::Peer], stats: &pb::Stats) -> String {
     let mut out = Exposition::default();
 
-    out.family("myconet_build_info", "gauge", "Agent version, data plane and node address (value 1).");
+    out.family(
+        "myconet_build_info",
+        "gauge",
+        "Agent version, data plane and node address (value 1).",
+    );
     out.sample(
         "myconet_build_info",
         &[
@@ -202,7 +208,11 @@ pub fn render(status: &pb::Status, peers: &[pb::Peer], stats: &pb::Stats) -> Str
         ],
         1.0,
     );
-    out.family("myconet_uptime_seconds", "gauge", "Seconds since the agent started.");
+    out.family(
+        "myconet_uptime_seconds",
+        "gauge",
+        "Seconds since the agent started.",
+    );
     out.sample("myconet_uptime_seconds", &[], status.uptime_seconds as f64);
     out.family("myconet_routes", "gauge", "Routes the agent holds.");
     out.sample("myconet_routes", &[], f64::from(status.route_count));
@@ -216,14 +226,19 @@ pub fn render(status: &pb::Status, peers: &[pb::Peer], stats: &pb::Stats) -> Str
             ),
             Unit::Events => (format!("myconet_{}_events_total", section.stem), None),
         };
-        let is_bytes = |c: &pb::Counter| matches!(section.unit, Unit::Events) && c.name.contains("bytes");
+        let is_bytes =
+            |c: &pb::Counter| matches!(section.unit, Unit::Events) && c.name.contains("bytes");
         out.family(&name, "counter", section.help);
         for c in list.iter().filter(|c| !is_bytes(c)) {
             out.sample(&name, &[(section.label, &c.name)], c.packets as f64);
         }
         match byte_name {
             Some(byte_name) if section.bytes => {
-                out.family(&byte_name, "counter", &format!("Bytes of the packets counted in {name}."));
+                out.family(
+                    &byte_name,
+                    "counter",
+                    &format!("Bytes of the packets counted in {name}."),
+                );
                 for c in list {
                     out.sample(&byte_name, &[(section.label, &c.name)], c.bytes as f64);
                 }
@@ -231,7 +246,11 @@ pub fn render(status: &pb::Status, peers: &[pb::Peer], stats: &pb::Stats) -> Str
             _ => {
                 let byte_name = format!("myconet_{}_bytes_total", section.stem);
                 if list.iter().any(is_bytes) {
-                    out.family(&byte_name, "counter", "Bytes of routing protocol messages, by direction.");
+                    out.family(
+                        &byte_name,
+                        "counter",
+                        "Bytes of routing protocol messages, by direction.",
+                    );
                     for c in list.iter().filter(|c| is_bytes(c)) {
                         out.sample(&byte_name, &[(section.label, &c.name)], c.packets as f64);
                     }
@@ -259,16 +278,31 @@ fn interfaces(out: &mut Exposition, stats: &pb::Stats) {
                 ("interface", &i.name),
                 ("ifindex", &ifindex),
                 ("xdp_mode", &i.xdp_mode),
-                ("redirect_target", if i.redirect_target { "true" } else { "false" }),
+                (
+                    "redirect_target",
+                    if i.redirect_target { "true" } else { "false" },
+                ),
                 ("xdp_tx", if i.xdp_tx { "true" } else { "false" }),
             ],
             1.0,
         );
     }
     let kernel: [(&str, &str, fn(&pb::InterfaceCounters) -> u64); 4] = [
-        ("myconet_interface_receive_packets_total", "Packets the kernel received on the interface.", |i| i.rx_packets),
-        ("myconet_interface_receive_dropped_packets_total", "Packets the kernel dropped on receive.", |i| i.rx_dropped),
-        ("myconet_interface_transmit_packets_total", "Packets the kernel transmitted on the interface.", |i| i.tx_packets),
+        (
+            "myconet_interface_receive_packets_total",
+            "Packets the kernel received on the interface.",
+            |i| i.rx_packets,
+        ),
+        (
+            "myconet_interface_receive_dropped_packets_total",
+            "Packets the kernel dropped on receive.",
+            |i| i.rx_dropped,
+        ),
+        (
+            "myconet_interface_transmit_packets_total",
+            "Packets the kernel transmitted on the interface.",
+            |i| i.tx_packets,
+        ),
         (
             "myconet_interface_transmit_dropped_packets_total",
             "Packets the kernel dropped on transmit, including frames XDP redirected or sent back that the driver could not take.",
@@ -293,7 +327,11 @@ fn peer_label(p: &pb::Peer) -> String {
 }
 
 fn peer_metrics(out: &mut Exposition, peers: &[pb::Peer]) {
-    out.family("myconet_peers", "gauge", "Neighbours known, in every state.");
+    out.family(
+        "myconet_peers",
+        "gauge",
+        "Neighbours known, in every state.",
+    );
     out.sample("myconet_peers", &[], peers.len() as f64);
     let labelled: Vec<(String, &pb::Peer)> = peers.iter().map(|p| (peer_label(p), p)).collect();
     out.family(
@@ -315,25 +353,41 @@ fn peer_metrics(out: &mut Exposition, peers: &[pb::Peer]) {
     }
     type Get = fn(&pb::Peer) -> Option<f64>;
     let gauges: [(&str, &str, Get); 7] = [
-        ("myconet_peer_up", "1 while the neighbour's link is up, else 0.", |p| {
-            Some(if p.state == "up" { 1.0 } else { 0.0 })
-        }),
-        ("myconet_peer_relay_allowed", "1 while the neighbour is in the relay peer set.", |p| {
-            Some(if p.in_kernel { 1.0 } else { 0.0 })
-        }),
-        ("myconet_peer_rtt_seconds", "Smoothed round-trip time to the neighbour (RFC 6298).", |p| {
-            p.rtt_us.map(|us| us as f64 / 1e6)
-        }),
-        ("myconet_peer_rtt_variation_seconds", "Round-trip time variation (RFC 6298).", |p| {
-            p.rttvar_us.map(|us| us as f64 / 1e6)
-        }),
-        ("myconet_peer_hello_loss_ratio", "Fraction of recent hellos not acknowledged, 0 to 1.", |p| p.loss),
-        ("myconet_peer_link_cost", "Link cost the routing protocol applies (while up).", |p| {
-            p.link_cost.map(f64::from)
-        }),
-        ("myconet_peer_last_seen_seconds", "Seconds since the last authenticated packet from the neighbour.", |p| {
-            p.last_seen_ms.map(|ms| ms as f64 / 1e3)
-        }),
+        (
+            "myconet_peer_up",
+            "1 while the neighbour's link is up, else 0.",
+            |p| Some(if p.state == "up" { 1.0 } else { 0.0 }),
+        ),
+        (
+            "myconet_peer_relay_allowed",
+            "1 while the neighbour is in the relay peer set.",
+            |p| Some(if p.in_kernel { 1.0 } else { 0.0 }),
+        ),
+        (
+            "myconet_peer_rtt_seconds",
+            "Smoothed round-trip time to the neighbour (RFC 6298).",
+            |p| p.rtt_us.map(|us| us as f64 / 1e6),
+        ),
+        (
+            "myconet_peer_rtt_variation_seconds",
+            "Round-trip time variation (RFC 6298).",
+            |p| p.rttvar_us.map(|us| us as f64 / 1e6),
+        ),
+        (
+            "myconet_peer_hello_loss_ratio",
+            "Fraction of recent hellos not acknowledged, 0 to 1.",
+            |p| p.loss,
+        ),
+        (
+            "myconet_peer_link_cost",
+            "Link cost the routing protocol applies (while up).",
+            |p| p.link_cost.map(f64::from),
+        ),
+        (
+            "myconet_peer_last_seen_seconds",
+            "Seconds since the last authenticated packet from the neighbour.",
+            |p| p.last_seen_ms.map(|ms| ms as f64 / 1e3),
+        ),
     ];
     for (name, help, get) in gauges {
         out.family(name, "gauge", help);
@@ -378,7 +432,9 @@ fn escape_help(s: &str) -> String {
 }
 
 fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -400,7 +456,8 @@ mod tests {
         let json = serde_json::to_value(pb::Stats::default()).unwrap();
         for field in json.as_object().unwrap().keys() {
             assert!(
-                SECTIONS.iter().any(|s| s.field == field) || OTHER_STATS_FIELDS.contains(&field.as_str()),
+                SECTIONS.iter().any(|s| s.field == field)
+                    || OTHER_STATS_FIELDS.contains(&field.as_str()),
                 "Stats.{field} has no metric: add it to metrics::SECTIONS"
             );
         }
@@ -429,7 +486,10 @@ mod tests {
         let stats = pb::Stats {
             xdp: vec![counter("redirect", 5, 500)],
             agent: vec![counter("rx_data", 3, 300)],
-            routing: vec![counter("messages_sent", 4, 0), counter("bytes_sent", 400, 0)],
+            routing: vec![
+                counter("messages_sent", 4, 0),
+                counter("bytes_sent", 400, 0),
+            ],
             interfaces: vec![pb::InterfaceCounters {
                 name: "eth0".into(),
                 ifindex: 2,
@@ -452,7 +512,10 @@ mod tests {
             "myconet_peer_up{peer=\"[fe80::2%3]:9651\"} 1",
             "myconet_uptime_seconds 7",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
         }
         assert!(text.contains("origin=\"disc\\\"overed\""), "{text}");
         assert!(!text.contains("myconet_routing_events_total{counter=\"bytes_sent\"}"));

@@ -67,15 +67,40 @@ pub fn tun_capability_error(name: &str) -> String {
     )
 }
 
+/// The message for a `/dev/net/tun` the agent may not open.
+pub fn tun_device_error(name: &str) -> String {
+    format!(
+        "creating the TUN device {name} needs read and write access to {TUN_DEVICE}, which \
+         this process does not have (Debian makes it mode 0666; under systemd it needs \
+         DeviceAllow={TUN_DEVICE} rw; or use --no-tun for a pure relay)"
+    )
+}
+
+const TUN_DEVICE: &str = "/dev/net/tun";
+
 fn check_tun(name: &str, net_admin: bool) -> anyhow::Result<()> {
     if !net_admin {
         bail!("{}", tun_capability_error(name));
     }
-    if !Path::new("/dev/net/tun").exists() {
+    if !Path::new(TUN_DEVICE).exists() {
         bail!(
-            "creating the TUN device {name} needs /dev/net/tun, which does not exist \
+            "creating the TUN device {name} needs {TUN_DEVICE}, which does not exist \
              (load the tun module: modprobe tun; or use --no-tun for a pure relay)"
         );
+    }
+    let path = std::ffi::CString::new(TUN_DEVICE).expect("no NUL in a constant");
+    // SAFETY: a valid NUL-terminated path; faccessat only reads it. AT_EACCESS checks
+    // with the effective ids and capabilities, as open(2) will.
+    let rc = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::R_OK | libc::W_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if rc != 0 {
+        bail!("{}", tun_device_error(name));
     }
     Ok(())
 }
@@ -90,12 +115,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("file");
         std::fs::write(&file, b"").unwrap();
-        let err = check_dir_path("state directory", &file).unwrap_err().to_string();
+        let err = check_dir_path("state directory", &file)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("exists and is not a directory"), "{err}");
         let err = check_dir_path("state directory", &file.join("below"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("is not a directory") && err.contains("cannot be created"), "{err}");
+        assert!(
+            err.contains("is not a directory") && err.contains("cannot be created"),
+            "{err}"
+        );
         check_dir_path("state directory", &dir.join("new/deeper")).unwrap();
         check_dir_path("state directory", &dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -104,6 +134,9 @@ mod tests {
     #[test]
     fn tun_without_net_admin_names_the_capability() {
         let err = check_tun("myconet0", false).unwrap_err().to_string();
-        assert!(err.contains("CAP_NET_ADMIN") && err.contains("--no-tun"), "{err}");
+        assert!(
+            err.contains("CAP_NET_ADMIN") && err.contains("--no-tun"),
+            "{err}"
+        );
     }
 }

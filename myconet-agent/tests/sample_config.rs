@@ -54,9 +54,16 @@ fn fields<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
 
 /// Every key the file format accepts, nested ones as `table.key`.
 fn all_keys() -> Vec<String> {
-    let mut keys: Vec<String> = fields::<FileConfig>().iter().map(|k| k.to_string()).collect();
+    let mut keys: Vec<String> = fields::<FileConfig>()
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
     keys.extend(fields::<FileRoute>().iter().map(|k| format!("routes.{k}")));
-    keys.extend(fields::<FileMetrics>().iter().map(|k| format!("metrics.{k}")));
+    keys.extend(
+        fields::<FileMetrics>()
+            .iter()
+            .map(|k| format!("metrics.{k}")),
+    );
     keys
 }
 
@@ -105,7 +112,11 @@ fn the_sample_defaults_are_the_real_defaults() {
     let from_defaults = resolve(&uncommented)
         .unwrap_or_else(|e| panic!("the sample's defaults do not parse: {e:#}"));
     let none = Cli::parse_from(["myconet-agent"]).resolve().unwrap();
-    assert_eq!(from_defaults, format!("{none:?}"), "a default in the sample is not the real one");
+    assert_eq!(
+        from_defaults,
+        format!("{none:?}"),
+        "a default in the sample is not the real one"
+    );
     // As shipped (everything commented out) it is valid too.
     resolve(&whole).unwrap();
     // Each example parses when uncommented, on top of the defaults.
@@ -122,7 +133,10 @@ fn the_sample_defaults_are_the_real_defaults() {
     // Top-level examples replace the defaults of the same key; [[routes]] goes last.
     std::fs::write(
         &with_examples,
-        format!("{}\n[metrics]\nlisten = \"[::1]:9652\"\n", routes_and_lists.join("\n")),
+        format!(
+            "{}\n[metrics]\nlisten = \"[::1]:9652\"\n",
+            routes_and_lists.join("\n")
+        ),
     )
     .unwrap();
     resolve(&with_examples).unwrap_or_else(|e| panic!("the sample's examples do not parse: {e:#}"));

@@ -295,7 +295,10 @@ mod tests {
     #[test]
     fn peers_defaults_to_list_and_global_flags_go_anywhere() {
         let cli = parse(&["peers", "--json", "--socket", "/tmp/x.sock"]).unwrap();
-        assert!(matches!(cli.command.unwrap(), Command::Peers { action: None }));
+        assert!(matches!(
+            cli.command.unwrap(),
+            Command::Peers { action: None }
+        ));
         assert!(cli.json);
         assert_eq!(cli.socket, PathBuf::from("/tmp/x.sock"));
 
@@ -331,7 +334,10 @@ mod tests {
             Command::Stats { all: true }
         ));
         assert!(matches!(
-            parse(&["route", "delete", "fd6d:1::/64"]).unwrap().command.unwrap(),
+            parse(&["route", "delete", "fd6d:1::/64"])
+                .unwrap()
+                .command
+                .unwrap(),
             Command::Route {
                 action: RouteCommand::Del { .. }
             }

@@ -70,8 +70,7 @@ fn assemble(inputs: &PackageInputs, staging: &Path, root: &Path) -> Result<PathB
     let put = |rel: &str, mode: u32, contents: &[u8]| -> Result<()> {
         let path = root.join(rel);
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
         fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(mode))
@@ -82,10 +81,20 @@ fn assemble(inputs: &PackageInputs, staging: &Path, root: &Path) -> Result<PathB
     // Binaries, without debug info (a debug build is ~10x larger with it).
     for bin in [AGENT_BIN, CTL_BIN] {
         let dest = root.join("usr/bin").join(bin);
-        put(&format!("usr/bin/{bin}"), 0o755, &read(&inputs.bin_dir.join(bin))?)?;
-        run(Command::new(util::tool("strip")).arg("--strip-debug").arg(&dest))?;
+        put(
+            &format!("usr/bin/{bin}"),
+            0o755,
+            &read(&inputs.bin_dir.join(bin))?,
+        )?;
+        run(Command::new(util::tool("strip"))
+            .arg("--strip-debug")
+            .arg(&dest))?;
     }
-    put(UNIT_PATH, 0o644, &read(&packaging.join("myconet-agent.service"))?)?;
+    put(
+        UNIT_PATH,
+        0o644,
+        &read(&packaging.join("myconet-agent.service"))?,
+    )?;
     put(CONFIG_PATH, 0o644, &read(&packaging.join("agent.toml"))?)?;
 
     // Man pages and completions from the binaries' own clap definitions.
@@ -103,8 +112,15 @@ fn assemble(inputs: &PackageInputs, staging: &Path, root: &Path) -> Result<PathB
     pages.sort();
     ensure!(!pages.is_empty(), "no man pages were generated");
     for page in pages {
-        let name = page.file_name().and_then(|n| n.to_str()).context("man page name")?;
-        put(&format!("usr/share/man/man1/{name}.gz"), 0o644, &gzip(&read(&page)?)?)?;
+        let name = page
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("man page name")?;
+        put(
+            &format!("usr/share/man/man1/{name}.gz"),
+            0o644,
+            &gzip(&read(&page)?)?,
+        )?;
     }
     let completions = generated.join("completions");
     for bin in [AGENT_BIN, CTL_BIN] {
@@ -127,14 +143,21 @@ fn assemble(inputs: &PackageInputs, staging: &Path, root: &Path) -> Result<PathB
 
     // Docs.
     for doc in DOCS {
-        let name = Path::new(doc).file_name().and_then(|n| n.to_str()).context("doc name")?;
+        let name = Path::new(doc)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("doc name")?;
         put(
             &format!("usr/share/doc/{NAME}/{name}.gz"),
             0o644,
             &gzip(&read(&inputs.workspace.join(doc))?)?,
         )?;
     }
-    put(&format!("usr/share/doc/{NAME}/copyright"), 0o644, copyright().as_bytes())?;
+    put(
+        &format!("usr/share/doc/{NAME}/copyright"),
+        0o644,
+        copyright().as_bytes(),
+    )?;
 
     // Control files.
     let arch = util::run(util::tool("dpkg"), ["--print-architecture"])
@@ -158,7 +181,11 @@ fn assemble(inputs: &PackageInputs, staging: &Path, root: &Path) -> Result<PathB
         version = inputs.version,
     );
     put("DEBIAN/control", 0o644, control.as_bytes())?;
-    put("DEBIAN/conffiles", 0o644, format!("/{CONFIG_PATH}\n").as_bytes())?;
+    put(
+        "DEBIAN/conffiles",
+        0o644,
+        format!("/{CONFIG_PATH}\n").as_bytes(),
+    )?;
     for script in ["postinst", "prerm", "postrm"] {
         put(
             &format!("DEBIAN/{script}"),
@@ -173,7 +200,11 @@ fn assemble(inputs: &PackageInputs, staging: &Path, root: &Path) -> Result<PathB
     let deb = inputs
         .out_dir
         .join(format!("{NAME}_{}_{arch}.deb", inputs.version));
-    let compression: &[&str] = if inputs.quick { &["-Zgzip", "-z1"] } else { &["-Zxz", "-z6"] };
+    let compression: &[&str] = if inputs.quick {
+        &["-Zgzip", "-z1"]
+    } else {
+        &["-Zxz", "-z6"]
+    };
     run(Command::new(util::tool("dpkg-deb"))
         .arg("--root-owner-group")
         .args(compression)
@@ -243,7 +274,9 @@ fn md5sums(root: &Path) -> Result<String> {
         }
     }
     let out = util::run_checked(
-        Command::new(util::tool("md5sum")).current_dir(root).args(&rels),
+        Command::new(util::tool("md5sum"))
+            .current_dir(root)
+            .args(&rels),
         COMMAND_TIMEOUT,
     )?;
     String::from_utf8(out.stdout).context("md5sum printed invalid UTF-8")
@@ -256,7 +289,10 @@ fn depends(bin_dir: &Path) -> Result<String> {
     let mut libgcc = false;
     for bin in [AGENT_BIN, CTL_BIN] {
         let path = bin_dir.join(bin);
-        let out = util::run(util::tool("objdump"), [std::ffi::OsStr::new("-pT"), path.as_os_str()])?;
+        let out = util::run(
+            util::tool("objdump"),
+            [std::ffi::OsStr::new("-pT"), path.as_os_str()],
+        )?;
         let text = String::from_utf8_lossy(&out.stdout);
         libgcc |= text.contains("libgcc_s.so");
         for word in text.split_whitespace() {

@@ -42,8 +42,11 @@ fn run(cmd: &mut Command) -> Result<(String, String)> {
 /// root has no shell) and dependencies not checked (it has no libc6 package either).
 fn dpkg(root: &Path) -> Command {
     let mut cmd = Command::new(util::tool("dpkg"));
-    cmd.arg(format!("--root={}", root.display()))
-        .args(["--force-script-chrootless", "--force-depends", "--log=/dev/null"]);
+    cmd.arg(format!("--root={}", root.display())).args([
+        "--force-script-chrootless",
+        "--force-depends",
+        "--log=/dev/null",
+    ]);
     cmd
 }
 
@@ -68,7 +71,11 @@ fn the_package_installs_its_files_and_its_binaries_run() -> Result<()> {
         out_dir: dir.path(),
         quick: true,
     })?;
-    println!("package built in {:.1?}: {}", started.elapsed(), deb.display());
+    println!(
+        "package built in {:.1?}: {}",
+        started.elapsed(),
+        deb.display()
+    );
 
     let root = dir.path().join("root");
     for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
@@ -100,7 +107,10 @@ fn the_package_installs_its_files_and_its_binaries_run() -> Result<()> {
         ("usr/share/man/man1/myconet-ctl-peers-add.1.gz", 0o644),
         ("usr/share/bash-completion/completions/myconet-ctl", 0o644),
         ("usr/share/zsh/vendor-completions/_myconet-agent", 0o644),
-        ("usr/share/fish/vendor_completions.d/myconet-ctl.fish", 0o644),
+        (
+            "usr/share/fish/vendor_completions.d/myconet-ctl.fish",
+            0o644,
+        ),
         ("usr/share/doc/myconet/operations.md.gz", 0o644),
         ("usr/share/doc/myconet/copyright", 0o644),
     ] {
@@ -120,8 +130,15 @@ fn the_package_installs_its_files_and_its_binaries_run() -> Result<()> {
     let (out, _) = run(Command::new(&ctl).arg("--version"))?;
     ensure!(out.trim() == format!("myconet-ctl {version}"), "{out}");
     let (help, _) = run(Command::new(&agent).arg("--help"))?;
-    for needle in ["[default: 9651]", "[default: /var/lib/myconet]", "[default: /run/myconet/agent.sock]"] {
-        ensure!(help.contains(needle), "agent --help lacks {needle}:\n{help}");
+    for needle in [
+        "[default: 9651]",
+        "[default: /var/lib/myconet]",
+        "[default: /run/myconet/agent.sock]",
+    ] {
+        ensure!(
+            help.contains(needle),
+            "agent --help lacks {needle}:\n{help}"
+        );
     }
     let (help, _) = run(Command::new(&ctl).arg("--help"))?;
     ensure!(help.contains("route") && help.contains("stats"), "{help}");
@@ -129,11 +146,23 @@ fn the_package_installs_its_files_and_its_binaries_run() -> Result<()> {
     // The man pages are roff that man can render, the completions load in bash.
     let page = root.join("usr/share/man/man1/myconet-agent.1.gz");
     let (roff, _) = run(Command::new(util::tool("gzip")).arg("-dc").arg(&page))?;
-    ensure!(roff.starts_with(".ie") || roff.contains(".TH myconet-agent"), "{roff}");
-    ensure!(roff.contains("metrics\\-listen"), "the man page lacks --metrics-listen:\n{roff}");
+    ensure!(
+        roff.starts_with(".ie") || roff.contains(".TH myconet-agent"),
+        "{roff}"
+    );
+    ensure!(
+        roff.contains("metrics\\-listen"),
+        "the man page lacks --metrics-listen:\n{roff}"
+    );
     if util::tool("man").is_file() {
-        let (text, _) = run(Command::new(util::tool("man")).arg("-l").arg(&page).env("MANWIDTH", "80"))?;
-        ensure!(text.contains("myconet-agent") && text.contains("--state-dir"), "{text}");
+        let (text, _) = run(Command::new(util::tool("man"))
+            .arg("-l")
+            .arg(&page)
+            .env("MANWIDTH", "80"))?;
+        ensure!(
+            text.contains("myconet-agent") && text.contains("--state-dir"),
+            "{text}"
+        );
     } else {
         println!("man not installed: the man page was checked as roff only");
     }
@@ -144,7 +173,10 @@ fn the_package_installs_its_files_and_its_binaries_run() -> Result<()> {
         "bash",
         &completion.display().to_string(),
     ]))?;
-    ensure!(out.contains("myconet-ctl"), "bash completion not registered: {out}");
+    ensure!(
+        out.contains("myconet-ctl"),
+        "bash completion not registered: {out}"
+    );
 
     // The unit as installed: `systemd-analyze verify` in the scratch root, with the
     // host's standard targets beside it (the unit's After=/WantedBy= name them).
@@ -171,7 +203,9 @@ fn the_package_installs_its_files_and_its_binaries_run() -> Result<()> {
             util::status_text(out.status)
         );
     } else {
-        println!("systemd-analyze not installed (cargo xtask setup installs it): unit not verified");
+        println!(
+            "systemd-analyze not installed (cargo xtask setup installs it): unit not verified"
+        );
     }
 
     // Purge removes it all, the conffile included.
