@@ -11,6 +11,9 @@
 //! - `identity`: the Ed25519 key and the /64 derived from it.
 //! - `watch`: follows rtnetlink so the data plane's view of the underlay (own
 //!   addresses, sources, neighbours, egress interfaces) stays current.
+//! - Operating the agent: `preflight` (start-up checks before anything is claimed),
+//!   `caps` (which capabilities, dropped after set-up), `lockfile`, `logging`,
+//!   `metrics` (Prometheus), `generate` (man pages and completions).
 #![deny(missing_docs)]
 
 pub mod batch_io;
