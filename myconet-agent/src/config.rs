@@ -333,13 +333,30 @@ fn peer_config(hello_interval_ms: Option<u64>) -> anyhow::Result<crate::peers::P
     Ok(config)
 }
 
+impl FileConfig {
+    /// Parses the text of a config file (what `--config` reads).
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
 impl Cli {
+    /// No flags at all: the file alone decides (tests and the config fuzz target).
+    pub fn without_flags() -> Self {
+        Self::parse_from(["myconet-agent"])
+    }
+
     /// Merges flags over the file (if any) and validates everything.
     pub fn resolve(self) -> anyhow::Result<Settings> {
         let file = match &self.config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
+        self.resolve_with(file)
+    }
+
+    /// Merges flags over an already parsed `file` and validates everything.
+    pub fn resolve_with(self, file: FileConfig) -> anyhow::Result<Settings> {
         let interfaces = if self.interfaces.is_empty() {
             file.interfaces.unwrap_or_default()
         } else {
@@ -446,7 +463,7 @@ impl Cli {
 fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    FileConfig::from_toml(&text).with_context(|| format!("parsing config {}", path.display()))
 }
 
 #[cfg(test)]

@@ -8,12 +8,12 @@
 use std::mem;
 use std::net::{SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::netns::Netns;
 use crate::packet;
@@ -461,6 +461,11 @@ struct Shared {
     frames: Mutex<Vec<CapturedFrame>>,
     stop: AtomicBool,
     finished: AtomicBool,
+    /// Frames the kernel dropped because the socket's queue was full (what tcpdump
+    /// reports as "dropped by kernel"), read when the capture ends.
+    kernel_drops: AtomicU64,
+    /// Whether the capture ended at its frame limit (frames after it were not kept).
+    hit_limit: AtomicBool,
 }
 
 impl Shared {
@@ -553,6 +558,27 @@ impl Capture {
     pub fn stop(mut self) -> Result<Vec<CapturedFrame>> {
         self.shared.stop.store(true, Ordering::Release);
         self.finish()
+    }
+
+    /// Stops the capture now and returns everything kept, failing if it is incomplete:
+    /// the kernel dropped frames because the capture fell behind, or the frame limit
+    /// was reached. A test that asserts on what did not appear on a wire needs this.
+    pub fn stop_complete(mut self) -> Result<Vec<CapturedFrame>> {
+        self.shared.stop.store(true, Ordering::Release);
+        let frames = self.finish()?;
+        let drops = self.shared.kernel_drops.load(Ordering::Acquire);
+        ensure!(
+            drops == 0,
+            "the capture on {} is incomplete: the kernel dropped {drops} frames",
+            self.interface
+        );
+        ensure!(
+            !self.shared.hit_limit.load(Ordering::Acquire),
+            "the capture on {} is incomplete: it stopped at its limit of {} frames",
+            self.interface,
+            frames.len()
+        );
+        Ok(frames)
     }
 
     /// Lets the capture run to its frame or time limit, then returns everything kept.
@@ -653,8 +679,36 @@ fn setsockopt<T>(fd: &OwnedFd, option: libc::c_int, value: &T) -> std::io::Resul
 
 fn capture_loop(fd: OwnedFd, options: &CaptureOptions, shared: &Shared) -> Result<()> {
     let result = capture_frames(&fd, options, shared);
+    match packet_drops(&fd) {
+        Ok(drops) => shared.kernel_drops.store(drops, Ordering::Release),
+        // Unknown counts as incomplete.
+        Err(_) => shared.kernel_drops.store(u64::MAX, Ordering::Release),
+    }
     shared.finished.store(true, Ordering::Release);
     result
+}
+
+/// Frames the kernel dropped on this packet socket since it was opened
+/// (`PACKET_STATISTICS`, read once: reading resets it).
+fn packet_drops(fd: &OwnedFd) -> std::io::Result<u64> {
+    // SAFETY: tpacket_stats is plain data; all-zero is valid.
+    let mut stats: libc::tpacket_stats = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+    // SAFETY: stats is live and writable and len is its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            (&mut stats as *mut libc::tpacket_stats).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(u64::from(stats.tp_drops))
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn capture_frames(fd: &OwnedFd, options: &CaptureOptions, shared: &Shared) -> Result<()> {
@@ -705,6 +759,9 @@ fn capture_frames(fd: &OwnedFd, options: &CaptureOptions, shared: &Shared) -> Re
             });
             kept += 1;
         }
+    }
+    if kept >= options.max_frames {
+        shared.hit_limit.store(true, Ordering::Release);
     }
     Ok(())
 }

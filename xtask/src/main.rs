@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod fuzz;
 mod package;
 mod setup;
 mod test;
@@ -31,7 +32,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Install missing system packages, nightly rust-src and bpf-linker (idempotent).
+    /// Install missing system packages, nightly rust-src, bpf-linker and cargo-fuzz
+    /// (idempotent).
     Setup,
     /// Setup, then build the release binaries.
     Build,
@@ -59,6 +61,19 @@ enum Cmd {
         /// Directory for the .deb (default: target/debian).
         #[arg(long, value_name = "DIR")]
         out: Option<std::path::PathBuf>,
+    },
+    /// Coverage-guided fuzzing (cargo-fuzz, nightly): list the targets with no argument
+    /// or `--list`, run one with `TARGET`, or all in turn with `all`. The `xdp` target
+    /// needs root.
+    Fuzz {
+        /// Target to run (`all` for every target in turn); none lists them.
+        target: Option<String>,
+        /// List the targets.
+        #[arg(long)]
+        list: bool,
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
     },
     /// Bring up or tear down a chain of namespaces for manual experiments; needs root.
     Netns {
@@ -158,6 +173,20 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Package { debug, out } => package::run(&root, debug, out),
+        Cmd::Fuzz { target, list, time } => match target {
+            Some(t) if !list => {
+                let targets: Vec<String> = if t == "all" {
+                    fuzz::TARGETS.iter().map(|t| t.0.to_string()).collect()
+                } else {
+                    vec![t]
+                };
+                fuzz::run(&root, &targets, time.max(1))
+            }
+            _ => {
+                fuzz::list();
+                Ok(())
+            }
+        },
         Cmd::Netns { action } => match action {
             NetnsCmd::Up { nodes } => netns_up(nodes),
             NetnsCmd::Down => netns_down(),
@@ -272,5 +301,19 @@ mod tests {
         assert!(Cli::try_parse_from(["xtask", "demo"]).is_ok());
         assert!(Cli::try_parse_from(["xtask", "bench", "relay", "--seconds", "2"]).is_ok());
         assert!(Cli::try_parse_from(["xtask", "bench", "nonsense"]).is_err());
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "fuzz", "header", "--time", "5"]).unwrap().command,
+            Cmd::Fuzz { target: Some(t), list: false, time: 5 } if t == "header"
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "fuzz"]).unwrap().command,
+            Cmd::Fuzz { target: None, .. }
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "fuzz", "--list"])
+                .unwrap()
+                .command,
+            Cmd::Fuzz { list: true, .. }
+        ));
     }
 }
