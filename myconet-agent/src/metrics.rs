@@ -67,9 +67,9 @@ pub async fn serve(listener: TcpListener, service: ControlService) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), handler);
-            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
-                Ok(Err(e)) => debug!(error = %e, "metrics connection"),
-                Ok(Ok(())) | Err(_) => {}
+            // A connection kept past the timeout is simply closed.
+            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                debug!(error = %e, "metrics connection");
             }
             drop(permit);
         });
@@ -287,7 +287,8 @@ fn interfaces(out: &mut Exposition, stats: &pb::Stats) {
             1.0,
         );
     }
-    let kernel: [(&str, &str, fn(&pb::InterfaceCounters) -> u64); 4] = [
+    type Get = fn(&pb::InterfaceCounters) -> u64;
+    let kernel: [(&str, &str, Get); 4] = [
         (
             "myconet_interface_receive_packets_total",
             "Packets the kernel received on the interface.",
