@@ -61,8 +61,10 @@ pub struct Cli {
     /// Static peer, `[ADDR]:PORT` or `ADDR` (repeat for several).
     #[arg(long = "peer")]
     pub peers: Vec<String>,
-    /// Milliseconds between hellos to each neighbour; a neighbour silent for three
-    /// intervals and a half is down, which bounds how long a dead relay keeps routes.
+    /// Milliseconds between hellos to each neighbour. A hello left unanswered starts
+    /// five quick probes (100 ms apart, or the link's RTT timeout if longer): a
+    /// neighbour that answers none of them is down, and so is one silent for three
+    /// intervals and a half. This bounds how long a dead relay keeps routes.
     #[arg(long, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub hello_interval_ms: Option<u64>,
     /// Find neighbours on this interface by signed link-local multicast beacons
@@ -317,7 +319,8 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddrV6> {
 
 /// Neighbour timers from the hello interval (default 1 s): down after three intervals
 /// and a half without an authenticated packet, so three lost hellos in a row take a link
-/// down and two never do.
+/// down and two never do; sooner when a hello and the five probes after it all go
+/// unanswered (see `PeerConfig::probe_count`), which is what makes failover fast.
 fn peer_config(hello_interval_ms: Option<u64>) -> anyhow::Result<crate::peers::PeerConfig> {
     let mut config = crate::peers::PeerConfig::default();
     let hello = std::time::Duration::from_millis(hello_interval_ms.unwrap_or(1000));

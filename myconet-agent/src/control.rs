@@ -849,6 +849,17 @@ impl Control for ControlService {
                 bytes: 0,
             })
             .collect();
+        let neighbours = self
+            .links
+            .stats()
+            .counters()
+            .into_iter()
+            .map(|(name, n)| pb::Counter {
+                name: name.to_string(),
+                packets: n,
+                bytes: 0,
+            })
+            .collect();
         let mut interfaces = Vec::new();
         let attachments = self.node.status().interfaces;
         if !attachments.is_empty() {
@@ -875,6 +886,7 @@ impl Control for ControlService {
             agent,
             routing,
             interfaces,
+            neighbours,
         }))
     }
 }
@@ -1294,6 +1306,16 @@ mod tests {
         assert_eq!(names, expected);
         let rx = stats.agent.iter().find(|c| c.name == "rx_control").unwrap();
         assert_eq!((rx.packets, rx.bytes), (1, 100));
+        // The neighbour layer's counters are there too (flaps, probes, beacons).
+        let neighbours: Vec<_> = stats.neighbours.iter().map(|c| c.name.as_str()).collect();
+        for name in [
+            "peer_up",
+            "peer_down",
+            "peer_down_unanswered",
+            "hello_probe_sent",
+        ] {
+            assert!(neighbours.contains(&name), "{name} in {neighbours:?}");
+        }
     }
 
     async fn wait_for(path: &Path) {

@@ -8,7 +8,8 @@
 //! table:   Established{link}  ─► manager.on_link_authenticated     ─► PeerUp ─► XDP peer map
 //! manager: SendHello/Ack/...  ─► table.send_link (sealed Control)  ─► neighbour
 //! table:   Inbound::Control   ─► manager.handle_control            (RTT, liveness)
-//! table:   Expired/Failed     ─► manager.on_link_lost / retry      ─► PeerDown ─► map entry gone
+//! table:   Lost               ─► manager.on_link_lost              ─► PeerDown ─► map entry gone
+//! table:   Established again  ─► manager (same key, still up)      ─► LinkRenewed ─► full routing dump
 //! ```
 //!
 //! Only `PeerUp` puts an endpoint into the peer map, so no unauthenticated neighbour can
@@ -45,8 +46,11 @@ use crate::{
     routing::{
         Explanation, RouteEvent, RouteSnapshot, Router, RoutingConfig, RoutingStats, TransmitTo,
     },
-    session::{Event, FailReason, SessionTable},
+    session::{Event, SessionTable},
 };
+
+#[cfg(test)]
+mod tests;
 
 /// The routing core and the neighbours it may send to (those up).
 struct Routing {
@@ -207,31 +211,17 @@ impl Links {
     /// Feeds a session-table event about a link session to the manager; end-to-end
     /// events are ignored.
     pub fn on_session_event(&self, event: &Event, now: Instant) {
-        match event {
-            Event::Established {
+        match feed_manager(&mut self.manager(), event, now) {
+            Ok(Some(Event::Established {
                 link: Some(endpoint),
                 remote_key,
                 ..
-            } => {
-                let key = NodeKey(*remote_key);
-                match self.manager().on_link_authenticated(*endpoint, key, now) {
-                    Ok(()) => debug!(%endpoint, node_key = %key, "link authenticated"),
-                    Err(e) => {
-                        self.node.count(AgentStat::LinkRefused, 0);
-                        warn!(%endpoint, error = %e, "link refused");
-                    }
-                }
+            })) => debug!(%endpoint, node_key = %NodeKey(*remote_key), "link authenticated"),
+            Ok(_) => {}
+            Err((endpoint, e)) => {
+                self.node.count(AgentStat::LinkRefused, 0);
+                warn!(%endpoint, error = %e, "link refused");
             }
-            Event::Expired {
-                link: Some(endpoint),
-                ..
-            }
-            | Event::Failed {
-                link: Some(endpoint),
-                reason: FailReason::Timeout | FailReason::Handshake(_),
-                ..
-            } => self.manager().on_link_lost(*endpoint, now),
-            _ => {}
         }
     }
 
@@ -368,19 +358,7 @@ impl Links {
         rng: &dyn SecureRandom,
     ) {
         let endpoint = action.endpoint();
-        if let Some(message) = action.control_message() {
-            if let Err(e) = table.send_link(endpoint, message.to_vec(), now, rng) {
-                debug!(%endpoint, error = %e, "cannot send control message");
-            }
-            return;
-        }
         match action {
-            Action::StartLinkHandshake { expected_key, .. } => {
-                let expected = expected_key.map(|k| k.0);
-                if let Err(e) = table.connect_link(endpoint, expected, now, rng) {
-                    warn!(%endpoint, error = %e, "cannot start link handshake");
-                }
-            }
             Action::PeerUp { node_key, .. } => {
                 // The routing core may only route over a neighbour whose packets this
                 // node will relay: one that is in the relay peer set (XDP map and the
@@ -413,10 +391,96 @@ impl Links {
             }
             Action::CloseLink(_) => {
                 self.routing_neighbour_down(endpoint, now);
-                table.close_link(endpoint);
+                apply_to_table(&action, table, now, rng);
             }
-            Action::SendHello(..) | Action::SendHelloAck(..) | Action::SendKeepalive(_) => {}
+            Action::LinkRenewed(_) => {
+                let mut routing = self.routing();
+                if routing.up.contains(&endpoint) {
+                    routing.router.neighbour_renewed(endpoint, now);
+                    debug!(%endpoint, "link renewed: the neighbour gets the routing table again");
+                }
+            }
+            Action::StartLinkHandshake { .. }
+            | Action::SendHello(..)
+            | Action::SendHelloAck(..)
+            | Action::SendKeepalive(_) => {
+                apply_to_table(&action, table, now, rng);
+            }
         }
+    }
+}
+
+/// What a session-table event tells the neighbour manager: an authenticated link
+/// handshake, or a link session lost. Returns the event if the manager took it (`None`
+/// for events it has no business with) and the endpoint with the reason if the manager
+/// refused an authenticated link. Shared by [`Links`] and the tests that drive a
+/// manager and a table together.
+pub(crate) fn feed_manager<'e>(
+    manager: &mut PeerManager,
+    event: &'e Event,
+    now: Instant,
+) -> Result<Option<&'e Event>, (LinkEndpoint, PeerError)> {
+    match event {
+        Event::Established {
+            link: Some(endpoint),
+            remote_key,
+            ..
+        } => {
+            let key = NodeKey(*remote_key);
+            manager
+                .on_link_authenticated(*endpoint, key, now)
+                .map_err(|e| (*endpoint, e))?;
+            Ok(Some(event))
+        }
+        // Only the loss of the session in use is a lost link. A session replaced by a
+        // newer handshake, an unconfirmed duplicate dropped, or a handshake that failed
+        // while the link works (a rekey) are not: the manager's own dead interval and
+        // retries cover a neighbour that really went away.
+        Event::Lost {
+            link: Some(endpoint),
+            ..
+        } => {
+            manager.on_link_lost(*endpoint, now);
+            Ok(Some(event))
+        }
+        Event::Established { link: None, .. }
+        | Event::Lost { link: None, .. }
+        | Event::Expired { .. }
+        | Event::Failed { .. } => Ok(None),
+    }
+}
+
+/// The session table's part of a manager action: link handshakes, sealed control
+/// messages, closing a link. Actions that are not the table's (peer-map changes) are
+/// left alone. Shared by [`Links`] and the tests that drive a manager and a table
+/// together.
+pub(crate) fn apply_to_table(
+    action: &Action,
+    table: &mut SessionTable,
+    now: Instant,
+    rng: &dyn SecureRandom,
+) {
+    let endpoint = action.endpoint();
+    if let Some(message) = action.control_message() {
+        if let Err(e) = table.send_link(endpoint, message.to_vec(), now, rng) {
+            debug!(%endpoint, error = %e, "cannot send control message");
+        }
+        return;
+    }
+    match action {
+        Action::StartLinkHandshake { expected_key, .. } => {
+            let expected = expected_key.map(|k| k.0);
+            if let Err(e) = table.connect_link(endpoint, expected, now, rng) {
+                warn!(%endpoint, error = %e, "cannot start link handshake");
+            }
+        }
+        Action::CloseLink(_) => table.close_link(endpoint),
+        Action::PeerUp { .. }
+        | Action::PeerDown { .. }
+        | Action::LinkRenewed(_)
+        | Action::SendHello(..)
+        | Action::SendHelloAck(..)
+        | Action::SendKeepalive(_) => {}
     }
 }
 

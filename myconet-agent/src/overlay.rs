@@ -699,6 +699,11 @@ impl Overlay {
                 link,
                 ..
             } => debug!(%remote, ?link, ?reason, "session expired"),
+            Event::Lost {
+                remote,
+                reason,
+                link,
+            } => debug!(%remote, ?link, ?reason, "no session left with the remote"),
         }
     }
 

@@ -439,25 +439,30 @@ pub fn stats(s: &pb::Stats, all: bool) -> String {
     }
     out.push_str("\nAgent (userspace)\n");
     out.push_str(&counter_table(&s.agent, all));
-    if !s.routing.is_empty() {
-        out.push_str("\nRouting protocol\n");
-        let rows: Vec<Vec<String>> = s
-            .routing
-            .iter()
-            .filter(|c| all || c.packets != 0)
-            .map(|c| vec![c.name.clone(), c.packets.to_string()])
-            .collect();
-        if rows.is_empty() {
-            out.push_str("  all counters are zero (--all lists them)\n");
-        } else {
-            out.push_str(&table(
-                &["NAME", "COUNT"],
-                &[Align::Left, Align::Right],
-                &rows,
-            ));
+    for (title, counts) in [
+        ("Neighbours", &s.neighbours),
+        ("Routing protocol", &s.routing),
+    ] {
+        if !counts.is_empty() {
+            out.push_str(&format!("\n{title}\n"));
+            out.push_str(&count_table(counts, all));
         }
     }
     out
+}
+
+/// Counters that count events rather than packets: name and count, zeros hidden
+/// unless `all`.
+fn count_table(counts: &[pb::Counter], all: bool) -> String {
+    let rows: Vec<Vec<String>> = counts
+        .iter()
+        .filter(|c| all || c.packets != 0)
+        .map(|c| vec![c.name.clone(), c.packets.to_string()])
+        .collect();
+    if rows.is_empty() {
+        return "  all counters are zero (--all lists them)\n".to_string();
+    }
+    table(&["NAME", "COUNT"], &[Align::Left, Align::Right], &rows)
 }
 
 /// One line confirming `peers add`.
@@ -816,6 +821,7 @@ mod tests {
             agent: vec![counter("rx_data", 0, 0), counter("rx_control", 2, 180)],
             routing: vec![],
             interfaces: vec![],
+            neighbours: vec![],
         };
         let text = stats(&s, false);
         assert_eq!(
@@ -843,6 +849,7 @@ mod tests {
                 agent: vec![counter("rx_data", 0, 0)],
                 routing: vec![counter("rejected_unowned_prefix", 1, 0)],
                 interfaces: vec![],
+                neighbours: vec![counter("peer_up", 2, 0), counter("peer_down", 0, 0)],
             },
             false,
         );
@@ -850,6 +857,9 @@ mod tests {
             idle,
             "XDP (kernel fast path)\n  no XDP program attached (userspace only)\n\n\
              Agent (userspace)\n  all counters are zero (--all lists them)\n\n\
+             Neighbours\n\
+             NAME     COUNT\n\
+             peer_up      2\n\n\
              Routing protocol\n\
              NAME                     COUNT\n\
              rejected_unowned_prefix      1\n"
@@ -873,6 +883,7 @@ mod tests {
                 tx_packets: 7,
                 tx_dropped: 42,
             }],
+            neighbours: vec![],
         };
         let text = stats(&s, false);
         assert!(text.contains("TX DROPPED"), "{text}");

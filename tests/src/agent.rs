@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::netns::{Netns, NsChild, STOP_GRACE};
+use crate::timing;
 use crate::topology::Node;
 use crate::util::{self, COMMAND_TIMEOUT, TempDir};
 
@@ -93,18 +94,36 @@ impl Default for AgentOptions {
     }
 }
 
+/// How [`AgentProcess::restart`] stops the running agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGKILL: a crash or a power cut, no shutdown handler runs.
+    Kill,
+    /// SIGTERM: the operator's clean stop (SIGKILL after 5 s if ignored).
+    Term,
+}
+
 /// A running `myconet-agent` in a namespace, with its own temporary state directory,
 /// control socket and log; stopped with SIGTERM (then SIGKILL after 5 s) on drop.
+///
+/// While it runs it holds the testbed's timing lock shared ([`crate::timing`]), so a
+/// timing-sensitive test never measures alongside another test's agents.
 #[derive(Debug)]
 pub struct AgentProcess {
-    // Field order matters: the child stops before the directory with its socket goes.
+    // Field order matters: the child stops before the directory with its socket goes,
+    // and before the timing lock is released.
     child: NsChild,
+    _timing: timing::Shared,
     ns: String,
     bin_dir: PathBuf,
     socket: PathBuf,
     state_dir: PathBuf,
     log: PathBuf,
     port: u16,
+    /// The full command line after the program, for [`AgentProcess::restart`].
+    args: Vec<String>,
+    log_filter: Option<String>,
+    startup_timeout: Duration,
     dir: TempDir,
 }
 
@@ -152,15 +171,20 @@ impl AgentProcess {
         }
         args.extend(options.extra_args.iter().cloned());
 
+        let timing = timing::shared()?;
         let child = spawn_with_env(netns, &agent, &args, &log, options.log_filter.as_deref())?;
         let mut agent = Self {
             child,
+            _timing: timing,
             ns: netns.name().to_owned(),
             bin_dir: bin_dir.to_path_buf(),
             socket,
             state_dir,
             log,
             port: options.port,
+            args,
+            log_filter: options.log_filter,
+            startup_timeout: options.startup_timeout,
             dir,
         };
         agent
@@ -311,6 +335,40 @@ impl AgentProcess {
     /// returns its exit status, so tests can check it shuts down cleanly.
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.child.terminate(STOP_GRACE)
+    }
+
+    /// Stops the agent (`how`) and starts it again in `netns` (the namespace it ran in)
+    /// with the same arguments, state directory (so the same identity), socket and log
+    /// (appended to); waits until the new process answers `status`. Returns the old
+    /// process's exit status.
+    pub fn restart(&mut self, netns: &Netns, how: Stop) -> Result<ExitStatus> {
+        if netns.name() != self.ns {
+            bail!(
+                "restart the agent of {} in its own namespace, not {}",
+                self.ns,
+                netns.name()
+            );
+        }
+        let status = match how {
+            Stop::Term => self.child.terminate(STOP_GRACE)?,
+            Stop::Kill => {
+                self.child.signal(libc::SIGKILL)?;
+                self.child
+                    .wait_timeout(STOP_GRACE)?
+                    .context("the agent did not die after SIGKILL")?
+            }
+        };
+        let agent = self.bin_dir.join(AGENT_BIN);
+        self.child = spawn_with_env(
+            netns,
+            &agent,
+            &self.args,
+            &self.log,
+            self.log_filter.as_deref(),
+        )?;
+        self.wait_ready(self.startup_timeout)
+            .map_err(|e| self.with_log(e))?;
+        Ok(status)
     }
 
     /// Kills the agent with SIGKILL, as a crash or a power cut would: no shutdown

@@ -10,12 +10,15 @@
 pub mod agent;
 pub mod bench;
 pub mod demo;
+pub mod diamond;
 pub mod fixture;
 pub mod netns;
 pub mod package;
 pub mod packet;
+pub mod probe;
 pub mod scenario;
 pub mod throughput;
+pub mod timing;
 pub mod topology;
 pub mod traffic;
 pub mod util;

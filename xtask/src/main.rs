@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod failover;
 mod fuzz;
 mod package;
 mod setup;
@@ -99,6 +100,25 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Failover of a ping stream across the diamond a — b|c — d when the active relay is
+    /// killed (outage per run), and the links' steady-state control traffic; for the
+    /// release build, or for the builds named with --bin-dir, side by side.
+    Failover {
+        /// Failovers per build (each in a fresh diamond).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Seconds of idle control traffic measured per build (0: skip; at least 60
+        /// covers the routing protocol's 30 s periodic updates).
+        #[arg(long, default_value_t = 60)]
+        control_seconds: u64,
+        /// A directory with myconet-agent and myconet-ctl to measure instead of this
+        /// tree's release build (repeat to compare builds; runs are interleaved).
+        #[arg(long = "bin-dir")]
+        bin_dirs: Vec<std::path::PathBuf>,
+        /// Hello interval for every agent (default: the agent's own default).
+        #[arg(long)]
+        hello_interval_ms: Option<u64>,
+    },
     /// The routing simulator at scale (random and scale-free topologies, link and node
     /// failures): convergence time, messages and bytes per node per minute, memory per
     /// route. Needs no root: it is a deterministic simulation.
@@ -162,6 +182,35 @@ fn run(cli: Cli) -> Result<()> {
                     topology,
                 },
         } => routing_bench(&root, nodes, seed, topology.as_deref()),
+        Cmd::Bench {
+            which:
+                BenchCmd::Failover {
+                    runs,
+                    control_seconds,
+                    bin_dirs,
+                    hello_interval_ms,
+                },
+        } => {
+            require_root()?;
+            setup::run()?;
+            let target = cmd::target_dir(&root)?;
+            let bin_dirs = if bin_dirs.is_empty() {
+                cmd::run(cmd::cargo(&root).args(["build", "--release", "--bins"]))?;
+                vec![target.join("release")]
+            } else {
+                bin_dirs
+            };
+            let extra: Vec<String> = hello_interval_ms
+                .map(|ms| vec!["--hello-interval-ms".to_string(), ms.to_string()])
+                .unwrap_or_default();
+            failover::run(
+                &target,
+                &bin_dirs,
+                &extra,
+                runs.clamp(1, 100),
+                std::time::Duration::from_secs(control_seconds.min(3600)),
+            )
+        }
         Cmd::Bench { which } => {
             require_root()?;
             setup::run()?;
@@ -169,7 +218,9 @@ fn run(cli: Cli) -> Result<()> {
             match which {
                 BenchCmd::Relay { seconds } => bench::relay(&root, seconds.clamp(1, 60)),
                 BenchCmd::Throughput { seconds } => throughput::run(&root, seconds.clamp(1, 120)),
-                BenchCmd::Routing { .. } => unreachable!("handled above"),
+                BenchCmd::Routing { .. } | BenchCmd::Failover { .. } => {
+                    unreachable!("handled above")
+                }
             }
         }
         Cmd::Package { debug, out } => package::run(&root, debug, out),
@@ -300,6 +351,20 @@ mod tests {
         assert!(Cli::try_parse_from(["xtask", "netns", "up", "--nodes", "4"]).is_ok());
         assert!(Cli::try_parse_from(["xtask", "demo"]).is_ok());
         assert!(Cli::try_parse_from(["xtask", "bench", "relay", "--seconds", "2"]).is_ok());
+        assert!(
+            Cli::try_parse_from([
+                "xtask",
+                "bench",
+                "failover",
+                "--runs",
+                "3",
+                "--bin-dir",
+                "/a",
+                "--bin-dir",
+                "/b"
+            ])
+            .is_ok()
+        );
         assert!(Cli::try_parse_from(["xtask", "bench", "nonsense"]).is_err());
         assert!(matches!(
             Cli::try_parse_from(["xtask", "fuzz", "header", "--time", "5"]).unwrap().command,

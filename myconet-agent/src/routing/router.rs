@@ -453,6 +453,18 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         self.arm_flush();
     }
 
+    /// The link to `n` was renewed by a new handshake while it stayed up: the neighbour
+    /// may have restarted and lost every route, so it gets the full table again, as it
+    /// would by asking with a wildcard route request. Routes learned through it stay
+    /// (a rekey changes nothing about them; a restarted neighbour re-announces what it
+    /// still carries, and its seqno protection covers its own prefix).
+    pub fn neighbour_renewed(&mut self, n: N, now: Instant) {
+        self.set_now(now);
+        if let Some(&slot) = self.nbr_index.get(&n) {
+            self.on_route_request(slot, 0, 0);
+        }
+    }
+
     /// The neighbour's link went down: every route through it is dropped now (not at
     /// hold expiry), alternatives are selected or the routes retracted.
     pub fn neighbour_down(&mut self, n: N, now: Instant) {

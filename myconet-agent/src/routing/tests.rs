@@ -227,6 +227,53 @@ fn own_prefix_is_originated_to_new_neighbours() {
     assert!(SignedOrigin::verify(key, p, seqno, signature).is_ok());
 }
 
+/// The prefixes of the updates sent to neighbour `n` in `out`.
+fn updates_to(out: &[(TransmitTo<u32>, Vec<u8>)], n: u32) -> Vec<u64> {
+    out.iter()
+        .filter(|(to, _)| *to == TransmitTo::Neighbour(n))
+        .filter_map(|(_, tlv)| {
+            let body = [&[wire::VERSION, 0][..], tlv].concat();
+            match Tlvs::new(&body[2..]).next() {
+                Some(Ok(Tlv::Update { prefix, .. })) => Some(prefix),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_renewed_neighbour_gets_the_full_table_again_and_keeps_its_routes() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    let o = kp(9);
+    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.handle_message(7, &update(&o, 42, 100), t0).expect("ok");
+    let _ = events(&mut a);
+    let _ = flushed(&mut a, t0 + Duration::from_millis(20));
+    let t1 = t0 + Duration::from_secs(5);
+    assert!(
+        updates_to(&flushed(&mut a, t1), 8).is_empty(),
+        "nothing more for 8 until asked"
+    );
+
+    // 8 restarted and dialled again: it gets every route a holds, its own included.
+    a.neighbour_renewed(8, t1);
+    let out = flushed(&mut a, t1 + Duration::from_millis(20));
+    let mut sent = updates_to(&out, 8);
+    sent.sort_unstable();
+    let mut want = vec![owned_prefix(&key_of(&kp(1))), owned_prefix(&key_of(&o))];
+    want.sort_unstable();
+    assert_eq!(sent, want);
+    // A renewed link through which a route runs keeps it: no route event.
+    a.neighbour_renewed(7, t1);
+    assert!(events(&mut a).is_empty());
+    assert_eq!(a.next_hop(prefix(&o)), Some(7));
+    // An unknown neighbour is ignored.
+    a.neighbour_renewed(99, t1);
+    assert!(updates_to(&flushed(&mut a, t1 + Duration::from_millis(40)), 99).is_empty());
+}
+
 #[test]
 fn retraction_removes_and_is_propagated() {
     let t0 = Instant::now();

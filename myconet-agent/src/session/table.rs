@@ -133,13 +133,29 @@ pub enum Event {
         /// Queued plaintext packets discarded.
         dropped: usize,
     },
-    /// A session was removed; its receiver index is free again.
+    /// A session was removed; its receiver index is free again. On its own this says
+    /// nothing about reachability: most removals are of sessions a newer handshake
+    /// already replaced ([`ExpiryReason::Replaced`]) or of unconfirmed duplicates
+    /// ([`ExpiryReason::Unconfirmed`]). [`Event::Lost`] follows when it mattered.
     Expired {
         /// The peer's overlay address.
         remote: Ipv6Addr,
         /// The removed session's receiver index.
         local_index: u32,
         /// Why.
+        reason: ExpiryReason,
+        /// The neighbour's endpoint if this was a link session.
+        link: Option<LinkEndpoint>,
+    },
+    /// The remote has no session left that can send: the one in use was removed (idle,
+    /// lifetime, closed) and no newer one had taken over. Follows the session's
+    /// [`Event::Expired`]. The neighbour layer takes a link down on this event only, so
+    /// a double handshake (a restarted neighbour, a simultaneous open, a rekey) never
+    /// looks like a lost link.
+    Lost {
+        /// The peer's overlay address.
+        remote: Ipv6Addr,
+        /// Why the session in use was removed.
         reason: ExpiryReason,
         /// The neighbour's endpoint if this was a link session.
         link: Option<LinkEndpoint>,
@@ -449,10 +465,16 @@ impl SessionTable {
         Ok(())
     }
 
-    /// Starts a link handshake with the neighbour at `endpoint` (if no link session is
-    /// up or under way). `expected_key` pins the key it must prove (a beacon announced
-    /// it); `None` accepts whichever key answers there, which the
-    /// [`Event::Established`] reports.
+    /// Starts a link handshake with the neighbour at `endpoint` unless one is under way
+    /// (ours, or the neighbour's awaiting its confirmation). `expected_key` pins the key
+    /// it must prove (a beacon announced it); `None` accepts whichever key answers there,
+    /// which the [`Event::Established`] reports.
+    ///
+    /// Unlike [`SessionTable::connect`], a link session already up does not stop it: the
+    /// neighbour layer asks only when it does not hold the link working (new, found
+    /// dead, or retrying), and a session the neighbour may long have forgotten (it
+    /// restarted) proves nothing. The old session keeps carrying packets
+    /// until the new one replaces it.
     pub fn connect_link(
         &mut self,
         endpoint: LinkEndpoint,
@@ -462,7 +484,8 @@ impl SessionTable {
     ) -> Result<(), SendError> {
         let id = RemoteId::Link(endpoint);
         self.peers.entry(id).or_default().pinned = expected_key;
-        self.connect_id(id, LINK_ADDRESS, now, rng)
+        self.ensure_handshake(id, LINK_ADDRESS, now, rng)?;
+        Ok(())
     }
 
     /// Seals a control message for the neighbour at `endpoint` on its link session, or
@@ -812,9 +835,11 @@ impl SessionTable {
         let Some(slot) = self.sessions.remove(&index) else {
             return;
         };
+        let mut lost = false;
         if let Some(peer) = self.peers.get_mut(&slot.peer) {
             if peer.current == Some(index) {
                 peer.current = None;
+                lost = true;
             }
             if peer.previous.is_some_and(|(i, _)| i == index) {
                 peer.previous = None;
@@ -824,12 +849,21 @@ impl SessionTable {
             }
         }
         self.stats.sessions_expired += 1;
+        let remote = slot.session.remote_addr();
+        let link = slot.peer.link();
         self.events.push_back(Event::Expired {
-            remote: slot.session.remote_addr(),
+            remote,
             local_index: index,
             reason,
-            link: slot.peer.link(),
+            link,
         });
+        if lost {
+            self.events.push_back(Event::Lost {
+                remote,
+                reason,
+                link,
+            });
+        }
     }
 
     /// Counts an init against the built-in load meter; true if cookies are required.
