@@ -185,6 +185,15 @@ pub const SECTIONS: &[Section] = &[
         unit: Unit::Events,
         bytes: false,
     },
+    Section {
+        field: "neighbours",
+        get: |s| &s.neighbours,
+        stem: "neighbour",
+        label: "counter",
+        help: "Neighbour layer events (links up and down, hellos, probes, beacons); see docs/operations.md, Reading the counters.",
+        unit: Unit::Events,
+        bytes: false,
+    },
 ];
 
 /// `Stats` fields rendered other than through [`SECTIONS`].
@@ -491,6 +500,7 @@ mod tests {
                 counter("messages_sent", 4, 0),
                 counter("bytes_sent", 400, 0),
             ],
+            neighbours: vec![counter("peer_up", 2, 0)],
             interfaces: vec![pb::InterfaceCounters {
                 name: "eth0".into(),
                 ifindex: 2,
@@ -507,6 +517,7 @@ mod tests {
             "myconet_agent_packets_total{counter=\"rx_data\"} 3",
             "myconet_routing_events_total{counter=\"messages_sent\"} 4",
             "myconet_routing_bytes_total{counter=\"bytes_sent\"} 400",
+            "myconet_neighbour_events_total{counter=\"peer_up\"} 2",
             "myconet_interface_transmit_dropped_packets_total{interface=\"eth0\"} 9",
             "myconet_peer_rtt_seconds{peer=\"[fe80::2%3]:9651\"} 0.0015",
             "myconet_peer_hello_loss_ratio{peer=\"[fe80::2%3]:9651\"} 0.25",
