@@ -4,7 +4,7 @@
 //! config without editing it.
 
 use std::{
-    net::{Ipv6Addr, SocketAddrV6},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6},
     path::{Path, PathBuf},
 };
 
@@ -28,17 +28,24 @@ pub struct Cli {
     /// Underlay interface to attach the XDP relay to (repeat for several).
     #[arg(long = "interface", short = 'i')]
     pub interfaces: Vec<String>,
+    // The defaults are spelled out in the help rather than given to clap as default
+    // values: a flag left out must leave the file's value alone.
     /// Underlay UDP port.
-    #[arg(long)]
+    #[arg(long, value_name = "PORT", help = format!("Underlay UDP port [default: {DEFAULT_PORT}]"))]
     pub port: Option<u16>,
     /// Directory for the identity key and other state.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR", help = format!(
+        "Directory for the identity key and other state [default: {DEFAULT_STATE_DIR}]"
+    ))]
     pub state_dir: Option<PathBuf>,
     /// Unix socket of the gRPC control API.
-    #[arg(long)]
+    #[arg(long, value_name = "PATH", help = format!(
+        "Unix socket of the gRPC control API [default: {DEFAULT_SOCKET}]"
+    ))]
     pub socket: Option<PathBuf>,
     /// Permission bits of the control socket, in octal.
-    #[arg(long, value_parser = parse_mode)]
+    #[arg(long, value_name = "MODE", value_parser = parse_mode,
+          help = format!("Permission bits of the control socket, in octal [default: {DEFAULT_SOCKET_MODE:04o}]"))]
     pub socket_mode: Option<u32>,
     /// XDP attach mode.
     #[arg(long, value_enum)]
@@ -65,7 +72,9 @@ pub struct Cli {
     #[arg(long = "discover")]
     pub discover: Vec<String>,
     /// Name of the overlay TUN device unmodified applications use.
-    #[arg(long)]
+    #[arg(long, value_name = "NAME", help = format!(
+        "Name of the overlay TUN device unmodified applications use [default: {DEFAULT_TUN_NAME}]"
+    ))]
     pub tun_name: Option<String>,
     /// Do not create a TUN device (a pure relay).
     #[arg(long)]
@@ -79,6 +88,21 @@ pub struct Cli {
     /// sysctls set) for the next agent to adopt, as SIGUSR2 always does.
     #[arg(long)]
     pub hitless_restart: bool,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. `[::1]:9652`); off
+    /// unless given here or as `metrics.listen` in the file.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow the metrics address to be other than loopback (the counters tell anyone
+    /// who can reach it about this node's neighbours and traffic).
+    #[arg(long)]
+    pub metrics_allow_remote: bool,
+    /// Log format on stderr: `text` (colour only on a terminal) or `json` (one object
+    /// per line). `RUST_LOG` sets the level (default info).
+    #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
+    /// Write the man page and shell completions into DIR and exit (for packaging).
+    #[arg(long, value_name = "DIR", hide = true, exclusive = true)]
+    pub generate_docs: Option<PathBuf>,
 }
 
 /// Which forwarding path the node uses.
@@ -130,6 +154,15 @@ pub struct FileConfig {
     pinned_keys: Vec<String>,
     pin_dir: Option<PathBuf>,
     hitless_restart: Option<bool>,
+    metrics: Option<FileMetrics>,
+}
+
+/// The `[metrics]` table of the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMetrics {
+    listen: Option<String>,
+    allow_remote: Option<bool>,
 }
 
 /// A static route in the file.
@@ -177,6 +210,8 @@ pub struct Settings {
     pub pin_dir: PathBuf,
     /// Whether SIGTERM/SIGINT leave the pinned data plane for the next agent.
     pub hitless_restart: bool,
+    /// Where to serve Prometheus metrics, `None` for nowhere (the default).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A configured neighbour.
@@ -251,6 +286,36 @@ pub const DEFAULT_TUN_NAME: &str = crate::tun::DEFAULT_NAME;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/myconet";
 /// Default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/myconet/agent.sock";
+/// Default permission bits of the control socket: the agent's user only.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// The metrics address: refused unless loopback or explicitly allowed, because the
+/// endpoint has no authentication and names this node's neighbours.
+fn metrics_listen(
+    flag: Option<SocketAddr>,
+    file: Option<FileMetrics>,
+    allow_flag: bool,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let file = file.unwrap_or_default();
+    let addr = match (flag, file.listen) {
+        (Some(a), _) => a,
+        (None, Some(s)) => s
+            .parse()
+            .with_context(|| format!("metrics.listen {s:?} is not ADDR:PORT"))?,
+        (None, None) => return Ok(None),
+    };
+    let allowed = allow_flag || file.allow_remote == Some(true);
+    if !addr.ip().is_loopback() && !allowed {
+        bail!(
+            "metrics address {addr} is not loopback; the endpoint has no authentication, \
+             so allow it explicitly (--metrics-allow-remote or metrics.allow_remote = true)"
+        );
+    }
+    if addr.port() == 0 {
+        bail!("metrics address {addr}: port must not be 0");
+    }
+    Ok(Some(addr))
+}
 
 fn parse_mode(s: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
@@ -327,7 +392,7 @@ impl Cli {
         let socket_mode = match (self.socket_mode, file.socket_mode) {
             (Some(m), _) => m,
             (None, Some(m)) => parse_mode(&m).map_err(anyhow::Error::msg)?,
-            (None, None) => 0o600,
+            (None, None) => DEFAULT_SOCKET_MODE,
         };
         let xdp_mode = match (self.xdp_mode, file.xdp_mode) {
             (Some(m), _) => m,
@@ -401,9 +466,12 @@ impl Cli {
             .pin_dir
             .or(file.pin_dir)
             .unwrap_or_else(|| crate::bpf_pins::default_dir(&state_dir));
+        let metrics_listen =
+            metrics_listen(self.metrics_listen, file.metrics, self.metrics_allow_remote)?;
         Ok(Settings {
             interfaces,
             tun_name,
+            metrics_listen,
             port,
             pin_dir,
             hitless_restart: self.hitless_restart || file.hitless_restart.unwrap_or(false),
@@ -502,6 +570,64 @@ via = "fd00::1"
             (s.pin_dir.as_path(), s.hitless_restart),
             (Path::new("/x"), true)
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn help_shows_the_defaults() {
+        let help = <Cli as clap::CommandFactory>::command()
+            .render_help()
+            .to_string();
+        for default in [
+            format!("[default: {DEFAULT_PORT}]"),
+            format!("[default: {DEFAULT_STATE_DIR}]"),
+            format!("[default: {DEFAULT_SOCKET}]"),
+            format!("[default: {DEFAULT_TUN_NAME}]"),
+            "[default: 0600]".to_string(),
+        ] {
+            assert!(help.contains(&default), "--help lacks {default}:\n{help}");
+        }
+        assert!(!help.contains("generate-docs"), "{help}");
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_loopback_unless_allowed() {
+        let resolve = |args: &[&str]| {
+            Cli::parse_from(std::iter::once("a").chain(args.iter().copied())).resolve()
+        };
+        assert_eq!(resolve(&[]).unwrap().metrics_listen, None);
+        assert_eq!(
+            resolve(&["--metrics-listen", "[::1]:9652"])
+                .unwrap()
+                .metrics_listen,
+            Some("[::1]:9652".parse().unwrap())
+        );
+        let err = resolve(&["--metrics-listen", "[::]:9652"]).unwrap_err();
+        assert!(format!("{err:#}").contains("not loopback"), "{err:#}");
+        assert!(
+            resolve(&["--metrics-listen", "[::]:9652", "--metrics-allow-remote"])
+                .unwrap()
+                .metrics_listen
+                .is_some()
+        );
+        let dir = std::env::temp_dir().join(format!("myconet-cfg-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("agent.toml");
+        for (text, ok) in [
+            ("[metrics]\nlisten = \"127.0.0.1:9652\"\n", true),
+            ("[metrics]\nlisten = \"192.0.2.1:9652\"\n", false),
+            (
+                "[metrics]\nlisten = \"192.0.2.1:9652\"\nallow_remote = true\n",
+                true,
+            ),
+            ("[metrics]\nlisten = \"localhost\"\n", false),
+            ("[metrics]\nlisten = \"[::1]:0\"\n", false),
+            ("[metrics]\nlsiten = \"[::1]:9652\"\n", false),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let got = resolve(&["-c", f.to_str().unwrap()]);
+            assert_eq!(got.is_ok(), ok, "{text}: {got:?}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

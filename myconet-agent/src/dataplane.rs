@@ -95,7 +95,9 @@ impl AttachedMode {
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     /// The object would not load (no BPF permission, verifier rejection, ...).
-    #[error("loading the XDP program failed (are you root / CAP_BPF+CAP_NET_ADMIN?): {0}")]
+    #[error(
+        "loading the XDP program failed (are you root / CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN?): {0}"
+    )]
     Load(String),
     /// An expected map or program is missing from the object.
     #[error("the XDP object has no {0}")]

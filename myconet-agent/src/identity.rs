@@ -19,6 +19,8 @@ use std::{
 };
 
 use myconet_common::addr;
+
+use crate::lockfile::{LockError, LockFile};
 use ring::{
     rand::{SecureRandom, SystemRandom},
     signature::{Ed25519KeyPair, KeyPair},
@@ -31,38 +33,30 @@ pub const KEY_FILE: &str = "identity.pk8";
 pub const LOCK_FILE: &str = "agent.lock";
 
 /// An exclusive lock on a state directory, held for the agent's lifetime: two agents
-/// sharing one would share an identity and undo each other's sysctl changes.
+/// sharing one would share an identity and undo each other's sysctl changes. The lock
+/// file is removed when the lock is released.
 #[derive(Debug)]
 pub struct StateLock {
-    _file: fs::File,
+    _lock: LockFile,
 }
 
 impl StateLock {
     /// Takes the lock or fails at once if another process holds it.
     pub fn acquire(state_dir: &Path) -> Result<Self, IdentityError> {
-        let io = |source| IdentityError::Io {
-            path: state_dir.join(LOCK_FILE),
+        let path = state_dir.join(LOCK_FILE);
+        fs::create_dir_all(state_dir).map_err(|source| IdentityError::Io {
+            path: state_dir.to_path_buf(),
             source,
-        };
-        fs::create_dir_all(state_dir).map_err(io)?;
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(state_dir.join(LOCK_FILE))
-            .map_err(io)?;
-        // SAFETY: valid fd owned by `file` for the duration of the call.
-        let rc = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        if rc != 0 {
-            return Err(IdentityError::Locked(state_dir.to_path_buf()));
+        })?;
+        match LockFile::acquire(&path) {
+            Ok(lock) => Ok(Self { _lock: lock }),
+            Err(LockError::Held(_)) => Err(IdentityError::Locked(state_dir.to_path_buf())),
+            Err(LockError::Io { source, .. }) => Err(IdentityError::Io { path, source }),
+            Err(e @ LockError::Unstable(_)) => Err(IdentityError::Io {
+                path,
+                source: std::io::Error::other(e.to_string()),
+            }),
         }
-        Ok(Self { _file: file })
     }
 }
 
@@ -197,6 +191,52 @@ impl std::fmt::Debug for Identity {
 impl Identity {
     /// Loads `state_dir/identity.pk8`, creating the directory and a fresh key if absent.
     pub fn load_or_create(state_dir: &Path) -> Result<Self, IdentityError> {
+        Self::open(state_dir).map(|(identity, _)| identity)
+    }
+
+    /// Checks the key in `state_dir` without changing anything: `Ok(false)` when there
+    /// is none yet (one will be created), `Ok(true)` when it is a valid private key, an
+    /// error when it is unreadable, exposed or corrupt. Start-up runs this before it
+    /// claims anything, so a bad key stops the agent before any socket or lock exists.
+    pub fn check(state_dir: &Path) -> Result<bool, IdentityError> {
+        let path = state_dir.join(KEY_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => Self::from_file(&path, &bytes).map(|_| true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(IdentityError::Io { path, source }),
+        }
+    }
+
+    /// Validates the mode and contents of an existing key file.
+    fn from_file(path: &Path, bytes: &[u8]) -> Result<Self, IdentityError> {
+        let mode = fs::metadata(path)
+            .map_err(|source| IdentityError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(IdentityError::Permissions {
+                path: path.to_path_buf(),
+                mode: mode & 0o777,
+            });
+        }
+        let key = Ed25519KeyPair::from_pkcs8(bytes)
+            .map_err(|_| IdentityError::Corrupt(path.to_path_buf()))?;
+        let work = addr::identity_work(key.public_key().as_ref());
+        if work < REQUIRED_WORK {
+            return Err(IdentityError::InsufficientWork {
+                path: path.to_path_buf(),
+                work,
+                required: REQUIRED_WORK,
+            });
+        }
+        Ok(Self::from_key(key))
+    }
+
+    /// Like [`Identity::load_or_create`], also saying whether the key was created now.
+    pub fn open(state_dir: &Path) -> Result<(Self, bool), IdentityError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| IdentityError::Io {
@@ -207,26 +247,7 @@ impl Identity {
         fs::create_dir_all(state_dir).map_err(io(state_dir))?;
         let path = state_dir.join(KEY_FILE);
         match fs::read(&path) {
-            Ok(bytes) => {
-                let mode = fs::metadata(&path).map_err(io(&path))?.permissions().mode();
-                if mode & 0o077 != 0 {
-                    return Err(IdentityError::Permissions {
-                        path,
-                        mode: mode & 0o777,
-                    });
-                }
-                let key = Ed25519KeyPair::from_pkcs8(&bytes)
-                    .map_err(|_| IdentityError::Corrupt(path.clone()))?;
-                let work = addr::identity_work(key.public_key().as_ref());
-                if work < REQUIRED_WORK {
-                    return Err(IdentityError::InsufficientWork {
-                        path,
-                        work,
-                        required: REQUIRED_WORK,
-                    });
-                }
-                Ok(Self::from_key(key))
-            }
+            Ok(bytes) => Self::from_file(&path, &bytes).map(|identity| (identity, false)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let (pkcs8, _) = generate_pkcs8(REQUIRED_WORK)?;
                 // Write to a temporary file and rename, so a crash never leaves a half key.
@@ -243,7 +264,7 @@ impl Identity {
                 fs::rename(&tmp, &path).map_err(io(&path))?;
                 let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
                     .map_err(|_| IdentityError::Corrupt(path.clone()))?;
-                Ok(Self::from_key(key))
+                Ok((Self::from_key(key), true))
             }
             Err(e) => Err(IdentityError::Io { path, source: e }),
         }

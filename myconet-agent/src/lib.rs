@@ -16,24 +16,33 @@
 //! - `kstats`: the kernel's own UDP loss counters, shown beside the agent's.
 //! - `watch`: follows rtnetlink so the data plane's view of the underlay (own
 //!   addresses, sources, neighbours, egress interfaces) stays current.
+//! - Operating the agent: `preflight` (start-up checks before anything is claimed),
+//!   `caps` (which capabilities, dropped after set-up), `lockfile`, `logging`,
+//!   `metrics` (Prometheus), `generate` (man pages and completions).
 #![deny(missing_docs)]
 
 pub mod batch_io;
 pub mod bpf_pins;
+pub mod caps;
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod egress;
 pub mod forward;
+pub mod generate;
 pub mod identity;
 pub mod kstats;
 pub mod link;
+pub mod lockfile;
+pub mod logging;
+pub mod metrics;
 pub mod netlink;
 pub mod node;
 pub mod overlay;
 pub mod peers;
 pub mod pins;
 pub mod pmtu;
+pub mod preflight;
 pub mod rib;
 pub mod routing;
 pub mod seqno_store;

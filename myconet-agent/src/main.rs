@@ -4,23 +4,26 @@
 use std::{sync::Arc, time::Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use myconet_agent::{
     bpf_pins::PinDir,
+    caps::{self, CapSet},
     config::{Cli, DataplaneChoice},
-    control::{self, ControlSocket},
+    control::{self, ControlService, ControlSocket},
     dataplane::{self, XdpDataplane},
-    identity::{Identity, StateLock},
+    generate,
+    identity::{Identity, KEY_FILE, StateLock},
     link::Links,
+    logging, metrics,
     netlink::{self, Netlink},
     node::{ConfiguredInterface, Node},
     overlay::{self, Overlay},
     peers::{Beaconer, DiscoveryConfig, LinkEndpoint, ReceivedBeacon},
-    pins,
+    pins, preflight,
     routing::RoutingConfig,
     seqno_store::SeqnoStore,
     sysctl,
-    tun::{Tun, TunOptions},
+    tun::{Tun, TunError, TunOptions},
     underlay,
     watch::{self, UnderlayWatch},
 };
@@ -28,14 +31,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let settings = Cli::parse().resolve()?;
+    let cli = Cli::parse();
+    if let Some(dir) = &cli.generate_docs {
+        return generate::write_docs(Cli::command(), dir);
+    }
+    if let Some(problem) = logging::init(cli.log_format) {
+        warn!("{problem}");
+    }
+    let settings = cli.resolve()?;
+    // Everything that can be found wrong is found before anything is claimed.
+    preflight::check(&settings)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -48,16 +53,24 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
     // Claim the control socket before touching the system: a second agent started by
     // mistake must fail with "already serving" and change nothing.
     let control_socket = ControlSocket::claim(&settings.socket, settings.socket_mode).await?;
-    for iface in &settings.interfaces {
-        dataplane::ifindex(iface)?;
-    }
     let _state_lock = StateLock::acquire(&settings.state_dir)?;
-    let identity = Identity::load_or_create(&settings.state_dir)?;
-    info!(
-        address = %identity.node_address(),
-        prefix = %identity.node_prefix(),
-        "identity loaded"
-    );
+    let (identity, created) = Identity::open(&settings.state_dir)?;
+    let key_path = settings.state_dir.join(KEY_FILE);
+    if created {
+        info!(
+            path = %key_path.display(),
+            address = %identity.node_address(),
+            prefix = %identity.node_prefix(),
+            "identity created"
+        );
+    } else {
+        info!(
+            path = %key_path.display(),
+            address = %identity.node_address(),
+            prefix = %identity.node_prefix(),
+            "identity loaded"
+        );
+    }
 
     // A predecessor that left its data plane pinned (killed, or a hitless exit) is
     // still relaying: its sysctls must stay until this agent has taken over.
@@ -71,9 +84,10 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
         )
     })?;
     let (dataplane, interfaces) = set_up_dataplane(&settings, &mut journal)?;
+    let xdp_loaded = dataplane.is_some();
     let node = Arc::new(Node::new(identity, settings.port, dataplane, journal)?);
     node.set_interfaces(settings.dataplane.as_str(), interfaces);
-    let result = serve(&node, &settings, control_socket).await;
+    let result = serve(&node, &settings, control_socket, xdp_loaded).await;
     let hitless = matches!(result, Ok(Exit::Hitless));
     node.shutdown(hitless);
     info!(hitless, "stopped");
@@ -227,6 +241,7 @@ async fn serve(
     node: &Arc<Node>,
     settings: &myconet_agent::config::Settings,
     control_socket: ControlSocket,
+    xdp_loaded: bool,
 ) -> anyhow::Result<Exit> {
     let pins = pins::load(&settings.state_dir, pins::DEFAULT_CAPACITY).shared();
     for key in &settings.pinned_keys {
@@ -287,6 +302,14 @@ async fn serve(
     if !settings.discover.is_empty() {
         tasks.extend(start_discovery(node, &links, settings)?);
     }
+    if let Some(addr) = settings.metrics_listen {
+        let listener = metrics::bind(addr).await?;
+        let service = ControlService::new(node.clone(), links.clone());
+        tasks.push(tokio::spawn(metrics::serve(listener, service)));
+    }
+    // Everything that needs privilege at set-up is done: sockets bound, TUN open, XDP
+    // attached. Keep only what running needs (caps.rs says which and why).
+    drop_capabilities(xdp_loaded)?;
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -375,6 +398,20 @@ fn start_discovery(
     Ok(vec![beacons, intake])
 }
 
+/// Drops every capability the running agent does not need, in every thread, and says
+/// which it kept.
+fn drop_capabilities(xdp_loaded: bool) -> anyhow::Result<()> {
+    let before = caps::effective();
+    let kept = caps::drop_to(caps::needed_after_setup(xdp_loaded))
+        .context("dropping the capabilities set-up needed")?;
+    info!(
+        kept = %kept,
+        dropped = %CapSet(before.0 & !kept.0),
+        "capabilities dropped after set-up"
+    );
+    Ok(())
+}
+
 /// Fresh randomness for timer jitter, so neighbours' hellos do not synchronise.
 fn jitter_seed() -> u64 {
     let mut seed = [0u8; 8];
@@ -430,10 +467,39 @@ fn create_tun(name: &str) -> anyhow::Result<Tun> {
             }
             Ok(tun)
         }
+        // Not an offload problem: no fallback, and no warning about offload before the
+        // real error.
+        Err(e @ TunError::Open { .. }) if os_error(&e).is_some_and(is_denied) => {
+            Err(anyhow::Error::new(e).context(preflight::tun_device_error(name)))
+        }
+        Err(e) if os_error(&e).is_some_and(is_denied) => {
+            Err(anyhow::Error::new(e).context(preflight::tun_capability_error(name)))
+        }
         Err(e) => {
             warn!(tun = name, error = %e, "TUN offload unavailable: one packet per read and write");
             Tun::create(name, TunOptions::default())
                 .with_context(|| format!("creating TUN device {name}"))
         }
     }
+}
+
+/// The OS error at the root of `e`, if any.
+fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(code) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return Some(code);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// EPERM or EACCES: a missing capability or file permission, not something an
+/// offload-less retry would fix.
+fn is_denied(code: i32) -> bool {
+    code == libc::EPERM || code == libc::EACCES
 }

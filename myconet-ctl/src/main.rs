@@ -4,12 +4,15 @@
 
 mod cli;
 mod client;
+// The same generator as the agent's, shared by path (the CLI does not link the agent).
+#[path = "../../myconet-agent/src/generate.rs"]
+mod generate;
 mod render;
 
 use std::{io::Write, process::ExitCode};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use myconet_proto::v1 as pb;
 
 use crate::{
@@ -19,6 +22,23 @@ use crate::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.generate_docs {
+        return match generate::write_docs(Cli::command(), dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("myconet-ctl: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(command) = cli.command else {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingSubcommand,
+                "a command is required (see --help)",
+            )
+            .exit()
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -29,7 +49,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli.socket, cli.json, command)) {
         Ok(text) => write_stdout(&text),
         Err(e) => {
             eprintln!("myconet-ctl: {e:#}");
@@ -67,10 +87,9 @@ fn show<T: serde::Serialize>(
 }
 
 /// Runs one command and returns what to print.
-async fn run(cli: Cli) -> anyhow::Result<String> {
-    let json = cli.json;
-    let mut client = client::connect(&cli.socket).await?;
-    match cli.command {
+async fn run(socket: std::path::PathBuf, json: bool, command: Command) -> anyhow::Result<String> {
+    let mut client = client::connect(&socket).await?;
+    match command {
         Command::Status => show(json, &client.status().await?, render::status),
         Command::Peers { action } => match action.unwrap_or(PeersCommand::List) {
             PeersCommand::List => show(json, &client.peers().await?, render::peers),

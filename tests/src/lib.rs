@@ -16,6 +16,7 @@ pub mod fixture;
 pub mod flood;
 pub mod identities;
 pub mod netns;
+pub mod package;
 pub mod packet;
 pub mod probe;
 pub mod scenario;

@@ -1011,14 +1011,14 @@ fn corrupt_or_exposed_identity_is_refused_and_left_alone() -> Result<()> {
             after == mode,
             "{case}: key file mode changed from {mode:o} to {after:o}"
         );
-        // Only the key, and the agent's state-directory lock (taken before the key is
-        // read): no replacement key, no journal.
+        // Only the key: the key is checked before anything is claimed, so no lock
+        // file, no replacement key, no journal.
         let mut entries: Vec<_> = fs::read_dir(&state)?
             .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<_, _>>()?;
         entries.sort();
         ensure!(
-            entries == ["agent.lock", "identity.pk8"],
+            entries == ["identity.pk8"],
             "{case}: the state directory changed: {entries:?}"
         );
         ensure!(!socket.exists(), "{case}: a control socket appeared");

@@ -6,6 +6,7 @@ mod cmd;
 mod failover;
 mod flood;
 mod fuzz;
+mod package;
 mod setup;
 mod test;
 mod throughput;
@@ -52,6 +53,16 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         which: BenchCmd,
+    },
+    /// Setup, release build, then the Debian package (target/debian/myconet_*.deb):
+    /// binaries, systemd unit, sample config, man pages, completions and docs.
+    Package {
+        /// Package the debug binaries instead (quicker; what the test suite does).
+        #[arg(long)]
+        debug: bool,
+        /// Directory for the .deb (default: target/debian).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
     },
     /// Coverage-guided fuzzing (cargo-fuzz, nightly): list the targets with no argument
     /// or `--list`, run one with `TARGET`, or all in turn with `all`. The `xdp` target
@@ -270,6 +281,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Cmd::Package { debug, out } => package::run(&root, debug, out),
         Cmd::Fuzz { target, list, time } => match target {
             Some(t) if !list => {
                 let targets: Vec<String> = if t == "all" {

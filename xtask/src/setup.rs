@@ -20,6 +20,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     // The testbed sets per-namespace sysctls (forwarding, DAD).
     ("sysctl", "procps"),
+    // `cargo xtask package` and its test: building, installing and checking the .deb
+    // (strip and objdump from binutils, the unit checked by systemd-analyze verify).
+    ("dpkg-deb", "dpkg"),
+    ("strip", "binutils"),
+    ("objdump", "binutils"),
+    ("systemd-analyze", "systemd"),
+    // The capability tests run the agent with a restricted set.
+    ("setpriv", "util-linux"),
 ];
 
 /// Runs every setup step.
