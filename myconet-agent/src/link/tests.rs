@@ -76,7 +76,7 @@ impl Sim {
                 0,
                 0,
             );
-            let (table, manager) = Self::fresh_state(&key, now, u64::from(*seed));
+            let (table, manager) = Self::fresh_state(&key, underlay, now, u64::from(*seed));
             sim.nodes.push(SimNode {
                 key,
                 table,
@@ -91,11 +91,14 @@ impl Sim {
 
     fn fresh_state(
         key: &Arc<Ed25519KeyPair>,
+        underlay: SocketAddrV6,
         now: Instant,
         seed: u64,
     ) -> (SessionTable, PeerManager) {
         let signer: Arc<dyn Signer> = key.clone();
-        let table = SessionTable::new(signer, Config::default(), now).unwrap();
+        let mut table = SessionTable::new(signer, Config::default(), now).unwrap();
+        // Link handshakes are bound to both ends' underlay endpoints.
+        table.set_local_underlay(underlay.port(), [*underlay.ip()]);
         let node_key = NodeKey::from_slice(Signer::public_key(key.as_ref())).unwrap();
         let manager = PeerManager::new(peer_config(), node_key, now, seed).unwrap();
         (table, manager)
@@ -124,7 +127,8 @@ impl Sim {
     /// forgotten, then it configures `peers` again.
     fn restart(&mut self, i: usize, peers: &[usize]) {
         let seed = u64::from(Signer::public_key(self.nodes[i].key.as_ref())[0]) + 1000;
-        let (table, manager) = Self::fresh_state(&self.nodes[i].key, self.now, seed);
+        let (table, manager) =
+            Self::fresh_state(&self.nodes[i].key, self.nodes[i].underlay, self.now, seed);
         self.nodes[i].table = table;
         self.nodes[i].manager = manager;
         for &j in peers {
