@@ -6,8 +6,14 @@
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use myconet_agent::routing::RoutingConfig;
-use myconet_agent::routing::sim::{Scenario, SimConfig, Topology};
+use myconet_agent::routing::sim::{Scenario, SimConfig, TableFill, Topology};
+use myconet_agent::routing::{Admission, RoutingConfig};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AttackAdmission {
+    SelfAdmitted,
+    Configured,
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Shape {
@@ -61,6 +67,19 @@ struct Args {
     /// Skip the all-pairs checks after each phase (O(N²)).
     #[arg(long)]
     no_check: bool,
+    /// Table-fill attack (adversarial finding 4): after cold start a host nobody
+    /// configured attaches to the node with the most links and announces this many
+    /// validly signed prefixes of keys it made, for the rest of the run (0: none).
+    #[arg(long, default_value_t = 0)]
+    attack_junk: usize,
+    /// What the attacked node takes the attacker for: `self-admitted` (what the agent
+    /// makes of a discovered or inbound neighbour) or `configured` (how every neighbour
+    /// was treated before self-admitted ones were limited).
+    #[arg(long, value_enum, default_value_t = AttackAdmission::SelfAdmitted)]
+    attack_admission: AttackAdmission,
+    /// Most prefixes a node holds (default: the router's default).
+    #[arg(long)]
+    max_routes: Option<usize>,
     /// Write the report as JSON to this path.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -90,7 +109,8 @@ fn main() -> anyhow::Result<()> {
                 max_pending_requests: a
                     .max_pending_requests
                     .unwrap_or(RoutingConfig::default().max_pending_requests),
-                ..RoutingConfig::default()
+                max_routes: a.max_routes.unwrap_or(RoutingConfig::default().max_routes),
+                ..SimConfig::default().routing
             },
             loop_sample_destinations: 2,
             loop_sample_interval: Duration::from_millis(250),
@@ -103,6 +123,13 @@ fn main() -> anyhow::Result<()> {
         max_phase: Duration::from_secs(120),
         steady_window: Duration::from_secs(a.steady_secs),
         full_checks: !a.no_check,
+        table_fill: (a.attack_junk > 0).then_some(TableFill {
+            junk: a.attack_junk,
+            admission: match a.attack_admission {
+                AttackAdmission::SelfAdmitted => Admission::SelfAdmitted,
+                AttackAdmission::Configured => Admission::Configured,
+            },
+        }),
     };
     let report = scenario.run();
     println!("{report}");

@@ -4,7 +4,7 @@
 //! config without editing it.
 
 use std::{
-    net::{Ipv6Addr, SocketAddrV6},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6},
     path::{Path, PathBuf},
 };
 
@@ -28,17 +28,24 @@ pub struct Cli {
     /// Underlay interface to attach the XDP relay to (repeat for several).
     #[arg(long = "interface", short = 'i')]
     pub interfaces: Vec<String>,
+    // The defaults are spelled out in the help rather than given to clap as default
+    // values: a flag left out must leave the file's value alone.
     /// Underlay UDP port.
-    #[arg(long)]
+    #[arg(long, value_name = "PORT", help = format!("Underlay UDP port [default: {DEFAULT_PORT}]"))]
     pub port: Option<u16>,
     /// Directory for the identity key and other state.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR", help = format!(
+        "Directory for the identity key and other state [default: {DEFAULT_STATE_DIR}]"
+    ))]
     pub state_dir: Option<PathBuf>,
     /// Unix socket of the gRPC control API.
-    #[arg(long)]
+    #[arg(long, value_name = "PATH", help = format!(
+        "Unix socket of the gRPC control API [default: {DEFAULT_SOCKET}]"
+    ))]
     pub socket: Option<PathBuf>,
     /// Permission bits of the control socket, in octal.
-    #[arg(long, value_parser = parse_mode)]
+    #[arg(long, value_name = "MODE", value_parser = parse_mode,
+          help = format!("Permission bits of the control socket, in octal [default: {DEFAULT_SOCKET_MODE:04o}]"))]
     pub socket_mode: Option<u32>,
     /// XDP attach mode.
     #[arg(long, value_enum)]
@@ -54,8 +61,10 @@ pub struct Cli {
     /// Static peer, `[ADDR]:PORT` or `ADDR` (repeat for several).
     #[arg(long = "peer")]
     pub peers: Vec<String>,
-    /// Milliseconds between hellos to each neighbour; a neighbour silent for three
-    /// intervals and a half is down, which bounds how long a dead relay keeps routes.
+    /// Milliseconds between hellos to each neighbour. A hello left unanswered starts
+    /// five quick probes (100 ms apart, or the link's RTT timeout if longer): a
+    /// neighbour that answers none of them is down, and so is one silent for three
+    /// intervals and a half. This bounds how long a dead relay keeps routes.
     #[arg(long, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub hello_interval_ms: Option<u64>,
     /// Find neighbours on this interface by signed link-local multicast beacons
@@ -63,7 +72,9 @@ pub struct Cli {
     #[arg(long = "discover")]
     pub discover: Vec<String>,
     /// Name of the overlay TUN device unmodified applications use.
-    #[arg(long)]
+    #[arg(long, value_name = "NAME", help = format!(
+        "Name of the overlay TUN device unmodified applications use [default: {DEFAULT_TUN_NAME}]"
+    ))]
     pub tun_name: Option<String>,
     /// Do not create a TUN device (a pure relay).
     #[arg(long)]
@@ -71,6 +82,30 @@ pub struct Cli {
     /// The content store and protocol.
     #[command(flatten)]
     pub content: crate::content::settings::ContentFlags,
+    /// Directory on a BPF file system where the XDP links and maps are pinned, so the
+    /// relay keeps forwarding while the agent restarts (default: a directory under
+    /// /sys/fs/bpf/myconet derived from the state directory).
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, leave the XDP program relaying on its pinned maps (and the
+    /// sysctls set) for the next agent to adopt, as SIGUSR2 always does.
+    #[arg(long)]
+    pub hitless_restart: bool,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. `[::1]:9652`); off
+    /// unless given here or as `metrics.listen` in the file.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow the metrics address to be other than loopback (the counters tell anyone
+    /// who can reach it about this node's neighbours and traffic).
+    #[arg(long)]
+    pub metrics_allow_remote: bool,
+    /// Log format on stderr: `text` (colour only on a terminal) or `json` (one object
+    /// per line). `RUST_LOG` sets the level (default info).
+    #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
+    /// Write the man page and shell completions into DIR and exit (for packaging).
+    #[arg(long, value_name = "DIR", hide = true, exclusive = true)]
+    pub generate_docs: Option<PathBuf>,
 }
 
 /// Which forwarding path the node uses.
@@ -119,6 +154,20 @@ pub struct FileConfig {
     routes: Vec<FileRoute>,
     storage: Option<crate::content::settings::StorageSection>,
     content: Option<crate::content::settings::ContentSection>,
+    /// Ed25519 keys (hex) pinned for their /64 by the operator (`crate::pins`).
+    #[serde(default)]
+    pinned_keys: Vec<String>,
+    pin_dir: Option<PathBuf>,
+    hitless_restart: Option<bool>,
+    metrics: Option<FileMetrics>,
+}
+
+/// The `[metrics]` table of the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMetrics {
+    listen: Option<String>,
+    allow_remote: Option<bool>,
 }
 
 /// A static route in the file.
@@ -162,6 +211,14 @@ pub struct Settings {
     pub tun_name: Option<String>,
     /// The content store and protocol (`storage` and `content` sections).
     pub content: crate::content::settings::ContentSettings,
+    /// Keys the operator pins for their /64, over whatever was learned (`crate::pins`).
+    pub pinned_keys: Vec<[u8; 32]>,
+    /// Where the data plane is pinned (see `crate::bpf_pins`).
+    pub pin_dir: PathBuf,
+    /// Whether SIGTERM/SIGINT leave the pinned data plane for the next agent.
+    pub hitless_restart: bool,
+    /// Where to serve Prometheus metrics, `None` for nowhere (the default).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A configured neighbour.
@@ -236,6 +293,36 @@ pub const DEFAULT_TUN_NAME: &str = crate::tun::DEFAULT_NAME;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/myconet";
 /// Default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/myconet/agent.sock";
+/// Default permission bits of the control socket: the agent's user only.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// The metrics address: refused unless loopback or explicitly allowed, because the
+/// endpoint has no authentication and names this node's neighbours.
+fn metrics_listen(
+    flag: Option<SocketAddr>,
+    file: Option<FileMetrics>,
+    allow_flag: bool,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let file = file.unwrap_or_default();
+    let addr = match (flag, file.listen) {
+        (Some(a), _) => a,
+        (None, Some(s)) => s
+            .parse()
+            .with_context(|| format!("metrics.listen {s:?} is not ADDR:PORT"))?,
+        (None, None) => return Ok(None),
+    };
+    let allowed = allow_flag || file.allow_remote == Some(true);
+    if !addr.ip().is_loopback() && !allowed {
+        bail!(
+            "metrics address {addr} is not loopback; the endpoint has no authentication, \
+             so allow it explicitly (--metrics-allow-remote or metrics.allow_remote = true)"
+        );
+    }
+    if addr.port() == 0 {
+        bail!("metrics address {addr}: port must not be 0");
+    }
+    Ok(Some(addr))
+}
 
 fn parse_mode(s: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
@@ -259,7 +346,8 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddrV6> {
 
 /// Neighbour timers from the hello interval (default 1 s): down after three intervals
 /// and a half without an authenticated packet, so three lost hellos in a row take a link
-/// down and two never do.
+/// down and two never do; sooner when a hello and the five probes after it all go
+/// unanswered (see `PeerConfig::probe_count`), which is what makes failover fast.
 fn peer_config(hello_interval_ms: Option<u64>) -> anyhow::Result<crate::peers::PeerConfig> {
     let mut config = crate::peers::PeerConfig::default();
     let hello = std::time::Duration::from_millis(hello_interval_ms.unwrap_or(1000));
@@ -275,13 +363,30 @@ fn peer_config(hello_interval_ms: Option<u64>) -> anyhow::Result<crate::peers::P
     Ok(config)
 }
 
+impl FileConfig {
+    /// Parses the text of a config file (what `--config` reads).
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
 impl Cli {
+    /// No flags at all: the file alone decides (tests and the config fuzz target).
+    pub fn without_flags() -> Self {
+        Self::parse_from(["myconet-agent"])
+    }
+
     /// Merges flags over the file (if any) and validates everything.
     pub fn resolve(self) -> anyhow::Result<Settings> {
         let file = match &self.config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
+        self.resolve_with(file)
+    }
+
+    /// Merges flags over an already parsed `file` and validates everything.
+    pub fn resolve_with(self, file: FileConfig) -> anyhow::Result<Settings> {
         let interfaces = if self.interfaces.is_empty() {
             file.interfaces.unwrap_or_default()
         } else {
@@ -294,7 +399,7 @@ impl Cli {
         let socket_mode = match (self.socket_mode, file.socket_mode) {
             (Some(m), _) => m,
             (None, Some(m)) => parse_mode(&m).map_err(anyhow::Error::msg)?,
-            (None, None) => 0o600,
+            (None, None) => DEFAULT_SOCKET_MODE,
         };
         let xdp_mode = match (self.xdp_mode, file.xdp_mode) {
             (Some(m), _) => m,
@@ -340,6 +445,12 @@ impl Cli {
                 },
             ));
         }
+        let mut pinned_keys = Vec::new();
+        for k in &file.pinned_keys {
+            pinned_keys.push(crate::pins::parse_key(k).with_context(|| {
+                format!("pinned_keys: {k:?} is not an Ed25519 public key (64 hex digits)")
+            })?);
+        }
         let tun_name = if self.no_tun || file.tun == Some(false) {
             None
         } else {
@@ -364,11 +475,20 @@ impl Cli {
             file.content,
             &state_dir,
         )?;
+        let pin_dir = self
+            .pin_dir
+            .or(file.pin_dir)
+            .unwrap_or_else(|| crate::bpf_pins::default_dir(&state_dir));
+        let metrics_listen =
+            metrics_listen(self.metrics_listen, file.metrics, self.metrics_allow_remote)?;
         Ok(Settings {
             interfaces,
             tun_name,
+            metrics_listen,
             port,
             content,
+            pin_dir,
+            hitless_restart: self.hitless_restart || file.hitless_restart.unwrap_or(false),
             state_dir,
             socket: self
                 .socket
@@ -386,6 +506,7 @@ impl Cli {
                 self.discover
             },
             routes,
+            pinned_keys,
         })
     }
 }
@@ -393,7 +514,7 @@ impl Cli {
 fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    FileConfig::from_toml(&text).with_context(|| format!("parsing config {}", path.display()))
 }
 
 #[cfg(test)]
@@ -412,6 +533,7 @@ interfaces = ["eth0"]
 port = 7000
 socket_mode = "0660"
 peers = ["[fd00::1]:7000", "fd00::2", { endpoint = "[fd00::3]:7000", cost = 400 }]
+pinned_keys = ["0101010101010101010101010101010101010101010101010101010101010101"]
 [[routes]]
 prefix = "fd6d:1:2:3::/64"
 via = "fd00::1"
@@ -433,6 +555,93 @@ via = "fd00::1"
             }
         );
         assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.pinned_keys, vec![[1u8; 32]]);
+        std::fs::write(&f, "pinned_keys = [\"0102\"]\n").unwrap();
+        let cli = Cli::parse_from(["myconet-agent", "-c", f.to_str().unwrap()]);
+        let err = cli.resolve().unwrap_err();
+        assert!(format!("{err:#}").contains("64 hex digits"), "{err:#}");
+        // Pins default to a directory of this state directory's own; the file and the
+        // flags can name one, and ask for hitless restarts.
+        assert_eq!(
+            s.pin_dir,
+            crate::bpf_pins::default_dir(Path::new(DEFAULT_STATE_DIR))
+        );
+        assert!(!s.hitless_restart);
+        std::fs::write(
+            &f,
+            "pin_dir = \"/sys/fs/bpf/node1\"\nhitless_restart = true\n",
+        )
+        .unwrap();
+        let s = Cli::parse_from(["a", "-c", f.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(s.pin_dir, Path::new("/sys/fs/bpf/node1"));
+        assert!(s.hitless_restart);
+        let s = Cli::parse_from(["a", "--pin-dir", "/x", "--hitless-restart"])
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            (s.pin_dir.as_path(), s.hitless_restart),
+            (Path::new("/x"), true)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn help_shows_the_defaults() {
+        let help = <Cli as clap::CommandFactory>::command()
+            .render_help()
+            .to_string();
+        for default in [
+            format!("[default: {DEFAULT_PORT}]"),
+            format!("[default: {DEFAULT_STATE_DIR}]"),
+            format!("[default: {DEFAULT_SOCKET}]"),
+            format!("[default: {DEFAULT_TUN_NAME}]"),
+            "[default: 0600]".to_string(),
+        ] {
+            assert!(help.contains(&default), "--help lacks {default}:\n{help}");
+        }
+        assert!(!help.contains("generate-docs"), "{help}");
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_loopback_unless_allowed() {
+        let resolve = |args: &[&str]| {
+            Cli::parse_from(std::iter::once("a").chain(args.iter().copied())).resolve()
+        };
+        assert_eq!(resolve(&[]).unwrap().metrics_listen, None);
+        assert_eq!(
+            resolve(&["--metrics-listen", "[::1]:9652"])
+                .unwrap()
+                .metrics_listen,
+            Some("[::1]:9652".parse().unwrap())
+        );
+        let err = resolve(&["--metrics-listen", "[::]:9652"]).unwrap_err();
+        assert!(format!("{err:#}").contains("not loopback"), "{err:#}");
+        assert!(
+            resolve(&["--metrics-listen", "[::]:9652", "--metrics-allow-remote"])
+                .unwrap()
+                .metrics_listen
+                .is_some()
+        );
+        let dir = std::env::temp_dir().join(format!("myconet-cfg-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("agent.toml");
+        for (text, ok) in [
+            ("[metrics]\nlisten = \"127.0.0.1:9652\"\n", true),
+            ("[metrics]\nlisten = \"192.0.2.1:9652\"\n", false),
+            (
+                "[metrics]\nlisten = \"192.0.2.1:9652\"\nallow_remote = true\n",
+                true,
+            ),
+            ("[metrics]\nlisten = \"localhost\"\n", false),
+            ("[metrics]\nlisten = \"[::1]:0\"\n", false),
+            ("[metrics]\nlsiten = \"[::1]:9652\"\n", false),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let got = resolve(&["-c", f.to_str().unwrap()]);
+            assert_eq!(got.is_ok(), ok, "{text}: {got:?}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -16,10 +16,7 @@ use std::{
     future::Future,
     io,
     net::Ipv6Addr,
-    os::{
-        fd::AsRawFd,
-        unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt},
-    },
+    os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -29,7 +26,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use myconet_common::wire::DEFAULT_PORT;
+use myconet_common::{addr, wire::DEFAULT_PORT};
 use myconet_proto::content::v1::content_server::ContentServer;
 use myconet_proto::v1 as pb;
 use myconet_proto::v1::control_server::{Control, ControlServer};
@@ -41,6 +38,7 @@ use tracing::{error, info, warn};
 use crate::{
     content::grpc::ContentService,
     link::Links,
+    lockfile::{LockError, LockFile},
     node::{Node, NodeError, RouteRow},
     peers::LinkEndpoint,
     rib::{NextHop, Origin, Prefix, RouteTarget},
@@ -86,79 +84,26 @@ impl ControlSocket {
     }
 }
 
-/// An exclusive `flock` on `<socket>.lock`, held while an agent owns the socket path.
+/// An exclusive lock on `<socket>.lock`, held while an agent owns the socket path.
 ///
 /// Whoever holds it is the only agent checking for, removing or placing a socket at that
-/// path, so two agents started at once cannot both pass the stale check. The lock file
-/// is removed on drop while still locked; a claimant that opened it just before checks
-/// after locking that the path still names the inode it locked, and starts over if not.
+/// path, so two agents started at once cannot both pass the stale check.
 #[derive(Debug)]
-struct SocketLock {
-    file: std::fs::File,
-    path: PathBuf,
-}
-
-/// How often [`SocketLock::acquire`] starts over when the lock file it locked was
-/// removed under it (each time another agent released the path in between).
-const LOCK_ATTEMPTS: usize = 100;
+struct SocketLock(#[allow(dead_code)] LockFile);
 
 impl SocketLock {
     fn acquire(socket: &Path) -> anyhow::Result<Self> {
         let mut name = socket.file_name().unwrap_or_default().to_os_string();
         name.push(".lock");
         let path = socket.with_file_name(name);
-        for _ in 0..LOCK_ATTEMPTS {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("opening the control socket lock {}", path.display()))?;
-            // SAFETY: valid fd owned by `file` for the duration of the call.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc != 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    bail!(
-                        "another agent is already serving on {} (it holds {})",
-                        socket.display(),
-                        path.display()
-                    );
-                }
-                return Err(e).with_context(|| format!("locking {}", path.display()));
-            }
-            let held = file
-                .metadata()
-                .with_context(|| format!("inspecting {}", path.display()))?;
-            match std::fs::symlink_metadata(&path) {
-                Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
-                    return Ok(Self { file, path });
-                }
-                // The previous holder removed the file between our open and our lock.
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
-            }
-        }
-        bail!(
-            "could not lock {}: it was replaced {LOCK_ATTEMPTS} times while locking",
-            path.display()
-        )
-    }
-}
-
-impl Drop for SocketLock {
-    fn drop(&mut self) {
-        // Still locked here, so nobody else can be relying on this inode yet.
-        let held = self.file.metadata().map(|m| (m.dev(), m.ino()));
-        let current = std::fs::symlink_metadata(&self.path).map(|m| (m.dev(), m.ino()));
-        if let (Ok(held), Ok(current)) = (held, current)
-            && held == current
-            && let Err(e) = std::fs::remove_file(&self.path)
-        {
-            warn!(lock = %self.path.display(), error = %e, "could not remove the socket lock");
+        match LockFile::acquire(&path) {
+            Ok(lock) => Ok(Self(lock)),
+            Err(LockError::Held(path)) => bail!(
+                "another agent is already serving on {} (it holds {})",
+                socket.display(),
+                path.display()
+            ),
+            Err(e) => Err(anyhow::Error::new(e).context("control socket lock")),
         }
     }
 }
@@ -183,7 +128,21 @@ pub async fn serve_on(
         .listener
         .take()
         .context("control socket already served")?;
+    // Standard gRPC health checking (`grpc.health.v1.Health`: "" and
+    // "myconet.v1.Control" answer SERVING) and server reflection, so generic tools
+    // (grpcurl, grpc-health-probe) can probe and call the API without the .proto file.
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ControlServer<ControlService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the gRPC reflection service")?;
     let served = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
         .add_service(ControlServer::new(ControlService::new(node, links)))
         .add_optional_service(content)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
@@ -227,6 +186,21 @@ fn check_path(socket: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// What can be known about `socket` without claiming it, for the start-up checks: a
+/// path a Unix socket can be bound at, nothing there but (at most) a socket, and a
+/// parent that is, or can become, a directory.
+pub fn check_socket_path(socket: &Path) -> anyhow::Result<()> {
+    check_path(socket)?;
+    match std::fs::symlink_metadata(socket) {
+        Ok(meta) if !meta.file_type().is_socket() => bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            socket.display()
+        ),
+        _ => {}
+    }
+    crate::preflight::check_dir_path("control socket directory", &parent_dir(socket))
 }
 
 fn parent_dir(socket: &Path) -> PathBuf {
@@ -431,6 +405,14 @@ fn node_status(e: NodeError) -> Status {
     }
 }
 
+fn key_pin(prefix: u64, key: [u8; 32], source: crate::pins::PinSource) -> pb::KeyPin {
+    pb::KeyPin {
+        prefix: format!("{}/64", Ipv6Addr::from(u128::from(prefix) << 64)),
+        key: key.iter().map(|b| format!("{b:02x}")).collect(),
+        source: source.name().to_string(),
+    }
+}
+
 fn parse_addr(field: &str, value: &str) -> Result<Ipv6Addr, Status> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
@@ -510,9 +492,9 @@ fn routing_info(r: &RouteSnapshot<LinkEndpoint>) -> pb::RoutingInfo {
         metric: u32::from(r.metric),
         advertised_metric: u32::from(r.advertised_metric),
         link_cost: u32::from(r.link_cost),
-        seqno: u32::from(r.seqno),
+        seqno: r.seqno,
         feasible: r.feasible,
-        fd_seqno: r.feasibility_distance.map(|f| u32::from(f.seqno)),
+        fd_seqno: r.feasibility_distance.map(|f| f.seqno),
         fd_metric: r.feasibility_distance.map(|f| u32::from(f.metric)),
         age_ms: u64::try_from(r.age.as_millis()).unwrap_or(u64::MAX),
         selected: r.selected,
@@ -852,6 +834,55 @@ impl Control for ControlService {
         Ok(Response::new(pb::RemoveRouteResponse { removed }))
     }
 
+    async fn list_pins(
+        &self,
+        _request: Request<pb::ListPinsRequest>,
+    ) -> Result<Response<pb::ListPinsResponse>, Status> {
+        let pins = crate::pins::lock(self.links.pins())
+            .list()
+            .into_iter()
+            .map(|(p, pin)| key_pin(p, pin.key, pin.source))
+            .collect();
+        Ok(Response::new(pb::ListPinsResponse { pins }))
+    }
+
+    async fn set_pin(
+        &self,
+        request: Request<pb::SetPinRequest>,
+    ) -> Result<Response<pb::KeyPin>, Status> {
+        let text = request.into_inner().key;
+        let key = crate::pins::parse_key(&text).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "key {text:?} is not an Ed25519 public key (64 hex digits)"
+            ))
+        })?;
+        let prefix = self.links.pin_key(key, std::time::Instant::now());
+        info!(%prefix, key = %text.trim(), "key pinned via control API");
+        let bits = (u128::from(prefix) >> 64) as u64;
+        Ok(Response::new(key_pin(
+            bits,
+            key,
+            crate::pins::PinSource::Operator,
+        )))
+    }
+
+    async fn forget_pin(
+        &self,
+        request: Request<pb::ForgetPinRequest>,
+    ) -> Result<Response<pb::ForgetPinResponse>, Status> {
+        let value = request.into_inner().prefix;
+        let addr = value.trim().split('/').next().unwrap_or_default();
+        let addr = parse_addr("prefix", addr)?;
+        if !addr::is_overlay(&addr) {
+            return Err(Status::invalid_argument(format!(
+                "{value:?} is not an overlay address"
+            )));
+        }
+        let forgotten = self.links.forget_pin(addr, std::time::Instant::now());
+        info!(prefix = %value.trim(), forgotten, "key pin forgotten via control API");
+        Ok(Response::new(pb::ForgetPinResponse { forgotten }))
+    }
+
     async fn get_stats(
         &self,
         _request: Request<pb::GetStatsRequest>,
@@ -872,6 +903,17 @@ impl Control for ControlService {
         let routing = self
             .links
             .routing_counters()
+            .into_iter()
+            .map(|(name, n)| pb::Counter {
+                name: name.to_string(),
+                packets: n,
+                bytes: 0,
+            })
+            .collect();
+        let neighbours = self
+            .links
+            .stats()
+            .counters()
             .into_iter()
             .map(|(name, n)| pb::Counter {
                 name: name.to_string(),
@@ -900,11 +942,22 @@ impl Control for ControlService {
                 });
             }
         }
+        let kernel = crate::kstats::read(self.node.port())
+            .map_err(|e| Status::internal(format!("reading /proc/net: {e}")))?
+            .into_iter()
+            .map(|(name, n)| pb::Counter {
+                name: name.to_string(),
+                packets: n,
+                bytes: 0,
+            })
+            .collect();
         Ok(Response::new(pb::Stats {
             xdp,
             agent,
             routing,
             interfaces,
+            neighbours,
+            kernel,
         }))
     }
 }
@@ -953,7 +1006,10 @@ mod tests {
     fn links(node: &Arc<Node>) -> Arc<Links> {
         let config = crate::peers::PeerConfig::default();
         let routing = crate::routing::RoutingConfig::default();
-        Arc::new(Links::new(node.clone(), config, routing, std::time::Instant::now(), 1).unwrap())
+        let seqnos = crate::seqno_store::SeqnoStore::ephemeral(1);
+        let pins = crate::pins::Pins::new(64).shared();
+        let now = std::time::Instant::now();
+        Arc::new(Links::new(node.clone(), config, routing, seqnos, pins, now, 1).unwrap())
     }
 
     async fn serve_test(
@@ -1077,6 +1133,50 @@ mod tests {
         let e = get("2001:db8::1").await.unwrap().into_inner();
         assert_eq!(e.decided_by, "none");
         assert!(e.explanation.contains("not an overlay address"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn pins_set_list_forget() {
+        let (_dir, svc) = service();
+        let key = "07".repeat(32);
+        let set = svc
+            .set_pin(Request::new(pb::SetPinRequest { key: key.clone() }))
+            .await
+            .unwrap()
+            .into_inner();
+        let prefix = myconet_common::addr::node_prefix(&[7u8; 32]);
+        assert_eq!(set.prefix, format!("{prefix}/64"));
+        assert_eq!(set.source, "operator");
+        let list = svc
+            .list_pins(Request::new(pb::ListPinsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(list.pins, vec![set.clone()]);
+        let bad = svc
+            .set_pin(Request::new(pb::SetPinRequest { key: "12".into() }))
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        let forget = |p: String| svc.forget_pin(Request::new(pb::ForgetPinRequest { prefix: p }));
+        assert!(
+            forget(set.prefix.clone())
+                .await
+                .unwrap()
+                .into_inner()
+                .forgotten
+        );
+        assert!(
+            !forget(set.prefix.clone())
+                .await
+                .unwrap()
+                .into_inner()
+                .forgotten
+        );
+        assert_eq!(
+            forget("2001:db8::/64".into()).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 
     #[tokio::test]
@@ -1324,6 +1424,16 @@ mod tests {
         assert_eq!(names, expected);
         let rx = stats.agent.iter().find(|c| c.name == "rx_control").unwrap();
         assert_eq!((rx.packets, rx.bytes), (1, 100));
+        // The neighbour layer's counters are there too (flaps, probes, beacons).
+        let neighbours: Vec<_> = stats.neighbours.iter().map(|c| c.name.as_str()).collect();
+        for name in [
+            "peer_up",
+            "peer_down",
+            "peer_down_unanswered",
+            "hello_probe_sent",
+        ] {
+            assert!(neighbours.contains(&name), "{name} in {neighbours:?}");
+        }
     }
 
     async fn wait_for(path: &Path) {
@@ -1334,6 +1444,106 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("{} never appeared", path.display());
+    }
+
+    #[tokio::test]
+    async fn health_and_reflection_answer_on_the_socket() {
+        use tonic_health::pb::{
+            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+        };
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+
+        let dir = TempDir::new();
+        let node = node(&dir);
+        let socket = dir.0.join("agent.sock");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn({
+            let socket = socket.clone();
+            async move {
+                serve_test(node, &socket, 0o600, async {
+                    let _ = stopped.await;
+                })
+                .await
+            }
+        });
+        wait_for(&socket).await;
+        let channel = tonic::transport::Endpoint::from_shared(format!("unix:{}", socket.display()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+
+        let mut health = HealthClient::new(channel.clone());
+        for service in ["", "myconet.v1.Control"] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+        }
+        let unknown = health
+            .check(HealthCheckRequest {
+                service: "no.such.Service".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), Code::NotFound);
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let ask = |request| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        };
+        let mut answers = reflection
+            .server_reflection_info(tokio_stream::iter([
+                ask(MessageRequest::ListServices(String::new())),
+                ask(MessageRequest::FileContainingSymbol(
+                    "myconet.v1.Control".into(),
+                )),
+            ]))
+            .await
+            .unwrap()
+            .into_inner();
+        let listed = answers.message().await.unwrap().unwrap().message_response;
+        let Some(MessageResponse::ListServicesResponse(list)) = listed else {
+            panic!("expected a service list, got {listed:?}");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        for want in [
+            "myconet.v1.Control",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+        ] {
+            assert!(names.contains(&want), "{want} not listed: {names:?}");
+        }
+        let file = answers.message().await.unwrap().unwrap().message_response;
+        let Some(MessageResponse::FileDescriptorResponse(file)) = file else {
+            panic!("expected the descriptor of myconet.proto, got {file:?}");
+        };
+        assert!(!file.file_descriptor_proto.is_empty());
+        // The descriptor is myconet.proto's: it names the service's methods.
+        let bytes = &file.file_descriptor_proto[0];
+        assert!(
+            bytes.windows(b"GetStats".len()).any(|w| w == b"GetStats"),
+            "the descriptor does not describe the Control service"
+        );
+
+        stop.send(()).unwrap();
+        drop(answers);
+        drop(reflection);
+        drop(health);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("server stops on shutdown")
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]

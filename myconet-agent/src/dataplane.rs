@@ -3,24 +3,60 @@
 //!
 //! The agent decides; this module only mirrors its decisions into the kernel.
 
-use std::{ffi::CString, net::Ipv6Addr};
+use std::{
+    collections::BTreeSet,
+    ffi::CString,
+    net::Ipv6Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use aya::{
-    Ebpf,
+    Btf, Ebpf, EbpfLoader,
     maps::{
         Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues,
         lpm_trie::Key as LpmKey,
     },
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use myconet_common::maps::{
-    CONFIG_MAP, Config, Counter, DEVMAP_MAP, EGRESS_MAP, EGRESS_REDIRECT, EGRESS_TX,
+    CONFIG_MAP, Config, Counter, DEVMAP_MAP, EGRESS_MAP, EGRESS_REDIRECT, EGRESS_TX, IFACE_GENERIC,
     LOCAL_ADDRS_MAP, LocalAddrKey, PEERS_MAP, PROGRAM_NAME, PeerKey, PeerValue, ROUTES_MAP,
     RouteValue, STATS_MAP, Stat,
 };
 
-use crate::egress::{self, EgressPolicy};
+use crate::{
+    bpf_pins::{self, LinkPin, PinDir},
+    egress::{self, EgressPolicy},
+};
 use tracing::{info, warn};
+
+/// The maps that hold the data plane's state, pinned so a restarted agent adopts them.
+/// The caches and the scratch space are not: a new program instance starts them empty.
+const PINNED_MAPS: [&str; 7] = [
+    ROUTES_MAP,
+    PEERS_MAP,
+    LOCAL_ADDRS_MAP,
+    STATS_MAP,
+    CONFIG_MAP,
+    DEVMAP_MAP,
+    EGRESS_MAP,
+];
+
+/// How long routes and relay peers adopted from a predecessor's pinned maps stay when
+/// this agent does not install them again: long enough for links to re-authenticate
+/// and routing to converge after a restart, after which whatever it did not confirm is
+/// stale and removed.
+pub const ADOPTION_GRACE: Duration = Duration::from_secs(30);
+
+/// The version of the embedded program, as its pins record it.
+pub fn program_version() -> String {
+    bpf_pins::object_version(XDP_OBJECT)
+}
 
 /// The XDP object built by build.rs (aya-build) from the myconet-ebpf crate.
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/myconet"));
@@ -59,7 +95,9 @@ impl AttachedMode {
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     /// The object would not load (no BPF permission, verifier rejection, ...).
-    #[error("loading the XDP program failed (are you root / CAP_BPF+CAP_NET_ADMIN?): {0}")]
+    #[error(
+        "loading the XDP program failed (are you root / CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN?): {0}"
+    )]
     Load(String),
     /// An expected map or program is missing from the object.
     #[error("the XDP object has no {0}")]
@@ -75,6 +113,9 @@ pub enum DataplaneError {
         /// What the kernel said.
         reason: String,
     },
+    /// Pinning or adopting pinned state failed.
+    #[error("pinned data plane: {0}")]
+    Pins(String),
     /// A map operation failed.
     #[error("BPF map {map}: {reason}")]
     Map {
@@ -116,6 +157,25 @@ pub struct Attachment {
     pub policy: EgressPolicy,
 }
 
+/// How an attachment holds its XDP link.
+#[derive(Debug)]
+enum AttachLink {
+    /// A BPF link pinned at `pin`: it stays attached after the process is gone, until
+    /// the pin is removed.
+    Pinned { link: FdLink, pin: PathBuf },
+    /// A link the program owns (unpinned data plane): it goes with the process.
+    Owned(XdpLinkId),
+}
+
+/// Routes and relay peers found in adopted maps that this agent has not installed
+/// again yet; removed when [`ADOPTION_GRACE`] is over.
+#[derive(Debug)]
+struct Adopted {
+    routes: BTreeSet<(Ipv6Addr, u8)>,
+    peers: BTreeSet<PeerKey>,
+    until: Instant,
+}
+
 /// The loaded program and its maps.
 pub struct XdpDataplane {
     ebpf: Ebpf,
@@ -128,7 +188,13 @@ pub struct XdpDataplane {
     config: Array<MapData, Config>,
     /// What `config` holds: the port and the generation of the forwarding caches.
     current: Config,
-    attachments: Vec<(Attachment, XdpLinkId)>,
+    attachments: Vec<(Attachment, AttachLink)>,
+    /// Where the links and maps are pinned, if they are.
+    pins: Option<PinDir>,
+    /// State adopted from a predecessor, until confirmed or expired.
+    adopted: Option<Adopted>,
+    /// Set by [`XdpDataplane::release`]: drop leaves everything attached and pinned.
+    released: bool,
 }
 
 impl std::fmt::Debug for XdpDataplane {
@@ -140,9 +206,55 @@ impl std::fmt::Debug for XdpDataplane {
 }
 
 impl XdpDataplane {
-    /// Loads the program and its maps and writes the configuration; attaches nothing.
+    /// Loads the program and its maps and writes the configuration; attaches nothing
+    /// and pins nothing (everything goes when the value is dropped).
     pub fn load(port: u16) -> Result<Self, DataplaneError> {
-        let mut ebpf = Ebpf::load(XDP_OBJECT).map_err(|e| DataplaneError::Load(e.to_string()))?;
+        Self::load_with(port, None)
+    }
+
+    /// Like [`XdpDataplane::load`] with links and maps pinned under `pin_dir` (which
+    /// must be on a BPF file system): maps a predecessor of the same program version
+    /// pinned there are adopted with their routes, peers and counters, and
+    /// [`XdpDataplane::attach`] takes over its pinned links. Dropping the value removes
+    /// everything unless [`XdpDataplane::release`] was called.
+    pub fn load_pinned(port: u16, pin_dir: &Path) -> Result<Self, DataplaneError> {
+        Self::load_pinned_as(port, pin_dir, &program_version())
+    }
+
+    /// [`XdpDataplane::load_pinned`] under another program version: tests use it to
+    /// stand for an older agent's pins.
+    pub fn load_pinned_as(
+        port: u16,
+        pin_dir: &Path,
+        version: &str,
+    ) -> Result<Self, DataplaneError> {
+        // XDP attachments are BPF links (which can be pinned) from Linux 5.9 on; before
+        // that aya attaches over netlink.
+        if aya::util::KernelVersion::current()
+            .is_ok_and(|v| v < aya::util::KernelVersion::new(5, 9, 0))
+        {
+            return Err(DataplaneError::Pins(
+                "pinned XDP links need Linux 5.9 or later".into(),
+            ));
+        }
+        let pins =
+            PinDir::open(pin_dir, version).map_err(|e| DataplaneError::Pins(e.to_string()))?;
+        Self::load_with(port, Some(pins))
+    }
+
+    fn load_with(port: u16, pins: Option<PinDir>) -> Result<Self, DataplaneError> {
+        let adopting = pins.as_ref().is_some_and(PinDir::has_maps);
+        let btf = Btf::from_sys_fs().ok();
+        let mut loader = EbpfLoader::new();
+        loader.btf(btf.as_ref());
+        if let Some(p) = &pins {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, p.maps_dir().join(name));
+            }
+        }
+        let mut ebpf = loader
+            .load(XDP_OBJECT)
+            .map_err(|e| DataplaneError::Load(error_chain(&e)))?;
         {
             let program: &mut Xdp = ebpf
                 .program_mut(PROGRAM_NAME)
@@ -154,8 +266,20 @@ impl XdpDataplane {
                 .map_err(|e| DataplaneError::Load(verifier_detail(e)))?;
         }
         let mut config: Array<MapData, Config> = take(&mut ebpf, CONFIG_MAP)?;
+        // An adopted map holds the generation the running program compares against:
+        // continue from it, so every cached decision of the predecessor goes stale.
+        let generation = if adopting {
+            config
+                .get(&0, 0)
+                .map_err(map_err(CONFIG_MAP))?
+                .generation
+                .wrapping_add(1)
+        } else {
+            0
+        };
         let current = Config {
             port,
+            generation,
             ..Config::default()
         };
         config.set(0, current, 0).map_err(map_err(CONFIG_MAP))?;
@@ -165,7 +289,7 @@ impl XdpDataplane {
         let stats = take(&mut ebpf, STATS_MAP)?;
         let devmap = take(&mut ebpf, DEVMAP_MAP)?;
         let egress = take(&mut ebpf, EGRESS_MAP)?;
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             routes,
             peers,
@@ -176,7 +300,132 @@ impl XdpDataplane {
             config,
             current,
             attachments: Vec::new(),
-        })
+            pins,
+            adopted: None,
+            released: false,
+        };
+        if adopting {
+            let routes: BTreeSet<(Ipv6Addr, u8)> =
+                dp.routes()?.into_iter().map(|(a, l, _)| (a, l)).collect();
+            let peers: BTreeSet<PeerKey> = dp.peers()?.into_iter().collect();
+            info!(
+                routes = routes.len(),
+                peers = peers.len(),
+                grace_s = ADOPTION_GRACE.as_secs(),
+                "adopting the pinned data plane: its routes and relay peers stay until \
+                 this agent confirms them or the grace period ends"
+            );
+            dp.adopted = Some(Adopted {
+                routes,
+                peers,
+                until: Instant::now() + ADOPTION_GRACE,
+            });
+        }
+        Ok(dp)
+    }
+
+    /// Whether the links and maps are pinned.
+    pub fn is_pinned(&self) -> bool {
+        self.pins.is_some()
+    }
+
+    /// The pin directory, if pinned.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(PinDir::root)
+    }
+
+    /// Leaves everything attached and pinned when this value is dropped (a hitless
+    /// exit): the program keeps relaying on the maps as they are until the next agent
+    /// on the same pin directory adopts them. Returns whether anything is pinned (an
+    /// unpinned data plane still goes with the process).
+    pub fn release(&mut self) -> bool {
+        self.released = self.pins.is_some();
+        self.released
+    }
+
+    /// Removes what this agent's predecessor left and this agent does not use: pinned
+    /// links of interfaces it did not attach to (which detaches them), their device
+    /// and egress entries, and the maps of other program versions. Call after the last
+    /// [`XdpDataplane::attach`].
+    pub fn finish_adoption(&mut self) -> Result<(), DataplaneError> {
+        let Some(pins) = self.pins.clone() else {
+            return Ok(());
+        };
+        let ours: BTreeSet<PathBuf> = self
+            .attachments
+            .iter()
+            .filter_map(|(_, l)| match l {
+                AttachLink::Pinned { pin, .. } => Some(pin.clone()),
+                AttachLink::Owned(_) => None,
+            })
+            .collect();
+        for stale in pins.links() {
+            if !ours.contains(&stale.path) {
+                remove_pin(&stale.path)?;
+                info!(
+                    iface = stale.iface,
+                    "removed the pinned XDP link of an interface this agent does not use"
+                );
+            }
+        }
+        let attached: BTreeSet<u32> = self.attachments.iter().map(|(a, _)| a.ifindex).collect();
+        let listed: Vec<u32> = self
+            .egress
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(EGRESS_MAP))?;
+        for ifindex in listed.into_iter().filter(|i| !attached.contains(i)) {
+            let _ = self.devmap.remove(ifindex);
+            let _ = self.egress.remove(&ifindex);
+        }
+        for old in pins.other_versions() {
+            PinDir::remove_maps(&old)
+                .map_err(|e| DataplaneError::Pins(format!("removing {}: {e}", old.display())))?;
+            info!(dir = %old.display(), "removed the maps of an earlier program version");
+        }
+        self.invalidate_caches();
+        Ok(())
+    }
+
+    /// Removes the routes and relay peers adopted from a predecessor that this agent
+    /// has not installed again once [`ADOPTION_GRACE`] is over at `now`; returns how
+    /// many entries went. Cheap when nothing is adopted (called every second).
+    pub fn expire_adopted(&mut self, now: Instant) -> usize {
+        let Some(adopted) = self.adopted.as_ref() else {
+            return 0;
+        };
+        if now < adopted.until {
+            return 0;
+        }
+        let Some(adopted) = self.adopted.take() else {
+            return 0;
+        };
+        let mut removed = 0;
+        for (addr, len) in &adopted.routes {
+            let key = LpmKey::new(u32::from(*len), addr.octets());
+            if self.routes.remove(&key).is_ok() {
+                removed += 1;
+            }
+        }
+        for peer in &adopted.peers {
+            if self.peers.remove(peer).is_ok() {
+                removed += 1;
+            }
+        }
+        self.invalidate_caches();
+        info!(
+            routes = adopted.routes.len(),
+            peers = adopted.peers.len(),
+            "removed the adopted routes and relay peers this agent did not confirm"
+        );
+        removed
+    }
+
+    /// How many adopted routes and peers await confirmation (0 when none are).
+    pub fn adopted_pending(&self) -> (usize, usize) {
+        self.adopted
+            .as_ref()
+            .map_or((0, 0), |a| (a.routes.len(), a.peers.len()))
     }
 
     /// The loaded program, for BPF_PROG_TEST_RUN.
@@ -248,8 +497,27 @@ impl XdpDataplane {
 
     /// Sets how the program may send frames out of `ifindex` (device map entry for
     /// redirects, `EGRESS` bits for both) and makes cached decisions stale, since they
-    /// remember the policy their egress had.
+    /// remember the policy their egress had. The interface keeps the mode it is
+    /// attached in (driver mode if it is not attached).
     pub fn set_egress(&mut self, ifindex: u32, policy: EgressPolicy) -> Result<(), DataplaneError> {
+        let mode = self
+            .attachments
+            .iter()
+            .find(|(a, _)| a.ifindex == ifindex)
+            .map_or(AttachedMode::Driver, |(a, _)| a.mode);
+        self.set_interface(ifindex, policy, mode)
+    }
+
+    /// [`XdpDataplane::set_egress`] with the mode the program runs in on `ifindex`:
+    /// frames arriving on a generic-mode interface are skbs that keep a partial
+    /// checksum's state when relayed, so the program treats them differently
+    /// ([`myconet_common::maps::Stat::CsumPartial`]). Public for test fixtures.
+    pub fn set_interface(
+        &mut self,
+        ifindex: u32,
+        policy: EgressPolicy,
+        mode: AttachedMode,
+    ) -> Result<(), DataplaneError> {
         if policy.redirect {
             self.devmap
                 .insert(ifindex, ifindex, None, 0)
@@ -265,7 +533,12 @@ impl XdpDataplane {
             }
         }
         let bits = (if policy.redirect { EGRESS_REDIRECT } else { 0 })
-            | (if policy.tx { EGRESS_TX } else { 0 });
+            | (if policy.tx { EGRESS_TX } else { 0 })
+            | (if mode == AttachedMode::Generic {
+                IFACE_GENERIC
+            } else {
+                0
+            });
         self.egress
             .insert(ifindex, bits, 0)
             .map_err(map_err(EGRESS_MAP))?;
@@ -284,28 +557,160 @@ impl XdpDataplane {
             if policy == a.policy {
                 continue;
             }
-            let ifindex = a.ifindex;
-            self.set_egress(ifindex, policy)?;
+            let (ifindex, mode) = (a.ifindex, a.mode);
+            self.set_interface(ifindex, policy, mode)?;
             self.attachments[i].0.policy = policy;
             changed.push(self.attachments[i].0.clone());
         }
         Ok(changed)
     }
 
-    /// Attaches to `iface`; in driver mode, other attached interfaces may redirect into it.
+    fn xdp_program_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(DataplaneError::Missing("program"))?
+            .try_into()
+            .map_err(|e: ProgramError| DataplaneError::Load(e.to_string()))
+    }
+
+    /// Attaches to `iface`; in driver mode, other attached interfaces may redirect into
+    /// it. With pins, a link a predecessor pinned for `iface` (in a mode `choice`
+    /// allows) is taken over by replacing its program atomically, so relaying never
+    /// stops; otherwise a new link is attached and pinned.
     pub fn attach(
         &mut self,
         iface: &str,
         choice: XdpModeChoice,
     ) -> Result<Attachment, DataplaneError> {
         let ifindex = ifindex(iface)?;
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(DataplaneError::Missing("program"))?
-            .try_into()
-            .map_err(|e: ProgramError| DataplaneError::Load(e.to_string()))?;
-        let (link, mode) = match choice {
+        let (link, mode) = match self.adopt_pinned_link(iface, ifindex, choice)? {
+            Some(adopted) => adopted,
+            None => {
+                let (id, mode) = self.attach_new(iface, ifindex, choice)?;
+                (self.keep_link(id, iface, mode)?, mode)
+            }
+        };
+        // Frames go out of the interface only in the ways its driver proved it takes
+        // them (see crate::egress); the rest take the slow path instead of vanishing.
+        let facts = egress::facts(iface, ifindex, mode);
+        let policy = facts.policy();
+        let attachment = Attachment {
+            name: iface.to_string(),
+            ifindex,
+            mode,
+            policy,
+        };
+        self.attachments.push((attachment.clone(), link));
+        if let Err(e) = self.set_interface(ifindex, policy, mode) {
+            if let Some((_, link)) = self.attachments.pop() {
+                self.detach_link(iface, link);
+            }
+            return Err(e);
+        }
+        let tx_csum_offload = egress::tx_checksum_offload(iface);
+        info!(
+            iface,
+            ifindex,
+            mode = mode.as_str(),
+            redirect_target = policy.redirect,
+            xdp_tx = policy.tx,
+            veth = facts.veth,
+            xdp_features = ?facts.xdp_features,
+            tx_csum_offload = ?tx_csum_offload,
+            pinned = self.pins.is_some(),
+            "XDP attached"
+        );
+        if facts.veth && tx_csum_offload == Some(true) {
+            // Not a fault: this node's relays complete such checksums (`csum_partial`).
+            // A relay that cannot, on the far end, would drop our data silently.
+            info!(
+                iface,
+                "veth with TX checksum offload: datagrams this node sends here leave with \
+                 partial checksums, which a relay on the far end must complete (Myconet \
+                 relays do, counted as csum_partial); if the far end's kernel counts \
+                 Udp6InCsumErrors, `ethtool -K {iface} tx off` makes this kernel compute them"
+            );
+        }
+        Ok(attachment)
+    }
+
+    /// Takes over the link a predecessor pinned for `iface`, if there is one this
+    /// agent can use: attached to this very interface (not to one that had its name)
+    /// in a mode `choice` allows. Its program is replaced by ours in one
+    /// `BPF_LINK_UPDATE`. A pin that cannot be used is removed, which detaches it, and
+    /// the caller attaches afresh.
+    fn adopt_pinned_link(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        choice: XdpModeChoice,
+    ) -> Result<Option<(AttachLink, AttachedMode)>, DataplaneError> {
+        let Some(found) = self
+            .pins
+            .as_ref()
+            .and_then(|p| p.links().into_iter().find(|l| l.iface == iface))
+        else {
+            return Ok(None);
+        };
+        let mode_ok = match choice {
+            XdpModeChoice::Auto => true,
+            XdpModeChoice::Driver => found.mode == AttachedMode::Driver,
+            XdpModeChoice::Generic => found.mode == AttachedMode::Generic,
+        };
+        let on = bpf_pins::xdp_link_ifindex(&found.path);
+        let why_not = if !mode_ok {
+            format!("it is in {} mode", found.mode.as_str())
+        } else if on != Some(ifindex) {
+            format!("it is attached to ifindex {on:?}, {iface} is {ifindex}")
+        } else {
+            match self.update_link(&found) {
+                Ok(link) => {
+                    info!(
+                        iface,
+                        mode = found.mode.as_str(),
+                        "took over the pinned XDP link: relaying went on throughout"
+                    );
+                    return Ok(Some((
+                        AttachLink::Pinned {
+                            link,
+                            pin: found.path,
+                        },
+                        found.mode,
+                    )));
+                }
+                Err(e) => e,
+            }
+        };
+        info!(
+            iface,
+            reason = why_not,
+            "not taking over the pinned XDP link: detaching it and attaching afresh"
+        );
+        remove_pin(&found.path)?;
+        Ok(None)
+    }
+
+    /// Replaces the program of the link pinned at `found` with ours.
+    fn update_link(&mut self, found: &LinkPin) -> Result<FdLink, String> {
+        let pinned = PinnedLink::from_pin(&found.path).map_err(|e| error_chain(&e))?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| error_chain(&e))?;
+        let program = self.xdp_program_mut().map_err(|e| e.to_string())?;
+        let id = program
+            .attach_to_link(link)
+            .map_err(|e| format!("BPF_LINK_UPDATE: {}", error_chain(&e)))?;
+        let link = program.take_link(id).map_err(|e| error_chain(&e))?;
+        FdLink::try_from(link).map_err(|e| error_chain(&e))
+    }
+
+    /// Attaches a new link to `iface` as `choice` asks.
+    fn attach_new(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        choice: XdpModeChoice,
+    ) -> Result<(XdpLinkId, AttachedMode), DataplaneError> {
+        let program = self.xdp_program_mut()?;
+        Ok(match choice {
             XdpModeChoice::Driver => (
                 program
                     .attach_to_if_index(ifindex, XdpMode::Driver)
@@ -339,46 +744,78 @@ impl XdpDataplane {
                     (link, AttachedMode::Generic)
                 }
             },
-        };
-        // Frames go out of the interface only in the ways its driver proved it takes
-        // them (see crate::egress); the rest take the slow path instead of vanishing.
-        let facts = egress::facts(iface, ifindex, mode);
-        let policy = facts.policy();
-        self.set_egress(ifindex, policy)?;
-        let attachment = Attachment {
-            name: iface.to_string(),
-            ifindex,
-            mode,
-            policy,
-        };
-        self.attachments.push((attachment.clone(), link));
-        info!(
-            iface,
-            ifindex,
-            mode = mode.as_str(),
-            redirect_target = policy.redirect,
-            xdp_tx = policy.tx,
-            veth = facts.veth,
-            xdp_features = ?facts.xdp_features,
-            "XDP attached"
-        );
-        Ok(attachment)
+        })
     }
 
-    /// Detaches from every interface; the maps stay loaded until drop.
+    /// Pins a new link (with pins) or leaves it with the program (without).
+    fn keep_link(
+        &mut self,
+        id: XdpLinkId,
+        iface: &str,
+        mode: AttachedMode,
+    ) -> Result<AttachLink, DataplaneError> {
+        let Some(path) = self.pins.as_ref().map(|p| p.link_path(iface, mode)) else {
+            return Ok(AttachLink::Owned(id));
+        };
+        let program = self.xdp_program_mut()?;
+        let link = program
+            .take_link(id)
+            .map_err(|e| DataplaneError::Pins(error_chain(&e)))?;
+        let pins_err = |e: &dyn std::error::Error| {
+            DataplaneError::Pins(format!(
+                "pinning the XDP link of {iface}: {}",
+                error_chain(e)
+            ))
+        };
+        // Dropped on error, which detaches it again.
+        let link = FdLink::try_from(link).map_err(|e| pins_err(&e))?;
+        let pinned = link.pin(&path).map_err(|e| pins_err(&e))?;
+        Ok(AttachLink::Pinned {
+            link: FdLink::from(pinned),
+            pin: path,
+        })
+    }
+
+    /// Detaches one link, logging (not failing) what goes wrong.
+    fn detach_link(&mut self, iface: &str, link: AttachLink) {
+        let result = match link {
+            AttachLink::Pinned { link, pin } => {
+                let removed = std::fs::remove_file(&pin);
+                // The last reference: the kernel detaches the program now.
+                drop(link);
+                match removed {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(format!("removing {}: {e}", pin.display()))
+                    }
+                    _ => Ok(()),
+                }
+            }
+            AttachLink::Owned(id) => self
+                .xdp_program_mut()
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.detach(id).map_err(|e| error_chain(&e))),
+        };
+        match result {
+            Ok(()) => info!(iface, "XDP detached"),
+            Err(e) => warn!(iface, error = e, "XDP detach failed"),
+        }
+    }
+
+    /// Detaches from every interface; the maps stay loaded until drop. Pins go too: a
+    /// clean exit leaves nothing behind.
     pub fn detach_all(&mut self) {
         let attachments = std::mem::take(&mut self.attachments);
         for (a, link) in attachments {
             let _ = self.devmap.remove(a.ifindex);
             let _ = self.egress.remove(&a.ifindex);
-            let program: Result<&mut Xdp, _> = match self.ebpf.program_mut(PROGRAM_NAME) {
-                Some(p) => p.try_into(),
-                None => continue,
-            };
-            match program.map(|p| p.detach(link)) {
-                Ok(Ok(())) => info!(iface = a.name, "XDP detached"),
-                Ok(Err(e)) => warn!(iface = a.name, error = %e, "XDP detach failed"),
-                Err(e) => warn!(iface = a.name, error = %e, "XDP detach failed"),
+            self.detach_link(&a.name, link);
+        }
+        if let Some(pins) = self.pins.take() {
+            match pins.remove_all() {
+                Ok(()) => info!(dir = %pins.root().display(), "pins removed"),
+                Err(e) => {
+                    warn!(dir = %pins.root().display(), error = %e, "could not remove the pins")
+                }
             }
         }
     }
@@ -400,6 +837,9 @@ impl XdpDataplane {
         self.routes
             .insert(&key, value, 0)
             .map_err(map_err(ROUTES_MAP))?;
+        if let Some(a) = self.adopted.as_mut() {
+            a.routes.remove(&(prefix, len));
+        }
         self.invalidate_caches();
         Ok(())
     }
@@ -430,6 +870,9 @@ impl XdpDataplane {
     pub fn remove_route(&mut self, prefix: Ipv6Addr, len: u8) -> Result<bool, DataplaneError> {
         let key = LpmKey::new(u32::from(len), prefix.octets());
         let removed = self.routes.remove(&key);
+        if let Some(a) = self.adopted.as_mut() {
+            a.routes.remove(&(prefix, len));
+        }
         self.invalidate_caches();
         match removed {
             Ok(()) => Ok(true),
@@ -453,7 +896,11 @@ impl XdpDataplane {
     pub fn add_peer(&mut self, key: PeerKey) -> Result<(), DataplaneError> {
         self.peers
             .insert(key, PeerValue::default(), 0)
-            .map_err(map_err(PEERS_MAP))
+            .map_err(map_err(PEERS_MAP))?;
+        if let Some(a) = self.adopted.as_mut() {
+            a.peers.remove(&key);
+        }
+        Ok(())
     }
 
     /// Revokes an endpoint; `false` if it was not present. The forwarding cache holds
@@ -465,6 +912,9 @@ impl XdpDataplane {
             Err(e) if is_not_found(&e) => false,
             Err(e) => return Err(map_err(PEERS_MAP)(e)),
         };
+        if let Some(a) = self.adopted.as_mut() {
+            a.peers.remove(&key);
+        }
         self.bump_generation()?;
         Ok(removed)
     }
@@ -539,7 +989,47 @@ impl XdpDataplane {
 
 impl Drop for XdpDataplane {
     fn drop(&mut self) {
+        if self.released {
+            info!(
+                dir = ?self.pin_dir(),
+                "leaving the XDP program attached with its maps pinned for the next agent"
+            );
+            return;
+        }
         self.detach_all();
+    }
+}
+
+/// Removes a link's pin and detaches the link before returning. The kernel releases a
+/// link whose last reference was a pin only later, from a work queue, and until then
+/// its interface refuses an attachment in another mode; so the link is opened first,
+/// and closing that last descriptor detaches it at once.
+fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
+    let held = PinnedLink::from_pin(path).ok().map(FdLink::from);
+    let removed = match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DataplaneError::Pins(format!(
+            "removing {}: {e}",
+            path.display()
+        ))),
+        _ => Ok(()),
+    };
+    drop(held);
+    removed
+}
+
+/// Removes the pins a predecessor left under `pin_dir` (detaching its program), for an
+/// agent that will not adopt them: it relays on the userspace path, or could not load
+/// the program. A directory not on a BPF file system holds no pins.
+pub fn remove_pins(pin_dir: &Path) {
+    if !bpf_pins::is_bpffs(pin_dir) {
+        return;
+    }
+    match std::fs::remove_dir_all(pin_dir) {
+        Ok(()) => {
+            info!(dir = %pin_dir.display(), "removed the data plane a previous agent left pinned")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(dir = %pin_dir.display(), error = %e, "could not remove the pins"),
     }
 }
 

@@ -82,7 +82,6 @@ pub fn facts(name: &str, ifindex: u32, mode: AttachedMode) -> EgressFacts {
 
 /// The interface's driver name (`ethtool -i`), or `None` if it cannot be read.
 pub fn driver_name(name: &str) -> Option<String> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
     const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
     #[repr(C)]
     struct DrvInfo {
@@ -99,29 +98,54 @@ pub fn driver_name(name: &str) -> Option<String> {
         eedump_len: u32,
         regdump_len: u32,
     }
+    // SAFETY: all-zero is a valid DrvInfo.
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    ethtool(name, &mut info)?;
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// Whether the interface computes UDP/TCP checksums of what this host sends on it
+/// (`ethtool -k`: `tx-checksumming`), or `None` if it cannot be read. On a veth it is
+/// on by default, and then the kernel leaves the checksums of this host's datagrams
+/// *partial* (the receiver's stack trusts the skb's state): whatever relays them in
+/// driver-mode XDP must complete them, see `myconet_common::maps::Stat::CsumPartial`.
+pub fn tx_checksum_offload(name: &str) -> Option<bool> {
+    const ETHTOOL_GTXCSUM: u32 = 0x0000_0016;
+    #[repr(C)]
+    struct Value {
+        cmd: u32,
+        data: u32,
+    }
+    let mut value = Value {
+        cmd: ETHTOOL_GTXCSUM,
+        data: 0,
+    };
+    ethtool(name, &mut value)?;
+    Some(value.data != 0)
+}
+
+/// One `SIOCETHTOOL` request on interface `name`; `request` is the command's struct,
+/// starting with its `cmd` word. `None` if the call fails.
+fn ethtool<T>(name: &str, request: &mut T) -> Option<()> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
     let cname = CString::new(name).ok()?;
     let bytes = cname.as_bytes_with_nul();
     if bytes.len() > libc::IFNAMSIZ {
         return None;
     }
     let socket = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).ok()?;
-    // SAFETY: all-zero is a valid DrvInfo and a valid ifreq.
-    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
-    info.cmd = ETHTOOL_GDRVINFO;
-    // SAFETY: as above.
+    // SAFETY: all-zero is a valid ifreq.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
-    ifr.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
-    // SAFETY: SIOCETHTOOL with an ifreq naming the interface and pointing at a
-    // DrvInfo that outlives the call.
+    ifr.ifr_ifru.ifru_data = (request as *mut T).cast();
+    // SAFETY: SIOCETHTOOL with an ifreq naming the interface and pointing at the
+    // command's struct, which outlives the call.
     let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL, &mut ifr) };
-    if rc != 0 {
-        return None;
-    }
-    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
-    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+    (rc == 0).then_some(())
 }
 
 // Generic netlink, just enough for one request of the `netdev` family.
@@ -297,7 +321,7 @@ mod tests {
     }
 
     /// Privileged: a veth whose far end has neither XDP nor GRO cannot take redirects;
-    /// with GRO on the far end it can.
+    /// with GRO on the far end it can. Its TX checksum offload is read as set.
     #[test]
     fn veth_ndo_xmit_follows_the_far_end() -> anyhow::Result<()> {
         use myconet_testbed::netns::{Netns, unique_name};
@@ -314,6 +338,11 @@ mod tests {
         };
         let (driver, features) = probe()?.ok_or_else(|| anyhow::anyhow!("no answer"))?;
         assert_eq!(driver, "veth");
+        // A stock veth offloads TX checksums; `ethtool -K … tx off` is read back.
+        let tx_csum = || ns.run_in(|| tx_checksum_offload("e0"));
+        assert_eq!(tx_csum()?, Some(true));
+        ns.exec("ethtool", ["-K", "e0", "tx", "off"])?;
+        assert_eq!(tx_csum()?, Some(false));
         assert_eq!(features & XDP_ACT_NDO_XMIT, 0, "{features:#x}");
         ns.exec("ethtool", ["-K", "e1", "gro", "on"])?;
         let (_, features) = probe()?.ok_or_else(|| anyhow::anyhow!("no answer"))?;

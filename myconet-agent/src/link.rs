@@ -8,7 +8,8 @@
 //! table:   Established{link}  ─► manager.on_link_authenticated     ─► PeerUp ─► XDP peer map
 //! manager: SendHello/Ack/...  ─► table.send_link (sealed Control)  ─► neighbour
 //! table:   Inbound::Control   ─► manager.handle_control            (RTT, liveness)
-//! table:   Expired/Failed     ─► manager.on_link_lost / retry      ─► PeerDown ─► map entry gone
+//! table:   Lost               ─► manager.on_link_lost              ─► PeerDown ─► map entry gone
+//! table:   Established again  ─► manager (same key, still up)      ─► LinkRenewed ─► full routing dump
 //! ```
 //!
 //! Only `PeerUp` puts an endpoint into the peer map, so no unauthenticated neighbour can
@@ -37,21 +38,29 @@ use tracing::{debug, info, warn};
 use crate::{
     node::{AgentStat, Node},
     peers::{
-        Action, ControlMessage, LinkEndpoint, NodeKey, PeerConfig, PeerError, PeerManager,
+        Action, ControlMessage, LinkEndpoint, NodeKey, Origin, PeerConfig, PeerError, PeerManager,
         PeerSnapshot, PeerStats,
         control::{frame_routing, routing_payload},
     },
+    pins::{self, SharedPins},
     rib::{NextHop, Prefix},
     routing::{
-        Explanation, RouteEvent, RouteSnapshot, Router, RoutingConfig, RoutingStats, TransmitTo,
+        Admission, Explanation, RouteEvent, RouteSnapshot, Router, RoutingConfig, RoutingStats,
+        TransmitTo,
     },
-    session::{Event, FailReason, SessionTable},
+    seqno_store::SeqnoStore,
+    session::{Event, SessionTable},
 };
 
-/// The routing core and the neighbours it may send to (those up).
+#[cfg(test)]
+mod tests;
+
+/// The routing core, the neighbours it may send to (those up), and the reservation of
+/// its sequence numbers.
 struct Routing {
     router: Router<LinkEndpoint>,
     up: BTreeSet<LinkEndpoint>,
+    seqnos: SeqnoStore,
 }
 
 /// The node's neighbours: who they are, whether their link is authenticated, and what
@@ -59,6 +68,8 @@ struct Routing {
 pub struct Links {
     manager: Mutex<PeerManager>,
     routing: Mutex<Routing>,
+    /// Keys pinned per /64, shared by the routing core and the session table.
+    pins: SharedPins,
     node: Arc<Node>,
     kick: Notify,
 }
@@ -73,22 +84,34 @@ impl std::fmt::Debug for Links {
 
 impl Links {
     /// The neighbour layer of `node` with its routing core; `seed` jitters hello and
-    /// update timers (use fresh randomness).
+    /// update timers (use fresh randomness); `seqnos` is where the routing core's
+    /// sequence numbers start and are reserved; `pins` the keys pinned per /64.
     pub fn new(
         node: Arc<Node>,
         config: PeerConfig,
         routing: RoutingConfig,
+        seqnos: SeqnoStore,
+        pins: SharedPins,
         now: Instant,
         seed: u64,
     ) -> anyhow::Result<Self> {
         let key = NodeKey::from_slice(node.identity().public_key())
             .ok_or(PeerError::InvalidConfig("identity key is not 32 bytes"))?;
-        let router = Router::new(node.identity_arc(), routing, seed.rotate_left(17), now)?;
+        let mut router = Router::new(
+            node.identity_arc(),
+            routing,
+            seed.rotate_left(17),
+            seqnos.first(),
+            now,
+        )?;
+        router.set_pins(pins.clone());
         Ok(Self {
             manager: Mutex::new(PeerManager::new(config, key, now, seed)?),
+            pins,
             routing: Mutex::new(Routing {
                 router,
                 up: BTreeSet::new(),
+                seqnos,
             }),
             node,
             kick: Notify::new(),
@@ -101,6 +124,30 @@ impl Links {
 
     fn routing(&self) -> MutexGuard<'_, Routing> {
         self.routing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The keys pinned per /64 (the session table checks them too).
+    pub fn pins(&self) -> &SharedPins {
+        &self.pins
+    }
+
+    /// Pins `key` for its /64 as the operator's choice; routes to that /64 under any
+    /// other key go at once. Returns the /64.
+    pub fn pin_key(&self, key: [u8; 32], now: Instant) -> std::net::Ipv6Addr {
+        let prefix = pins::lock(&self.pins).set_operator(&key);
+        let addr = std::net::Ipv6Addr::from(u128::from(prefix) << 64);
+        self.routing().router.drop_routes(addr, Some(key), now);
+        self.kick.notify_one();
+        addr
+    }
+
+    /// Forgets the pin of the /64 of `addr`, and the routes to it, so the next key heard
+    /// owning it is taken (and pinned). Returns whether there was a pin.
+    pub fn forget_pin(&self, addr: std::net::Ipv6Addr, now: Instant) -> bool {
+        let had = pins::lock(&self.pins).forget((u128::from(addr) >> 64) as u64);
+        self.routing().router.drop_routes(addr, None, now);
+        self.kick.notify_one();
+        had
     }
 
     /// Every candidate route the routing core holds, for `ListRoutes`.
@@ -152,6 +199,10 @@ impl Links {
     /// completes. `false` if it was already configured.
     pub fn add_static(&self, endpoint: LinkEndpoint) -> Result<bool, PeerError> {
         let added = self.manager().add_static(endpoint, Instant::now())?;
+        // An inbound or discovered neighbour that is up becomes a configured one.
+        self.routing()
+            .router
+            .set_neighbour_admission(endpoint, Admission::Configured);
         self.kick.notify_one();
         Ok(added)
     }
@@ -207,36 +258,24 @@ impl Links {
     /// Feeds a session-table event about a link session to the manager; end-to-end
     /// events are ignored.
     pub fn on_session_event(&self, event: &Event, now: Instant) {
-        match event {
-            Event::Established {
+        match feed_manager(&mut self.manager(), event, now) {
+            Ok(Some(Event::Established {
                 link: Some(endpoint),
                 remote_key,
                 ..
-            } => {
-                let key = NodeKey(*remote_key);
-                match self.manager().on_link_authenticated(*endpoint, key, now) {
-                    Ok(()) => debug!(%endpoint, node_key = %key, "link authenticated"),
-                    Err(e) => {
-                        self.node.count(AgentStat::LinkRefused, 0);
-                        warn!(%endpoint, error = %e, "link refused");
-                    }
-                }
+            })) => debug!(%endpoint, node_key = %NodeKey(*remote_key), "link authenticated"),
+            Ok(_) => {}
+            Err((endpoint, e)) => {
+                self.node.count(AgentStat::LinkRefused, 0);
+                warn!(%endpoint, error = %e, "link refused");
             }
-            Event::Expired {
-                link: Some(endpoint),
-                ..
-            }
-            | Event::Failed {
-                link: Some(endpoint),
-                reason: FailReason::Timeout | FailReason::Handshake(_),
-                ..
-            } => self.manager().on_link_lost(*endpoint, now),
-            _ => {}
         }
     }
 
     /// A control message that opened under the link session with `endpoint`. Every
-    /// such packet (an empty one included) proves the neighbour alive.
+    /// such packet (an empty one included) proves the neighbour alive. Called without
+    /// the session table's lock: a routing payload's signature checks must not stall
+    /// the data path.
     pub fn on_control(&self, endpoint: LinkEndpoint, payload: &[u8], now: Instant) {
         let mut manager = self.manager();
         manager.on_any_packet_from(endpoint, now);
@@ -306,6 +345,9 @@ impl Links {
         rng: &dyn SecureRandom,
     ) -> usize {
         let mut routing = self.routing();
+        // A re-signed announcement is about to leave: its seqno must be reserved first.
+        let seqno = routing.router.own_seqno();
+        routing.seqnos.cover(seqno);
         let mut applied = 0;
         while let Some(t) = routing.router.poll_transmit() {
             applied += 1;
@@ -368,20 +410,10 @@ impl Links {
         rng: &dyn SecureRandom,
     ) {
         let endpoint = action.endpoint();
-        if let Some(message) = action.control_message() {
-            if let Err(e) = table.send_link(endpoint, message.to_vec(), now, rng) {
-                debug!(%endpoint, error = %e, "cannot send control message");
-            }
-            return;
-        }
         match action {
-            Action::StartLinkHandshake { expected_key, .. } => {
-                let expected = expected_key.map(|k| k.0);
-                if let Err(e) = table.connect_link(endpoint, expected, now, rng) {
-                    warn!(%endpoint, error = %e, "cannot start link handshake");
-                }
-            }
-            Action::PeerUp { node_key, .. } => {
+            Action::PeerUp {
+                node_key, origin, ..
+            } => {
                 // The routing core may only route over a neighbour whose packets this
                 // node will relay: one that is in the relay peer set (XDP map and the
                 // userspace path's set alike).
@@ -389,7 +421,13 @@ impl Links {
                     Ok(()) => {
                         let mut routing = self.routing();
                         routing.up.insert(endpoint);
-                        routing.router.neighbour_up(endpoint, node_key.0, now);
+                        let admission = match origin {
+                            Origin::Static => Admission::Configured,
+                            Origin::Discovered | Origin::Inbound => Admission::SelfAdmitted,
+                        };
+                        routing
+                            .router
+                            .neighbour_up(endpoint, node_key.0, admission, now);
                         info!(%endpoint, %node_key, "neighbour up: may relay through this node")
                     }
                     Err(e) => {
@@ -413,10 +451,96 @@ impl Links {
             }
             Action::CloseLink(_) => {
                 self.routing_neighbour_down(endpoint, now);
-                table.close_link(endpoint);
+                apply_to_table(&action, table, now, rng);
             }
-            Action::SendHello(..) | Action::SendHelloAck(..) | Action::SendKeepalive(_) => {}
+            Action::LinkRenewed(_) => {
+                let mut routing = self.routing();
+                if routing.up.contains(&endpoint) {
+                    routing.router.neighbour_renewed(endpoint, now);
+                    debug!(%endpoint, "link renewed: the neighbour gets the routing table again");
+                }
+            }
+            Action::StartLinkHandshake { .. }
+            | Action::SendHello(..)
+            | Action::SendHelloAck(..)
+            | Action::SendKeepalive(_) => {
+                apply_to_table(&action, table, now, rng);
+            }
         }
+    }
+}
+
+/// What a session-table event tells the neighbour manager: an authenticated link
+/// handshake, or a link session lost. Returns the event if the manager took it (`None`
+/// for events it has no business with) and the endpoint with the reason if the manager
+/// refused an authenticated link. Shared by [`Links`] and the tests that drive a
+/// manager and a table together.
+pub(crate) fn feed_manager<'e>(
+    manager: &mut PeerManager,
+    event: &'e Event,
+    now: Instant,
+) -> Result<Option<&'e Event>, (LinkEndpoint, PeerError)> {
+    match event {
+        Event::Established {
+            link: Some(endpoint),
+            remote_key,
+            ..
+        } => {
+            let key = NodeKey(*remote_key);
+            manager
+                .on_link_authenticated(*endpoint, key, now)
+                .map_err(|e| (*endpoint, e))?;
+            Ok(Some(event))
+        }
+        // Only the loss of the session in use is a lost link. A session replaced by a
+        // newer handshake, an unconfirmed duplicate dropped, or a handshake that failed
+        // while the link works (a rekey) are not: the manager's own dead interval and
+        // retries cover a neighbour that really went away.
+        Event::Lost {
+            link: Some(endpoint),
+            ..
+        } => {
+            manager.on_link_lost(*endpoint, now);
+            Ok(Some(event))
+        }
+        Event::Established { link: None, .. }
+        | Event::Lost { link: None, .. }
+        | Event::Expired { .. }
+        | Event::Failed { .. } => Ok(None),
+    }
+}
+
+/// The session table's part of a manager action: link handshakes, sealed control
+/// messages, closing a link. Actions that are not the table's (peer-map changes) are
+/// left alone. Shared by [`Links`] and the tests that drive a manager and a table
+/// together.
+pub(crate) fn apply_to_table(
+    action: &Action,
+    table: &mut SessionTable,
+    now: Instant,
+    rng: &dyn SecureRandom,
+) {
+    let endpoint = action.endpoint();
+    if let Some(message) = action.control_message() {
+        if let Err(e) = table.send_link(endpoint, message.to_vec(), now, rng) {
+            debug!(%endpoint, error = %e, "cannot send control message");
+        }
+        return;
+    }
+    match action {
+        Action::StartLinkHandshake { expected_key, .. } => {
+            let expected = expected_key.map(|k| k.0);
+            if let Err(e) = table.connect_link(endpoint, expected, now, rng) {
+                warn!(%endpoint, error = %e, "cannot start link handshake");
+            }
+        }
+        Action::CloseLink(_) => table.close_link(endpoint),
+        Action::PeerUp { .. }
+        | Action::PeerDown { .. }
+        | Action::LinkRenewed(_)
+        | Action::SendHello(..)
+        | Action::SendHelloAck(..)
+        | Action::SendKeepalive(_) => {}
     }
 }
 

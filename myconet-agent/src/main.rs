@@ -4,21 +4,27 @@
 use std::{sync::Arc, time::Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use myconet_agent::{
+    bpf_pins::PinDir,
+    caps::{self, CapSet},
     config::{Cli, DataplaneChoice},
     content::Content,
-    control::{self, ControlSocket},
+    control::{self, ControlService, ControlSocket},
     dataplane::{self, XdpDataplane},
-    identity::{Identity, StateLock},
+    generate,
+    identity::{Identity, KEY_FILE, StateLock},
     link::Links,
+    logging, metrics,
     netlink::{self, Netlink},
     node::{ConfiguredInterface, Node},
     overlay::{self, Overlay},
     peers::{Beaconer, DiscoveryConfig, LinkEndpoint, ReceivedBeacon},
+    pins, preflight,
     routing::RoutingConfig,
+    seqno_store::SeqnoStore,
     sysctl,
-    tun::{Tun, TunOptions},
+    tun::{Tun, TunError, TunOptions},
     underlay,
     watch::{self, UnderlayWatch},
 };
@@ -26,14 +32,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let settings = Cli::parse().resolve()?;
+    let cli = Cli::parse();
+    if let Some(dir) = &cli.generate_docs {
+        return generate::write_docs(Cli::command(), dir);
+    }
+    if let Some(problem) = logging::init(cli.log_format) {
+        warn!("{problem}");
+    }
+    let settings = cli.resolve()?;
+    // Everything that can be found wrong is found before anything is claimed.
+    preflight::check(&settings)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -46,32 +54,75 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
     // Claim the control socket before touching the system: a second agent started by
     // mistake must fail with "already serving" and change nothing.
     let control_socket = ControlSocket::claim(&settings.socket, settings.socket_mode).await?;
-    for iface in &settings.interfaces {
-        dataplane::ifindex(iface)?;
-    }
     let _state_lock = StateLock::acquire(&settings.state_dir)?;
-    let identity = Identity::load_or_create(&settings.state_dir)?;
-    info!(
-        address = %identity.node_address(),
-        prefix = %identity.node_prefix(),
-        "identity loaded"
-    );
+    let (identity, created) = Identity::open(&settings.state_dir)?;
+    let key_path = settings.state_dir.join(KEY_FILE);
+    if created {
+        info!(
+            path = %key_path.display(),
+            address = %identity.node_address(),
+            prefix = %identity.node_prefix(),
+            "identity created"
+        );
+    } else {
+        info!(
+            path = %key_path.display(),
+            address = %identity.node_address(),
+            prefix = %identity.node_prefix(),
+            "identity loaded"
+        );
+    }
 
-    let mut journal = sysctl::Journal::open(&settings.state_dir).with_context(|| {
+    // A predecessor that left its data plane pinned (killed, or a hitless exit) is
+    // still relaying: its sysctls must stay until this agent has taken over.
+    let adopting = settings.dataplane != DataplaneChoice::Userspace
+        && !settings.interfaces.is_empty()
+        && PinDir::has_links(&settings.pin_dir);
+    let mut journal = sysctl::Journal::open(&settings.state_dir, adopting).with_context(|| {
         format!(
             "opening the sysctl journal in {}",
             settings.state_dir.display()
         )
     })?;
     let (dataplane, interfaces) = set_up_dataplane(&settings, &mut journal)?;
+    let xdp_loaded = dataplane.is_some();
     let node = Arc::new(Node::new(identity, settings.port, dataplane, journal)?);
     node.set_interfaces(settings.dataplane.as_str(), interfaces);
     let content = Content::open(settings.content.clone(), node.identity_arc()).await?;
-    let result = serve(&node, &settings, control_socket, &content).await;
+    let result = serve(&node, &settings, control_socket, xdp_loaded, &content).await;
     content.shutdown().await;
-    node.shutdown();
-    info!("stopped");
-    result
+    let hitless = matches!(result, Ok(Exit::Hitless));
+    node.shutdown(hitless);
+    info!(hitless, "stopped");
+    result.map(|_| ())
+}
+
+/// How the agent was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Detach, remove the pins, restore the sysctls.
+    Clean,
+    /// Leave the pinned data plane relaying for the next agent.
+    Hitless,
+}
+
+/// Loads the program, pinned under `settings.pin_dir` when that is on a BPF file
+/// system (with a warning naming the remedy when it is not).
+fn load_dataplane(
+    settings: &myconet_agent::config::Settings,
+) -> Result<XdpDataplane, dataplane::DataplaneError> {
+    match XdpDataplane::load_pinned(settings.port, &settings.pin_dir) {
+        Ok(dp) => Ok(dp),
+        Err(dataplane::DataplaneError::Pins(reason)) => {
+            warn!(
+                reason,
+                "XDP not pinned: the program and its maps go with this process, so an \
+                 agent restart stops relaying until the new agent is up"
+            );
+            XdpDataplane::load(settings.port)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Attaches XDP as `--dataplane` asks and records which path relays each interface.
@@ -109,12 +160,13 @@ fn set_up_dataplane(
     let strict = match settings.dataplane {
         DataplaneChoice::Userspace => {
             info!("--dataplane userspace: XDP not attached, the agent relays every packet");
+            dataplane::remove_pins(&settings.pin_dir);
             return Ok((None, all_userspace(interfaces, "--dataplane userspace")));
         }
         DataplaneChoice::Xdp => true,
         DataplaneChoice::Auto => false,
     };
-    let mut dp = match XdpDataplane::load(settings.port) {
+    let mut dp = match load_dataplane(settings) {
         Ok(dp) => dp,
         Err(e) if !strict => {
             let reason = format!("{e:#}");
@@ -122,9 +174,13 @@ fn set_up_dataplane(
                 error = reason,
                 "XDP unavailable: every interface takes the userspace data path (slower)"
             );
+            dataplane::remove_pins(&settings.pin_dir);
             return Ok((None, all_userspace(interfaces, &reason)));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            dataplane::remove_pins(&settings.pin_dir);
+            return Err(e.into());
+        }
     };
     for iface in &mut interfaces {
         match attach_one(&mut dp, iface, settings, journal) {
@@ -145,6 +201,10 @@ fn set_up_dataplane(
                 iface.userspace_reason = Some(reason);
             }
         }
+    }
+    // Whatever a predecessor pinned that this agent does not use goes now.
+    if let Err(e) = dp.finish_adoption() {
+        warn!(error = %e, "could not remove all the pinned state this agent does not use");
     }
     if interfaces.iter().all(|i| i.userspace_reason.is_some()) {
         warn!("XDP attached nowhere: every interface takes the userspace data path (slower)");
@@ -184,12 +244,19 @@ async fn serve(
     node: &Arc<Node>,
     settings: &myconet_agent::config::Settings,
     control_socket: ControlSocket,
+    xdp_loaded: bool,
     content: &Arc<Content>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Exit> {
+    let pins = pins::load(&settings.state_dir, pins::DEFAULT_CAPACITY).shared();
+    for key in &settings.pinned_keys {
+        pins::lock(&pins).set_operator(key);
+    }
     let links = Arc::new(Links::new(
         node.clone(),
         settings.peer_config.clone(),
         RoutingConfig::default(),
+        SeqnoStore::open(&settings.state_dir),
+        pins.clone(),
         Instant::now(),
         jitter_seed(),
     )?);
@@ -241,18 +308,39 @@ async fn serve(
         tokio::spawn(overlay.run_timers()),
         tokio::spawn(node.clone().refresh_nexthops_forever()),
         tokio::spawn(watch::follow_forever(watch)),
+        tokio::spawn(save_pins_forever(pins.clone(), settings.state_dir.clone())),
     ];
     if !settings.discover.is_empty() {
         tasks.extend(start_discovery(node, &links, settings)?);
     }
+    if let Some(addr) = settings.metrics_listen {
+        let listener = metrics::bind(addr).await?;
+        let service = ControlService::new(node.clone(), links.clone());
+        tasks.push(tokio::spawn(metrics::serve(listener, service)));
+    }
+    // Everything that needs privilege at set-up is done: sockets bound, TUN open, XDP
+    // attached. Keep only what running needs (caps.rs says which and why).
+    drop_capabilities(xdp_loaded)?;
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
+    // SIGTERM and SIGINT stop cleanly unless the operator configured hitless restarts;
+    // SIGUSR2 always leaves the pinned data plane relaying for the next agent.
+    let on_stop = if settings.hitless_restart {
+        Exit::Hitless
+    } else {
+        Exit::Clean
+    };
+    let exit = Arc::new(std::sync::Mutex::new(Exit::Clean));
+    let asked = exit.clone();
     let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = int.recv() => info!("SIGINT: shutting down"),
-        }
+        let how = tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); on_stop }
+            _ = int.recv() => { info!("SIGINT: shutting down"); on_stop }
+            _ = usr2.recv() => { info!("SIGUSR2: exiting, leaving the data plane relaying"); Exit::Hitless }
+        };
+        *asked.lock().unwrap_or_else(|p| p.into_inner()) = how;
     };
     info!(socket = %settings.socket.display(), port = settings.port, "agent ready");
     let served = control::serve_on(
@@ -266,7 +354,28 @@ async fn serve(
     for t in tasks {
         t.abort();
     }
-    served
+    save_pins(&pins, &settings.state_dir);
+    served?;
+    let how = *exit.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(how)
+}
+
+/// Persists the pins once a minute when they changed (a crash loses at most a minute
+/// of newly learned pins; they are learned again from the next announcements).
+async fn save_pins_forever(pins: pins::SharedPins, state_dir: std::path::PathBuf) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (p, d) = (pins.clone(), state_dir.clone());
+        let _ = tokio::task::spawn_blocking(move || save_pins(&p, &d)).await;
+    }
+}
+
+fn save_pins(pins: &pins::SharedPins, state_dir: &std::path::Path) {
+    if let Err(e) = pins::save_if_changed(pins, state_dir) {
+        warn!(error = %e, dir = %state_dir.display(), "cannot persist the key pins");
+    }
 }
 
 /// Starts beaconing on the `--discover` interfaces and feeds what arrives to the
@@ -305,6 +414,20 @@ fn start_discovery(
         }
     });
     Ok(vec![beacons, intake])
+}
+
+/// Drops every capability the running agent does not need, in every thread, and says
+/// which it kept.
+fn drop_capabilities(xdp_loaded: bool) -> anyhow::Result<()> {
+    let before = caps::effective();
+    let kept = caps::drop_to(caps::needed_after_setup(xdp_loaded))
+        .context("dropping the capabilities set-up needed")?;
+    info!(
+        kept = %kept,
+        dropped = %CapSet(before.0 & !kept.0),
+        "capabilities dropped after set-up"
+    );
+    Ok(())
 }
 
 /// Fresh randomness for timer jitter, so neighbours' hellos do not synchronise.
@@ -362,10 +485,39 @@ fn create_tun(name: &str) -> anyhow::Result<Tun> {
             }
             Ok(tun)
         }
+        // Not an offload problem: no fallback, and no warning about offload before the
+        // real error.
+        Err(e @ TunError::Open { .. }) if os_error(&e).is_some_and(is_denied) => {
+            Err(anyhow::Error::new(e).context(preflight::tun_device_error(name)))
+        }
+        Err(e) if os_error(&e).is_some_and(is_denied) => {
+            Err(anyhow::Error::new(e).context(preflight::tun_capability_error(name)))
+        }
         Err(e) => {
             warn!(tun = name, error = %e, "TUN offload unavailable: one packet per read and write");
             Tun::create(name, TunOptions::default())
                 .with_context(|| format!("creating TUN device {name}"))
         }
     }
+}
+
+/// The OS error at the root of `e`, if any.
+fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(code) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return Some(code);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// EPERM or EACCES: a missing capability or file permission, not something an
+/// offload-less retry would fix.
+fn is_denied(code: i32) -> bool {
+    code == libc::EPERM || code == libc::EACCES
 }

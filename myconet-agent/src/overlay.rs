@@ -11,14 +11,14 @@ use std::{
     os::fd::AsFd,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Instant,
 };
 
 use myconet_common::{
-    addr::{self, NODE_PREFIX_LEN},
-    wire::HEADER_LEN,
+    addr,
+    wire::{HEADER_LEN, PacketType, field},
 };
 use ring::rand::SystemRandom;
 use tokio::{net::UdpSocket, sync::Notify};
@@ -29,7 +29,10 @@ use crate::{
     link::Links,
     node::{AgentStat, Node},
     pmtu::{self, Limit, PathMtu, Rejected},
-    session::{Config, Event, Inbound, InboundError, SessionTable, Suite, TAG_LEN, Transmit},
+    session::{
+        Config, Event, HandshakeError, Inbound, InboundError, Screened, SendError, SessionTable,
+        Suite, TAG_LEN, Transmit,
+    },
     tun::{self, Coalescer, PacketBatch, Tun, VNET_HDR_LEN},
 };
 
@@ -47,6 +50,8 @@ pub struct Overlay {
     links: Arc<Links>,
     rng: SystemRandom,
     timers: Notify,
+    /// Generation of the node's underlay addresses the session table was last given.
+    underlay_generation: AtomicU64,
     /// Path MTUs learned from too-big reports (`pmtu`).
     path_mtu: Mutex<PathMtu>,
     /// Whether `path_mtu` holds anything: until a report is believed, the TUN path
@@ -101,7 +106,10 @@ impl Overlay {
         links: Arc<Links>,
         config: Config,
     ) -> anyhow::Result<Self> {
-        let sessions = SessionTable::new(node.identity_arc(), config, Instant::now())?;
+        let mut sessions = SessionTable::new(node.identity_arc(), config, Instant::now())?;
+        sessions.set_pins(links.pins().clone());
+        let (generation, addrs) = node.underlay_addrs();
+        sessions.set_local_underlay(node.port(), addrs.iter().copied());
         Ok(Self {
             node,
             socket,
@@ -110,6 +118,7 @@ impl Overlay {
             links,
             rng: SystemRandom::new(),
             timers: Notify::new(),
+            underlay_generation: AtomicU64::new(generation),
             path_mtu: Mutex::new(PathMtu::default()),
             path_mtu_known: AtomicBool::new(false),
         })
@@ -119,6 +128,15 @@ impl Overlay {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Gives the session table the node's current underlay addresses if they changed
+    /// since it last got them (link handshakes are bound to them).
+    fn refresh_underlay(&self, st: &mut SessionTable) {
+        let (generation, addrs) = self.node.underlay_addrs();
+        if self.underlay_generation.swap(generation, Ordering::Relaxed) != generation {
+            st.set_local_underlay(self.node.port(), addrs.iter().copied());
+        }
+    }
+
     /// The neighbour layer.
     pub fn links(&self) -> &Arc<Links> {
         &self.links
@@ -126,31 +144,88 @@ impl Overlay {
 
     /// Handles a data, control, handshake or cookie datagram addressed to this node.
     pub async fn on_datagram(&self, from: SocketAddr, datagram: &[u8]) {
-        let (delivered, transmits) = {
+        if datagram.get(field::TYPE) == Some(&(PacketType::HandshakeInit as u8)) {
+            self.on_init(from, datagram).await;
+            return;
+        }
+        let now = Instant::now();
+        let (delivered, control, mut transmits) = {
             let mut st = self.sessions();
-            let now = Instant::now();
+            self.refresh_underlay(&mut st);
             let result = st.handle_datagram(from, datagram, now, &self.rng);
-            let delivered = match result {
-                Ok(Inbound::Data { remote, payload }) => Some((remote, payload)),
+            let (mut delivered, mut control) = (None, None);
+            match result {
+                Ok(Inbound::Data { remote, payload }) => delivered = Some((remote, payload)),
                 Ok(Inbound::Control {
                     endpoint, payload, ..
-                }) => {
-                    self.links.on_control(endpoint, &payload, now);
-                    None
-                }
-                Ok(Inbound::Keepalive { .. }) | Ok(Inbound::Handshake(_)) => None,
+                }) => control = Some((endpoint, payload)),
+                Ok(Inbound::Keepalive { .. }) | Ok(Inbound::Handshake(_)) => {}
                 Err(e) => {
                     self.node.count(stat_for(&e), datagram.len());
                     debug!(%from, error = %e, "datagram rejected");
-                    None
                 }
             };
-            (delivered, self.drain(&mut st))
+            (delivered, control, self.drain(&mut st))
         };
+        // Routing work (signature checks of a neighbour's announcements) runs without
+        // the session table's lock, which the data path needs for every packet; what it
+        // queued is sent under the lock again.
+        if let Some((endpoint, payload)) = control {
+            self.links.on_control(endpoint, &payload, now);
+            transmits.extend(self.drain(&mut self.sessions()));
+        }
         self.timers.notify_one();
         if let Some((remote, payload)) = delivered {
             self.deliver(remote, &payload).await;
         }
+        self.send_all(transmits).await;
+    }
+
+    /// Handles a HandshakeInit in three steps, so that the signature work (about 130 µs
+    /// with the response) never holds the lock the data path takes: the table screens
+    /// it under the lock (cheap checks, cookies, rate limits, verification budget), the
+    /// job verifies it and builds the response outside, and the table applies the
+    /// outcome under the lock again.
+    async fn on_init(&self, from: SocketAddr, datagram: &[u8]) {
+        let (job, transmits) = {
+            let mut st = self.sessions();
+            self.refresh_underlay(&mut st);
+            let job = match st.screen_init(from, datagram, Instant::now(), &self.rng) {
+                Ok(Screened::Verify(job)) => {
+                    self.node
+                        .count(AgentStat::HandshakeVerified, datagram.len());
+                    Some(job)
+                }
+                // A copy answered silently from the cache (or ignored) produced
+                // nothing: under a flood of replays most inits end here, so this path
+                // wakes nobody.
+                Ok(Screened::Done(_)) if !st.has_output() => return,
+                Ok(Screened::Done(_)) => None,
+                Err(e) => {
+                    // A refused init changed nothing and sends nothing.
+                    drop(st);
+                    self.node.count(stat_for(&e), datagram.len());
+                    debug!(%from, error = %e, "handshake init rejected");
+                    return;
+                }
+            };
+            (job, self.drain(&mut st))
+        };
+        self.send_all(transmits).await;
+        let Some(job) = job else {
+            self.timers.notify_one();
+            return;
+        };
+        let outcome = job.run(&self.rng);
+        let transmits = {
+            let mut st = self.sessions();
+            if let Err(e) = st.finish_init(outcome, Instant::now()) {
+                self.node.count(stat_for(&e), datagram.len());
+                debug!(%from, error = %e, "handshake init rejected");
+            }
+            self.drain(&mut st)
+        };
+        self.timers.notify_one();
         self.send_all(transmits).await;
     }
 
@@ -174,16 +249,16 @@ impl Overlay {
         }
     }
 
-    /// Whether an opened packet is an IPv6 packet from `remote`'s /64 to this node;
-    /// counts it as invalid if not.
+    /// Whether an opened packet is an IPv6 packet from `remote` (the session's address,
+    /// which the handshake proved the remote's key owns in full) to this node's
+    /// address; counts it as invalid if not. A node has exactly one overlay address:
+    /// other addresses in a /64 are bound to the key by 48 bits only.
     fn inner_ok(&self, remote: Ipv6Addr, packet: &[u8]) -> bool {
         let Some((src, dst)) = ipv6_addrs(packet) else {
             self.node.count(AgentStat::RxInnerInvalid, packet.len());
             return false;
         };
-        if !addr::prefix_contains(remote, NODE_PREFIX_LEN, src)
-            || !self.node.node_prefix().contains(dst)
-        {
+        if src != remote || dst != self.node.identity().node_address() {
             self.node.count(AgentStat::RxInnerInvalid, packet.len());
             debug!(%remote, %src, %dst, "inner addresses do not match the session");
             return false;
@@ -219,7 +294,7 @@ impl Overlay {
                 let Some(datagram) = buf.get_mut(range.clone()) else {
                     continue;
                 };
-                match st.open_in_place(datagram, now) {
+                match st.open_in_place(datagram, now, &self.rng) {
                     Ok((remote, plain)) if !plain.is_empty() => {
                         let start = range.start + plain.start;
                         scratch
@@ -458,9 +533,15 @@ impl Overlay {
                     }
                     for i in start + sealed..end {
                         let Some(packet) = batch.get(i) else { continue };
-                        if let Err(e) = st.send(dst, packet.to_vec(), now, &self.rng) {
-                            debug!(%dst, error = %e, "cannot send");
-                            self.node.count(AgentStat::TunDropped, packet.len());
+                        match st.send(dst, packet.to_vec(), now, &self.rng) {
+                            Ok(_) => {}
+                            Err(SendError::Throttled) => {
+                                self.node.count(AgentStat::HandshakeThrottled, packet.len());
+                            }
+                            Err(e) => {
+                                debug!(%dst, error = %e, "cannot send");
+                                self.node.count(AgentStat::TunDropped, packet.len());
+                            }
                         }
                     }
                 }
@@ -699,6 +780,11 @@ impl Overlay {
                 link,
                 ..
             } => debug!(%remote, ?link, ?reason, "session expired"),
+            Event::Lost {
+                remote,
+                reason,
+                link,
+            } => debug!(%remote, ?link, ?reason, "no session left with the remote"),
         }
     }
 
@@ -803,6 +889,7 @@ fn stat_for(e: &InboundError) -> AgentStat {
         InboundError::Open(_) => AgentStat::RxOpenFailed,
         InboundError::UnknownIndex(_) => AgentStat::RxUnknownSession,
         InboundError::RateLimited(_) => AgentStat::HandshakeRateLimited,
+        InboundError::Handshake(HandshakeError::Replayed) => AgentStat::HandshakeReplayed,
         InboundError::Handshake(_) => AgentStat::HandshakeRejected,
         _ => AgentStat::RxMalformed,
     }

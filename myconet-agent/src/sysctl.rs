@@ -9,7 +9,11 @@
 //! Original values are written to a journal in the state directory *before* anything is
 //! changed. A clean shutdown restores them and removes the journal; an agent that finds
 //! a journal at start-up (its predecessor was killed) restores those values first, so a
-//! crash never turns the agent's setting into the "original" one.
+//! crash never turns the agent's setting into the "original" one. An agent that adopts
+//! its predecessor's pinned data plane (see `crate::bpf_pins`) takes the journal over
+//! instead: the pinned program keeps relaying only while forwarding stays on, and the
+//! values it restores at its own clean shutdown are still the true originals. A hitless
+//! exit leaves both the values and the journal for the next agent.
 
 use std::{
     fs, io,
@@ -40,9 +44,11 @@ fn sysctl_path(iface: &str, key: &str) -> PathBuf {
 }
 
 impl Journal {
-    /// Opens the journal in `state_dir`, first restoring whatever a previous agent that
-    /// did not shut down cleanly left changed.
-    pub fn open(state_dir: &Path) -> io::Result<Self> {
+    /// Opens the journal in `state_dir`. What a previous agent that did not shut down
+    /// cleanly left changed is restored first, unless `take_over` (this agent adopts
+    /// its predecessor's pinned data plane, which needs the values as they are): then
+    /// the entries become this journal's, to be restored at its clean shutdown.
+    pub fn open(state_dir: &Path, take_over: bool) -> io::Result<Self> {
         let file = state_dir.join(JOURNAL_FILE);
         match fs::read_to_string(&file) {
             Ok(text) => {
@@ -50,6 +56,13 @@ impl Journal {
                     file: Some(file.clone()),
                     saved: parse(&text),
                 };
+                if take_over {
+                    info!(
+                        entries = leftover.saved.len(),
+                        "keeping the sysctls of the agent whose pinned data plane this one adopts"
+                    );
+                    return Ok(leftover);
+                }
                 warn!(
                     entries = leftover.saved.len(),
                     "restoring sysctls left changed by an agent that did not shut down cleanly"
@@ -63,6 +76,13 @@ impl Journal {
             file: Some(file),
             saved: Vec::new(),
         })
+    }
+
+    /// Forgets the changes without restoring them and leaves the journal on disk, for a
+    /// hitless exit: the next agent on this state directory takes it over.
+    pub fn keep_for_successor(&mut self) {
+        self.saved.clear();
+        self.file = None;
     }
 
     /// Prepares `iface` for in-kernel relaying.
@@ -152,6 +172,29 @@ fn parse(text: &str) -> Vec<Saved> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_journal_is_restored_or_taken_over() {
+        let dir = std::env::temp_dir().join(format!("myconet-sysctl-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // A value only this test reads back: the journal is validated to point under
+        // /proc/sys/net/ipv6/conf, so taking it over must keep it without writing it.
+        let text = "/proc/sys/net/ipv6/conf/myc-nonexistent/forwarding\t0\n";
+        fs::write(dir.join(JOURNAL_FILE), text).unwrap();
+        let mut taken = Journal::open(&dir, true).unwrap();
+        assert_eq!(taken.saved.len(), 1);
+        assert!(
+            dir.join(JOURNAL_FILE).exists(),
+            "a taken-over journal stays"
+        );
+        taken.keep_for_successor();
+        taken.restore_and_clear();
+        assert!(dir.join(JOURNAL_FILE).exists(), "left for the next agent");
+        let fresh = Journal::open(&dir, false).unwrap();
+        assert!(fresh.saved.is_empty());
+        assert!(!dir.join(JOURNAL_FILE).exists(), "restored and removed");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn journal_lines_are_validated() {

@@ -40,6 +40,39 @@ pub const RELAY_HANDSHAKE_LIMIT: RateLimitConfig = RateLimitConfig {
     ipv6_prefix_len: 128,
 };
 
+/// Receive buffer of the underlay socket. Data for this node, handshakes and control
+/// all queue here, so it must absorb the agent being off the CPU for a while at full
+/// rate (at ~3 Gbit/s of 1,400-byte datagrams, each costing ~2.3 KB of buffer, 4 MiB
+/// lasted about 7 ms) and a handshake flood on top (every init that XDP passes up
+/// queues here before the agent can refuse it): when it overflows, the kernel drops
+/// data and TCP backs off. 32 MiB.
+const RECEIVE_BUFFER: usize = 32 << 20;
+
+/// Sets the socket's receive buffer to `bytes`: with `SO_RCVBUFFORCE` when the agent
+/// may (CAP_NET_ADMIN, which it has to attach XDP), so `net.core.rmem_max` (often
+/// 208 KiB) does not silently cap it, else with `SO_RCVBUF` up to that cap.
+fn set_receive_buffer(socket: &socket2::Socket, bytes: usize) {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: valid fd, option value points at a live c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let _ = socket.set_recv_buffer_size(bytes);
+    }
+    debug!(
+        requested = bytes,
+        granted = socket.recv_buffer_size().unwrap_or(0),
+        "underlay receive buffer"
+    );
+}
+
 /// Binds the IPv6-only underlay socket on `[::]:port`.
 pub fn bind(port: u16) -> std::io::Result<UdpSocket> {
     let socket = socket2::Socket::new(
@@ -66,8 +99,7 @@ pub fn bind(port: u16) -> std::io::Result<UdpSocket> {
         return Err(std::io::Error::last_os_error());
     }
     socket.set_nonblocking(true)?;
-    // Room for bursts while the fast path is cold.
-    let _ = socket.set_recv_buffer_size(4 << 20);
+    set_receive_buffer(&socket, RECEIVE_BUFFER);
     // Runs of datagrams from one sender arrive as one buffer; `run` splits them.
     batch_io::log_offloads(&batch_io::enable_gro(&socket));
     let addr = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));

@@ -10,7 +10,7 @@
 use std::{collections::BTreeSet, net::Ipv6Addr};
 
 use myconet_agent::{
-    dataplane::{XdpDataplane, ifindex},
+    dataplane::{AttachedMode, XdpDataplane, ifindex},
     egress::EgressPolicy,
     rib::{NextHop, RouteTarget},
 };
@@ -94,6 +94,18 @@ impl Fixture {
 
     /// Like [`Fixture::run`] for a frame arriving on interface `ingress`.
     fn run_on(&self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>, Stat) {
+        let (action, out, moved) = self.run_counting(frame, ingress);
+        assert_eq!(
+            moved.len(),
+            1,
+            "exactly one counter must move, got {moved:?}"
+        );
+        (action, out, moved[0])
+    }
+
+    /// Runs one frame arriving on `ingress` and returns (action, frame out, every stat
+    /// that moved, in index order); each moved by exactly one packet of this frame.
+    fn run_counting(&self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>, Vec<Stat>) {
         let before = self.dp.stats().unwrap();
         let out = self.dp.test_run(frame, ingress, 1).expect("test_run");
         let after = self.dp.stats().unwrap();
@@ -113,11 +125,11 @@ impl Fixture {
             })
             .collect();
         assert_eq!(
-            moved.len(),
+            moved.iter().filter(|s| s.is_verdict()).count(),
             1,
-            "exactly one counter must move, got {moved:?}"
+            "exactly one verdict must be counted, got {moved:?}"
         );
-        (out.action, out.frame, moved[0])
+        (out.action, out.frame, moved)
     }
 }
 
@@ -758,6 +770,116 @@ fn frames_larger_than_the_egress_are_passed_up_as_too_big() {
         // The flow's smaller packets are still relayed from the cache.
         let (act, _, stat) = fx.run(&sized(1400));
         assert_eq!((act, stat), (XDP_REDIRECT, Stat::Redirect));
+    })
+    .expect("run in namespace");
+}
+
+/// A peer's data frame for `dst` with a `payload_len`-byte patterned payload and the
+/// partial UDP checksum a sender's kernel leaves with TX checksum offload.
+fn partial_frame(dst: &str, payload_len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7 + 3) as u8).collect();
+    packet::with_partial_checksum(packet::frame(
+        PEER_MAC,
+        V0_MAC,
+        a("fd00:1::2"),
+        a("fd00:1::1"),
+        PORT,
+        PORT,
+        &header(dst, 64),
+        &payload,
+    ))
+}
+
+/// A frame from a sender on this host that used a veth with TX checksum offload carries
+/// only the pseudo-header sum in its UDP checksum (the skb is `CHECKSUM_PARTIAL`).
+/// Relayed from driver-mode XDP it becomes an `xdp_frame` without that state, so the
+/// program must complete the checksum over the datagram (every payload length, odd and
+/// even, across the chunk sizes it sums in); from a generic-mode interface the skb keeps
+/// its state and the program must leave a valid partial sum for the new addresses.
+/// Either way `csum_partial` is counted beside the verdict; full checksums stay on the
+/// incremental path and are not counted there.
+#[test]
+fn partial_checksums_are_completed_or_kept_partial() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        let mut fx = Fixture::new();
+        // Frames up to what BPF_PROG_TEST_RUN takes (one page less head- and tailroom)
+        // must pass the FIB's MTU check, so every chunk count is reached.
+        for dev in ["v0", "v2"] {
+            let out = std::process::Command::new("ip")
+                .args(["link", "set", "dev", dev, "mtu", "4000"])
+                .output()
+                .expect("run ip");
+            assert!(out.status.success(), "{out:?}");
+        }
+        let lengths = (0..=9)
+            .chain(250..=262)
+            .chain(500..=524)
+            .chain([1000, 1001, 1203, 1392, 1393, 2047, 2048, 3000, 3001, 3300]);
+        for len in lengths {
+            for (dst, want_act, want_stat, eth, ips) in [
+                (
+                    "fd6d:d::1",
+                    XDP_REDIRECT,
+                    Stat::Redirect,
+                    (NEIGH2_MAC, V2_MAC),
+                    ("fd00:2::1", "fd00:2::2"),
+                ),
+                (
+                    "fd6d:c::1",
+                    XDP_TX,
+                    Stat::Tx,
+                    (PEER_MAC, V0_MAC),
+                    ("fd00:1::1", "fd00:1::2"),
+                ),
+            ] {
+                let f = partial_frame(dst, len);
+                assert!(packet::parse_frame(&f).unwrap().checksum_partial());
+                let (act, out, moved) = fx.run_counting(&f, fx.v0);
+                assert_eq!(act, want_act, "{dst} payload {len}");
+                assert_eq!(moved, [want_stat, Stat::CsumPartial], "payload {len}");
+                let p = packet::parse_frame(&out).unwrap();
+                assert_eq!((p.ip_src, p.ip_dst), (a(ips.0), a(ips.1)));
+                assert_eq!((p.eth_dst, p.eth_src), eth);
+                assert!(p.checksum_valid(), "{dst} payload {len}: not completed");
+                let payload = ETH_LEN + IPV6_LEN + UDP_LEN + HEADER_LEN;
+                assert_eq!(&out[payload..], &f[payload..], "payload carried untouched");
+            }
+        }
+
+        // A full checksum is patched, not recomputed, and not counted as partial.
+        let full = frame_from(PORT, &header("fd6d:d::1", 64));
+        let (act, out, moved) = fx.run_counting(&full, fx.v0);
+        assert_eq!(
+            (act, moved.as_slice()),
+            (XDP_REDIRECT, &[Stat::Redirect][..])
+        );
+        assert!(packet::parse_frame(&out).unwrap().checksum_valid());
+
+        // Generic mode on the ingress: the relayed frame keeps a partial checksum, now
+        // for its new addresses, which the egress completes from the skb's state.
+        let both = EgressPolicy {
+            redirect: true,
+            tx: true,
+        };
+        fx.dp
+            .set_interface(fx.v0, both, AttachedMode::Generic)
+            .unwrap();
+        for len in [0, 1, 2, 3, 513, 1200] {
+            let f = partial_frame("fd6d:d::1", len);
+            let (act, out, moved) = fx.run_counting(&f, fx.v0);
+            assert_eq!(act, XDP_REDIRECT);
+            assert_eq!(moved, [Stat::Redirect, Stat::CsumPartial]);
+            let p = packet::parse_frame(&out).unwrap();
+            assert_eq!((p.ip_src, p.ip_dst), (a("fd00:2::1"), a("fd00:2::2")));
+            assert!(p.checksum_partial(), "payload {len}: not a partial sum");
+        }
+        let (act, out, moved) = fx.run_counting(&full, fx.v0);
+        assert_eq!(
+            (act, moved.as_slice()),
+            (XDP_REDIRECT, &[Stat::Redirect][..])
+        );
+        assert!(packet::parse_frame(&out).unwrap().checksum_valid());
     })
     .expect("run in namespace");
 }

@@ -1,8 +1,26 @@
-//! Overlay addressing: every node owns one /64 inside `fd6d::/16`, derived from its
-//! public key with blake3, so anyone holding the key can check the address belongs to it.
+//! Overlay addressing: every node owns one /64 inside `fd6d::/16` and one address in it,
+//! both derived from its public key with blake3, so anyone holding the key can check
+//! that an address belongs to it.
+//!
+//! ```text
+//! digest       = blake3::derive_key(NODE_PREFIX_CONTEXT, public key)     32 bytes
+//! node prefix  = fd6d : digest[0..6]            /64   (48 key bits: what routing binds)
+//! node address = node prefix : digest[6..14]    /128  (112 key bits: what sessions bind)
+//! work         = leading zero bits of digest[14..32]  (identity proof of work)
+//! ```
+//!
+//! Why the interface identifier is hashed too: 48 bits are too few to bind an address
+//! to a key on their own (a second key with the same /64 costs 2^48 trials; at 10,000
+//! nodes, one matching any of them about an hour on one core). Every end-to-end
+//! handshake checks the full address ([`key_owns`]), so impersonating a node's address
+//! costs 2^112 trials; only routing is per /64 ([`key_owns_prefix`]), where the identity
+//! proof of work ([`identity_work`]) and key pinning raise the cost instead
+//! (`docs/protocol.md`, "Overlay addresses").
 //!
 //! `fd6d::/16` sits in the unique-local range (fc00::/7), far from Yggdrasil's `200::/7`
-//! and Mycelium's `400::/7`, so nodes can run all three side by side.
+//! and Mycelium's `400::/7`, so nodes can run all three side by side; why it stays
+//! there although it overlaps 1/256 of the locally assigned ULA /48s is in
+//! `docs/protocol.md`.
 
 use core::net::Ipv6Addr;
 
@@ -57,29 +75,71 @@ pub fn prefix_contains(prefix: Ipv6Addr, len: u8, addr: Ipv6Addr) -> bool {
     mask(prefix, len) == mask(addr, len)
 }
 
+/// Leading zero bits the identity proof of work requires of a node key: the bits of
+/// [`identity_work`]. Generating a key that has them takes 2^16 key generations on
+/// average (1.4 s with two cores here, `identity::generate_pkcs8`); checking it, one
+/// blake3. It makes identities cost something (a table-filling or Sybil host pays it
+/// per identity) and adds its bits to the cost of a key colliding with another's /64.
+pub const IDENTITY_WORK_BITS: u32 = 16;
+
+#[cfg(feature = "std")]
+fn digest(public_key: &[u8]) -> [u8; 32] {
+    blake3::derive_key(NODE_PREFIX_CONTEXT, public_key)
+}
+
 /// The /64 a public key owns: `fd6d` followed by the first 48 bits of
 /// `blake3::derive_key(NODE_PREFIX_CONTEXT, public_key)`.
 #[cfg(feature = "std")]
 pub fn node_prefix(public_key: &[u8]) -> Ipv6Addr {
-    let digest = blake3::derive_key(NODE_PREFIX_CONTEXT, public_key);
+    let d = digest(public_key);
     let mut o = [0u8; 16];
     o[..2].copy_from_slice(&OVERLAY_PREFIX);
-    o[2..8].copy_from_slice(&digest[..6]);
+    o[2..8].copy_from_slice(&d[..6]);
     Ipv6Addr::from(o)
 }
 
-/// The node's own address: its /64 with interface identifier `::1`.
+/// The node's own address: its /64 followed by the next 64 bits of the digest as the
+/// interface identifier, so the whole address binds 112 bits of the key.
 #[cfg(feature = "std")]
 pub fn node_address(public_key: &[u8]) -> Ipv6Addr {
-    let mut o = node_prefix(public_key).octets();
-    o[15] = 1;
+    let d = digest(public_key);
+    let mut o = [0u8; 16];
+    o[..2].copy_from_slice(&OVERLAY_PREFIX);
+    o[2..16].copy_from_slice(&d[..14]);
     Ipv6Addr::from(o)
 }
 
-/// Whether `addr` lies in the /64 that `public_key` owns.
+/// Whether `addr` is exactly the address `public_key` owns (all 128 bits): what a
+/// handshake checks of the address the initiator dialled and of the initiator's
+/// source, and what a discovery beacon's address must be. Each node has that one
+/// address; other addresses in its /64 are not its own end to end.
 #[cfg(feature = "std")]
 pub fn key_owns(public_key: &[u8], addr: &Ipv6Addr) -> bool {
+    node_address(public_key) == *addr
+}
+
+/// Whether `addr` lies in the /64 that `public_key` owns (48 key bits): what routing
+/// checks of an announcement, and what tells whether an address is in this node's
+/// own prefix.
+#[cfg(feature = "std")]
+pub fn key_owns_prefix(public_key: &[u8], addr: &Ipv6Addr) -> bool {
     prefix_contains(node_prefix(public_key), NODE_PREFIX_LEN, *addr)
+}
+
+/// The identity proof of work of a key: how many leading zero bits the digest has
+/// after the 112 address bits (bytes 14..32). A key is acceptable as a node identity
+/// when it has at least [`IDENTITY_WORK_BITS`].
+#[cfg(feature = "std")]
+pub fn identity_work(public_key: &[u8]) -> u32 {
+    let d = digest(public_key);
+    let mut bits = 0;
+    for b in &d[14..] {
+        bits += b.leading_zeros();
+        if *b != 0 {
+            break;
+        }
+    }
+    bits
 }
 
 #[cfg(all(test, feature = "std"))]
@@ -95,6 +155,39 @@ mod tests {
         assert_eq!(mask(p, NODE_PREFIX_LEN), p);
         assert!(key_owns(&key, &node_address(&key)));
         assert!(!key_owns(&[8u8; 32], &node_address(&key)));
+    }
+
+    #[test]
+    fn the_address_binds_112_key_bits_the_prefix_48() {
+        let key = [7u8; 32];
+        let d = blake3::derive_key(NODE_PREFIX_CONTEXT, &key);
+        let a = node_address(&key);
+        assert_eq!(mask(a, NODE_PREFIX_LEN), node_prefix(&key));
+        assert_eq!(&a.octets()[2..], &d[..14]);
+        // Another address in the same /64 is in the prefix, but not the node's.
+        let mut other = a.octets();
+        other[15] ^= 1;
+        let other = Ipv6Addr::from(other);
+        assert!(key_owns_prefix(&key, &other));
+        assert!(!key_owns(&key, &other));
+        assert!(key_owns_prefix(&key, &a));
+    }
+
+    #[test]
+    fn identity_work_counts_leading_zero_bits_after_the_address() {
+        // Search a few keys and check the count against the digest bytes directly.
+        let mut seen_zero_byte = false;
+        for i in 0u32..4096 {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            let d = blake3::derive_key(NODE_PREFIX_CONTEXT, &key);
+            let w = identity_work(&key);
+            let bits: u128 = u128::from_be_bytes(d[14..30].try_into().unwrap());
+            let expect = if bits == 0 { 128 } else { bits.leading_zeros() };
+            assert_eq!(w.min(128), expect.min(128));
+            seen_zero_byte |= d[14] == 0;
+        }
+        assert!(seen_zero_byte, "4096 keys give some with 8+ bits of work");
     }
 
     #[test]

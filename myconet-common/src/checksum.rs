@@ -162,6 +162,15 @@ pub fn udp_ipv6(src: &[u8; 16], dst: &[u8; 16], segment: &[u8]) -> u16 {
     if c == 0 { 0xffff } else { c }
 }
 
+/// What a sender's kernel leaves in the UDP checksum field of a datagram of `len` bytes
+/// from `src` to `dst` when it transmits with TX checksum offload (`CHECKSUM_PARTIAL`):
+/// the folded pseudo-header sum, which the NIC (or, on a veth, the receiver's trust in
+/// the skb's state) completes over the datagram.
+pub fn udp_ipv6_partial(src: &[u8; 16], dst: &[u8; 16], len: u16) -> u16 {
+    let pseudo = sum_bytes(src) + sum_bytes(dst) + u32::from(len) + 17;
+    fold(pseudo)
+}
+
 /// Whether `segment` (UDP header with its checksum in place, plus payload) carries a
 /// valid checksum for `src` → `dst`.
 pub fn udp_ipv6_valid(src: &[u8; 16], dst: &[u8; 16], segment: &[u8]) -> bool {

@@ -13,16 +13,25 @@ pub const STATS_MAP: &str = "STATS";
 pub const CONFIG_MAP: &str = "CONFIG";
 /// Device map (hash) from egress ifindex to itself, for redirects between interfaces.
 pub const DEVMAP_MAP: &str = "DEVMAP";
-/// Hash from ifindex to [`EGRESS_REDIRECT`] | [`EGRESS_TX`] bits: how the program may
-/// send frames out of each interface. The agent sets only what it proved the driver
-/// takes (a veth whose far end cannot receive XDP frames gets neither), so relayed
-/// frames are never handed to a transmit path that drops them after they were counted.
+/// Hash from ifindex to [`EGRESS_REDIRECT`] | [`EGRESS_TX`] | [`IFACE_GENERIC`] bits: how
+/// the program may send frames out of each attached interface, and how it runs there.
+/// The agent sets only what it proved the driver takes (a veth whose far end cannot
+/// receive XDP frames gets neither egress bit), so relayed frames are never handed to a
+/// transmit path that drops them after they were counted.
 pub const EGRESS_MAP: &str = "EGRESS";
 /// [`EGRESS_MAP`] bit: frames from other interfaces may be redirected into this one
 /// (it is also in [`DEVMAP_MAP`]).
 pub const EGRESS_REDIRECT: u32 = 1;
 /// [`EGRESS_MAP`] bit: frames may be sent back out of this interface with `XDP_TX`.
 pub const EGRESS_TX: u32 = 2;
+/// [`EGRESS_MAP`] bit: the program runs on this interface in generic (skb) mode, so a
+/// frame that arrives on it is still an skb when relayed and keeps the kernel's
+/// checksum state (see [`Stat::CsumPartial`]).
+pub const IFACE_GENERIC: u32 = 4;
+/// Largest UDP datagram whose partial checksum the program completes (driver mode): a
+/// frame without XDP fragments fits one page, well under this; a larger one would be
+/// passed to the agent rather than relayed with a wrong checksum.
+pub const CSUM_COMPLETE_MAX: usize = 4096;
 /// Per-CPU LRU hash from [`NextHopKey`] to [`NextHopEntry`]: recent `bpf_fib_lookup`
 /// answers, so the relay path does not pay for a FIB lookup on every packet.
 pub const NEXTHOP_CACHE_MAP: &str = "NEXTHOP_CACHE";
@@ -247,15 +256,21 @@ pub struct ForwardingEntry {
     /// Whether the slot's flow leaves by XDP_TX (egress is the ingress) rather than by
     /// a redirect; 1 or 0.
     pub is_tx: u8,
-    /// Always zero.
-    pub pad: u8,
+    /// Whether the program runs on the ingress interface in generic (skb) mode
+    /// ([`IFACE_GENERIC`]); 1 or 0.
+    pub ingress_generic: u8,
     /// Native-order one's-complement sum ([`crate::checksum::WordSum`]) of every
     /// checksum-covered change that is fixed for the flow: the outer source address
     /// (neighbour → ours), the outer destination (ours → the next hop's), the UDP
     /// ports. Per packet only the hop limit remains to account for.
     pub csum_delta: u32,
-    /// Always zero.
-    pub pad2: u32,
+    /// Folded native-order sum of the flow's incoming pseudo-header without the length
+    /// (outer source and destination, next header 17): with the packet's UDP length
+    /// added, it is what the checksum field holds when the sender's kernel left the
+    /// checksum partial (see [`Stat::CsumPartial`]).
+    pub pseudo_in: u16,
+    /// The same for the outgoing pseudo-header (our source address, the next hop's).
+    pub pseudo_out: u16,
     /// The outer IPv6 destination the packets carried (key): one of this node's
     /// addresses when the slot was filled, so a hit needs no local-address lookup, and
     /// fixed per flow, so its checksum share is part of `csum_delta`.
@@ -362,11 +377,21 @@ pub enum Stat {
     /// Data larger than the egress link takes (the FIB's MTU check): the agent drops it
     /// and sends its source a too-big report, which the kernel fast path cannot sign.
     PassTooBig = 15,
+    /// Not a verdict: counted in addition to [`Stat::Tx`] or [`Stat::Redirect`] for a
+    /// relayed frame whose UDP checksum arrived *partial*. A sender on this host that
+    /// transmits through a veth with TX checksum offload on (the default) leaves only
+    /// the pseudo-header sum in the field and marks the skb `CHECKSUM_PARTIAL`; a frame
+    /// relayed from driver-mode XDP becomes an `xdp_frame` and loses that mark, so the
+    /// next receiver would find a bad checksum and drop it (`Udp6InCsumErrors`). The
+    /// program completes the checksum over the whole datagram in driver mode, and keeps
+    /// it a valid partial sum for the new addresses in generic mode (the skb keeps its
+    /// mark there and the egress completes it).
+    CsumPartial = 16,
 }
 
 impl Stat {
     /// Number of entries in [`STATS_MAP`].
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Every stat in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
@@ -386,6 +411,7 @@ impl Stat {
         Stat::DropNotUnicast,
         Stat::PassNotLocal,
         Stat::PassTooBig,
+        Stat::CsumPartial,
     ];
 
     /// Stable snake_case name for the API and the CLI.
@@ -407,7 +433,14 @@ impl Stat {
             Stat::DropNotUnicast => "drop_not_unicast",
             Stat::PassNotLocal => "pass_not_local",
             Stat::PassTooBig => "pass_too_big",
+            Stat::CsumPartial => "csum_partial",
         }
+    }
+
+    /// Whether this counts verdicts (every packet the program sees is counted under
+    /// exactly one verdict); [`Stat::CsumPartial`] is counted beside one.
+    pub const fn is_verdict(self) -> bool {
+        !matches!(self, Stat::CsumPartial)
     }
 
     /// Whether packets counted here were relayed in the kernel.
@@ -505,5 +538,7 @@ mod tests {
         assert!(!Stat::PassNotLocal.is_drop());
         assert!(Stat::DropNotUnicast.is_drop());
         assert!(Stat::Tx.is_forwarded());
+        assert!(Stat::Redirect.is_verdict() && !Stat::CsumPartial.is_verdict());
+        assert!(!Stat::CsumPartial.is_drop() && !Stat::CsumPartial.is_forwarded());
     }
 }

@@ -14,7 +14,12 @@ pub const DEFAULT_SOCKET: &str = "/run/myconet/agent.sock";
 
 /// Inspect and change a running myconet-agent over its control socket.
 #[derive(Debug, Parser)]
-#[command(name = "myconet-ctl", version, propagate_version = true)]
+#[command(
+    name = "myconet-ctl",
+    version,
+    propagate_version = true,
+    arg_required_else_help = true
+)]
 pub struct Cli {
     /// The agent's control socket.
     #[arg(
@@ -28,9 +33,12 @@ pub struct Cli {
     /// Print the API response as JSON (proto field names) instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Write the man pages and shell completions into DIR and exit (for packaging).
+    #[arg(long, value_name = "DIR", hide = true, exclusive = true)]
+    pub generate_docs: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// Top-level commands.
@@ -63,6 +71,32 @@ pub enum Command {
         /// Also list counters that are zero (JSON always has every counter).
         #[arg(long)]
         all: bool,
+    },
+    /// The key pinned for each /64 (without a subcommand: list); set or forget one.
+    Pins {
+        /// What to do with pins.
+        #[command(subcommand)]
+        action: Option<PinsCommand>,
+    },
+}
+
+/// `pins ...`
+#[derive(Debug, Subcommand)]
+pub enum PinsCommand {
+    /// List every pinned key.
+    List,
+    /// Pin a key for the /64 it owns, over whatever was learned: pins set KEY.
+    Set {
+        /// Ed25519 public key, 64 hex digits (`myconet-ctl status` shows a node's).
+        #[arg(value_name = "KEY")]
+        key: String,
+    },
+    /// Forget the pin of a /64 (and the routes to it): the next key heard owning it is
+    /// taken: pins forget PREFIX.
+    Forget {
+        /// The /64 (fd6d:1:2:3::/64) or any address in it.
+        #[arg(value_name = "PREFIX")]
+        prefix: String,
     },
 }
 
@@ -201,7 +235,7 @@ mod tests {
     }
 
     fn route_add(args: &[&str]) -> RouteAddArgs {
-        match parse(args).unwrap().command {
+        match parse(args).unwrap().command.unwrap() {
             Command::Route {
                 action: RouteCommand::Add(a),
             } => a,
@@ -212,6 +246,16 @@ mod tests {
     #[test]
     fn grammar_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn docs_generation_stands_alone() {
+        let cli = parse(&["--generate-docs", "/tmp/x"]).unwrap();
+        assert_eq!(cli.generate_docs, Some(PathBuf::from("/tmp/x")));
+        assert!(cli.command.is_none());
+        let help = Cli::command().render_help().to_string();
+        assert!(!help.contains("generate-docs"), "{help}");
+        assert!(help.contains(DEFAULT_SOCKET), "{help}");
     }
 
     #[test]
@@ -283,26 +327,29 @@ mod tests {
     #[test]
     fn peers_defaults_to_list_and_global_flags_go_anywhere() {
         let cli = parse(&["peers", "--json", "--socket", "/tmp/x.sock"]).unwrap();
-        assert!(matches!(cli.command, Command::Peers { action: None }));
+        assert!(matches!(
+            cli.command.unwrap(),
+            Command::Peers { action: None }
+        ));
         assert!(cli.json);
         assert_eq!(cli.socket, PathBuf::from("/tmp/x.sock"));
 
         let cli = parse(&["--json", "peers", "remove", "fd00::2", "--port", "7"]).unwrap();
-        match cli.command {
+        match cli.command.unwrap() {
             Command::Peers {
                 action: Some(PeersCommand::Remove(e)),
             } => assert_eq!((e.addr.to_string(), e.port), ("fd00::2".into(), 7)),
             other => panic!("parsed as {other:?}"),
         }
         let cli = parse(&["peers", "add", "fd00::2"]).unwrap();
-        match cli.command {
+        match cli.command.unwrap() {
             Command::Peers {
                 action: Some(PeersCommand::Add(a)),
             } => assert_eq!((a.endpoint.port, a.cost), (DEFAULT_PORT, None)),
             other => panic!("parsed as {other:?}"),
         }
         let cli = parse(&["peers", "add", "fd00::2", "--cost", "400"]).unwrap();
-        match cli.command {
+        match cli.command.unwrap() {
             Command::Peers {
                 action: Some(PeersCommand::Add(a)),
             } => assert_eq!(a.cost, Some(400)),
@@ -315,11 +362,14 @@ mod tests {
         assert!(parse(&["peers", "add", "fd00::2", "--cost", "-1"]).is_err());
         assert!(parse(&["peers", "remove", "fd00::2", "--cost", "5"]).is_err());
         assert!(matches!(
-            parse(&["stats", "--all"]).unwrap().command,
+            parse(&["stats", "--all"]).unwrap().command.unwrap(),
             Command::Stats { all: true }
         ));
         assert!(matches!(
-            parse(&["route", "delete", "fd6d:1::/64"]).unwrap().command,
+            parse(&["route", "delete", "fd6d:1::/64"])
+                .unwrap()
+                .command
+                .unwrap(),
             Command::Route {
                 action: RouteCommand::Del { .. }
             }

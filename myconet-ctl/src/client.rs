@@ -206,6 +206,28 @@ impl Client {
             .into_inner())
     }
 
+    /// `ListPins`.
+    pub async fn pins(&mut self) -> Result<pb::ListPinsResponse, CtlError> {
+        Ok(self
+            .inner
+            .list_pins(pb::ListPinsRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// `SetPin`.
+    pub async fn set_pin(&mut self, req: pb::SetPinRequest) -> Result<pb::KeyPin, CtlError> {
+        Ok(self.inner.set_pin(req).await?.into_inner())
+    }
+
+    /// `ForgetPin`.
+    pub async fn forget_pin(
+        &mut self,
+        req: pb::ForgetPinRequest,
+    ) -> Result<pb::ForgetPinResponse, CtlError> {
+        Ok(self.inner.forget_pin(req).await?.into_inner())
+    }
+
     /// `AddRoute`.
     pub async fn add_route(&mut self, req: pb::AddRouteRequest) -> Result<pb::Route, CtlError> {
         Ok(self.inner.add_route(req).await?.into_inner())

@@ -5,21 +5,41 @@
 mod cli;
 mod client;
 mod content;
+// The same generator as the agent's, shared by path (the CLI does not link the agent).
+#[path = "../../myconet-agent/src/generate.rs"]
+mod generate;
 mod render;
 
 use std::{io::Write, process::ExitCode};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use myconet_proto::v1 as pb;
 
 use crate::{
-    cli::{Cli, Command, PeersCommand, RouteCommand},
+    cli::{Cli, Command, PeersCommand, PinsCommand, RouteCommand},
     client::CtlError,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.generate_docs {
+        return match generate::write_docs(Cli::command(), dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("myconet-ctl: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(command) = cli.command else {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingSubcommand,
+                "a command is required (see --help)",
+            )
+            .exit()
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -30,7 +50,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli.socket, cli.json, command)) {
         Ok(text) => write_stdout(&text),
         Err(e) => {
             eprintln!("myconet-ctl: {e:#}");
@@ -68,13 +88,12 @@ fn show<T: serde::Serialize>(
 }
 
 /// Runs one command and returns what to print.
-async fn run(cli: Cli) -> anyhow::Result<String> {
-    let json = cli.json;
-    if let Command::Content { action } = cli.command {
-        return content::run(&cli.socket, json, action).await;
+async fn run(socket: std::path::PathBuf, json: bool, command: Command) -> anyhow::Result<String> {
+    if let Command::Content { action } = command {
+        return content::run(&socket, json, action).await;
     }
-    let mut client = client::connect(&cli.socket).await?;
-    match cli.command {
+    let mut client = client::connect(&socket).await?;
+    match command {
         Command::Status => show(json, &client.status().await?, render::status),
         Command::Peers { action } => match action.unwrap_or(PeersCommand::List) {
             PeersCommand::List => show(json, &client.peers().await?, render::peers),
@@ -134,6 +153,21 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         },
         Command::Stats { all } => show(json, &client.stats().await?, |s| render::stats(s, all)),
         // Handled before the control client connects; kept here for completeness.
-        Command::Content { action } => content::run(&cli.socket, json, action).await,
+        Command::Content { action } => content::run(&socket, json, action).await,
+        Command::Pins { action } => match action.unwrap_or(PinsCommand::List) {
+            PinsCommand::List => show(json, &client.pins().await?, render::pins),
+            PinsCommand::Set { key } => {
+                let req = pb::SetPinRequest { key };
+                show(json, &client.set_pin(req).await?, render::pin_set)
+            }
+            PinsCommand::Forget { prefix } => {
+                let req = pb::ForgetPinRequest {
+                    prefix: prefix.clone(),
+                };
+                show(json, &client.forget_pin(req).await?, |r| {
+                    render::pin_forgotten(&prefix, r.forgotten)
+                })
+            }
+        },
     }
 }

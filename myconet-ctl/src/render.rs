@@ -439,25 +439,46 @@ pub fn stats(s: &pb::Stats, all: bool) -> String {
     }
     out.push_str("\nAgent (userspace)\n");
     out.push_str(&counter_table(&s.agent, all));
-    if !s.routing.is_empty() {
-        out.push_str("\nRouting protocol\n");
+    if !s.kernel.is_empty() {
+        // Always listed, zeros included: "nothing lost in the kernel" is an answer.
+        out.push_str(
+            "\nKernel (datagrams lost before the agent; UDP counters of this network namespace)\n",
+        );
         let rows: Vec<Vec<String>> = s
-            .routing
+            .kernel
             .iter()
-            .filter(|c| all || c.packets != 0)
             .map(|c| vec![c.name.clone(), c.packets.to_string()])
             .collect();
-        if rows.is_empty() {
-            out.push_str("  all counters are zero (--all lists them)\n");
-        } else {
-            out.push_str(&table(
-                &["NAME", "COUNT"],
-                &[Align::Left, Align::Right],
-                &rows,
-            ));
+        out.push_str(&table(
+            &["NAME", "COUNT"],
+            &[Align::Left, Align::Right],
+            &rows,
+        ));
+    }
+    for (title, counts) in [
+        ("Neighbours", &s.neighbours),
+        ("Routing protocol", &s.routing),
+    ] {
+        if !counts.is_empty() {
+            out.push_str(&format!("\n{title}\n"));
+            out.push_str(&count_table(counts, all));
         }
     }
     out
+}
+
+/// Counters that count events rather than packets: name and count, zeros hidden
+/// unless `all`.
+fn count_table(counts: &[pb::Counter], all: bool) -> String {
+    let rows: Vec<Vec<String>> = counts
+        .iter()
+        .filter(|c| all || c.packets != 0)
+        .map(|c| vec![c.name.clone(), c.packets.to_string()])
+        .collect();
+    if rows.is_empty() {
+        return "  all counters are zero (--all lists them)\n".to_string();
+    }
+    table(&["NAME", "COUNT"], &[Align::Left, Align::Right], &rows)
 }
 
 /// One line confirming `peers add`.
@@ -499,9 +520,50 @@ pub fn route_removed(prefix: &str, removed: bool) -> String {
     }
 }
 
+/// `pins`: one line per pinned /64.
+pub fn pins(r: &pb::ListPinsResponse) -> String {
+    if r.pins.is_empty() {
+        return "no pinned keys\n".to_string();
+    }
+    let mut out = format!("{:<26} {:<9} KEY\n", "PREFIX", "SOURCE");
+    for p in &r.pins {
+        out.push_str(&format!("{:<26} {:<9} {}\n", p.prefix, p.source, p.key));
+    }
+    out
+}
+
+/// One line for `pins set`.
+pub fn pin_set(p: &pb::KeyPin) -> String {
+    format!("pinned {} to key {} ({})\n", p.prefix, p.key, p.source)
+}
+
+/// One line for `pins forget`.
+pub fn pin_forgotten(prefix: &str, forgotten: bool) -> String {
+    if forgotten {
+        format!("forgot the pin of {prefix}: the next key heard owning it is taken\n")
+    } else {
+        format!("no pin for {prefix}; nothing forgotten (its routes were dropped)\n")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pins_table() {
+        let r = pb::ListPinsResponse {
+            pins: vec![pb::KeyPin {
+                prefix: "fd6d:1:2:3::/64".into(),
+                key: "ab".repeat(32),
+                source: "learned".into(),
+            }],
+        };
+        let t = pins(&r);
+        assert!(t.starts_with("PREFIX"), "{t}");
+        assert!(t.contains("fd6d:1:2:3::/64            learned"), "{t}");
+        assert_eq!(pins(&pb::ListPinsResponse::default()), "no pinned keys\n");
+    }
 
     fn counter(name: &str, packets: u64, bytes: u64) -> pb::Counter {
         pb::Counter {
@@ -816,6 +878,8 @@ mod tests {
             agent: vec![counter("rx_data", 0, 0), counter("rx_control", 2, 180)],
             routing: vec![],
             interfaces: vec![],
+            neighbours: vec![],
+            kernel: vec![],
         };
         let text = stats(&s, false);
         assert_eq!(
@@ -843,6 +907,8 @@ mod tests {
                 agent: vec![counter("rx_data", 0, 0)],
                 routing: vec![counter("rejected_unowned_prefix", 1, 0)],
                 interfaces: vec![],
+                neighbours: vec![counter("peer_up", 2, 0), counter("peer_down", 0, 0)],
+                kernel: vec![],
             },
             false,
         );
@@ -850,6 +916,9 @@ mod tests {
             idle,
             "XDP (kernel fast path)\n  no XDP program attached (userspace only)\n\n\
              Agent (userspace)\n  all counters are zero (--all lists them)\n\n\
+             Neighbours\n\
+             NAME     COUNT\n\
+             peer_up      2\n\n\
              Routing protocol\n\
              NAME                     COUNT\n\
              rejected_unowned_prefix      1\n"
@@ -873,9 +942,30 @@ mod tests {
                 tx_packets: 7,
                 tx_dropped: 42,
             }],
+            neighbours: vec![],
+            kernel: vec![
+                counter("udp6_in_errors", 5, 0),
+                counter("udp6_in_csum_errors", 5, 0),
+                counter("socket_drops", 0, 0),
+            ],
         };
         let text = stats(&s, false);
         assert!(text.contains("TX DROPPED"), "{text}");
+        // Kernel losses are listed with their zeros, after the agent's counters.
+        let kernel = text.split("\nKernel (").nth(1).expect("a kernel section");
+        let rows: Vec<Vec<&str>> = kernel
+            .lines()
+            .skip(2)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ["udp6_in_errors", "5"],
+                ["udp6_in_csum_errors", "5"],
+                ["socket_drops", "0"]
+            ]
+        );
         let row = text
             .lines()
             .find(|l| l.starts_with("to-c"))

@@ -20,7 +20,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
         BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::generated::bpf_fib_lookup,
+    helpers::generated::{bpf_csum_diff, bpf_fib_lookup},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
@@ -28,10 +28,10 @@ use aya_ebpf::{
 use myconet_common::{
     checksum::WordSum,
     maps::{
-        Config, Counter, DEVMAP_CAPACITY, EGRESS_REDIRECT, EGRESS_TX, FORWARDING_CACHE_SLOTS,
-        ForwardingEntry, LOCAL_ADDRS_CAPACITY, LocalAddrKey, NEXTHOP_CACHE_CAPACITY, NextHopEntry,
-        NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY, RouteAction, RouteValue,
-        Stat, forwarding_slot,
+        CSUM_COMPLETE_MAX, Config, Counter, DEVMAP_CAPACITY, EGRESS_REDIRECT, EGRESS_TX,
+        FORWARDING_CACHE_SLOTS, ForwardingEntry, IFACE_GENERIC, LOCAL_ADDRS_CAPACITY, LocalAddrKey,
+        NEXTHOP_CACHE_CAPACITY, NextHopEntry, NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue,
+        ROUTES_CAPACITY, RouteAction, RouteValue, Stat, forwarding_slot,
     },
     wire::{self, PacketType, field},
 };
@@ -90,10 +90,20 @@ const MYC_END: usize = MYC_OFF + wire::HEADER_LEN;
 /// Hop limit of the underlay packet a relay originates.
 const UNDERLAY_HOP_LIMIT: u8 = 64;
 
+/// The next-header word of an IPv6 pseudo-header for UDP (bytes `0, 17`), as the
+/// machine loads it.
+const PSEUDO_UDP_WORD: u16 = u16::from_ne_bytes([0, IPPROTO_UDP]);
+
 #[xdp]
 pub fn myconet_xdp(ctx: XdpContext) -> u32 {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     let (action, stat) = relay(&ctx);
+    count(stat, frame_len);
+    action
+}
+
+#[inline(always)]
+fn count(stat: Stat, frame_len: u64) {
     if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe {
@@ -101,7 +111,6 @@ pub fn myconet_xdp(ctx: XdpContext) -> u32 {
             (*counter).bytes += frame_len;
         }
     }
-    action
 }
 
 // Packet fields are read and written as whole words at their (often odd) offsets: the
@@ -252,7 +261,7 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
             if hop_limit <= 1 {
                 return (DROP, Stat::DropHopLimit);
             }
-            return rewrite(start, slot, config.port, hop_limit);
+            return rewrite(start, end, slot, config.port, hop_limit);
         }
         Some(slot)
     } else {
@@ -342,7 +351,9 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     store(slot.dmac.as_mut_ptr() as usize + 8, hop.macs_hi);
     slot.max_len = hop.max_len;
     slot.is_tx = u8::from(hop.egress == ingress);
-    slot.pad = 0;
+    // SAFETY: read-only lookup of a plain-data value.
+    slot.ingress_generic =
+        unsafe { EGRESS.get(ingress) }.map_or(0, |f| u8::from(*f & IFACE_GENERIC != 0));
     store_words(slot.outer_dst.as_mut_ptr() as usize, [odst0, odst1]);
     slot.csum_delta = u32::from(
         WordSum::new()
@@ -358,8 +369,21 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
             .add16(next_port_be)
             .fold(),
     );
-    slot.pad2 = 0;
-    rewrite(start, slot, config.port, hop_limit)
+    slot.pseudo_in = pseudo_header_sum([peer0, peer1], [odst0, odst1]);
+    slot.pseudo_out = pseudo_header_sum(hop.src, next_hop);
+    rewrite(start, end, slot, config.port, hop_limit)
+}
+
+/// Folded native-order sum of an IPv6 pseudo-header for UDP without its length word.
+#[inline(always)]
+fn pseudo_header_sum(src: [u64; 2], dst: [u64; 2]) -> u16 {
+    WordSum::new()
+        .add64(src[0])
+        .add64(src[1])
+        .add64(dst[0])
+        .add64(dst[1])
+        .add16(PSEUDO_UDP_WORD)
+        .fold()
 }
 
 /// Rewrites a relayed frame from its forwarding-cache slot and picks the verdict:
@@ -367,9 +391,27 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
 /// hop limit, and the UDP checksum patched in native byte order (see
 /// [`WordSum`]): the slot carries the flow's fixed changes (addresses and ports, the
 /// outer destination being part of the flow key), so only the hop-limit word is summed
-/// per packet. The caller has checked that the frame holds the whole Myconet header.
+/// per packet. The caller has checked that the frame holds the whole Myconet header and
+/// ends exactly where the UDP datagram does.
+///
+/// A checksum the sender's kernel left partial (see [`Stat::CsumPartial`]) cannot be
+/// patched incrementally: it is completed over the datagram ([`complete_checksum`]) in
+/// driver mode and rewritten as the new pseudo-header sum in generic mode.
 #[inline(always)]
-fn rewrite(start: usize, slot: &ForwardingEntry, port: u16, hop_limit: u8) -> (u32, Stat) {
+fn rewrite(
+    start: usize,
+    end: usize,
+    slot: &ForwardingEntry,
+    port: u16,
+    hop_limit: u8,
+) -> (u32, Stat) {
+    let udp_len_word: u16 = load(start + UDP_OFF + 4);
+    let old_csum: u16 = load(start + UDP_OFF + 6);
+    let partial = is_partial(slot, udp_len_word, old_csum);
+    if partial && slot.ingress_generic == 0 && end - start - UDP_OFF > CSUM_COMPLETE_MAX {
+        // Cannot happen for a frame without XDP fragments; never relay a bad checksum.
+        return (xdp_action::XDP_PASS, Stat::PassSlowPath);
+    }
     // Relays clamp the hop limit to the default, so a packet sent with 255 cannot
     // circle a transient loop four times longer than any real path needs.
     let new_hop = if hop_limit > wire::DEFAULT_HOP_LIMIT {
@@ -386,7 +428,7 @@ fn rewrite(start: usize, slot: &ForwardingEntry, port: u16, hop_limit: u8) -> (u
         .add16(slot.csum_delta as u16)
         .sub16(old_hop_word)
         .add16(new_hop_word)
-        .patch_udp(load(start + UDP_OFF + 6));
+        .patch_udp(old_csum);
 
     store(start, load::<u64>(slot.dmac.as_ptr() as usize));
     store(start + 8, load::<u32>(slot.dmac.as_ptr() as usize + 8));
@@ -395,8 +437,23 @@ fn rewrite(start: usize, slot: &ForwardingEntry, port: u16, hop_limit: u8) -> (u
     store_words(dst_at, load_words(slot.next_hop.as_ptr() as usize));
     store(start + UDP_OFF, port.to_be());
     store(start + UDP_OFF + 2, slot.next_port_be);
-    store(start + UDP_OFF + 6, csum);
     store(hop_at, new_hop);
+    if partial {
+        count(Stat::CsumPartial, (end - start) as u64);
+        let pseudo = WordSum::new().add16(slot.pseudo_out).add16(udp_len_word);
+        if slot.ingress_generic != 0 {
+            store(start + UDP_OFF + 6, pseudo.fold());
+        } else {
+            store(start + UDP_OFF + 6, 0u16);
+            let Some(full) = complete_checksum(start, end, pseudo) else {
+                // bpf_csum_diff refused a chunk: not for sizes that are multiples of 4.
+                return (xdp_action::XDP_DROP, Stat::DropMalformed);
+            };
+            store(start + UDP_OFF + 6, full);
+        }
+    } else {
+        store(start + UDP_OFF + 6, csum);
+    }
 
     if slot.is_tx != 0 {
         return (xdp_action::XDP_TX, Stat::Tx);
@@ -405,6 +462,79 @@ fn rewrite(start: usize, slot: &ForwardingEntry, port: u16, hop_limit: u8) -> (u
         Ok(action) if action == xdp_action::XDP_REDIRECT => (action, Stat::Redirect),
         _ => (xdp_action::XDP_DROP, Stat::DropUnreachable),
     }
+}
+
+/// Whether a relayed frame's UDP checksum field holds only its pseudo-header sum: what
+/// a sender's kernel leaves for the NIC (or the veth's peer) to complete when it
+/// transmits with TX checksum offload. A full checksum equals it about once in 65,536
+/// frames; completing such a frame again gives the same, still valid, checksum.
+#[inline(always)]
+fn is_partial(slot: &ForwardingEntry, udp_len_word: u16, csum: u16) -> bool {
+    WordSum::new()
+        .add16(slot.pseudo_in)
+        .add16(udp_len_word)
+        .fold()
+        == csum
+}
+
+/// Bytes per `bpf_csum_diff` call: the largest size every kernel accepts (older ones
+/// copy into a 512-byte scratch buffer).
+const CSUM_CHUNK: usize = 512;
+
+/// The full UDP checksum of the datagram from `start + UDP_OFF` to `end`, whose checksum
+/// field the caller has zeroed, given its pseudo-header sum: the datagram is summed by
+/// the kernel's `csum_partial` (through `bpf_csum_diff`) in chunks at even offsets, the
+/// last 0–3 bytes here. `None` if the helper refused a chunk.
+#[inline(always)]
+fn complete_checksum(start: usize, end: usize, pseudo: WordSum) -> Option<u16> {
+    let mut sum = pseudo;
+    let mut at = start + UDP_OFF;
+    for _ in 0..CSUM_COMPLETE_MAX / CSUM_CHUNK {
+        if at + CSUM_CHUNK > end {
+            break;
+        }
+        sum = sum.add64(csum_of(at, CSUM_CHUNK as u32)?);
+        at += CSUM_CHUNK;
+    }
+    // What is left is shorter than a chunk: its multiple of four in halving pieces.
+    macro_rules! piece {
+        ($len:expr) => {
+            if at + $len <= end {
+                sum = sum.add64(csum_of(at, $len)?);
+                at += $len;
+            }
+        };
+    }
+    piece!(256);
+    piece!(128);
+    piece!(64);
+    piece!(32);
+    piece!(16);
+    piece!(8);
+    piece!(4);
+    if at + 2 <= end {
+        sum = sum.add16(load(at));
+        at += 2;
+    }
+    // Written as the bounds check the verifier reads, not `at < end`.
+    #[allow(clippy::int_plus_one)]
+    if at + 1 <= end {
+        // An odd last byte is the high half of a zero-padded word.
+        sum = sum.add16(u16::from_ne_bytes([byte(at), 0]));
+    }
+    let c = !sum.fold();
+    Some(if c == 0 { 0xffff } else { c })
+}
+
+/// `csum_partial` of `len` packet bytes at `at` (a multiple of four, bounds-checked by
+/// the caller), as a value [`WordSum::add64`] takes: older kernels return the 32-bit
+/// sum, newer ones fold it to 16 bits, both congruent.
+#[inline(always)]
+fn csum_of(at: usize, len: u32) -> Option<u64> {
+    // SAFETY: `len` bytes at `at` lie inside the packet (checked against data_end by
+    // the caller); the helper only reads them.
+    let r = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, at as *mut u32, len, 0) };
+    if r < 0 { None } else { Some(r as u64) }
 }
 
 /// What the rewrite needs about the next hop, copied out of the cache at once: an LRU

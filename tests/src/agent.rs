@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::netns::{Netns, NsChild, STOP_GRACE};
+use crate::timing;
 use crate::topology::Node;
 use crate::util::{self, COMMAND_TIMEOUT, TempDir};
 
@@ -63,6 +64,21 @@ fn check_bin_dir(dir: PathBuf) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Places a pre-generated identity in a fresh state directory, as the agent would have
+/// written it (`identity.pk8`, mode 0600).
+fn write_identity(state_dir: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("identity.pk8");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&crate::identities::next_pkcs8()))
+        .with_context(|| format!("failed to write {}", path.display()))
+}
+
 /// How to start an agent.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -78,6 +94,13 @@ pub struct AgentOptions {
     pub log_filter: Option<String>,
     /// How long to wait for the agent to answer `status`.
     pub startup_timeout: Duration,
+    /// Let the agent generate its identity (the proof of work takes seconds) instead of
+    /// starting with one of the pre-generated ones ([`crate::identities`]).
+    pub fresh_identity: bool,
+    /// `--pin-dir`: where the agent pins its data plane (on a
+    /// [`crate::bpffs::BpfFs`]); `None` leaves the agent's default, which is never a
+    /// BPF file system under `ip netns exec`, so the agent runs unpinned.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -89,25 +112,42 @@ impl Default for AgentOptions {
             extra_args: Vec::new(),
             log_filter: None,
             startup_timeout: STARTUP_TIMEOUT,
+            fresh_identity: false,
+            pin_dir: None,
         }
     }
 }
 
+/// How [`AgentProcess::restart`] stops the running agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGKILL: a crash or a power cut, no shutdown handler runs.
+    Kill,
+    /// SIGTERM: the operator's clean stop (SIGKILL after 5 s if ignored).
+    Term,
+}
+
 /// A running `myconet-agent` in a namespace, with its own temporary state directory,
 /// control socket and log; stopped with SIGTERM (then SIGKILL after 5 s) on drop.
+///
+/// While it runs it holds the testbed's timing lock shared ([`crate::timing`]), so a
+/// timing-sensitive test never measures alongside another test's agents.
 #[derive(Debug)]
 pub struct AgentProcess {
-    // Field order matters: the child stops before the directory with its socket goes.
+    // Field order matters: the child stops before the directory with its socket goes,
+    // and before the timing lock is released.
     child: NsChild,
+    _timing: timing::Shared,
     ns: String,
     bin_dir: PathBuf,
     socket: PathBuf,
     state_dir: PathBuf,
     log: PathBuf,
     port: u16,
-    /// The agent's flags and `RUST_LOG`, to start it again the same way.
+    /// The full command line after the program, for [`AgentProcess::restart`].
     args: Vec<String>,
     log_filter: Option<String>,
+    startup_timeout: Duration,
     dir: TempDir,
 }
 
@@ -134,6 +174,9 @@ impl AgentProcess {
         let state_dir = dir.path().join("state");
         std::fs::create_dir(&state_dir)
             .with_context(|| format!("failed to create {}", state_dir.display()))?;
+        if !options.fresh_identity {
+            write_identity(&state_dir)?;
+        }
         let socket = dir.path().join("agent.sock");
         let log = dir.path().join("agent.log");
         let agent = bin_dir.join(AGENT_BIN);
@@ -153,11 +196,16 @@ impl AgentProcess {
         if let Some(mode) = &options.xdp_mode {
             args.extend(["--xdp-mode".to_owned(), mode.clone()]);
         }
+        if let Some(dir) = &options.pin_dir {
+            args.extend(["--pin-dir".to_owned(), dir.display().to_string()]);
+        }
         args.extend(options.extra_args.iter().cloned());
 
+        let timing = timing::shared()?;
         let child = spawn_with_env(netns, &agent, &args, &log, options.log_filter.as_deref())?;
         let mut agent = Self {
             child,
+            _timing: timing,
             ns: netns.name().to_owned(),
             bin_dir: bin_dir.to_path_buf(),
             socket,
@@ -165,7 +213,8 @@ impl AgentProcess {
             log,
             port: options.port,
             args,
-            log_filter: options.log_filter.clone(),
+            log_filter: options.log_filter,
+            startup_timeout: options.startup_timeout,
             dir,
         };
         agent
@@ -318,14 +367,46 @@ impl AgentProcess {
         self.child.terminate(STOP_GRACE)
     }
 
-    /// Kills the agent with SIGKILL (a crash: nothing shuts down politely) and starts it
-    /// again in `netns` with the same flags, state directory, socket and log (appended),
-    /// waiting until it answers.
-    pub fn kill_and_restart(&mut self, netns: &Netns) -> Result<()> {
-        self.child.signal(libc::SIGKILL)?;
+    /// Stops the agent (`how`) and starts it again in `netns` (the namespace it ran in)
+    /// with the same arguments, state directory (so the same identity), socket and log
+    /// (appended to); waits until the new process answers `status`. Returns the old
+    /// process's exit status.
+    pub fn restart(&mut self, netns: &Netns, how: Stop) -> Result<ExitStatus> {
+        if netns.name() != self.ns {
+            bail!(
+                "restart the agent of {} in its own namespace, not {}",
+                self.ns,
+                netns.name()
+            );
+        }
+        let status = match how {
+            Stop::Term => self.child.terminate(STOP_GRACE)?,
+            Stop::Kill => self.signal_and_wait(libc::SIGKILL)?,
+        };
+        self.start_again(netns)?;
+        Ok(status)
+    }
+
+    /// Sends `signal` (e.g. SIGKILL for a crash, SIGTERM, SIGUSR2) and waits, bounded,
+    /// until the agent has exited; its state directory, socket path and log stay for
+    /// [`AgentProcess::start_again`].
+    pub fn signal_and_wait(&mut self, signal: libc::c_int) -> Result<ExitStatus> {
+        self.child.signal(signal)?;
         self.child
             .wait_timeout(STOP_GRACE)?
-            .context("the agent did not die after SIGKILL")?;
+            .with_context(|| format!("the agent did not exit after signal {signal}"))
+    }
+
+    /// Starts the agent again in `netns` (the one it ran in), after it exited, with the
+    /// same command line, state directory, socket and log (appended), and waits until
+    /// it answers `status`.
+    pub fn start_again(&mut self, netns: &Netns) -> Result<()> {
+        if netns.name() != self.ns {
+            bail!("the agent ran in {}, not in {}", self.ns, netns.name());
+        }
+        if self.is_running()? {
+            bail!("{AGENT_BIN} in {} is still running", self.ns);
+        }
         let agent = self.bin_dir.join(AGENT_BIN);
         self.child = spawn_with_env(
             netns,
@@ -334,8 +415,15 @@ impl AgentProcess {
             &self.log,
             self.log_filter.as_deref(),
         )?;
-        self.wait_ready(STARTUP_TIMEOUT)
-            .map_err(|e| self.with_log(e))
+        let timeout = self.startup_timeout;
+        self.wait_ready(timeout).map_err(|e| self.with_log(e))
+    }
+
+    /// Kills the agent with SIGKILL (a crash: nothing shuts down politely) and starts it
+    /// again in `netns` with the same flags, state directory, socket and log (appended),
+    /// waiting until it answers.
+    pub fn kill_and_restart(&mut self, netns: &Netns) -> Result<()> {
+        self.restart(netns, Stop::Kill).map(|_| ())
     }
 
     /// Kills the agent with SIGKILL, as a crash or a power cut would: no shutdown

@@ -9,14 +9,21 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bpffs;
 pub mod content;
 pub mod content_bench;
 pub mod demo;
+pub mod diamond;
 pub mod fixture;
+pub mod flood;
+pub mod identities;
 pub mod netns;
+pub mod package;
 pub mod packet;
+pub mod probe;
 pub mod scenario;
 pub mod throughput;
+pub mod timing;
 pub mod topology;
 pub mod traffic;
 pub mod util;

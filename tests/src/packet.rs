@@ -56,6 +56,55 @@ pub fn frame(
     )
 }
 
+/// `frame` (an Ethernet/IPv6/UDP frame) with its UDP checksum replaced by the partial
+/// one a sender's kernel leaves with TX checksum offload (the pseudo-header sum only),
+/// as such a frame arrives at an XDP program on a veth.
+///
+/// # Panics
+/// If `frame` is not an Ethernet/IPv6/UDP frame.
+pub fn with_partial_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let p = parse_frame(&frame).expect("an Ethernet/IPv6/UDP frame");
+    let partial = checksum::udp_ipv6_partial(&p.ip_src.octets(), &p.ip_dst.octets(), p.udp_len);
+    let at = ETH_LEN + IPV6_LEN + 6;
+    frame[at..at + 2].copy_from_slice(&partial.to_be_bytes());
+    frame
+}
+
+/// The datagrams of a UDP GSO superpacket (an Ethernet/IPv6/UDP frame whose payload is
+/// several datagrams' payloads of `gso_size` bytes, the last one shorter), as the
+/// receiver's stack cuts it: each with the same headers, its own lengths and, when
+/// `partial` (the skb was `CHECKSUM_PARTIAL`), its own partial checksum, else a full
+/// one. A stock veth carries such superpackets from a sender's UDP GSO to a receiver
+/// without XDP whole, so a packet tap there sees one frame for many datagrams. `None`
+/// for a frame that is not Ethernet/IPv6/UDP or a `gso_size` of 0.
+pub fn split_udp_gso(frame: &[u8], gso_size: usize, partial: bool) -> Option<Vec<Vec<u8>>> {
+    let p = parse_frame(frame).ok()?;
+    if gso_size == 0 {
+        return None;
+    }
+    let headers = &frame[..ETH_LEN + IPV6_LEN + UDP_LEN];
+    let mut out = Vec::new();
+    for chunk in p.udp_payload().chunks(gso_size) {
+        let mut seg = Vec::with_capacity(headers.len() + chunk.len());
+        seg.extend_from_slice(headers);
+        seg.extend_from_slice(chunk);
+        let len = u16::try_from(UDP_LEN + chunk.len()).ok()?.to_be_bytes();
+        seg[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&len);
+        let udp = ETH_LEN + IPV6_LEN;
+        seg[udp + 4..udp + 6].copy_from_slice(&len);
+        seg[udp + 6..udp + 8].copy_from_slice(&[0, 0]);
+        let (src, dst) = (p.ip_src.octets(), p.ip_dst.octets());
+        let csum = if partial {
+            checksum::udp_ipv6_partial(&src, &dst, u16::from_be_bytes(len))
+        } else {
+            checksum::udp_ipv6(&src, &dst, &seg[udp..])
+        };
+        seg[udp + 6..udp + 8].copy_from_slice(&csum.to_be_bytes());
+        out.push(seg);
+    }
+    Some(out)
+}
+
 /// A whole Ethernet/IPv6/UDP frame around an arbitrary UDP payload, e.g. a truncated or
 /// malformed Myconet header the data plane must reject.
 ///
@@ -148,6 +197,18 @@ impl ParsedFrame {
     pub fn repr(&self) -> Result<Repr> {
         let packet = Packet::new_checked(self.udp_payload())?;
         Ok(Repr::parse(&packet)?)
+    }
+
+    /// Whether the UDP checksum field holds only the pseudo-header sum, as a sender's
+    /// kernel leaves it for the hardware with TX checksum offload (seen on the sender's
+    /// side of a veth, or relayed by a data plane that lost the skb's checksum state).
+    pub fn checksum_partial(&self) -> bool {
+        self.udp_checksum
+            == checksum::udp_ipv6_partial(
+                &self.ip_src.octets(),
+                &self.ip_dst.octets(),
+                self.udp_len,
+            )
     }
 
     /// Whether the UDP checksum is correct for the addresses and segment, i.e. whether
@@ -306,6 +367,44 @@ mod tests {
         assert!(p.checksum_valid());
         assert_ne!(p.udp_checksum, 0);
         assert_eq!(udp_dst_port(&f), Some(DEFAULT_PORT));
+    }
+
+    #[test]
+    fn partial_checksums_are_recognised() {
+        let f = sample(b"opaque payload");
+        let full = parse_frame(&f).unwrap();
+        assert!(full.checksum_valid() && !full.checksum_partial());
+        let partial = parse_frame(&with_partial_checksum(f)).unwrap();
+        assert!(partial.checksum_partial() && !partial.checksum_valid());
+    }
+
+    #[test]
+    fn gso_superpackets_split_into_the_datagrams_sent() {
+        let payloads: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| (0..if i == 2 { 50 } else { 200 }).map(|j| j ^ i).collect())
+            .collect();
+        let datagrams: Vec<Vec<u8>> = payloads.iter().map(|p| datagram(&repr(), p)).collect();
+        let single = |d: &[u8]| {
+            udp_frame(
+                SRC_MAC,
+                DST_MAC,
+                "fd00::1".parse().unwrap(),
+                "fd00::2".parse().unwrap(),
+                40000,
+                DEFAULT_PORT,
+                d,
+            )
+        };
+        let superpacket = single(&datagrams.concat());
+        let gso_size = datagrams[0].len();
+        let full = split_udp_gso(&superpacket, gso_size, false).unwrap();
+        let want: Vec<Vec<u8>> = datagrams.iter().map(|d| single(d)).collect();
+        assert_eq!(full, want);
+        let partial = split_udp_gso(&superpacket, gso_size, true).unwrap();
+        let want: Vec<Vec<u8>> = want.into_iter().map(with_partial_checksum).collect();
+        assert_eq!(partial, want);
+        assert!(split_udp_gso(&superpacket, 0, true).is_none());
+        assert!(split_udp_gso(&superpacket[..20], 100, true).is_none());
     }
 
     #[test]

@@ -75,6 +75,22 @@ impl RelayChain {
         veth_gro: bool,
         c_args: &[&str],
     ) -> Result<Self> {
+        Self::start_full(bin_dir, xdp_mode, veth_gro, c_args, None)
+    }
+
+    /// Like [`RelayChain::start`] with b's data plane pinned in `b_pin_dir` (on a
+    /// [`crate::bpffs::BpfFs`]), so b keeps relaying while its agent restarts.
+    pub fn start_pinned(bin_dir: &Path, xdp_mode: &str, b_pin_dir: &Path) -> Result<Self> {
+        Self::start_full(bin_dir, xdp_mode, true, &[], Some(b_pin_dir))
+    }
+
+    fn start_full(
+        bin_dir: &Path,
+        xdp_mode: &str,
+        veth_gro: bool,
+        c_args: &[&str],
+        b_pin_dir: Option<&Path>,
+    ) -> Result<Self> {
         let topo = Chain::new(3).tag("relay").veth_gro(veth_gro).build()?;
         let mut agents = Vec::new();
         for (i, node) in topo.nodes().iter().enumerate() {
@@ -87,6 +103,7 @@ impl RelayChain {
                 } else {
                     Vec::new()
                 },
+                pin_dir: b_pin_dir.filter(|_| i == 1).map(Path::to_path_buf),
                 ..AgentOptions::default()
             };
             agents.push(AgentProcess::start(node, bin_dir, options)?);
@@ -281,11 +298,12 @@ impl OverlayChain {
     }
 
     /// Starts the agents on an a — b — c topology built (and perhaps altered) by the
-    /// caller; `relay_args` are b's extra flags (b never has a TUN device).
+    /// caller; `relay_args` are b's extra flags (b never has a TUN device). Nodes after
+    /// the third (say, an attacker attached to one of them) get no agent.
     pub fn start_on(topo: Topology, bin_dir: &Path, relay_args: &[&str]) -> Result<Self> {
-        ensure!(topo.len() == 3, "an overlay chain has three nodes");
+        ensure!(topo.len() >= 3, "an overlay chain has three nodes");
         let mut agents = Vec::new();
-        for (i, node) in topo.nodes().iter().enumerate() {
+        for (i, node) in topo.nodes().iter().take(3).enumerate() {
             let mut extra_args = Vec::new();
             if i == 1 {
                 extra_args.push("--no-tun".to_string());

@@ -419,7 +419,7 @@ fn measure(
 
 /// The client's report, or its error with the end of the server's log; then gives the
 /// server (which serves one test) a bounded time to exit.
-fn finish_client(
+pub(crate) fn finish_client(
     client: Result<Value>,
     server: &mut NsChild,
     c: &Node,
@@ -533,10 +533,10 @@ pub fn run_client(
 
 /// The figures iperf3's client report gives us.
 #[derive(Debug, Clone, PartialEq)]
-struct IperfReport {
-    seconds: f64,
-    received_bps: f64,
-    retransmits: u64,
+pub(crate) struct IperfReport {
+    pub(crate) seconds: f64,
+    pub(crate) received_bps: f64,
+    pub(crate) retransmits: u64,
     client_cpu_percent: f64,
     server_cpu_percent: f64,
 }
@@ -546,7 +546,7 @@ pub fn received_bps(report: &Value) -> Result<f64> {
     Ok(parse_iperf(report)?.received_bps)
 }
 
-fn parse_iperf(report: &Value) -> Result<IperfReport> {
+pub(crate) fn parse_iperf(report: &Value) -> Result<IperfReport> {
     if let Some(error) = report.get("error").and_then(Value::as_str) {
         bail!("iperf3 reported an error: {error}");
     }
@@ -747,7 +747,7 @@ fn thread_deltas(
 
 /// Clock ticks per second of the `utime`/`stime` fields in `/proc/<pid>/stat` and the
 /// columns of `/proc/stat`.
-fn clock_ticks_per_second() -> Result<f64> {
+pub(crate) fn clock_ticks_per_second() -> Result<f64> {
     // SAFETY: sysconf has no preconditions; it returns -1 for unknown names.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     ensure!(ticks > 0, "sysconf(_SC_CLK_TCK) returned {ticks}");
@@ -842,7 +842,7 @@ fn parse_stat_times(text: &str) -> Result<(String, u64, u64)> {
 }
 
 /// `utime + stime` of the whole process (all threads, in clock ticks).
-fn process_cpu_ticks(pid: u32) -> Result<u64> {
+pub(crate) fn process_cpu_ticks(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let (_, utime, stime) = parse_stat_times(&text).with_context(|| format!("parsing {path}"))?;
@@ -867,14 +867,14 @@ fn thread_cpu_ticks(pid: u32) -> Result<Vec<(u32, String, u64)>> {
 
 /// Machine-wide CPU time from the first line of `/proc/stat`, in clock ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct MachineCpu {
-    busy: u64,
+pub(crate) struct MachineCpu {
+    pub(crate) busy: u64,
     softirq: u64,
-    total: u64,
+    pub(crate) total: u64,
 }
 
 impl MachineCpu {
-    fn read() -> Result<Self> {
+    pub(crate) fn read() -> Result<Self> {
         let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
         Self::parse(&text).context("parsing /proc/stat")
     }
@@ -901,7 +901,7 @@ impl MachineCpu {
         })
     }
 
-    fn since(&self, earlier: &Self) -> Self {
+    pub(crate) fn since(&self, earlier: &Self) -> Self {
         Self {
             busy: self.busy.saturating_sub(earlier.busy),
             softirq: self.softirq.saturating_sub(earlier.softirq),
@@ -913,13 +913,13 @@ impl MachineCpu {
 /// Drop counters of one namespace, read through `/proc/<pid>/net/` of a process inside
 /// it (the agent), so no command has to run in the namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct NetCounters {
+pub(crate) struct NetCounters {
     tx_dropped: u64,
-    udp_rcvbuf_errors: u64,
+    pub(crate) udp_rcvbuf_errors: u64,
 }
 
 impl NetCounters {
-    fn read(pid: u32) -> Result<Self> {
+    pub(crate) fn read(pid: u32) -> Result<Self> {
         let dev = format!("/proc/{pid}/net/dev");
         let snmp6 = format!("/proc/{pid}/net/snmp6");
         let dev_text = std::fs::read_to_string(&dev).with_context(|| format!("reading {dev}"))?;

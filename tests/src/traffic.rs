@@ -8,12 +8,12 @@
 use std::mem;
 use std::net::{SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::netns::Netns;
 use crate::packet;
@@ -461,6 +461,11 @@ struct Shared {
     frames: Mutex<Vec<CapturedFrame>>,
     stop: AtomicBool,
     finished: AtomicBool,
+    /// Frames the kernel dropped because the socket's queue was full (what tcpdump
+    /// reports as "dropped by kernel"), read when the capture ends.
+    kernel_drops: AtomicU64,
+    /// Whether the capture ended at its frame limit (frames after it were not kept).
+    hit_limit: AtomicBool,
 }
 
 impl Shared {
@@ -477,7 +482,9 @@ impl Shared {
 ///
 /// It sees what the kernel stack sees: incoming frames after XDP let them pass, and
 /// frames the stack transmits; frames an XDP program drops, redirects or bounces are
-/// invisible on that interface (capture them where they arrive).
+/// invisible on that interface (capture them where they arrive). A UDP GSO superpacket
+/// (one skb carrying many datagrams, which a stock veth passes whole) is kept as the
+/// datagrams the receiving stack cuts it into, so counts are datagrams, not skbs.
 #[derive(Debug)]
 pub struct Capture {
     shared: Arc<Shared>,
@@ -555,6 +562,27 @@ impl Capture {
         self.finish()
     }
 
+    /// Stops the capture now and returns everything kept, failing if it is incomplete:
+    /// the kernel dropped frames because the capture fell behind, or the frame limit
+    /// was reached. A test that asserts on what did not appear on a wire needs this.
+    pub fn stop_complete(mut self) -> Result<Vec<CapturedFrame>> {
+        self.shared.stop.store(true, Ordering::Release);
+        let frames = self.finish()?;
+        let drops = self.shared.kernel_drops.load(Ordering::Acquire);
+        ensure!(
+            drops == 0,
+            "the capture on {} is incomplete: the kernel dropped {drops} frames",
+            self.interface
+        );
+        ensure!(
+            !self.shared.hit_limit.load(Ordering::Acquire),
+            "the capture on {} is incomplete: it stopped at its limit of {} frames",
+            self.interface,
+            frames.len()
+        );
+        Ok(frames)
+    }
+
     /// Lets the capture run to its frame or time limit, then returns everything kept.
     pub fn wait(mut self) -> Result<Vec<CapturedFrame>> {
         self.finish()
@@ -612,6 +640,11 @@ fn open_packet_socket(ifname: &str) -> Result<OwnedFd> {
         tv_usec: CAPTURE_POLL.as_micros() as libc::suseconds_t,
     };
     setsockopt(&fd, libc::SO_RCVTIMEO, &tv).context("SO_RCVTIMEO failed")?;
+    // Each frame comes with its virtio_net_hdr: a UDP GSO superpacket (a stock veth
+    // carries them whole into a namespace without XDP) is split into its datagrams.
+    let on: libc::c_int = 1;
+    setsockopt_level(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, &on)
+        .context("PACKET_VNET_HDR failed")?;
 
     // SAFETY: sockaddr_ll is plain data; all-zero is valid.
     let mut sll: libc::sockaddr_ll = unsafe { mem::zeroed() };
@@ -633,12 +666,30 @@ fn open_packet_socket(ifname: &str) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// `PACKET_VNET_HDR` (linux/if_packet.h).
+const PACKET_VNET_HDR: libc::c_int = 15;
+/// Length of the `virtio_net_hdr` a `PACKET_VNET_HDR` socket puts before each frame.
+const VNET_HDR_LEN: usize = 10;
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the checksum is partial.
+const VNET_F_NEEDS_CSUM: u8 = 1;
+/// `VIRTIO_NET_HDR_GSO_UDP_L4` (the ECN bit masked off).
+const VNET_GSO_UDP_L4: u8 = 5;
+
 fn setsockopt<T>(fd: &OwnedFd, option: libc::c_int, value: &T) -> std::io::Result<()> {
+    setsockopt_level(fd, libc::SOL_SOCKET, option, value)
+}
+
+fn setsockopt_level<T>(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
     // SAFETY: value points at a live T and the length is its size.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             option,
             (value as *const T).cast(),
             mem::size_of::<T>() as libc::socklen_t,
@@ -653,13 +704,42 @@ fn setsockopt<T>(fd: &OwnedFd, option: libc::c_int, value: &T) -> std::io::Resul
 
 fn capture_loop(fd: OwnedFd, options: &CaptureOptions, shared: &Shared) -> Result<()> {
     let result = capture_frames(&fd, options, shared);
+    match packet_drops(&fd) {
+        Ok(drops) => shared.kernel_drops.store(drops, Ordering::Release),
+        // Unknown counts as incomplete.
+        Err(_) => shared.kernel_drops.store(u64::MAX, Ordering::Release),
+    }
     shared.finished.store(true, Ordering::Release);
     result
 }
 
+/// Frames the kernel dropped on this packet socket since it was opened
+/// (`PACKET_STATISTICS`, read once: reading resets it).
+fn packet_drops(fd: &OwnedFd) -> std::io::Result<u64> {
+    // SAFETY: tpacket_stats is plain data; all-zero is valid.
+    let mut stats: libc::tpacket_stats = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+    // SAFETY: stats is live and writable and len is its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            (&mut stats as *mut libc::tpacket_stats).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(u64::from(stats.tp_drops))
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn capture_frames(fd: &OwnedFd, options: &CaptureOptions, shared: &Shared) -> Result<()> {
     let start = Instant::now();
-    let mut buf = vec![0u8; 65_536];
+    // A virtio_net_hdr and up to a 64 KiB IPv6 packet with its Ethernet header.
+    let mut buf = vec![0u8; VNET_HDR_LEN + 14 + 40 + 65_536];
     let mut kept = 0usize;
     while !shared.stop.load(Ordering::Acquire)
         && kept < options.max_frames
@@ -687,24 +767,40 @@ fn capture_frames(fd: &OwnedFd, options: &CaptureOptions, shared: &Shared) -> Re
             }
         }
         let len = usize::try_from(n).unwrap_or(0).min(buf.len());
-        let frame = &buf[..len];
+        if len < VNET_HDR_LEN {
+            continue;
+        }
+        let (vnet, frame) = buf[..len].split_at(VNET_HDR_LEN);
         let outgoing = sll.sll_pkttype == libc::PACKET_OUTGOING;
         let direction_ok = match options.direction {
             Direction::Incoming => !outgoing,
             Direction::Outgoing => outgoing,
             Direction::Any => true,
         };
-        let port_ok = options
-            .udp_dst_port
-            .is_none_or(|port| packet::udp_dst_port(frame) == Some(port));
-        if direction_ok && port_ok {
-            shared.frames().push(CapturedFrame {
-                data: frame.to_vec(),
-                outgoing,
-                at: start.elapsed(),
-            });
-            kept += 1;
+        if !direction_ok {
+            continue;
         }
+        let gso_size = usize::from(u16::from_ne_bytes([vnet[4], vnet[5]]));
+        let segments = if vnet[1] & 0x7f == VNET_GSO_UDP_L4 {
+            packet::split_udp_gso(frame, gso_size, vnet[0] & VNET_F_NEEDS_CSUM != 0)
+                .unwrap_or_else(|| vec![frame.to_vec()])
+        } else {
+            vec![frame.to_vec()]
+        };
+        let at = start.elapsed();
+        let mut frames = shared.frames();
+        for data in segments {
+            let port_ok = options
+                .udp_dst_port
+                .is_none_or(|port| packet::udp_dst_port(&data) == Some(port));
+            if port_ok && kept < options.max_frames {
+                frames.push(CapturedFrame { data, outgoing, at });
+                kept += 1;
+            }
+        }
+    }
+    if kept >= options.max_frames {
+        shared.hit_limit.store(true, Ordering::Release);
     }
     Ok(())
 }

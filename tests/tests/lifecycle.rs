@@ -545,12 +545,8 @@ fn unknown_interface_is_refused_promptly_by_name() -> Result<()> {
 }
 
 /// The error for an unknown interface says what is wrong ("no such interface"), not
-/// what the agent happened to try first.
-///
-/// Fails until the agent checks that interfaces exist before writing their sysctls:
-/// today, without `--no-sysctl`, it reports "setting IPv6 sysctls on nonexistent0 …
-/// No such file or directory" (main.rs calls `sysctl::prepare` before
-/// `XdpDataplane::attach`, which is what would say "no such interface").
+/// what the agent happened to try first: with and without `--no-sysctl`, so the
+/// interfaces are checked before any sysctl is written.
 #[test]
 fn unknown_interface_error_says_no_such_interface() -> Result<()> {
     let ns = Netns::create(&netns::unique_name("lcnoif2"))?;
@@ -614,11 +610,8 @@ fn driver_mode_without_native_xdp_is_refused_cleanly() -> Result<()> {
 
 /// The driver-mode attach error carries the kernel's reason, as docs/operations.md
 /// promises ("the agent exits with the kernel's reason"): EOPNOTSUPP, "Operation not
-/// supported".
-///
-/// Fails until dataplane.rs keeps the error's source: today the message ends at
-/// "`bpf_link_create` failed" because `attach_err` uses `ProgramError::to_string()`,
-/// which drops the `io::Error` that aya keeps as the source.
+/// supported". aya's own message stops at "`bpf_link_create` failed" and keeps the
+/// `io::Error` as its source, so the agent must print the whole chain.
 #[test]
 fn driver_mode_attach_error_carries_the_kernels_reason() -> Result<()> {
     let (ns, kind) = namespace_with_non_xdp_device("lcdrv2", "d0")?;
@@ -1018,14 +1011,14 @@ fn corrupt_or_exposed_identity_is_refused_and_left_alone() -> Result<()> {
             after == mode,
             "{case}: key file mode changed from {mode:o} to {after:o}"
         );
-        // Only the key, and the agent's state-directory lock (taken before the key is
-        // read): no replacement key, no journal.
+        // Only the key: the key is checked before anything is claimed, so no lock
+        // file, no replacement key, no journal.
         let mut entries: Vec<_> = fs::read_dir(&state)?
             .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<_, _>>()?;
         entries.sort();
         ensure!(
-            entries == ["agent.lock", "identity.pk8"],
+            entries == ["identity.pk8"],
             "{case}: the state directory changed: {entries:?}"
         );
         ensure!(!socket.exists(), "{case}: a control socket appeared");

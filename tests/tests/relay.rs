@@ -240,7 +240,6 @@ fn relay_follows_a_neighbour_that_changes_its_mac() -> Result<()> {
         },
     )?;
     let sender = chain.sender(SENDER_PORT)?;
-    let b_before = chain.agents[1].stats()?;
     // Windows of WINDOW datagrams, each sent once the previous one arrived (or 2 s
     // passed): windows are ordered in time, so "a later window" is well defined.
     // Datagram counters run 0, 1, 2, ... so a counter's window is counter / WINDOW.
@@ -273,25 +272,48 @@ fn relay_follows_a_neighbour_that_changes_its_mac() -> Result<()> {
     ])?;
     let changed_at = window;
 
-    // After: keep sending until three windows in a row arrived entirely at the new MAC.
+    // After: keep sending until three windows in a row arrived entirely at the new MAC
+    // and were relayed in XDP: b's counters are read as each window starts, so over the
+    // last three windows XDP must have redirected exactly what was sent and b's agent
+    // relayed nothing. (The window in which b resolved the new MAC may see a frame
+    // passed up to the agent while the neighbour entry was incomplete: that one is part
+    // of the recovery, not of the recovered traffic.)
+    let mut b_at_window = std::collections::VecDeque::new();
+    let sent_in_last = 3 * WINDOW as u64;
+    let relayed_in_last =
+        |b_at_window: &std::collections::VecDeque<serde_json::Value>| -> Result<(u64, u64)> {
+            let (Some(before), Some(after)) = (b_at_window.front(), b_at_window.back()) else {
+                return Ok((0, 0));
+            };
+            let d = |section: &str, name: &str| -> Result<u64> {
+                Ok(counter(after, section, name)? - counter(before, section, name)?)
+            };
+            Ok((d("xdp", "redirect")?, d("agent", "rx_data_relayed")?))
+        };
     let deadline = std::time::Instant::now() + RECOVERY_BOUND;
     let dst_mac_of = |frame: &myconet_testbed::traffic::CapturedFrame| -> Option<(u64, [u8; 6])> {
         let p = frame.parse().ok()?;
         Some((p.repr().ok()?.counter, p.eth_dst))
     };
     loop {
-        send_window(window)?;
-        window += 1;
+        // b's counters before window `window`, i.e. after window `window - 1`: the
+        // oldest of four is from before window `window - 3`.
+        b_at_window.push_back(chain.agents[1].stats()?);
+        if b_at_window.len() > 4 {
+            b_at_window.pop_front();
+        }
         let seen: Vec<(u64, [u8; 6])> = capture.snapshot().iter().filter_map(dst_mac_of).collect();
-        let recovered = (window.saturating_sub(3)..window).all(|w| {
-            w > changed_at
-                && seen.iter().filter(|(i, _)| window_of(i) == Some(w)).count() == WINDOW
-                && seen
-                    .iter()
-                    .filter(|(i, _)| window_of(i) == Some(w))
-                    .all(|(_, mac)| *mac == new_mac)
-        });
-        if recovered {
+        let at_new_mac = window >= changed_at + 3
+            && (window - 3..window).all(|w| {
+                w > changed_at
+                    && seen.iter().filter(|(i, _)| window_of(i) == Some(w)).count() == WINDOW
+                    && seen
+                        .iter()
+                        .filter(|(i, _)| window_of(i) == Some(w))
+                        .all(|(_, mac)| *mac == new_mac)
+            });
+        let (redirected, by_agent) = relayed_in_last(&b_at_window)?;
+        if at_new_mac && b_at_window.len() == 4 && redirected == sent_in_last && by_agent == 0 {
             break;
         }
         if std::time::Instant::now() >= deadline {
@@ -311,12 +333,16 @@ fn relay_follows_a_neighbour_that_changes_its_mac() -> Result<()> {
                 .exec_stdout("ip", ["-s", "-s", "-6", "neigh", "show", "dev", &b_to_c]);
             anyhow::bail!(
                 "traffic did not recover within {RECOVERY_BOUND:?} after c's MAC changed \
-                 ({}; b's neighbours: {neigh:?})\n{}\nb's log:\n{}",
+                 ({}; over the last 3 windows ({sent_in_last} sent) b's XDP redirected \
+                 {redirected} and its agent relayed {by_agent}; b's neighbours: {neigh:?})\n{}\n\
+                 b's log:\n{}",
                 last.join("; "),
                 chain.loss_report(),
                 chain.agents[1].log_tail(30)
             );
         }
+        send_window(window)?;
+        window += 1;
     }
     let frames = capture.stop()?;
     let seen: Vec<(u64, [u8; 6])> = frames.iter().filter_map(dst_mac_of).collect();
@@ -342,12 +368,13 @@ fn relay_follows_a_neighbour_that_changes_its_mac() -> Result<()> {
             "frame {i} before the change did not go to the old MAC"
         );
     }
-    // And the recovered traffic was relayed in the kernel, not by b's agent.
-    let b_after = chain.agents[1].stats()?;
-    let redirected = counter(&b_after, "xdp", "redirect")? - counter(&b_before, "xdp", "redirect")?;
+    // The recovered traffic was relayed in the kernel, not by b's agent (the loop's
+    // condition; said again here with the figures).
+    let (redirected, by_agent) = relayed_in_last(&b_at_window)?;
     ensure!(
-        redirected >= 3 * WINDOW as u64,
-        "b relayed only {redirected} frames in XDP: {b_after}"
+        redirected == sent_in_last && by_agent == 0,
+        "over the last 3 windows ({sent_in_last} sent) b's XDP redirected {redirected} and its \
+         agent relayed {by_agent}"
     );
     Ok(())
 }

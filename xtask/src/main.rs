@@ -4,6 +4,10 @@
 mod bench;
 mod cmd;
 mod content_bench;
+mod failover;
+mod flood;
+mod fuzz;
+mod package;
 mod setup;
 mod test;
 mod throughput;
@@ -31,7 +35,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Install missing system packages, nightly rust-src and bpf-linker (idempotent).
+    /// Install missing system packages, nightly rust-src, bpf-linker and cargo-fuzz
+    /// (idempotent).
     Setup,
     /// Setup, then build the release binaries.
     Build,
@@ -49,6 +54,29 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         which: BenchCmd,
+    },
+    /// Setup, release build, then the Debian package (target/debian/myconet_*.deb):
+    /// binaries, systemd unit, sample config, man pages, completions and docs.
+    Package {
+        /// Package the debug binaries instead (quicker; what the test suite does).
+        #[arg(long)]
+        debug: bool,
+        /// Directory for the .deb (default: target/debian).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Coverage-guided fuzzing (cargo-fuzz, nightly): list the targets with no argument
+    /// or `--list`, run one with `TARGET`, or all in turn with `all`. The `xdp` target
+    /// needs root.
+    Fuzz {
+        /// Target to run (`all` for every target in turn); none lists them.
+        target: Option<String>,
+        /// List the targets.
+        #[arg(long)]
+        list: bool,
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
     },
     /// Bring up or tear down a chain of namespaces for manual experiments; needs root.
     Netns {
@@ -73,6 +101,39 @@ enum BenchCmd {
         /// kernel forwarding).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// Failover of a ping stream across the diamond a — b|c — d when the active relay is
+    /// killed (outage per run), and the links' steady-state control traffic; for the
+    /// release build, or for the builds named with --bin-dir, side by side.
+    Failover {
+        /// Failovers per build (each in a fresh diamond).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Seconds of idle control traffic measured per build (0: skip; at least 60
+        /// covers the routing protocol's 30 s periodic updates).
+        #[arg(long, default_value_t = 60)]
+        control_seconds: u64,
+        /// A directory with myconet-agent and myconet-ctl to measure instead of this
+        /// tree's release build (repeat to compare builds; runs are interleaved).
+        #[arg(long = "bin-dir")]
+        bin_dirs: Vec<std::path::PathBuf>,
+        /// Hello interval for every agent (default: the agent's own default).
+        #[arg(long)]
+        hello_interval_ms: Option<u64>,
+    },
+    /// a → c TCP throughput while an attacker floods the receiver c (then the relay b)
+    /// with handshake inits, fresh keys echoing cookies and replays, each next to an
+    /// unflooded window: throughput ratio, inits verified per second, target agent CPU.
+    Flood {
+        /// Seconds each iperf3 window lasts (three windows per target).
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Flood only this node (`c` or `b`); both by default.
+        #[arg(long)]
+        target: Option<String>,
+        /// How many underlay /64s the attacker sends from.
+        #[arg(long, default_value_t = 16)]
+        sources: usize,
     },
     /// Content: add against raw BLAKE3 and a raw write, fetch against iperf3 over the
     /// same overlay path, proof overhead, time to first byte, the share fetched again
@@ -99,6 +160,18 @@ enum BenchCmd {
         /// Run only this topology (`random` or `scale-free`); both by default.
         #[arg(long)]
         topology: Option<String>,
+        /// Add a table-fill attack: a host nobody configured attaches to the node with
+        /// the most links after cold start and announces this many prefixes of keys it
+        /// made (0: none; see docs/routing.md, "Self-admitted neighbours").
+        #[arg(long, default_value_t = 0)]
+        attack_junk: usize,
+        /// What the attacked node takes the attacker for: `self-admitted` or
+        /// `configured` (how every neighbour was treated before the limits).
+        #[arg(long, default_value = "self-admitted")]
+        attack_admission: String,
+        /// Most prefixes a node holds (default: the router's, 200,000).
+        #[arg(long)]
+        max_routes: Option<usize>,
     },
 }
 
@@ -146,8 +219,54 @@ fn run(cli: Cli) -> Result<()> {
                     nodes,
                     seed,
                     topology,
+                    attack_junk,
+                    attack_admission,
+                    max_routes,
                 },
-        } => routing_bench(&root, nodes, seed, topology.as_deref()),
+        } => {
+            let mut extra = Vec::new();
+            if attack_junk > 0 {
+                extra.extend([
+                    "--attack-junk".to_string(),
+                    attack_junk.to_string(),
+                    "--attack-admission".to_string(),
+                    attack_admission,
+                ]);
+            }
+            if let Some(m) = max_routes {
+                extra.extend(["--max-routes".to_string(), m.to_string()]);
+            }
+            routing_bench(&root, nodes, seed, topology.as_deref(), &extra)
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::Failover {
+                    runs,
+                    control_seconds,
+                    bin_dirs,
+                    hello_interval_ms,
+                },
+        } => {
+            require_root()?;
+            setup::run()?;
+            let target = cmd::target_dir(&root)?;
+            let bin_dirs = if bin_dirs.is_empty() {
+                cmd::run(cmd::cargo(&root).args(["build", "--release", "--bins"]))?;
+                vec![target.join("release")]
+            } else {
+                bin_dirs
+            };
+            let extra: Vec<String> = hello_interval_ms
+                .map(|ms| vec!["--hello-interval-ms".to_string(), ms.to_string()])
+                .unwrap_or_default();
+            failover::run(
+                &target,
+                &bin_dirs,
+                &extra,
+                runs.clamp(1, 100),
+                std::time::Duration::from_secs(control_seconds.min(3600)),
+            )
+        }
         Cmd::Bench { which } => {
             require_root()?;
             setup::run()?;
@@ -158,9 +277,40 @@ fn run(cli: Cli) -> Result<()> {
                 BenchCmd::Content { mib, iperf_seconds } => {
                     content_bench::run(&root, mib.clamp(16, 8192), iperf_seconds.clamp(1, 60))
                 }
-                BenchCmd::Routing { .. } => unreachable!("handled above"),
+                BenchCmd::Routing { .. } | BenchCmd::Failover { .. } => {
+                    unreachable!("handled above")
+                }
+                BenchCmd::Flood {
+                    seconds,
+                    target,
+                    sources,
+                } => {
+                    use myconet_testbed::flood::Target;
+                    let targets = match target.as_deref() {
+                        None => vec![Target::C, Target::B],
+                        Some("c") => vec![Target::C],
+                        Some("b") => vec![Target::B],
+                        Some(other) => anyhow::bail!("--target {other}: c or b"),
+                    };
+                    flood::run(&root, seconds.clamp(2, 60), &targets, sources.clamp(1, 200))
+                }
             }
         }
+        Cmd::Package { debug, out } => package::run(&root, debug, out),
+        Cmd::Fuzz { target, list, time } => match target {
+            Some(t) if !list => {
+                let targets: Vec<String> = if t == "all" {
+                    fuzz::TARGETS.iter().map(|t| t.0.to_string()).collect()
+                } else {
+                    vec![t]
+                };
+                fuzz::run(&root, &targets, time.max(1))
+            }
+            _ => {
+                fuzz::list();
+                Ok(())
+            }
+        },
         Cmd::Netns { action } => match action {
             NetnsCmd::Up { nodes } => netns_up(nodes),
             NetnsCmd::Down => netns_down(),
@@ -220,7 +370,13 @@ fn netns_down() -> Result<()> {
 
 /// Runs the routing simulator (release build) on a random and a scale-free topology;
 /// each run prints its report and saves it as JSON under `target/bench/`.
-fn routing_bench(root: &std::path::Path, nodes: u32, seed: u64, only: Option<&str>) -> Result<()> {
+fn routing_bench(
+    root: &std::path::Path,
+    nodes: u32,
+    seed: u64,
+    only: Option<&str>,
+    extra: &[String],
+) -> Result<()> {
     let out = cmd::target_dir(root)?.join("bench");
     std::fs::create_dir_all(&out)?;
     let all = ["random", "scale-free"];
@@ -230,25 +386,30 @@ fn routing_bench(root: &std::path::Path, nodes: u32, seed: u64, only: Option<&st
         anyhow::bail!("unknown topology {t:?} (random or scale-free)");
     }
     for topology in all.into_iter().filter(|t| only.is_none_or(|o| o == *t)) {
-        let json = out.join(format!("routing-{topology}-{nodes}.json"));
+        let tag = if extra.is_empty() { "" } else { "-attack" };
+        let json = out.join(format!("routing-{topology}-{nodes}{tag}.json"));
         println!("==> routing simulator: {nodes} nodes, {topology}, seed {seed}");
-        cmd::run(cmd::cargo(root).args([
-            "run",
-            "--release",
-            "-p",
-            "myconet-agent",
-            "--example",
-            "routing_sim",
-            "--",
-            "--nodes",
-            &nodes.to_string(),
-            "--topology",
-            topology,
-            "--seed",
-            &seed.to_string(),
-            "--json",
-            &json.display().to_string(),
-        ]))?;
+        cmd::run(
+            cmd::cargo(root)
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "myconet-agent",
+                    "--example",
+                    "routing_sim",
+                    "--",
+                    "--nodes",
+                    &nodes.to_string(),
+                    "--topology",
+                    topology,
+                    "--seed",
+                    &seed.to_string(),
+                    "--json",
+                    &json.display().to_string(),
+                ])
+                .args(extra),
+        )?;
         println!("saved {}", json.display());
     }
     Ok(())
@@ -274,6 +435,34 @@ mod tests {
         assert!(Cli::try_parse_from(["xtask", "netns", "up", "--nodes", "4"]).is_ok());
         assert!(Cli::try_parse_from(["xtask", "demo"]).is_ok());
         assert!(Cli::try_parse_from(["xtask", "bench", "relay", "--seconds", "2"]).is_ok());
+        assert!(
+            Cli::try_parse_from([
+                "xtask",
+                "bench",
+                "failover",
+                "--runs",
+                "3",
+                "--bin-dir",
+                "/a",
+                "--bin-dir",
+                "/b"
+            ])
+            .is_ok()
+        );
         assert!(Cli::try_parse_from(["xtask", "bench", "nonsense"]).is_err());
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "fuzz", "header", "--time", "5"]).unwrap().command,
+            Cmd::Fuzz { target: Some(t), list: false, time: 5 } if t == "header"
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "fuzz"]).unwrap().command,
+            Cmd::Fuzz { target: None, .. }
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "fuzz", "--list"])
+                .unwrap()
+                .command,
+            Cmd::Fuzz { list: true, .. }
+        ));
     }
 }

@@ -20,6 +20,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     // The testbed sets per-namespace sysctls (forwarding, DAD).
     ("sysctl", "procps"),
+    // `cargo xtask package` and its test: building, installing and checking the .deb
+    // (strip and objdump from binutils, the unit checked by systemd-analyze verify).
+    ("dpkg-deb", "dpkg"),
+    ("strip", "binutils"),
+    ("objdump", "binutils"),
+    ("systemd-analyze", "systemd"),
+    // The capability tests run the agent with a restricted set.
+    ("setpriv", "util-linux"),
 ];
 
 /// Runs every setup step.
@@ -27,6 +35,7 @@ pub fn run() -> Result<()> {
     system_packages().context("setup: installing Debian packages failed")?;
     let sysroot = rust_src().context("setup: the nightly rust-src component is unavailable")?;
     bpf_linker(&sysroot).context("setup: installing bpf-linker failed")?;
+    cargo_fuzz().context("setup: installing cargo-fuzz failed")?;
     println!(
         "setup: bpfel-unknown-none needs nothing more (core is built from rust-src with \
          -Z build-std)"
@@ -153,6 +162,35 @@ fn bpf_linker(sysroot: &Path) -> Result<()> {
     if cmd::probe(Command::new("bpf-linker").arg("--version")).is_none() {
         bail!(
             "bpf-linker installed but `bpf-linker --version` still fails (is ~/.cargo/bin in PATH?)"
+        );
+    }
+    Ok(())
+}
+
+/// Installs cargo-fuzz (the fuzz targets' runner, `cargo xtask fuzz`) unless present.
+pub fn cargo_fuzz() -> Result<()> {
+    let probe = || {
+        cmd::probe(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args([
+            "+nightly",
+            "fuzz",
+            "--version",
+        ]))
+    };
+    if let Some(version) = probe() {
+        println!("setup: {version} present");
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz");
+    cmd::run(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        "^0.13",
+        "--locked",
+    ]))?;
+    if probe().is_none() {
+        bail!(
+            "cargo-fuzz installed but `cargo +nightly fuzz --version` still fails (is ~/.cargo/bin in PATH?)"
         );
     }
     Ok(())

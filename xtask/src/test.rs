@@ -1,12 +1,13 @@
 //! `cargo xtask test`: the whole gate CI runs (`.ci/run`), stage by stage, stopping at
-//! the first failure with a banner that names the stage.
+//! the first failure with a banner that names the stage. The fuzz stage runs every fuzz
+//! target for a few seconds over its seeds and saved crash cases (`fuzz::test_stage`).
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
 
-use crate::{cmd, setup};
+use crate::{cmd, fuzz, setup};
 
 /// One step of the gate; boxed so the stages can be listed in order and run in a loop.
 type Stage<'a> = Box<dyn FnMut() -> Result<()> + 'a>;
@@ -47,7 +48,8 @@ impl Tally {
     }
 }
 
-/// Runs fmt, clippy (host and eBPF), build and tests; `extra` goes to `cargo test`.
+/// Runs fmt, clippy (host and eBPF), build, tests and a short run of every fuzz target;
+/// `extra` goes to `cargo test` (and skips the fuzz stage).
 pub fn run(root: &Path, extra: &[String]) -> Result<()> {
     if !cmd::is_root() {
         bail!(
@@ -113,6 +115,17 @@ pub fn run(root: &Path, extra: &[String]) -> Result<()> {
                         .args(extra),
                     |line| tally.add_line(line),
                 )
+            }),
+        ),
+        (
+            "fuzz",
+            Box::new(|| {
+                if extra.is_empty() {
+                    fuzz::test_stage(root)
+                } else {
+                    println!("fuzz: skipped (cargo test arguments given)");
+                    Ok(())
+                }
             }),
         ),
     ];

@@ -23,8 +23,17 @@ const TARGET_GBPS: f64 = 3.5;
 const REFERENCE_GBPS: (f64, f64) = (1.5, 1.8);
 /// That overlay's relay CPU per packet, nanoseconds (from the issue).
 const REFERENCE_RELAY_NS: f64 = 2300.0;
-/// Wanted: userspace relay CPU per packet ÷ XDP relay CPU per packet (from the issue).
+/// Wanted: userspace relay CPU per packet ÷ XDP relay CPU per packet (from the issue),
+/// judged only on a like-for-like figure ([`all_in_ns_per_packet`]).
 const TARGET_CPU_RATIO: f64 = 20.0;
+
+/// Relay b's whole cost per relayed packet, measured the same way for both data planes:
+/// b's agent CPU plus the machine's softirq CPU (where XDP, veth receive, UDP and
+/// redirects run), per relayed packet. Like for like, but loose: a's and c's softirq
+/// work is in it in both runs, which makes the ratio of two runs an underestimate.
+fn all_in_ns_per_packet(r: &ThroughputRun) -> f64 {
+    r.agent_ns_per_packet(1) + r.softirq_ns_per_packet()
+}
 
 /// Runs the throughput benchmark with release binaries.
 pub fn run(root: &Path, seconds: u64) -> Result<()> {
@@ -67,9 +76,13 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
             "xdp_gbps_over_kernel_forwarding_gro": xdp.gbps() / kernel[0].gbps(),
             "xdp_gbps_over_kernel_forwarding_no_gro": xdp.gbps() / kernel[1].gbps(),
             "gbps_xdp_over_userspace": xdp.gbps() / user.gbps(),
-            "relay_ns_userspace_over_xdp": user.relay_ns_per_packet() / xdp.relay_ns_per_packet(),
-            "relay_ns_userspace_over_xdp_softirq_bound":
-                user.relay_ns_per_packet() / xdp.softirq_ns_per_packet(),
+            // Not like for like: the agent's whole process against the program's own run
+            // time (no veth copy, redirect or transmit); no target is judged on it.
+            "relay_ns_userspace_agent_over_xdp_program":
+                user.relay_ns_per_packet() / xdp.relay_ns_per_packet(),
+            // Like for like (b's agent + all softirq CPU per relayed packet, both runs).
+            "relay_ns_all_in_userspace_over_xdp":
+                all_in_ns_per_packet(user) / all_in_ns_per_packet(xdp),
             "xdp_gbps_over_target": xdp.gbps() / TARGET_GBPS,
             "xdp_gbps_over_reference_low": xdp.gbps() / REFERENCE_GBPS.0,
             "xdp_gbps_over_reference_high": xdp.gbps() / REFERENCE_GBPS.1,
@@ -78,7 +91,7 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
             "gbps": TARGET_GBPS,
             "reference_gbps": [REFERENCE_GBPS.0, REFERENCE_GBPS.1],
             "reference_relay_ns_per_packet": REFERENCE_RELAY_NS,
-            "relay_cpu_ratio": TARGET_CPU_RATIO,
+            "relay_cpu_ratio_all_in": TARGET_CPU_RATIO,
         },
     });
     let path = dir.join("throughput.json");
@@ -110,6 +123,7 @@ fn run_json(r: &ThroughputRun) -> serde_json::Value {
         "relay_cpu_ns": r.relay_cpu_ns,
         "relay_cpu_packets": r.relay_cpu_packets,
         "relay_ns_per_packet": r.relay_ns_per_packet(),
+        "relay_all_in_ns_per_packet": all_in_ns_per_packet(r),
         "machine_softirq_ns_per_packet": r.softirq_ns_per_packet(),
         "agent_cpu_seconds": {"a": r.agent_cpu_seconds[0], "b": r.agent_cpu_seconds[1], "c": r.agent_cpu_seconds[2]},
         "tx_dropped": {"a": r.tx_dropped[0], "b": r.tx_dropped[1], "c": r.tx_dropped[2]},
@@ -230,8 +244,8 @@ fn render(
          anything but the agents and iperf3 (other work competing with the run: high means noisy)."
     );
 
-    let cpu_ratio = user.relay_ns_per_packet() / xdp.relay_ns_per_packet();
-    let cpu_ratio_bound = user.relay_ns_per_packet() / xdp.softirq_ns_per_packet();
+    let program_ratio = user.relay_ns_per_packet() / xdp.relay_ns_per_packet();
+    let all_in_ratio = all_in_ns_per_packet(user) / all_in_ns_per_packet(xdp);
     let _ = writeln!(s, "\nRatios (same run)");
     let _ = writeln!(
         s,
@@ -240,15 +254,18 @@ fn render(
     );
     let _ = writeln!(
         s,
-        "  relay CPU/pkt, userspace ÷ XDP program:               {:>8.1}x  (target ≥ {TARGET_CPU_RATIO:.0}x: {})",
-        cpu_ratio,
-        verdict(cpu_ratio >= TARGET_CPU_RATIO)
+        "  relay CPU/pkt all in, userspace ÷ XDP:                {:>8.1}x  (like for like: b's agent + all \
+         softirq CPU per relayed packet, {:.0} ÷ {:.0} ns; target ≥ {TARGET_CPU_RATIO:.0}x: {})",
+        all_in_ratio,
+        all_in_ns_per_packet(user),
+        all_in_ns_per_packet(xdp),
+        verdict(all_in_ratio >= TARGET_CPU_RATIO)
     );
     let _ = writeln!(
         s,
-        "  relay CPU/pkt, userspace ÷ XDP softirq upper bound:   {:>8.1}x  (target ≥ {TARGET_CPU_RATIO:.0}x: {})",
-        cpu_ratio_bound,
-        verdict(cpu_ratio_bound >= TARGET_CPU_RATIO)
+        "  userspace agent ÷ XDP program run time:               {:>8.1}x  (not like for like: the program \
+         alone, without the veth copy, redirect and transmit it causes; no target applies)",
+        program_ratio,
     );
     let _ = writeln!(
         s,
@@ -357,8 +374,18 @@ mod tests {
         });
         let text = render(&runs, &xdp, &user, &kernel);
         assert!(text.contains("xdp") && text.contains("userspace"), "{text}");
-        // 2000 ns ÷ 50 ns.
-        assert!(text.contains("40.0x"), "{text}");
+        // 2000 ns ÷ 50 ns: the program-only figure, named as such and never judged.
+        let program = text
+            .lines()
+            .find(|l| l.contains("XDP program run time"))
+            .expect("program-only line");
+        assert!(program.contains("40.0x  (not like for like"), "{program}");
+        assert!(!program.contains("met"), "{program}");
+        // All in: (0.5 s b agent + 0.5 s softirq) per 1 M packets = 1000 ns in both runs.
+        assert!(
+            text.contains("1.0x  (like for like: b's agent + all softirq CPU per relayed packet, 1000 ÷ 1000 ns; target ≥ 20x: not met)"),
+            "{text}"
+        );
         assert!(text.contains("3.00x"), "{text}");
         // 3.6 ÷ 4.5 and ÷ 3.0 Gbit/s, and the 3.5 Gbit/s target ÷ each.
         assert!(

@@ -49,6 +49,16 @@ pub struct PeerConfig {
     /// A neighbour that sent nothing authenticated for this long is Down. Defaults to
     /// three hello intervals plus a second, so two lost hellos never take a link down.
     pub dead_interval: Duration,
+    /// Fast loss detection: a hello followed by nothing authenticated from the
+    /// neighbour for the probe timeout (its smoothed RTT plus four deviations, at least
+    /// [`PeerConfig::probe_timeout_min`]) starts probes, one more hello per probe
+    /// timeout; when this many probes in a row also went unanswered the neighbour is
+    /// Down, long before the dead interval. Healthy links send nothing extra. 0 turns
+    /// it off (the dead interval alone decides).
+    pub probe_count: u32,
+    /// Floor of the probe timeout, so a fast link's probes leave room for a busy
+    /// neighbour's scheduling delays.
+    pub probe_timeout_min: Duration,
     /// A hello not acknowledged within this long counts as lost in the loss estimate.
     pub hello_loss_timeout: Duration,
     /// Number of most recent hellos the loss estimate covers.
@@ -92,6 +102,8 @@ impl Default for PeerConfig {
         Self {
             hello_interval,
             dead_interval: hello_interval * 3 + Duration::from_secs(1),
+            probe_count: 5,
+            probe_timeout_min: Duration::from_millis(100),
             hello_loss_timeout: hello_interval,
             loss_window: 16,
             retry_initial: Duration::from_secs(2),
@@ -121,6 +133,9 @@ impl PeerConfig {
         }
         if self.dead_interval <= self.hello_interval {
             return bad("dead_interval must exceed hello_interval");
+        }
+        if self.probe_count > 0 && self.probe_timeout_min.is_zero() {
+            return bad("probe_timeout_min must be positive when probing");
         }
         if self.hello_loss_timeout.is_zero() {
             return bad("hello_loss_timeout must be positive");
@@ -223,6 +238,8 @@ pub enum Action {
         endpoint: LinkEndpoint,
         /// The key the link handshake proved.
         node_key: NodeKey,
+        /// How it came to be a neighbour (routing limits self-admitted ones).
+        origin: Origin,
     },
     /// The neighbour is gone: remove `endpoint` from the XDP peer map.
     PeerDown {
@@ -232,6 +249,11 @@ pub enum Action {
     /// The manager forgot this endpoint (removed, expired or evicted): the session layer
     /// may drop its link session and any pending link handshake with it.
     CloseLink(LinkEndpoint),
+    /// An Up neighbour completed a new link handshake with the same key: a rekey, or the
+    /// neighbour restarted (or forgot this node) and dialled again, having lost whatever
+    /// it learned over the old session. It stays Up; what was sent to it only once
+    /// (the routing table) must be sent again.
+    LinkRenewed(LinkEndpoint),
 }
 
 impl Action {
@@ -244,7 +266,8 @@ impl Action {
             Self::SendHello(e, _)
             | Self::SendHelloAck(e, _)
             | Self::SendKeepalive(e)
-            | Self::CloseLink(e) => *e,
+            | Self::CloseLink(e)
+            | Self::LinkRenewed(e) => *e,
         }
     }
 
@@ -414,8 +437,13 @@ pub struct PeerStats {
     pub handshakes_started: u64,
     /// Authentications refused (wrong key, self, inbound disabled, table full).
     pub auth_rejected: u64,
-    /// Hellos sent.
+    /// Hellos sent (probes not included).
     pub hellos_sent: u64,
+    /// Probe hellos sent after a hello went unanswered for the probe timeout.
+    pub probes_sent: u64,
+    /// Transitions out of Up because a hello and every probe after it went unanswered
+    /// (also counted in `peer_downs`).
+    pub probe_downs: u64,
     /// Hellos accepted (and acknowledged).
     pub hellos_received: u64,
     /// Hello-acks that produced an RTT sample.
@@ -450,6 +478,8 @@ impl PeerStats {
             ("link_handshakes_started", self.handshakes_started),
             ("link_auth_rejected", self.auth_rejected),
             ("hello_sent", self.hellos_sent),
+            ("hello_probe_sent", self.probes_sent),
+            ("peer_down_unanswered", self.probe_downs),
             ("hello_received", self.hellos_received),
             ("hello_ack_received", self.acks_received),
             ("hello_ack_unmatched", self.acks_unmatched),
@@ -565,6 +595,15 @@ struct Peer {
     next_hello: Option<Instant>,
     next_sequence: u32,
     hellos: VecDeque<HelloRecord>,
+    /// The most recent probes (at most `probe_count`), for matching their acks (RTT
+    /// samples), late ones included; kept out of `hellos` so the loss estimate stays
+    /// about regular hellos.
+    probes: VecDeque<HelloRecord>,
+    /// When the oldest hello not followed by anything authenticated from the neighbour
+    /// was sent: the start of a probe episode.
+    unanswered_since: Option<Instant>,
+    /// Probes sent in the current episode.
+    episode_probes: u32,
     rtt: Option<Rtt>,
     observed_by_peer: Option<(Ipv6Addr, u16)>,
 }
@@ -585,6 +624,9 @@ impl Peer {
             next_hello: None,
             next_sequence: 0,
             hellos: VecDeque::new(),
+            probes: VecDeque::new(),
+            unanswered_since: None,
+            episode_probes: 0,
             rtt: None,
             observed_by_peer: None,
         }
@@ -592,6 +634,35 @@ impl Peer {
 
     fn is_up(&self) -> bool {
         self.state == PeerState::Up
+    }
+
+    /// Something authenticated arrived from the neighbour: it is alive, any probe
+    /// episode is over.
+    fn heard(&mut self, now: Instant) {
+        self.last_seen = Some(now);
+        self.unanswered_since = None;
+        self.episode_probes = 0;
+    }
+
+    /// How long a hello may go unanswered before the next probe: the RFC 6298 RTO
+    /// formula (SRTT + 4 RTTVAR) with [`PeerConfig::probe_timeout_min`] as its floor.
+    /// `None` until an RTT sample exists (nothing to judge a late answer by) or with
+    /// probing off.
+    fn probe_timeout(&self, config: &PeerConfig) -> Option<Duration> {
+        if config.probe_count == 0 {
+            return None;
+        }
+        let rtt = self.rtt?;
+        let us = rtt.srtt_us.saturating_add(rtt.rttvar_us.saturating_mul(4));
+        Some(Duration::from_micros(us).max(config.probe_timeout_min))
+    }
+
+    /// When the probe episode next needs attention: the next probe, or, after the
+    /// last probe, the verdict.
+    fn probe_due(&self, config: &PeerConfig) -> Option<Instant> {
+        let since = self.unanswered_since?;
+        let timeout = self.probe_timeout(config)?;
+        since.checked_add(timeout.saturating_mul(self.episode_probes.saturating_add(1)))
     }
 
     fn dead_at(&self, config: &PeerConfig) -> Instant {
@@ -606,7 +677,8 @@ impl Peer {
     fn deadline(&self, config: &PeerConfig) -> Option<Instant> {
         if self.is_up() {
             let dead = self.dead_at(config);
-            Some(self.next_hello.map_or(dead, |h| h.min(dead)))
+            let probe = self.probe_due(config).unwrap_or(dead);
+            Some(self.next_hello.map_or(dead, |h| h.min(dead)).min(probe))
         } else {
             match (self.next_attempt, self.expires_at(config)) {
                 (Some(a), Some(e)) => Some(a.min(e)),
@@ -696,7 +768,7 @@ impl Core {
         peer.state = PeerState::Up;
         peer.since = now;
         peer.node_key = Some(key);
-        peer.last_seen = Some(now);
+        peer.heard(now);
         peer.attempts = 0;
         peer.next_attempt = None;
         peer.hellos.clear();
@@ -708,6 +780,7 @@ impl Core {
         self.actions.push_back(Action::PeerUp {
             endpoint,
             node_key: key,
+            origin: peer.origin,
         });
         self.actions.push_back(Action::SendKeepalive(endpoint));
     }
@@ -718,6 +791,9 @@ impl Core {
         peer.state = PeerState::Down;
         peer.since = now;
         peer.next_hello = None;
+        peer.unanswered_since = None;
+        peer.episode_probes = 0;
+        peer.probes.clear();
         self.stats.peer_downs += 1;
         self.actions.push_back(Action::PeerDown { endpoint });
         if peer.origin == Origin::Inbound {
@@ -729,21 +805,49 @@ impl Core {
     }
 
     fn send_hello(&mut self, endpoint: LinkEndpoint, peer: &mut Peer, now: Instant) {
-        let sequence = peer.next_sequence;
-        peer.next_sequence = sequence.wrapping_add(1);
-        let timestamp_us = self.micros(now);
-        peer.hellos.push_back(HelloRecord {
-            sequence,
-            timestamp_us,
-            sent_at: now,
-            acked: false,
-        });
+        let record = self.hello_record(peer, now);
+        peer.hellos.push_back(record);
         while peer.hellos.len() > self.config.loss_window {
             peer.hellos.pop_front();
         }
         let interval = self.jitter(self.config.hello_interval, 100);
         peer.next_hello = Some(now + interval);
+        // Anything authenticated from the neighbour ends the wait (`Peer::heard`).
+        peer.unanswered_since.get_or_insert(now);
         self.stats.hellos_sent += 1;
+        self.queue_hello(endpoint, record);
+    }
+
+    /// One more hello within a probe episode: same message, kept apart from the loss
+    /// window, and the regular hello schedule is left alone.
+    fn send_probe(&mut self, endpoint: LinkEndpoint, peer: &mut Peer, now: Instant) {
+        let record = self.hello_record(peer, now);
+        peer.probes.push_back(record);
+        while peer.probes.len() > self.config.probe_count as usize {
+            peer.probes.pop_front();
+        }
+        peer.episode_probes = peer.episode_probes.saturating_add(1);
+        self.stats.probes_sent += 1;
+        self.queue_hello(endpoint, record);
+    }
+
+    fn hello_record(&mut self, peer: &mut Peer, now: Instant) -> HelloRecord {
+        let sequence = peer.next_sequence;
+        peer.next_sequence = sequence.wrapping_add(1);
+        HelloRecord {
+            sequence,
+            timestamp_us: self.micros(now),
+            sent_at: now,
+            acked: false,
+        }
+    }
+
+    fn queue_hello(&mut self, endpoint: LinkEndpoint, record: HelloRecord) {
+        let HelloRecord {
+            sequence,
+            timestamp_us,
+            ..
+        } = record;
         self.actions.push_back(Action::SendHello(
             endpoint,
             Hello {
@@ -1128,8 +1232,10 @@ impl PeerManager {
         }
         if peer.is_up() {
             if peer.node_key == Some(node_key) {
-                // A rekey or a repeated handshake: same neighbour, still alive.
-                peer.last_seen = Some(now);
+                // A rekey or a repeated handshake: same neighbour, still alive, but
+                // perhaps restarted with nothing of what it learned from us.
+                peer.heard(now);
+                self.core.actions.push_back(Action::LinkRenewed(endpoint));
                 return Ok(());
             }
             // Another node now answers at this endpoint: it is a different neighbour.
@@ -1160,7 +1266,7 @@ impl PeerManager {
     pub fn on_any_packet_from(&mut self, endpoint: LinkEndpoint, now: Instant) -> bool {
         match self.peers.get_mut(&endpoint) {
             Some(peer) if peer.is_up() => {
-                peer.last_seen = Some(now);
+                peer.heard(now);
                 true
             }
             _ => false,
@@ -1206,7 +1312,7 @@ impl PeerManager {
                 got: hello.node_key,
             });
         }
-        peer.last_seen = Some(now);
+        peer.heard(now);
         peer.observed_by_peer = Some((hello.observed_addr, hello.observed_port));
         self.core.actions.push_back(Action::SendHelloAck(
             endpoint,
@@ -1245,9 +1351,14 @@ impl PeerManager {
         now_us: u64,
     ) -> Result<(), PeerError> {
         let peer = self.up_peer(endpoint)?;
-        let Some(record) = peer.hellos.iter_mut().find(|r| {
-            r.sequence == ack.sequence && r.timestamp_us == ack.echoed_timestamp_us && !r.acked
-        }) else {
+        let Some(record) = peer
+            .hellos
+            .iter_mut()
+            .chain(peer.probes.iter_mut())
+            .find(|r| {
+                r.sequence == ack.sequence && r.timestamp_us == ack.echoed_timestamp_us && !r.acked
+            })
+        else {
             return Err(PeerError::UnmatchedAck {
                 endpoint,
                 sequence: ack.sequence,
@@ -1262,7 +1373,7 @@ impl PeerManager {
             Some(rtt) => rtt.update(sample),
             None => peer.rtt = Some(Rtt::first(sample)),
         }
-        peer.last_seen = Some(now);
+        peer.heard(now);
         Ok(())
     }
 
@@ -1306,11 +1417,22 @@ impl PeerManager {
         for (&endpoint, peer) in self.peers.iter_mut() {
             let core = &mut self.core;
             if peer.is_up() {
-                if now >= peer.dead_at(&core.config) {
+                let dead = now >= peer.dead_at(&core.config);
+                let probe_due = peer.probe_due(&core.config).is_some_and(|t| now >= t);
+                let unanswered = probe_due && peer.episode_probes >= core.config.probe_count;
+                if dead || unanswered {
+                    if unanswered && !dead {
+                        core.stats.probe_downs += 1;
+                    }
                     if core.go_down(endpoint, peer, now) {
                         forgotten.push(endpoint);
                     }
-                } else if peer.next_hello.is_some_and(|t| now >= t) {
+                    continue;
+                }
+                if probe_due {
+                    core.send_probe(endpoint, peer, now);
+                }
+                if peer.next_hello.is_some_and(|t| now >= t) {
                     core.send_hello(endpoint, peer, now);
                 }
                 continue;

@@ -157,7 +157,8 @@ fn peers_static_peer_connects_then_goes_up_only_after_authentication() {
         vec![
             Action::PeerUp {
                 endpoint: e,
-                node_key: k
+                node_key: k,
+                origin: Origin::Static,
             },
             Action::SendKeepalive(e)
         ]
@@ -166,9 +167,11 @@ fn peers_static_peer_connects_then_goes_up_only_after_authentication() {
     assert_eq!(snap.state_name(), "up");
     assert_eq!(snap.node_key_hex(), Some("11".repeat(32)));
     assert_eq!(m.stats().peer_ups, 1);
-    // A repeated authentication (rekey) is not a second PeerUp.
+    // A repeated authentication (rekey, or the neighbour restarted) is not a second
+    // PeerUp, but the shell hears of it to resend what the neighbour may have lost.
     m.on_link_authenticated(e, k, t1).unwrap();
-    assert!(drain(&mut m).is_empty());
+    assert_eq!(drain(&mut m), vec![Action::LinkRenewed(e)]);
+    assert_eq!(m.stats().peer_ups, 1);
 }
 
 #[test]
@@ -244,8 +247,10 @@ fn peers_rtt_estimate_converges_with_controlled_clock() {
 fn peers_loss_estimate_over_recent_hellos() {
     let t0 = Instant::now();
     let config = PeerConfig {
-        // Long dead interval so unanswered hellos do not take the link down.
+        // Long dead interval and no probing, so unanswered hellos do not take the link
+        // down.
         dead_interval: Duration::from_secs(3600),
+        probe_count: 0,
         loss_window: 10,
         ..PeerConfig::default()
     };
@@ -278,7 +283,14 @@ fn peers_loss_estimate_over_recent_hellos() {
 #[test]
 fn peers_dead_interval_takes_peer_down_and_recovery_brings_it_up() {
     let t0 = Instant::now();
-    let mut m = manager(t0);
+    // The dead interval alone (probing has its own tests below).
+    let mut m = manager_with(
+        PeerConfig {
+            probe_count: 0,
+            ..PeerConfig::default()
+        },
+        t0,
+    );
     let (e, k) = up_peer(&mut m, t0);
     let dead = m.config().dead_interval;
 
@@ -337,7 +349,8 @@ fn peers_dead_interval_takes_peer_down_and_recovery_brings_it_up() {
         vec![
             Action::PeerUp {
                 endpoint: e,
-                node_key: k
+                node_key: k,
+                origin: Origin::Static,
             },
             Action::SendKeepalive(e)
         ]
@@ -539,7 +552,8 @@ fn peers_endpoint_taken_over_by_another_key_is_a_new_neighbour() {
             Action::PeerDown { endpoint: e },
             Action::PeerUp {
                 endpoint: e,
-                node_key: k2
+                node_key: k2,
+                origin: Origin::Static,
             },
             Action::SendKeepalive(e),
         ]
@@ -998,4 +1012,210 @@ proptest::proptest! {
         m.handle_timeout(t0 + Duration::from_secs(1));
         let _ = m.snapshot(t0 + Duration::from_secs(1));
     }
+}
+
+// ---- Fast loss detection: probing after an unanswered hello ----
+
+/// The agent's default timers (1 s hellos, dead after 3.5 s) with default probing.
+fn agent_config() -> PeerConfig {
+    let hello = Duration::from_secs(1);
+    PeerConfig {
+        hello_interval: hello,
+        hello_loss_timeout: hello,
+        dead_interval: hello * 7 / 2,
+        ..PeerConfig::default()
+    }
+}
+
+/// Runs `m` until `until`, answering every hello `rtt` later while `answer(sent_at)`.
+fn answering(
+    m: &mut PeerManager,
+    e: LinkEndpoint,
+    from: Instant,
+    until: Instant,
+    rtt: Duration,
+    answer: impl Fn(Instant) -> bool,
+) -> Vec<(Instant, Action)> {
+    let mut out = Vec::new();
+    let mut pending: Vec<(Instant, HelloAck)> = Vec::new();
+    let mut t = from;
+    loop {
+        let next_ack = pending.iter().map(|(at, _)| *at).min();
+        let next = [m.poll_timeout(), next_ack].into_iter().flatten().min();
+        match next {
+            Some(n) if n <= until => t = n.max(t),
+            _ => break,
+        }
+        pending.retain(|(at, ack)| {
+            if *at <= t {
+                let _ = m.on_hello_ack(e, ack, t);
+                false
+            } else {
+                true
+            }
+        });
+        m.handle_timeout(t);
+        for a in drain(m) {
+            if let Action::SendHello(_, h) = &a
+                && answer(t)
+            {
+                pending.push((
+                    t + rtt,
+                    HelloAck {
+                        sequence: h.sequence,
+                        echoed_timestamp_us: h.timestamp_us,
+                        ack_delay_us: 0,
+                    },
+                ));
+            }
+            out.push((t, a));
+        }
+    }
+    out
+}
+
+#[test]
+fn peers_a_silent_neighbour_is_probed_and_down_in_well_under_two_seconds() {
+    let config = agent_config();
+    let t0 = Instant::now();
+    let mut m = manager_with(config.clone(), t0);
+    let (e, _) = up_peer(&mut m, t0);
+    let rtt = Duration::from_millis(1);
+    // Healthy for 30 s: no probe is ever sent, hellos go at the configured rate.
+    let healthy = t0 + Duration::from_secs(30);
+    let acts = answering(&mut m, e, t0, healthy, rtt, |_| true);
+    let hellos = acts
+        .iter()
+        .filter(|(_, a)| matches!(a, Action::SendHello(..)))
+        .count();
+    assert!((27..=34).contains(&hellos), "{hellos} hellos in 30 s");
+    assert_eq!(m.stats().probes_sent, 0, "a healthy link is never probed");
+
+    // The neighbour dies: from the first unanswered hello on, five probes 100 ms apart
+    // (the floor: the link's RTT is 1 ms), then down.
+    let later = healthy + Duration::from_secs(10);
+    let acts = answering(&mut m, e, healthy, later, rtt, |_| false);
+    let down_at = acts
+        .iter()
+        .find(|(_, a)| *a == Action::PeerDown { endpoint: e })
+        .map(|(t, _)| *t)
+        .expect("down");
+    let first_hello = acts
+        .iter()
+        .find(|(_, a)| matches!(a, Action::SendHello(..)))
+        .map(|(t, _)| *t)
+        .expect("a hello after the failure");
+    let probes = m.stats().probes_sent;
+    assert_eq!(probes, u64::from(config.probe_count));
+    let detection = down_at - first_hello;
+    assert_eq!(
+        detection,
+        config.probe_timeout_min * (config.probe_count + 1)
+    );
+    // Worst case from the failure: a whole (jittered) hello interval before the first
+    // unanswered hello, then the probes.
+    let worst = config.hello_interval * 11 / 10 + detection;
+    assert!(worst < Duration::from_secs(2), "{worst:?}");
+    assert_eq!(m.stats().probe_downs, 1);
+    assert_eq!(m.stats().peer_downs, 1);
+}
+
+#[test]
+fn peers_an_answered_probe_keeps_the_link_and_only_regular_hellos_count_as_loss() {
+    let config = agent_config();
+    let t0 = Instant::now();
+    let mut m = manager_with(config, t0);
+    let (e, _) = up_peer(&mut m, t0);
+    let rtt = Duration::from_millis(1);
+    let t1 = t0 + Duration::from_secs(10);
+    answering(&mut m, e, t0, t1, rtt, |_| true);
+    // The first hello after t1 is lost; the probe after it, and all else, answered.
+    let dropped = std::cell::Cell::new(false);
+    // Within the loss window (16 regular hellos, ~16 s).
+    let t2 = t1 + Duration::from_secs(8);
+    answering(&mut m, e, t1, t2, rtt, |_| dropped.replace(true));
+    let snap = m.peer(e, t2).unwrap();
+    assert_eq!(snap.state, PeerState::Up);
+    assert_eq!(m.stats().peer_downs, 0);
+    assert!(m.stats().probes_sent >= 1, "the lost hello was probed");
+    // The loss window (16 regular hellos) holds the one lost hello, not the probes.
+    let loss = snap.loss.unwrap();
+    assert!(loss > 0.0 && loss <= 1.0 / 15.0, "{loss}");
+}
+
+#[test]
+fn peers_a_slow_link_is_probed_by_its_own_rtt_and_kept() {
+    let config = agent_config();
+    let t0 = Instant::now();
+    let mut m = manager_with(config, t0);
+    let (e, _) = up_peer(&mut m, t0);
+    // A 700 ms round trip: longer than every probe the 100 ms floor would allow.
+    let rtt = Duration::from_millis(700);
+    let t1 = t0 + Duration::from_secs(120);
+    answering(&mut m, e, t0, t1, rtt, |_| true);
+    assert_eq!(m.peer(e, t1).unwrap().state, PeerState::Up);
+    assert_eq!(m.stats().peer_downs, 0);
+}
+
+#[test]
+fn peers_before_any_rtt_sample_only_the_dead_interval_applies() {
+    let config = agent_config();
+    let t0 = Instant::now();
+    let mut m = manager_with(config.clone(), t0);
+    let (e, _) = up_peer(&mut m, t0);
+    let acts = run_until(&mut m, t0 + config.dead_interval * 2);
+    let (down, _) = acts
+        .iter()
+        .enumerate()
+        .find(|(_, a)| **a == Action::PeerDown { endpoint: e })
+        .expect("down");
+    assert_eq!(m.stats().probes_sent, 0);
+    assert_eq!(m.stats().probe_downs, 0);
+    assert!(down > 0);
+    assert!(
+        m.peer(e, t0 + config.dead_interval * 2)
+            .unwrap()
+            .last_seen_age
+            .unwrap()
+            >= config.dead_interval
+    );
+}
+
+#[test]
+fn peers_probing_settings_are_validated() {
+    let bad = PeerConfig {
+        probe_timeout_min: Duration::ZERO,
+        ..PeerConfig::default()
+    };
+    assert!(bad.validate().is_err());
+    let off = PeerConfig {
+        probe_count: 0,
+        probe_timeout_min: Duration::ZERO,
+        ..PeerConfig::default()
+    };
+    assert!(off.validate().is_ok());
+}
+
+#[test]
+fn peers_a_round_trip_that_grows_past_the_probe_timeout_is_probed_not_dropped() {
+    let config = agent_config();
+    let t0 = Instant::now();
+    let mut m = manager_with(config, t0);
+    let (e, _) = up_peer(&mut m, t0);
+    let t1 = t0 + Duration::from_secs(10);
+    answering(&mut m, e, t0, t1, Duration::from_millis(1), |_| true);
+    // The round trip jumps to 150 ms: the next hello is probed after 100 ms, its ack
+    // ends the episode, and the probe's own late ack still matches (an RTT sample, not
+    // an unmatched ack).
+    let t2 = t1 + Duration::from_secs(20);
+    answering(&mut m, e, t1, t2, Duration::from_millis(150), |_| true);
+    assert_eq!(m.peer(e, t2).unwrap().state, PeerState::Up);
+    assert!(m.stats().probes_sent >= 1);
+    assert_eq!(m.stats().acks_unmatched, 0);
+    assert_eq!(m.stats().peer_downs, 0);
+    // The estimate caught up: no more probes once the timeout covers the new RTT.
+    let probes = m.stats().probes_sent;
+    let t3 = t2 + Duration::from_secs(20);
+    answering(&mut m, e, t2, t3, Duration::from_millis(150), |_| true);
+    assert_eq!(m.stats().probes_sent, probes);
 }

@@ -15,7 +15,7 @@ use ring::signature::{ED25519, UnparsedPublicKey};
 
 use super::util::KeyedState;
 use super::wire::signing_message;
-use myconet_common::addr::{NODE_PREFIX_LEN, node_prefix};
+use myconet_common::addr::{NODE_PREFIX_LEN, identity_work, node_prefix};
 
 /// An origin's announcement of its prefix at one sequence number, with the signature
 /// that proves it. Immutable once verified; shared by every route that carries it.
@@ -26,7 +26,7 @@ pub struct SignedOrigin {
     /// Upper 64 bits of the announced /64.
     pub prefix: u64,
     /// The origin's sequence number for this announcement.
-    pub seqno: u16,
+    pub seqno: u32,
     /// Ed25519 signature over [`signing_message`]`(key, prefix, 64, seqno)`.
     pub signature: [u8; 64],
 }
@@ -38,6 +38,8 @@ pub enum OriginReject {
     UnownedPrefix,
     /// The signature does not verify under the key.
     BadSignature,
+    /// The key lacks the identity proof of work (`addr::identity_work`).
+    InsufficientWork,
 }
 
 /// Upper 64 bits of the /64 a key owns.
@@ -47,7 +49,7 @@ pub fn owned_prefix(key: &[u8]) -> u64 {
 
 impl SignedOrigin {
     /// Signs an announcement of `key`'s own /64 at `seqno`.
-    pub fn sign(signer: &dyn crate::session::Signer, seqno: u16) -> Option<Self> {
+    pub fn sign(signer: &dyn crate::session::Signer, seqno: u32) -> Option<Self> {
         let key: [u8; 32] = signer.public_key().try_into().ok()?;
         let prefix = owned_prefix(&key);
         let sig = signer.sign(&signing_message(&key, prefix, NODE_PREFIX_LEN, seqno));
@@ -60,16 +62,21 @@ impl SignedOrigin {
         })
     }
 
-    /// Checks ownership first (one blake3, cheap) and the signature second (expensive),
-    /// so a relay announcing someone else's prefix under its own key costs us little.
+    /// Checks ownership and the identity proof of work first (two blake3, cheap) and
+    /// the signature second (expensive), so a relay announcing someone else's prefix
+    /// under its own key, or keys made without the work, costs us little.
     pub fn verify(
         key: &[u8; 32],
         prefix: u64,
-        seqno: u16,
+        seqno: u32,
         signature: &[u8; 64],
+        min_work: u32,
     ) -> Result<Self, OriginReject> {
         if owned_prefix(key) != prefix {
             return Err(OriginReject::UnownedPrefix);
+        }
+        if min_work > 0 && identity_work(key) < min_work {
+            return Err(OriginReject::InsufficientWork);
         }
         let msg = signing_message(key, prefix, NODE_PREFIX_LEN, seqno);
         UnparsedPublicKey::new(&ED25519, key)
@@ -93,9 +100,11 @@ impl SignedOrigin {
 /// re-checked each time it arrives (and counted each time).
 #[derive(Debug)]
 pub struct VerifyCache {
-    current: HashMap<(u64, u16), Arc<SignedOrigin>, KeyedState>,
-    previous: HashMap<(u64, u16), Arc<SignedOrigin>, KeyedState>,
+    current: HashMap<(u64, u32), Arc<SignedOrigin>, KeyedState>,
+    previous: HashMap<(u64, u32), Arc<SignedOrigin>, KeyedState>,
     capacity: usize,
+    /// Identity proof of work required of a key (see [`SignedOrigin::verify`]).
+    min_work: u32,
     /// Lookups answered from the cache.
     pub hits: u64,
     /// Announcements that had to be verified.
@@ -107,20 +116,22 @@ pub struct VerifyCache {
 pub type SharedVerifyCache = Arc<Mutex<VerifyCache>>;
 
 impl VerifyCache {
-    /// An empty cache holding up to 2 × `capacity` announcements.
-    pub fn new(capacity: usize, seed: u64) -> Self {
+    /// An empty cache holding up to 2 × `capacity` announcements, accepting keys with
+    /// at least `min_work` bits of identity proof of work.
+    pub fn new(capacity: usize, min_work: u32, seed: u64) -> Self {
         VerifyCache {
             current: HashMap::with_hasher(KeyedState::new(seed)),
             previous: HashMap::with_hasher(KeyedState::new(seed)),
             capacity: capacity.max(1),
+            min_work,
             hits: 0,
             verifications: 0,
         }
     }
 
     /// A cache wrapped for sharing.
-    pub fn shared(capacity: usize, seed: u64) -> SharedVerifyCache {
-        Arc::new(Mutex::new(Self::new(capacity, seed)))
+    pub fn shared(capacity: usize, min_work: u32, seed: u64) -> SharedVerifyCache {
+        Arc::new(Mutex::new(Self::new(capacity, min_work, seed)))
     }
 
     /// The verified announcement with exactly these fields, verifying and caching it on
@@ -130,7 +141,7 @@ impl VerifyCache {
         &mut self,
         key: &[u8; 32],
         prefix: u64,
-        seqno: u16,
+        seqno: u32,
         signature: &[u8; 64],
     ) -> Result<Arc<SignedOrigin>, OriginReject> {
         let same = |s: &SignedOrigin| s.key == *key && s.signature == *signature;
@@ -148,8 +159,21 @@ impl VerifyCache {
             }
             self.previous.insert((prefix, seqno), s);
         }
+        // The cheap checks before counting: `verifications` counts signature checks.
+        if owned_prefix(key) != prefix {
+            return Err(OriginReject::UnownedPrefix);
+        }
+        if self.min_work > 0 && identity_work(key) < self.min_work {
+            return Err(OriginReject::InsufficientWork);
+        }
         self.verifications += 1;
-        let s = Arc::new(SignedOrigin::verify(key, prefix, seqno, signature)?);
+        let s = Arc::new(SignedOrigin::verify(
+            key,
+            prefix,
+            seqno,
+            signature,
+            self.min_work,
+        )?);
         self.insert(s.clone());
         Ok(s)
     }
@@ -179,7 +203,7 @@ impl VerifyCache {
     /// (with the Arc counters) per entry. Entries also referenced by routes are counted
     /// here once, which is where they live.
     pub fn memory_bytes(&self) -> usize {
-        let bucket = size_of::<((u64, u16), Arc<SignedOrigin>)>() + 1;
+        let bucket = size_of::<((u64, u32), Arc<SignedOrigin>)>() + 1;
         (self.current.capacity() + self.previous.capacity()) * bucket
             + self.len() * (size_of::<SignedOrigin>() + 16)
     }

@@ -7,10 +7,18 @@ use std::time::Duration;
 /// The infinite metric: a route with this metric is a retraction / unusable.
 pub const INFINITY: u16 = 0xFFFF;
 
-/// `a` is newer than `b` in 16-bit serial-number order (RFC 8966 §3.2.1): sequence
-/// numbers wrap, so plain `>` would make a fresh origin look older after 65535 bumps.
-pub fn seqno_newer(a: u16, b: u16) -> bool {
-    a != b && a.wrapping_sub(b) < 0x8000
+/// `a` is newer than `b`. Sequence numbers are 32-bit and never wrap, so this is plain
+/// `>`, not Babel's 16-bit serial order (RFC 8966 §3.2.1).
+///
+/// Why: announcements are signed and can be replayed by anyone who kept one. In a
+/// wrapping space an old announcement becomes "newer" again once the origin has moved
+/// half the space on, and seqno requests (which nobody signs) could move it there in two
+/// steps. Here an origin raises its seqno by one per request, at most once per
+/// `seqno_bump_min_interval`, and starts every run above everything it announced before
+/// (the agent keeps a reservation in its state directory), so 2^32 lasts about 68 years
+/// of back-to-back bumps and an archived announcement stays older for good.
+pub fn seqno_newer(a: u32, b: u32) -> bool {
+    a > b
 }
 
 /// Feasibility distance: the best (seqno, metric) this node has advertised for a source.
@@ -18,7 +26,7 @@ pub fn seqno_newer(a: u16, b: u16) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fd {
     /// Sequence number of the advertisement.
-    pub seqno: u16,
+    pub seqno: u32,
     /// Metric of the advertisement.
     pub metric: u16,
 }
@@ -27,7 +35,7 @@ pub struct Fd {
 /// source entry, it is a retraction, its seqno is newer, or the seqno is equal and the
 /// metric strictly smaller than the feasibility distance. A neighbour whose metric is not
 /// below ours may be routing through us, so taking its route could close a loop.
-pub fn is_feasible(fd: Option<Fd>, seqno: u16, metric: u16) -> bool {
+pub fn is_feasible(fd: Option<Fd>, seqno: u32, metric: u16) -> bool {
     if metric == INFINITY {
         return true;
     }

@@ -45,6 +45,26 @@ pub use router::{Router, RoutingConfig, RoutingTransmit};
 pub use util::SplitMix;
 pub use wire::MAX_PAYLOAD;
 
+/// How a neighbour came to be one, which decides how much it may add to the route
+/// table.
+///
+/// Why: a neighbour nobody configured (found by a discovery beacon, or one that dialled
+/// us) costs its operator nothing, and every prefix it is the first to announce is
+/// stored and re-advertised by every node behind us. Self-made keys own their prefixes,
+/// so announcing many of them is cheap; limiting them where they enter (here) is what
+/// keeps one such host from filling every node's route table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Admission {
+    /// The operator configured it: the prefixes it announces are taken like any
+    /// protocol's, and when the table is full they push out self-admitted ones.
+    Configured,
+    /// It admitted itself (discovered, or inbound): the prefixes it is the first to
+    /// announce are limited per neighbour (`self_admitted_origin_quota`), in total
+    /// (`max_self_admitted_origins`) and in rate (`self_admitted_origin_rate`), and give
+    /// way to a configured neighbour's when the table is full.
+    SelfAdmitted,
+}
+
 /// Whom a payload is for. `AllNeighbours` lets the core build a full-table update once
 /// however many neighbours there are; the agent sends the same bytes on every link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -139,7 +159,9 @@ pub struct RoutingStats {
     pub verify_cache_hits: u64,
     pub rejected_unowned_prefix: u64,
     pub rejected_bad_signature: u64,
+    pub rejected_insufficient_work: u64,
     pub rejected_conflicting_origin: u64,
+    pub rejected_pinned_key: u64,
     // malformed or unacceptable input
     pub rejected_malformed: u64,
     pub rejected_version: u64,
@@ -151,6 +173,9 @@ pub struct RoutingStats {
     // resource limits
     pub rejected_table_full: u64,
     pub rejected_neighbour_limit: u64,
+    pub rejected_origin_quota: u64,
+    pub rejected_origin_rate: u64,
+    pub origins_evicted: u64,
     pub candidates_dropped: u64,
     pub requests_dropped_limit: u64,
     // state changes
@@ -187,7 +212,9 @@ macro_rules! with_stat_fields {
             verify_cache_hits,
             rejected_unowned_prefix,
             rejected_bad_signature,
+            rejected_insufficient_work,
             rejected_conflicting_origin,
+            rejected_pinned_key,
             rejected_malformed,
             rejected_version,
             rejected_bad_prefix,
@@ -197,6 +224,9 @@ macro_rules! with_stat_fields {
             unfeasible_updates,
             rejected_table_full,
             rejected_neighbour_limit,
+            rejected_origin_quota,
+            rejected_origin_rate,
+            origins_evicted,
             candidates_dropped,
             requests_dropped_limit,
             route_changes,
@@ -250,7 +280,7 @@ pub struct RouteSnapshot<N> {
     /// Our current cost of the link to the neighbour.
     pub link_cost: u16,
     /// Origin sequence number carried by the route.
-    pub seqno: u16,
+    pub seqno: u32,
     /// Whether the route satisfies the feasibility condition.
     pub feasible: bool,
     /// Our feasibility distance for the prefix.

@@ -21,9 +21,10 @@ use super::table::{Cand, Entry, EntryRef, Table};
 use super::util::{KeyedState, SplitMix};
 use super::wire::{self, MAX_PAYLOAD, Tlv, Tlvs};
 use super::{
-    Explanation, NotChosen, RouteEvent, RouteSnapshot, RoutingError, RoutingStats, Selection,
-    TransmitTo,
+    Admission, Explanation, NotChosen, RouteEvent, RouteSnapshot, RoutingError, RoutingStats,
+    Selection, TransmitTo,
 };
+use crate::pins::{self, PinCheck, SharedPins};
 use crate::session::Signer;
 
 /// Everything tunable about the routing core. [`RoutingConfig::default`] is what a node
@@ -56,7 +57,10 @@ pub struct RoutingConfig {
     /// this many times.
     pub request_hops: u8,
     /// Minimum interval between two sequence-number bumps of our own prefix, so
-    /// neighbours cannot make us re-sign (and flood the network) at will.
+    /// neighbours cannot make us re-sign (and flood the network) at will. A seqno request
+    /// raises our seqno by one, never further (as babeld does): requests are not signed,
+    /// and a request that could move us far ahead could also move us through the whole
+    /// space (see [`seqno_newer`]).
     pub seqno_bump_min_interval: Duration,
     /// Route selection hysteresis, absolute part: a feasible route replaces the selected
     /// one only when better by at least this much (and by `selected / hysteresis_div`).
@@ -73,6 +77,24 @@ pub struct RoutingConfig {
     pub max_routes: usize,
     /// Most routes one neighbour can have us hold.
     pub max_routes_per_neighbour: u32,
+    /// Most prefixes one self-admitted neighbour may introduce: prefixes it was the
+    /// first to announce and that no configured neighbour has offered since (see
+    /// [`Admission`]). Beyond it its new prefixes are refused before their signature is
+    /// checked (`rejected_origin_quota`). A self-admitted neighbour that is the only
+    /// way to more nodes than this must be configured (on this side) instead.
+    pub self_admitted_origin_quota: u32,
+    /// Most prefixes held that no configured neighbour has offered, all self-admitted
+    /// neighbours together (a host can bring many identities). Beyond it a new one
+    /// pushes out one of the neighbour that introduced the most, if that one holds
+    /// more than the newcomer, and is refused otherwise.
+    pub max_self_admitted_origins: usize,
+    /// New prefixes per second all self-admitted neighbours together may introduce
+    /// (a token bucket of `self_admitted_origin_burst`): bounds the signature checks
+    /// and the churn a host cycling through identities can cause.
+    pub self_admitted_origin_rate: f64,
+    /// Burst of the rate above (what a whole set of inbound neighbours brings at once
+    /// when this node starts).
+    pub self_admitted_origin_burst: u32,
     /// Most candidate routes kept per prefix: the selected one plus the best feasible
     /// alternatives. Alternatives make failover instant, but beyond a few they only cost
     /// memory (a hub would hold one per neighbour and prefix); a worse offer is dropped
@@ -98,6 +120,11 @@ pub struct RoutingConfig {
     pub urgent_repeat_delay: Duration,
     /// Capacity of each generation of the signature-verification cache.
     pub verify_cache_capacity: usize,
+    /// Identity proof of work an origin key must have (`addr::identity_work`); its
+    /// announcements are refused otherwise (`rejected_insufficient_work`). The network's
+    /// [`myconet_common::addr::IDENTITY_WORK_BITS`]; the simulator, whose keys are made
+    /// without it, uses 0.
+    pub min_identity_work: u32,
     /// Link cost function parameters.
     pub cost: CostParams,
 }
@@ -121,11 +148,16 @@ impl Default for RoutingConfig {
             significant_div: 8,
             max_routes: 200_000,
             max_routes_per_neighbour: 100_000,
+            self_admitted_origin_quota: 256,
+            max_self_admitted_origins: 16_384,
+            self_admitted_origin_rate: 64.0,
+            self_admitted_origin_burst: 4096,
             max_candidates: 3,
             max_pending_requests: 200_000,
             urgent_repeats: 2,
             urgent_repeat_delay: Duration::from_millis(500),
             verify_cache_capacity: 65_536,
+            min_identity_work: myconet_common::addr::IDENTITY_WORK_BITS,
             cost: CostParams::default(),
         }
     }
@@ -146,6 +178,9 @@ const F_REP_MASK: u8 = 3 << REP_SHIFT;
 /// The repeats were scheduled just before a repeat round: skip that round, so that a
 /// repeat never follows its original within a fraction of the repeat delay.
 const F_REP_NEW: u8 = 64;
+/// A configured neighbour has offered the prefix: it is charged to nobody and is not
+/// pushed out for another (see [`Admission`]).
+const F_VOUCHED: u8 = 128;
 /// Most repeats the flags can count.
 const MAX_REPEATS: u8 = 3;
 
@@ -168,6 +203,9 @@ struct Nbr<N> {
     /// Whether a measurement has arrived (the first one applies without smoothing).
     measured: bool,
     routes: u32,
+    admission: Admission,
+    /// Prefixes charged to it as their introducer (self-admitted neighbours only).
+    introduced: u32,
 }
 
 /// A request we sent or forwarded, remembered to suppress duplicates, resend ours, pass
@@ -175,7 +213,7 @@ struct Nbr<N> {
 #[derive(Debug, Clone)]
 struct Pending {
     /// `None` for a route request, else the requested seqno.
-    seqno: Option<u16>,
+    seqno: Option<u32>,
     /// We starve for it ourselves: resent while we have no route.
     own: bool,
     /// Some neighbour is waiting for the answer (we forwarded its request, or suppressed
@@ -191,6 +229,10 @@ struct Pending {
     /// resend, which arrives about one resend interval after the original.
     sent: Instant,
 }
+
+/// A queued request TLV (a seqno request, or a shorter route request padded with zeros:
+/// `wire::tlv_len` reads its real length).
+type RequestTlv = [u8; wire::SEQNO_REQUEST_TLV_LEN];
 
 /// Where a queued request goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -221,18 +263,27 @@ pub struct Router<N> {
     own_queued: bool,
     last_bump: Option<Instant>,
     bump_at: Option<Instant>,
-    bump_target: u16,
     nbrs: Vec<Option<Nbr<N>>>,
     nbr_index: HashMap<N, u16, KeyedState>,
     configured_cost: HashMap<N, u16, KeyedState>,
     table: Table,
+    /// Prefixes held that no configured neighbour has offered (not `F_VOUCHED`).
+    unvouched: usize,
+    /// Token bucket of new prefixes from self-admitted neighbours: tokens, last refill.
+    origin_tokens: (f64, Instant),
+    /// Prefixes pushed out for others whose retraction has not gone out yet.
+    evicted: Vec<u64>,
+    /// Where the search for an entry to push out resumes (a round-robin cursor).
+    evict_cursor: usize,
     cache: SharedVerifyCache,
+    /// Keys pinned per prefix (`crate::pins`); `None`: no pinning (the simulator).
+    pins: Option<SharedPins>,
     pending: HashMap<u64, Pending, KeyedState>,
     pending_bcast: Vec<u64>,
     dump_all: bool,
     pending_dumps: Vec<u16>,
     pending_unicast: Vec<(u16, u64)>,
-    pending_requests: Vec<(Dest, [u8; 14])>,
+    pending_requests: Vec<(Dest, RequestTlv)>,
     flush_at: Option<Instant>,
     /// Next round of urgent repeats: every prefix with repeats left in its flags, our
     /// own prefix and the repeated dumps go out together, in few full payloads. Flags
@@ -282,16 +333,24 @@ fn lock(cache: &SharedVerifyCache) -> MutexGuard<'_, VerifyCache> {
 
 impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     /// A router for the node whose key `signer` holds, with its own verification cache.
-    /// `seed` drives jitter, the initial sequence number and table hashing, so two runs
-    /// with the same inputs behave identically.
+    /// `seed` drives jitter and table hashing, so two runs with the same inputs behave
+    /// identically. `seqno` is the first sequence number of this run: it must be above
+    /// every seqno the node announced in earlier runs (the agent reserves them in its
+    /// state directory), or its announcements stay unfeasible wherever an older
+    /// feasibility distance is still held, until it hears one of them and jumps past it.
     pub fn new(
         signer: Arc<dyn Signer>,
         config: RoutingConfig,
         seed: u64,
+        seqno: u32,
         now: Instant,
     ) -> Result<Self, RoutingError> {
-        let cache = VerifyCache::shared(config.verify_cache_capacity, seed ^ 0x5eed);
-        Self::with_cache(signer, config, seed, now, cache)
+        let cache = VerifyCache::shared(
+            config.verify_cache_capacity,
+            config.min_identity_work,
+            seed ^ 0x5eed,
+        );
+        Self::with_cache(signer, config, seed, seqno, now, cache)
     }
 
     /// Like [`Router::new`] but verifying through a caller-supplied cache. The simulator
@@ -302,11 +361,11 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         signer: Arc<dyn Signer>,
         config: RoutingConfig,
         seed: u64,
+        seqno: u32,
         now: Instant,
         cache: SharedVerifyCache,
     ) -> Result<Self, RoutingError> {
         let mut rng = SplitMix::new(seed);
-        let seqno = rng.next_u64() as u16;
         let own = Arc::new(
             SignedOrigin::sign(signer.as_ref(), seqno).ok_or(RoutingError::InvalidSigner)?,
         );
@@ -322,12 +381,16 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             own_queued: false,
             last_bump: None,
             bump_at: None,
-            bump_target: seqno,
             nbrs: Vec::new(),
             nbr_index: HashMap::with_hasher(hs),
             configured_cost: HashMap::with_hasher(hs),
             table: Table::new(seed ^ 0x7ab1e),
+            unvouched: 0,
+            origin_tokens: (f64::from(config.self_admitted_origin_burst), now),
+            evicted: Vec::new(),
+            evict_cursor: 0,
             cache,
+            pins: None,
             pending: HashMap::with_hasher(hs),
             pending_bcast: Vec::new(),
             dump_all: false,
@@ -356,7 +419,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     }
 
     /// This node's current sequence number.
-    pub fn own_seqno(&self) -> u16 {
+    pub fn own_seqno(&self) -> u32 {
         self.own.seqno
     }
 
@@ -398,9 +461,10 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
 
     /// A neighbour's link session came up: it may now send us routes, and it gets our
     /// whole table at the next flush. `node_key` is its authenticated identity, shown in
-    /// the operator view. Calling it again for an up neighbour resets it (a new session
-    /// means the peer may have restarted and forgotten what we told it).
-    pub fn neighbour_up(&mut self, n: N, node_key: [u8; 32], now: Instant) {
+    /// the operator view; `admission` how much it may add to the table ([`Admission`]).
+    /// Calling it again for an up neighbour resets it (a new session means the peer may
+    /// have restarted and forgotten what we told it).
+    pub fn neighbour_up(&mut self, n: N, node_key: [u8; 32], admission: Admission, now: Instant) {
         self.set_now(now);
         if self.nbr_index.contains_key(&n) {
             self.neighbour_down(n, now);
@@ -424,6 +488,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             cost: link_cost(&self.config.cost, base, None, None),
             measured: false,
             routes: 0,
+            admission,
+            introduced: 0,
         };
         let slot = match self.nbrs.iter().position(|s| s.is_none()) {
             Some(i) => {
@@ -453,6 +519,18 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         self.arm_flush();
     }
 
+    /// The link to `n` was renewed by a new handshake while it stayed up: the neighbour
+    /// may have restarted and lost every route, so it gets the full table again, as it
+    /// would by asking with a wildcard route request. Routes learned through it stay
+    /// (a rekey changes nothing about them; a restarted neighbour re-announces what it
+    /// still carries, and its seqno protection covers its own prefix).
+    pub fn neighbour_renewed(&mut self, n: N, now: Instant) {
+        self.set_now(now);
+        if let Some(&slot) = self.nbr_index.get(&n) {
+            self.on_route_request(slot, 0, 0);
+        }
+    }
+
     /// The neighbour's link went down: every route through it is dropped now (not at
     /// hold expiry), alternatives are selected or the routes retracted.
     pub fn neighbour_down(&mut self, n: N, now: Instant) {
@@ -466,6 +544,11 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let tick = self.tick;
         let mut affected = Vec::new();
         self.table.for_each_mut(|mut e| {
+            // Its introductions stay unvouched, charged to nobody: the next
+            // self-admitted neighbour to offer one is charged with it.
+            if e.intro == slot {
+                e.intro = NONE;
+            }
             if e.remove(slot, tick).is_some() {
                 affected.push(e.prefix);
             }
@@ -499,6 +582,62 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             nb.cost = c;
             self.cost_changed(slot);
         }
+    }
+
+    /// Pins origin keys per prefix through `pins` from now on: a prefix new to the table
+    /// takes only the key pinned for it, and pins the key it takes (see `crate::pins`).
+    pub fn set_pins(&mut self, pins: SharedPins) {
+        self.pins = Some(pins);
+    }
+
+    /// Drops every route to the /64 of `addr` whose origin key is not `keep` (all of
+    /// them with `None`), selecting again among what is left: how an operator's pin
+    /// (or forgetting one) takes effect at once. Returns how many routes went.
+    pub fn drop_routes(&mut self, addr: Ipv6Addr, keep: Option<[u8; 32]>, now: Instant) -> usize {
+        self.set_now(now);
+        let p = prefix_bits(addr);
+        let tick = self.tick;
+        let nbrs = &mut self.nbrs;
+        let Some(mut e) = self.table.get_mut(p) else {
+            return 0;
+        };
+        let n = e.retain(tick, |c| {
+            let stay = keep.is_some_and(|k| k == c.signed.key);
+            if !stay && let Some(Some(nb)) = nbrs.get_mut(usize::from(c.nbr)) {
+                nb.routes = nb.routes.saturating_sub(1);
+            }
+            stay
+        });
+        if n > 0 {
+            self.reselect(p);
+        }
+        n
+    }
+
+    /// Changes how a neighbour that is up was admitted (an operator configured a
+    /// neighbour that had come by itself): from then on its prefixes are taken as a
+    /// configured neighbour's, and those charged to it stop being charged.
+    pub fn set_neighbour_admission(&mut self, n: N, admission: Admission) {
+        let Some(&slot) = self.nbr_index.get(&n) else {
+            return;
+        };
+        let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) else {
+            return;
+        };
+        let was = std::mem::replace(&mut nb.admission, admission);
+        if was == admission || admission == Admission::SelfAdmitted {
+            return;
+        }
+        nb.introduced = 0;
+        let mut vouched = 0;
+        self.table.for_each_mut(|mut e| {
+            if e.flags & F_VOUCHED == 0 && e.intro == slot {
+                e.intro = NONE;
+                e.flags |= F_VOUCHED;
+                vouched += 1;
+            }
+        });
+        self.unvouched = self.unvouched.saturating_sub(vouched);
     }
 
     /// Feeds the agent's smoothed RTT and hello loss for a neighbour. The link cost is
@@ -677,7 +816,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         slot: u16,
         cache: &mut VerifyCache,
         plen: u8,
-        seqno: u16,
+        seqno: u32,
         metric: u16,
         prefix: u64,
         key: &[u8; 32],
@@ -688,16 +827,37 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         }
         if prefix == self.own.prefix {
             self.stats.own_prefix_ignored += 1;
-            // An older incarnation of us announced a newer seqno than we now have:
-            // catch up, or our announcements would be unfeasible everywhere.
+            // An older incarnation of us announced a newer seqno than we now have (its
+            // reservation was lost): catch up, or our announcements would be unfeasible
+            // everywhere. Safe to follow however far ahead: only we can sign it.
             if *key == self.own.key && seqno_newer(seqno, self.own.seqno) {
                 let before = cache.verifications;
                 if cache.check(key, prefix, seqno, signature).is_ok() {
-                    self.bump_own(seqno.wrapping_add(1));
+                    self.bump_own(Some(seqno));
                 }
                 self.stats.signature_verifications += cache.verifications - before;
             }
             return;
+        }
+        // A self-admitted neighbour would be charged with this prefix (it is new, or held
+        // but charged to nobody): refused before its signature is checked when the
+        // neighbour's quota or the rate of new prefixes is spent, so announcements
+        // beyond them cost a lookup, not a verification.
+        let admission = self.admission_of(slot);
+        let (exists, orphan) = match self.table.get(prefix) {
+            None => (false, false),
+            Some(e) => (true, e.flags & F_VOUCHED == 0 && e.intro == NONE),
+        };
+        if admission == Admission::SelfAdmitted && (!exists || orphan) {
+            let introduced = self.nbr(slot).map_or(0, |n| n.introduced);
+            if introduced >= self.config.self_admitted_origin_quota {
+                self.stats.rejected_origin_quota += 1;
+                return;
+            }
+            if !exists && self.origin_tokens() < 1.0 {
+                self.stats.rejected_origin_rate += 1;
+                return;
+            }
         }
         // A periodic refresh repeats exactly the announcement this neighbour's candidate
         // already carries (verified when it was stored): reuse it and skip the cache
@@ -738,11 +898,15 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 self.stats.rejected_bad_signature += 1;
                 return;
             }
+            Err(OriginReject::InsufficientWork) => {
+                self.stats.rejected_insufficient_work += 1;
+                return;
+            }
         };
         let tick = self.tick;
         let max_per = self.config.max_routes_per_neighbour;
         let request_hops = self.config.request_hops;
-        let mut request: Option<u16> = None;
+        let mut request: Option<u32> = None;
         match self.table.get_mut(prefix) {
             Some(mut e) => {
                 // The origin is whichever key our candidates carry (all the same); an
@@ -751,7 +915,38 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     self.stats.rejected_conflicting_origin += 1;
                     return;
                 }
+                // An idle entry takes any owner the pin allows (and learns it).
+                if e.cands().next().is_none()
+                    && let Some(p) = &self.pins
+                    && pins::lock(p).check(prefix, &signed.key) == PinCheck::Conflict
+                {
+                    self.stats.rejected_pinned_key += 1;
+                    return;
+                }
                 let feasible = is_feasible(fd_of(&e), seqno, metric);
+                if e.flags & F_VOUCHED == 0 {
+                    match admission {
+                        // A configured neighbour offers it, on a path that does not run
+                        // through us (feasible: an unfeasible offer may be our own
+                        // re-advertisement coming back): nobody is charged any more.
+                        Admission::Configured if feasible => {
+                            if let Some(Some(n)) = self.nbrs.get_mut(usize::from(e.intro)) {
+                                n.introduced = n.introduced.saturating_sub(1);
+                            }
+                            e.intro = NONE;
+                            e.flags |= F_VOUCHED;
+                            self.unvouched = self.unvouched.saturating_sub(1);
+                        }
+                        // Its introducer went away: this neighbour carries it now.
+                        Admission::SelfAdmitted if e.intro == NONE => {
+                            if let Some(Some(n)) = self.nbrs.get_mut(usize::from(slot)) {
+                                n.introduced += 1;
+                                e.intro = slot;
+                            }
+                        }
+                        Admission::Configured | Admission::SelfAdmitted => {}
+                    }
+                }
                 // An unfeasible offer we would take if it were feasible (we are
                 // starving, or it beats the selected route by the hysteresis margin)
                 // asks for a newer seqno (RFC 8966 §3.8.2.2): typically a link came
@@ -765,9 +960,9 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     let margin = cfg.hysteresis_abs.max(m / cfg.hysteresis_div.max(1));
                     c.nbr != slot && u32::from(offer) + u32::from(margin) < u32::from(m)
                 });
-                let starving = (e.sel == NONE || better).then(|| e.fd_seqno.wrapping_add(1));
+                let starving = (e.sel == NONE || better).then(|| e.fd_seqno.saturating_add(1));
                 let selected = e.sel == slot;
-                let next_seqno = e.fd_seqno.wrapping_add(1);
+                let next_seqno = e.fd_seqno.saturating_add(1);
                 match e.cand_mut(slot) {
                     // An unfeasible update of the selected route (its metric grew past
                     // our feasibility distance, typically an increase the neighbour
@@ -844,17 +1039,35 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 }
             }
             None => {
-                if self.table.len() >= self.config.max_routes {
+                if self.nbr(slot).is_none_or(|nb| nb.routes >= max_per) {
+                    self.stats.rejected_neighbour_limit += 1;
+                    return;
+                }
+                if let Some(p) = &self.pins
+                    && !pins::lock(p).allows(prefix, &signed.key)
+                {
+                    self.stats.rejected_pinned_key += 1;
+                    return;
+                }
+                let self_admitted = admission == Admission::SelfAdmitted;
+                let requester = self_admitted.then_some(slot);
+                if self_admitted
+                    && self.unvouched >= self.config.max_self_admitted_origins
+                    && !self.evict_for(requester)
+                {
+                    self.stats.rejected_origin_quota += 1;
+                    return;
+                }
+                // Full: a configured neighbour's new prefix pushes out a self-admitted
+                // one (a self-admitted neighbour's only one of a neighbour holding more
+                // than it); what configured neighbours brought is first come.
+                if self.table.len() >= self.config.max_routes && !self.evict_for(requester) {
                     self.stats.rejected_table_full += 1;
                     return;
                 }
                 let Some(Some(nb)) = self.nbrs.get_mut(usize::from(slot)) else {
                     return;
                 };
-                if nb.routes >= max_per {
-                    self.stats.rejected_neighbour_limit += 1;
-                    return;
-                }
                 nb.routes += 1;
                 let c = Cand {
                     signed,
@@ -862,13 +1075,135 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                     metric,
                     updated: tick,
                 };
-                self.table.insert(Entry::new(prefix, c, NONE, INFINITY));
+                if let Some(p) = &self.pins {
+                    pins::lock(p).check(prefix, &c.signed.key);
+                }
+                let mut e = Entry::new(prefix, c, NONE, INFINITY);
+                if self_admitted {
+                    nb.introduced += 1;
+                    e.intro = slot;
+                    self.unvouched += 1;
+                    self.origin_tokens.0 -= 1.0;
+                } else {
+                    e.flags |= F_VOUCHED;
+                }
+                self.table.insert(e);
             }
         }
         self.reselect(prefix);
         if let Some(s) = request {
             self.send_seqno_request(prefix, s, request_hops, Dest::Nbr(slot), true);
         }
+    }
+
+    fn nbr(&self, slot: u16) -> Option<&Nbr<N>> {
+        self.nbrs.get(usize::from(slot)).and_then(|n| n.as_ref())
+    }
+
+    fn admission_of(&self, slot: u16) -> Admission {
+        self.nbr(slot)
+            .map_or(Admission::SelfAdmitted, |n| n.admission)
+    }
+
+    /// New-prefix tokens of self-admitted neighbours now (refilled, not consumed).
+    fn origin_tokens(&mut self) -> f64 {
+        let (tokens, at) = self.origin_tokens;
+        let burst = f64::from(self.config.self_admitted_origin_burst);
+        let elapsed = self.now.saturating_duration_since(at).as_secs_f64();
+        let refilled = (tokens + elapsed * self.config.self_admitted_origin_rate).min(burst);
+        self.origin_tokens = (refilled, self.now);
+        refilled
+    }
+
+    /// Pushes out one prefix no configured neighbour has offered, to make room for a
+    /// new one from the self-admitted neighbour `requester` or (`None`) from a
+    /// configured one: one charged to nobody (its introducer went away) first, else one
+    /// charged to the self-admitted neighbour holding the most, which for a
+    /// self-admitted requester must hold at least two more than it (fair share: no one
+    /// grows past another by pushing out its prefixes). Returns whether it did.
+    ///
+    /// The prefix goes with its feasibility distance (keeping it would keep the
+    /// memory); its retraction is broadcast at the next flush. A later offer of it is
+    /// a new prefix again.
+    fn evict_for(&mut self, requester: Option<u16>) -> bool {
+        if self.unvouched == 0 {
+            return false;
+        }
+        let charged: u64 = self
+            .nbrs
+            .iter()
+            .flatten()
+            .map(|n| u64::from(n.introduced))
+            .sum();
+        let target = if self.unvouched as u64 > charged {
+            NONE
+        } else {
+            let Some((top, count)) = self
+                .nbrs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| n.as_ref().map(|n| (i as u16, n.introduced)))
+                .max_by_key(|&(i, c)| (c, Reverse(i)))
+            else {
+                return false;
+            };
+            if let Some(r) = requester {
+                let mine = self.nbr(r).map_or(0, |n| n.introduced);
+                if top == r || count < mine.saturating_add(2) {
+                    return false;
+                }
+            }
+            top
+        };
+        let n = self.table.len();
+        for k in 0..n {
+            let i = (self.evict_cursor + k) % n;
+            let Some(e) = self.table.get_at(i) else {
+                continue;
+            };
+            if e.flags & F_VOUCHED == 0 && e.intro == target {
+                self.evict_cursor = i;
+                let p = e.prefix;
+                self.evict(p);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Drops prefix `p` from the table now (see [`Router::evict_for`]).
+    fn evict(&mut self, p: u64) {
+        let Some(e) = self.table.get(p) else {
+            return;
+        };
+        let (sel, intro, flags, adv) = (e.sel, e.intro, e.flags, e.adv_metric);
+        let offered: Vec<u16> = e.cands().map(|c| c.nbr).collect();
+        for n in offered {
+            if let Some(Some(nb)) = self.nbrs.get_mut(usize::from(n)) {
+                nb.routes = nb.routes.saturating_sub(1);
+            }
+        }
+        if let Some(prev) = self.nbr(sel).map(|n| n.id) {
+            self.events.push_back(RouteEvent::Removed {
+                prefix: prefix_addr(p),
+                plen: NODE_PREFIX_LEN,
+                previous: prev,
+            });
+            self.stats.route_changes += 1;
+        }
+        if adv != INFINITY && self.evicted.len() < self.config.max_pending_requests {
+            self.evicted.push(p);
+            self.arm_flush();
+        }
+        if flags & F_VOUCHED == 0 {
+            self.unvouched = self.unvouched.saturating_sub(1);
+            if let Some(Some(n)) = self.nbrs.get_mut(usize::from(intro)) {
+                n.introduced = n.introduced.saturating_sub(1);
+            }
+        }
+        self.pending.remove(&p);
+        self.table.remove(p);
+        self.stats.origins_evicted += 1;
     }
 
     fn on_retraction(&mut self, slot: u16, plen: u8, prefix: u64) {
@@ -901,13 +1236,13 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         self.arm_flush();
     }
 
-    fn on_seqno_request(&mut self, slot: u16, plen: u8, hops: u8, seqno: u16, prefix: u64) {
+    fn on_seqno_request(&mut self, slot: u16, plen: u8, hops: u8, seqno: u32, prefix: u64) {
         if !self.valid_prefix(plen, prefix) {
             return;
         }
         if prefix == self.own.prefix {
             if seqno_newer(seqno, self.own.seqno) {
-                self.request_bump(seqno);
+                self.request_bump();
             } else {
                 self.queue_unicast(slot, prefix);
             }
@@ -979,28 +1314,26 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
 
     // ----- origin -----------------------------------------------------------------
 
-    fn request_bump(&mut self, target: u16) {
+    /// A seqno request for something newer than our own: one bump by one, now or (rate
+    /// limited) at the next allowed instant; requests meanwhile join that one bump.
+    fn request_bump(&mut self) {
         let due = self
             .last_bump
             .map(|t| t + self.config.seqno_bump_min_interval);
         match due {
             Some(d) if d > self.now => {
-                if self.bump_at.is_none() || seqno_newer(target, self.bump_target) {
-                    self.bump_target = target;
-                }
                 self.bump_at = Some(d);
                 self.stats.seqno_bumps_deferred += 1;
             }
-            _ => self.bump_own(target),
+            _ => self.bump_own(None),
         }
     }
 
-    fn bump_own(&mut self, target: u16) {
-        let next = if seqno_newer(target, self.own.seqno) {
-            target
-        } else {
-            self.own.seqno.wrapping_add(1)
-        };
+    /// Re-signs our prefix with the next seqno, or with the one after `past` (a newer
+    /// seqno of ours, signed by us in an earlier run).
+    fn bump_own(&mut self, past: Option<u32>) {
+        let base = past.map_or(self.own.seqno, |p| p.max(self.own.seqno));
+        let next = base.saturating_add(1);
         if let Some(s) = SignedOrigin::sign(self.signer.as_ref(), next) {
             // Not inserted into the verify cache: `handle_message` may hold its lock, and
             // nobody routes our own prefix back to us anyway.
@@ -1022,7 +1355,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     /// Route selection. `want_seqno`: a seqno request is waiting for this seqno (by
     /// default the live pending one); a feasible route carrying it wins regardless of
     /// metric and hysteresis.
-    fn reselect_with(&mut self, key: u64, want_seqno: Option<u16>) {
+    fn reselect_with(&mut self, key: u64, want_seqno: Option<u32>) {
         // A live seqno request (ours or forwarded) wants its answer selected as soon as
         // it arrives, even if an older-seqno route has a lower metric: otherwise the new
         // seqno stops here and whoever asked keeps starving until the next resend.
@@ -1149,7 +1482,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 }
                 if old != NONE {
                     starving = Some(match best_unfeasible {
-                        Some((_, ni)) => Some((ni, e.fd_seqno.wrapping_add(1))),
+                        Some((_, ni)) => Some((ni, e.fd_seqno.saturating_add(1))),
                         None => None,
                     });
                 }
@@ -1184,7 +1517,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     /// for at least `seqno` went out within the duplicate window. `own`: we starve for
     /// it (resent while we do); otherwise it is forwarded for a neighbour, who waits for
     /// the answer. Returns whether it was queued.
-    fn send_seqno_request(&mut self, key: u64, seqno: u16, hops: u8, to: Dest, own: bool) -> bool {
+    fn send_seqno_request(&mut self, key: u64, seqno: u32, hops: u8, to: Dest, own: bool) -> bool {
         let now = self.now;
         let window = self.request_window();
         let cfg = &self.config;
@@ -1247,13 +1580,13 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     }
 
     /// Queues a seqno request TLV for the next flush; false if the queue is full.
-    fn queue_request(&mut self, to: Dest, hops: u8, seqno: u16, key: u64) -> bool {
+    fn queue_request(&mut self, to: Dest, hops: u8, seqno: u32, key: u64) -> bool {
         if self.pending_requests.len() >= self.config.max_pending_requests {
             self.stats.requests_dropped_limit += 1;
             return false;
         }
-        let mut tlv = [0u8; 14];
-        let mut v = Vec::with_capacity(14);
+        let mut tlv: RequestTlv = [0; wire::SEQNO_REQUEST_TLV_LEN];
+        let mut v = Vec::with_capacity(tlv.len());
         wire::put_seqno_request(&mut v, NODE_PREFIX_LEN, hops, seqno, key);
         tlv.copy_from_slice(&v);
         self.pending_requests.push((to, tlv));
@@ -1317,8 +1650,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             self.stats.requests_dropped_limit += 1;
             return;
         }
-        let mut tlv = [0u8; 14];
-        let mut v = Vec::with_capacity(12);
+        let mut tlv: RequestTlv = [0; wire::SEQNO_REQUEST_TLV_LEN];
+        let mut v = Vec::with_capacity(tlv.len());
         wire::put_route_request(&mut v, NODE_PREFIX_LEN, key);
         tlv[..v.len()].copy_from_slice(&v);
         self.pending_requests.push((Dest::All, tlv));
@@ -1360,8 +1693,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.set_now(now);
         if self.bump_at.is_some_and(|t| t <= now) {
-            let t = self.bump_target;
-            self.bump_own(t);
+            self.bump_own(None);
         }
         if self.next_sweep <= now {
             self.sweep();
@@ -1409,11 +1741,20 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         for k in expired {
             self.reselect(k);
         }
+        let nbrs = &mut self.nbrs;
+        let unvouched = &mut self.unvouched;
         let collected = self.table.retain(|e| {
-            !(e.sel == NONE
+            let keep = !(e.sel == NONE
                 && e.flags & F_QUEUED == 0
                 && e.idle_since()
-                    .is_some_and(|t| now_tick.saturating_sub(t) >= gc))
+                    .is_some_and(|t| now_tick.saturating_sub(t) >= gc));
+            if !keep && e.flags & F_VOUCHED == 0 {
+                *unvouched = unvouched.saturating_sub(1);
+                if let Some(Some(n)) = nbrs.get_mut(usize::from(e.intro)) {
+                    n.introduced = n.introduced.saturating_sub(1);
+                }
+            }
+            keep
         });
         self.stats.sources_collected += collected as u64;
         let now = self.now;
@@ -1472,8 +1813,8 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 })
                 .map(|c| Dest::Nbr(c.nbr))
                 .unwrap_or(Dest::All);
-            let mut tlv = [0u8; 14];
-            let mut v = Vec::with_capacity(14);
+            let mut tlv: RequestTlv = [0; wire::SEQNO_REQUEST_TLV_LEN];
+            let mut v = Vec::with_capacity(tlv.len());
             wire::put_seqno_request(&mut v, NODE_PREFIX_LEN, hops, s, k);
             tlv.copy_from_slice(&v);
             if self.pending_requests.len() < self.config.max_pending_requests {
@@ -1486,7 +1827,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
 
     // ----- output -------------------------------------------------------------------
 
-    fn selected_update(&self, e: &EntryRef<'_>, out: &mut Vec<u8>) -> Option<(u16, u16)> {
+    fn selected_update(&self, e: &EntryRef<'_>, out: &mut Vec<u8>) -> Option<(u32, u16)> {
         let c = e.cand(e.sel)?;
         let m = add_metric(c.metric, Self::cost_of(&self.nbrs, c.nbr));
         if m == INFINITY {
@@ -1585,6 +1926,13 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
                 }
             }
             if !tlv.is_empty() {
+                w.push(&tlv, &mut self.stats);
+            }
+        }
+        for p in std::mem::take(&mut self.evicted) {
+            if self.table.get(p).is_none() {
+                tlv.clear();
+                wire::put_retraction(&mut tlv, NODE_PREFIX_LEN, p);
                 w.push(&tlv, &mut self.stats);
             }
         }
@@ -1956,6 +2304,11 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         ex
     }
 
+    /// Every prefix held (upper 64 bits), for the simulator's attack reports.
+    pub(crate) fn held_prefixes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.table.prefixes()
+    }
+
     /// Number of prefixes held (selected or not), excluding our own.
     pub fn prefix_count(&self) -> usize {
         self.table.len()
@@ -1978,9 +2331,9 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
         let pending = self.pending.capacity() * (size_of::<(u64, Pending)>() + 1)
             + self.pending_bcast.capacity() * 8
             + self.pending_unicast.capacity() * size_of::<(u16, u64)>()
-            + self.pending_requests.capacity() * size_of::<(Dest, [u8; 14])>()
+            + self.pending_requests.capacity() * size_of::<(Dest, RequestTlv)>()
             + self.dump_repeats.capacity() * size_of::<(u16, u8, bool)>();
-        size_of::<Self>() + table + nbrs + pending
+        size_of::<Self>() + table + nbrs + pending + self.evicted.capacity() * 8
     }
 
     /// The cache this router verifies through.

@@ -19,7 +19,7 @@
 //! each one once too, through its own cache; sharing only removes the repetition across
 //! simulated nodes). Broadcast payloads are shared between the deliveries (`Rc<[u8]>`).
 
-use std::cmp::Ordering;
+use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::rc::Rc;
@@ -32,7 +32,7 @@ use super::cache::{SharedVerifyCache, SignedOrigin, VerifyCache, owned_prefix};
 use super::router::{Router, RoutingConfig, prefix_addr};
 use super::util::SplitMix;
 use super::wire;
-use super::{RoutingStats, TransmitTo};
+use super::{Admission, RoutingStats, TransmitTo};
 
 /// Shape of the generated network.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,7 +70,9 @@ pub struct SimConfig {
     pub detect_delay: Duration,
     /// Feed modelled RTT (2 × latency) and loss into the link cost.
     pub measure_rtt: bool,
-    /// Routing configuration of every node.
+    /// Routing configuration of every node. Simulated keys are made without the
+    /// identity proof of work (a second each at 10,000 nodes would be hours), so the
+    /// default accepts them (`min_identity_work` 0).
     pub routing: RoutingConfig,
     /// Share one verification cache among all routers (see module docs).
     pub share_cache: bool,
@@ -95,7 +97,10 @@ impl Default for SimConfig {
             loss: 0.0,
             detect_delay: Duration::from_millis(1500),
             measure_rtt: true,
-            routing: RoutingConfig::default(),
+            routing: RoutingConfig {
+                min_identity_work: 0,
+                ..RoutingConfig::default()
+            },
             share_cache: true,
             loop_sample_destinations: 8,
             loop_sample_interval: Duration::from_millis(100),
@@ -133,6 +138,23 @@ enum Ev {
         peer: u32,
     },
     Sample,
+    /// A table-fill attacker re-sends its announcements (see [`Sim::add_table_filler`]).
+    AttackRefresh {
+        attacker: usize,
+    },
+}
+
+/// A host that is no simulated node, attached to one as a neighbour nobody configured,
+/// announcing prefixes of keys it made (adversarial finding 4).
+struct TableFiller {
+    at: u32,
+    id: u32,
+    key: [u8; 32],
+    admission: Admission,
+    /// The node's incarnation it is attached to (re-attached after a restart).
+    inc: u32,
+    payloads: Vec<Rc<[u8]>>,
+    prefixes: HashSet<u64>,
 }
 
 struct Node {
@@ -144,6 +166,9 @@ struct Node {
     timer: Option<u64>,
     up: Vec<u32>,
     retired: RoutingStats,
+    /// First seqno of the next run: the agent's reservation in its state directory
+    /// (`seqno_store`), modelled exactly (above the last seqno the node announced).
+    next_seqno: u32,
 }
 
 /// A queued event with its ordering key.
@@ -358,6 +383,7 @@ pub struct Sim {
     /// When set, (prefix, log): every routing TLV about that prefix put on a link
     /// (diagnostics: how a starvation is resolved, or why it is not).
     pub trace: Option<(u64, Vec<Traced>)>,
+    fillers: Vec<TableFiller>,
 }
 
 /// A routing TLV about a traced prefix put on a link ([`Sim::trace`]).
@@ -425,9 +451,9 @@ impl Sim {
     pub fn new(cfg: SimConfig) -> Self {
         let mut rng = SplitMix::new(cfg.seed);
         let n = cfg.nodes;
-        let cache = cfg
-            .share_cache
-            .then(|| VerifyCache::shared(4 * n + 1024, rng.next_u64()));
+        let cache = cfg.share_cache.then(|| {
+            VerifyCache::shared(4 * n + 1024, cfg.routing.min_identity_work, rng.next_u64())
+        });
         let mut nodes = Vec::with_capacity(n);
         for _ in 0..n {
             let mut seed = [0u8; 32];
@@ -450,6 +476,7 @@ impl Sim {
                 timer: None,
                 up: Vec::new(),
                 retired: RoutingStats::default(),
+                next_seqno: 1,
             });
         }
         let mut sim = Sim {
@@ -475,6 +502,7 @@ impl Sim {
             owner: HashMap::new(),
             watch: None,
             trace: None,
+            fillers: Vec::new(),
             rng,
             cfg,
         };
@@ -585,9 +613,11 @@ impl Sim {
         let now = self.instant();
         let node = &mut self.nodes[i as usize];
         let signer: Arc<dyn crate::session::Signer> = node.key.clone();
+        let seqno = node.next_seqno;
+        let cfg = self.cfg.routing.clone();
         let r = match &self.cache {
-            Some(c) => Router::with_cache(signer, self.cfg.routing.clone(), seed, now, c.clone()),
-            None => Router::new(signer, self.cfg.routing.clone(), seed, now),
+            Some(c) => Router::with_cache(signer, cfg, seed, seqno, now, c.clone()),
+            None => Router::new(signer, cfg, seed, seqno, now),
         };
         node.router = r.ok();
         node.inc += 1;
@@ -780,7 +810,7 @@ impl Sim {
                 if link.cost != default_base {
                     r.set_neighbour_cost(peer, link.cost);
                 }
-                r.neighbour_up(peer, key, now);
+                r.neighbour_up(peer, key, Admission::Configured, now);
                 if measure {
                     r.neighbour_measurement(peer, Some(link.latency * 2), Some(link.loss), now);
                 }
@@ -815,7 +845,92 @@ impl Sim {
                     self.push(t, Ev::Sample);
                 }
             }
+            Ev::AttackRefresh { attacker } => self.refresh_filler(attacker),
         }
+    }
+
+    /// Attaches a table-fill attacker to node `at` (adversarial finding 4): a host that is
+    /// not a simulated node becomes `at`'s neighbour with `admission` (what it would be
+    /// in the agent: `SelfAdmitted` for a discovered or inbound neighbour) and announces
+    /// `junk` prefixes, each validly signed by a key made for it (from `seed`), ten per
+    /// payload, again every update interval as a real sender would. What `at` accepts it
+    /// re-advertises to the simulated network like any route.
+    pub fn add_table_filler(&mut self, at: u32, admission: Admission, junk: usize, seed: u64) {
+        let mut rng = SplitMix::new(seed);
+        let mut keypair = || {
+            let mut s = [0u8; 32];
+            for c in s.chunks_mut(8) {
+                c.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            Ed25519KeyPair::from_seed_unchecked(&s).ok()
+        };
+        let key: [u8; 32] = keypair()
+            .and_then(|k| {
+                ring::signature::KeyPair::public_key(&k)
+                    .as_ref()
+                    .try_into()
+                    .ok()
+            })
+            .unwrap_or([0; 32]);
+        let mut payloads = Vec::new();
+        let mut prefixes = HashSet::new();
+        let mut p = vec![wire::VERSION, 0];
+        for _ in 0..junk {
+            let Some(s) = keypair().and_then(|k| SignedOrigin::sign(&k, 1)) else {
+                continue;
+            };
+            if p.len() + wire::UPDATE_TLV_LEN > wire::MAX_PAYLOAD {
+                payloads.push(Rc::from(std::mem::replace(&mut p, vec![wire::VERSION, 0])));
+            }
+            wire::put_signed_update(&mut p, &s, 0);
+            prefixes.insert(s.prefix);
+        }
+        if p.len() > 2 {
+            payloads.push(Rc::from(p));
+        }
+        // An id no simulated node has; what `at` sends it is dropped (no link).
+        let id = u32::MAX - self.fillers.len() as u32;
+        self.fillers.push(TableFiller {
+            at,
+            id,
+            key,
+            admission,
+            inc: 0,
+            payloads,
+            prefixes,
+        });
+        self.refresh_filler(self.fillers.len() - 1);
+    }
+
+    fn refresh_filler(&mut self, i: usize) {
+        let now = self.instant();
+        let Some(f) = self.fillers.get_mut(i) else {
+            return;
+        };
+        let node = &mut self.nodes[f.at as usize];
+        if let Some(r) = node.router.as_mut() {
+            if f.inc != node.inc {
+                f.inc = node.inc;
+                r.neighbour_up(f.id, f.key, f.admission, now);
+            }
+            for p in &f.payloads {
+                let _ = r.handle_message(f.id, p, now);
+            }
+            let at = f.at;
+            self.drain(at);
+        }
+        let t = self.now + self.cfg.routing.update_interval.as_nanos() as u64;
+        self.push(t, Ev::AttackRefresh { attacker: i });
+    }
+
+    /// Prefixes node `x` holds that table-fill attackers announced.
+    pub fn junk_held(&self, x: u32) -> usize {
+        let Some(r) = self.nodes[x as usize].router.as_ref() else {
+            return 0;
+        };
+        r.held_prefixes()
+            .filter(|p| self.fillers.iter().any(|f| f.prefixes.contains(p)))
+            .count()
     }
 
     /// Runs events until simulated time `t` (since start).
@@ -1002,6 +1117,7 @@ impl Sim {
         if let Some(r) = n.router.take() {
             let s = r.stats().clone();
             add_stats(&mut n.retired, &s);
+            n.next_seqno = r.own_seqno().saturating_add(1);
         }
         n.inc += 1;
         n.up.clear();
@@ -1012,7 +1128,8 @@ impl Sim {
         }
     }
 
-    /// Restarts a failed node with fresh state (same key, new seed).
+    /// Restarts a failed node with fresh state (same key, new seed; its sequence numbers
+    /// continue above the last one it announced, as the agent's reservation makes them).
     pub fn restore_node(&mut self, x: u32) {
         if self.nodes[x as usize].router.is_some() {
             return;
@@ -1385,7 +1502,7 @@ impl Sim {
     }
 
     /// Signs an announcement of node `x`'s prefix with `x`'s key (for tests).
-    pub fn sign_for(&self, x: u32, seqno: u16) -> Option<SignedOrigin> {
+    pub fn sign_for(&self, x: u32, seqno: u32) -> Option<SignedOrigin> {
         SignedOrigin::sign(self.nodes[x as usize].key.as_ref(), seqno)
     }
 }
@@ -1461,6 +1578,18 @@ pub struct Scenario {
     pub steady_window: Duration,
     /// Run the full all-pairs check after each phase (O(N²)).
     pub full_checks: bool,
+    /// A table-fill attack (adversarial finding 4) started after cold start, as its own
+    /// phase, at the node with the most links, and kept up for the rest of the run.
+    pub table_fill: Option<TableFill>,
+}
+
+/// A table-fill attacker for a [`Scenario`] (see [`Sim::add_table_filler`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TableFill {
+    /// Prefixes it announces (each of a key it made).
+    pub junk: usize,
+    /// What the node it attaches to takes it for.
+    pub admission: Admission,
 }
 
 /// Figures of one phase.
@@ -1533,6 +1662,9 @@ pub struct Report {
     /// among them the bounds that were hit (`requests_dropped_limit`,
     /// `candidates_dropped`, `rejected_table_full`, `rejected_neighbour_limit`).
     pub stats: RoutingStats,
+    /// Table-fill attack: (prefixes announced, admission, most of them held by one node,
+    /// held by all nodes together) at the end of the run.
+    pub table_fill: Option<(usize, Admission, usize, usize)>,
     /// Simulated time of the whole run.
     pub simulated: Duration,
     /// Wall time of the whole run.
@@ -1609,6 +1741,18 @@ impl Report {
             self.wall.as_secs_f64(),
             self.ok()
         );
+        if let Some((junk, admission, max, total)) = self.table_fill {
+            s.pop();
+            let st = &self.stats;
+            let _ = write!(
+                s,
+                ",\"table_fill\":{{\"junk\":{junk},\"admission\":\"{admission:?}\",\"held_max\":{max},\"held_total\":{total},\"rejected_origin_quota\":{},\"rejected_origin_rate\":{},\"origins_evicted\":{},\"rejected_table_full\":{}}}}}",
+                st.rejected_origin_quota,
+                st.rejected_origin_rate,
+                st.origins_evicted,
+                st.rejected_table_full
+            );
+        }
         s
     }
 }
@@ -1676,6 +1820,13 @@ impl std::fmt::Display for Report {
             st.rejected_table_full,
             st.rejected_neighbour_limit
         )?;
+        if let Some((junk, admission, max, total)) = self.table_fill {
+            writeln!(
+                f,
+                "  table-fill attack: {junk} prefixes announced by a {admission:?} neighbour of the hub; held: at most {max} by one node, {total} by all; refused: {} over quota, {} over rate; {} pushed out",
+                st.rejected_origin_quota, st.rejected_origin_rate, st.origins_evicted
+            )?;
+        }
         write!(
             f,
             "  simulated {:.1}s in {:.2}s wall: {}",
@@ -1709,6 +1860,16 @@ impl Scenario {
         report
             .phases
             .push(self.phase(&mut sim, "cold start", |_| {}));
+        if let Some(attack) = self.table_fill {
+            let hub = (0..sim.len() as u32)
+                .max_by_key(|x| (sim.degree(*x), Reverse(*x)))
+                .unwrap_or(0);
+            report
+                .phases
+                .push(self.phase(&mut sim, "table-fill attack", |s| {
+                    s.add_table_filler(hub, attack.admission, attack.junk, self.sim.seed ^ 0xf111)
+                }));
+        }
         for r in 0..self.rounds {
             let mut failed_links = Vec::new();
             let mut failed_nodes = Vec::new();
@@ -1769,6 +1930,11 @@ impl Scenario {
             None => sim.total_stats().signature_verifications,
         };
         report.stats = sim.total_stats();
+        report.table_fill = self.table_fill.map(|a| {
+            let held: Vec<usize> = (0..sim.len() as u32).map(|x| sim.junk_held(x)).collect();
+            let max = held.iter().copied().max().unwrap_or(0);
+            (a.junk, a.admission, max, held.iter().sum())
+        });
         report.simulated = sim.now();
         report.wall = wall0.elapsed();
         report

@@ -42,7 +42,7 @@ struct Node {
     next: u32,
 }
 
-/// Everything about one prefix: 40 bytes.
+/// Everything about one prefix: 48 bytes.
 #[derive(Debug)]
 pub(super) struct Entry {
     /// Upper 64 bits of the /64.
@@ -53,10 +53,13 @@ pub(super) struct Entry {
     aux: u32,
     /// Selected neighbour slot, or `router::NONE`.
     pub sel: u16,
-    pub fd_seqno: u16,
+    /// The self-admitted neighbour slot charged with introducing this prefix while no
+    /// configured neighbour has offered it, or `router::NONE` (see `Admission`).
+    pub intro: u16,
+    pub fd_seqno: u32,
     pub fd_metric: u16,
     /// Seqno and metric in our last broadcast (`INFINITY`: nothing / retracted).
-    pub adv_seqno: u16,
+    pub adv_seqno: u32,
     pub adv_metric: u16,
     pub flags: u8,
 }
@@ -69,6 +72,7 @@ impl Entry {
             first: Some(c),
             aux: NIL,
             sel,
+            intro: u16::MAX,
             fd_seqno: 0,
             fd_metric: infinity,
             adv_seqno: 0,
@@ -591,7 +595,7 @@ mod tests {
     #[test]
     fn sizes_are_compact() {
         assert_eq!(size_of::<Cand>(), 16);
-        assert_eq!(size_of::<Entry>(), 40);
+        assert_eq!(size_of::<Entry>(), 48);
         assert_eq!(size_of::<Node>(), 24);
     }
 

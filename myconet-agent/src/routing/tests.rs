@@ -20,18 +20,23 @@ fn key_of(k: &Ed25519KeyPair) -> [u8; 32] {
     Signer::public_key(k).try_into().expect("32 bytes")
 }
 
+/// Test keys come from fixed seeds, without the identity proof of work (except where a
+/// test asks for it).
 fn test_config() -> RoutingConfig {
     RoutingConfig {
+        min_identity_work: 0,
         triggered_delay: Duration::from_millis(10),
         ..RoutingConfig::default()
     }
 }
 
 fn router(i: u8, now: Instant) -> Router<u32> {
-    Router::new(kp(i), test_config(), u64::from(i), now).expect("router")
+    // Seqnos that differ between routers, as they would in a network.
+    let seqno = 1000 * u32::from(i) + 7;
+    Router::new(kp(i), test_config(), u64::from(i), seqno, now).expect("router")
 }
 
-fn update(origin: &Ed25519KeyPair, seqno: u16, metric: u16) -> Vec<u8> {
+fn update(origin: &Ed25519KeyPair, seqno: u32, metric: u16) -> Vec<u8> {
     let s = SignedOrigin::sign(origin, seqno).expect("sign");
     let mut p = vec![wire::VERSION, 0];
     wire::put_signed_update(&mut p, &s, metric);
@@ -74,22 +79,23 @@ fn flushed(r: &mut Router<u32>, now: Instant) -> Vec<(TransmitTo<u32>, Vec<u8>)>
     out
 }
 
-fn seqno_of(t: &Router<u32>) -> u16 {
+fn seqno_of(t: &Router<u32>) -> u32 {
     t.own_seqno()
 }
 
 // ----- pure functions ---------------------------------------------------------------
 
 #[test]
-fn seqno_comparison_wraps() {
+fn seqnos_never_wrap() {
     assert!(seqno_newer(1, 0));
     assert!(!seqno_newer(0, 1));
     assert!(!seqno_newer(5, 5));
-    assert!(seqno_newer(0, 0xFFFF), "0 follows 65535");
-    assert!(seqno_newer(3, 0xFFF0));
-    assert!(!seqno_newer(0xFFF0, 3));
-    assert!(seqno_newer(0x7FFF, 0));
-    assert!(!seqno_newer(0x8000, 0), "half the space away is not newer");
+    // However far ahead a seqno is, an older one never becomes newer again: that is
+    // what keeps an archived announcement older than the current one.
+    assert!(seqno_newer(u32::MAX, 0));
+    assert!(!seqno_newer(0, u32::MAX));
+    assert!(seqno_newer(0x8000_0001, 0));
+    assert!(!seqno_newer(3, 0xFFFF_FFF0));
 }
 
 #[test]
@@ -108,11 +114,14 @@ fn feasibility_condition() {
         is_feasible(fd, 9, INFINITY),
         "retractions are always feasible"
     );
-    let wrap = Some(Fd {
-        seqno: 0xFFFF,
+    let top = Some(Fd {
+        seqno: u32::MAX,
         metric: 100,
     });
-    assert!(is_feasible(wrap, 0, 5000), "newer across the wrap");
+    assert!(
+        !is_feasible(top, 0, 5000),
+        "no wrap: 0 is older than the top"
+    );
 }
 
 #[test]
@@ -160,7 +169,7 @@ fn learns_signed_route_and_relays_it_with_own_metric() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 42, 100), t0).expect("ok");
     assert_eq!(
         events(&mut a),
@@ -195,7 +204,7 @@ fn learns_signed_route_and_relays_it_with_own_metric() {
     assert_eq!(relayed, Some((TransmitTo::AllNeighbours, 196, 42)));
     assert_eq!(a.stats().signature_verifications, 1);
     // The same announcement again is a cache hit, not a second verification.
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(8, &update(&o, 42, 50), t0).expect("ok");
     assert_eq!(a.stats().signature_verifications, 1);
     assert_eq!(a.stats().verify_cache_hits, 1);
@@ -205,7 +214,7 @@ fn learns_signed_route_and_relays_it_with_own_metric() {
 fn own_prefix_is_originated_to_new_neighbours() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     let out = flushed(&mut a, t0 + Duration::from_millis(20));
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].0, TransmitTo::Neighbour(7));
@@ -224,7 +233,54 @@ fn own_prefix_is_originated_to_new_neighbours() {
     assert_eq!(metric, 0);
     assert_eq!(*key, key_of(&kp(1)));
     assert_eq!(seqno, seqno_of(&a));
-    assert!(SignedOrigin::verify(key, p, seqno, signature).is_ok());
+    assert!(SignedOrigin::verify(key, p, seqno, signature, 0).is_ok());
+}
+
+/// The prefixes of the updates sent to neighbour `n` in `out`.
+fn updates_to(out: &[(TransmitTo<u32>, Vec<u8>)], n: u32) -> Vec<u64> {
+    out.iter()
+        .filter(|(to, _)| *to == TransmitTo::Neighbour(n))
+        .filter_map(|(_, tlv)| {
+            let body = [&[wire::VERSION, 0][..], tlv].concat();
+            match Tlvs::new(&body[2..]).next() {
+                Some(Ok(Tlv::Update { prefix, .. })) => Some(prefix),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_renewed_neighbour_gets_the_full_table_again_and_keeps_its_routes() {
+    let t0 = Instant::now();
+    let mut a = router(1, t0);
+    let o = kp(9);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
+    a.handle_message(7, &update(&o, 42, 100), t0).expect("ok");
+    let _ = events(&mut a);
+    let _ = flushed(&mut a, t0 + Duration::from_millis(20));
+    let t1 = t0 + Duration::from_secs(5);
+    assert!(
+        updates_to(&flushed(&mut a, t1), 8).is_empty(),
+        "nothing more for 8 until asked"
+    );
+
+    // 8 restarted and dialled again: it gets every route a holds, its own included.
+    a.neighbour_renewed(8, t1);
+    let out = flushed(&mut a, t1 + Duration::from_millis(20));
+    let mut sent = updates_to(&out, 8);
+    sent.sort_unstable();
+    let mut want = vec![owned_prefix(&key_of(&kp(1))), owned_prefix(&key_of(&o))];
+    want.sort_unstable();
+    assert_eq!(sent, want);
+    // A renewed link through which a route runs keeps it: no route event.
+    a.neighbour_renewed(7, t1);
+    assert!(events(&mut a).is_empty());
+    assert_eq!(a.next_hop(prefix(&o)), Some(7));
+    // An unknown neighbour is ignored.
+    a.neighbour_renewed(99, t1);
+    assert!(updates_to(&flushed(&mut a, t1 + Duration::from_millis(40)), 99).is_empty());
 }
 
 #[test]
@@ -232,8 +288,8 @@ fn retraction_removes_and_is_propagated() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 1, 0), t0).expect("ok");
     let _ = flushed(&mut a, t0 + Duration::from_millis(20));
     events(&mut a);
@@ -268,8 +324,8 @@ fn unfeasible_routes_are_not_taken() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 5, 0), t0).expect("ok"); // FD (5, 96)
     a.handle_message(8, &update(&o, 5, 96), t0).expect("ok"); // 96 !< 96: unfeasible
     assert_eq!(a.stats().unfeasible_updates, 1);
@@ -303,8 +359,8 @@ fn hysteresis_prevents_flapping() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 5, 100), t0).expect("ok"); // 196
     events(&mut a);
     // A slightly better route appears and the two alternate around each other.
@@ -340,7 +396,7 @@ fn hysteresis_prevents_flapping() {
 fn measurement_jitter_does_not_change_cost() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     a.neighbour_measurement(7, Some(Duration::from_millis(40)), Some(0.0), t0);
     let settled = a.neighbour_cost(7).expect("up");
     assert_eq!(settled, 96 + 41, "first measurement applies at once");
@@ -367,8 +423,13 @@ fn measurement_jitter_does_not_change_cost() {
     assert_eq!(a.neighbour_cost(7), Some(INFINITY), "dead link at once");
 }
 
+/// The seqno of an update TLV (type, length, plen, flags, then the 4-byte seqno).
+fn tlv_seqno(t: &[u8]) -> u32 {
+    u32::from_be_bytes([t[4], t[5], t[6], t[7]])
+}
+
 /// The first seqno request of `out`, as (recipient, requested seqno, hop count).
-fn seqno_request_in(out: &[(TransmitTo<u32>, Vec<u8>)]) -> Option<(TransmitTo<u32>, u16, u8)> {
+fn seqno_request_in(out: &[(TransmitTo<u32>, Vec<u8>)]) -> Option<(TransmitTo<u32>, u32, u8)> {
     out.iter().find_map(|(to, t)| {
         let body = [&[wire::VERSION, 0][..], t].concat();
         match Tlvs::new(&body[2..]).next() {
@@ -386,7 +447,7 @@ fn unfeasible_update_of_selected_route_keeps_it_and_requests_seqno() {
     let mut origin = router(9, t0);
     let s0 = seqno_of(&origin);
     let p = prefix(&kp(9));
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     a.handle_message(7, &update(&kp(9), s0, 0), t0).expect("ok");
     events(&mut a);
     let _ = flushed(&mut a, t0 + ms(20));
@@ -409,7 +470,7 @@ fn unfeasible_update_of_selected_route_keeps_it_and_requests_seqno() {
     // The origin (reached through the neighbour) bumps and re-signs.
     let mut body = vec![wire::VERSION, 0];
     wire::put_seqno_request(&mut body, 64, hops, seqno, owned_prefix(&key_of(&kp(9))));
-    origin.neighbour_up(7, key_of(&kp(7)), t0);
+    origin.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     origin
         .handle_message(7, &body, t0 + ms(70))
         .expect("request accepted");
@@ -444,8 +505,8 @@ fn starvation_is_resolved_by_route_and_seqno_request() {
     let mut a = router(1, t0);
     let s0 = 40;
     let p = prefix(&kp(9));
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&kp(9), s0, 0), t0).expect("ok");
     // 8's route is longer than our feasibility distance (96): not taken.
     a.handle_message(8, &update(&kp(9), s0, 200), t0)
@@ -500,8 +561,8 @@ fn relay_forwards_seqno_request_and_answer() {
     let ms = Duration::from_millis;
     let mut b = router(2, t0); // relay: 7 = towards origin, 8 = requester
     let o = kp(9);
-    b.neighbour_up(7, key_of(&kp(7)), t0);
-    b.neighbour_up(8, key_of(&kp(8)), t0);
+    b.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    b.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     b.handle_message(7, &update(&o, 3, 10), t0).expect("ok");
     let _ = flushed(&mut b, t0 + ms(20));
     let mut req = vec![wire::VERSION, 0];
@@ -522,7 +583,7 @@ fn relay_forwards_seqno_request_and_answer() {
     let out = flushed(&mut b, t0 + ms(120));
     assert!(
         out.iter()
-            .any(|(_, t)| t[0] == wire::TLV_UPDATE && u16::from_be_bytes([t[4], t[5]]) == 4),
+            .any(|(_, t)| t[0] == wire::TLV_UPDATE && tlv_seqno(t) == 4),
         "{out:?}"
     );
 }
@@ -540,7 +601,7 @@ fn relay_selects_the_requested_seqno_and_passes_resends() {
     let o = kp(9);
     let p = prefix(&o);
     for n in [6, 7, 8] {
-        b.neighbour_up(n, key_of(&kp(n as u8)), t0);
+        b.neighbour_up(n, key_of(&kp(n as u8)), Admission::Configured, t0);
     }
     b.handle_message(7, &update(&o, 3, 10), t0).expect("ok");
     b.handle_message(6, &update(&o, 3, 50), t0).expect("ok");
@@ -577,7 +638,7 @@ fn relay_selects_the_requested_seqno_and_passes_resends() {
     assert!(
         out.iter().any(|(to, t)| *to == TransmitTo::AllNeighbours
             && t[0] == wire::TLV_UPDATE
-            && u16::from_be_bytes([t[4], t[5]]) == 4),
+            && tlv_seqno(t) == 4),
         "the answer is passed on: {out:?}"
     );
 }
@@ -587,7 +648,7 @@ fn routes_expire_after_hold_time() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 1, 0), t0).expect("ok");
     events(&mut a);
     let hold = a.config().hold_time;
@@ -625,7 +686,7 @@ fn forged_announcements_are_rejected_and_counted() {
     let mut a = router(1, t0);
     let victim = kp(9);
     let attacker = kp(6);
-    a.neighbour_up(6, key_of(&attacker), t0);
+    a.neighbour_up(6, key_of(&attacker), Admission::Configured, t0);
     let vp = owned_prefix(&key_of(&victim));
     // Attacker's own key, valid signature, victim's prefix.
     let msg = wire::signing_message(&key_of(&attacker), vp, 64, 1);
@@ -644,12 +705,12 @@ fn forged_announcements_are_rejected_and_counted() {
     // A valid signature replayed with a different seqno.
     let good = update(&victim, 1, 0);
     let mut replay = good.clone();
-    replay[6] ^= 1; // seqno low byte (2 header + 2 tlv hdr + plen + flags + seqno hi)
+    replay[9] ^= 1; // seqno low byte (2 header + 2 tlv hdr + plen + flags + 3 seqno bytes)
     a.handle_message(6, &replay, t0).expect("payload ok");
     assert_eq!(a.stats().rejected_bad_signature, 2);
     // Not an overlay /64.
     let mut p = good.clone();
-    p[10] = 0x20; // first prefix byte
+    p[12] = 0x20; // first prefix byte (after seqno and metric)
     a.handle_message(6, &p, t0).expect("payload ok");
     assert_eq!(a.stats().rejected_bad_prefix, 1);
     let mut p = good;
@@ -661,13 +722,86 @@ fn forged_announcements_are_rejected_and_counted() {
     assert_eq!(a.next_hop(prefix(&victim)), None);
 }
 
+/// An origin key without the identity proof of work is not routed: a host making keys
+/// for junk prefixes pays the work for each (`addr::IDENTITY_WORK_BITS` in a network;
+/// 6 bits here to keep the test fast).
+#[test]
+fn keys_without_the_identity_proof_of_work_are_not_routed() {
+    let t0 = Instant::now();
+    let cfg = RoutingConfig {
+        min_identity_work: 6,
+        ..test_config()
+    };
+    let mut a = Router::new(kp(1), cfg, 1, 1, t0).expect("router");
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    let keys = junk_keys(300, 0x3c);
+    let work = |k: &Arc<Ed25519KeyPair>| myconet_common::addr::identity_work(&key_of(k));
+    let weak: Vec<_> = keys.iter().filter(|k| work(k) < 6).cloned().collect();
+    let strong: Vec<_> = keys.iter().filter(|k| work(k) >= 6).cloned().collect();
+    assert!(!strong.is_empty() && !weak.is_empty());
+    announce(&mut a, 7, &keys, t0);
+    assert_eq!(routed(&a, &strong), strong.len());
+    assert_eq!(routed(&a, &weak), 0);
+    assert_eq!(a.stats().rejected_insufficient_work, weak.len() as u64);
+    assert_eq!(
+        a.stats().signature_verifications,
+        strong.len() as u64,
+        "keys without the work cost a blake3, not a signature check"
+    );
+}
+
+/// Adversarial finding 3: routing took the first key it heard for a prefix each time
+/// the prefix was new to it. With pins, the first key sticks (across restarts: the
+/// agent persists them): another key owning the same /64 is refused even when the
+/// prefix had been gone. A real second owner of a /64 costs a 2^64 search; the test
+/// stands one in by pinning the attacker's /64 to the victim's key.
+#[test]
+fn a_pinned_key_keeps_any_other_owner_of_the_prefix_out() {
+    let t0 = Instant::now();
+    let pins = crate::pins::Pins::new(64).shared();
+    let (victim, attacker) = (kp(9), kp(8));
+    let contested = owned_prefix(&key_of(&attacker));
+    crate::pins::lock(&pins).check(contested, &key_of(&victim));
+    let mut a = router(1, t0);
+    a.set_pins(pins.clone());
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    // The "colliding" owner's genuine announcement is refused.
+    a.handle_message(7, &update(&attacker, 1, 0), t0)
+        .expect("ok");
+    assert_eq!(a.next_hop(prefix(&attacker)), None);
+    assert_eq!(a.stats().rejected_pinned_key, 1);
+    // Any other prefix: its first key is learned and routed.
+    let o = kp(10);
+    a.handle_message(7, &update(&o, 1, 0), t0).expect("ok");
+    assert_eq!(a.next_hop(prefix(&o)), Some(7));
+    let learned = crate::pins::lock(&pins).get(owned_prefix(&key_of(&o)));
+    assert_eq!(learned.map(|p| p.key), Some(key_of(&o)));
+    // Forgetting the pin (the operator's override) lets the next key in, and pins it.
+    crate::pins::lock(&pins).forget(contested);
+    a.handle_message(7, &update(&attacker, 2, 0), t0)
+        .expect("ok");
+    assert_eq!(a.next_hop(prefix(&attacker)), Some(7));
+    let learned = crate::pins::lock(&pins).get(contested);
+    assert_eq!(learned.map(|p| p.key), Some(key_of(&attacker)));
+    // Once the prefix is gone (retracted: its entry is kept for its feasibility
+    // distance only, which used to take any owner), a new owner is held to the pin.
+    a.handle_message(7, &retraction(&attacker), t0).expect("ok");
+    assert_eq!(a.next_hop(prefix(&attacker)), None);
+    crate::pins::lock(&pins).forget(contested);
+    crate::pins::lock(&pins).check(contested, &key_of(&victim));
+    a.handle_message(7, &update(&attacker, 3, 0), t0)
+        .expect("ok");
+    assert_eq!(a.next_hop(prefix(&attacker)), None);
+    assert_eq!(a.stats().rejected_pinned_key, 2);
+}
+
 #[test]
 fn garbage_is_counted_never_fatal() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     assert!(a.handle_message(7, &[], t0).is_err());
-    assert!(a.handle_message(7, &[2, 0], t0).is_err());
+    assert!(a.handle_message(7, &[wire::VERSION + 1, 0], t0).is_err());
     assert_eq!(a.stats().rejected_version, 1);
     let good = update(&kp(9), 1, 0);
     for cut in 3..good.len() {
@@ -688,11 +822,242 @@ fn garbage_is_counted_never_fatal() {
     assert_eq!(a.stats().rejected_unknown_neighbour, 1);
 }
 
+/// Adversarial finding 5: seqno requests are unauthenticated, so whatever they make the
+/// origin do must not let an archived (genuinely signed) announcement become newer than
+/// the origin's current one. Before the fix a request made the origin jump up to 2^15 − 1
+/// ahead, two requests wrapped the 16-bit space, and the archived announcement won at
+/// every node while the honest refresh was refused as unfeasible.
+#[test]
+fn seqno_requests_cannot_make_an_archived_announcement_newer() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let origin_key = kp(9);
+    let mut origin = router(9, t0);
+    let p = prefix(&origin_key);
+    let bits = owned_prefix(&key_of(&origin_key));
+    // The attacker (neighbour 7 of the origin) archives the current announcement ...
+    let s0 = seqno_of(&origin);
+    let archived = update(&origin_key, s0, 0);
+    origin.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    // ... and asks for seqnos far ahead, twice (past the bump rate limit).
+    for (i, at) in [ms(10), ms(1010)].into_iter().enumerate() {
+        let mut req = vec![wire::VERSION, 0];
+        let want = seqno_of(&origin).wrapping_add(0x7fff);
+        wire::put_seqno_request(&mut req, 64, 16, want, bits);
+        origin
+            .handle_message(7, &req, t0 + at)
+            .expect("request parses");
+        origin.handle_timeout(t0 + at + ms(600));
+        assert!(
+            origin.stats().seqno_bumps > i as u64,
+            "request {i} bumped the seqno"
+        );
+    }
+    let current = seqno_of(&origin);
+    // An honest node holds the origin's current announcement through neighbour 5; the
+    // attacker (neighbour 6, a cheaper link) replays the archived one.
+    let mut b = router(2, t0);
+    b.neighbour_up(5, key_of(&kp(5)), Admission::Configured, t0);
+    b.neighbour_up(6, key_of(&kp(6)), Admission::Configured, t0);
+    b.set_neighbour_cost(6, 10);
+    b.handle_message(5, &update(&origin_key, current, 0), t0 + ms(2000))
+        .expect("ok");
+    b.handle_message(6, &archived, t0 + ms(2010)).expect("ok");
+    // The origin's periodic refresh still arrives and must still be taken.
+    b.handle_message(5, &update(&origin_key, current, 0), t0 + ms(2020))
+        .expect("ok");
+    let r = b.explain(p, t0 + ms(2030));
+    let sel = r.selected.clone().expect("routed");
+    assert_eq!(
+        (sel.next_hop, sel.seqno),
+        (Some(5), current),
+        "the archived announcement must stay older than the current one: {r}"
+    );
+    assert_eq!(sel.feasibility_distance.map(|fd| fd.seqno), Some(current));
+}
+
+/// Keys made for junk announcements (what a table-filling host generates at will).
+fn junk_keys(n: usize, tag: u8) -> Vec<Arc<Ed25519KeyPair>> {
+    (0..n)
+        .map(|i| {
+            let mut seed = [tag; 32];
+            seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            Arc::new(Ed25519KeyPair::from_seed_unchecked(&seed).expect("seed"))
+        })
+        .collect()
+}
+
+/// Sends `origins`' announcements from `from`, ten per payload.
+fn announce(r: &mut Router<u32>, from: u32, origins: &[Arc<Ed25519KeyPair>], now: Instant) {
+    for chunk in origins.chunks(10) {
+        let mut p = vec![wire::VERSION, 0];
+        for o in chunk {
+            let s = SignedOrigin::sign(o.as_ref(), 1).expect("sign");
+            wire::put_signed_update(&mut p, &s, 0);
+        }
+        r.handle_message(from, &p, now).expect("payload ok");
+    }
+}
+
+fn routed(r: &Router<u32>, origins: &[Arc<Ed25519KeyPair>]) -> usize {
+    origins
+        .iter()
+        .filter(|o| r.next_hop(prefix(o)).is_some())
+        .count()
+}
+
+/// Adversarial finding 4: a neighbour nobody configured announces many validly signed
+/// prefixes of keys it made. Before the fix every one was stored (and re-advertised),
+/// the table cap was first come, and a configured neighbour's new prefixes were then
+/// refused (`rejected_table_full`).
+#[test]
+fn a_self_admitted_neighbour_cannot_fill_the_table() {
+    let t0 = Instant::now();
+    let cfg = RoutingConfig {
+        max_routes: 300,
+        self_admitted_origin_quota: 16,
+        ..test_config()
+    };
+    let mut a = Router::new(kp(1), cfg, 1, 1, t0).expect("router");
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(66, key_of(&kp(66)), Admission::SelfAdmitted, t0);
+    let junk = junk_keys(400, 0xa5);
+    announce(&mut a, 66, &junk, t0);
+    let _ = flushed(&mut a, t0 + Duration::from_millis(20)); // and re-advertises them
+    assert_eq!(routed(&a, &junk), 16, "the quota bounds what it introduces");
+    assert_eq!(a.stats().rejected_origin_quota, 400 - 16);
+    assert_eq!(
+        a.stats().signature_verifications,
+        16,
+        "announcements beyond the quota are refused before their signature is checked"
+    );
+    // A configured neighbour echoes them back (our own re-advertisement, through us,
+    // so unfeasible here): that vouches for nothing, the quota stays spent.
+    for chunk in junk[..16].chunks(10) {
+        let mut p = vec![wire::VERSION, 0];
+        for o in chunk {
+            let s = SignedOrigin::sign(o.as_ref(), 1).expect("sign");
+            wire::put_signed_update(&mut p, &s, 2 * 96);
+        }
+        a.handle_message(7, &p, t0 + Duration::from_millis(21))
+            .expect("ok");
+    }
+    announce(
+        &mut a,
+        66,
+        &junk_keys(4, 0xa6),
+        t0 + Duration::from_millis(22),
+    );
+    assert_eq!(a.prefix_count(), 16);
+    // A configured neighbour brings 300 new prefixes: the table holds 300, so the
+    // self-admitted ones make room.
+    let legit = junk_keys(300, 0x17);
+    announce(&mut a, 7, &legit, t0 + Duration::from_millis(25));
+    assert_eq!(routed(&a, &legit), 300);
+    assert_eq!(a.stats().rejected_table_full, 0);
+    assert_eq!(a.stats().origins_evicted, 16);
+    assert_eq!(routed(&a, &junk), 0);
+    // Their retractions go out with the next flush.
+    let out = flushed(&mut a, t0 + Duration::from_millis(40));
+    let retracted = out
+        .iter()
+        .filter(|(_, t)| t[0] == wire::TLV_RETRACTION)
+        .count();
+    assert_eq!(retracted, 16);
+    // Still full: the self-admitted neighbour's new prefixes now find no room at all
+    // (configured neighbours' prefixes are never pushed out for it).
+    let more = junk_keys(5, 0x5a);
+    announce(&mut a, 66, &more, t0 + Duration::from_millis(50));
+    assert_eq!(routed(&a, &more), 0);
+    assert_eq!(a.stats().rejected_table_full, 5);
+}
+
+/// Many self-admitted identities together are bounded too, and share fairly: a
+/// neighbour that holds less may push out one of the neighbour holding the most, so one
+/// host with many identities cannot starve an honest self-admitted neighbour.
+#[test]
+fn self_admitted_neighbours_share_a_bounded_part_of_the_table() {
+    let t0 = Instant::now();
+    let cfg = RoutingConfig {
+        self_admitted_origin_quota: 16,
+        max_self_admitted_origins: 40,
+        ..test_config()
+    };
+    let mut a = Router::new(kp(1), cfg, 1, 1, t0).expect("router");
+    // One host, four identities: 4 × 16 > 40 (they also push out each other's, down
+    // to a fair share).
+    for id in 60..64u32 {
+        a.neighbour_up(id, key_of(&kp(id as u8)), Admission::SelfAdmitted, t0);
+        let junk = junk_keys(16, id as u8);
+        announce(&mut a, id, &junk, t0);
+    }
+    assert_eq!(a.prefix_count(), 40);
+    let evicted = a.stats().origins_evicted;
+    // An honest discovered neighbour with three prefixes of its own gets them in.
+    a.neighbour_up(70, key_of(&kp(70)), Admission::SelfAdmitted, t0);
+    let honest = junk_keys(3, 0x70);
+    announce(&mut a, 70, &honest, t0 + Duration::from_millis(5));
+    assert_eq!(routed(&a, &honest), 3);
+    assert_eq!(a.prefix_count(), 40);
+    assert_eq!(a.stats().origins_evicted, evicted + 3);
+    // An identity gone: its prefixes are charged to nobody until another self-admitted
+    // neighbour offers them, and are the first to make room.
+    a.neighbour_down(60, t0 + Duration::from_millis(10));
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
+    let legit = junk_keys(2, 0x08);
+    announce(&mut a, 8, &legit, t0 + Duration::from_millis(20));
+    assert_eq!(routed(&a, &legit), 2);
+}
+
+/// New prefixes from self-admitted neighbours are rate limited as a whole, so a host
+/// cycling through identities cannot churn the table (and the signature checks) at
+/// will; configured neighbours are not limited.
+#[test]
+fn new_prefixes_from_self_admitted_neighbours_are_rate_limited() {
+    let t0 = Instant::now();
+    let cfg = RoutingConfig {
+        self_admitted_origin_burst: 10,
+        self_admitted_origin_rate: 2.0,
+        ..test_config()
+    };
+    let mut a = Router::new(kp(1), cfg, 1, 1, t0).expect("router");
+    a.neighbour_up(66, key_of(&kp(66)), Admission::SelfAdmitted, t0);
+    let junk = junk_keys(30, 0x66);
+    announce(&mut a, 66, &junk[..20], t0);
+    assert_eq!(routed(&a, &junk), 10);
+    assert_eq!(a.stats().rejected_origin_rate, 10);
+    // Five seconds later: ten more tokens.
+    announce(&mut a, 66, &junk[20..], t0 + Duration::from_secs(5));
+    assert_eq!(routed(&a, &junk), 20);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    let legit = junk_keys(50, 0x07);
+    announce(&mut a, 7, &legit, t0 + Duration::from_secs(5));
+    assert_eq!(routed(&a, &legit), 50);
+}
+
+/// An operator configuring a neighbour that came by itself lifts its limits.
+#[test]
+fn configuring_a_self_admitted_neighbour_vouches_for_its_prefixes() {
+    let t0 = Instant::now();
+    let cfg = RoutingConfig {
+        self_admitted_origin_quota: 4,
+        ..test_config()
+    };
+    let mut a = Router::new(kp(1), cfg, 1, 1, t0).expect("router");
+    a.neighbour_up(66, key_of(&kp(66)), Admission::SelfAdmitted, t0);
+    let site = junk_keys(10, 0x66);
+    announce(&mut a, 66, &site, t0);
+    assert_eq!(routed(&a, &site), 4);
+    a.set_neighbour_admission(66, Admission::Configured);
+    announce(&mut a, 66, &site, t0 + Duration::from_millis(10));
+    assert_eq!(routed(&a, &site), 10);
+}
+
 #[test]
 fn own_prefix_from_older_incarnation_bumps_seqno() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     let s = seqno_of(&a).wrapping_add(1000);
     a.handle_message(7, &update(&kp(1), s, 300), t0)
         .expect("ok");
@@ -710,9 +1075,9 @@ fn memory_is_bounded() {
         max_pending_requests: 2,
         ..test_config()
     };
-    let mut a = Router::<u32>::new(kp(1), cfg, 1, t0).expect("router");
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    let mut a = Router::<u32>::new(kp(1), cfg, 1, 1, t0).expect("router");
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     for i in 10..14 {
         a.handle_message(7, &update(&kp(i), 1, 0), t0).expect("ok");
     }
@@ -736,12 +1101,17 @@ fn memory_is_bounded() {
 fn large_tables_are_split_into_bounded_payloads() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     for i in 10..60u8 {
         a.handle_message(7, &update(&kp(i), 1, 0), t0).expect("ok");
     }
     let _ = flushed(&mut a, t0 + Duration::from_millis(20));
-    a.neighbour_up(8, key_of(&kp(8)), t0 + Duration::from_millis(30));
+    a.neighbour_up(
+        8,
+        key_of(&kp(8)),
+        Admission::Configured,
+        t0 + Duration::from_millis(30),
+    );
     a.handle_timeout(t0 + Duration::from_millis(50));
     let ts = transmits(&mut a);
     assert!(ts.len() >= 5, "51 updates need several payloads");
@@ -759,7 +1129,7 @@ fn large_tables_are_split_into_bounded_payloads() {
 fn periodic_update_covers_whole_table() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     a.handle_message(7, &update(&kp(9), 1, 0), t0).expect("ok");
     let _ = flushed(&mut a, t0 + Duration::from_millis(20));
     let mut t = t0 + Duration::from_millis(20);
@@ -783,8 +1153,8 @@ fn explain_and_snapshot() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 5, 0), t0).expect("ok");
     a.handle_message(8, &update(&o, 5, 50), t0).expect("ok");
     let rs = a.routes(t0 + Duration::from_secs(3));
@@ -825,7 +1195,7 @@ proptest::proptest! {
     fn arbitrary_payloads_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
         let t0 = Instant::now();
         let mut a = router(1, t0);
-        a.neighbour_up(7, key_of(&kp(7)), t0);
+        a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
         let _ = a.handle_message(7, &data, t0);
         let mut framed = vec![wire::VERSION, 0];
         framed.extend_from_slice(&data);
@@ -840,7 +1210,7 @@ proptest::proptest! {
     ) {
         let t0 = Instant::now();
         let mut a = router(1, t0);
-        a.neighbour_up(7, key_of(&kp(7)), t0);
+        a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
         let mut p = update(&kp(9), 1, 0);
         for (i, x) in &flips {
             if *i < p.len() { p[*i] ^= x | 1; }
@@ -848,7 +1218,7 @@ proptest::proptest! {
         let _ = a.handle_message(7, &p, t0);
         // Whatever was installed must be owned by and signed by its origin key.
         for r in a.routes(t0) {
-            proptest::prop_assert!(myconet_common::addr::key_owns(&r.origin, &r.prefix));
+            proptest::prop_assert!(myconet_common::addr::key_owns_prefix(&r.origin, &r.prefix));
         }
     }
 }
@@ -861,6 +1231,7 @@ fn ms(x: u64) -> Duration {
 
 fn sim_routing() -> RoutingConfig {
     RoutingConfig {
+        min_identity_work: 0,
         triggered_delay: ms(10),
         ..RoutingConfig::default()
     }
@@ -1027,6 +1398,59 @@ fn sim_hijack_is_ignored_and_counted() {
     assert!(sim.check().is_clean());
 }
 
+/// The table-fill attack of adversarial finding 4 in the simulator: a host nobody
+/// configured attaches to one node and announces 300 validly signed prefixes of keys it
+/// made, refreshing them like a real node. With the attacker taken as what the agent
+/// makes of it (self-admitted), no node holds more than the quota of its prefixes and a
+/// node that (re)joins afterwards is routed everywhere. Taken as configured (what every
+/// neighbour was before the fix), the junk fills every table and the newcomer is
+/// refused (`rejected_table_full`).
+#[test]
+fn sim_table_fill_attack_is_contained() {
+    let run = |admission: Admission| {
+        let cfg = SimConfig {
+            nodes: 30,
+            topology: Topology::Random { avg_degree: 3.0 },
+            seed: 12,
+            routing: RoutingConfig {
+                max_routes: 60,
+                self_admitted_origin_quota: 8,
+                ..sim_routing()
+            },
+            ..SimConfig::default()
+        };
+        let mut sim = Sim::new(cfg);
+        assert!(
+            sim.run_until_quiet(ms(2000), Duration::from_secs(60))
+                .is_some()
+        );
+        // The newcomer is down while the attack runs, and long enough for every
+        // trace of it to be collected.
+        let newcomer = 29;
+        sim.fail_node(newcomer);
+        let t = sim.now() + Duration::from_secs(200);
+        sim.run_until(t);
+        sim.add_table_filler(0, admission, 300, 7);
+        let t = sim.now() + Duration::from_secs(40);
+        sim.run_until(t);
+        let junk = (0..29).map(|x| sim.junk_held(x)).max().unwrap_or(0);
+        sim.restore_node(newcomer);
+        let quiet = sim.run_until_quiet(ms(3000), Duration::from_secs(120));
+        assert!(quiet.is_some());
+        (junk, sim.check(), sim.total_stats())
+    };
+    let (junk, check, stats) = run(Admission::SelfAdmitted);
+    assert!(junk <= 8, "{junk} junk prefixes held by a node");
+    assert!(check.is_clean(), "{check:?}");
+    assert_eq!(stats.rejected_table_full, 0);
+    assert!(stats.rejected_origin_quota >= 292);
+    // Control: the same attack from a neighbour taken as configured fills the tables.
+    let (junk, check, stats) = run(Admission::Configured);
+    assert!(junk >= 30, "{junk}");
+    assert!(check.unrouted > 0, "{check:?}");
+    assert!(stats.rejected_table_full > 0);
+}
+
 fn scenario(nodes: usize, topology: Topology, seed: u64) -> Scenario {
     Scenario {
         sim: SimConfig {
@@ -1045,6 +1469,7 @@ fn scenario(nodes: usize, topology: Topology, seed: u64) -> Scenario {
         max_phase: Duration::from_secs(120),
         steady_window: Duration::ZERO,
         full_checks: true,
+        table_fill: None,
     }
 }
 
@@ -1109,8 +1534,8 @@ fn urgent_updates_are_repeated() {
     let t0 = Instant::now();
     let mut a = router(1, t0);
     let o = kp(9);
-    a.neighbour_up(7, key_of(&kp(7)), t0);
-    a.neighbour_up(8, key_of(&kp(8)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t0);
     a.handle_message(7, &update(&o, 1, 0), t0).expect("ok");
     let _ = flushed(&mut a, t0 + Duration::from_millis(20));
     a.handle_message(7, &retraction(&o), t0 + Duration::from_millis(30))
@@ -1170,7 +1595,7 @@ fn first_announcements_and_new_neighbour_dumps_are_repeated() {
     let mut a = router(1, t0);
     let o = kp(9);
     let p = owned_prefix(&key_of(&o));
-    a.neighbour_up(7, key_of(&kp(7)), t0);
+    a.neighbour_up(7, key_of(&kp(7)), Admission::Configured, t0);
     let _ = flushed(&mut a, t0 + Duration::from_millis(10));
     a.handle_message(7, &update(&o, 1, 0), t0 + Duration::from_millis(20))
         .expect("ok");
@@ -1191,7 +1616,7 @@ fn first_announcements_and_new_neighbour_dumps_are_repeated() {
     assert_eq!(first, 1 + n);
     // A neighbour coming up gets the table, and again `urgent_repeats` times.
     let t1 = t0 + Duration::from_secs(5);
-    a.neighbour_up(8, key_of(&kp(8)), t1);
+    a.neighbour_up(8, key_of(&kp(8)), Admission::Configured, t1);
     let mut dumped = 0;
     for i in 1..=50 {
         let t = t1 + Duration::from_millis(50 * i);
@@ -1210,12 +1635,13 @@ fn candidates_are_capped_keeping_the_best() {
             ..test_config()
         },
         1,
+        1,
         t0,
     )
     .expect("router");
     let o = kp(9);
     for n in 2..=5 {
-        a.neighbour_up(n, key_of(&kp(n as u8)), t0);
+        a.neighbour_up(n, key_of(&kp(n as u8)), Admission::Configured, t0);
     }
     a.handle_message(2, &update(&o, 1, 0), t0).expect("ok"); // selected, FD (1, 96)
     a.handle_message(3, &update(&o, 1, 50), t0).expect("ok"); // 146

@@ -7,8 +7,9 @@
 use thiserror::Error;
 
 /// Version byte at offset 0 of every routing payload; bumped on incompatible changes so
-/// old and new nodes reject each other's messages instead of misreading them.
-pub const VERSION: u8 = 1;
+/// old and new nodes reject each other's messages instead of misreading them. Version 2
+/// widened sequence numbers to 32 bits (see [`super::seqno_newer`]).
+pub const VERSION: u8 = 2;
 
 /// Bytes before the first TLV (version, reserved).
 pub const HEADER_LEN: usize = 2;
@@ -27,13 +28,16 @@ pub const TLV_ROUTE_REQUEST: u8 = 3;
 pub const TLV_SEQNO_REQUEST: u8 = 4;
 
 /// Body length of an update TLV.
-pub const UPDATE_BODY: usize = 110;
+pub const UPDATE_BODY: usize = 112;
 /// Body length of a retraction TLV.
 pub const RETRACTION_BODY: usize = 10;
 /// Body length of a route request TLV.
 pub const ROUTE_REQUEST_BODY: usize = 10;
 /// Body length of a seqno request TLV.
-pub const SEQNO_REQUEST_BODY: usize = 12;
+pub const SEQNO_REQUEST_BODY: usize = 14;
+
+/// Length of a whole seqno request TLV including its 2-byte type/length header.
+pub const SEQNO_REQUEST_TLV_LEN: usize = 2 + SEQNO_REQUEST_BODY;
 
 /// Length of a whole update TLV including its 2-byte type/length header.
 pub const UPDATE_TLV_LEN: usize = 2 + UPDATE_BODY;
@@ -64,7 +68,7 @@ pub enum Tlv<'a> {
         /// Prefix length; only 64 is accepted today.
         plen: u8,
         /// Origin sequence number.
-        seqno: u16,
+        seqno: u32,
         /// Sender's metric to the origin; [`super::INFINITY`] means retraction.
         metric: u16,
         /// Upper 64 bits of the prefix.
@@ -97,7 +101,7 @@ pub enum Tlv<'a> {
         /// Remaining hop count.
         hops: u8,
         /// Requested (minimum) sequence number.
-        seqno: u16,
+        seqno: u32,
         /// Upper 64 bits of the prefix.
         prefix: u64,
     },
@@ -107,10 +111,10 @@ pub enum Tlv<'a> {
 
 /// Domain-separation string in front of every origin signature, so a route signature can
 /// never be confused with a handshake or discovery-beacon signature by the same key.
-pub const ORIGIN_DOMAIN: &[u8; 32] = b"myconet 2026-11 route origin v1\0";
+pub const ORIGIN_DOMAIN: &[u8; 32] = b"myconet 2026-11 route origin v2\0";
 
 /// Length of [`signing_message`]'s output.
-pub const SIGNING_MESSAGE_LEN: usize = 32 + 16 + 1 + 2 + 32;
+pub const SIGNING_MESSAGE_LEN: usize = 32 + 16 + 1 + 4 + 32;
 
 /// The exact bytes an origin signs: domain, full 16-byte prefix, plen, seqno, key.
 /// The key is included so a signature only ever vouches for one (key, prefix) binding.
@@ -118,20 +122,24 @@ pub fn signing_message(
     key: &[u8; 32],
     prefix: u64,
     plen: u8,
-    seqno: u16,
+    seqno: u32,
 ) -> [u8; SIGNING_MESSAGE_LEN] {
     let mut m = [0u8; SIGNING_MESSAGE_LEN];
     m[..32].copy_from_slice(ORIGIN_DOMAIN);
     m[32..40].copy_from_slice(&prefix.to_be_bytes());
     // bytes 40..48 stay zero: the host part of a /64
     m[48] = plen;
-    m[49..51].copy_from_slice(&seqno.to_be_bytes());
-    m[51..83].copy_from_slice(key);
+    m[49..53].copy_from_slice(&seqno.to_be_bytes());
+    m[53..85].copy_from_slice(key);
     m
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 fn be64(b: &[u8], at: usize) -> u64 {
@@ -202,16 +210,16 @@ impl<'a> Iterator for Tlvs<'a> {
         Some(Ok(match ty {
             TLV_UPDATE => {
                 let (Ok(key), Ok(signature)) = (
-                    <&[u8; 32]>::try_from(&body[14..46]),
-                    <&[u8; 64]>::try_from(&body[46..110]),
+                    <&[u8; 32]>::try_from(&body[16..48]),
+                    <&[u8; 64]>::try_from(&body[48..112]),
                 ) else {
                     return fail(self, WireError::BodyTooShort(ty));
                 };
                 Tlv::Update {
                     plen: body[0],
-                    seqno: be16(body, 2),
-                    metric: be16(body, 4),
-                    prefix: be64(body, 6),
+                    seqno: be32(body, 2),
+                    metric: be16(body, 6),
+                    prefix: be64(body, 8),
                     key,
                     signature,
                 }
@@ -227,8 +235,8 @@ impl<'a> Iterator for Tlvs<'a> {
             _ => Tlv::SeqnoRequest {
                 plen: body[0],
                 hops: body[1],
-                seqno: be16(body, 2),
-                prefix: be64(body, 4),
+                seqno: be32(body, 2),
+                prefix: be64(body, 6),
             },
         }))
     }
@@ -252,7 +260,7 @@ pub fn put_signed_update(out: &mut Vec<u8>, origin: &super::cache::SignedOrigin,
 pub fn put_update(
     out: &mut Vec<u8>,
     plen: u8,
-    seqno: u16,
+    seqno: u32,
     metric: u16,
     prefix: u64,
     key: &[u8; 32],
@@ -279,7 +287,7 @@ pub fn put_route_request(out: &mut Vec<u8>, plen: u8, prefix: u64) {
 }
 
 /// Appends a seqno request TLV.
-pub fn put_seqno_request(out: &mut Vec<u8>, plen: u8, hops: u8, seqno: u16, prefix: u64) {
+pub fn put_seqno_request(out: &mut Vec<u8>, plen: u8, hops: u8, seqno: u32, prefix: u64) {
     out.extend_from_slice(&[TLV_SEQNO_REQUEST, SEQNO_REQUEST_BODY as u8, plen, hops]);
     out.extend_from_slice(&seqno.to_be_bytes());
     out.extend_from_slice(&prefix.to_be_bytes());

@@ -16,7 +16,7 @@ use ring::{hmac, rand::SecureRandom};
 
 use super::msg::COOKIE_LEN;
 
-const COOKIE_LABEL: &[u8] = b"myconet v1 cookie";
+const COOKIE_LABEL: &[u8] = b"myconet v2 cookie";
 
 /// The responder's rotating cookie secrets.
 pub struct CookieChecker {

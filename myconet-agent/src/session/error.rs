@@ -28,6 +28,10 @@ pub enum ConfigError {
     /// The rehandshake margin is not shorter than the session lifetime.
     #[error("rehandshake_before must be shorter than max_lifetime")]
     RehandshakeMargin,
+    /// A peer with nothing to say sends a keepalive after `keepalive_after`; the silence
+    /// rule must wait longer than that.
+    #[error("rehandshake_after_silence must be longer than keepalive_after")]
+    SilenceMargin,
     /// An IPv6 prefix length over 128.
     #[error("ipv6_prefix_len must be at most 128")]
     PrefixLen,
@@ -79,6 +83,18 @@ pub enum HandshakeError {
     /// A response or cookie reply does not match the init this node sent.
     #[error("reply does not match the outstanding init")]
     Mismatch,
+    /// The init's timestamp is not newer than one already accepted from that initiator:
+    /// a replay (or a re-send of an init already handled). Refused before any signature
+    /// work, and it disturbs nothing.
+    #[error("init is not newer than one already accepted from that initiator")]
+    Replayed,
+    /// A link handshake names an underlay endpoint that is not this node's own: the init
+    /// was sent to someone else (who passed it on), or the response says it heard the
+    /// init from somewhere this node did not send it from. Answering would bind the
+    /// session to an endpoint the peer is not at, making whoever forwarded it an
+    /// invisible relay both sides admit.
+    #[error("link handshake bound to {0}, which is not this node's endpoint")]
+    EndpointMismatch(String),
     /// X25519 failed (e.g. a low-order point from a signed but broken peer).
     #[error("key agreement failed")]
     KeyAgreement,
@@ -176,6 +192,10 @@ pub enum SendError {
     /// The plaintext would not fit in one datagram.
     #[error("plaintext of {0} bytes is too large")]
     TooLarge(usize),
+    /// A handshake would be needed, but this node may not start another one now (too
+    /// many under way, or new ones over their rate); the plaintext was dropped.
+    #[error("too many handshakes under way or starting; dropped")]
+    Throttled,
     /// Starting the handshake failed.
     #[error("starting a handshake: {0}")]
     Handshake(#[from] HandshakeError),
@@ -194,7 +214,7 @@ pub enum InboundError {
     /// No session or pending handshake uses this receiver index.
     #[error("no session or handshake with receiver index {0}")]
     UnknownIndex(u32),
-    /// The source is over its handshake rate.
+    /// The source is over its handshake rate (or the node over its verification budget).
     #[error("handshake from {0} rate limited")]
     RateLimited(IpAddr),
     /// A handshake message was refused.

@@ -2,19 +2,21 @@
 //!
 //! ```text
 //! initiator I                                         responder R
-//! HandshakeInit  { idx_i, S_i, E_i, suites, cookie, sig_i = Sign_i(h1) }  ->
-//!                          R: S_i owns src addr, sig_i ok, (cookie ok if loaded)
-//!            <-  HandshakeResponse { idx_r, S_r, E_r, suite, sig_r = Sign_r(h2) }
-//! I: S_r owns the dialled addr, sig_r ok
-//! h1 = SHA-256("myconet v1 handshake init" || init without signature, hop limit 0)
-//! h2 = SHA-256("myconet v1 handshake response" || h1 || sig_i || response without
+//! HandshakeInit { idx_i, S_i, E_i, suites, ts, ep_r, cookie, sig_i = Sign_i(h1) }  ->
+//!                 R: ts newer than any seen from S_i, (cookie ok if loaded), S_i owns
+//!                    src addr, sig_i ok; link: ep_r is R's own endpoint
+//!            <-  HandshakeResponse { idx_r, S_r, E_r, suite, ep_i, sig_r = Sign_r(h2) }
+//! I: S_r owns the dialled addr, sig_r ok; link: ep_i is I's own endpoint
+//! h1 = SHA-256("myconet v2 handshake init" || init without signature, hop limit 0)
+//! h2 = SHA-256("myconet v2 handshake response" || h1 || sig_i || response without
 //!      signature, hop limit 0)
 //! prk = HKDF-Extract(salt = h2, X25519(E_i, E_r));  i2r, r2i = HKDF-Expand(prk, labels)
 //! ```
 //!
-//! h1 covers both overlay addresses, `S_i`, `E_i`, `idx_i`, the suite offer and the cookie;
-//! h2 adds `S_r`, `E_r`, `idx_r` (and, through the header's session id, `idx_i` again) and
-//! the chosen suite. R signs the whole transcript; I signs what exists when it speaks, and
+//! h1 covers both overlay addresses, `S_i`, `E_i`, `idx_i`, the suite offer, the
+//! initiator's timestamp, the endpoint a link init was sent to and the cookie; h2 adds
+//! `S_r`, `E_r`, `idx_r` (and, through the header's session id, `idx_i` again), the chosen
+//! suite and the endpoint a link init came from. R signs the whole transcript; I signs what exists when it speaks, and
 //! its first `Data` packet (a keepalive if nothing else) proves it derived the same keys
 //! from h2, i.e. confirms the whole transcript. Session keys are salted with h2, so any
 //! disagreement about any transcript byte yields unrelated keys.
@@ -34,21 +36,21 @@ use ring::{
 use super::{
     HandshakeError, PUBLIC_KEY_LEN, Role, SIGNATURE_LEN, Signer, SignerError, Suite,
     msg::{
-        COOKIE_LEN, CookieReplyMsg, ECHO_LEN, InitMsg, ResponseMsg, init, new_header,
+        COOKIE_LEN, CookieReplyMsg, ECHO_LEN, InitMsg, ResponseMsg, WireEndpoint, init, new_header,
         put_signature, response,
     },
     transport::{Len32, Session, SessionParams, TransportConfig},
 };
 
-const LABEL_H1: &[u8] = b"myconet v1 handshake init";
-const LABEL_H2: &[u8] = b"myconet v1 handshake response";
-const LABEL_ECHO: &[u8] = b"myconet v1 cookie echo";
+const LABEL_H1: &[u8] = b"myconet v2 handshake init";
+const LABEL_H2: &[u8] = b"myconet v2 handshake response";
+const LABEL_ECHO: &[u8] = b"myconet v2 cookie echo";
 /// Signature contexts: the identity key also signs other things (route announcements),
 /// so every signature names what it is for.
-const SIG_CONTEXT_INIT: &[u8] = b"myconet v1 handshake init signature\0";
-const SIG_CONTEXT_RESPONSE: &[u8] = b"myconet v1 handshake response signature\0";
-const LABEL_I2R: &[u8] = b"myconet v1 initiator to responder";
-const LABEL_R2I: &[u8] = b"myconet v1 responder to initiator";
+const SIG_CONTEXT_INIT: &[u8] = b"myconet v2 handshake init signature\0";
+const SIG_CONTEXT_RESPONSE: &[u8] = b"myconet v2 handshake response signature\0";
+const LABEL_I2R: &[u8] = b"myconet v2 initiator to responder";
+const LABEL_R2I: &[u8] = b"myconet v2 responder to initiator";
 
 fn sha256(parts: &[&[u8]]) -> [u8; 32] {
     let mut ctx = digest::Context::new(&digest::SHA256);
@@ -164,6 +166,11 @@ pub(crate) struct Initiation {
     ephemeral: agreement::EphemeralPrivateKey,
     ephemeral_public: [u8; 32],
     suites: [u8; 2],
+    /// When the initiation was made (see [`InitMsg::timestamp`]); retransmissions and
+    /// cookie re-signs keep it, so they are the same initiation to the responder.
+    timestamp: u64,
+    /// Link handshakes: the endpoint dialled, which the responder must own.
+    endpoint: Option<WireEndpoint>,
     cookie: Option<[u8; COOKIE_LEN]>,
     message: Vec<u8>,
     h1: [u8; 32],
@@ -179,6 +186,12 @@ pub(crate) struct VerifiedResponse {
     h2: [u8; 32],
 }
 
+/// Where the responder says a link init came from (signed); the initiator compares it
+/// with its own endpoint before trusting the response.
+pub(crate) fn observed_endpoint(msg: &ResponseMsg) -> Option<WireEndpoint> {
+    msg.endpoint
+}
+
 impl Initiation {
     /// Draws an ephemeral and builds the signed init from `local_addr` to the dialled
     /// `remote_addr`.
@@ -191,6 +204,8 @@ impl Initiation {
         local_index: u32,
         expected_key: Option<[u8; PUBLIC_KEY_LEN]>,
         suites: &[Suite],
+        timestamp: u64,
+        endpoint: Option<WireEndpoint>,
         rng: &dyn SecureRandom,
     ) -> Result<Self, HandshakeError> {
         let (ephemeral, ephemeral_public) = ephemeral(rng)?;
@@ -203,6 +218,8 @@ impl Initiation {
             ephemeral,
             ephemeral_public,
             suites: offer(suites),
+            timestamp,
+            endpoint,
             cookie: None,
             message: Vec::new(),
             h1: [0; 32],
@@ -225,6 +242,8 @@ impl Initiation {
             &self.local_key,
             &self.ephemeral_public,
             self.suites,
+            self.timestamp,
+            self.endpoint,
             self.cookie.as_ref(),
         );
         let h1 = h1(&signed);
@@ -355,7 +374,8 @@ pub(crate) fn verify_init(msg: InitMsg) -> Result<VerifiedInit, HandshakeError> 
 
 /// The responder's answer to a verified init: the signed response and the (not yet
 /// confirmed) session. The response's source is the address the initiator dialled, which
-/// the caller has checked lies in this node's /64.
+/// the caller has checked lies in this node's /64; `observed` is where a link init came
+/// from (none end to end).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn respond(
     signer: &dyn Signer,
@@ -363,6 +383,7 @@ pub(crate) fn respond(
     init: &VerifiedInit,
     local_index: u32,
     suite: Suite,
+    observed: Option<WireEndpoint>,
     config: TransportConfig,
     now: Instant,
     rng: &dyn SecureRandom,
@@ -375,8 +396,14 @@ pub(crate) fn respond(
         m.header.src_addr,
         m.header.dst_addr,
     );
-    let (mut buf, signed) =
-        ResponseMsg::emit_unsigned(&header, local_index, local_key, &public, suite as u8);
+    let (mut buf, signed) = ResponseMsg::emit_unsigned(
+        &header,
+        local_index,
+        local_key,
+        &public,
+        suite as u8,
+        observed,
+    );
     let h2 = h2(&init.h1, &m.signature, &signed);
     let signature = sign(signer, SIG_CONTEXT_RESPONSE, &h2)?;
     put_signature(&mut buf, response::SIGNATURE, &signature);

@@ -13,7 +13,10 @@
 //!   packets, key phases (in-session rekey), idle and lifetime expiry.
 //! - `handshake` (crate-private): the signed X25519 handshake that creates sessions.
 //! - [`CookieChecker`] and [`RateLimiter`]: what a loaded responder uses so that an
-//!   unverified initiator costs it no state.
+//!   unverified initiator costs it no state; `admission` puts them in order in front
+//!   of every signature verification, with a global budget behind them.
+//! - `freshness` (crate-private): init timestamps, so a replayed init is refused before
+//!   any signature work; `timers`: the table's deadline heap.
 //! - [`SessionTable`]: everything per remote node: sessions by receiver index, pending
 //!   handshakes with retransmission, queued plaintext, timers and events. This is what the
 //!   I/O shell drives.
@@ -21,13 +24,18 @@
 //! The protocol itself (message layouts with byte offsets, key schedule, cookie, replay
 //! window, rekey, timers, threat model) is documented in `docs/handshake.md`.
 
+mod admission;
 mod cookie;
 mod error;
+#[doc(hidden)]
+pub mod forge;
+mod freshness;
 mod handshake;
 mod msg;
 mod ratelimit;
 mod replay;
 mod table;
+mod timers;
 mod transport;
 
 #[cfg(test)]
@@ -44,11 +52,12 @@ pub use cookie::CookieChecker;
 pub use error::{
     ConfigError, HandshakeError, InboundError, OpenError, SealError, SendError, SignerError,
 };
+pub use msg::WireEndpoint;
 pub use ratelimit::{RateLimitConfig, RateLimiter, source_prefix};
 pub use replay::{REPLAY_WINDOW, ReplayError, ReplayWindow};
 pub use table::{
-    Event, FailReason, HandshakeProgress, Inbound, RemoteId, SendStatus, SessionTable, Stats,
-    Transmit,
+    Event, FailReason, HandshakeProgress, Inbound, InitJob, InitOutcome, RemoteId, Screened,
+    SendStatus, SessionTable, Stats, Transmit,
 };
 pub use transport::{
     DataHeader, ExpiryReason, MAX_PHASE_SKIP, PHASE_SHIFT, Session, TransportConfig,
@@ -147,8 +156,15 @@ pub struct Config {
     /// lifetime and still in use, so traffic moves to new keys before the old ones die.
     pub rehandshake_before: Duration,
     /// After receiving data and sending nothing for this long, send an empty keepalive so
-    /// the peer's session does not go idle (one-way flows keep both ends alive).
+    /// the peer's session does not go idle (one-way flows keep both ends alive), and so a
+    /// sender hears within this long that its peer still opens what it sends.
     pub keepalive_after: Duration,
+    /// After sending data and authenticating nothing from the peer for this long, start
+    /// a new handshake (the next send does): the peer has most likely lost the session
+    /// (restarted, or dropped its half), and everything sealed onto it is lost until a
+    /// new one is up. Must exceed `keepalive_after`, which is how long a live peer with
+    /// nothing to say may stay silent, by a round trip or a lost keepalive.
+    pub rehandshake_after_silence: Duration,
     /// First HandshakeInit retransmission timeout; doubles on every retry.
     pub handshake_timeout: Duration,
     /// Cap on the doubled retransmission timeout.
@@ -171,8 +187,39 @@ pub struct Config {
     /// over it, inits without a valid cookie get a CookieReply instead of a signature
     /// check, so overlay sources spoofed from behind one neighbour cannot exhaust the
     /// initiators' buckets, and real initiators behind it still get through by echoing
-    /// the cookie (which only the owner of the overlay source receives).
+    /// the cookie (which the relay routes to the owner of the overlay source).
     pub source_rate_limit: RateLimitConfig,
+    /// Token bucket per underlay sender (last hop) over the inits that carry a valid
+    /// cookie. A cookie proves that the sender receives at that underlay address and
+    /// nothing more (a host sending directly gets the cookie for any overlay source it
+    /// claims), so that is what such inits are charged to.
+    pub cookie_rate_limit: RateLimitConfig,
+    /// Token bucket per underlay sender (last hop) over the cookie replies sent to it:
+    /// over it, an init that would get one is dropped unanswered (its initiator's next
+    /// retransmission gets one). A flood of inits, replayed or from spoofed sources,
+    /// would otherwise cost a reply (a send) each.
+    pub cookie_reply_rate_limit: RateLimitConfig,
+    /// The whole node's signature verifications of inits (`burst` at once, then
+    /// `per_second`); `max_sources` is unused. When it runs dry the node demands cookies
+    /// for a second.
+    pub verify_budget: RateLimitConfig,
+    /// Initiators (key, and for link handshakes the endpoint dialled) whose newest init
+    /// timestamp is remembered; beyond it the oldest is forgotten.
+    pub max_initiator_clocks: usize,
+    /// Initiations of our own under way at once; more are refused (counted) until some
+    /// complete or fail. Bounds what local applications sending to many destinations
+    /// can make the node hold and sign.
+    pub max_pending_initiations: usize,
+    /// New end-to-end initiations per second (`max_sources` unused); over it a send
+    /// that would start one is refused (counted).
+    pub initiation_rate: RateLimitConfig,
+    /// Per remote /64: how often a `Data` packet for a session this node does not have
+    /// may make it start a handshake towards the packet's source (the sender then gets
+    /// a fresh session at once instead of after its silence timeout).
+    pub prompt_rate_limit: RateLimitConfig,
+    /// The same over all sources (`max_sources` unused): the packet's source is not
+    /// authenticated, so this bounds the inits spoofed packets can make the node send.
+    pub prompt_budget: RateLimitConfig,
     /// Sessions a remote may make this node create (responder side); beyond it the oldest
     /// unconfirmed one is evicted, and if none is unconfirmed the init is refused.
     pub max_sessions: usize,
@@ -187,17 +234,60 @@ impl Default for Config {
             suites: vec![Suite::ChaCha20Poly1305, Suite::Aes256Gcm],
             transport: TransportConfig::default(),
             rehandshake_before: Duration::from_secs(60),
-            keepalive_after: Duration::from_secs(10),
+            keepalive_after: Duration::from_secs(2),
+            rehandshake_after_silence: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(1),
             handshake_max_timeout: Duration::from_secs(8),
             handshake_attempts: 6,
             unconfirmed_timeout: Duration::from_secs(15),
             cookie_rotation: Duration::from_secs(120),
             load_threshold: 1000,
-            rate_limit: RateLimitConfig::default(),
+            rate_limit: RateLimitConfig {
+                max_sources: 16_384,
+                ..RateLimitConfig::default()
+            },
             source_rate_limit: RateLimitConfig {
                 burst: 64,
                 per_second: 32,
+                max_sources: 16_384,
+                ..RateLimitConfig::default()
+            },
+            cookie_rate_limit: RateLimitConfig {
+                burst: 64,
+                per_second: 32,
+                max_sources: 16_384,
+                ..RateLimitConfig::default()
+            },
+            cookie_reply_rate_limit: RateLimitConfig {
+                burst: 128,
+                per_second: 64,
+                max_sources: 16_384,
+                ..RateLimitConfig::default()
+            },
+            verify_budget: RateLimitConfig {
+                burst: 256,
+                per_second: 512,
+                max_sources: 1,
+                ..RateLimitConfig::default()
+            },
+            max_initiator_clocks: 16_384,
+            max_pending_initiations: 512,
+            initiation_rate: RateLimitConfig {
+                burst: 128,
+                per_second: 64,
+                max_sources: 1,
+                ..RateLimitConfig::default()
+            },
+            prompt_rate_limit: RateLimitConfig {
+                burst: 1,
+                per_second: 1,
+                max_sources: 1024,
+                ..RateLimitConfig::default()
+            },
+            prompt_budget: RateLimitConfig {
+                burst: 8,
+                per_second: 4,
+                max_sources: 1,
                 ..RateLimitConfig::default()
             },
             max_sessions: 65_536,
@@ -218,10 +308,21 @@ impl Config {
             return Err(ConfigError::BadSuiteList);
         }
         self.transport.validate()?;
-        self.rate_limit.validate()?;
-        self.source_rate_limit.validate()?;
+        for limit in [
+            &self.rate_limit,
+            &self.source_rate_limit,
+            &self.cookie_rate_limit,
+            &self.cookie_reply_rate_limit,
+            &self.verify_budget,
+            &self.initiation_rate,
+            &self.prompt_rate_limit,
+            &self.prompt_budget,
+        ] {
+            limit.validate()?;
+        }
         for (name, value) in [
             ("keepalive_after", self.keepalive_after),
+            ("rehandshake_after_silence", self.rehandshake_after_silence),
             ("handshake_timeout", self.handshake_timeout),
             ("handshake_max_timeout", self.handshake_max_timeout),
             ("unconfirmed_timeout", self.unconfirmed_timeout),
@@ -234,6 +335,9 @@ impl Config {
         if self.rehandshake_before >= self.transport.max_lifetime {
             return Err(ConfigError::RehandshakeMargin);
         }
+        if self.rehandshake_after_silence <= self.keepalive_after {
+            return Err(ConfigError::SilenceMargin);
+        }
         if self.handshake_attempts == 0 {
             return Err(ConfigError::ZeroCount("handshake_attempts"));
         }
@@ -242,6 +346,12 @@ impl Config {
         }
         if self.max_queued == 0 {
             return Err(ConfigError::ZeroCount("max_queued"));
+        }
+        if self.max_initiator_clocks == 0 {
+            return Err(ConfigError::ZeroCount("max_initiator_clocks"));
+        }
+        if self.max_pending_initiations == 0 {
+            return Err(ConfigError::ZeroCount("max_pending_initiations"));
         }
         Ok(())
     }

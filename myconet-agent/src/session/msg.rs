@@ -1,11 +1,14 @@
 //! Byte layouts of the three handshake messages behind the 48-byte Myconet header, with
-//! fixed offsets (see `docs/handshake.md`). Parsing only checks structure; every
-//! cryptographic check is in `handshake`.
+//! fixed offsets (see `docs/handshake.md`; this is handshake version 2). Parsing only
+//! checks structure; every cryptographic check is in `handshake`.
 //!
 //! Messages have exact lengths, and every message a responder sends is shorter than the
 //! init that caused it, so a spoofed init can never be amplified.
 
-use std::{net::Ipv6Addr, ops::Range};
+use std::{
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6},
+    ops::Range,
+};
 
 use myconet_common::wire::{DEFAULT_HOP_LIMIT, Packet, PacketType, Repr};
 
@@ -16,6 +19,69 @@ pub(crate) const COOKIE_LEN: usize = 32;
 
 /// Length of the init digest a cookie reply echoes.
 pub(crate) const ECHO_LEN: usize = 16;
+
+/// Length of an underlay endpoint on the wire: IPv6 address and port.
+pub(crate) const ENDPOINT_LEN: usize = 18;
+
+/// An underlay endpoint as a link handshake names it: the address and port, without the
+/// scope (an interface index means nothing on the other host). All zero on the wire
+/// means "none" (end-to-end handshakes, which cross relays, name none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WireEndpoint {
+    /// The IPv6 address.
+    pub addr: Ipv6Addr,
+    /// The UDP port.
+    pub port: u16,
+}
+
+impl WireEndpoint {
+    /// The endpoint of a socket address; IPv4 is never a Myconet underlay.
+    pub fn of(addr: SocketAddr) -> Option<Self> {
+        match addr {
+            SocketAddr::V6(a) => Some(Self::from(a)),
+            SocketAddr::V4(_) => None,
+        }
+    }
+
+    fn to_bytes(self) -> [u8; ENDPOINT_LEN] {
+        let mut out = [0u8; ENDPOINT_LEN];
+        out[..16].copy_from_slice(&self.addr.octets());
+        out[16..].copy_from_slice(&self.port.to_be_bytes());
+        out
+    }
+
+    fn from_bytes(bytes: [u8; ENDPOINT_LEN]) -> Option<Self> {
+        if bytes == [0; ENDPOINT_LEN] {
+            return None;
+        }
+        let mut addr = [0u8; 16];
+        addr.copy_from_slice(&bytes[..16]);
+        Some(Self {
+            addr: Ipv6Addr::from(addr),
+            port: u16::from_be_bytes([bytes[16], bytes[17]]),
+        })
+    }
+}
+
+impl From<SocketAddrV6> for WireEndpoint {
+    fn from(a: SocketAddrV6) -> Self {
+        Self {
+            addr: *a.ip(),
+            port: a.port(),
+        }
+    }
+}
+
+impl std::fmt::Display for WireEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}]:{}", self.addr, self.port)
+    }
+}
+
+/// The on-wire bytes of an optional endpoint (all zero for none).
+pub(crate) fn endpoint_bytes(endpoint: Option<WireEndpoint>) -> [u8; ENDPOINT_LEN] {
+    endpoint.map_or([0; ENDPOINT_LEN], WireEndpoint::to_bytes)
+}
 
 /// HandshakeInit payload offsets (from the start of the datagram).
 pub(crate) mod init {
@@ -28,12 +94,17 @@ pub(crate) mod init {
     pub(crate) const EPHEMERAL: Range<usize> = 84..116;
     /// Offered suites, preference order, 0 = empty slot.
     pub(crate) const SUITES: Range<usize> = 116..118;
+    /// Initiator's timestamp: nanoseconds since the Unix epoch on its clock, strictly
+    /// increasing per initiator (the responder refuses one that is not newer).
+    pub(crate) const TIMESTAMP: Range<usize> = 118..126;
+    /// The underlay endpoint a link handshake was sent to; zero end to end.
+    pub(crate) const ENDPOINT: Range<usize> = 126..144;
     /// Cookie from a CookieReply, all zero when none.
-    pub(crate) const COOKIE: Range<usize> = 118..150;
+    pub(crate) const COOKIE: Range<usize> = 144..176;
     /// Signature over h1.
-    pub(crate) const SIGNATURE: Range<usize> = 150..214;
+    pub(crate) const SIGNATURE: Range<usize> = 176..240;
     /// Total length.
-    pub(crate) const LEN: usize = 214;
+    pub(crate) const LEN: usize = 240;
 }
 
 /// HandshakeResponse payload offsets.
@@ -47,10 +118,13 @@ pub(crate) mod response {
     pub(crate) const EPHEMERAL: Range<usize> = 84..116;
     /// Chosen suite.
     pub(crate) const SUITE: usize = 116;
+    /// The underlay endpoint a link init came from, as the responder saw it; zero end to
+    /// end.
+    pub(crate) const ENDPOINT: Range<usize> = 117..135;
     /// Signature over h2.
-    pub(crate) const SIGNATURE: Range<usize> = 117..181;
+    pub(crate) const SIGNATURE: Range<usize> = 135..199;
     /// Total length.
-    pub(crate) const LEN: usize = 181;
+    pub(crate) const LEN: usize = 199;
 }
 
 /// CookieReply payload offsets.
@@ -72,9 +146,11 @@ pub(crate) struct InitMsg {
     pub static_key: [u8; PUBLIC_KEY_LEN],
     pub ephemeral: [u8; 32],
     pub suites: [u8; 2],
+    pub timestamp: u64,
+    pub endpoint: Option<WireEndpoint>,
     pub cookie: Option<[u8; COOKIE_LEN]>,
     pub signature: [u8; SIGNATURE_LEN],
-    /// The whole message with the hop limit zeroed, as signed and hashed.
+    /// The message without its signature, hop limit zeroed: what is signed and hashed.
     pub signed: Vec<u8>,
 }
 
@@ -86,6 +162,7 @@ pub(crate) struct ResponseMsg {
     pub static_key: [u8; PUBLIC_KEY_LEN],
     pub ephemeral: [u8; 32],
     pub suite: u8,
+    pub endpoint: Option<WireEndpoint>,
     pub signature: [u8; SIGNATURE_LEN],
     /// The message without the signature, hop limit zeroed.
     pub signed: Vec<u8>,
@@ -165,6 +242,8 @@ impl InitMsg {
             static_key: array(buf, init::STATIC_KEY)?,
             ephemeral: array(buf, init::EPHEMERAL)?,
             suites: array(buf, init::SUITES)?,
+            timestamp: array(buf, init::TIMESTAMP).map(u64::from_be_bytes)?,
+            endpoint: WireEndpoint::from_bytes(array(buf, init::ENDPOINT)?),
             cookie: (cookie != [0; COOKIE_LEN]).then_some(cookie),
             signature: array(buf, init::SIGNATURE)?,
             signed: signed_part(buf, init::SIGNATURE.start),
@@ -172,12 +251,15 @@ impl InitMsg {
     }
 
     /// Writes everything but the signature; returns the buffer and its signed part.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn emit_unsigned(
         header: &Repr,
         sender_index: u32,
         static_key: &[u8; PUBLIC_KEY_LEN],
         ephemeral: &[u8; 32],
         suites: [u8; 2],
+        timestamp: u64,
+        endpoint: Option<WireEndpoint>,
         cookie: Option<&[u8; COOKIE_LEN]>,
     ) -> (Vec<u8>, Vec<u8>) {
         let mut buf = vec![0u8; init::LEN];
@@ -186,6 +268,8 @@ impl InitMsg {
         buf[init::STATIC_KEY].copy_from_slice(static_key);
         buf[init::EPHEMERAL].copy_from_slice(ephemeral);
         buf[init::SUITES].copy_from_slice(&suites);
+        buf[init::TIMESTAMP].copy_from_slice(&timestamp.to_be_bytes());
+        buf[init::ENDPOINT].copy_from_slice(&endpoint_bytes(endpoint));
         if let Some(cookie) = cookie {
             buf[init::COOKIE].copy_from_slice(cookie);
         }
@@ -211,6 +295,7 @@ impl ResponseMsg {
                 .get(response::SUITE)
                 .copied()
                 .ok_or(HandshakeError::Malformed("suite"))?,
+            endpoint: WireEndpoint::from_bytes(array(buf, response::ENDPOINT)?),
             signature: array(buf, response::SIGNATURE)?,
             signed: signed_part(buf, response::SIGNATURE.start),
         })
@@ -223,6 +308,7 @@ impl ResponseMsg {
         static_key: &[u8; PUBLIC_KEY_LEN],
         ephemeral: &[u8; 32],
         suite: u8,
+        endpoint: Option<WireEndpoint>,
     ) -> (Vec<u8>, Vec<u8>) {
         let mut buf = vec![0u8; response::LEN];
         header.emit(&mut Packet::new_unchecked(&mut buf[..]));
@@ -230,6 +316,7 @@ impl ResponseMsg {
         buf[response::STATIC_KEY].copy_from_slice(static_key);
         buf[response::EPHEMERAL].copy_from_slice(ephemeral);
         buf[response::SUITE] = suite;
+        buf[response::ENDPOINT].copy_from_slice(&endpoint_bytes(endpoint));
         let signed = signed_part(&buf, response::SIGNATURE.start);
         (buf, signed)
     }
@@ -274,14 +361,19 @@ mod tests {
         assert_eq!(init::STATIC_KEY.start, init::SENDER_INDEX.end);
         assert_eq!(init::EPHEMERAL.start, init::STATIC_KEY.end);
         assert_eq!(init::SUITES.start, init::EPHEMERAL.end);
-        assert_eq!(init::COOKIE.start, init::SUITES.end);
+        assert_eq!(init::TIMESTAMP.start, init::SUITES.end);
+        assert_eq!(init::ENDPOINT.start, init::TIMESTAMP.end);
+        assert_eq!(init::ENDPOINT.len(), ENDPOINT_LEN);
+        assert_eq!(init::COOKIE.start, init::ENDPOINT.end);
         assert_eq!(init::SIGNATURE.start, init::COOKIE.end);
         assert_eq!(init::LEN, init::SIGNATURE.end);
         assert_eq!(response::SENDER_INDEX.start, HEADER_LEN);
         assert_eq!(response::STATIC_KEY.start, response::SENDER_INDEX.end);
         assert_eq!(response::EPHEMERAL.start, response::STATIC_KEY.end);
         assert_eq!(response::SUITE, response::EPHEMERAL.end);
-        assert_eq!(response::SIGNATURE.start, response::SUITE + 1);
+        assert_eq!(response::ENDPOINT.start, response::SUITE + 1);
+        assert_eq!(response::ENDPOINT.len(), ENDPOINT_LEN);
+        assert_eq!(response::SIGNATURE.start, response::ENDPOINT.end);
         assert_eq!(response::LEN, response::SIGNATURE.end);
         assert_eq!(cookie_reply::ECHO.start, HEADER_LEN);
         assert_eq!(cookie_reply::COOKIE.start, cookie_reply::ECHO.end);

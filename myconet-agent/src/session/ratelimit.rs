@@ -9,10 +9,16 @@
 //! are masked with [`source_prefix`] (default /64, because one host usually controls a
 //! whole /64; IPv4 sources are kept whole).
 //!
-//! At most `max_sources` buckets exist; a new source evicts the oldest-created one,
-//! which only ever resets that source to a full bucket (fail-open), so an attacker with
-//! many addresses cannot lock legitimate sources out, only not be slowed by this
-//! limiter, which is where the cookies take over.
+//! At most `max_sources` buckets exist. When the table is full, buckets that have
+//! refilled completely are dropped (a full bucket says nothing a missing one does not);
+//! if none has, the new source is refused (fail closed). Evicting a bucket that still
+//! holds a debt would hand its source a fresh burst: with enough addresses an attacker
+//! could then cycle through its sources and never be slowed at all. Refusing instead
+//! means a flood from more sources than the table holds locks out new sources until
+//! buckets refill, which callers must allow for (the session table answers a refused
+//! cookieless init with a cookie, and keeps a global verification budget behind all of
+//! it). The sweep is O(sources) and runs at most once per half refill period, so a full
+//! table cannot make every new source cost a sweep.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -95,6 +101,10 @@ pub struct RateLimiter<K = IpAddr> {
     capacity: Duration,
     buckets: HashMap<K, Bucket>,
     order: VecDeque<K>,
+    /// When a full table was last swept for refilled buckets.
+    last_sweep: Option<Instant>,
+    /// New sources refused because the table was full of sources still in debt.
+    refused_full: u64,
 }
 
 impl<K: Copy + Eq + Hash> RateLimiter<K> {
@@ -108,7 +118,34 @@ impl<K: Copy + Eq + Hash> RateLimiter<K> {
             capacity: interval.saturating_mul(config.burst),
             buckets: HashMap::new(),
             order: VecDeque::new(),
+            last_sweep: None,
+            refused_full: 0,
         })
+    }
+
+    /// New sources refused so far because every bucket was still in use (fail closed).
+    pub fn refused_full(&self) -> u64 {
+        self.refused_full
+    }
+
+    /// Drops the buckets that have refilled completely by `now`, if the last sweep is
+    /// at least half a refill period old; true if there is room afterwards.
+    fn make_room(&mut self, now: Instant) -> bool {
+        let due = self
+            .last_sweep
+            .is_none_or(|at| now.saturating_duration_since(at) >= self.capacity / 2);
+        if due {
+            self.last_sweep = Some(now);
+            let capacity = self.capacity;
+            self.buckets.retain(|_, b| {
+                b.credit
+                    .saturating_add(now.saturating_duration_since(b.last))
+                    < capacity
+            });
+            let buckets = &self.buckets;
+            self.order.retain(|k| buckets.contains_key(k));
+        }
+        self.buckets.len() < self.config.max_sources
     }
 
     /// The configured prefix length callers mask IPv6 sources to.
@@ -131,13 +168,9 @@ impl<K: Copy + Eq + Hash> RateLimiter<K> {
                 None => false,
             };
         }
-        while self.buckets.len() >= self.config.max_sources {
-            match self.order.pop_front() {
-                Some(old) => {
-                    self.buckets.remove(&old);
-                }
-                None => break,
-            }
+        if self.buckets.len() >= self.config.max_sources && !self.make_room(now) {
+            self.refused_full += 1;
+            return false;
         }
         self.buckets.insert(
             key,
@@ -219,17 +252,43 @@ mod tests {
         assert!(allowed >= 100, "{allowed}");
     }
 
+    /// Finding 1 (issue 12): a full table used to evict the oldest bucket, handing any
+    /// source a fresh burst once the attacker had cycled through enough others.
     #[test]
-    fn memory_is_bounded_by_eviction() {
-        let mut l = limiter(1, 1, 100);
+    fn a_full_table_fails_closed_and_frees_only_refilled_buckets() {
+        let mut l = limiter(2, 1, 100);
         let t0 = Instant::now();
-        for i in 0..10_000u32 {
-            let src = Ipv6Addr::new(0x2001, 0xdb8, (i >> 16) as u16, i as u16, 0, 0, 0, 1);
-            assert!(l.allow(IpAddr::V6(src), t0));
+        let src = |i: u32| {
+            IpAddr::V6(Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                (i >> 16) as u16,
+                i as u16,
+                0,
+                0,
+                0,
+                1,
+            ))
+        };
+        for i in 0..100 {
+            assert!(l.allow(src(i), t0));
+        }
+        // Every bucket is in debt: new sources are refused, the old ones keep theirs.
+        for i in 100..10_000 {
+            assert!(!l.allow(src(i), t0));
             assert!(l.len() <= 100);
         }
-        assert_eq!(l.len(), 100);
-        assert_eq!(l.order.len(), 100);
+        assert_eq!(l.refused_full(), 9_900);
+        assert!(
+            l.allow(src(0), t0),
+            "source 0 keeps its bucket (one token left)"
+        );
+        assert!(!l.allow(src(0), t0), "and it is not reset to a fresh burst");
+        // Once buckets have refilled they carry no information and make room.
+        let later = t0 + Duration::from_secs(5);
+        assert!(l.allow(src(20_000), later));
+        assert_eq!(l.len(), 1);
+        assert_eq!(l.order.len(), 1);
     }
 
     #[test]

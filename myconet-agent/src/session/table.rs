@@ -5,6 +5,8 @@
 //!
 //! ```text
 //! on datagram from the UDP socket:  table.handle_datagram(from, bytes, now, &rng)
+//!   (or, for HandshakeInits, screen_init under the lock, InitJob::run outside it,
+//!    finish_init under it again: the signature work never holds up the data path)
 //! on plaintext from the TUN device: table.send(dst, bytes, now, &rng)
 //! on timer:                         table.handle_timeout(now)
 //! then:  while let Some(t) = table.poll_transmit() { send t.datagram }
@@ -21,39 +23,56 @@
 //!
 //! Simultaneous initiation: when a verified init arrives from a peer we are ourselves
 //! initiating to, the handshake started by the node with the numerically smaller static
-//! public key wins. The smaller node ignores the peer's init (its own will be answered);
-//! the larger node abandons its initiation and answers. Both end with one session pair.
-//! A node also never starts an initiation while it holds an unconfirmed `next` from that
-//! peer: the peer is already handshaking and will confirm shortly.
+//! public key wins. The smaller node ignores the peer's init (its own will be answered)
+//! unless its own has gone unanswered for a retransmission timeout (then it was likely
+//! lost, and it answers instead); the larger node holds its initiation back (no
+//! retransmission for a timeout) and answers. When the peer confirms the session it
+//! was answered with, the held-back initiation is dropped; if nobody confirms (the init
+//! was a replay), it goes on. Likewise a node holding an unconfirmed `next` from a peer
+//! waits a retransmission timeout for its confirmation before initiating itself.
+//!
+//! Half-open sessions (the peer restarted or dropped its half) are found two ways: a
+//! sender that has sent data and authenticated nothing back for
+//! `rehandshake_after_silence` starts a new handshake (the peer, given data, answers
+//! within `keepalive_after`), and a node receiving `Data` for a session index it does
+//! not have starts a handshake towards the packet's source itself (rate limited; the
+//! handshake, not the packet, is what the sender trusts).
 
 use std::{
-    collections::{HashMap, VecDeque},
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    collections::{HashMap, HashSet, VecDeque},
+    net::{Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use myconet_common::{
     addr::{
-        LINK_ADDRESS, NODE_PREFIX_LEN, is_link_reserved, is_overlay, key_owns, mask, node_address,
+        LINK_ADDRESS, NODE_PREFIX_LEN, is_link_reserved, is_overlay, key_owns, key_owns_prefix,
+        mask, node_address,
     },
     wire::{self, Packet, PacketType, Repr},
 };
-use ring::rand::SecureRandom;
+use ring::{digest, rand::SecureRandom};
 
 use crate::peers::LinkEndpoint;
+use crate::pins::{self, PinCheck, SharedPins};
 
 use super::{
     Config, ConfigError, DataHeader, ExpiryReason, HandshakeError, InboundError, PUBLIC_KEY_LEN,
-    RateLimiter, Role, SendError, Session, Signer, SignerError,
-    cookie::CookieChecker,
-    handshake::{self, Initiation},
-    msg::{CookieReplyMsg, InitMsg, ResponseMsg},
-    ratelimit::source_prefix,
+    RateLimiter, Role, SendError, Session, Signer, SignerError, Suite,
+    admission::{InitGate, Limit, Verdict},
+    freshness::{InitClock, InitiatorClocks, RejectedInits},
+    handshake::{self, Initiation, VerifiedInit},
+    msg::{CookieReplyMsg, InitMsg, ResponseMsg, WireEndpoint, init},
+    timers::{TimerKey, Timers},
+    transport::TransportConfig,
 };
 
 /// Largest plaintext [`SessionTable::send`] accepts (one UDP datagram's worth).
 const MAX_PLAINTEXT: usize = u16::MAX as usize - 8 - wire::HEADER_LEN - super::TAG_LEN;
+
+/// Digests of forged inits remembered, so identical copies cost no second check.
+const REJECTED_INITS: usize = 4096;
 
 /// A datagram for the I/O shell to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,13 +152,29 @@ pub enum Event {
         /// Queued plaintext packets discarded.
         dropped: usize,
     },
-    /// A session was removed; its receiver index is free again.
+    /// A session was removed; its receiver index is free again. On its own this says
+    /// nothing about reachability: most removals are of sessions a newer handshake
+    /// already replaced ([`ExpiryReason::Replaced`]) or of unconfirmed duplicates
+    /// ([`ExpiryReason::Unconfirmed`]). [`Event::Lost`] follows when it mattered.
     Expired {
         /// The peer's overlay address.
         remote: Ipv6Addr,
         /// The removed session's receiver index.
         local_index: u32,
         /// Why.
+        reason: ExpiryReason,
+        /// The neighbour's endpoint if this was a link session.
+        link: Option<LinkEndpoint>,
+    },
+    /// The remote has no session left that can send: the one in use was removed (idle,
+    /// lifetime, closed) and no newer one had taken over. Follows the session's
+    /// [`Event::Expired`]. The neighbour layer takes a link down on this event only, so
+    /// a double handshake (a restarted neighbour, a simultaneous open, a rekey) never
+    /// looks like a lost link.
+    Lost {
+        /// The peer's overlay address.
+        remote: Ipv6Addr,
+        /// Why the session in use was removed.
         reason: ExpiryReason,
         /// The neighbour's endpoint if this was a link session.
         link: Option<LinkEndpoint>,
@@ -220,8 +255,20 @@ pub struct Stats {
     pub responses_sent: u64,
     /// Cookie replies sent.
     pub cookies_sent: u64,
-    /// Inits refused by the rate limiter.
+    /// Inits refused by a rate limit or the verification budget.
     pub rate_limited: u64,
+    /// Of those, refused by the node's verification budget.
+    pub budget_exhausted: u64,
+    /// Of those, dropped unanswered because their last hop had its share of cookie
+    /// replies.
+    pub cookie_replies_withheld: u64,
+    /// Inits whose signature this node checked (the expensive step a flood aims at).
+    pub inits_verified: u64,
+    /// Inits refused because they were not newer than one already accepted from that
+    /// initiator (replays), without a signature check.
+    pub inits_replayed: u64,
+    /// Copies of inits already found forged, refused without a second check.
+    pub inits_known_bad: u64,
     /// Inits ignored by the simultaneous-open tie-break.
     pub simultaneous_ignored: u64,
     /// Queued plaintext dropped (queue full, or the handshake failed).
@@ -230,6 +277,13 @@ pub struct Stats {
     pub keepalives_sent: u64,
     /// Sessions removed.
     pub sessions_expired: u64,
+    /// Handshakes started because data went out and nothing came back for
+    /// `rehandshake_after_silence`.
+    pub silence_rehandshakes: u64,
+    /// Handshakes started towards the source of a `Data` packet for an unknown session.
+    pub unknown_session_prompts: u64,
+    /// Initiations refused: too many under way, or new ones over their rate.
+    pub initiations_throttled: u64,
 }
 
 struct Slot {
@@ -240,13 +294,21 @@ struct Slot {
     init_ephemeral: Option<[u8; 32]>,
     /// Unconfirmed responder sessions: the response, resent for duplicate inits.
     response: Option<Vec<u8>>,
+    /// How many more times the response may be resent: as often as an initiator
+    /// retransmits, so copies of one init cannot make this node a reflector.
+    resends_left: u32,
+    /// The deadline this session is armed with in the timer heap.
+    timer: Option<Instant>,
 }
 
 struct Pending {
     initiation: Initiation,
-    /// Transmissions so far, the first included.
+    /// Transmissions so far, the first included; 0 while held back (see `held`).
     attempts: u32,
+    /// When the init is next (re)sent.
     retransmit_at: Instant,
+    /// When the init first went out; `None` while it never has.
+    first_sent: Option<Instant>,
     cookie_expires: Option<Instant>,
 }
 
@@ -261,6 +323,10 @@ struct Peer {
     pinned: Option<[u8; PUBLIC_KEY_LEN]>,
     queue: VecDeque<(Ipv6Addr, Vec<u8>)>,
     keepalive_due: Option<Instant>,
+    /// Since when data has been sent to this peer with nothing authenticated back.
+    unanswered_since: Option<Instant>,
+    /// The deadline this peer is armed with in the timer heap.
+    timer: Option<Instant>,
 }
 
 impl Peer {
@@ -271,12 +337,127 @@ impl Peer {
             && self.pending.is_none()
             && self.queue.is_empty()
     }
+
+    /// The earliest instant something is due for this peer.
+    fn deadline(&self) -> Option<Instant> {
+        [
+            self.pending.as_ref().map(|x| x.retransmit_at),
+            self.pending.as_ref().and_then(|x| x.cookie_expires),
+            self.previous.map(|(_, at)| at),
+            self.next.map(|(_, at)| at),
+            self.keepalive_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
 }
 
-/// Counts inits per second, the built-in load signal.
-struct LoadMeter {
-    window_start: Instant,
-    count: u32,
+/// An init that passed every cheap check and now needs the expensive ones: its
+/// signature verified and, if that holds, the response and session built. That work
+/// needs none of the table's state, so [`InitJob::run`] does it wherever the caller
+/// likes (the agent: outside the lock its data path takes); [`SessionTable::finish_init`]
+/// then applies the outcome, re-checking whatever may have changed meanwhile.
+pub struct InitJob {
+    msg: InitMsg,
+    id: RemoteId,
+    from: SocketAddr,
+    digest: [u8; 32],
+    suite: Suite,
+    signer: Arc<dyn Signer>,
+    local_key: [u8; PUBLIC_KEY_LEN],
+    transport: TransportConfig,
+    now: Instant,
+}
+
+impl std::fmt::Debug for InitJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitJob")
+            .field("id", &self.id)
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`InitJob::run`] produced, for [`SessionTable::finish_init`].
+pub struct InitOutcome {
+    id: RemoteId,
+    from: SocketAddr,
+    digest: [u8; 32],
+    result: Result<Answer, HandshakeError>,
+}
+
+impl std::fmt::Debug for InitOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitOutcome")
+            .field("id", &self.id)
+            .field("from", &self.from)
+            .field("ok", &self.result.is_ok())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A verified init and the response built for it.
+struct Answer {
+    init: VerifiedInit,
+    index: u32,
+    response: Vec<u8>,
+    session: Session,
+}
+
+impl InitJob {
+    /// Verifies the init's identity and signature and, if they hold, builds the signed
+    /// response and the unconfirmed session under a random receiver index (checked for
+    /// uniqueness when applied). Pure computation: about 130 µs of it.
+    pub fn run(self, rng: &dyn SecureRandom) -> InitOutcome {
+        let result = (|| {
+            let init = handshake::verify_init(self.msg)?;
+            let mut index = [0u8; 4];
+            rng.fill(&mut index).map_err(|_| HandshakeError::Random)?;
+            let index = u32::from_be_bytes(index).max(1);
+            let observed = match self.id {
+                RemoteId::Link(_) => WireEndpoint::of(self.from),
+                RemoteId::Node(_) => None,
+            };
+            let (response, session) = handshake::respond(
+                &*self.signer,
+                &self.local_key,
+                &init,
+                index,
+                self.suite,
+                observed,
+                self.transport,
+                self.now,
+                rng,
+            )?;
+            let session = match self.id {
+                RemoteId::Link(_) => session.into_link(),
+                RemoteId::Node(_) => session,
+            };
+            Ok(Answer {
+                init,
+                index,
+                response,
+                session,
+            })
+        })();
+        InitOutcome {
+            id: self.id,
+            from: self.from,
+            digest: self.digest,
+            result,
+        }
+    }
+}
+
+/// What [`SessionTable::screen_init`] decided.
+#[derive(Debug)]
+pub enum Screened {
+    /// Handled without signature work (a cookie reply, a duplicate, an ignored init).
+    Done(Inbound),
+    /// Worth verifying: run the job, then hand its outcome to
+    /// [`SessionTable::finish_init`]. Boxed: the job carries the whole init.
+    Verify(Box<InitJob>),
 }
 
 /// All sessions and handshakes of one node. Pure state: feed it datagrams, plaintext and
@@ -289,16 +470,41 @@ pub struct SessionTable {
     peers: HashMap<RemoteId, Peer>,
     sessions: HashMap<u32, Slot>,
     pending_index: HashMap<u32, RemoteId>,
-    cookies: CookieChecker,
-    /// Per (last hop, overlay /64) initiator; see [`Config::rate_limit`].
-    limiter: RateLimiter<(IpAddr, Ipv6Addr)>,
-    /// Per last hop; see [`Config::source_rate_limit`].
-    source_limiter: RateLimiter,
-    load: LoadMeter,
-    under_load: bool,
+    timers: Timers,
+    /// What decides which inits are verified (cookies, buckets, budget, load).
+    gate: InitGate,
+    /// This node's init timestamps.
+    clock: InitClock,
+    /// The newest timestamp accepted per initiator.
+    initiators: InitiatorClocks,
+    /// Inits already found forged.
+    rejected: RejectedInits,
+    /// This node's underlay port and addresses, which link handshakes are bound to;
+    /// `None` until the I/O shell says, and then link handshakes are refused.
+    local_underlay: Option<(u16, HashSet<Ipv6Addr>)>,
+    /// New end-to-end initiations; see [`Config::initiation_rate`].
+    initiation_rate: RateLimiter<()>,
+    /// Prompts by unknown session indexes, per remote /64 and overall.
+    prompts: RateLimiter<Ipv6Addr>,
+    prompt_budget: RateLimiter<()>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: Stats,
+    /// Keys pinned per /64 (`crate::pins`), shared with routing; see [`pin_allows`].
+    pins: Option<SharedPins>,
+}
+
+/// Whether `key`, which proved it owns the address `remote` in full, may also have the
+/// /64 of `remote`: no other key is pinned for it (the key is then pinned). Sessions are
+/// keyed by /64, so without this a second key owning the same /64 (the identity proof of
+/// work makes that 2^64 trials) could take over the session of a node already known.
+/// Link dials (`LINK_ADDRESS`) name no overlay address and are not pinned here.
+fn pin_allows(pins: &Option<SharedPins>, remote: Ipv6Addr, key: &[u8; PUBLIC_KEY_LEN]) -> bool {
+    let Some(pins) = pins else {
+        return true;
+    };
+    remote == LINK_ADDRESS
+        || pins::lock(pins).check((u128::from(remote) >> 64) as u64, key) != PinCheck::Conflict
 }
 
 impl std::fmt::Debug for SessionTable {
@@ -313,8 +519,23 @@ impl std::fmt::Debug for SessionTable {
 }
 
 impl SessionTable {
-    /// A table for the node whose identity `signer` holds; `now` starts the cookie clock.
+    /// A table for the node whose identity `signer` holds; `now` starts the cookie clock
+    /// and anchors the system clock, which the timestamps of this node's inits follow.
     pub fn new(signer: Arc<dyn Signer>, config: Config, now: Instant) -> Result<Self, ConfigError> {
+        let unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Self::with_unix_time(signer, config, now, unix)
+    }
+
+    /// [`SessionTable::new`] with the wall clock given: `unix` is the time since the Unix
+    /// epoch at `now` (tests simulate clocks with it).
+    pub fn with_unix_time(
+        signer: Arc<dyn Signer>,
+        config: Config,
+        now: Instant,
+        unix: Duration,
+    ) -> Result<Self, ConfigError> {
         config.validate()?;
         let key = signer.public_key();
         let local_key = <[u8; PUBLIC_KEY_LEN]>::try_from(key)
@@ -323,22 +544,47 @@ impl SessionTable {
             signer,
             local_key,
             local_addr: node_address(&local_key),
-            cookies: CookieChecker::new(config.cookie_rotation, now),
-            limiter: RateLimiter::new(config.rate_limit)?,
-            source_limiter: RateLimiter::new(config.source_rate_limit)?,
+            gate: InitGate::new(&config, now)?,
+            clock: InitClock::new(now, unix),
+            initiators: InitiatorClocks::new(config.max_initiator_clocks),
+            rejected: RejectedInits::new(REJECTED_INITS),
+            local_underlay: None,
+            initiation_rate: RateLimiter::new(config.initiation_rate)?,
+            prompts: RateLimiter::new(config.prompt_rate_limit)?,
+            prompt_budget: RateLimiter::new(config.prompt_budget)?,
             config,
             peers: HashMap::new(),
             sessions: HashMap::new(),
             pending_index: HashMap::new(),
-            load: LoadMeter {
-                window_start: now,
-                count: 0,
-            },
-            under_load: false,
+            timers: Timers::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            pins: None,
         })
+    }
+
+    /// This node's underlay port and addresses (from the I/O shell's view of its
+    /// interfaces). A link handshake is only answered when the endpoint it was sent to
+    /// is one of these, and only completed when the responder heard it from one of
+    /// these: see [`HandshakeError::EndpointMismatch`].
+    pub fn set_local_underlay(&mut self, port: u16, addrs: impl IntoIterator<Item = Ipv6Addr>) {
+        self.local_underlay = Some((port, addrs.into_iter().collect()));
+    }
+
+    fn owns_endpoint(&self, endpoint: Option<WireEndpoint>) -> Result<(), HandshakeError> {
+        let owned = match (&self.local_underlay, endpoint) {
+            (Some((port, addrs)), Some(ep)) => ep.port == *port && addrs.contains(&ep.addr),
+            _ => false,
+        };
+        if owned {
+            Ok(())
+        } else {
+            Err(HandshakeError::EndpointMismatch(endpoint.map_or_else(
+                || "no endpoint".to_string(),
+                |e| e.to_string(),
+            )))
+        }
     }
 
     /// This node's overlay address (source of its initiations).
@@ -354,7 +600,13 @@ impl SessionTable {
     /// The caller's load signal (e.g. a busy receive queue): while set, every init must
     /// carry a valid cookie before it costs a signature check.
     pub fn set_under_load(&mut self, under_load: bool) {
-        self.under_load = under_load;
+        self.gate.set_under_load(under_load);
+    }
+
+    /// Re-anchors the wall clock the timestamps of this node's inits follow: `unix` is
+    /// the time since the Unix epoch at `now`. Timestamps never go back because of it.
+    pub fn set_unix_time(&mut self, now: Instant, unix: Duration) {
+        self.clock.set(now, unix);
     }
 
     /// Counters.
@@ -395,6 +647,18 @@ impl SessionTable {
         self.sessions.get(&index).map(|s| &s.session)
     }
 
+    /// Pins remote keys per /64 through `pins` from now on (see [`pin_allows`]).
+    pub fn set_pins(&mut self, pins: SharedPins) {
+        self.pins = Some(pins);
+    }
+
+    /// Whether anything waits in [`SessionTable::poll_transmit`] or
+    /// [`SessionTable::poll_event`]: a caller that finds nothing need not drain (an init
+    /// refused or answered silently from the cache produced nothing).
+    pub fn has_output(&self) -> bool {
+        !self.transmits.is_empty() || !self.events.is_empty()
+    }
+
     /// Next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
@@ -409,7 +673,7 @@ impl SessionTable {
         if !is_overlay(&remote) || is_link_reserved(&remote) {
             return Err(SendError::NotOverlay(remote));
         }
-        if key_owns(&self.local_key, &remote) {
+        if key_owns_prefix(&self.local_key, &remote) {
             return Err(SendError::SelfAddress(remote));
         }
         Ok(RemoteId::Node(mask(remote, NODE_PREFIX_LEN)))
@@ -449,10 +713,16 @@ impl SessionTable {
         Ok(())
     }
 
-    /// Starts a link handshake with the neighbour at `endpoint` (if no link session is
-    /// up or under way). `expected_key` pins the key it must prove (a beacon announced
-    /// it); `None` accepts whichever key answers there, which the
-    /// [`Event::Established`] reports.
+    /// Starts a link handshake with the neighbour at `endpoint` unless one is under way
+    /// (ours, or the neighbour's awaiting its confirmation). `expected_key` pins the key
+    /// it must prove (a beacon announced it); `None` accepts whichever key answers there,
+    /// which the [`Event::Established`] reports.
+    ///
+    /// Unlike [`SessionTable::connect`], a link session already up does not stop it: the
+    /// neighbour layer asks only when it does not hold the link working (new, found
+    /// dead, or retrying), and a session the neighbour may long have forgotten (it
+    /// restarted) proves nothing. The old session keeps carrying packets
+    /// until the new one replaces it.
     pub fn connect_link(
         &mut self,
         endpoint: LinkEndpoint,
@@ -462,7 +732,8 @@ impl SessionTable {
     ) -> Result<(), SendError> {
         let id = RemoteId::Link(endpoint);
         self.peers.entry(id).or_default().pinned = expected_key;
-        self.connect_id(id, LINK_ADDRESS, now, rng)
+        self.ensure_handshake(id, LINK_ADDRESS, now, rng)?;
+        Ok(())
     }
 
     /// Seals a control message for the neighbour at `endpoint` on its link session, or
@@ -499,7 +770,8 @@ impl SessionTable {
 
     /// Seals `plaintext` for `remote` if a session is up, else queues it (bounded, oldest
     /// dropped) and starts a handshake. Also starts a fresh handshake when the session in
-    /// use nears its hard lifetime, so traffic moves over before it dies.
+    /// use nears its hard lifetime, or when it seems half-open (data sent, nothing heard
+    /// back for `rehandshake_after_silence`), so traffic moves over before it is lost.
     pub fn send(
         &mut self,
         remote: Ipv6Addr,
@@ -528,13 +800,14 @@ impl SessionTable {
             self.maybe_rehandshake(id, index, now, rng);
             return Ok(SendStatus::Sent);
         }
+        // Start (or join) the handshake before queuing, so a throttled one queues nothing.
+        let handshake_started = self.ensure_handshake(id, remote, now, rng)?;
         let peer = self.peers.entry(id).or_default();
         if peer.queue.len() >= self.config.max_queued {
             peer.queue.pop_front();
             self.stats.queue_dropped += 1;
         }
         peer.queue.push_back((remote, plaintext));
-        let handshake_started = self.ensure_handshake(id, remote, now, rng)?;
         Ok(SendStatus::Queued { handshake_started })
     }
 
@@ -574,15 +847,27 @@ impl SessionTable {
                     underlay: id.underlay(),
                     datagram,
                 });
-                if let Some(peer) = self.peers.get_mut(&id) {
-                    peer.keepalive_due = None;
-                }
+                self.note_sent(id, !plaintext.is_empty(), now);
                 true
             }
             Err(_) => false,
         }
     }
 
+    /// Bookkeeping after sealing onto a session of `id`: whatever was sent replaces a
+    /// keepalive, and traffic starts the silence clock unless it is already running.
+    fn note_sent(&mut self, id: RemoteId, traffic: bool, now: Instant) {
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.keepalive_due = None;
+            if traffic && matches!(id, RemoteId::Node(_)) && peer.unanswered_since.is_none() {
+                peer.unanswered_since = Some(now);
+            }
+        }
+    }
+
+    /// After a send on session `index`: starts a fresh handshake when the session nears
+    /// its hard lifetime, or when data has gone out for `rehandshake_after_silence` with
+    /// nothing authenticated back (the peer has most likely lost its half).
     fn maybe_rehandshake(
         &mut self,
         id: RemoteId,
@@ -593,39 +878,71 @@ impl SessionTable {
         let Some(slot) = self.sessions.get(&index) else {
             return;
         };
+        let remote = slot.session.remote_addr();
         let age = now.saturating_duration_since(slot.session.created());
         let due = self
             .config
             .transport
             .max_lifetime
             .saturating_sub(self.config.rehandshake_before);
-        if age >= due {
-            let remote = slot.session.remote_addr();
-            // A failure (no randomness) is retried on the next send; the packet went out.
+        let silent = self
+            .peers
+            .get(&id)
+            .and_then(|p| p.unanswered_since)
+            .is_some_and(|since| {
+                now.saturating_duration_since(since) >= self.config.rehandshake_after_silence
+            });
+        if silent {
+            // Once per silence period: the handshake runs its own retransmissions.
+            if let Some(peer) = self.peers.get_mut(&id) {
+                peer.unanswered_since = Some(now);
+            }
+            if matches!(self.ensure_handshake(id, remote, now, rng), Ok(true)) {
+                self.stats.silence_rehandshakes += 1;
+            }
+        } else if age >= due {
+            // A failure (throttled, no randomness) is retried on the next send; the
+            // packet went out.
             let _ = self.ensure_handshake(id, remote, now, rng);
         }
     }
 
-    /// Starts an initiation unless one is under way or the peer is mid-handshake with us.
+    /// Starts an initiation unless one is under way; true if it started one. While the
+    /// peer is mid-handshake with us (an unconfirmed `next` younger than a retransmission
+    /// timeout) the new init is held back until that timeout: if the peer confirms
+    /// first, it is dropped unsent. End-to-end initiations are capped and rate limited
+    /// ([`Config::max_pending_initiations`], [`Config::initiation_rate`]).
     fn ensure_handshake(
         &mut self,
         id: RemoteId,
         dialled: Ipv6Addr,
         now: Instant,
         rng: &dyn SecureRandom,
-    ) -> Result<bool, HandshakeError> {
+    ) -> Result<bool, SendError> {
         // Link sessions always dial the endpoint, never an address the session had.
-        let dialled = match id {
-            RemoteId::Link(_) => LINK_ADDRESS,
-            RemoteId::Node(_) => dialled,
+        let (dialled, endpoint) = match id {
+            RemoteId::Link(e) => (LINK_ADDRESS, Some(WireEndpoint::from(e.socket_addr()))),
+            RemoteId::Node(_) => (dialled, None),
         };
-        if let Some(peer) = self.peers.get(&id)
-            && (peer.pending.is_some() || peer.next.is_some())
-        {
+        let peer = self.peers.get(&id);
+        if peer.is_some_and(|p| p.pending.is_some()) {
             return Ok(false);
         }
+        if matches!(id, RemoteId::Node(_))
+            && (self.pending_index.len() >= self.config.max_pending_initiations
+                || !self.initiation_rate.allow_key((), now))
+        {
+            self.stats.initiations_throttled += 1;
+            return Err(SendError::Throttled);
+        }
+        let held_until = peer
+            .and_then(|p| p.next)
+            .and_then(|(_, drop_at)| drop_at.checked_sub(self.config.unconfirmed_timeout))
+            .and_then(|since| since.checked_add(self.config.handshake_timeout))
+            .filter(|until| now < *until);
         let index = self.fresh_index(rng)?;
         let pinned = self.peers.get(&id).and_then(|p| p.pinned);
+        let timestamp = self.clock.next(now);
         let initiation = Initiation::new(
             &*self.signer,
             self.local_key,
@@ -634,22 +951,37 @@ impl SessionTable {
             index,
             pinned,
             &self.config.suites,
+            timestamp,
+            endpoint,
             rng,
         )?;
-        self.transmits.push_back(Transmit {
-            destination: dialled,
-            underlay: id.underlay(),
-            datagram: initiation.message().to_vec(),
-        });
-        let retransmit_at = self.deadline(now, self.config.handshake_timeout);
-        self.peers.entry(id).or_default().pending = Some(Pending {
-            initiation,
-            attempts: 1,
-            retransmit_at,
-            cookie_expires: None,
-        });
+        let pending = match held_until {
+            Some(until) => Pending {
+                initiation,
+                attempts: 0,
+                retransmit_at: until,
+                first_sent: None,
+                cookie_expires: None,
+            },
+            None => {
+                self.transmits.push_back(Transmit {
+                    destination: dialled,
+                    underlay: id.underlay(),
+                    datagram: initiation.message().to_vec(),
+                });
+                Pending {
+                    initiation,
+                    attempts: 1,
+                    retransmit_at: self.deadline(now, self.config.handshake_timeout),
+                    first_sent: Some(now),
+                    cookie_expires: None,
+                }
+            }
+        };
+        self.peers.entry(id).or_default().pending = Some(pending);
         self.pending_index.insert(index, id);
         self.stats.handshakes_initiated += 1;
+        self.reschedule_peer(id);
         Ok(true)
     }
 
@@ -675,7 +1007,9 @@ impl SessionTable {
 
     /// Processes one datagram that arrived on the Myconet port from underlay endpoint
     /// `from`. Errors are typed so the caller can count each cause; none of them changes
-    /// any session.
+    /// any session. An init is screened, verified and applied in one go here; the I/O
+    /// shell can split that to keep the signature work outside its lock
+    /// ([`SessionTable::screen_init`]).
     pub fn handle_datagram(
         &mut self,
         from: SocketAddr,
@@ -689,9 +1023,15 @@ impl SessionTable {
             // The session's own packet type is checked when it opens: a Data packet
             // never opens on a link session, nor Control on an end-to-end one.
             PacketType::Data | PacketType::Control => {
-                self.handle_sealed(from, &repr, datagram, now)
+                self.handle_sealed(from, &repr, datagram, now, rng)
             }
-            PacketType::HandshakeInit => self.handle_init(from, datagram, now, rng),
+            PacketType::HandshakeInit => match self.screen_init(from, datagram, now, rng)? {
+                Screened::Done(inbound) => Ok(inbound),
+                Screened::Verify(job) => {
+                    let outcome = job.run(rng);
+                    self.finish_init(outcome, now)
+                }
+            },
             PacketType::HandshakeResponse => self.handle_response(datagram, now),
             PacketType::CookieReply => self.handle_cookie_reply(datagram, now),
             // Too-big reports are the path MTU layer's (`pmtu`), never a session's.
@@ -705,12 +1045,15 @@ impl SessionTable {
         repr: &Repr,
         datagram: &[u8],
         now: Instant,
+        rng: &dyn SecureRandom,
     ) -> Result<Inbound, InboundError> {
         let index = repr.session_id;
-        let slot = self
-            .sessions
-            .get_mut(&index)
-            .ok_or(InboundError::UnknownIndex(index))?;
+        let Some(slot) = self.sessions.get_mut(&index) else {
+            if repr.packet_type == PacketType::Data {
+                self.prompt_unknown_session(repr.src_addr, datagram.len(), now, rng);
+            }
+            return Err(InboundError::UnknownIndex(index));
+        };
         // A link session is bound to the neighbour's endpoint: what the peer layer
         // learns (liveness, RTT) must be about that endpoint, not wherever a copy came from.
         if let RemoteId::Link(endpoint) = slot.peer {
@@ -722,11 +1065,13 @@ impl SessionTable {
                 return Err(InboundError::WrongEndpoint(from));
             }
         }
+        let phase = slot.session.recv_phase();
         let payload = slot.session.open(datagram, now)?;
+        let rekeyed = slot.session.recv_phase() != phase;
         let remote_key = *slot.session.remote_key();
         let id = slot.peer;
         let remote = repr.src_addr;
-        self.after_open(id, index, !payload.is_empty(), now);
+        self.after_open(id, index, !payload.is_empty(), rekeyed, now);
         Ok(match id {
             RemoteId::Link(endpoint) => Inbound::Control {
                 endpoint,
@@ -738,20 +1083,68 @@ impl SessionTable {
         })
     }
 
-    /// Bookkeeping after a packet authenticated on session `index` of `id`: traffic
-    /// (non-empty) arms a keepalive so the sender learns we are alive, and the first
-    /// packet on an unconfirmed responder session makes it current.
-    fn after_open(&mut self, id: RemoteId, index: u32, traffic: bool, now: Instant) {
-        let keepalive_due = self.deadline(now, self.config.keepalive_after);
-        let confirms = self
-            .peers
-            .get(&id)
-            .is_some_and(|p| p.next.is_some_and(|(n, _)| n == index));
-        if let Some(peer) = self.peers.get_mut(&id)
-            && traffic
-            && peer.keepalive_due.is_none()
+    /// A `Data` packet of `len` bytes claiming to come from `src` named a session index
+    /// this node does not have: most likely the sender holds a session this node lost
+    /// (it restarted, or dropped an idle one) and is sealing into the void. Start a
+    /// handshake towards `src`, so the sender gets a new session within a round trip
+    /// instead of after its silence timeout.
+    ///
+    /// The packet proves nothing (anyone can send one with any source), so what it can
+    /// make this node do is bounded: only when nothing is up or under way with that /64,
+    /// once a second per /64 and `prompt_budget` overall, and only for packets at least
+    /// as large as the init that answers them, so spoofed packets cannot turn this node
+    /// into an amplifier. The sender trusts the handshake, never this packet.
+    fn prompt_unknown_session(
+        &mut self,
+        src: Ipv6Addr,
+        len: usize,
+        now: Instant,
+        rng: &dyn SecureRandom,
+    ) {
+        if len < init::LEN {
+            return;
+        }
+        let Ok(id) = self.node_id(src) else {
+            return;
+        };
+        if let Some(peer) = self.peers.get(&id)
+            && (peer.current.is_some() || peer.pending.is_some() || peer.next.is_some())
         {
-            peer.keepalive_due = Some(keepalive_due);
+            return;
+        }
+        let RemoteId::Node(prefix) = id else {
+            return;
+        };
+        if !self.prompts.allow_key(prefix, now) || !self.prompt_budget.allow_key((), now) {
+            return;
+        }
+        if matches!(self.ensure_handshake(id, src, now, rng), Ok(true)) {
+            self.stats.unknown_session_prompts += 1;
+        }
+    }
+
+    /// Bookkeeping after a packet authenticated on session `index` of `id`: the peer is
+    /// alive (the silence clock stops), traffic (non-empty) arms a keepalive so the
+    /// sender learns we are alive, a packet in a new key phase (`rekeyed`) starts the
+    /// old key's grace period, and the first packet on an unconfirmed responder session
+    /// makes it current.
+    fn after_open(&mut self, id: RemoteId, index: u32, traffic: bool, rekeyed: bool, now: Instant) {
+        let keepalive_due = self.deadline(now, self.config.keepalive_after);
+        let mut armed = false;
+        let mut confirms = false;
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.unanswered_since = None;
+            confirms = peer.next.is_some_and(|(n, _)| n == index);
+            if traffic && peer.keepalive_due.is_none() {
+                peer.keepalive_due = Some(keepalive_due);
+                armed = peer.timer.is_none_or(|t| keepalive_due < t);
+            }
+        }
+        if armed {
+            self.schedule(TimerKey::Peer(id), keepalive_due);
+        }
+        if rekeyed {
+            self.reschedule_session(index);
         }
         if confirms {
             self.install_current(id, index, now);
@@ -759,10 +1152,15 @@ impl SessionTable {
     }
 
     /// Makes session `index` the one that sends to `id`: the old current becomes
-    /// previous (receive-only for `rekey_grace`), the old previous goes. Then seals
-    /// whatever was queued.
+    /// previous (receive-only for `rekey_grace`), the old previous goes. A responder
+    /// session confirmed by the peer also ends any initiation of ours to it (held back
+    /// while the peer's handshake ran). Then seals whatever was queued.
     fn install_current(&mut self, id: RemoteId, index: u32, now: Instant) -> usize {
         let retire = self.deadline(now, self.config.transport.rekey_grace);
+        let responder = self
+            .sessions
+            .get(&index)
+            .is_some_and(|s| s.session.role() == Role::Responder);
         let Some(peer) = self.peers.get_mut(&id) else {
             return 0;
         };
@@ -773,9 +1171,13 @@ impl SessionTable {
         if let Some(old) = peer.current.replace(index) {
             peer.previous = Some((old, retire));
         }
+        if responder && let Some(pending) = peer.pending.take() {
+            self.pending_index.remove(&pending.initiation.local_index);
+        }
         if let Some(old) = old_previous {
             self.remove_session(old, ExpiryReason::Replaced);
         }
+        self.reschedule_peer(id);
         let Some(slot) = self.sessions.get_mut(&index) else {
             return 0;
         };
@@ -812,9 +1214,11 @@ impl SessionTable {
         let Some(slot) = self.sessions.remove(&index) else {
             return;
         };
+        let mut lost = false;
         if let Some(peer) = self.peers.get_mut(&slot.peer) {
             if peer.current == Some(index) {
                 peer.current = None;
+                lost = true;
             }
             if peer.previous.is_some_and(|(i, _)| i == index) {
                 peer.previous = None;
@@ -824,33 +1228,37 @@ impl SessionTable {
             }
         }
         self.stats.sessions_expired += 1;
+        let remote = slot.session.remote_addr();
+        let link = slot.peer.link();
         self.events.push_back(Event::Expired {
-            remote: slot.session.remote_addr(),
+            remote,
             local_index: index,
             reason,
-            link: slot.peer.link(),
+            link,
         });
-    }
-
-    /// Counts an init against the built-in load meter; true if cookies are required.
-    fn loaded(&mut self, now: Instant) -> bool {
-        if now.saturating_duration_since(self.load.window_start) >= Duration::from_secs(1) {
-            self.load.window_start = now;
-            self.load.count = 0;
+        if lost {
+            self.events.push_back(Event::Lost {
+                remote,
+                reason,
+                link,
+            });
         }
-        self.load.count = self.load.count.saturating_add(1);
-        self.under_load || self.load.count > self.config.load_threshold
     }
 
-    fn handle_init(
+    /// The cheap part of handling a HandshakeInit, everything before the signature:
+    /// structure and addressing, the endpoint a link init was sent to, duplicates (a
+    /// re-sent init is answered from the cache), freshness (an init not newer than one
+    /// already accepted from its initiator is a replay), inits already found forged, the
+    /// pinned key, the suite offer, the simultaneous-open tie-break, and the admission
+    /// gate (cookies, per-sender and per-initiator buckets, the verification budget).
+    /// Nothing here verifies a signature or stores anything about the initiator.
+    pub fn screen_init(
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
         now: Instant,
         rng: &dyn SecureRandom,
-    ) -> Result<Inbound, InboundError> {
-        // Cheap checks first: structure, addressing, cookie, rate. No state before the
-        // signature verifies.
+    ) -> Result<Screened, InboundError> {
         let msg = InitMsg::parse(datagram)?;
         let src = msg.header.src_addr;
         let dst = msg.header.dst_addr;
@@ -867,80 +1275,174 @@ impl SessionTable {
         } else {
             return Err(HandshakeError::NotForUs(dst).into());
         };
-        if msg.static_key == self.local_key || key_owns(&self.local_key, &src) {
+        if msg.static_key == self.local_key || key_owns_prefix(&self.local_key, &src) {
             return Err(HandshakeError::SelfHandshake.into());
         }
-        let loaded = self.loaded(now);
-        let cookie_valid = msg
-            .cookie
-            .is_some_and(|c| self.cookies.verify(&c, from, src, now));
-        // A valid cookie proves the sender receives at `src`, so it is not charged to
-        // the last hop's shared bucket; without one, a last hop over its share must
-        // have its initiators prove that first.
-        if !cookie_valid && (loaded || !self.source_limiter.allow(from.ip(), now)) {
-            let cookie = self
-                .cookies
-                .make(from, src, now, rng)
-                .map_err(|_| HandshakeError::Random)?;
-            self.transmits.push_back(Transmit {
-                destination: src,
-                underlay: Some(from),
-                datagram: handshake::cookie_reply(&msg, &cookie),
-            });
-            self.stats.cookies_sent += 1;
-            return Ok(Inbound::Handshake(HandshakeProgress::CookieSent));
+        match id {
+            RemoteId::Link(_) => self.owns_endpoint(msg.endpoint)?,
+            RemoteId::Node(_) if msg.endpoint.is_some() => {
+                return Err(HandshakeError::Malformed("endpoint in an end-to-end init").into());
+            }
+            RemoteId::Node(_) => {}
         }
-        let initiator = (
-            source_prefix(from.ip(), self.limiter.prefix_len()),
-            mask(src, NODE_PREFIX_LEN),
-        );
-        if !self.limiter.allow_key(initiator, now) {
-            self.stats.rate_limited += 1;
-            return Err(InboundError::RateLimited(from.ip()));
+        if let Some(progress) = self.duplicate_init(id, &msg.ephemeral, from) {
+            return Ok(Screened::Done(Inbound::Handshake(progress)));
         }
-        let verified = handshake::verify_init(msg)?;
-
-        // Verified: the initiator holds the key that owns `src`.
-        let m = &verified.msg;
+        if !self
+            .initiators
+            .is_fresh(&(msg.static_key, msg.endpoint), msg.timestamp)
+        {
+            self.stats.inits_replayed += 1;
+            return Err(HandshakeError::Replayed.into());
+        }
+        if !self.rejected.is_empty() && self.rejected.contains(&init_digest(datagram)) {
+            self.stats.inits_known_bad += 1;
+            return Err(HandshakeError::BadSignature.into());
+        }
         if let Some(peer) = self.peers.get(&id)
-            && peer.pinned.is_some_and(|k| k != m.static_key)
+            && peer.pinned.is_some_and(|k| k != msg.static_key)
         {
             return Err(HandshakeError::UnexpectedKey(src).into());
         }
-        let suite = handshake::choose_suite(m.suites, &self.config.suites)
+        let suite = handshake::choose_suite(msg.suites, &self.config.suites)
             .ok_or(HandshakeError::NoCommonSuite)?;
+        if self.ignores_for_own_initiation(id, &msg.static_key, now) {
+            self.stats.simultaneous_ignored += 1;
+            return Ok(Screened::Done(Inbound::Handshake(
+                HandshakeProgress::SimultaneousIgnored,
+            )));
+        }
+        if self.sessions.len() >= self.config.max_sessions && !self.has_unconfirmed() {
+            return Err(HandshakeError::TableFull.into());
+        }
+        match self.gate.admit(from, src, msg.cookie.as_ref(), now, rng)? {
+            Verdict::Verify => {}
+            Verdict::Cookie(cookie) => {
+                self.transmits.push_back(Transmit {
+                    destination: src,
+                    underlay: Some(from),
+                    datagram: handshake::cookie_reply(&msg, &cookie),
+                });
+                self.stats.cookies_sent += 1;
+                return Ok(Screened::Done(Inbound::Handshake(
+                    HandshakeProgress::CookieSent,
+                )));
+            }
+            Verdict::Limited(limit) => {
+                self.stats.rate_limited += 1;
+                match limit {
+                    Limit::Budget => self.stats.budget_exhausted += 1,
+                    Limit::CookieReplies => self.stats.cookie_replies_withheld += 1,
+                    Limit::Initiator | Limit::CookieSender => {}
+                }
+                return Err(InboundError::RateLimited(from.ip()));
+            }
+        }
+        self.stats.inits_verified += 1;
+        Ok(Screened::Verify(Box::new(InitJob {
+            msg,
+            id,
+            from,
+            digest: init_digest(datagram),
+            suite,
+            signer: self.signer.clone(),
+            local_key: self.local_key,
+            transport: self.config.transport,
+            now,
+        })))
+    }
+
+    /// Whether an init from `static_key` to `id` loses the simultaneous-open tie-break
+    /// against our own initiation: ours is under way, went out less than a
+    /// retransmission timeout ago (an older one was probably lost, and then waiting for
+    /// it would stall both sides) and our key is the smaller.
+    fn ignores_for_own_initiation(
+        &self,
+        id: RemoteId,
+        static_key: &[u8; PUBLIC_KEY_LEN],
+        now: Instant,
+    ) -> bool {
+        let Some(pending) = self.peers.get(&id).and_then(|p| p.pending.as_ref()) else {
+            return false;
+        };
+        let recent = pending
+            .first_sent
+            .is_some_and(|at| now.saturating_duration_since(at) < self.config.handshake_timeout);
+        recent && self.local_key < *static_key
+    }
+
+    /// Applies what [`InitJob::run`] produced: a forged init is remembered (its copies
+    /// cost no second check); a verified one is answered with an unconfirmed session
+    /// unless, meanwhile, a copy was answered or a newer init from that initiator
+    /// accepted. A verified init always holds back our own initiation to that peer
+    /// rather than drop it (see the module docs), so even a replay this node could not
+    /// recognise cannot stop it from connecting.
+    pub fn finish_init(
+        &mut self,
+        outcome: InitOutcome,
+        now: Instant,
+    ) -> Result<Inbound, InboundError> {
+        let InitOutcome {
+            id,
+            from,
+            digest,
+            result,
+        } = outcome;
+        let answer = match result {
+            Ok(answer) => answer,
+            Err(e) => {
+                if matches!(
+                    e,
+                    HandshakeError::BadSignature | HandshakeError::InitiatorIdentity(_)
+                ) {
+                    self.rejected.insert(digest);
+                }
+                return Err(e.into());
+            }
+        };
+        let m = &answer.init.msg;
         if let Some(progress) = self.duplicate_init(id, &m.ephemeral, from) {
             return Ok(Inbound::Handshake(progress));
         }
-        if let Some(peer) = self.peers.get_mut(&id)
-            && let Some(pending) = &peer.pending
+        let clock = (m.static_key, m.endpoint);
+        if !self.initiators.is_fresh(&clock, m.timestamp) {
+            self.stats.inits_replayed += 1;
+            return Err(HandshakeError::Replayed.into());
+        }
+        // Verified: the initiator holds the key that owns its address in full, so it may
+        // now be pinned for the /64 (never before the signature check: an unverified
+        // key must not take a /64's pin).
+        if !pin_allows(&self.pins, m.header.src_addr, &m.static_key) {
+            return Err(HandshakeError::UnexpectedKey(m.header.src_addr).into());
+        }
+        if self
+            .peers
+            .get(&id)
+            .is_some_and(|p| p.pinned.is_some_and(|k| k != m.static_key))
         {
-            // Simultaneous initiation: the smaller static key's handshake wins.
-            if self.local_key < m.static_key {
-                self.stats.simultaneous_ignored += 1;
-                return Ok(Inbound::Handshake(HandshakeProgress::SimultaneousIgnored));
-            }
-            self.pending_index.remove(&pending.initiation.local_index);
-            peer.pending = None;
+            return Err(HandshakeError::UnexpectedKey(m.header.src_addr).into());
+        }
+        if self.ignores_for_own_initiation(id, &m.static_key, now) {
+            self.stats.simultaneous_ignored += 1;
+            return Ok(Inbound::Handshake(HandshakeProgress::SimultaneousIgnored));
+        }
+        let index = answer.index;
+        if self.sessions.contains_key(&index) || self.pending_index.contains_key(&index) {
+            // A 2^-32 collision: drop it, the initiator's retransmission gets another.
+            return Err(HandshakeError::Random.into());
         }
         if self.sessions.len() >= self.config.max_sessions && !self.evict_unconfirmed() {
             return Err(HandshakeError::TableFull.into());
         }
-        let index = self.fresh_index(rng)?;
-        let (response, session) = handshake::respond(
-            &*self.signer,
-            &self.local_key,
-            &verified,
-            index,
-            suite,
-            self.config.transport,
-            now,
-            rng,
-        )?;
-        let session = match id {
-            RemoteId::Link(_) => session.into_link(),
-            RemoteId::Node(_) => session,
-        };
+        self.initiators.record(clock, m.timestamp);
+        let src = m.header.src_addr;
+        let ephemeral = m.ephemeral;
+        // Our own initiation to this peer, if any, waits a retransmission timeout: if the
+        // peer confirms this session it is dropped, if not (a replay) it goes on.
+        let hold_until = self.deadline(now, self.config.handshake_timeout);
+        if let Some(pending) = self.peers.get_mut(&id).and_then(|p| p.pending.as_mut()) {
+            pending.retransmit_at = pending.retransmit_at.max(hold_until);
+        }
         let old_next = self.peers.get(&id).and_then(|p| p.next).map(|(i, _)| i);
         if let Some(old) = old_next {
             self.remove_session(old, ExpiryReason::Unconfirmed);
@@ -949,24 +1451,30 @@ impl SessionTable {
             index,
             Slot {
                 peer: id,
-                session,
-                init_ephemeral: Some(verified.msg.ephemeral),
-                response: Some(response.clone()),
+                session: answer.session,
+                init_ephemeral: Some(ephemeral),
+                response: Some(answer.response.clone()),
+                resends_left: self.config.handshake_attempts,
+                timer: None,
             },
         );
+        self.reschedule_session(index);
         let drop_at = self.deadline(now, self.config.unconfirmed_timeout);
         self.peers.entry(id).or_default().next = Some((index, drop_at));
+        self.reschedule_peer(id);
         self.transmits.push_back(Transmit {
             destination: src,
             underlay: Some(from),
-            datagram: response,
+            datagram: answer.response,
         });
         self.stats.responses_sent += 1;
         Ok(Inbound::Handshake(HandshakeProgress::Responded))
     }
 
-    /// A verified init whose ephemeral we already answered: resend the response while the
-    /// session is unconfirmed, otherwise just ignore it. Never new state.
+    /// An init whose ephemeral we already answered (a retransmission, or a copy): resend
+    /// the response while the session is unconfirmed, otherwise just ignore it. Never
+    /// new state, and no signature check: the cached response was made for the init
+    /// that carried this ephemeral, so whoever sends a copy learns nothing new from it.
     fn duplicate_init(
         &mut self,
         id: RemoteId,
@@ -979,12 +1487,16 @@ impl SessionTable {
             peer.current,
             peer.previous.map(|(i, _)| i),
         ];
-        let slot = slots
-            .into_iter()
-            .flatten()
-            .filter_map(|i| self.sessions.get(&i))
-            .find(|s| s.init_ephemeral.as_ref() == Some(ephemeral))?;
-        if let Some(response) = &slot.response {
+        let index = slots.into_iter().flatten().find(|i| {
+            self.sessions
+                .get(i)
+                .is_some_and(|s| s.init_ephemeral.as_ref() == Some(ephemeral))
+        })?;
+        let slot = self.sessions.get_mut(&index)?;
+        if let Some(response) = &slot.response
+            && slot.resends_left > 0
+        {
+            slot.resends_left -= 1;
             self.transmits.push_back(Transmit {
                 destination: slot.session.remote_addr(),
                 underlay: Some(from),
@@ -993,6 +1505,10 @@ impl SessionTable {
             self.stats.responses_sent += 1;
         }
         Some(HandshakeProgress::DuplicateInit)
+    }
+
+    fn has_unconfirmed(&self) -> bool {
+        self.peers.values().any(|p| p.next.is_some())
     }
 
     /// Frees room by dropping the oldest unconfirmed responder session; false if none.
@@ -1019,6 +1535,16 @@ impl SessionTable {
             .pending_index
             .get(&index)
             .ok_or(InboundError::UnknownIndex(index))?;
+        // Link handshakes are bound to both ends' endpoints: the responder says where it
+        // heard our init from, which must be us. End to end, relays are in between and
+        // no endpoint is named.
+        match id {
+            RemoteId::Link(_) => self.owns_endpoint(handshake::observed_endpoint(&msg))?,
+            RemoteId::Node(_) if msg.endpoint.is_some() => {
+                return Err(HandshakeError::Malformed("endpoint in an end-to-end response").into());
+            }
+            RemoteId::Node(_) => {}
+        }
         let peer = self
             .peers
             .get_mut(&id)
@@ -1028,6 +1554,10 @@ impl SessionTable {
             .as_ref()
             .ok_or(InboundError::UnknownIndex(index))?;
         let verified = pending.initiation.verify_response(&msg)?;
+        let dialled = pending.initiation.remote_addr;
+        if !pin_allows(&self.pins, dialled, &msg.static_key) {
+            return Err(HandshakeError::UnexpectedKey(dialled).into());
+        }
         // Authentic: the initiation is over either way.
         self.pending_index.remove(&index);
         let Some(pending) = peer.pending.take() else {
@@ -1050,8 +1580,11 @@ impl SessionTable {
                         session,
                         init_ephemeral: None,
                         response: None,
+                        resends_left: 0,
+                        timer: None,
                     },
                 );
+                self.reschedule_session(index);
                 let flushed = self.install_current(id, index, now);
                 if flushed == 0 {
                     // Confirm the session to the responder right away.
@@ -1063,6 +1596,7 @@ impl SessionTable {
             }
             Err(e) => {
                 self.fail(id, remote, FailReason::Handshake(e.clone()));
+                self.forget_if_empty(id);
                 Err(e.into())
             }
         }
@@ -1123,138 +1657,225 @@ impl SessionTable {
             underlay: id.underlay(),
             datagram,
         });
+        self.reschedule_peer(id);
         Ok(Inbound::Handshake(HandshakeProgress::CookieAccepted))
     }
 
-    /// The earliest instant [`SessionTable::handle_timeout`] has work: a retransmission,
-    /// cookie expiry, keepalive, key retirement or session expiry. O(sessions).
+    // ---- Timers ----
+
+    /// Arms `key` at `at` unless it is already armed at or before it.
+    fn schedule(&mut self, key: TimerKey, at: Instant) {
+        let armed = match key {
+            TimerKey::Peer(id) => self.peers.get_mut(&id).map(|p| &mut p.timer),
+            TimerKey::Session(i) => self.sessions.get_mut(&i).map(|s| &mut s.timer),
+        };
+        let Some(armed) = armed else {
+            return;
+        };
+        if armed.is_some_and(|t| t <= at) {
+            return;
+        }
+        *armed = Some(at);
+        self.timers.push(at, key);
+        let owners = self.peers.len() + self.sessions.len();
+        if self.timers.len() > 4 * owners + 1024 {
+            let (peers, sessions) = (&self.peers, &self.sessions);
+            self.timers.compact(|key, at| match key {
+                TimerKey::Peer(id) => peers.get(&id).is_some_and(|p| p.timer == Some(at)),
+                TimerKey::Session(i) => sessions.get(&i).is_some_and(|s| s.timer == Some(at)),
+            });
+        }
+    }
+
+    fn reschedule_peer(&mut self, id: RemoteId) {
+        if let Some(at) = self.peers.get(&id).and_then(Peer::deadline) {
+            self.schedule(TimerKey::Peer(id), at);
+        }
+    }
+
+    fn reschedule_session(&mut self, index: u32) {
+        if let Some(at) = self
+            .sessions
+            .get(&index)
+            .and_then(|s| s.session.next_timeout())
+        {
+            self.schedule(TimerKey::Session(index), at);
+        }
+    }
+
+    /// Drops a peer that holds nothing any more (and no pinned key).
+    fn forget_if_empty(&mut self, id: RemoteId) {
+        if self
+            .peers
+            .get(&id)
+            .is_some_and(|p| p.is_empty() && p.pinned.is_none())
+        {
+            self.peers.remove(&id);
+        }
+    }
+
+    /// The earliest deadline of any peer or session, found by walking them all: what
+    /// [`SessionTable::poll_timeout`] must never be later than.
+    #[cfg(test)]
+    pub(crate) fn earliest_deadline_by_walking(&self) -> Option<Instant> {
+        let peers = self.peers.values().filter_map(Peer::deadline);
+        let sessions = self
+            .sessions
+            .values()
+            .filter_map(|s| s.session.next_timeout());
+        peers.chain(sessions).min()
+    }
+
+    /// The earliest instant [`SessionTable::handle_timeout`] may have work: a
+    /// retransmission, cookie expiry, keepalive, key retirement or session expiry. O(1):
+    /// the top of the timer heap.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let peers = self.peers.values().flat_map(|p| {
-            [
-                p.pending.as_ref().map(|x| x.retransmit_at),
-                p.pending.as_ref().and_then(|x| x.cookie_expires),
-                p.previous.map(|(_, at)| at),
-                p.next.map(|(_, at)| at),
-                p.keepalive_due,
-            ]
-        });
-        let sessions = self.sessions.values().map(|s| s.session.next_timeout());
-        peers.chain(sessions).flatten().min()
+        self.timers.next()
     }
 
     /// Does everything due at `now`: retransmits or fails initiations (exponential
     /// backoff, bounded attempts), drops stale cookies, sends keepalives, retires old
-    /// keys and removes expired sessions (reported as [`Event::Expired`]).
+    /// keys and removes expired sessions (reported as [`Event::Expired`]). O(k log n)
+    /// for k timers due.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.pending_timeouts(now);
-        self.keepalives(now);
-
-        let mut expired: Vec<(u32, ExpiryReason)> = Vec::new();
-        for (index, slot) in &mut self.sessions {
-            slot.session.handle_timeout(now);
-            if let Some(reason) = slot.session.expiry(now) {
-                // A session already superseded ends as replaced, whatever ran out first.
-                let reason = match self.peers.get(&slot.peer) {
-                    Some(p) if p.previous.is_some_and(|(i, _)| i == *index) => {
-                        ExpiryReason::Replaced
-                    }
-                    Some(p) if p.next.is_some_and(|(i, _)| i == *index) => {
-                        ExpiryReason::Unconfirmed
-                    }
-                    _ => reason,
-                };
-                expired.push((*index, reason));
-            }
-        }
-        for peer in self.peers.values() {
-            if let Some((index, at)) = peer.previous
-                && now >= at
+        let mut due = Vec::new();
+        while let Some((at, key)) = self.timers.pop_due(now) {
+            let armed = match key {
+                TimerKey::Peer(id) => self.peers.get_mut(&id).map(|p| &mut p.timer),
+                TimerKey::Session(i) => self.sessions.get_mut(&i).map(|s| &mut s.timer),
+            };
+            // Stale entries (their owner re-armed earlier, or is gone) are skipped.
+            if let Some(armed) = armed
+                && *armed == Some(at)
             {
-                expired.push((index, ExpiryReason::Replaced));
-            }
-            if let Some((index, at)) = peer.next
-                && now >= at
-            {
-                expired.push((index, ExpiryReason::Unconfirmed));
+                *armed = None;
+                due.push(key);
             }
         }
-        expired.sort_unstable_by_key(|(i, _)| *i);
-        expired.dedup_by_key(|(i, _)| *i);
-        for (index, reason) in expired {
-            self.remove_session(index, reason);
+        // Sessions first, so a peer's timers see its expired sessions gone.
+        due.sort_by_key(|k| matches!(k, TimerKey::Peer(_)));
+        for key in due {
+            match key {
+                TimerKey::Session(index) => self.session_timeout(index, now),
+                TimerKey::Peer(id) => self.peer_timeout(id, now),
+            }
         }
-        self.peers
-            .retain(|_, p| !p.is_empty() || p.pinned.is_some());
     }
 
-    fn pending_timeouts(&mut self, now: Instant) {
-        let mut failed = Vec::new();
-        for (id, peer) in &mut self.peers {
-            let Some(pending) = &mut peer.pending else {
-                continue;
-            };
-            if pending.cookie_expires.is_some_and(|at| now >= at) {
-                pending.cookie_expires = None;
-                // Re-signing cannot fail with a working signer; if it does, keep the old
-                // (merely stale) cookie rather than lose the initiation.
-                let _ = pending.initiation.set_cookie(None, &*self.signer);
-            }
-            if now < pending.retransmit_at {
-                continue;
-            }
-            if pending.attempts >= self.config.handshake_attempts {
-                failed.push((
-                    *id,
-                    pending.initiation.remote_addr,
-                    pending.initiation.local_index,
-                ));
-                continue;
-            }
-            let backoff = self
-                .config
-                .handshake_timeout
-                .saturating_mul(1u32 << pending.attempts.min(16))
-                .min(self.config.handshake_max_timeout);
-            pending.attempts += 1;
-            pending.retransmit_at = now.checked_add(backoff).unwrap_or(now);
-            self.stats.retransmissions += 1;
-            self.transmits.push_back(Transmit {
-                destination: pending.initiation.remote_addr,
-                underlay: id.underlay(),
-                datagram: pending.initiation.message().to_vec(),
-            });
+    fn session_timeout(&mut self, index: u32, now: Instant) {
+        let Some(slot) = self.sessions.get_mut(&index) else {
+            return;
+        };
+        slot.session.handle_timeout(now);
+        let Some(reason) = slot.session.expiry(now) else {
+            self.reschedule_session(index);
+            return;
+        };
+        let id = slot.peer;
+        // A session already superseded ends as replaced, whatever ran out first.
+        let reason = match self.peers.get(&id) {
+            Some(p) if p.previous.is_some_and(|(i, _)| i == index) => ExpiryReason::Replaced,
+            Some(p) if p.next.is_some_and(|(i, _)| i == index) => ExpiryReason::Unconfirmed,
+            _ => reason,
+        };
+        self.remove_session(index, reason);
+        self.forget_if_empty(id);
+    }
+
+    fn peer_timeout(&mut self, id: RemoteId, now: Instant) {
+        self.pending_timeout(id, now);
+        self.keepalive_timeout(id, now);
+        let (previous, next) = match self.peers.get(&id) {
+            Some(p) => (p.previous, p.next),
+            None => return,
+        };
+        if let Some((index, at)) = previous
+            && now >= at
+        {
+            self.remove_session(index, ExpiryReason::Replaced);
         }
-        for (id, remote, index) in failed {
+        if let Some((index, at)) = next
+            && now >= at
+        {
+            self.remove_session(index, ExpiryReason::Unconfirmed);
+        }
+        self.reschedule_peer(id);
+        self.forget_if_empty(id);
+    }
+
+    fn pending_timeout(&mut self, id: RemoteId, now: Instant) {
+        let Some(pending) = self.peers.get_mut(&id).and_then(|p| p.pending.as_mut()) else {
+            return;
+        };
+        if pending.cookie_expires.is_some_and(|at| now >= at) {
+            pending.cookie_expires = None;
+            // Re-signing cannot fail with a working signer; if it does, keep the old
+            // (merely stale) cookie rather than lose the initiation.
+            let _ = pending.initiation.set_cookie(None, &*self.signer);
+        }
+        if now < pending.retransmit_at {
+            return;
+        }
+        if pending.attempts >= self.config.handshake_attempts {
+            let (remote, index) = (
+                pending.initiation.remote_addr,
+                pending.initiation.local_index,
+            );
             self.pending_index.remove(&index);
             if let Some(peer) = self.peers.get_mut(&id) {
                 peer.pending = None;
             }
             self.fail(id, remote, FailReason::Timeout);
+            return;
         }
+        let backoff = self
+            .config
+            .handshake_timeout
+            .saturating_mul(1u32 << pending.attempts.min(16))
+            .min(self.config.handshake_max_timeout);
+        if pending.attempts > 0 {
+            self.stats.retransmissions += 1;
+        }
+        pending.attempts += 1;
+        pending.first_sent.get_or_insert(now);
+        pending.retransmit_at = now.checked_add(backoff).unwrap_or(now);
+        self.transmits.push_back(Transmit {
+            destination: pending.initiation.remote_addr,
+            underlay: id.underlay(),
+            datagram: pending.initiation.message().to_vec(),
+        });
     }
 
-    fn keepalives(&mut self, now: Instant) {
-        let due: Vec<RemoteId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.keepalive_due.is_some_and(|at| now >= at))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
-            if let Some(peer) = self.peers.get_mut(&id) {
-                peer.keepalive_due = None;
-            }
-            let Some(index) = self.usable_current(id, now) else {
-                continue;
-            };
-            let Some(remote) = self.sessions.get(&index).map(|s| s.session.remote_addr()) else {
-                continue;
-            };
-            if self.seal_to(id, index, remote, &[], now) {
-                self.stats.keepalives_sent += 1;
-            }
+    fn keepalive_timeout(&mut self, id: RemoteId, now: Instant) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if peer.keepalive_due.is_none_or(|at| now < at) {
+            return;
+        }
+        peer.keepalive_due = None;
+        let Some(index) = self.usable_current(id, now) else {
+            return;
+        };
+        let Some(remote) = self.sessions.get(&index).map(|s| s.session.remote_addr()) else {
+            return;
+        };
+        if self.seal_to(id, index, remote, &[], now) {
+            self.stats.keepalives_sent += 1;
         }
     }
+}
+
+/// What identifies an init byte for byte (the hop limit, which relays change, aside).
+fn init_digest(datagram: &[u8]) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let hop = wire::field::HOP_LIMIT;
+    ctx.update(datagram.get(..hop).unwrap_or(datagram));
+    ctx.update(&[0]);
+    ctx.update(datagram.get(hop + 1..).unwrap_or(&[]));
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1302,9 +1923,7 @@ impl SessionTable {
             sealed += 1;
         }
         if sealed > 0 {
-            if let Some(peer) = self.peers.get_mut(&id) {
-                peer.keepalive_due = None;
-            }
+            self.note_sent(id, true, now);
             self.maybe_rehandshake(id, index, now, rng);
         }
         Ok(sealed)
@@ -1313,11 +1932,13 @@ impl SessionTable {
     /// [`SessionTable::handle_datagram`] for one `Data` datagram, decrypted where it lies:
     /// returns the authenticated remote (the header's source) and where the plaintext now
     /// is in `datagram`; an empty range is a keepalive. Same checks, errors and state
-    /// changes (replay window, keepalive timer, confirming a responder session).
+    /// changes (replay window, keepalive timer, confirming a responder session, a
+    /// handshake prompted by an unknown session index).
     pub fn open_in_place(
         &mut self,
         datagram: &mut [u8],
         now: Instant,
+        rng: &dyn SecureRandom,
     ) -> Result<(Ipv6Addr, std::ops::Range<usize>), InboundError> {
         let repr = Repr::parse(&Packet::new_checked(&*datagram)?)?;
         if repr.packet_type != PacketType::Data {
@@ -1326,13 +1947,15 @@ impl SessionTable {
             )));
         }
         let index = repr.session_id;
-        let slot = self
-            .sessions
-            .get_mut(&index)
-            .ok_or(InboundError::UnknownIndex(index))?;
+        let Some(slot) = self.sessions.get_mut(&index) else {
+            self.prompt_unknown_session(repr.src_addr, datagram.len(), now, rng);
+            return Err(InboundError::UnknownIndex(index));
+        };
+        let phase = slot.session.recv_phase();
         let range = slot.session.open_in_place(datagram, now)?;
+        let rekeyed = slot.session.recv_phase() != phase;
         let id = slot.peer;
-        self.after_open(id, index, !range.is_empty(), now);
+        self.after_open(id, index, !range.is_empty(), rekeyed, now);
         Ok((repr.src_addr, range))
     }
 }
