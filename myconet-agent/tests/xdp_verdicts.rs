@@ -956,7 +956,10 @@ fn handshake_inits_for_this_node_are_shed_over_their_buckets() {
         // One /64's cookieless inits: its burst, then shed, whichever address and port
         // in the /64 they come from.
         for i in 0..3 {
-            pass(&fx, &init_from(&format!("fd00:77:0:1::{}", i + 1), 4000 + i, [0; 32]));
+            pass(
+                &fx,
+                &init_from(&format!("fd00:77:0:1::{}", i + 1), 4000 + i, [0; 32]),
+            );
         }
         shed(&fx, &init_from("fd00:77:0:1::1", 4000, [0; 32]));
         shed(&fx, &init_from("fd00:77:0:1::ffff", 5000, [0; 32]));

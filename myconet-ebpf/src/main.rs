@@ -35,8 +35,8 @@ use myconet_common::{
         HANDSHAKE_CLASS_COOKIELESS, HANDSHAKE_NODE_COOKIE, HANDSHAKE_NODE_COOKIELESS,
         HANDSHAKE_SLOTS, HandshakeLimits, HandshakeSlot, IFACE_GENERIC, INIT_COOKIE_LEN,
         INIT_COOKIE_OFFSET, LOCAL_ADDRS_CAPACITY, LocalAddrKey, NEXTHOP_CACHE_CAPACITY,
-        NextHopEntry, NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY,
-        RouteAction, RouteValue, Stat, forwarding_slot, handshake_slot, link_scope,
+        NextHopEntry, NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY, RouteAction,
+        RouteValue, Stat, forwarding_slot, handshake_slot, link_scope,
     },
     wire::{self, PacketType, field},
 };
@@ -399,6 +399,7 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
 ///   spoofer never saw a victim's, so garbage cookies from the victim's /64 land in other
 ///   buckets than the victim's real one; what they can drain is the node's bucket, which
 ///   every cookie holder shares alike.
+///
 /// A source slot held by another key is taken over with a fresh bucket: the node's
 /// buckets bound what an attacker cycling through many sources gets, and the seed keeps
 /// anyone from aiming at a given source's slot. An init too short to hold a cookie is
@@ -432,13 +433,9 @@ fn handshake_admitted(
     };
     let prefix = source[0];
     let scope = link_scope(&addr_bytes(source), ingress);
-    let Some(slot) = HANDSHAKE_SOURCES.get_ptr_mut(handshake_slot(
-        limits.seed,
-        prefix,
-        tag,
-        scope,
-        class,
-    )) else {
+    let Some(slot) =
+        HANDSHAKE_SOURCES.get_ptr_mut(handshake_slot(limits.seed, prefix, tag, scope, class))
+    else {
         return true;
     };
     let Some(node) = HANDSHAKE_NODE.get_ptr_mut(node_index) else {
@@ -449,7 +446,8 @@ fn handshake_admitted(
     let (slot, node) = unsafe { (&mut *slot, &mut *node) };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let ours = slot.class == class && slot.prefix == prefix && slot.tag == tag && slot.scope == scope;
+    let ours =
+        slot.class == class && slot.prefix == prefix && slot.tag == tag && slot.scope == scope;
     let source_tat = if ours { slot.tat } else { 0 };
     let (Some(source_next), Some(node_next)) = (
         per_source.admit(source_tat, now),

@@ -47,7 +47,11 @@ pub fn run(
     let mut runs = Vec::new();
     for &target in targets {
         for bin_dir in &bin_dirs {
-            eprintln!("==> target {}, agents from {}", target.as_str(), bin_dir.display());
+            eprintln!(
+                "==> target {}, agents from {}",
+                target.as_str(),
+                bin_dir.display()
+            );
             let run = flood::run(bin_dir, &flood_bin, target, seconds, sources)
                 .with_context(|| format!("flooding {}", target.as_str()))?;
             runs.push((bin_dir.clone(), run));
