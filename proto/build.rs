@@ -5,12 +5,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=myconet.proto");
+    println!("cargo:rerun-if-changed=content.proto");
     // The encoded descriptors, for the agent's gRPC server reflection.
     let descriptors =
         std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("myconet_descriptor.bin");
     tonic_prost_build::configure()
         .file_descriptor_set_path(descriptors)
         .type_attribute(".", "#[derive(serde::Serialize)]")
-        .compile_protos(&["myconet.proto"], &["."])?;
+        .compile_protos(&["myconet.proto", "content.proto"], &["."])?;
     Ok(())
 }

@@ -10,3 +10,11 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("myconet_descriptor");
 }
+
+/// The content API (`content.proto`): packages, downloads, the store.
+pub mod content {
+    /// Version 1 of the content API.
+    pub mod v1 {
+        tonic::include_proto!("myconet.content.v1");
+    }
+}

@@ -79,6 +79,9 @@ pub struct Cli {
     /// Do not create a TUN device (a pure relay).
     #[arg(long)]
     pub no_tun: bool,
+    /// The content store and protocol.
+    #[command(flatten)]
+    pub content: crate::content::settings::ContentFlags,
     /// Directory on a BPF file system where the XDP links and maps are pinned, so the
     /// relay keeps forwarding while the agent restarts (default: a directory under
     /// /sys/fs/bpf/myconet derived from the state directory).
@@ -149,6 +152,8 @@ pub struct FileConfig {
     hello_interval_ms: Option<u64>,
     #[serde(default)]
     routes: Vec<FileRoute>,
+    storage: Option<crate::content::settings::StorageSection>,
+    content: Option<crate::content::settings::ContentSection>,
     /// Ed25519 keys (hex) pinned for their /64 by the operator (`crate::pins`).
     #[serde(default)]
     pinned_keys: Vec<String>,
@@ -204,6 +209,8 @@ pub struct Settings {
     pub routes: Vec<(Prefix, NextHop)>,
     /// The TUN device to create, `None` for a pure relay.
     pub tun_name: Option<String>,
+    /// The content store and protocol (`storage` and `content` sections).
+    pub content: crate::content::settings::ContentSettings,
     /// Keys the operator pins for their /64, over whatever was learned (`crate::pins`).
     pub pinned_keys: Vec<[u8; 32]>,
     /// Where the data plane is pinned (see `crate::bpf_pins`).
@@ -462,6 +469,12 @@ impl Cli {
             .state_dir
             .or(file.state_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let content = crate::content::settings::ContentSettings::resolve(
+            &self.content,
+            file.storage,
+            file.content,
+            &state_dir,
+        )?;
         let pin_dir = self
             .pin_dir
             .or(file.pin_dir)
@@ -473,6 +486,7 @@ impl Cli {
             tun_name,
             metrics_listen,
             port,
+            content,
             pin_dir,
             hitless_restart: self.hitless_restart || file.hitless_restart.unwrap_or(false),
             state_dir,

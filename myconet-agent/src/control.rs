@@ -27,6 +27,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use myconet_common::{addr, wire::DEFAULT_PORT};
+use myconet_proto::content::v1::content_server::ContentServer;
 use myconet_proto::v1 as pb;
 use myconet_proto::v1::control_server::{Control, ControlServer};
 use tokio::net::{UnixListener, UnixStream};
@@ -35,6 +36,7 @@ use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
 use crate::{
+    content::grpc::ContentService,
     link::Links,
     lockfile::{LockError, LockFile},
     node::{Node, NodeError, RouteRow},
@@ -117,6 +119,7 @@ impl Drop for ControlSocket {
 pub async fn serve_on(
     node: Arc<Node>,
     links: Arc<Links>,
+    content: Option<ContentServer<ContentService>>,
     socket: ControlSocket,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -141,6 +144,7 @@ pub async fn serve_on(
         .add_service(health)
         .add_service(reflection)
         .add_service(ControlServer::new(ControlService::new(node, links)))
+        .add_optional_service(content)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .with_context(|| format!("serving the control API on {}", socket.path.display()));
@@ -159,7 +163,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let claimed = ControlSocket::claim(socket, mode).await?;
-    serve_on(node, links, claimed, shutdown).await
+    serve_on(node, links, None, claimed, shutdown).await
 }
 
 /// Longest path a Unix socket can be bound at (`sun_path` is 108 bytes with its NUL).

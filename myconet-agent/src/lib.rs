@@ -9,6 +9,8 @@
 //! - `underlay`: the UDP socket and what happens to packets the kernel passes up.
 //! - `control`: the gRPC control API on a Unix socket.
 //! - `identity`: the Ed25519 key and the /64 derived from it.
+//! - `content`: packages: the store, downloads and serving over the overlay, and the
+//!   `Content` gRPC service.
 //! - `seqno_store`: the routing sequence numbers reserved across restarts.
 //! - `pins`: the key pinned per /64 (trust on first use), for routing and sessions.
 //! - `bpf_pins`: where the data plane's links and maps are pinned (a BPF file system)
@@ -25,6 +27,7 @@ pub mod batch_io;
 pub mod bpf_pins;
 pub mod caps;
 pub mod config;
+pub mod content;
 pub mod control;
 pub mod dataplane;
 pub mod egress;

@@ -9,6 +9,7 @@ use myconet_agent::{
     bpf_pins::PinDir,
     caps::{self, CapSet},
     config::{Cli, DataplaneChoice},
+    content::Content,
     control::{self, ControlService, ControlSocket},
     dataplane::{self, XdpDataplane},
     generate,
@@ -87,7 +88,9 @@ async fn run(settings: myconet_agent::config::Settings) -> anyhow::Result<()> {
     let xdp_loaded = dataplane.is_some();
     let node = Arc::new(Node::new(identity, settings.port, dataplane, journal)?);
     node.set_interfaces(settings.dataplane.as_str(), interfaces);
-    let result = serve(&node, &settings, control_socket, xdp_loaded).await;
+    let content = Content::open(settings.content.clone(), node.identity_arc()).await?;
+    let result = serve(&node, &settings, control_socket, xdp_loaded, &content).await;
+    content.shutdown().await;
     let hitless = matches!(result, Ok(Exit::Hitless));
     node.shutdown(hitless);
     info!(hitless, "stopped");
@@ -242,6 +245,7 @@ async fn serve(
     settings: &myconet_agent::config::Settings,
     control_socket: ControlSocket,
     xdp_loaded: bool,
+    content: &Arc<Content>,
 ) -> anyhow::Result<Exit> {
     let pins = pins::load(&settings.state_dir, pins::DEFAULT_CAPACITY).shared();
     for key in &settings.pinned_keys {
@@ -284,6 +288,13 @@ async fn serve(
         Some(name) => Some(open_tun(node, settings, name).await?),
         None => None,
     };
+    match &tun {
+        // The content protocol rides the overlay: it listens on the overlay address.
+        Some(t) => {
+            content.listen(Some(t.name()))?;
+        }
+        None => info!("no TUN device: the content protocol does not listen (local API only)"),
+    }
     let overlay = Arc::new(Overlay::new(
         node.clone(),
         socket.clone(),
@@ -332,7 +343,14 @@ async fn serve(
         *asked.lock().unwrap_or_else(|p| p.into_inner()) = how;
     };
     info!(socket = %settings.socket.display(), port = settings.port, "agent ready");
-    let served = control::serve_on(node.clone(), links, control_socket, shutdown).await;
+    let served = control::serve_on(
+        node.clone(),
+        links,
+        Some(content.service()),
+        control_socket,
+        shutdown,
+    )
+    .await;
     for t in tasks {
         t.abort();
     }

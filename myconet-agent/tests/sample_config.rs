@@ -4,7 +4,10 @@
 //! (or in docs/operations.md) fails here, and so does a default that drifts.
 
 use clap::Parser;
-use myconet_agent::config::{Cli, FileConfig, FileMetrics, FileRoute};
+use myconet_agent::{
+    config::{Cli, FileConfig, FileMetrics, FileRoute},
+    content::settings::{ContentSection, StorageSection},
+};
 use serde::Deserialize;
 
 const SAMPLE: &str = include_str!("../../packaging/agent.toml");
@@ -63,6 +66,16 @@ fn all_keys() -> Vec<String> {
         fields::<FileMetrics>()
             .iter()
             .map(|k| format!("metrics.{k}")),
+    );
+    keys.extend(
+        fields::<StorageSection>()
+            .iter()
+            .map(|k| format!("storage.{k}")),
+    );
+    keys.extend(
+        fields::<ContentSection>()
+            .iter()
+            .map(|k| format!("content.{k}")),
     );
     keys
 }

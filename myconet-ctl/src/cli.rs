@@ -60,6 +60,12 @@ pub enum Command {
         #[command(subcommand)]
         action: RouteCommand,
     },
+    /// Packages: add, get from other nodes, list, read, pin, remove, verify.
+    Content {
+        /// What to do with content.
+        #[command(subcommand)]
+        action: crate::content::ContentCommand,
+    },
     /// XDP verdict counters and the agent's own counters.
     Stats {
         /// Also list counters that are zero (JSON always has every counter).

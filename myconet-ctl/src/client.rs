@@ -133,6 +133,14 @@ pub struct Client {
 
 /// Connects to the agent at `path`.
 pub async fn connect(path: &Path) -> Result<Client, CtlError> {
+    Ok(Client {
+        inner: ControlClient::new(channel(path, Some(REQUEST_TIMEOUT)).await?),
+    })
+}
+
+/// A channel to the agent at `path`; calls on it time out after `timeout` (`None`: never,
+/// for streams that last as long as a download).
+pub async fn channel(path: &Path, timeout: Option<Duration>) -> Result<Channel, CtlError> {
     match std::fs::metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(CtlError::NotASocket(path.to_path_buf()));
@@ -141,21 +149,20 @@ pub async fn connect(path: &Path) -> Result<Client, CtlError> {
         Err(e) => return Err(CtlError::from_io(path, &e)),
     }
     // The URI is never used: the connector below always dials the Unix socket.
-    let endpoint = Endpoint::try_from("http://[::]:50051")
+    let mut endpoint = Endpoint::try_from("http://[::]:50051")
         .map_err(|e| CtlError::from_transport(path, &e))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT);
+        .connect_timeout(CONNECT_TIMEOUT);
+    if let Some(t) = timeout {
+        endpoint = endpoint.timeout(t);
+    }
     let socket = path.to_path_buf();
-    let channel = endpoint
+    endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
         }))
         .await
-        .map_err(|e| CtlError::from_transport(path, &e))?;
-    Ok(Client {
-        inner: ControlClient::new(channel),
-    })
+        .map_err(|e| CtlError::from_transport(path, &e))
 }
 
 impl Client {

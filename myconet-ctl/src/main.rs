@@ -4,6 +4,7 @@
 
 mod cli;
 mod client;
+mod content;
 // The same generator as the agent's, shared by path (the CLI does not link the agent).
 #[path = "../../myconet-agent/src/generate.rs"]
 mod generate;
@@ -88,6 +89,9 @@ fn show<T: serde::Serialize>(
 
 /// Runs one command and returns what to print.
 async fn run(socket: std::path::PathBuf, json: bool, command: Command) -> anyhow::Result<String> {
+    if let Command::Content { action } = command {
+        return content::run(&socket, json, action).await;
+    }
     let mut client = client::connect(&socket).await?;
     match command {
         Command::Status => show(json, &client.status().await?, render::status),
@@ -148,6 +152,8 @@ async fn run(socket: std::path::PathBuf, json: bool, command: Command) -> anyhow
             }
         },
         Command::Stats { all } => show(json, &client.stats().await?, |s| render::stats(s, all)),
+        // Handled before the control client connects; kept here for completeness.
+        Command::Content { action } => content::run(&socket, json, action).await,
         Command::Pins { action } => match action.unwrap_or(PinsCommand::List) {
             PinsCommand::List => show(json, &client.pins().await?, render::pins),
             PinsCommand::Set { key } => {

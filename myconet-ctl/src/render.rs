@@ -5,13 +5,13 @@ use myconet_proto::v1 as pb;
 
 /// Column alignment in [`table`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Align {
+pub(crate) enum Align {
     Left,
     Right,
 }
 
 /// Lays out `rows` under `headers`, two spaces between columns, no trailing blanks.
-fn table(headers: &[&str], align: &[Align], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(headers: &[&str], align: &[Align], rows: &[Vec<String>]) -> String {
     let width = |i: usize| {
         rows.iter()
             .filter_map(|r| r.get(i))

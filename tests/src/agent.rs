@@ -421,6 +421,13 @@ impl AgentProcess {
         self.wait_ready(timeout).map_err(|e| self.with_log(e))
     }
 
+    /// Kills the agent with SIGKILL (a crash: nothing shuts down politely) and starts it
+    /// again in `netns` with the same flags, state directory, socket and log (appended),
+    /// waiting until it answers.
+    pub fn kill_and_restart(&mut self, netns: &Netns) -> Result<()> {
+        self.restart(netns, Stop::Kill).map(|_| ())
+    }
+
     /// Kills the agent with SIGKILL, as a crash or a power cut would: no shutdown
     /// handler runs, so nothing is withdrawn politely (the kernel still detaches XDP
     /// when the last link fd closes).

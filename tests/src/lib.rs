@@ -10,6 +10,8 @@
 pub mod agent;
 pub mod bench;
 pub mod bpffs;
+pub mod content;
+pub mod content_bench;
 pub mod demo;
 pub mod diamond;
 pub mod fixture;

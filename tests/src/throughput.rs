@@ -442,7 +442,7 @@ pub(crate) fn finish_client(
 }
 
 /// One overlay ping a → c, retried, so the session exists before anything is measured.
-pub(crate) fn warm_up(a: &Node, c_overlay: Ipv6Addr) -> Result<()> {
+pub fn warm_up(a: &Node, c_overlay: Ipv6Addr) -> Result<()> {
     let target = c_overlay.to_string();
     util::poll(
         "the overlay session a → c",
@@ -460,12 +460,7 @@ pub(crate) fn warm_up(a: &Node, c_overlay: Ipv6Addr) -> Result<()> {
 }
 
 /// Starts `iperf3 -s -1` bound to c's overlay address and waits until it listens.
-pub(crate) fn start_server(
-    c: &Node,
-    iperf3: &Path,
-    c_overlay: Ipv6Addr,
-    log: &Path,
-) -> Result<NsChild> {
+pub fn start_server(c: &Node, iperf3: &Path, c_overlay: Ipv6Addr, log: &Path) -> Result<NsChild> {
     let port = IPERF_PORT.to_string();
     let bind = c_overlay.to_string();
     let mut server = c.netns().spawn(
@@ -504,7 +499,7 @@ pub(crate) fn start_server(
 }
 
 /// Runs the iperf3 client in a for `seconds` and returns its parsed JSON report.
-pub(crate) fn run_client(
+pub fn run_client(
     a: &Node,
     iperf3: &Path,
     a_overlay: Ipv6Addr,
@@ -544,6 +539,11 @@ pub(crate) struct IperfReport {
     pub(crate) retransmits: u64,
     client_cpu_percent: f64,
     server_cpu_percent: f64,
+}
+
+/// Bits per second the receiver of an iperf3 client report measured.
+pub fn received_bps(report: &Value) -> Result<f64> {
+    Ok(parse_iperf(report)?.received_bps)
 }
 
 pub(crate) fn parse_iperf(report: &Value) -> Result<IperfReport> {
@@ -759,7 +759,7 @@ pub(crate) fn clock_ticks_per_second() -> Result<f64> {
 /// `ip netns exec` execs the agent in place, so the child's pid is normally the
 /// agent's; should a wrapper (`ip`, `env`) ever stay in between, its child is the agent.
 /// Checked by name so a CPU figure can never silently belong to the wrapper.
-pub(crate) fn agent_pid(agent: &AgentProcess) -> Result<u32> {
+pub fn agent_pid(agent: &AgentProcess) -> Result<u32> {
     let mut pid = agent.pid();
     for _ in 0..3 {
         let comm = read_comm(pid)?;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod content_bench;
 mod failover;
 mod flood;
 mod fuzz;
@@ -133,6 +134,21 @@ enum BenchCmd {
         /// How many underlay /64s the attacker sends from.
         #[arg(long, default_value_t = 16)]
         sources: usize,
+        /// A directory with myconet-agent and myconet-ctl to measure instead of this
+        /// tree's release build (repeat to compare builds; run in turn per target).
+        #[arg(long = "bin-dir")]
+        bin_dirs: Vec<std::path::PathBuf>,
+    },
+    /// Content: add against raw BLAKE3 and a raw write, fetch against iperf3 over the
+    /// same overlay path, proof overhead, time to first byte, the share fetched again
+    /// after a killed download, and the agents' memory while serving and fetching.
+    Content {
+        /// Size of the large file, MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Seconds of the iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        iperf_seconds: u64,
     },
     /// The routing simulator at scale (random and scale-free topologies, link and node
     /// failures): convergence time, messages and bytes per node per minute, memory per
@@ -262,6 +278,9 @@ fn run(cli: Cli) -> Result<()> {
             match which {
                 BenchCmd::Relay { seconds } => bench::relay(&root, seconds.clamp(1, 60)),
                 BenchCmd::Throughput { seconds } => throughput::run(&root, seconds.clamp(1, 120)),
+                BenchCmd::Content { mib, iperf_seconds } => {
+                    content_bench::run(&root, mib.clamp(16, 8192), iperf_seconds.clamp(1, 60))
+                }
                 BenchCmd::Routing { .. } | BenchCmd::Failover { .. } => {
                     unreachable!("handled above")
                 }
@@ -269,6 +288,7 @@ fn run(cli: Cli) -> Result<()> {
                     seconds,
                     target,
                     sources,
+                    bin_dirs,
                 } => {
                     use myconet_testbed::flood::Target;
                     let targets = match target.as_deref() {
@@ -277,7 +297,13 @@ fn run(cli: Cli) -> Result<()> {
                         Some("b") => vec![Target::B],
                         Some(other) => anyhow::bail!("--target {other}: c or b"),
                     };
-                    flood::run(&root, seconds.clamp(2, 60), &targets, sources.clamp(1, 200))
+                    flood::run(
+                        &root,
+                        seconds.clamp(2, 60),
+                        &targets,
+                        sources.clamp(1, 200),
+                        &bin_dirs,
+                    )
                 }
             }
         }
