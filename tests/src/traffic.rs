@@ -447,6 +447,11 @@ pub struct CapturedFrame {
     pub outgoing: bool,
     /// When it arrived, relative to the start of the capture.
     pub at: Duration,
+    /// The kernel marked its UDP checksum partial (`VIRTIO_NET_HDR_F_NEEDS_CSUM`): the
+    /// field holds only the pseudo-header sum and the receiving stack trusts the mark
+    /// (a frame sent through a socket on a veth with TX offload, e.g. by an agent's
+    /// userspace relay path).
+    pub needs_csum: bool,
 }
 
 impl CapturedFrame {
@@ -788,13 +793,19 @@ fn capture_frames(fd: &OwnedFd, options: &CaptureOptions, shared: &Shared) -> Re
             vec![frame.to_vec()]
         };
         let at = start.elapsed();
+        let needs_csum = vnet[0] & VNET_F_NEEDS_CSUM != 0;
         let mut frames = shared.frames();
         for data in segments {
             let port_ok = options
                 .udp_dst_port
                 .is_none_or(|port| packet::udp_dst_port(&data) == Some(port));
             if port_ok && kept < options.max_frames {
-                frames.push(CapturedFrame { data, outgoing, at });
+                frames.push(CapturedFrame {
+                    data,
+                    outgoing,
+                    at,
+                    needs_csum,
+                });
                 kept += 1;
             }
         }
