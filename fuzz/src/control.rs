@@ -2,7 +2,7 @@
 //! bodies, opened from a neighbour's link session or (beacons) received in the clear,
 //! and the routing frame around routing payloads.
 
-use myconet_agent::peers::control::{
+use myconet_core::peers::control::{
     CONTROL_HEADER_LEN, ControlError, ControlMessage, MAX_CONTROL_LEN, frame_routing,
     routing_payload,
 };

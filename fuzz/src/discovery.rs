@@ -14,8 +14,9 @@ use std::{
     time::{Duration, Instant, UNIX_EPOCH},
 };
 
-use myconet_agent::peers::{
-    NodeKey, PeerConfig, PeerManager,
+use myconet_core::id::NodeKey;
+use myconet_core::peers::{
+    PeerConfig, PeerManager,
     control::{Beacon, ControlMessage},
 };
 
@@ -30,8 +31,8 @@ pub const WALL_US: u64 = 1_800_000_000_000_000;
 /// The beacon a node with identity seed `seed` sends at `WALL_US + offset_us`.
 pub fn beacon(seed: u8, port: u16, offset_us: u64) -> Vec<u8> {
     let key = keypair(seed);
-    let b = Beacon::for_key(&key, port, WALL_US + offset_us).expect("beacon");
-    ControlMessage::Beacon(b.sign(&key)).to_vec()
+    let b = Beacon::for_key(&*key, port, WALL_US + offset_us).expect("beacon");
+    ControlMessage::Beacon(b.sign(&*key)).to_vec()
 }
 
 /// The fuzz target; see the module documentation.

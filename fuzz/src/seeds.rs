@@ -5,12 +5,12 @@
 
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use myconet_agent::{
+use myconet_common::wire::{DEFAULT_HOP_LIMIT, HEADER_LEN, Packet, PacketType, Repr};
+use myconet_core::{
     peers::control::{ControlMessage, Hello, HelloAck, frame_routing},
     routing::{SignedOrigin, wire},
     session::Inbound,
 };
-use myconet_common::wire::{DEFAULT_HOP_LIMIT, HEADER_LEN, Packet, PacketType, Repr};
 
 use crate::{
     discovery,
@@ -50,9 +50,9 @@ fn session() -> Vec<(String, Vec<u8>)> {
     let now = s.now;
     let rng = ring::rand::SystemRandom::new();
     // An init from a fourth node to b (answered, or with load, a cookie).
-    let mut d = myconet_agent::session::SessionTable::new(
+    let mut d = myconet_core::session::SessionTable::new(
         keypair(4),
-        myconet_agent::session::Config::default(),
+        myconet_core::session::Config::default(),
         now,
     )
     .expect("table");
@@ -88,7 +88,7 @@ fn session() -> Vec<(String, Vec<u8>)> {
 
 fn control() -> Vec<(String, Vec<u8>)> {
     let hello = ControlMessage::Hello(Hello {
-        node_key: myconet_agent::peers::NodeKey([7; 32]),
+        node_key: myconet_core::id::NodeKey([7; 32]),
         sequence: 3,
         timestamp_us: 123_456,
         observed_addr: "fd00::1".parse().expect("literal"),

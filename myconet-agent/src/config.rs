@@ -13,10 +13,8 @@ use clap::Parser;
 use myconet_common::wire::DEFAULT_PORT;
 use serde::Deserialize;
 
-use crate::{
-    dataplane::XdpModeChoice,
-    rib::{NextHop, Prefix},
-};
+use crate::dataplane::XdpModeChoice;
+use myconet_core::rib::{NextHop, Prefix};
 
 /// Command-line flags.
 #[derive(Debug, Parser)]
@@ -154,7 +152,7 @@ pub struct FileConfig {
     routes: Vec<FileRoute>,
     storage: Option<crate::content::settings::StorageSection>,
     content: Option<crate::content::settings::ContentSection>,
-    /// Ed25519 keys (hex) pinned for their /64 by the operator (`crate::pins`).
+    /// Ed25519 keys (hex) pinned for their /64 by the operator (`myconet_core::pins`).
     #[serde(default)]
     pinned_keys: Vec<String>,
     pin_dir: Option<PathBuf>,
@@ -204,14 +202,14 @@ pub struct Settings {
     /// Interfaces to discover neighbours on.
     pub discover: Vec<String>,
     /// Neighbour timers.
-    pub peer_config: crate::peers::PeerConfig,
+    pub peer_config: myconet_core::peers::PeerConfig,
     /// Static routes.
     pub routes: Vec<(Prefix, NextHop)>,
     /// The TUN device to create, `None` for a pure relay.
     pub tun_name: Option<String>,
     /// The content store and protocol (`storage` and `content` sections).
     pub content: crate::content::settings::ContentSettings,
-    /// Keys the operator pins for their /64, over whatever was learned (`crate::pins`).
+    /// Keys the operator pins for their /64, over whatever was learned (`myconet_core::pins`).
     pub pinned_keys: Vec<[u8; 32]>,
     /// Where the data plane is pinned (see `crate::bpf_pins`).
     pub pin_dir: PathBuf,
@@ -348,8 +346,8 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddrV6> {
 /// and a half without an authenticated packet, so three lost hellos in a row take a link
 /// down and two never do; sooner when a hello and the five probes after it all go
 /// unanswered (see `PeerConfig::probe_count`), which is what makes failover fast.
-fn peer_config(hello_interval_ms: Option<u64>) -> anyhow::Result<crate::peers::PeerConfig> {
-    let mut config = crate::peers::PeerConfig::default();
+fn peer_config(hello_interval_ms: Option<u64>) -> anyhow::Result<myconet_core::peers::PeerConfig> {
+    let mut config = myconet_core::peers::PeerConfig::default();
     let hello = std::time::Duration::from_millis(hello_interval_ms.unwrap_or(1000));
     if !(100..=60_000).contains(&hello.as_millis()) {
         bail!("hello_interval_ms must be 100..=60000");
@@ -447,7 +445,7 @@ impl Cli {
         }
         let mut pinned_keys = Vec::new();
         for k in &file.pinned_keys {
-            pinned_keys.push(crate::pins::parse_key(k).with_context(|| {
+            pinned_keys.push(myconet_core::pins::parse_key(k).with_context(|| {
                 format!("pinned_keys: {k:?} is not an Ed25519 public key (64 hex digits)")
             })?);
         }

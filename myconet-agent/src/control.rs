@@ -40,7 +40,9 @@ use crate::{
     link::Links,
     lockfile::{LockError, LockFile},
     node::{Node, NodeError, RouteRow},
-    peers::LinkEndpoint,
+};
+use myconet_core::{
+    id::LinkEndpoint,
     rib::{NextHop, Origin, Prefix, RouteTarget},
     routing::{Explanation, NotChosen, RouteSnapshot, Selection},
 };
@@ -405,7 +407,7 @@ fn node_status(e: NodeError) -> Status {
     }
 }
 
-fn key_pin(prefix: u64, key: [u8; 32], source: crate::pins::PinSource) -> pb::KeyPin {
+fn key_pin(prefix: u64, key: [u8; 32], source: myconet_core::pins::PinSource) -> pb::KeyPin {
     pb::KeyPin {
         prefix: format!("{}/64", Ipv6Addr::from(u128::from(prefix) << 64)),
         key: key.iter().map(|b| format!("{b:02x}")).collect(),
@@ -838,7 +840,7 @@ impl Control for ControlService {
         &self,
         _request: Request<pb::ListPinsRequest>,
     ) -> Result<Response<pb::ListPinsResponse>, Status> {
-        let pins = crate::pins::lock(self.links.pins())
+        let pins = myconet_core::pins::lock(self.links.pins())
             .list()
             .into_iter()
             .map(|(p, pin)| key_pin(p, pin.key, pin.source))
@@ -851,7 +853,7 @@ impl Control for ControlService {
         request: Request<pb::SetPinRequest>,
     ) -> Result<Response<pb::KeyPin>, Status> {
         let text = request.into_inner().key;
-        let key = crate::pins::parse_key(&text).ok_or_else(|| {
+        let key = myconet_core::pins::parse_key(&text).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "key {text:?} is not an Ed25519 public key (64 hex digits)"
             ))
@@ -862,7 +864,7 @@ impl Control for ControlService {
         Ok(Response::new(key_pin(
             bits,
             key,
-            crate::pins::PinSource::Operator,
+            myconet_core::pins::PinSource::Operator,
         )))
     }
 
@@ -1004,10 +1006,10 @@ mod tests {
     }
 
     fn links(node: &Arc<Node>) -> Arc<Links> {
-        let config = crate::peers::PeerConfig::default();
-        let routing = crate::routing::RoutingConfig::default();
+        let config = myconet_core::peers::PeerConfig::default();
+        let routing = myconet_core::routing::RoutingConfig::default();
         let seqnos = crate::seqno_store::SeqnoStore::ephemeral(1);
-        let pins = crate::pins::Pins::new(64).shared();
+        let pins = myconet_core::pins::Pins::new(64).shared();
         let now = std::time::Instant::now();
         Arc::new(Links::new(node.clone(), config, routing, seqnos, pins, now, 1).unwrap())
     }

@@ -304,6 +304,18 @@ impl Identity {
     }
 }
 
+/// The cores sign with the node's key through this (handshakes, routing origins,
+/// too-big reports, discovery beacons); the key itself stays here.
+impl myconet_core::id::Signer for Identity {
+    fn public_key(&self) -> &[u8] {
+        Identity::public_key(self)
+    }
+
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.key.sign(message).as_ref().to_vec()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

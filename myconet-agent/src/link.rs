@@ -37,9 +37,13 @@ use tracing::{debug, info, warn};
 
 use crate::{
     node::{AgentStat, Node},
+    seqno_store::SeqnoStore,
+};
+use myconet_core::{
+    id::{LinkEndpoint, NodeKey},
     peers::{
-        Action, ControlMessage, LinkEndpoint, NodeKey, Origin, PeerConfig, PeerError, PeerManager,
-        PeerSnapshot, PeerStats,
+        Action, ControlMessage, Origin, PeerConfig, PeerError, PeerManager, PeerSnapshot,
+        PeerStats,
         control::{frame_routing, routing_payload},
     },
     pins::{self, SharedPins},
@@ -48,7 +52,6 @@ use crate::{
         Admission, Explanation, RouteEvent, RouteSnapshot, Router, RoutingConfig, RoutingStats,
         TransmitTo,
     },
-    seqno_store::SeqnoStore,
     session::{Event, SessionTable},
 };
 

@@ -12,6 +12,7 @@ use myconet_agent::{
     content::Content,
     control::{self, ControlService, ControlSocket},
     dataplane::{self, XdpDataplane},
+    discovery::{Beaconer, DiscoveryConfig, ReceivedBeacon},
     generate,
     identity::{Identity, KEY_FILE, StateLock},
     link::Links,
@@ -19,15 +20,14 @@ use myconet_agent::{
     netlink::{self, Netlink},
     node::{ConfiguredInterface, Node},
     overlay::{self, Overlay},
-    peers::{Beaconer, DiscoveryConfig, LinkEndpoint, ReceivedBeacon},
-    pins, preflight,
-    routing::RoutingConfig,
+    pin_store, preflight,
     seqno_store::SeqnoStore,
     sysctl,
     tun::{Tun, TunError, TunOptions},
     underlay,
     watch::{self, UnderlayWatch},
 };
+use myconet_core::{id::LinkEndpoint, pins, routing::RoutingConfig};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
@@ -247,7 +247,7 @@ async fn serve(
     xdp_loaded: bool,
     content: &Arc<Content>,
 ) -> anyhow::Result<Exit> {
-    let pins = pins::load(&settings.state_dir, pins::DEFAULT_CAPACITY).shared();
+    let pins = pin_store::load(&settings.state_dir, pins::DEFAULT_CAPACITY).shared();
     for key in &settings.pinned_keys {
         pins::lock(&pins).set_operator(key);
     }
@@ -373,7 +373,7 @@ async fn save_pins_forever(pins: pins::SharedPins, state_dir: std::path::PathBuf
 }
 
 fn save_pins(pins: &pins::SharedPins, state_dir: &std::path::Path) {
-    if let Err(e) = pins::save_if_changed(pins, state_dir) {
+    if let Err(e) = pin_store::save_if_changed(pins, state_dir) {
         warn!(error = %e, dir = %state_dir.display(), "cannot persist the key pins");
     }
 }

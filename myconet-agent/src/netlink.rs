@@ -33,7 +33,7 @@ pub const OUTER_IPV6_HEADER_LEN: u32 = 40;
 pub const UDP_HEADER_LEN: u32 = 8;
 
 /// Authentication tag the end-to-end AEAD (ChaCha20-Poly1305 / AES-256-GCM) appends.
-pub const AEAD_TAG_LEN: u32 = crate::session::TAG_LEN as u32;
+pub const AEAD_TAG_LEN: u32 = myconet_core::session::TAG_LEN as u32;
 
 /// Transmit queue length given to the TUN device: packets (with offload, superpackets)
 /// the kernel queues for the agent's reader. Large enough to ride out a scheduling delay

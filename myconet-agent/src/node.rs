@@ -24,10 +24,13 @@ use myconet_common::{
 use crate::{
     dataplane::{AttachedMode, Attachment, DataplaneError, XdpDataplane},
     egress::EgressPolicy,
-    forward::{self, Decision, Endpoint},
     identity::Identity,
-    rib::{NextHop, Origin, Prefix, Rib, RibEntry, RouteTarget},
     sysctl,
+};
+use myconet_core::{
+    forward::{self, Decision},
+    id::LinkEndpoint,
+    rib::{NextHop, Origin, Prefix, Rib, RibEntry, RouteTarget},
 };
 
 /// Why an operation on the node was refused.
@@ -357,7 +360,7 @@ struct State {
     /// What the routing protocol selected, kept even where a static route overrides
     /// it, so removing the static route falls back to it at once.
     routed: std::collections::BTreeMap<Prefix, NextHop>,
-    peers: BTreeSet<Endpoint>,
+    peers: BTreeSet<LinkEndpoint>,
     dataplane: Option<XdpDataplane>,
     sysctls: sysctl::Journal,
     /// The underlay source address each next hop's routes carry in the kernel map
@@ -474,7 +477,7 @@ impl Node {
     /// (stored per route, so the program need not ask the FIB per packet).
     fn resolve_source(entry: &RibEntry) -> Option<(NextHop, Option<Ipv6Addr>)> {
         match entry.target {
-            RouteTarget::Forward(nh) => Some((nh, nh.underlay_source())),
+            RouteTarget::Forward(nh) => Some((nh, crate::next_hop::underlay_source(&nh))),
             RouteTarget::Local => None,
         }
     }
@@ -533,7 +536,7 @@ impl Node {
         let hops = self.next_hops_in_use();
         let resolved: Vec<(NextHop, Option<Ipv6Addr>)> = hops
             .into_iter()
-            .map(|nh| (nh, nh.underlay_source()))
+            .map(|nh| (nh, crate::next_hop::underlay_source(&nh)))
             .collect();
         let mut st = self.state();
         let st = &mut *st;
@@ -811,7 +814,7 @@ impl Node {
 
     /// Allows an underlay endpoint to relay through this node. A link-local endpoint
     /// must name its interface: it is admitted only for packets arriving there.
-    pub fn add_peer(&self, endpoint: Endpoint) -> Result<(), NodeError> {
+    pub fn add_peer(&self, endpoint: LinkEndpoint) -> Result<(), NodeError> {
         let shown = endpoint.to_string();
         let addr = endpoint.addr();
         if addr.is_unspecified() || addr.is_multicast() {
@@ -838,7 +841,7 @@ impl Node {
     }
 
     /// Revokes an endpoint; `false` if it was not a peer.
-    pub fn remove_peer(&self, endpoint: Endpoint) -> Result<bool, NodeError> {
+    pub fn remove_peer(&self, endpoint: LinkEndpoint) -> Result<bool, NodeError> {
         let mut st = self.state();
         let in_kernel = match st.dataplane.as_mut() {
             Some(dp) => dp.remove_peer(endpoint.peer_key())?,
@@ -853,13 +856,17 @@ impl Node {
     }
 
     /// Peers with whether each is in the kernel map.
-    pub fn peers(&self) -> Result<Vec<(Endpoint, bool)>, NodeError> {
+    pub fn peers(&self) -> Result<Vec<(LinkEndpoint, bool)>, NodeError> {
         let st = self.state();
-        let kernel: BTreeSet<Endpoint> = match st.dataplane.as_ref() {
-            Some(dp) => dp.peers()?.iter().map(Endpoint::from_peer_key).collect(),
+        let kernel: BTreeSet<LinkEndpoint> = match st.dataplane.as_ref() {
+            Some(dp) => dp
+                .peers()?
+                .iter()
+                .map(LinkEndpoint::from_peer_key)
+                .collect(),
             None => BTreeSet::new(),
         };
-        let mut all: BTreeSet<Endpoint> = st.peers.clone();
+        let mut all: BTreeSet<LinkEndpoint> = st.peers.clone();
         all.extend(kernel.iter().copied());
         Ok(all.into_iter().map(|e| (e, kernel.contains(&e))).collect())
     }
@@ -953,7 +960,7 @@ impl Node {
     }
 
     /// The userspace forwarding decision for a data packet from `from`.
-    pub fn decide(&self, from: Endpoint, header: &Repr) -> Decision {
+    pub fn decide(&self, from: LinkEndpoint, header: &Repr) -> Decision {
         let st = self.state();
         forward::decide(&st.rib, &st.peers, from, header)
     }
@@ -975,5 +982,16 @@ impl Node {
             dp.detach_all();
         }
         st.sysctls.restore_and_clear();
+    }
+}
+
+/// The discovery task signs beacons with the node's key through the node it is given.
+impl myconet_core::id::Signer for Node {
+    fn public_key(&self) -> &[u8] {
+        self.identity().public_key()
+    }
+
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        myconet_core::id::Signer::sign(self.identity(), message)
     }
 }

@@ -28,12 +28,14 @@ use crate::{
     batch_io::{self, RecvBatch},
     link::Links,
     node::{AgentStat, Node},
+    tun::{self, Coalescer, PacketBatch, Tun, VNET_HDR_LEN},
+};
+use myconet_core::{
     pmtu::{self, Limit, PathMtu, Rejected},
     session::{
         Config, Event, HandshakeError, Inbound, InboundError, Screened, SendError, SessionTable,
         Suite, TAG_LEN, Transmit,
     },
-    tun::{self, Coalescer, PacketBatch, Tun, VNET_HDR_LEN},
 };
 
 /// Packets the TUN reader gathers into one batch (one lock, one `sendmmsg`) before

@@ -19,10 +19,12 @@ use tracing::debug;
 
 use crate::{
     batch_io::{self, BATCH, RecvBatch, recv_batch, send_batch, send_gso_batch},
-    forward::{Decision, DropReason},
     node::{AgentStat, Node},
     overlay::Overlay,
-    peers::LinkEndpoint,
+};
+use myconet_core::{
+    forward::{Decision, DropReason},
+    id::LinkEndpoint,
     pmtu::{self, EgressMtus, TooBigReporter},
     rib::NextHop,
     session::{RateLimitConfig, RateLimiter},
@@ -320,7 +322,10 @@ impl RelayMtu {
         if len <= pmtu::ALWAYS_FITS {
             return false;
         }
-        let Some(mtu) = self.egress.get(next_hop, now, || next_hop.path_mtu()) else {
+        let Some(mtu) = self
+            .egress
+            .get(next_hop, now, || crate::next_hop::path_mtu(&next_hop))
+        else {
             return false;
         };
         if len + pmtu::OUTER_HEADERS <= mtu as usize {

@@ -51,8 +51,8 @@ use tracing::{debug, info, warn};
 use crate::{
     dataplane::error_chain,
     node::{Node, NodeError},
-    rib::NextHop,
 };
+use myconet_core::rib::NextHop;
 
 /// Why the watcher could not start or keep its view current.
 #[derive(Debug, thiserror::Error)]

@@ -12,12 +12,12 @@ use std::{collections::BTreeSet, net::Ipv6Addr};
 use myconet_agent::{
     dataplane::{AttachedMode, XdpDataplane, ifindex},
     egress::EgressPolicy,
-    rib::{NextHop, RouteTarget},
 };
 use myconet_common::{
     maps::{LocalAddrKey, PeerKey, Stat, forwarding_slot},
     wire::{DEFAULT_HOP_LIMIT, HEADER_LEN, PacketType, Repr, field},
 };
+use myconet_core::rib::{NextHop, RouteTarget};
 use myconet_testbed::{
     fixture::{NEIGH2_MAC, PEER_MAC, V0_MAC, V2_MAC, fib_namespace},
     packet::{self, ETH_LEN, IPV6_LEN, UDP_LEN},

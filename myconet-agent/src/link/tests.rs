@@ -17,9 +17,10 @@ use std::{
 use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 
 use super::{apply_to_table, feed_manager};
-use crate::{
-    peers::{Action, ControlMessage, LinkEndpoint, NodeKey, PeerConfig, PeerManager, PeerState},
-    session::{Config, Inbound, SessionTable, Signer, Transmit},
+use myconet_core::{
+    id::{LinkEndpoint, NodeKey, Signer},
+    peers::{Action, ControlMessage, PeerConfig, PeerManager, PeerState},
+    session::{Config, Inbound, SessionTable, Transmit},
 };
 
 /// The agent's default neighbour timers (`config::peer_config` with no flag).
@@ -456,7 +457,7 @@ fn a_link_stays_up_across_session_lifetimes() {
 // ---- The session-table contract the neighbour layer relies on ----
 
 /// Node `i`'s session events so far.
-fn events(sim: &mut Sim, i: usize) -> Vec<crate::session::Event> {
+fn events(sim: &mut Sim, i: usize) -> Vec<myconet_core::session::Event> {
     std::iter::from_fn(|| sim.nodes[i].table.poll_event()).collect()
 }
 
@@ -494,7 +495,7 @@ fn pump_tables(sim: &mut Sim) {
 
 #[test]
 fn a_replaced_link_session_expires_without_being_lost() {
-    use crate::session::{Event, ExpiryReason};
+    use myconet_core::session::{Event, ExpiryReason};
     let mut sim = linked_tables();
     let (ep0, ep1) = (sim.nodes[0].endpoint(), sim.nodes[1].endpoint());
     events(&mut sim, 0);
@@ -533,7 +534,7 @@ fn a_replaced_link_session_expires_without_being_lost() {
 
 #[test]
 fn an_idle_link_session_is_lost_and_so_is_a_closed_one() {
-    use crate::session::{Event, ExpiryReason};
+    use myconet_core::session::{Event, ExpiryReason};
     let mut sim = linked_tables();
     let (ep0, ep1) = (sim.nodes[0].endpoint(), sim.nodes[1].endpoint());
     events(&mut sim, 0);

@@ -43,10 +43,10 @@ mod tests;
 
 use std::time::Duration;
 
-use ring::{
-    aead,
-    signature::{Ed25519KeyPair, KeyPair},
-};
+use ring::aead;
+
+// The shared identity types, under the names the session modules use.
+use crate::id::{PUBLIC_KEY_LEN, Signer};
 
 pub use cookie::CookieChecker;
 pub use error::{
@@ -62,9 +62,6 @@ pub use table::{
 pub use transport::{
     DataHeader, ExpiryReason, MAX_PHASE_SKIP, PHASE_SHIFT, Session, TransportConfig,
 };
-
-/// Length of an Ed25519 public key, the node's static identity on the wire.
-pub const PUBLIC_KEY_LEN: usize = 32;
 
 /// Length of an Ed25519 signature.
 pub const SIGNATURE_LEN: usize = 64;
@@ -109,36 +106,6 @@ impl Suite {
             Self::ChaCha20Poly1305 => &aead::CHACHA20_POLY1305,
             Self::Aes256Gcm => &aead::AES_256_GCM,
         }
-    }
-}
-
-/// The node's long-term signing key as the handshake needs it: a public key to send and a
-/// signature over the transcript. A trait so the table does not own the agent's
-/// [`crate::identity::Identity`] (the node keeps that) and tests can use fixed keys.
-pub trait Signer: Send + Sync {
-    /// The raw 32-byte Ed25519 public key.
-    fn public_key(&self) -> &[u8];
-    /// An Ed25519 signature over `message`.
-    fn sign(&self, message: &[u8]) -> Vec<u8>;
-}
-
-impl Signer for Ed25519KeyPair {
-    fn public_key(&self) -> &[u8] {
-        KeyPair::public_key(self).as_ref()
-    }
-
-    fn sign(&self, message: &[u8]) -> Vec<u8> {
-        Ed25519KeyPair::sign(self, message).as_ref().to_vec()
-    }
-}
-
-impl Signer for crate::identity::Identity {
-    fn public_key(&self) -> &[u8] {
-        crate::identity::Identity::public_key(self)
-    }
-
-    fn sign(&self, message: &[u8]) -> Vec<u8> {
-        self.key_pair().sign(message).as_ref().to_vec()
     }
 }
 

@@ -23,6 +23,7 @@
 mod cache;
 mod metric;
 mod router;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 mod table;
 mod util;

@@ -34,8 +34,9 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use crate::id::{EndpointError, LinkEndpoint, NodeKey};
+
 use super::{
-    EndpointError, LinkEndpoint, NodeKey,
     control::{BeaconError, ControlMessage, Hello, HelloAck},
     limit::{Rate, SourceLimiter},
 };

@@ -6,12 +6,8 @@ use std::collections::BTreeSet;
 
 use myconet_common::wire::{DEFAULT_HOP_LIMIT, PacketType, Repr};
 
+use crate::id::LinkEndpoint;
 use crate::rib::{NextHop, Rib, RouteTarget};
-
-/// An underlay UDP endpoint with its interface scope, as the peer check compares it: a
-/// link-local sender matches a peer only on the interface the peer was authenticated
-/// on, exactly as the XDP peer map keys it (`maps::PeerKey`).
-pub type Endpoint = crate::peers::LinkEndpoint;
 
 /// What to do with an end-to-end packet (data, handshake, cookie) that reached the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +42,15 @@ pub enum DropReason {
 ///
 /// Data, handshake and cookie packets all travel end to end and get the same rules; the
 /// XDP program relays only data in the kernel and passes the rest up to be relayed here.
-pub fn decide(rib: &Rib, peers: &BTreeSet<Endpoint>, from: Endpoint, header: &Repr) -> Decision {
+/// `peers` and `from` are underlay endpoints with their interface scope, as the peer
+/// check compares them: a link-local sender matches a peer only on the interface the
+/// peer was authenticated on, exactly as the XDP peer map keys it (`maps::PeerKey`).
+pub fn decide(
+    rib: &Rib,
+    peers: &BTreeSet<LinkEndpoint>,
+    from: LinkEndpoint,
+    header: &Repr,
+) -> Decision {
     if header.packet_type == PacketType::Control {
         return Decision::Drop(DropReason::NotRelayable);
     }
@@ -81,11 +85,11 @@ mod tests {
     use crate::rib::{Origin, RibEntry};
     use std::net::Ipv6Addr;
 
-    fn ep(addr: &str, port: u16, scope: u32) -> Endpoint {
-        Endpoint::new(addr.parse::<Ipv6Addr>().unwrap(), port, scope)
+    fn ep(addr: &str, port: u16, scope: u32) -> LinkEndpoint {
+        LinkEndpoint::new(addr.parse::<Ipv6Addr>().unwrap(), port, scope)
     }
 
-    fn setup() -> (Rib, BTreeSet<Endpoint>, NextHop) {
+    fn setup() -> (Rib, BTreeSet<LinkEndpoint>, NextHop) {
         let mut rib = Rib::default();
         let nh = NextHop {
             addr: "fd00::2".parse().unwrap(),

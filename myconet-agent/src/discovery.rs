@@ -1,6 +1,7 @@
 //! The tokio shell of link-local discovery: sends this node's signed beacon to the
 //! Myconet discovery group on every opted-in interface and hands whatever arrives to the
-//! agent, which feeds it to [`PeerManager::on_beacon`](super::PeerManager::on_beacon).
+//! agent, which feeds it to [`PeerManager::on_beacon`] (the sans-IO core in
+//! `myconet_core::peers`).
 //!
 //! Sockets: one per interface, IPv6-only, bound to `[::]:<discovery port>` and pinned to
 //! its interface (`SO_BINDTOIFINDEX`), joined to [`DISCOVERY_GROUP`] there, with
@@ -23,14 +24,15 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use ring::{
-    rand::{SecureRandom, SystemRandom},
-    signature::Ed25519KeyPair,
-};
+use ring::rand::{SecureRandom, SystemRandom};
 use tokio::{net::UdpSocket, sync::mpsc, task::JoinSet};
 use tracing::{debug, warn};
 
-use super::control::{Beacon, ControlMessage, MAX_CONTROL_LEN};
+use myconet_core::id::Signer;
+use myconet_core::peers::{
+    BeaconOutcome, BeaconReject, PeerManager,
+    control::{Beacon, ControlMessage, MAX_CONTROL_LEN},
+};
 
 /// The Myconet discovery group, `ff02::6d:1`: link-local scope (`ff02::/16`, never
 /// routed), `6d` for 'm' as in the overlay prefix. Not IANA-assigned; chosen outside the
@@ -118,33 +120,6 @@ impl DiscoveryConfig {
     }
 }
 
-/// Gives the discovery task the node's signing key without copying it.
-///
-/// The agent's key lives inside its `Identity` (inside the `Node`), which is not an
-/// `Ed25519KeyPair` itself, so the task takes anything that can lend one.
-pub trait BeaconSigner: Send + Sync + 'static {
-    /// The node's key pair.
-    fn key_pair(&self) -> &Ed25519KeyPair;
-}
-
-impl BeaconSigner for Ed25519KeyPair {
-    fn key_pair(&self) -> &Ed25519KeyPair {
-        self
-    }
-}
-
-impl BeaconSigner for crate::identity::Identity {
-    fn key_pair(&self) -> &Ed25519KeyPair {
-        crate::identity::Identity::key_pair(self)
-    }
-}
-
-impl BeaconSigner for crate::node::Node {
-    fn key_pair(&self) -> &Ed25519KeyPair {
-        self.identity().key_pair()
-    }
-}
-
 /// A datagram that arrived on a discovery socket, not yet checked in any way.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceivedBeacon {
@@ -163,10 +138,7 @@ pub struct ReceivedBeacon {
 impl ReceivedBeacon {
     /// Hands the beacon to the manager (the one call the agent's peer task makes per
     /// received beacon).
-    pub fn deliver(
-        &self,
-        manager: &mut super::PeerManager,
-    ) -> Result<super::BeaconOutcome, super::BeaconReject> {
+    pub fn deliver(&self, manager: &mut PeerManager) -> Result<BeaconOutcome, BeaconReject> {
         manager.on_beacon(self.from, self.ifindex, &self.datagram, self.at, self.wall)
     }
 }
@@ -301,7 +273,7 @@ impl Beaconer {
     /// skipped so the others keep beaconing.
     pub async fn send_beacon(
         &self,
-        key: &Ed25519KeyPair,
+        key: &dyn Signer,
         timestamp_us: u64,
     ) -> Result<usize, DiscoveryError> {
         let beacon = Beacon::for_key(key, self.config.data_port, timestamp_us)
@@ -328,9 +300,9 @@ impl Beaconer {
     /// to `sink` until `sink` is closed; then returns. Received datagrams are offered
     /// with `try_send`: when the agent falls behind they are dropped and counted, never
     /// queued without bound and never allowed to delay the beacons.
-    pub async fn run<S: BeaconSigner + ?Sized>(
+    pub async fn run(
         self,
-        signer: Arc<S>,
+        signer: Arc<dyn Signer>,
         sink: mpsc::Sender<ReceivedBeacon>,
     ) -> Result<(), DiscoveryError> {
         let mut receivers = JoinSet::new();
@@ -349,8 +321,7 @@ impl Beaconer {
             // saw an earlier beacon do not take the next one for a replay.
             let timestamp = unix_micros(SystemTime::now()).max(last_timestamp.saturating_add(1));
             last_timestamp = timestamp;
-            if self.send_beacon(signer.key_pair(), timestamp).await? == 0
-                && !self.sockets.is_empty()
+            if self.send_beacon(signer.as_ref(), timestamp).await? == 0 && !self.sockets.is_empty()
             {
                 warn!("discovery beacon could not be sent on any interface");
             }
@@ -467,10 +438,11 @@ mod netns_tests {
 
     use anyhow::{Context, Result, bail, ensure};
     use myconet_testbed::topology::{Chain, Node};
-    use ring::signature::KeyPair;
+    use ring::signature::Ed25519KeyPair;
 
     use super::*;
-    use crate::peers::{Action, LinkEndpoint, NodeKey, PeerConfig, PeerManager};
+    use myconet_core::id::{LinkEndpoint, NodeKey};
+    use myconet_core::peers::{Action, PeerConfig, PeerManager};
 
     const DATA_PORT: u16 = 19651;
     const LIMIT: Duration = Duration::from_secs(15);
@@ -515,7 +487,7 @@ mod netns_tests {
             config.interval = Duration::from_millis(200);
             let beaconer = Beaconer::bind(config, &[ifindex])?;
             let stats = beaconer.stats();
-            let local = NodeKey::from_slice(key.public_key().as_ref()).context("key")?;
+            let local = NodeKey::from_slice(key.public_key()).context("key")?;
             let start = Instant::now();
             let mut manager = PeerManager::new(PeerConfig::default(), local, start, 1)?;
             manager.enable_discovery(ifindex);
@@ -568,8 +540,8 @@ mod netns_tests {
         let a_ll = link_local(a, &a_if.name)?;
         let b_ll = link_local(b, &b_if.name)?;
         let (ka, kb) = (key_pair(), key_pair());
-        let a_key = NodeKey::from_slice(ka.public_key().as_ref()).context("key")?;
-        let b_key = NodeKey::from_slice(kb.public_key().as_ref()).context("key")?;
+        let a_key = NodeKey::from_slice(ka.public_key()).context("key")?;
+        let b_key = NodeKey::from_slice(kb.public_key()).context("key")?;
         let found = AtomicUsize::new(0);
         let (ra, rb) = std::thread::scope(|s| {
             let ha = s.spawn(|| {

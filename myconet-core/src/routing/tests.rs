@@ -9,7 +9,7 @@ use ring::signature::Ed25519KeyPair;
 use super::sim::{Scenario, Sim, SimConfig, Topology};
 use super::wire::{self, Tlv, Tlvs};
 use super::*;
-use crate::session::Signer;
+use crate::id::Signer;
 
 fn kp(i: u8) -> Arc<Ed25519KeyPair> {
     let seed = [i; 32];

@@ -8,8 +8,9 @@ use std::{
 
 use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 
+use crate::id::{EndpointError, LinkEndpoint, NodeKey};
+
 use super::{
-    EndpointError, LinkEndpoint, NodeKey,
     control::{Beacon, ControlMessage, Hello, HelloAck},
     manager::{
         Action, BeaconOutcome, BeaconReject, Origin, PeerConfig, PeerError, PeerManager, PeerState,

@@ -39,7 +39,8 @@ use myconet_common::{
 };
 use ring::signature::{ED25519, UnparsedPublicKey};
 
-use crate::session::{RateLimitConfig, RateLimiter, Signer, TAG_LEN};
+use crate::id::Signer;
+use crate::session::{RateLimitConfig, RateLimiter, TAG_LEN};
 
 /// Outer headers of every Myconet datagram on the underlay: IPv6 (40) and UDP (8).
 pub const OUTER_HEADERS: usize = 48;

@@ -37,9 +37,9 @@
 use std::net::Ipv6Addr;
 
 use myconet_common::addr::key_owns;
-use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use ring::signature::{ED25519, UnparsedPublicKey};
 
-use super::{NODE_KEY_LEN, NodeKey};
+use crate::id::{NodeKey, PUBLIC_KEY_LEN, Signer};
 
 /// The only control-message version this code speaks.
 pub const CONTROL_VERSION: u8 = 1;
@@ -48,7 +48,7 @@ pub const CONTROL_VERSION: u8 = 1;
 pub const CONTROL_HEADER_LEN: usize = 4;
 
 /// Body length of a [`Hello`].
-pub const HELLO_BODY_LEN: usize = NODE_KEY_LEN + 4 + 8 + 16 + 2;
+pub const HELLO_BODY_LEN: usize = PUBLIC_KEY_LEN + 4 + 8 + 16 + 2;
 
 /// Body length of a [`HelloAck`].
 pub const HELLO_ACK_BODY_LEN: usize = 4 + 8 + 4;
@@ -60,7 +60,7 @@ pub const KEEPALIVE_BODY_LEN: usize = 0;
 pub const SIGNATURE_LEN: usize = 64;
 
 /// Body length of a beacon without its signature (what the signature covers).
-pub const BEACON_UNSIGNED_BODY_LEN: usize = NODE_KEY_LEN + 16 + 2 + 8;
+pub const BEACON_UNSIGNED_BODY_LEN: usize = PUBLIC_KEY_LEN + 16 + 2 + 8;
 
 /// Body length of a [`SignedBeacon`].
 pub const BEACON_BODY_LEN: usize = BEACON_UNSIGNED_BODY_LEN + SIGNATURE_LEN;
@@ -328,8 +328,8 @@ impl Beacon {
     /// The announcement a node makes about itself: its key, the address that key owns
     /// and its data port. Deriving both from the key pair means a node cannot announce
     /// anything its own verification would reject.
-    pub fn for_key(key: &Ed25519KeyPair, port: u16, timestamp_us: u64) -> Option<Self> {
-        let node_key = NodeKey::from_slice(key.public_key().as_ref())?;
+    pub fn for_key(key: &dyn Signer, port: u16, timestamp_us: u64) -> Option<Self> {
+        let node_key = NodeKey::from_slice(key.public_key())?;
         Some(Self {
             node_key,
             overlay_addr: node_key.node_address(),
@@ -361,12 +361,12 @@ impl Beacon {
 
     /// Signs the announcement with `key`. Signing does not check that `key` matches
     /// `node_key`; a mismatch simply fails verification everywhere.
-    pub fn sign(&self, key: &Ed25519KeyPair) -> SignedBeacon {
+    pub fn sign(&self, key: &dyn Signer) -> SignedBeacon {
         let sig = key.sign(&self.signed_bytes());
         let mut signature = [0u8; SIGNATURE_LEN];
         // Ed25519 signatures are always 64 bytes; copy defensively all the same.
-        let n = sig.as_ref().len().min(SIGNATURE_LEN);
-        signature[..n].copy_from_slice(&sig.as_ref()[..n]);
+        let n = sig.len().min(SIGNATURE_LEN);
+        signature[..n].copy_from_slice(&sig[..n]);
         SignedBeacon {
             beacon: *self,
             signature,
@@ -541,7 +541,7 @@ mod routing_frame_tests {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use ring::rand::SystemRandom;
+    use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 
     fn key_pair() -> Ed25519KeyPair {
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();

@@ -64,7 +64,7 @@ struct Node {
     underlay: SocketAddr,
     received: Vec<Vec<u8>>,
     /// Control messages opened under link sessions: (neighbour endpoint, key, payload).
-    control: Vec<(crate::peers::LinkEndpoint, [u8; 32], Vec<u8>)>,
+    control: Vec<(crate::id::LinkEndpoint, [u8; 32], Vec<u8>)>,
     errors: Vec<InboundError>,
     events: Vec<Event>,
 }
@@ -1566,14 +1566,14 @@ fn node_addresses_are_key_owned() {
 
 // ---- Link sessions: neighbours known by underlay endpoint ----
 
-fn endpoint(net: &Net, i: usize) -> crate::peers::LinkEndpoint {
+fn endpoint(net: &Net, i: usize) -> crate::id::LinkEndpoint {
     match net.nodes[i].underlay {
-        SocketAddr::V6(a) => crate::peers::LinkEndpoint::from(a),
+        SocketAddr::V6(a) => crate::id::LinkEndpoint::from(a),
         SocketAddr::V4(_) => unreachable!("test nodes are IPv6"),
     }
 }
 
-fn link_events(net: &Net, i: usize) -> Vec<(crate::peers::LinkEndpoint, [u8; 32])> {
+fn link_events(net: &Net, i: usize) -> Vec<(crate::id::LinkEndpoint, [u8; 32])> {
     net.nodes[i]
         .events
         .iter()

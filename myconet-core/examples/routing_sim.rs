@@ -1,13 +1,13 @@
 //! Runs the routing simulator at scale and prints (optionally saves as JSON) the report:
 //! convergence times, message rates, memory per route, loop and reachability checks.
 //!
-//! `cargo run --release --example routing_sim -p myconet-agent -- --nodes 10000 --topology scale-free --seed 1`
+//! `cargo run --release --example routing_sim -p myconet-core --features sim -- --nodes 10000 --topology scale-free --seed 1`
 
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use myconet_agent::routing::sim::{Scenario, SimConfig, TableFill, Topology};
-use myconet_agent::routing::{Admission, RoutingConfig};
+use myconet_core::routing::sim::{Scenario, SimConfig, TableFill, Topology};
+use myconet_core::routing::{Admission, RoutingConfig};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum AttackAdmission {

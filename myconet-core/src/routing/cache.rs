@@ -49,7 +49,7 @@ pub fn owned_prefix(key: &[u8]) -> u64 {
 
 impl SignedOrigin {
     /// Signs an announcement of `key`'s own /64 at `seqno`.
-    pub fn sign(signer: &dyn crate::session::Signer, seqno: u32) -> Option<Self> {
+    pub fn sign(signer: &dyn crate::id::Signer, seqno: u32) -> Option<Self> {
         let key: [u8; 32] = signer.public_key().try_into().ok()?;
         let prefix = owned_prefix(&key);
         let sig = signer.sign(&signing_message(&key, prefix, NODE_PREFIX_LEN, seqno));

@@ -24,8 +24,8 @@ use super::{
     Admission, Explanation, NotChosen, RouteEvent, RouteSnapshot, RoutingError, RoutingStats,
     Selection, TransmitTo,
 };
+use crate::id::Signer;
 use crate::pins::{self, PinCheck, SharedPins};
-use crate::session::Signer;
 
 /// Everything tunable about the routing core. [`RoutingConfig::default`] is what a node
 /// should run; tests shrink timers.
@@ -2160,6 +2160,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     /// Loads the memory a lookup of prefix `p` reads (level 0: the table slot, 1: the
     /// entry) without using it, so the simulator's all-pairs walks can overlap their
     /// cache misses across nodes. Changes nothing.
+    #[cfg(any(test, feature = "sim"))]
     pub(crate) fn touch_route(&self, p: u64, level: u8) {
         self.table.touch(p, level);
     }
@@ -2170,6 +2171,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     }
 
     /// Selected (next hop, metric) for a prefix, for tests and the simulator.
+    #[cfg(any(test, feature = "sim"))]
     pub(crate) fn selected_bits(&self, p: u64) -> Option<(N, u16)> {
         let e = self.table.get(p)?;
         let c = e.cand(e.sel)?;
@@ -2305,6 +2307,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
     }
 
     /// Every prefix held (upper 64 bits), for the simulator's attack reports.
+    #[cfg(any(test, feature = "sim"))]
     pub(crate) fn held_prefixes(&self) -> impl Iterator<Item = u64> + '_ {
         self.table.prefixes()
     }

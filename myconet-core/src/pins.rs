@@ -12,7 +12,8 @@
 //!
 //! This module is the pin set and its text form; the routing core and the session table
 //! consult it through a [`SharedPins`], and the agent persists it in the state directory
-//! (`pins`, written when changed, at most once a minute, and at shutdown).
+//! (its `pin_store`: `pins`, written when changed, at most once a minute, and at
+//! shutdown).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -21,8 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use myconet_common::addr::node_prefix;
 
-/// File name of the persisted pins inside the state directory.
-pub const PINS_FILE: &str = "pins";
+use crate::id::NodeKey;
 
 /// Most pins kept by default: the routing table's size plus room for peers talked to
 /// directly. Beyond it the least recently confirmed learned pins are dropped first.
@@ -104,17 +104,9 @@ fn hex(b: &[u8]) -> String {
         })
 }
 
-/// Parses a 64-digit hex Ed25519 public key.
+/// Parses a 64-digit hex Ed25519 public key (surrounding white space ignored).
 pub fn parse_key(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
-    let mut k = [0u8; 32];
-    for (i, b) in k.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(k)
+    s.trim().parse::<NodeKey>().ok().map(|k| k.0)
 }
 
 impl Pins {
@@ -219,6 +211,12 @@ impl Pins {
         std::mem::take(&mut self.dirty)
     }
 
+    /// Marks the set as changed again, after a write of it failed, so the next save
+    /// tries again.
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
     /// When full, drops the least recently confirmed eighth of the learned pins (one
     /// sort per eighth of the capacity, not one scan per new pin).
     fn make_room(&mut self) {
@@ -302,44 +300,6 @@ impl Pins {
     }
 }
 
-/// Reads `state_dir/pins` (an empty set if there is none). What cannot be read or
-/// parsed is logged and skipped: losing pins weakens nothing that worked before them.
-pub fn load(state_dir: &std::path::Path, capacity: usize) -> Pins {
-    let path = state_dir.join(PINS_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let (pins, skipped) = Pins::from_text(&text, capacity);
-            if skipped > 0 {
-                tracing::warn!(path = %path.display(), skipped, "pins: lines skipped (unparsable, or the key does not own the prefix)");
-            }
-            pins
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Pins::new(capacity),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read the pins; starting without");
-            Pins::new(capacity)
-        }
-    }
-}
-
-/// Writes the pins to `state_dir/pins` if they changed since the last write (the text
-/// is made under the lock, written after it). Returns whether it wrote.
-pub fn save_if_changed(pins: &SharedPins, state_dir: &std::path::Path) -> std::io::Result<bool> {
-    let text = {
-        let mut p = lock(pins);
-        if !p.take_dirty() {
-            return Ok(false);
-        }
-        p.to_text()
-    };
-    let path = state_dir.join(PINS_FILE);
-    crate::seqno_store::write_atomically(&path, text.as_bytes()).inspect_err(|_| {
-        // Try again next time.
-        lock(pins).dirty = true;
-    })?;
-    Ok(true)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,20 +366,5 @@ mod tests {
             "the stalest learned pin went"
         );
         assert!(p.get(prefix_of(&key(100))).is_some(), "operator pins stay");
-    }
-
-    #[test]
-    fn saved_when_changed_and_loaded_back() {
-        let d = std::env::temp_dir().join(format!("myconet-pins-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        let pins = Pins::new(10).shared();
-        assert!(!save_if_changed(&pins, &d).unwrap(), "nothing to write");
-        lock(&pins).check(prefix_of(&key(3)), &key(3));
-        assert!(save_if_changed(&pins, &d).unwrap());
-        assert!(!save_if_changed(&pins, &d).unwrap());
-        let back = load(&d, 10);
-        assert_eq!(back.list(), lock(&pins).list());
-        std::fs::remove_dir_all(&d).unwrap();
     }
 }

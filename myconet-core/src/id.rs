@@ -1,71 +1,36 @@
-//! Underlay neighbours: who they are, whether they are alive, and how to find them.
-//!
-//! Written like the session core: a sans-IO state machine ([`PeerManager`]) that gets
-//! time as [`std::time::Instant`] and bytes as slices and answers with [`Action`]s, plus a
-//! thin tokio shell ([`discovery::Beaconer`]) for the one piece of I/O that belongs to
-//! this layer alone, link-local multicast discovery. Every protocol decision is therefore
-//! testable with a simulated clock.
-//!
-//! What the manager does and does not do:
-//! - It never does cryptography on links. When a neighbour needs a link session it emits
-//!   [`Action::StartLinkHandshake`]; the session layer runs the handshake and reports
-//!   [`PeerManager::on_link_authenticated`]. Only then does the manager emit
-//!   [`Action::PeerUp`], which is what lets the agent put the endpoint into the XDP peer
-//!   map, so only authenticated neighbours can ever relay through this node.
-//! - It defines the plaintext of link-level control messages ([`control`]); sealing
-//!   them into `Control` packets under the link session is the session layer's job.
-//! - It verifies discovery beacons (signed with the node's Ed25519 key, sent in the
-//!   clear), because they arrive before any session exists.
-//!
-//! Modules:
-//! - [`control`]: wire format of hello, hello-ack, keepalive and discovery beacons.
-//! - [`manager`]: the per-neighbour state machine, RTT/loss estimation, discovery intake.
-//! - [`discovery`]: the tokio beacon sender/receiver on link-local multicast.
-
-pub mod control;
-pub mod discovery;
-pub mod manager;
-
-mod limit;
-
-#[cfg(test)]
-mod tests;
+//! The basic types every core shares, defined once: a node's key ([`NodeKey`],
+//! [`PUBLIC_KEY_LEN`]), the [`Signer`] that lends the node's private key to a core, and
+//! a neighbour's underlay endpoint ([`LinkEndpoint`]).
 
 use std::{
     fmt,
     net::{Ipv6Addr, SocketAddrV6},
+    str::FromStr,
 };
 
 use myconet_common::addr::is_overlay;
+use ring::signature::{Ed25519KeyPair, KeyPair};
 
-pub use control::{
-    Beacon, BeaconError, ControlError, ControlMessage, Hello, HelloAck, Kind, SignedBeacon,
-};
-pub use discovery::{BeaconSigner, Beaconer, DiscoveryConfig, DiscoveryError, ReceivedBeacon};
-pub use manager::{
-    Action, BeaconOutcome, BeaconReject, Origin, PeerConfig, PeerError, PeerManager, PeerSnapshot,
-    PeerState, PeerStats,
-};
-
-/// Length of an Ed25519 public key, the identity every neighbour is known by.
-pub const NODE_KEY_LEN: usize = 32;
+/// Length of an Ed25519 public key: a node's static identity on the wire, in routing
+/// and in every neighbour table.
+pub const PUBLIC_KEY_LEN: usize = 32;
 
 /// A node's Ed25519 public key.
 ///
 /// A newtype rather than a bare array so that it prints as hex (logs, the control API)
 /// and cannot be confused with the other 32-byte values around (X25519 keys, digests).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeKey(pub [u8; NODE_KEY_LEN]);
+pub struct NodeKey(pub [u8; PUBLIC_KEY_LEN]);
 
 impl NodeKey {
-    /// Takes a key from a slice; `None` unless it is exactly [`NODE_KEY_LEN`] bytes, so
+    /// Takes a key from a slice; `None` unless it is exactly [`PUBLIC_KEY_LEN`] bytes, so
     /// callers holding a `&[u8]` (ring's `public_key().as_ref()`) need no panicking copy.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        <[u8; NODE_KEY_LEN]>::try_from(bytes).ok().map(Self)
+        <[u8; PUBLIC_KEY_LEN]>::try_from(bytes).ok().map(Self)
     }
 
     /// The raw key bytes, for signature verification and address derivation.
-    pub fn as_bytes(&self) -> &[u8; NODE_KEY_LEN] {
+    pub fn as_bytes(&self) -> &[u8; PUBLIC_KEY_LEN] {
         &self.0
     }
 
@@ -80,8 +45,8 @@ impl NodeKey {
     }
 }
 
-impl From<[u8; NODE_KEY_LEN]> for NodeKey {
-    fn from(bytes: [u8; NODE_KEY_LEN]) -> Self {
+impl From<[u8; PUBLIC_KEY_LEN]> for NodeKey {
+    fn from(bytes: [u8; PUBLIC_KEY_LEN]) -> Self {
         Self(bytes)
     }
 }
@@ -95,6 +60,34 @@ impl fmt::Debug for NodeKey {
 impl fmt::Display for NodeKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())
+    }
+}
+
+/// Why a string is not a [`NodeKey`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NodeKeyError {
+    /// Not `2 * PUBLIC_KEY_LEN` ASCII characters (the length found).
+    #[error("a node key is {digits} hex digits, not {0} characters", digits = 2 * PUBLIC_KEY_LEN)]
+    Length(usize),
+    /// A pair of characters that is not a hex byte.
+    #[error("not a hex digit pair at offset {0}")]
+    Digit(usize),
+}
+
+impl FromStr for NodeKey {
+    type Err = NodeKeyError;
+
+    /// Parses the 64-digit hex form [`NodeKey`] displays as (either case).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 2 * PUBLIC_KEY_LEN || !s.is_ascii() {
+            return Err(NodeKeyError::Length(s.len()));
+        }
+        let mut key = [0u8; PUBLIC_KEY_LEN];
+        for (i, b) in key.iter_mut().enumerate() {
+            let pair = s.get(2 * i..2 * i + 2).ok_or(NodeKeyError::Digit(2 * i))?;
+            *b = u8::from_str_radix(pair, 16).map_err(|_| NodeKeyError::Digit(2 * i))?;
+        }
+        Ok(Self(key))
     }
 }
 
@@ -216,5 +209,43 @@ impl fmt::Display for LinkEndpoint {
 impl fmt::Debug for LinkEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
+    }
+}
+
+/// The node's long-term Ed25519 key as every core needs it: the public key to announce
+/// and signatures (handshake transcripts, routing origins, too-big reports, discovery
+/// beacons). A trait so no core owns the agent's identity (the shell keeps it and
+/// implements this) and tests can use fixed keys.
+pub trait Signer: Send + Sync {
+    /// The raw 32-byte Ed25519 public key.
+    fn public_key(&self) -> &[u8];
+    /// An Ed25519 signature over `message`.
+    fn sign(&self, message: &[u8]) -> Vec<u8>;
+}
+
+impl Signer for Ed25519KeyPair {
+    fn public_key(&self) -> &[u8] {
+        KeyPair::public_key(self).as_ref()
+    }
+
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        Ed25519KeyPair::sign(self, message).as_ref().to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_key_prints_and_parses_back() {
+        let key = NodeKey([0xa5; PUBLIC_KEY_LEN]);
+        let text = key.to_string();
+        assert_eq!(text.len(), 64);
+        assert_eq!(text.parse::<NodeKey>(), Ok(key));
+        assert_eq!(text.to_uppercase().parse::<NodeKey>(), Ok(key));
+        assert_eq!("ab".parse::<NodeKey>(), Err(NodeKeyError::Length(2)));
+        let bad = format!("{}zz", &text[..62]);
+        assert_eq!(bad.parse::<NodeKey>(), Err(NodeKeyError::Digit(62)));
     }
 }

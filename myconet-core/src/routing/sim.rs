@@ -612,7 +612,7 @@ impl Sim {
         let seed = self.rng.next_u64();
         let now = self.instant();
         let node = &mut self.nodes[i as usize];
-        let signer: Arc<dyn crate::session::Signer> = node.key.clone();
+        let signer: Arc<dyn crate::id::Signer> = node.key.clone();
         let seqno = node.next_seqno;
         let cfg = self.cfg.routing.clone();
         let r = match &self.cache {

@@ -54,7 +54,7 @@ use myconet_common::{
 };
 use ring::{digest, rand::SecureRandom};
 
-use crate::peers::LinkEndpoint;
+use crate::id::LinkEndpoint;
 use crate::pins::{self, PinCheck, SharedPins};
 
 use super::{
