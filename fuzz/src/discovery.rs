@@ -17,7 +17,7 @@ use std::{
 use myconet_core::id::NodeKey;
 use myconet_core::peers::{
     PeerConfig, PeerManager,
-    control::{Beacon, ControlMessage},
+    wire::{Beacon, LinkMessage},
 };
 
 use crate::session::keypair;
@@ -32,7 +32,7 @@ pub const WALL_US: u64 = 1_800_000_000_000_000;
 pub fn beacon(seed: u8, port: u16, offset_us: u64) -> Vec<u8> {
     let key = keypair(seed);
     let b = Beacon::for_key(&*key, port, WALL_US + offset_us).expect("beacon");
-    ControlMessage::Beacon(b.sign(&*key)).to_vec()
+    LinkMessage::Beacon(b.sign(&*key)).to_vec()
 }
 
 /// The fuzz target; see the module documentation.
@@ -56,7 +56,7 @@ pub fn run(data: &[u8]) {
     );
     let first = manager.on_beacon(from, IFINDEX, datagram, now, wall);
     if first.is_ok() {
-        let Ok(ControlMessage::Beacon(signed)) = ControlMessage::parse(datagram) else {
+        let Ok(LinkMessage::Beacon(signed)) = LinkMessage::parse(datagram) else {
             panic!("accepted a datagram that is not a beacon");
         };
         assert_ne!(signed.beacon.node_key, local_key, "accepted our own beacon");

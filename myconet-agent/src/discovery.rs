@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 use myconet_core::id::Signer;
 use myconet_core::peers::{
     BeaconOutcome, BeaconReject, PeerManager,
-    control::{Beacon, ControlMessage, MAX_CONTROL_LEN},
+    wire::{Beacon, LinkMessage, MAX_LINK_MESSAGE_LEN},
 };
 
 /// The Myconet discovery group, `ff02::6d:1`: link-local scope (`ff02::/16`, never
@@ -278,7 +278,7 @@ impl Beaconer {
     ) -> Result<usize, DiscoveryError> {
         let beacon = Beacon::for_key(key, self.config.data_port, timestamp_us)
             .ok_or(DiscoveryError::BadKey)?;
-        let bytes = ControlMessage::Beacon(beacon.sign(key)).to_vec();
+        let bytes = LinkMessage::Beacon(beacon.sign(key)).to_vec();
         let mut sent = 0;
         for s in &self.sockets {
             let to = SocketAddrV6::new(self.config.group, self.config.port, 0, s.ifindex);
@@ -355,7 +355,7 @@ async fn receive_loop(
 ) {
     // Room for one byte more than the longest message, so an oversized datagram is
     // recognised rather than silently truncated into something that might parse.
-    let mut buf = [0u8; MAX_CONTROL_LEN + 1];
+    let mut buf = [0u8; MAX_LINK_MESSAGE_LEN + 1];
     loop {
         let (len, from) = match socket.recv_from(&mut buf).await {
             Ok(r) => r,
@@ -370,7 +370,7 @@ async fn receive_loop(
             stats.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let Some(datagram) = buf.get(..len).filter(|_| len <= MAX_CONTROL_LEN) else {
+        let Some(datagram) = buf.get(..len).filter(|_| len <= MAX_LINK_MESSAGE_LEN) else {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };

@@ -42,9 +42,8 @@ use crate::{
 use myconet_core::{
     id::{LinkEndpoint, NodeKey},
     peers::{
-        Action, ControlMessage, Origin, PeerConfig, PeerError, PeerManager, PeerSnapshot,
-        PeerStats,
-        control::{frame_routing, routing_payload},
+        Action, LinkMessage, Origin, PeerConfig, PeerError, PeerManager, PeerSnapshot, PeerStats,
+        wire::{frame_routing, routing_payload},
     },
     pins::{self, SharedPins},
     rib::{NextHop, Prefix},
@@ -301,13 +300,13 @@ impl Links {
             }
             None => {}
         }
-        match ControlMessage::parse(payload) {
+        match LinkMessage::parse(payload) {
             Ok(message) => {
                 if let Err(e) = manager.handle_control(endpoint, &message, now) {
                     debug!(%endpoint, error = %e, "control message ignored");
                 }
                 // A hello-ack is an RTT sample: let the routing core re-cost the link.
-                if matches!(message, ControlMessage::HelloAck(_))
+                if matches!(message, LinkMessage::HelloAck(_))
                     && let Some(peer) = manager.peer(endpoint, now)
                 {
                     drop(manager);

@@ -557,7 +557,7 @@ fn cost_scenario(topo: &Topology, agents: &mut Vec<Option<AgentProcess>>) -> Res
 fn a_neighbour_announcing_a_prefix_it_does_not_own_is_ignored() -> Result<()> {
     use myconet_core::{
         id::{LinkEndpoint, Signer},
-        peers::control::frame_routing,
+        peers::wire::frame_routing,
         routing::{SignedOrigin, owned_prefix, wire},
         session::{Config, Inbound, SessionTable},
     };

@@ -19,7 +19,7 @@ use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 use super::{apply_to_table, feed_manager};
 use myconet_core::{
     id::{LinkEndpoint, NodeKey, Signer},
-    peers::{Action, ControlMessage, PeerConfig, PeerManager, PeerState},
+    peers::{Action, LinkMessage, PeerConfig, PeerManager, PeerState},
     session::{Config, Inbound, SessionTable, Transmit},
 };
 
@@ -183,7 +183,7 @@ impl Sim {
         }) = node.table.handle_datagram(src, datagram, now, &self.rng)
         {
             node.manager.on_any_packet_from(endpoint, now);
-            if let Ok(message) = ControlMessage::parse(&payload)
+            if let Ok(message) = LinkMessage::parse(&payload)
                 && !payload.is_empty()
             {
                 let _ = node.manager.handle_control(endpoint, &message, now);

@@ -37,8 +37,8 @@ use std::{
 use crate::id::{EndpointError, LinkEndpoint, NodeKey};
 
 use super::{
-    control::{BeaconError, ControlMessage, Hello, HelloAck},
     limit::{Rate, SourceLimiter},
+    wire::{BeaconError, Hello, HelloAck, LinkMessage},
 };
 
 /// Timers and limits of the peer layer.
@@ -274,11 +274,11 @@ impl Action {
 
     /// The control message to seal for the send actions, so the shell needs no match
     /// of its own to encode them.
-    pub fn control_message(&self) -> Option<ControlMessage> {
+    pub fn control_message(&self) -> Option<LinkMessage> {
         match self {
-            Self::SendHello(_, h) => Some(ControlMessage::Hello(*h)),
-            Self::SendHelloAck(_, a) => Some(ControlMessage::HelloAck(*a)),
-            Self::SendKeepalive(_) => Some(ControlMessage::Keepalive),
+            Self::SendHello(_, h) => Some(LinkMessage::Hello(*h)),
+            Self::SendHelloAck(_, a) => Some(LinkMessage::HelloAck(*a)),
+            Self::SendKeepalive(_) => Some(LinkMessage::Keepalive),
             _ => None,
         }
     }
@@ -1084,7 +1084,7 @@ impl PeerManager {
         if !self.beacon_limiter.allow((source, ifindex), now) {
             return Err(BeaconReject::RateLimited);
         }
-        let Ok(ControlMessage::Beacon(signed)) = ControlMessage::parse(datagram) else {
+        let Ok(LinkMessage::Beacon(signed)) = LinkMessage::parse(datagram) else {
             return Err(BeaconReject::Malformed);
         };
         if signed.beacon.node_key == self.core.local_key {
@@ -1382,13 +1382,13 @@ impl PeerManager {
     pub fn handle_control(
         &mut self,
         endpoint: LinkEndpoint,
-        message: &ControlMessage,
+        message: &LinkMessage,
         now: Instant,
     ) -> Result<(), PeerError> {
         match message {
-            ControlMessage::Hello(h) => self.on_hello(endpoint, h, now),
-            ControlMessage::HelloAck(a) => self.on_hello_ack(endpoint, a, now),
-            ControlMessage::Keepalive => {
+            LinkMessage::Hello(h) => self.on_hello(endpoint, h, now),
+            LinkMessage::HelloAck(a) => self.on_hello_ack(endpoint, a, now),
+            LinkMessage::Keepalive => {
                 if self.on_any_packet_from(endpoint, now) {
                     Ok(())
                 } else {
@@ -1396,7 +1396,7 @@ impl PeerManager {
                     Err(PeerError::NotUp(endpoint))
                 }
             }
-            ControlMessage::Beacon(_) => {
+            LinkMessage::Beacon(_) => {
                 self.core.stats.control_ignored += 1;
                 Err(PeerError::UnexpectedBeacon(endpoint))
             }

@@ -13,30 +13,30 @@
 //!   [`PeerManager::on_link_authenticated`]. Only then does the manager emit
 //!   [`Action::PeerUp`], which is what lets the agent put the endpoint into the XDP peer
 //!   map, so only authenticated neighbours can ever relay through this node.
-//! - It defines the plaintext of link-level control messages ([`control`]); sealing
+//! - It defines the plaintext of link-level control messages ([`wire`]); sealing
 //!   them into `Control` packets under the link session is the session layer's job.
 //! - It verifies discovery beacons (signed with the node's Ed25519 key, sent in the
 //!   clear), because they arrive before any session exists.
 //!
 //! Modules:
-//! - [`control`]: wire format of hello, hello-ack, keepalive and discovery beacons.
+//! - [`wire`]: wire format of hello, hello-ack, keepalive and discovery beacons.
 //! - [`manager`]: the per-neighbour state machine, RTT/loss estimation, discovery intake.
 //!
 //! A neighbour's key and endpoint types ([`crate::id::NodeKey`],
 //! [`crate::id::LinkEndpoint`]) are shared with the other cores and live in [`crate::id`].
 
-pub mod control;
 pub mod manager;
+pub mod wire;
 
 mod limit;
 
 #[cfg(test)]
 mod tests;
 
-pub use control::{
-    Beacon, BeaconError, ControlError, ControlMessage, Hello, HelloAck, Kind, SignedBeacon,
-};
 pub use manager::{
     Action, BeaconOutcome, BeaconReject, Origin, PeerConfig, PeerError, PeerManager, PeerSnapshot,
     PeerState, PeerStats,
+};
+pub use wire::{
+    Beacon, BeaconError, Hello, HelloAck, Kind, LinkMessage, LinkMessageError, SignedBeacon,
 };

@@ -11,10 +11,10 @@ use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 use crate::id::{EndpointError, LinkEndpoint, NodeKey};
 
 use super::{
-    control::{Beacon, ControlMessage, Hello, HelloAck},
     manager::{
         Action, BeaconOutcome, BeaconReject, Origin, PeerConfig, PeerError, PeerManager, PeerState,
     },
+    wire::{Beacon, Hello, HelloAck, LinkMessage},
 };
 
 const SEED: u64 = 7;
@@ -98,7 +98,7 @@ const WALL_US: u64 = 1_800_000_000_000_000;
 
 fn beacon_bytes(kp: &Ed25519KeyPair, port: u16, ts: u64) -> Vec<u8> {
     let b = Beacon::for_key(kp, port, ts).unwrap();
-    ControlMessage::Beacon(b.sign(kp)).to_vec()
+    LinkMessage::Beacon(b.sign(kp)).to_vec()
 }
 
 fn ll(last: u16) -> SocketAddrV6 {
@@ -409,7 +409,7 @@ fn peers_link_lost_and_hellos_keep_or_end_liveness() {
         Err(PeerError::KeyMismatch { .. })
     ));
     // Authenticated keepalives keep it alive through handle_control too.
-    m.handle_control(e, &ControlMessage::Keepalive, t + dead / 2)
+    m.handle_control(e, &LinkMessage::Keepalive, t + dead / 2)
         .unwrap();
     m.handle_timeout(t + dead);
     assert!(
@@ -424,7 +424,7 @@ fn peers_link_lost_and_hellos_keep_or_end_liveness() {
     assert_eq!(acts[0], Action::PeerDown { endpoint: e });
     assert!(matches!(acts[1], Action::StartLinkHandshake { .. }));
     assert!(matches!(
-        m.handle_control(e, &ControlMessage::Keepalive, t + dead),
+        m.handle_control(e, &LinkMessage::Keepalive, t + dead),
         Err(PeerError::NotUp(_))
     ));
 }
@@ -646,12 +646,12 @@ fn peers_forged_and_replayed_beacons_are_ignored_and_counted() {
     // Signed by the right key, but announcing an address that key does not own.
     let mut b = Beacon::for_key(&kp, DATA_PORT, WALL_US).unwrap();
     b.overlay_addr = key_of(&other).node_address();
-    let wrong_addr = ControlMessage::Beacon(b.sign(&kp)).to_vec();
+    let wrong_addr = LinkMessage::Beacon(b.sign(&kp)).to_vec();
     assert_eq!(beacon(&mut m, &wrong_addr), Err(BeaconReject::WrongAddress));
 
     // Someone else's key and address, signed with ours.
     let b = Beacon::for_key(&other, DATA_PORT, WALL_US).unwrap();
-    let wrong_key = ControlMessage::Beacon(b.sign(&kp)).to_vec();
+    let wrong_key = LinkMessage::Beacon(b.sign(&kp)).to_vec();
     assert_eq!(beacon(&mut m, &wrong_key), Err(BeaconReject::BadSignature));
 
     // A flipped bit in the signature.
@@ -666,7 +666,7 @@ fn peers_forged_and_replayed_beacons_are_ignored_and_counted() {
         Err(BeaconReject::Malformed)
     );
     assert_eq!(
-        beacon(&mut m, &ControlMessage::Keepalive.to_vec()),
+        beacon(&mut m, &LinkMessage::Keepalive.to_vec()),
         Err(BeaconReject::Malformed)
     );
 
@@ -691,7 +691,7 @@ fn peers_forged_and_replayed_beacons_are_ignored_and_counted() {
         port: DATA_PORT,
         timestamp_us: WALL_US,
     };
-    let mine = ControlMessage::Beacon(mine.sign(&kp)).to_vec();
+    let mine = LinkMessage::Beacon(mine.sign(&kp)).to_vec();
     assert_eq!(beacon(&mut m, &mine), Err(BeaconReject::OwnBeacon));
 
     // A genuine beacon, then its replay and an older one: only the first counts.
@@ -1004,7 +1004,7 @@ proptest::proptest! {
         m.enable_discovery(1);
         let from = SocketAddrV6::new(Ipv6Addr::from(src), 1, 0, ifindex);
         let _ = m.on_beacon(from, ifindex, &datagram, t0, wall(wall_us));
-        if let Ok(msg) = ControlMessage::parse(&datagram) {
+        if let Ok(msg) = LinkMessage::parse(&datagram) {
             let _ = m.handle_control(ep(1), &msg, t0);
         }
         let (e, _) = up_peer(&mut m, t0);

@@ -23,9 +23,9 @@
 mod cache;
 mod metric;
 mod router;
+mod routes;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
-mod table;
 mod util;
 pub mod wire;
 

@@ -17,7 +17,7 @@ use super::cache::{OriginReject, SharedVerifyCache, SignedOrigin, VerifyCache, o
 use super::metric::{
     CostParams, Fd, INFINITY, add_metric, is_feasible, link_cost, seqno_newer, significant,
 };
-use super::table::{Cand, Entry, EntryRef, Table};
+use super::routes::{Cand, Entry, EntryRef, RouteTable};
 use super::util::{KeyedState, SplitMix};
 use super::wire::{self, MAX_PAYLOAD, Tlv, Tlvs};
 use super::{
@@ -266,7 +266,7 @@ pub struct Router<N> {
     nbrs: Vec<Option<Nbr<N>>>,
     nbr_index: HashMap<N, u16, KeyedState>,
     configured_cost: HashMap<N, u16, KeyedState>,
-    table: Table,
+    table: RouteTable,
     /// Prefixes held that no configured neighbour has offered (not `F_VOUCHED`).
     unvouched: usize,
     /// Token bucket of new prefixes from self-admitted neighbours: tokens, last refill.
@@ -384,7 +384,7 @@ impl<N: Copy + Eq + Hash + Ord + Debug> Router<N> {
             nbrs: Vec::new(),
             nbr_index: HashMap::with_hasher(hs),
             configured_cost: HashMap::with_hasher(hs),
-            table: Table::new(seed ^ 0x7ab1e),
+            table: RouteTable::new(seed ^ 0x7ab1e),
             unvouched: 0,
             origin_tokens: (f64::from(config.self_admitted_origin_burst), now),
             evicted: Vec::new(),

@@ -34,7 +34,7 @@ mod handshake;
 mod msg;
 mod ratelimit;
 mod replay;
-mod table;
+mod sessions;
 mod timers;
 mod transport;
 
@@ -55,7 +55,7 @@ pub use error::{
 pub use msg::WireEndpoint;
 pub use ratelimit::{RateLimitConfig, RateLimiter, source_prefix};
 pub use replay::{REPLAY_WINDOW, ReplayError, ReplayWindow};
-pub use table::{
+pub use sessions::{
     Event, FailReason, HandshakeProgress, Inbound, InitJob, InitOutcome, RemoteId, Screened,
     SendStatus, SessionTable, Stats, Transmit,
 };

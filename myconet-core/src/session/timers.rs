@@ -12,7 +12,7 @@
 
 use std::{cmp::Ordering, collections::BinaryHeap, time::Instant};
 
-use super::table::RemoteId;
+use super::sessions::RemoteId;
 
 /// Whose deadline an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

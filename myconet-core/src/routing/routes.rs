@@ -312,7 +312,7 @@ fn grow<T>(v: &mut Vec<T>) {
 
 /// The table: hash index → dense entries; candidates beyond an entry's first in a pool.
 #[derive(Debug)]
-pub(super) struct Table {
+pub(super) struct RouteTable {
     /// 0: empty; else (hash tag << 32) | (entry index + 1).
     slots: Vec<u64>,
     entries: Vec<Entry>,
@@ -321,10 +321,10 @@ pub(super) struct Table {
     key: u64,
 }
 
-impl Table {
+impl RouteTable {
     /// An empty table whose hashing is keyed by `key` (see `util`).
     pub fn new(key: u64) -> Self {
-        Table {
+        RouteTable {
             slots: Vec::new(),
             entries: Vec::new(),
             pool: Vec::new(),
@@ -419,7 +419,7 @@ impl Table {
         self.find(p).map(|(_, idx)| idx)
     }
 
-    /// The entry at index `idx` (see [`Table::index_of`]; entries are in `iter` order).
+    /// The entry at index `idx` (see [`RouteTable::index_of`]; entries are in `iter` order).
     pub fn get_at(&self, idx: usize) -> Option<EntryRef<'_>> {
         Some(EntryRef {
             e: self.entries.get(idx)?,
@@ -609,7 +609,7 @@ mod tests {
             signature: [0; 64],
         });
         let mut rng = SplitMix::new(7);
-        let mut t = Table::new(1);
+        let mut t = RouteTable::new(1);
         let mut model: BTreeMap<u64, Vec<u16>> = BTreeMap::new();
         for step in 0..20_000u32 {
             // A small key space so removals and re-inserts collide often.

@@ -10,7 +10,7 @@
 //! Every message starts with the same 4-byte header:
 //!
 //! ```text
-//!  0      version        u8   (CONTROL_VERSION)
+//!  0      version        u8   (LINK_MESSAGE_VERSION)
 //!  1      kind           u8   (Kind)
 //!  2..4   body length    u16  big-endian, exactly the kind's fixed body length in v1
 //!  4..    body
@@ -42,10 +42,10 @@ use ring::signature::{ED25519, UnparsedPublicKey};
 use crate::id::{NodeKey, PUBLIC_KEY_LEN, Signer};
 
 /// The only control-message version this code speaks.
-pub const CONTROL_VERSION: u8 = 1;
+pub const LINK_MESSAGE_VERSION: u8 = 1;
 
 /// Length of the common header in front of every body.
-pub const CONTROL_HEADER_LEN: usize = 4;
+pub const LINK_HEADER_LEN: usize = 4;
 
 /// Body length of a [`Hello`].
 pub const HELLO_BODY_LEN: usize = PUBLIC_KEY_LEN + 4 + 8 + 16 + 2;
@@ -66,7 +66,7 @@ pub const BEACON_UNSIGNED_BODY_LEN: usize = PUBLIC_KEY_LEN + 16 + 2 + 8;
 pub const BEACON_BODY_LEN: usize = BEACON_UNSIGNED_BODY_LEN + SIGNATURE_LEN;
 
 /// Longest control message this version defines; receive buffers need no more.
-pub const MAX_CONTROL_LEN: usize = CONTROL_HEADER_LEN + BEACON_BODY_LEN;
+pub const MAX_LINK_MESSAGE_LEN: usize = LINK_HEADER_LEN + BEACON_BODY_LEN;
 
 /// Domain separation for beacon signatures. The node key also signs handshakes and
 /// route announcements; the context makes a beacon signature useless as anything else
@@ -74,8 +74,7 @@ pub const MAX_CONTROL_LEN: usize = CONTROL_HEADER_LEN + BEACON_BODY_LEN;
 pub const BEACON_SIGNING_CONTEXT: &[u8] = b"myconet 2026-11 discovery beacon v1\0";
 
 /// Length of what a beacon signature covers.
-const SIGNED_LEN: usize =
-    BEACON_SIGNING_CONTEXT.len() + CONTROL_HEADER_LEN + BEACON_UNSIGNED_BODY_LEN;
+const SIGNED_LEN: usize = BEACON_SIGNING_CONTEXT.len() + LINK_HEADER_LEN + BEACON_UNSIGNED_BODY_LEN;
 
 /// Kind byte of a routing frame: the routing core's payload (`crate::routing`), variable
 /// length, carried in the same 4-byte header as the fixed-size control messages.
@@ -84,8 +83,8 @@ pub const KIND_ROUTING: u8 = 5;
 /// Frames a routing payload for a link session; `None` if it exceeds the 16-bit length.
 pub fn frame_routing(payload: &[u8]) -> Option<Vec<u8>> {
     let len = u16::try_from(payload.len()).ok()?;
-    let mut out = Vec::with_capacity(CONTROL_HEADER_LEN + payload.len());
-    out.extend_from_slice(&[CONTROL_VERSION, KIND_ROUTING]);
+    let mut out = Vec::with_capacity(LINK_HEADER_LEN + payload.len());
+    out.extend_from_slice(&[LINK_MESSAGE_VERSION, KIND_ROUTING]);
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(payload);
     Some(out)
@@ -93,22 +92,22 @@ pub fn frame_routing(payload: &[u8]) -> Option<Vec<u8>> {
 
 /// The routing payload if `bytes` is a routing frame: `None` for other kinds,
 /// `Some(Err)` for a routing frame whose header is wrong.
-pub fn routing_payload(bytes: &[u8]) -> Option<Result<&[u8], ControlError>> {
-    let (header, body) = bytes.split_first_chunk::<CONTROL_HEADER_LEN>()?;
+pub fn routing_payload(bytes: &[u8]) -> Option<Result<&[u8], LinkMessageError>> {
+    let (header, body) = bytes.split_first_chunk::<LINK_HEADER_LEN>()?;
     let [version, kind, len_hi, len_lo] = *header;
     if kind != KIND_ROUTING {
         return None;
     }
-    if version != CONTROL_VERSION {
-        return Some(Err(ControlError::BadVersion(version)));
+    if version != LINK_MESSAGE_VERSION {
+        return Some(Err(LinkMessageError::BadVersion(version)));
     }
     let declared = usize::from(u16::from_be_bytes([len_hi, len_lo]));
     Some(match declared.cmp(&body.len()) {
         std::cmp::Ordering::Equal => Ok(body),
-        std::cmp::Ordering::Less => Err(ControlError::Trailing(body.len() - declared)),
-        std::cmp::Ordering::Greater => Err(ControlError::Truncated {
+        std::cmp::Ordering::Less => Err(LinkMessageError::Trailing(body.len() - declared)),
+        std::cmp::Ordering::Greater => Err(LinkMessageError::Truncated {
             len: bytes.len(),
-            need: CONTROL_HEADER_LEN + declared,
+            need: LINK_HEADER_LEN + declared,
         }),
     })
 }
@@ -153,7 +152,7 @@ impl Kind {
 
 /// Why bytes are not a valid control message, or a buffer too small to emit into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum ControlError {
+pub enum LinkMessageError {
     /// Shorter than the header plus the body length the header declares.
     #[error("truncated control message: {len} bytes, need {need}")]
     Truncated {
@@ -258,7 +257,7 @@ pub struct SignedBeacon {
 
 /// One parsed control message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ControlMessage {
+pub enum LinkMessage {
     /// See [`Hello`].
     Hello(Hello),
     /// See [`HelloAck`].
@@ -390,12 +389,12 @@ impl SignedBeacon {
 }
 
 fn write_header(w: &mut Writer<'_>, kind: Kind) {
-    w.put(&[CONTROL_VERSION, kind as u8]);
+    w.put(&[LINK_MESSAGE_VERSION, kind as u8]);
     // Body lengths are small constants, far below u16::MAX.
     w.put(&(kind.body_len() as u16).to_be_bytes());
 }
 
-impl ControlMessage {
+impl LinkMessage {
     /// What kind of message this is.
     pub fn kind(&self) -> Kind {
         match self {
@@ -406,42 +405,42 @@ impl ControlMessage {
         }
     }
 
-    /// Bytes [`ControlMessage::emit`] writes.
+    /// Bytes [`LinkMessage::emit`] writes.
     pub fn buffer_len(&self) -> usize {
-        CONTROL_HEADER_LEN + self.kind().body_len()
+        LINK_HEADER_LEN + self.kind().body_len()
     }
 
     /// Parses one message that fills `bytes` exactly. Every length is checked before a
     /// field is read, so arbitrary input yields an error, never a panic.
-    pub fn parse(bytes: &[u8]) -> Result<Self, ControlError> {
-        let Some((header, body)) = bytes.split_first_chunk::<CONTROL_HEADER_LEN>() else {
-            return Err(ControlError::Truncated {
+    pub fn parse(bytes: &[u8]) -> Result<Self, LinkMessageError> {
+        let Some((header, body)) = bytes.split_first_chunk::<LINK_HEADER_LEN>() else {
+            return Err(LinkMessageError::Truncated {
                 len: bytes.len(),
-                need: CONTROL_HEADER_LEN,
+                need: LINK_HEADER_LEN,
             });
         };
         let [version, kind, len_hi, len_lo] = *header;
-        if version != CONTROL_VERSION {
-            return Err(ControlError::BadVersion(version));
+        if version != LINK_MESSAGE_VERSION {
+            return Err(LinkMessageError::BadVersion(version));
         }
-        let kind = Kind::from_u8(kind).ok_or(ControlError::UnknownKind(kind))?;
+        let kind = Kind::from_u8(kind).ok_or(LinkMessageError::UnknownKind(kind))?;
         let declared = usize::from(u16::from_be_bytes([len_hi, len_lo]));
         let expected = kind.body_len();
         if declared != expected {
-            return Err(ControlError::BadLength {
+            return Err(LinkMessageError::BadLength {
                 kind,
                 declared,
                 expected,
             });
         }
         if body.len() < expected {
-            return Err(ControlError::Truncated {
+            return Err(LinkMessageError::Truncated {
                 len: bytes.len(),
-                need: CONTROL_HEADER_LEN + expected,
+                need: LINK_HEADER_LEN + expected,
             });
         }
         if body.len() > expected {
-            return Err(ControlError::Trailing(body.len() - expected));
+            return Err(LinkMessageError::Trailing(body.len() - expected));
         }
         let mut r = Reader { bytes: body };
         Ok(match kind {
@@ -471,10 +470,10 @@ impl ControlMessage {
     }
 
     /// Writes the message to the start of `buf` and returns its length.
-    pub fn emit(&self, buf: &mut [u8]) -> Result<usize, ControlError> {
+    pub fn emit(&self, buf: &mut [u8]) -> Result<usize, LinkMessageError> {
         let need = self.buffer_len();
         let Some(buf) = buf.get_mut(..need) else {
-            return Err(ControlError::BufferTooSmall {
+            return Err(LinkMessageError::BufferTooSmall {
                 have: buf.len(),
                 need,
             });
@@ -503,7 +502,7 @@ impl ControlMessage {
         Ok(need)
     }
 
-    /// The message as a fresh buffer of exactly [`ControlMessage::buffer_len`] bytes.
+    /// The message as a fresh buffer of exactly [`LinkMessage::buffer_len`] bytes.
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.buffer_len()];
         // The buffer has exactly the required length, so emit cannot fail.
@@ -522,16 +521,22 @@ mod routing_frame_tests {
         assert_eq!(routing_payload(&framed), Some(Ok(&b"abc"[..])));
         assert!(matches!(
             routing_payload(&framed[..5]),
-            Some(Err(ControlError::Truncated { .. }))
+            Some(Err(LinkMessageError::Truncated { .. }))
         ));
         let mut long = framed.clone();
         long.push(0);
-        assert_eq!(routing_payload(&long), Some(Err(ControlError::Trailing(1))));
+        assert_eq!(
+            routing_payload(&long),
+            Some(Err(LinkMessageError::Trailing(1)))
+        );
         let mut v2 = framed;
         v2[0] = 2;
-        assert_eq!(routing_payload(&v2), Some(Err(ControlError::BadVersion(2))));
+        assert_eq!(
+            routing_payload(&v2),
+            Some(Err(LinkMessageError::BadVersion(2)))
+        );
         // Other kinds are not routing frames.
-        assert_eq!(routing_payload(&ControlMessage::Keepalive.to_vec()), None);
+        assert_eq!(routing_payload(&LinkMessage::Keepalive.to_vec()), None);
         assert_eq!(routing_payload(&[1, 5]), None);
         assert!(frame_routing(&vec![0u8; 70_000]).is_none());
     }
@@ -552,7 +557,7 @@ mod tests {
         any::<[u8; 16]>().prop_map(Ipv6Addr::from)
     }
 
-    fn message() -> impl Strategy<Value = ControlMessage> {
+    fn message() -> impl Strategy<Value = LinkMessage> {
         let hello = (
             any::<[u8; 32]>(),
             any::<u32>(),
@@ -562,7 +567,7 @@ mod tests {
         )
             .prop_map(
                 |(k, sequence, timestamp_us, observed_addr, observed_port)| {
-                    ControlMessage::Hello(Hello {
+                    LinkMessage::Hello(Hello {
                         node_key: NodeKey(k),
                         sequence,
                         timestamp_us,
@@ -572,7 +577,7 @@ mod tests {
                 },
             );
         let ack = (any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(s, t, d)| {
-            ControlMessage::HelloAck(HelloAck {
+            LinkMessage::HelloAck(HelloAck {
                 sequence: s,
                 echoed_timestamp_us: t,
                 ack_delay_us: d,
@@ -588,7 +593,7 @@ mod tests {
             .prop_map(|(k, overlay_addr, port, timestamp_us, sig)| {
                 let mut signature = [0u8; SIGNATURE_LEN];
                 signature.copy_from_slice(&sig);
-                ControlMessage::Beacon(SignedBeacon {
+                LinkMessage::Beacon(SignedBeacon {
                     beacon: Beacon {
                         node_key: NodeKey(k),
                         overlay_addr,
@@ -598,7 +603,7 @@ mod tests {
                     signature,
                 })
             });
-        prop_oneof![hello, ack, Just(ControlMessage::Keepalive), beacon]
+        prop_oneof![hello, ack, Just(LinkMessage::Keepalive), beacon]
     }
 
     proptest! {
@@ -606,12 +611,12 @@ mod tests {
         fn peers_control_parse_emit_roundtrip(msg in message()) {
             let bytes = msg.to_vec();
             prop_assert_eq!(bytes.len(), msg.buffer_len());
-            prop_assert_eq!(ControlMessage::parse(&bytes), Ok(msg));
+            prop_assert_eq!(LinkMessage::parse(&bytes), Ok(msg));
         }
 
         #[test]
         fn peers_control_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..160)) {
-            if let Ok(msg) = ControlMessage::parse(&bytes) {
+            if let Ok(msg) = LinkMessage::parse(&bytes) {
                 // Whatever parses is canonical: it re-emits to the same bytes.
                 prop_assert_eq!(msg.to_vec(), bytes);
             }
@@ -625,51 +630,51 @@ mod tests {
             let i = pos.index(bytes.len());
             bytes[i] = val;
             bytes.truncate(bytes.len().saturating_sub(cut));
-            let _ = ControlMessage::parse(&bytes);
+            let _ = LinkMessage::parse(&bytes);
         }
 
         #[test]
         fn peers_control_truncation_and_trailing_are_rejected(msg in message(), extra in 1usize..4) {
             let bytes = msg.to_vec();
             for cut in 0..bytes.len() {
-                prop_assert!(ControlMessage::parse(&bytes[..cut]).is_err());
+                prop_assert!(LinkMessage::parse(&bytes[..cut]).is_err());
             }
             let mut longer = bytes.clone();
             longer.extend(std::iter::repeat_n(0u8, extra));
-            prop_assert_eq!(ControlMessage::parse(&longer), Err(ControlError::Trailing(extra)));
+            prop_assert_eq!(LinkMessage::parse(&longer), Err(LinkMessageError::Trailing(extra)));
         }
     }
 
     #[test]
     fn peers_control_header_errors_are_named() {
-        let ka = ControlMessage::Keepalive.to_vec();
-        assert_eq!(ka, vec![CONTROL_VERSION, Kind::Keepalive as u8, 0, 0]);
+        let ka = LinkMessage::Keepalive.to_vec();
+        assert_eq!(ka, vec![LINK_MESSAGE_VERSION, Kind::Keepalive as u8, 0, 0]);
         assert_eq!(
-            ControlMessage::parse(&[2, 3, 0, 0]),
-            Err(ControlError::BadVersion(2))
+            LinkMessage::parse(&[2, 3, 0, 0]),
+            Err(LinkMessageError::BadVersion(2))
         );
         assert_eq!(
-            ControlMessage::parse(&[1, 99, 0, 0]),
-            Err(ControlError::UnknownKind(99))
+            LinkMessage::parse(&[1, 99, 0, 0]),
+            Err(LinkMessageError::UnknownKind(99))
         );
         assert_eq!(
-            ControlMessage::parse(&[1, 3, 0, 1, 0]),
-            Err(ControlError::BadLength {
+            LinkMessage::parse(&[1, 3, 0, 1, 0]),
+            Err(LinkMessageError::BadLength {
                 kind: Kind::Keepalive,
                 declared: 1,
                 expected: 0
             })
         );
         assert_eq!(
-            ControlMessage::parse(&[1, 2, 0]),
-            Err(ControlError::Truncated { len: 3, need: 4 })
+            LinkMessage::parse(&[1, 2, 0]),
+            Err(LinkMessageError::Truncated { len: 3, need: 4 })
         );
         let mut small = [0u8; 10];
         assert_eq!(
-            ControlMessage::Keepalive.emit(&mut small[..3]),
-            Err(ControlError::BufferTooSmall { have: 3, need: 4 })
+            LinkMessage::Keepalive.emit(&mut small[..3]),
+            Err(LinkMessageError::BufferTooSmall { have: 3, need: 4 })
         );
-        let hello = ControlMessage::Hello(Hello {
+        let hello = LinkMessage::Hello(Hello {
             node_key: NodeKey([1; 32]),
             sequence: 1,
             timestamp_us: 2,
@@ -678,9 +683,9 @@ mod tests {
         });
         assert!(matches!(
             hello.emit(&mut small),
-            Err(ControlError::BufferTooSmall { have: 10, need: 66 })
+            Err(LinkMessageError::BufferTooSmall { have: 10, need: 66 })
         ));
-        assert_eq!(MAX_CONTROL_LEN, 126);
+        assert_eq!(MAX_LINK_MESSAGE_LEN, 126);
     }
 
     #[test]
@@ -691,8 +696,8 @@ mod tests {
         assert_eq!(signed.verify(), Ok(&beacon));
 
         // Survives the wire.
-        let bytes = ControlMessage::Beacon(signed).to_vec();
-        let ControlMessage::Beacon(parsed) = ControlMessage::parse(&bytes).unwrap() else {
+        let bytes = LinkMessage::Beacon(signed).to_vec();
+        let LinkMessage::Beacon(parsed) = LinkMessage::parse(&bytes).unwrap() else {
             panic!("not a beacon");
         };
         assert_eq!(parsed.verify(), Ok(&beacon));
