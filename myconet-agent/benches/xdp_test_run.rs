@@ -17,7 +17,7 @@
 
 use std::{net::Ipv6Addr, time::Duration};
 
-use myconet_agent::dataplane::{XdpDataplane, ifindex};
+use myconet_agent::os::dataplane::{XdpDataplane, ifindex};
 use myconet_common::{
     maps::{LocalAddrKey, PeerKey},
     wire::{PacketType, Repr},

@@ -13,7 +13,7 @@ use clap::Parser;
 use myconet_common::wire::DEFAULT_PORT;
 use serde::Deserialize;
 
-use crate::dataplane::XdpModeChoice;
+use crate::os::dataplane::XdpModeChoice;
 use myconet_core::rib::{NextHop, Prefix};
 
 /// Command-line flags.
@@ -79,7 +79,7 @@ pub struct Cli {
     pub no_tun: bool,
     /// The content store and protocol.
     #[command(flatten)]
-    pub content: crate::content::settings::ContentFlags,
+    pub content: crate::shell::content::settings::ContentFlags,
     /// Directory on a BPF file system where the XDP links and maps are pinned, so the
     /// relay keeps forwarding while the agent restarts (default: a directory under
     /// /sys/fs/bpf/myconet derived from the state directory).
@@ -150,8 +150,8 @@ pub struct FileConfig {
     hello_interval_ms: Option<u64>,
     #[serde(default)]
     routes: Vec<FileRoute>,
-    storage: Option<crate::content::settings::StorageSection>,
-    content: Option<crate::content::settings::ContentSection>,
+    storage: Option<crate::shell::content::settings::StorageSection>,
+    content: Option<crate::shell::content::settings::ContentSection>,
     /// Ed25519 keys (hex) pinned for their /64 by the operator (`myconet_core::pins`).
     #[serde(default)]
     pinned_keys: Vec<String>,
@@ -208,10 +208,10 @@ pub struct Settings {
     /// The TUN device to create, `None` for a pure relay.
     pub tun_name: Option<String>,
     /// The content store and protocol (`storage` and `content` sections).
-    pub content: crate::content::settings::ContentSettings,
+    pub content: crate::shell::content::settings::ContentSettings,
     /// Keys the operator pins for their /64, over whatever was learned (`myconet_core::pins`).
     pub pinned_keys: Vec<[u8; 32]>,
-    /// Where the data plane is pinned (see `crate::bpf_pins`).
+    /// Where the data plane is pinned (see `crate::os::bpf_pins`).
     pub pin_dir: PathBuf,
     /// Whether SIGTERM/SIGINT leave the pinned data plane for the next agent.
     pub hitless_restart: bool,
@@ -285,7 +285,7 @@ fn file_peer(value: &toml::Value) -> anyhow::Result<PeerSetting> {
 }
 
 /// Default name of the overlay TUN device.
-pub const DEFAULT_TUN_NAME: &str = crate::tun::DEFAULT_NAME;
+pub const DEFAULT_TUN_NAME: &str = crate::os::tun::DEFAULT_NAME;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/myconet";
@@ -467,7 +467,7 @@ impl Cli {
             .state_dir
             .or(file.state_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-        let content = crate::content::settings::ContentSettings::resolve(
+        let content = crate::shell::content::settings::ContentSettings::resolve(
             &self.content,
             file.storage,
             file.content,
@@ -476,7 +476,7 @@ impl Cli {
         let pin_dir = self
             .pin_dir
             .or(file.pin_dir)
-            .unwrap_or_else(|| crate::bpf_pins::default_dir(&state_dir));
+            .unwrap_or_else(|| crate::os::bpf_pins::default_dir(&state_dir));
         let metrics_listen =
             metrics_listen(self.metrics_listen, file.metrics, self.metrics_allow_remote)?;
         Ok(Settings {
@@ -562,7 +562,7 @@ via = "fd00::1"
         // flags can name one, and ask for hitless restarts.
         assert_eq!(
             s.pin_dir,
-            crate::bpf_pins::default_dir(Path::new(DEFAULT_STATE_DIR))
+            crate::os::bpf_pins::default_dir(Path::new(DEFAULT_STATE_DIR))
         );
         assert!(!s.hitless_restart);
         std::fs::write(

@@ -20,7 +20,7 @@ use std::{
 
 use myconet_common::addr;
 
-use crate::lockfile::{LockError, LockFile};
+use crate::os::lockfile::{LockError, LockFile};
 use ring::{
     rand::{SecureRandom, SystemRandom},
     signature::{Ed25519KeyPair, KeyPair},

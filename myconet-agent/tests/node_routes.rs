@@ -15,7 +15,8 @@ use std::{
     thread,
 };
 
-use myconet_agent::{identity::Identity, node::Node};
+use myconet_agent::identity::Identity;
+use myconet_agent::shell::node::Node;
 use myconet_core::rib::{NextHop, Origin, Prefix};
 
 struct TempDir(PathBuf);

@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeSet, net::Ipv6Addr, path::Path, time::Instant};
 
-use myconet_agent::{
+use myconet_agent::os::{
     bpf_pins::{self, XdpLinkInfo},
     dataplane::{ADOPTION_GRACE, XdpDataplane, XdpModeChoice, program_version},
 };

@@ -9,7 +9,7 @@
 
 use std::{collections::BTreeSet, net::Ipv6Addr};
 
-use myconet_agent::{
+use myconet_agent::os::{
     dataplane::{AttachedMode, XdpDataplane, ifindex},
     egress::EgressPolicy,
 };

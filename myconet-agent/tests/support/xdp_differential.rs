@@ -18,7 +18,7 @@ use std::{
     net::{Ipv6Addr, SocketAddrV6},
 };
 
-use myconet_agent::dataplane::{XdpDataplane, ifindex};
+use myconet_agent::os::dataplane::{XdpDataplane, ifindex};
 use myconet_common::{
     checksum,
     maps::{LocalAddrKey, PeerKey, Stat},

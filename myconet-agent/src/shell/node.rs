@@ -21,10 +21,10 @@ use myconet_common::{
     wire::Repr,
 };
 
-use crate::{
+use crate::identity::Identity;
+use crate::os::{
     dataplane::{AttachedMode, Attachment, DataplaneError, XdpDataplane},
     egress::EgressPolicy,
-    identity::Identity,
     sysctl,
 };
 use myconet_core::{
@@ -477,7 +477,7 @@ impl Node {
     /// (stored per route, so the program need not ask the FIB per packet).
     fn resolve_source(entry: &RibEntry) -> Option<(NextHop, Option<Ipv6Addr>)> {
         match entry.target {
-            RouteTarget::Forward(nh) => Some((nh, crate::next_hop::underlay_source(&nh))),
+            RouteTarget::Forward(nh) => Some((nh, crate::os::next_hop::underlay_source(&nh))),
             RouteTarget::Local => None,
         }
     }
@@ -536,7 +536,7 @@ impl Node {
         let hops = self.next_hops_in_use();
         let resolved: Vec<(NextHop, Option<Ipv6Addr>)> = hops
             .into_iter()
-            .map(|nh| (nh, crate::next_hop::underlay_source(&nh)))
+            .map(|nh| (nh, crate::os::next_hop::underlay_source(&nh)))
             .collect();
         let mut st = self.state();
         let st = &mut *st;

@@ -24,7 +24,6 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use ring::rand::{SecureRandom, SystemRandom};
 use tokio::{net::UdpSocket, sync::mpsc, task::JoinSet};
 use tracing::{debug, warn};
 
@@ -214,18 +213,6 @@ fn open_socket(config: &DiscoveryConfig, ifindex: u32) -> Result<UdpSocket, Disc
     UdpSocket::from_std(socket.into()).map_err(err("register with tokio"))
 }
 
-/// Fresh seed for the beacon jitter; falls back to the clock, which is good enough for
-/// spreading timers (nothing depends on it being secret).
-fn jitter_seed() -> u64 {
-    let mut bytes = [0u8; 8];
-    if SystemRandom::new().fill(&mut bytes).is_ok() {
-        return u64::from_le_bytes(bytes);
-    }
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0x6d79_636f, |d| d.as_nanos() as u64)
-}
-
 fn unix_micros(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
@@ -314,7 +301,7 @@ impl Beaconer {
                 Arc::clone(&self.stats),
             ));
         }
-        let mut rng = jitter_seed();
+        let mut rng = super::jitter_seed();
         let mut last_timestamp = 0u64;
         loop {
             // Strictly increasing even if the wall clock steps back, so receivers that
@@ -438,7 +425,7 @@ mod netns_tests {
 
     use anyhow::{Context, Result, bail, ensure};
     use myconet_testbed::topology::{Chain, Node};
-    use ring::signature::Ed25519KeyPair;
+    use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 
     use super::*;
     use myconet_core::id::{LinkEndpoint, NodeKey};

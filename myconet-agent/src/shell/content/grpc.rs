@@ -666,7 +666,7 @@ impl ContentApi for ContentService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::content::{settings::ContentSettings, store::StoreAccess};
+    use crate::shell::content::{settings::ContentSettings, store::StoreAccess};
     use myconet_store::{MemStore, StoreConfig};
     use pb::add_stream_message::Item;
 

@@ -37,7 +37,7 @@ pub fn save_if_changed(pins: &SharedPins, state_dir: &std::path::Path) -> std::i
         p.to_text()
     };
     let path = state_dir.join(PINS_FILE);
-    crate::seqno_store::write_atomically(&path, text.as_bytes()).inspect_err(|_| {
+    crate::os::seqno_store::write_atomically(&path, text.as_bytes()).inspect_err(|_| {
         // Try again next time.
         lock(pins).mark_dirty();
     })?;

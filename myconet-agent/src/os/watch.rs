@@ -13,7 +13,7 @@
 //!   the link-layer address or usability of a neighbour changes, so the next packet of
 //!   every flow asks the FIB again instead of waiting for the once-a-second refresh;
 //! - re-checks, on link changes and every [`NEXTHOP_REFRESH_INTERVAL_MS`], how frames
-//!   may leave each attached interface ([`crate::egress`]);
+//!   may leave each attached interface ([`crate::os::egress`]);
 //! - asks the kernel every [`NEXTHOP_REFRESH_INTERVAL_MS`] to use (`NTF_USE`) the
 //!   neighbour entry of every next hop in use. Frames relayed in XDP never touch the
 //!   neighbour table, so without this an entry would go STALE and stay so forever,
@@ -48,10 +48,8 @@ use netlink_packet_route::{
 use rtnetlink::{Handle, MulticastGroup, packet_core::NetlinkPayload};
 use tracing::{debug, info, warn};
 
-use crate::{
-    dataplane::error_chain,
-    node::{Node, NodeError},
-};
+use crate::os::dataplane::error_chain;
+use crate::shell::node::{Node, NodeError};
 use myconet_core::rib::NextHop;
 
 /// Why the watcher could not start or keep its view current.

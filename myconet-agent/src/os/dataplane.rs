@@ -29,7 +29,7 @@ use myconet_common::maps::{
     RouteValue, STATS_MAP, Stat,
 };
 
-use crate::{
+use crate::os::{
     bpf_pins::{self, LinkPin, PinDir},
     egress::{self, EgressPolicy},
 };
@@ -153,7 +153,7 @@ pub struct Attachment {
     pub ifindex: u32,
     /// Attach mode in effect.
     pub mode: AttachedMode,
-    /// How the program may send frames out of it (see [`crate::egress`]).
+    /// How the program may send frames out of it (see [`crate::os::egress`]).
     pub policy: EgressPolicy,
 }
 
@@ -591,7 +591,7 @@ impl XdpDataplane {
             }
         };
         // Frames go out of the interface only in the ways its driver proved it takes
-        // them (see crate::egress); the rest take the slow path instead of vanishing.
+        // them (see crate::os::egress); the rest take the slow path instead of vanishing.
         let facts = egress::facts(iface, ifindex, mode);
         let policy = facts.policy();
         let attachment = Attachment {

@@ -24,11 +24,13 @@ use ring::rand::SystemRandom;
 use tokio::{net::UdpSocket, sync::Notify};
 use tracing::{debug, info, warn};
 
-use crate::{
+use crate::os::{
     batch_io::{self, RecvBatch},
+    tun::{self, Coalescer, PacketBatch, Tun, VNET_HDR_LEN},
+};
+use crate::shell::{
     link::Links,
     node::{AgentStat, Node},
-    tun::{self, Coalescer, PacketBatch, Tun, VNET_HDR_LEN},
 };
 use myconet_core::{
     pmtu::{self, Limit, PathMtu, Rejected},

@@ -10,7 +10,7 @@
 //! changed. A clean shutdown restores them and removes the journal; an agent that finds
 //! a journal at start-up (its predecessor was killed) restores those values first, so a
 //! crash never turns the agent's setting into the "original" one. An agent that adopts
-//! its predecessor's pinned data plane (see `crate::bpf_pins`) takes the journal over
+//! its predecessor's pinned data plane (see `crate::os::bpf_pins`) takes the journal over
 //! instead: the pinned program keeps relaying only while forwarding stays on, and the
 //! values it restores at its own clean shutdown are still the true originals. A hitless
 //! exit leaves both the values and the journal for the next agent.

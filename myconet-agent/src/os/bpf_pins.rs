@@ -23,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::dataplane::AttachedMode;
+use crate::os::dataplane::AttachedMode;
 
 /// `BPF_FS_MAGIC` (linux/magic.h): `statfs` of a path on a BPF file system.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

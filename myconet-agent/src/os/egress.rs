@@ -14,7 +14,7 @@
 
 use std::{ffi::CString, mem::size_of, os::fd::AsRawFd};
 
-use crate::dataplane::AttachedMode;
+use crate::os::dataplane::AttachedMode;
 
 /// `NETDEV_XDP_ACT_NDO_XMIT`: the driver accepts frames redirected to it.
 pub const XDP_ACT_NDO_XMIT: u64 = 4;
@@ -332,7 +332,7 @@ mod tests {
         ns.exec("ethtool", ["-K", "e1", "gro", "off"])?;
         let probe = || {
             ns.run_in(|| {
-                let index = crate::dataplane::ifindex("e0").ok()?;
+                let index = crate::os::dataplane::ifindex("e0").ok()?;
                 Some((driver_name("e0")?, xdp_features(index)?))
             })
         };

@@ -17,8 +17,8 @@ use myconet_common::wire::{Packet, PacketType, Repr, field};
 use tokio::net::UdpSocket;
 use tracing::debug;
 
-use crate::{
-    batch_io::{self, BATCH, RecvBatch, recv_batch, send_batch, send_gso_batch},
+use crate::os::batch_io::{self, BATCH, RecvBatch, recv_batch, send_batch, send_gso_batch};
+use crate::shell::{
     node::{AgentStat, Node},
     overlay::Overlay,
 };
@@ -324,7 +324,7 @@ impl RelayMtu {
         }
         let Some(mtu) = self
             .egress
-            .get(next_hop, now, || crate::next_hop::path_mtu(&next_hop))
+            .get(next_hop, now, || crate::os::next_hop::path_mtu(&next_hop))
         else {
             return false;
         };

@@ -35,10 +35,8 @@ use ring::rand::SecureRandom;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::{
-    node::{AgentStat, Node},
-    seqno_store::SeqnoStore,
-};
+use crate::os::seqno_store::SeqnoStore;
+use crate::shell::node::{AgentStat, Node};
 use myconet_core::{
     id::{LinkEndpoint, NodeKey},
     peers::{

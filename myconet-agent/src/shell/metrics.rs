@@ -20,7 +20,7 @@ use myconet_proto::v1::{self as pb, control_server::Control};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::control::ControlService;
+use crate::shell::api::ControlService;
 
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 8;

@@ -35,10 +35,10 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
-use crate::{
+use crate::os::lockfile::{LockError, LockFile};
+use crate::shell::{
     content::grpc::ContentService,
     link::Links,
-    lockfile::{LockError, LockFile},
     node::{Node, NodeError, RouteRow},
 };
 use myconet_core::{
@@ -339,7 +339,7 @@ impl ControlService {
                     "{addr} is link-local: name the interface it is on"
                 )));
             }
-            crate::dataplane::ifindex(interface)
+            crate::os::dataplane::ifindex(interface)
                 .map_err(|e| Status::invalid_argument(format!("interface {interface:?}: {e}")))?
         } else {
             0
@@ -926,7 +926,7 @@ impl Control for ControlService {
         let mut interfaces = Vec::new();
         let attachments = self.node.status().interfaces;
         if !attachments.is_empty() {
-            let nl = crate::netlink::Netlink::connect()
+            let nl = crate::os::netlink::Netlink::connect()
                 .map_err(|e| Status::internal(format!("rtnetlink: {e}")))?;
             for a in attachments {
                 // An interface that vanished has no counters; list it with zeros.
@@ -944,7 +944,7 @@ impl Control for ControlService {
                 });
             }
         }
-        let kernel = crate::kstats::read(self.node.port())
+        let kernel = crate::os::kstats::read(self.node.port())
             .map_err(|e| Status::internal(format!("reading /proc/net: {e}")))?
             .into_iter()
             .map(|(name, n)| pb::Counter {
@@ -975,7 +975,8 @@ mod tests {
     use tonic::Code;
 
     use super::*;
-    use crate::{identity::Identity, node::AgentStat};
+    use crate::identity::Identity;
+    use crate::shell::node::AgentStat;
 
     /// A directory removed on drop (the agent has no tempfile dependency).
     struct TempDir(PathBuf);
@@ -1008,7 +1009,7 @@ mod tests {
     fn links(node: &Arc<Node>) -> Arc<Links> {
         let config = myconet_core::peers::PeerConfig::default();
         let routing = myconet_core::routing::RoutingConfig::default();
-        let seqnos = crate::seqno_store::SeqnoStore::ephemeral(1);
+        let seqnos = crate::os::seqno_store::SeqnoStore::ephemeral(1);
         let pins = myconet_core::pins::Pins::new(64).shared();
         let now = std::time::Instant::now();
         Arc::new(Links::new(node.clone(), config, routing, seqnos, pins, now, 1).unwrap())
@@ -1078,7 +1079,7 @@ mod tests {
         let (_dir, svc) = service();
         svc.node.set_interfaces(
             "auto",
-            vec![crate::node::ConfiguredInterface {
+            vec![crate::shell::node::ConfiguredInterface {
                 name: "eth9".into(),
                 ifindex: 9,
                 userspace_reason: Some("attaching XDP to eth9 failed: busy".into()),

@@ -1996,7 +1996,7 @@ mod tests {
 #[cfg(test)]
 mod namespace_tests {
     use super::*;
-    use crate::netlink::Netlink;
+    use crate::os::netlink::Netlink;
     use anyhow::Context;
     use myconet_testbed::netns::{Netns, unique_name};
     use std::net::{Ipv6Addr, SocketAddr};
