@@ -66,7 +66,9 @@ fn check_bin_dir(dir: PathBuf) -> Result<PathBuf> {
 
 /// Places a pre-generated identity in a fresh state directory, as the agent would have
 /// written it (`identity.pk8`, mode 0600).
-fn write_identity(state_dir: &Path) -> Result<()> {
+/// Writes one of the pre-generated identities into `state_dir` (which must exist and
+/// hold none), so an agent started there skips the identity proof of work.
+pub fn write_identity(state_dir: &Path) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = state_dir.join("identity.pk8");

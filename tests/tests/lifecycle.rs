@@ -187,7 +187,26 @@ fn ctl_failure(socket: &Path, args: &[&str]) -> Result<(i32, String)> {
 
 /// Starts `myconet-agent <args…>` in `ns` with info logging (so warnings are in the log
 /// whatever RUST_LOG the test runner has), output to `log`.
+/// Gives a state directory named in `args` that holds no identity a pre-generated one:
+/// generating it (the identity proof of work) takes seconds of CPU, which on a loaded
+/// machine would eat into the bounds these tests set for start-up and refusal.
+fn seed_identity(args: &[String]) -> Result<()> {
+    if let Some(dir) = args
+        .iter()
+        .position(|a| a == "--state-dir")
+        .and_then(|i| args.get(i + 1))
+    {
+        let dir = Path::new(dir);
+        if !dir.join("identity.pk8").exists() {
+            fs::create_dir_all(dir)?;
+            myconet_testbed::agent::write_identity(dir)?;
+        }
+    }
+    Ok(())
+}
+
 fn spawn_agent(ns: &Netns, args: &[String], log: &Path) -> Result<NsChild> {
+    seed_identity(args)?;
     let agent = bin_dir()?.join(AGENT_BIN);
     let mut full = vec!["RUST_LOG=info".to_owned(), agent.display().to_string()];
     full.extend(args.iter().cloned());
@@ -1448,6 +1467,12 @@ fn without_bpf_capabilities_auto_runs_in_userspace_and_xdp_refuses() -> Result<(
         v
     };
 
+    // Pre-generated identities: the proof of work would take seconds under load.
+    for run in ["auto", "xdp"] {
+        let state = dir.path().join(run);
+        fs::create_dir_all(&state)?;
+        myconet_testbed::agent::write_identity(&state)?;
+    }
     let log = dir.path().join("auto.log");
     let socket = dir.path().join("auto.sock");
     let mut child = a

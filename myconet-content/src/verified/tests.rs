@@ -162,8 +162,10 @@ proptest! {
         let len = encoded_len(size as u64, &groups).unwrap() as usize;
         let junk = bytes(len, junk_seed);
         let (got, _, _, err) = decode_all(root, size as u64, &groups, &junk, step);
-        prop_assert!(got.is_empty() || junk == encode_all(&data, &Outboard::create(&data), &groups));
-        prop_assert!(groups.is_empty() || err.is_some());
+        // Short encodings (a 1-byte file is its own encoding) can be the truth by chance.
+        let is_true = junk == encode_all(&data, &Outboard::create(&data), &groups);
+        prop_assert!(got.is_empty() || is_true);
+        prop_assert!(groups.is_empty() || is_true || err.is_some());
     }
 }
 
