@@ -14,7 +14,10 @@ use myconet_agent::os::{
     egress::EgressPolicy,
 };
 use myconet_common::{
-    maps::{LocalAddrKey, PeerKey, Stat, forwarding_slot},
+    maps::{
+        Gcra, HandshakeLimits, INIT_COOKIE_LEN, INIT_COOKIE_OFFSET, LocalAddrKey, PeerKey, Stat,
+        forwarding_slot,
+    },
     wire::{DEFAULT_HOP_LIMIT, HEADER_LEN, PacketType, Repr, field},
 };
 use myconet_core::rib::{NextHop, RouteTarget};
@@ -880,6 +883,197 @@ fn partial_checksums_are_completed_or_kept_partial() {
             (XDP_REDIRECT, &[Stat::Redirect][..])
         );
         assert!(packet::parse_frame(&out).unwrap().checksum_valid());
+    })
+    .expect("run in namespace");
+}
+
+/// A HandshakeInit for this node (`fd6d:b::1`) from underlay `src`, 240 bytes, with
+/// `cookie` in its cookie field (all zero: none).
+fn init_from(src: &str, sport: u16, cookie: [u8; INIT_COOKIE_LEN]) -> Vec<u8> {
+    let mut r = header("fd6d:b::1", 64);
+    r.packet_type = PacketType::HandshakeInit;
+    let mut body = vec![0x11u8; 240 - HEADER_LEN];
+    let at = INIT_COOKIE_OFFSET - HEADER_LEN;
+    body[at..at + INIT_COOKIE_LEN].copy_from_slice(&cookie);
+    packet::frame(
+        PEER_MAC,
+        V0_MAC,
+        a(src),
+        a("fd00:1::1"),
+        sport,
+        PORT,
+        &r,
+        &body,
+    )
+}
+
+fn cookie(first: u8) -> [u8; INIT_COOKIE_LEN] {
+    let mut c = [0u8; INIT_COOKIE_LEN];
+    c[0] = first;
+    c[INIT_COOKIE_LEN - 1] = 0x5a;
+    c
+}
+
+/// A bucket that refills once an hour: `burst` packets, then nothing within a test.
+fn hourly(burst: u64) -> Gcra {
+    let interval_ns = 3_600_000_000_000;
+    Gcra {
+        interval_ns,
+        tolerance_ns: (burst - 1) * interval_ns,
+    }
+}
+
+fn pass(fx: &Fixture, f: &[u8]) {
+    assert_unchanged(fx, f, XDP_PASS, Stat::PassControl);
+}
+
+fn shed(fx: &Fixture, f: &[u8]) {
+    assert_unchanged(fx, f, XDP_DROP, Stat::DropHandshakeRate);
+}
+
+/// The handshake gate sheds inits for this node over their buckets (per source /64
+/// without a cookie, per source /64 and cookie with one, and the node's), and never
+/// touches data, relayed handshakes or the other handshake messages.
+#[test]
+fn handshake_inits_for_this_node_are_shed_over_their_buckets() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        // The buckets are per CPU, and BPF_PROG_TEST_RUN runs on the caller's.
+        pin_to_cpu0();
+        let mut fx = Fixture::new();
+        let off = HandshakeLimits {
+            seed: 7,
+            ..HandshakeLimits::default()
+        };
+        fx.dp
+            .set_handshake_limits(HandshakeLimits {
+                source_cookieless: hourly(3),
+                cookie: hourly(2),
+                ..off
+            })
+            .unwrap();
+
+        // One /64's cookieless inits: its burst, then shed, whichever address and port
+        // in the /64 they come from.
+        for i in 0..3 {
+            pass(
+                &fx,
+                &init_from(&format!("fd00:77:0:1::{}", i + 1), 4000 + i, [0; 32]),
+            );
+        }
+        shed(&fx, &init_from("fd00:77:0:1::1", 4000, [0; 32]));
+        shed(&fx, &init_from("fd00:77:0:1::ffff", 5000, [0; 32]));
+        // Another /64 has its own bucket.
+        pass(&fx, &init_from("fd00:77:0:2::1", 4000, [0; 32]));
+
+        // From the drained /64, an init carrying a cookie is charged to that cookie's
+        // bucket: an initiator behind the flooder's /64 gets through by echoing its
+        // cookie, and garbage cookies (a spoofer's) fill other buckets than its own.
+        pass(&fx, &init_from("fd00:77:0:1::9", 4000, cookie(1)));
+        pass(&fx, &init_from("fd00:77:0:1::9", 4000, cookie(1)));
+        shed(&fx, &init_from("fd00:77:0:1::9", 4000, cookie(1)));
+        pass(&fx, &init_from("fd00:77:0:1::9", 4000, cookie(2)));
+        pass(&fx, &init_from("fd00:77:0:1::1", 4000, cookie(2)));
+        shed(&fx, &init_from("fd00:77:0:1::1", 4000, cookie(2)));
+        // The same cookie from another /64 is another bucket.
+        pass(&fx, &init_from("fd00:77:0:3::1", 4000, cookie(1)));
+
+        // Never shed: data for this node, handshakes relayed for others (the agent
+        // limits what it relays), and responses and cookie replies, which answer this
+        // node's own initiations.
+        let from_drained = |t: PacketType, dst: &str, body: &[u8]| {
+            let mut r = header(dst, 64);
+            r.packet_type = t;
+            packet::frame(
+                PEER_MAC,
+                V0_MAC,
+                a("fd00:77:0:1::1"),
+                a("fd00:1::1"),
+                4000,
+                PORT,
+                &r,
+                body,
+            )
+        };
+        assert_unchanged(
+            &fx,
+            &from_drained(PacketType::Data, "fd6d:b::1", PAYLOAD),
+            XDP_PASS,
+            Stat::PassLocal,
+        );
+        for t in [PacketType::HandshakeResponse, PacketType::CookieReply] {
+            pass(&fx, &from_drained(t, "fd6d:b::1", &[0u8; 192]));
+        }
+        let mut relayed = header("fd6d:c::1", 64);
+        relayed.packet_type = PacketType::HandshakeInit;
+        for _ in 0..5 {
+            pass(&fx, &frame_from(PORT, &relayed));
+        }
+
+        // The node's buckets hold whatever the sources: two cookieless inits and one
+        // with a cookie from fresh /64s, then nothing of that kind, from anywhere.
+        fx.dp
+            .set_handshake_limits(HandshakeLimits {
+                seed: 8,
+                node_cookieless: hourly(2),
+                node_cookie: hourly(1),
+                ..HandshakeLimits::default()
+            })
+            .unwrap();
+        pass(&fx, &init_from("fd00:78:0:1::1", 4000, [0; 32]));
+        pass(&fx, &init_from("fd00:78:0:2::1", 4000, [0; 32]));
+        shed(&fx, &init_from("fd00:78:0:3::1", 4000, [0; 32]));
+        pass(&fx, &init_from("fd00:78:0:4::1", 4000, cookie(3)));
+        shed(&fx, &init_from("fd00:78:0:5::1", 4000, cookie(4)));
+
+        // Without limits (all zero) nothing is shed.
+        fx.dp.set_handshake_limits(off).unwrap();
+        for _ in 0..5 {
+            pass(&fx, &init_from("fd00:78:0:3::1", 4000, [0; 32]));
+        }
+    })
+    .expect("run in namespace");
+}
+
+/// The agent loads the program with its own admission rates as the gate's bounds: a
+/// direct sender gets what the agent would answer from one last hop (its cookieless
+/// share and its cookie replies) and no more.
+#[test]
+fn the_agent_sets_the_gate_from_its_admission_rates() {
+    let ns = fib_namespace().expect("fixture namespace");
+    ns.run_in(|| {
+        pin_to_cpu0();
+        let fx = Fixture::new();
+        let admission = myconet_agent::shell::overlay::session_config();
+        let limits = fx.dp.handshake_limits();
+        let with_seed = myconet_agent::os::dataplane::handshake_limits(&admission, limits.seed);
+        assert_eq!(limits, with_seed);
+        assert!(limits.enabled() && limits.seed != 0);
+        let burst = admission.source_rate_limit.burst + admission.cookie_reply_rate_limit.burst;
+        let src = "fd00:79:0:1::1";
+        let f = init_from(src, 4000, [0; 32]);
+        // Ten bursts' worth back to back (well under a millisecond): the burst goes up,
+        // plus at most the odd token refilled meanwhile (one per ~10 ms), the rest is
+        // shed.
+        let count = |stat: Stat| {
+            fx.dp
+                .stats()
+                .unwrap()
+                .into_iter()
+                .find(|(s, _)| *s == stat)
+                .map_or(0, |(_, c)| c.packets)
+        };
+        let (passed0, shed0) = (count(Stat::PassControl), count(Stat::DropHandshakeRate));
+        let out = fx.dp.test_run(&f, fx.v0, 10 * burst).expect("test_run");
+        let passed = count(Stat::PassControl) - passed0;
+        let shed = count(Stat::DropHandshakeRate) - shed0;
+        assert_eq!(out.action, XDP_DROP);
+        assert_eq!(passed + shed, 10 * u64::from(burst));
+        assert!(
+            (u64::from(burst)..=u64::from(burst) + 3).contains(&passed),
+            "{passed} of {} passed, burst {burst}",
+            10 * burst
+        );
     })
     .expect("run in namespace");
 }

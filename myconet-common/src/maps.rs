@@ -45,6 +45,12 @@ pub const FORWARDING_CACHE_MAP: &str = "FORWARDING_CACHE";
 /// promiscuous interface (or a switch flooding unknown MACs) does not make it relay
 /// frames meant for other hosts.
 pub const LOCAL_ADDRS_MAP: &str = "LOCAL_ADDRS";
+/// Per-CPU array of [`HandshakeSlot`]s, indexed by [`handshake_slot`]: the handshake
+/// gate's token buckets per underlay source (see [`HandshakeLimits`]).
+pub const HANDSHAKE_SOURCES_MAP: &str = "HANDSHAKE_SOURCES";
+/// Per-CPU array of two GCRA times: the handshake gate's node-wide buckets
+/// ([`HANDSHAKE_NODE_COOKIELESS`], [`HANDSHAKE_NODE_COOKIE`]).
+pub const HANDSHAKE_NODE_MAP: &str = "HANDSHAKE_NODE";
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "myconet_xdp";
 
@@ -64,6 +70,20 @@ pub const NEXTHOP_CACHE_CAPACITY: u32 = 4096;
 pub const FORWARDING_CACHE_SLOTS: u32 = 4096;
 /// log2 of [`FORWARDING_CACHE_SLOTS`].
 pub const FORWARDING_CACHE_BITS: u32 = 12;
+/// Slots of the handshake gate's source table per CPU (a power of two).
+pub const HANDSHAKE_SLOTS: u32 = 1024;
+/// log2 of [`HANDSHAKE_SLOTS`].
+pub const HANDSHAKE_SLOT_BITS: u32 = 10;
+/// Index in [`HANDSHAKE_NODE_MAP`] of the node's bucket for inits without a cookie.
+pub const HANDSHAKE_NODE_COOKIELESS: u32 = 0;
+/// Index in [`HANDSHAKE_NODE_MAP`] of the node's bucket for inits with a cookie.
+pub const HANDSHAKE_NODE_COOKIE: u32 = 1;
+/// Where a HandshakeInit's cookie lies, counted from the start of the Myconet header
+/// (`docs/handshake.md`: the 32 bytes at offset 144): all zero when it carries none.
+/// The agent's own parser (`session::msg`) is checked against it.
+pub const INIT_COOKIE_OFFSET: usize = 144;
+/// Length of the cookie field.
+pub const INIT_COOKIE_LEN: usize = 32;
 /// How often the agent bumps [`Config::generation`] even when nothing changed (it also
 /// bumps it on every rtnetlink notification that matters): bounds how long a change a
 /// lost notification would hide goes unnoticed by the caches, without the relay path
@@ -320,6 +340,126 @@ pub struct Config {
     /// entries of another generation are looked up afresh, so invalidating both caches
     /// is one word write.
     pub generation: u32,
+    /// Always zero.
+    pub pad2: u32,
+    /// The handshake gate's parameters (all zero: no gate).
+    pub handshake: HandshakeLimits,
+}
+
+/// A token bucket as the generic cell rate algorithm keeps it: one time per bucket
+/// (the "theoretical arrival time", `bpf_ktime_get_ns` nanoseconds), no division per
+/// packet. A packet at `now` passes if `max(tat, now) - now <= tolerance_ns`, and then
+/// moves `tat` to `max(tat, now) + interval_ns`: `1e9 / interval_ns` packets per
+/// second, `tolerance_ns / interval_ns + 1` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct Gcra {
+    /// Nanoseconds per packet (0: this bucket does not limit).
+    pub interval_ns: u64,
+    /// How far ahead of now the bucket may run: `(burst - 1) * interval_ns`.
+    pub tolerance_ns: u64,
+}
+
+impl Gcra {
+    /// `per_second` packets per second with bursts of `burst` (0 per second: no limit).
+    pub const fn new(per_second: u32, burst: u32) -> Self {
+        if per_second == 0 {
+            return Self {
+                interval_ns: 0,
+                tolerance_ns: 0,
+            };
+        }
+        let interval_ns = 1_000_000_000 / per_second as u64;
+        let burst = if burst == 0 { 1 } else { burst };
+        Self {
+            interval_ns,
+            tolerance_ns: (burst as u64 - 1) * interval_ns,
+        }
+    }
+
+    /// Whether a packet at `now` fits a bucket at `tat`; if so, the bucket's new `tat`.
+    #[inline(always)]
+    pub const fn admit(&self, tat: u64, now: u64) -> Option<u64> {
+        if self.interval_ns == 0 {
+            return Some(tat);
+        }
+        let from = if tat > now { tat } else { now };
+        if from - now > self.tolerance_ns {
+            None
+        } else {
+            Some(from + self.interval_ns)
+        }
+    }
+
+    /// Whether a bucket at `tat` is full at `now` (it holds nothing a fresh one would not).
+    #[inline(always)]
+    pub const fn is_full(tat: u64, now: u64) -> bool {
+        tat <= now
+    }
+}
+
+/// The XDP program's bound on HandshakeInits addressed to this node, shed before the
+/// kernel's UDP stack (`docs/handshake.md`, "Shedding in the kernel"). Every bucket is
+/// per CPU. The agent derives it from its own admission rates so the two layers agree:
+/// the program never drops what the agent's per-source limits would have used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct HandshakeLimits {
+    /// Random key of [`handshake_slot`], so nobody can aim at another source's slot.
+    pub seed: u64,
+    /// Per underlay source /64 (per link for a link-local source): inits without a
+    /// cookie.
+    pub source_cookieless: Gcra,
+    /// Per (underlay source /64, cookie): inits carrying that cookie. Keyed by the
+    /// cookie too, so a spoofer who sends garbage cookies from a victim's /64 cannot
+    /// empty the bucket of the victim's real cookie, which it never saw.
+    pub cookie: Gcra,
+    /// The node's inits without a cookie, whatever their source.
+    pub node_cookieless: Gcra,
+    /// The node's inits with a cookie (valid or not: the program cannot tell).
+    pub node_cookie: Gcra,
+}
+
+impl HandshakeLimits {
+    /// Whether the gate is on.
+    pub const fn enabled(&self) -> bool {
+        self.source_cookieless.interval_ns != 0
+            || self.cookie.interval_ns != 0
+            || self.node_cookieless.interval_ns != 0
+            || self.node_cookie.interval_ns != 0
+    }
+}
+
+/// One slot of the handshake gate's source table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct HandshakeSlot {
+    /// The source /64 (first 8 bytes of the address, as the program loads them).
+    pub prefix: u64,
+    /// The cookie's first 8 bytes (0 for the cookieless bucket).
+    pub tag: u64,
+    /// The ingress interface for a link-local source, else 0.
+    pub scope: u32,
+    /// 1 for a cookie bucket, 2 for a cookieless one (0: empty slot).
+    pub class: u32,
+    /// The bucket's GCRA time.
+    pub tat: u64,
+}
+
+/// [`HandshakeSlot::class`] of a cookieless bucket.
+pub const HANDSHAKE_CLASS_COOKIELESS: u32 = 2;
+/// [`HandshakeSlot::class`] of a cookie bucket.
+pub const HANDSHAKE_CLASS_COOKIE: u32 = 1;
+
+/// The slot of the handshake gate's source table for a bucket key: the source /64 as
+/// the program loads it, the cookie tag (0 without), the link scope and the class, under
+/// the agent's random `seed`. A multiplicative hash, like [`forwarding_slot`].
+#[inline(always)]
+pub const fn handshake_slot(seed: u64, prefix: u64, tag: u64, scope: u32, class: u32) -> u32 {
+    let x = (prefix ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ tag.rotate_left(23)
+        ^ ((scope as u64) << 32 | class as u64);
+    (x.wrapping_mul(0xbf58_476d_1ce4_e5b9) >> (64 - HANDSHAKE_SLOT_BITS)) as u32
 }
 
 /// Packets and bytes seen for one [`Stat`] on one CPU.
@@ -387,11 +527,14 @@ pub enum Stat {
     /// it a valid partial sum for the new addresses in generic mode (the skb keeps its
     /// mark there and the egress completes it).
     CsumPartial = 16,
+    /// A HandshakeInit for this node over the handshake gate's bounds
+    /// ([`HandshakeLimits`]): shed before the kernel's UDP stack.
+    DropHandshakeRate = 17,
 }
 
 impl Stat {
     /// Number of entries in [`STATS_MAP`].
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Every stat in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
@@ -412,6 +555,7 @@ impl Stat {
         Stat::PassNotLocal,
         Stat::PassTooBig,
         Stat::CsumPartial,
+        Stat::DropHandshakeRate,
     ];
 
     /// Stable snake_case name for the API and the CLI.
@@ -434,6 +578,7 @@ impl Stat {
             Stat::PassNotLocal => "pass_not_local",
             Stat::PassTooBig => "pass_too_big",
             Stat::CsumPartial => "csum_partial",
+            Stat::DropHandshakeRate => "drop_handshake_rate",
         }
     }
 
@@ -459,6 +604,7 @@ impl Stat {
                 | Stat::DropNoRoute
                 | Stat::DropUnreachable
                 | Stat::DropNotUnicast
+                | Stat::DropHandshakeRate
         )
     }
 }
@@ -476,6 +622,7 @@ mod pod {
     unsafe impl aya::Pod for super::NextHopKey {}
     unsafe impl aya::Pod for super::NextHopEntry {}
     unsafe impl aya::Pod for super::ForwardingEntry {}
+    unsafe impl aya::Pod for super::HandshakeSlot {}
 }
 
 #[cfg(test)]
@@ -486,7 +633,9 @@ mod tests {
     fn layouts_are_stable() {
         assert_eq!(core::mem::size_of::<RouteValue>(), 40);
         assert_eq!(core::mem::size_of::<PeerKey>(), 24);
-        assert_eq!(core::mem::size_of::<Config>(), 12);
+        assert_eq!(core::mem::size_of::<Config>(), 88);
+        assert_eq!(core::mem::offset_of!(Config, handshake), 16);
+        assert_eq!(core::mem::size_of::<HandshakeSlot>(), 32);
         assert_eq!(core::mem::size_of::<Counter>(), 16);
         assert_eq!(core::mem::size_of::<NextHopKey>(), 20);
         assert_eq!(core::mem::size_of::<NextHopEntry>(), 40);
@@ -512,6 +661,41 @@ mod tests {
         }
         let filled = used.iter().filter(|u| **u).count();
         assert!(filled > 2400, "only {filled} slots used");
+    }
+
+    #[test]
+    fn gcra_admits_the_burst_then_the_rate() {
+        let g = Gcra::new(10, 3);
+        let mut tat = 0;
+        let now = 1_000_000_000;
+        for _ in 0..3 {
+            tat = g.admit(tat, now).expect("within the burst");
+        }
+        assert_eq!(g.admit(tat, now), None);
+        // One interval later, one more.
+        let later = now + 100_000_000;
+        tat = g.admit(tat, later).expect("refilled one");
+        assert_eq!(g.admit(tat, later), None);
+        assert!(!Gcra::is_full(tat, later) && Gcra::is_full(tat, later + 1_000_000_000));
+        // Off: everything passes and nothing moves.
+        assert_eq!(Gcra::new(0, 5).admit(7, now), Some(7));
+        assert!(!HandshakeLimits::default().enabled());
+    }
+
+    #[test]
+    fn handshake_slots_depend_on_the_seed_and_the_cookie() {
+        let p = 0xfd00_0001_0000_0000u64.to_be();
+        let a = handshake_slot(1, p, 0, 0, HANDSHAKE_CLASS_COOKIELESS);
+        assert!(a < HANDSHAKE_SLOTS);
+        let differ = (2..64u64)
+            .filter(|s| handshake_slot(*s, p, 0, 0, HANDSHAKE_CLASS_COOKIELESS) != a)
+            .count();
+        assert!(differ > 50, "the seed must move the slot ({differ})");
+        let mut used = [false; HANDSHAKE_SLOTS as usize];
+        for tag in 0..HANDSHAKE_SLOTS as u64 {
+            used[handshake_slot(1, p, tag << 40, 0, HANDSHAKE_CLASS_COOKIE) as usize] = true;
+        }
+        assert!(used.iter().filter(|u| **u).count() > 550);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! a flow (destination, neighbour, ingress) is kept in a per-CPU forwarding cache, so
 //! the flow's next packets skip the route trie, the peer map and the FIB. Everything that
 //! needs judgement (handshakes, control, local traffic) goes up with XDP_PASS.
+//! HandshakeInits addressed to this node pass a per-CPU rate gate first, so a flood of
+//! them is shed here rather than in the kernel's UDP stack and the agent.
 //! Every verdict is counted per CPU; nothing is logged per packet.
 #![no_std]
 #![no_main]
@@ -20,7 +22,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
         BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::generated::{bpf_csum_diff, bpf_fib_lookup},
+    helpers::generated::{bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_ns},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
@@ -29,9 +31,12 @@ use myconet_common::{
     checksum::WordSum,
     maps::{
         CSUM_COMPLETE_MAX, Config, Counter, DEVMAP_CAPACITY, EGRESS_REDIRECT, EGRESS_TX,
-        FORWARDING_CACHE_SLOTS, ForwardingEntry, IFACE_GENERIC, LOCAL_ADDRS_CAPACITY, LocalAddrKey,
-        NEXTHOP_CACHE_CAPACITY, NextHopEntry, NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue,
-        ROUTES_CAPACITY, RouteAction, RouteValue, Stat, forwarding_slot,
+        FORWARDING_CACHE_SLOTS, ForwardingEntry, HANDSHAKE_CLASS_COOKIE,
+        HANDSHAKE_CLASS_COOKIELESS, HANDSHAKE_NODE_COOKIE, HANDSHAKE_NODE_COOKIELESS,
+        HANDSHAKE_SLOTS, HandshakeLimits, HandshakeSlot, IFACE_GENERIC, INIT_COOKIE_LEN,
+        INIT_COOKIE_OFFSET, LOCAL_ADDRS_CAPACITY, LocalAddrKey, NEXTHOP_CACHE_CAPACITY,
+        NextHopEntry, NextHopKey, PEERS_CAPACITY, PeerKey, PeerValue, ROUTES_CAPACITY, RouteAction,
+        RouteValue, Stat, forwarding_slot, handshake_slot, link_scope,
     },
     wire::{self, PacketType, field},
 };
@@ -70,6 +75,13 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static FORWARDING_CACHE: PerCpuArray<ForwardingEntry> =
     PerCpuArray::with_max_entries(FORWARDING_CACHE_SLOTS, 0);
+
+#[map]
+static HANDSHAKE_SOURCES: PerCpuArray<HandshakeSlot> =
+    PerCpuArray::with_max_entries(HANDSHAKE_SLOTS, 0);
+
+#[map]
+static HANDSHAKE_NODE: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 #[map]
 static NEXTHOP_CACHE: LruPerCpuHashMap<NextHopKey, NextHopEntry> =
@@ -221,7 +233,8 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     // Control is link-level: always the agent's. Handshakes travel end to end like data
     // but are relayed by the agent (its rate limits apply), after the same local and
     // peer checks here, so strangers cannot make a relay's agent do work for them.
-    let (is_data, is_control) = match PacketType::from_u8(byte(start + MYC_OFF + field::TYPE)) {
+    let packet_type = PacketType::from_u8(byte(start + MYC_OFF + field::TYPE));
+    let (is_data, is_control) = match packet_type {
         Some(PacketType::Data) => (true, false),
         Some(PacketType::Control) => (false, true),
         Some(_) => (false, false),
@@ -285,14 +298,15 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     if let Some(r) = route
         && r.action == RouteAction::Local as u8
     {
-        return (
-            PASS,
-            if is_data {
-                Stat::PassLocal
-            } else {
-                Stat::PassControl
-            },
-        );
+        if is_data {
+            return (PASS, Stat::PassLocal);
+        }
+        if packet_type == Some(PacketType::HandshakeInit)
+            && !handshake_admitted(start, end, &config.handshake, [peer0, peer1], ingress)
+        {
+            return (DROP, Stat::DropHandshakeRate);
+        }
+        return (PASS, Stat::PassControl);
     }
 
     // Only authenticated neighbours may use this node as a relay. A link-local sender
@@ -372,6 +386,100 @@ fn relay(ctx: &XdpContext) -> (u32, Stat) {
     slot.pseudo_in = pseudo_header_sum([peer0, peer1], [odst0, odst1]);
     slot.pseudo_out = pseudo_header_sum(hop.src, next_hop);
     rewrite(start, end, slot, config.port, hop_limit)
+}
+
+/// The handshake gate: whether a HandshakeInit addressed to this node may go up to the
+/// kernel's UDP stack and the agent, or is shed here (`docs/handshake.md`, "Shedding in
+/// the kernel"). Per CPU, two buckets must both have room, and only then are both
+/// charged:
+/// - without a cookie: its source's bucket (the /64 of the outer source; a link-local
+///   source per link) and the node's cookieless bucket;
+/// - with a cookie (any nonzero byte in the field): the bucket of that (source /64,
+///   cookie) pair and the node's cookie bucket. The program cannot check a cookie, but a
+///   spoofer never saw a victim's, so garbage cookies from the victim's /64 land in other
+///   buckets than the victim's real one; what they can drain is the node's bucket, which
+///   every cookie holder shares alike.
+///
+/// A source slot held by another key is taken over with a fresh bucket: the node's
+/// buckets bound what an attacker cycling through many sources gets, and the seed keeps
+/// anyone from aiming at a given source's slot. An init too short to hold a cookie is
+/// charged as cookieless (the agent drops it as malformed).
+#[inline(always)]
+fn handshake_admitted(
+    start: usize,
+    end: usize,
+    limits: &HandshakeLimits,
+    source: [u64; 2],
+    ingress: u32,
+) -> bool {
+    if !limits.enabled() {
+        return true;
+    }
+    let (tag, class, per_source, node_index, node_limit) = match init_cookie(start, end) {
+        Some(tag) => (
+            tag,
+            HANDSHAKE_CLASS_COOKIE,
+            &limits.cookie,
+            HANDSHAKE_NODE_COOKIE,
+            &limits.node_cookie,
+        ),
+        None => (
+            0,
+            HANDSHAKE_CLASS_COOKIELESS,
+            &limits.source_cookieless,
+            HANDSHAKE_NODE_COOKIELESS,
+            &limits.node_cookieless,
+        ),
+    };
+    let prefix = source[0];
+    let scope = link_scope(&addr_bytes(source), ingress);
+    let Some(slot) =
+        HANDSHAKE_SOURCES.get_ptr_mut(handshake_slot(limits.seed, prefix, tag, scope, class))
+    else {
+        return true;
+    };
+    let Some(node) = HANDSHAKE_NODE.get_ptr_mut(node_index) else {
+        return true;
+    };
+    // SAFETY: this CPU's slots; only this CPU's program touches them, and it runs to
+    // completion before the next packet on this CPU.
+    let (slot, node) = unsafe { (&mut *slot, &mut *node) };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ours =
+        slot.class == class && slot.prefix == prefix && slot.tag == tag && slot.scope == scope;
+    let source_tat = if ours { slot.tat } else { 0 };
+    let (Some(source_next), Some(node_next)) = (
+        per_source.admit(source_tat, now),
+        node_limit.admit(*node, now),
+    ) else {
+        return false;
+    };
+    if !ours {
+        slot.prefix = prefix;
+        slot.tag = tag;
+        slot.scope = scope;
+        slot.class = class;
+    }
+    slot.tat = source_next;
+    *node = node_next;
+    true
+}
+
+/// The first 8 bytes of a HandshakeInit's cookie if it carries one (any nonzero byte
+/// in the field), `None` if it carries none or is too short to hold the field.
+#[inline(always)]
+fn init_cookie(start: usize, end: usize) -> Option<u64> {
+    let at = start + MYC_OFF + INIT_COOKIE_OFFSET;
+    if at + INIT_COOKIE_LEN > end {
+        return None;
+    }
+    let words: [u64; 4] = [load(at), load(at + 8), load(at + 16), load(at + 24)];
+    if words[0] | words[1] | words[2] | words[3] == 0 {
+        None
+    } else {
+        Some(words[0])
+    }
 }
 
 /// Folded native-order sum of an IPv6 pseudo-header for UDP without its length word.

@@ -8,7 +8,13 @@
 //! The attacker sends from several underlay addresses in different /64s (routed back to
 //! it by the target), so per-source limits see that many senders and the node's
 //! verification budget is what holds. It runs on the same two cores as everything else:
-//! the CPU it burns making inits is part of what the flood costs the others.
+//! the CPU it burns making inits is part of what the flood costs the others. So each
+//! flood has a control window: the same attacker doing the same work, its inits
+//! addressed to an overlay destination the target neither owns nor routes, which the
+//! target's XDP program drops at first sight (`drop_unknown_peer`). Against the
+//! unflooded windows, the control gives what the attacker's own CPU (and its packets'
+//! trip to the target's driver) costs a → c on this shared machine; the flood against
+//! its control gives what handling the flood costs the target.
 
 use std::{
     net::{Ipv6Addr, SocketAddr, SocketAddrV6},
@@ -64,6 +70,11 @@ pub enum Flood {
     Fresh,
     /// A few prepared inits sent again and again.
     Replay,
+    /// The attacker of [`Flood::Fresh`] with its inits addressed so that the target's
+    /// XDP program drops them at once: what the attacker costs by itself.
+    FreshControl,
+    /// The same for [`Flood::Replay`].
+    ReplayControl,
 }
 
 impl Flood {
@@ -73,14 +84,51 @@ impl Flood {
             Flood::None => "none",
             Flood::Fresh => "fresh keys + cookie echo",
             Flood::Replay => "replayed inits",
+            Flood::FreshControl => "control: fresh, dropped",
+            Flood::ReplayControl => "control: replays, dropped",
+        }
+    }
+
+    /// The control window of a flood (the flood itself for a control, `None` for none).
+    pub fn control(self) -> Option<Flood> {
+        match self {
+            Flood::None => None,
+            Flood::Fresh | Flood::FreshControl => Some(Flood::FreshControl),
+            Flood::Replay | Flood::ReplayControl => Some(Flood::ReplayControl),
+        }
+    }
+
+    /// Whether this is a control window.
+    pub fn is_control(self) -> bool {
+        matches!(self, Flood::FreshControl | Flood::ReplayControl)
+    }
+
+    /// The attacker's `--mode`, `None` without an attacker.
+    fn mode(self) -> Option<&'static str> {
+        match self {
+            Flood::None => None,
+            Flood::Fresh | Flood::FreshControl => Some("fresh"),
+            Flood::Replay | Flood::ReplayControl => Some("replay"),
         }
     }
 }
 
 /// The windows measured per target, in order: unflooded before and after, so drift of
 /// the shared machine during the run shows, and the flooded ones are read against the
-/// mean of the two.
-pub const WINDOWS: [Flood; 4] = [Flood::None, Flood::Fresh, Flood::Replay, Flood::None];
+/// mean of the two; each flood next to its control.
+pub const WINDOWS: [Flood; 6] = [
+    Flood::None,
+    Flood::Fresh,
+    Flood::FreshControl,
+    Flood::Replay,
+    Flood::ReplayControl,
+    Flood::None,
+];
+
+/// Where the control windows' inits are addressed: an overlay prefix no node of the
+/// chain owns or routes, so the target's XDP program drops them as from an unknown
+/// peer before anything else looks at them.
+const CONTROL_DST: Ipv6Addr = Ipv6Addr::new(0xfd6d, 0xdead, 0, 0, 0, 0, 0, 1);
 
 /// What one window measured.
 #[derive(Debug, Clone)]
@@ -101,6 +149,8 @@ pub struct FloodWindow {
     pub machine_busy: f64,
     /// Deltas of the target agent's counters in the window, by name.
     pub target_counters: Vec<(&'static str, u64)>,
+    /// Deltas of the target's XDP counters in the window, by name.
+    pub target_xdp: Vec<(&'static str, u64)>,
     /// Datagrams dropped at the target because its agent socket's buffer was full.
     pub target_rcvbuf_errors: u64,
     /// The attacker's own report (its JSON line), `None` without a flood.
@@ -126,6 +176,15 @@ impl FloodWindow {
     /// Per second of the window.
     pub fn per_second(&self, name: &str) -> f64 {
         self.counter(name) as f64 / self.window_seconds.max(f64::EPSILON)
+    }
+
+    /// An XDP counter's delta per second of the window (0 if not listed).
+    pub fn xdp_per_second(&self, name: &str) -> f64 {
+        self.target_xdp
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, v)| *v) as f64
+            / self.window_seconds.max(f64::EPSILON)
     }
 }
 
@@ -157,6 +216,9 @@ const COUNTERS: [&str; 8] = [
     "rx_data_relayed",
     "rx_malformed",
 ];
+
+/// The target's XDP counters the report reads.
+const XDP_COUNTERS: [&str; 3] = ["pass_control", "drop_handshake_rate", "drop_unknown_peer"];
 
 /// Addresses the attacker sends from, one per /64 (`fd00:f100:<i>::2`).
 fn attacker_sources(n: usize) -> Vec<(Ipv6Addr, String)> {
@@ -239,13 +301,18 @@ pub fn run(
             target.as_str(),
             flood.as_str()
         );
-        let attacker = match flood {
-            Flood::None => None,
-            Flood::Fresh | Flood::Replay => Some(start_attacker(
+        let dst = if flood.is_control() {
+            CONTROL_DST
+        } else {
+            victim_overlay
+        };
+        let attacker = match flood.mode() {
+            None => None,
+            Some(mode) => Some(start_attacker(
                 x,
                 flood_bin,
-                flood,
-                victim_overlay,
+                mode,
+                dst,
                 to,
                 &from,
                 // Running before, during and after the client's window.
@@ -267,7 +334,7 @@ pub fn run(
             }
             None => (None, 0.0),
         };
-        let (received_bps, retransmits, window_seconds, cpu, machine_busy, counters, rcvbuf) =
+        let (received_bps, retransmits, window_seconds, cpu, machine_busy, counters, xdp, rcvbuf) =
             window?;
         windows.push(FloodWindow {
             target,
@@ -278,6 +345,7 @@ pub fn run(
             target_cpu_seconds: cpu,
             machine_busy,
             target_counters: counters,
+            target_xdp: xdp,
             target_rcvbuf_errors: rcvbuf,
             attacker: attacker_report,
             attacker_cpu_seconds,
@@ -320,7 +388,7 @@ fn reach_relay(a: &Node, b: &AgentProcess, b_overlay: Ipv6Addr) -> Result<Option
 fn start_attacker(
     x: &Node,
     flood_bin: &Path,
-    flood: Flood,
+    mode: &str,
     dst: Ipv6Addr,
     to: SocketAddr,
     from: &str,
@@ -328,10 +396,6 @@ fn start_attacker(
 ) -> Result<(NsChild, (TempDir, std::path::PathBuf), u64)> {
     let dir = TempDir::new("flood")?;
     let log = dir.path().join("flood.json");
-    let mode = match flood {
-        Flood::Fresh => "fresh",
-        _ => "replay",
-    };
     let args = [
         "--dst".to_string(),
         dst.to_string(),
@@ -375,7 +439,8 @@ fn finish_attacker(
     serde_json::from_str(line).context("the attacker's report")
 }
 
-type WindowFigures = (f64, u64, f64, f64, f64, Vec<(&'static str, u64)>, u64);
+type Deltas = Vec<(&'static str, u64)>;
+type WindowFigures = (f64, u64, f64, f64, f64, Deltas, Deltas, u64);
 
 /// One iperf3 run a → c with snapshots of the victim around it.
 fn measure_window(
@@ -418,6 +483,12 @@ fn measure_window(
         )?);
         counters.push((name, delta));
     }
+    // An older build compared with `--bin-dir` may not have every counter: 0 there.
+    let mut xdp = Vec::new();
+    for name in XDP_COUNTERS {
+        let read = |stats: &Value| counter(stats, "xdp", name).unwrap_or(0);
+        xdp.push((name, read(&stats_after).saturating_sub(read(&stats_before))));
+    }
     Ok((
         iperf.received_bps,
         iperf.retransmits,
@@ -429,6 +500,7 @@ fn measure_window(
             machine.busy as f64 / machine.total as f64
         },
         counters,
+        xdp,
         net_after
             .udp_rcvbuf_errors
             .saturating_sub(net_before.udp_rcvbuf_errors),

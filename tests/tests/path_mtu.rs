@@ -209,22 +209,20 @@ fn large_packets_cross_a_narrower_link(relay_dataplane: &str) -> Result<()> {
         replies >= STEADY - 1,
         "only {replies} of {STEADY} large pings answered once the path MTU was known"
     );
-    // UDP to a second address of c: a's kernel learned the path MTU of c's first
-    // address from the pings, not of this one, so it takes a Packet Too Big of its own
-    // (through the UDP socket's error handler this time) from a's agent, which knows
-    // the path MTU of c's whole /64 by now.
-    let c2 = Ipv6Addr::from(u128::from(chain.c_overlay) + 1);
-    chain.topo.node(2).netns().ip([
-        "-6",
-        "addr",
-        "add",
-        &format!("{c2}/128"),
-        "dev",
-        tun,
-        "nodad",
-    ])?;
+    // UDP to c after a's kernel forgot the path MTU it learned from the pings (a node
+    // has exactly one overlay address, so a second address of c is no fresh
+    // destination): it takes a Packet Too Big of its own (through the UDP socket's
+    // error handler this time) from a's agent, which still knows the path MTU of c.
+    let a_ns = chain.topo.node(0).netns();
+    a_ns.ip(["-6", "route", "flush", "cache"])?;
+    let cached =
+        String::from_utf8_lossy(&a_ns.ip(["-6", "route", "show", "cache"])?.stdout).into_owned();
+    ensure!(
+        !cached.contains(&chain.c_overlay.to_string()),
+        "a's kernel still holds a path MTU for c after the flush: {cached}"
+    );
     let a_before_udp = chain.agents[0].stats()?;
-    let (tries, arrived) = large_udp(&chain, c2)?;
+    let (tries, arrived) = large_udp(&chain, chain.c_overlay)?;
     eprintln!("{relay_dataplane}: UDP: two in a row after {tries}, then {arrived}/{STEADY}");
     ensure!(
         arrived >= STEADY - 1,

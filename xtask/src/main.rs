@@ -134,6 +134,10 @@ enum BenchCmd {
         /// How many underlay /64s the attacker sends from.
         #[arg(long, default_value_t = 16)]
         sources: usize,
+        /// A directory with myconet-agent and myconet-ctl to measure instead of this
+        /// tree's release build (repeat to compare builds; run in turn per target).
+        #[arg(long = "bin-dir")]
+        bin_dirs: Vec<std::path::PathBuf>,
     },
     /// Content: add against raw BLAKE3 and a raw write, fetch against iperf3 over the
     /// same overlay path, proof overhead, time to first byte, the share fetched again
@@ -284,6 +288,7 @@ fn run(cli: Cli) -> Result<()> {
                     seconds,
                     target,
                     sources,
+                    bin_dirs,
                 } => {
                     use myconet_testbed::flood::Target;
                     let targets = match target.as_deref() {
@@ -292,7 +297,13 @@ fn run(cli: Cli) -> Result<()> {
                         Some("b") => vec![Target::B],
                         Some(other) => anyhow::bail!("--target {other}: c or b"),
                     };
-                    flood::run(&root, seconds.clamp(2, 60), &targets, sources.clamp(1, 200))
+                    flood::run(
+                        &root,
+                        seconds.clamp(2, 60),
+                        &targets,
+                        sources.clamp(1, 200),
+                        &bin_dirs,
+                    )
                 }
             }
         }

@@ -24,9 +24,9 @@ use aya::{
     },
 };
 use myconet_common::maps::{
-    CONFIG_MAP, Config, Counter, DEVMAP_MAP, EGRESS_MAP, EGRESS_REDIRECT, EGRESS_TX, IFACE_GENERIC,
-    LOCAL_ADDRS_MAP, LocalAddrKey, PEERS_MAP, PROGRAM_NAME, PeerKey, PeerValue, ROUTES_MAP,
-    RouteValue, STATS_MAP, Stat,
+    CONFIG_MAP, Config, Counter, DEVMAP_MAP, EGRESS_MAP, EGRESS_REDIRECT, EGRESS_TX, Gcra,
+    HandshakeLimits, IFACE_GENERIC, LOCAL_ADDRS_MAP, LocalAddrKey, PEERS_MAP, PROGRAM_NAME,
+    PeerKey, PeerValue, ROUTES_MAP, RouteValue, STATS_MAP, Stat,
 };
 
 use crate::os::{
@@ -52,6 +52,51 @@ const PINNED_MAPS: [&str; 7] = [
 /// and routing to converge after a restart, after which whatever it did not confirm is
 /// stale and removed.
 pub const ADOPTION_GRACE: Duration = Duration::from_secs(30);
+
+/// The XDP program's handshake gate for an agent whose session layer admits inits by
+/// `admission`, so the two layers agree (`docs/handshake.md`, "Shedding in the
+/// kernel"). Every bucket is per CPU.
+/// - Per source /64, cookieless: what the agent can do with one last hop's cookieless
+///   inits in a second, its cookieless share (signature checks) plus its cookie
+///   replies; the agent drops the rest of them unanswered anyway.
+/// - Per (source /64, cookie): the agent's share of cookie-bearing inits per last hop.
+/// - The node's cookieless inits: twice the agent's load threshold (above it the agent
+///   answers everyone with cookies, each a reply to send), a second's worth at once.
+/// - The node's cookie-bearing inits: twice the agent's verification budget, whose
+///   excess the agent refuses; the other half is room for garbage cookies, which the
+///   program cannot tell from real ones.
+pub fn handshake_limits(admission: &myconet_core::session::Config, seed: u64) -> HandshakeLimits {
+    let source = &admission.source_rate_limit;
+    let replies = &admission.cookie_reply_rate_limit;
+    let cookie = &admission.cookie_rate_limit;
+    let budget = &admission.verify_budget;
+    HandshakeLimits {
+        seed,
+        source_cookieless: Gcra::new(
+            source.per_second.saturating_add(replies.per_second),
+            source.burst.saturating_add(replies.burst),
+        ),
+        cookie: Gcra::new(cookie.per_second, cookie.burst),
+        node_cookieless: Gcra::new(
+            admission.load_threshold.saturating_mul(2),
+            admission.load_threshold,
+        ),
+        node_cookie: Gcra::new(
+            budget.per_second.saturating_mul(2),
+            budget.burst.saturating_mul(2),
+        ),
+    }
+}
+
+/// A random key for the handshake gate's slot hash.
+fn random_seed() -> Result<u64, DataplaneError> {
+    use ring::rand::SecureRandom as _;
+    let mut seed = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut seed)
+        .map_err(|_| DataplaneError::Load("no randomness for the handshake gate".into()))?;
+    Ok(u64::from_ne_bytes(seed))
+}
 
 /// The version of the embedded program, as its pins record it.
 pub fn program_version() -> String {
@@ -280,6 +325,7 @@ impl XdpDataplane {
         let current = Config {
             port,
             generation,
+            handshake: handshake_limits(&crate::shell::overlay::session_config(), random_seed()?),
             ..Config::default()
         };
         config.set(0, current, 0).map_err(map_err(CONFIG_MAP))?;
@@ -854,6 +900,23 @@ impl XdpDataplane {
         if let Err(e) = self.bump_generation() {
             warn!(error = %e, "could not invalidate the XDP forwarding caches");
         }
+    }
+
+    /// The handshake gate's parameters in the program's config.
+    pub fn handshake_limits(&self) -> HandshakeLimits {
+        self.current.handshake
+    }
+
+    /// Replaces the handshake gate's parameters (the agent sets them from its
+    /// admission rates when it loads the program; tests set their own, or none).
+    pub fn set_handshake_limits(&mut self, limits: HandshakeLimits) -> Result<(), DataplaneError> {
+        let next = Config {
+            handshake: limits,
+            ..self.current
+        };
+        self.config.set(0, next, 0).map_err(map_err(CONFIG_MAP))?;
+        self.current = next;
+        Ok(())
     }
 
     fn bump_generation(&mut self) -> Result<(), DataplaneError> {

@@ -366,6 +366,9 @@ mod tests {
         assert_eq!(init::ENDPOINT.len(), ENDPOINT_LEN);
         assert_eq!(init::COOKIE.start, init::ENDPOINT.end);
         assert_eq!(init::SIGNATURE.start, init::COOKIE.end);
+        // The XDP program's handshake gate reads the cookie at the same place.
+        assert_eq!(init::COOKIE.start, myconet_common::maps::INIT_COOKIE_OFFSET);
+        assert_eq!(init::COOKIE.len(), myconet_common::maps::INIT_COOKIE_LEN);
         assert_eq!(init::LEN, init::SIGNATURE.end);
         assert_eq!(response::SENDER_INDEX.start, HEADER_LEN);
         assert_eq!(response::STATIC_KEY.start, response::SENDER_INDEX.end);

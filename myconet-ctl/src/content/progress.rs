@@ -104,7 +104,9 @@ fn providers(p: &pb::Progress) -> String {
 
 /// One plain progress line.
 pub fn line(p: &pb::Progress) -> String {
-    let pct = (p.verified_bytes * 100)
+    let pct = p
+        .verified_bytes
+        .saturating_mul(100)
         .checked_div(p.total_bytes)
         .unwrap_or(0);
     let eta = if p.rate > 0.0 && p.total_bytes > p.verified_bytes {

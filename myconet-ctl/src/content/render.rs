@@ -23,7 +23,11 @@ fn state(p: &pb::Package) -> String {
     if p.complete {
         "complete".into()
     } else {
-        match (p.verified_bytes * 100).checked_div(p.total_size) {
+        match p
+            .verified_bytes
+            .saturating_mul(100)
+            .checked_div(p.total_size)
+        {
             Some(pct) => format!("partial {pct}%"),
             None => "partial".into(),
         }
