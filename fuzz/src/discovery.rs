@@ -14,9 +14,10 @@ use std::{
     time::{Duration, Instant, UNIX_EPOCH},
 };
 
-use myconet_agent::peers::{
-    NodeKey, PeerConfig, PeerManager,
-    control::{Beacon, ControlMessage},
+use myconet_core::id::NodeKey;
+use myconet_core::peers::{
+    PeerConfig, PeerManager,
+    wire::{Beacon, LinkMessage},
 };
 
 use crate::session::keypair;
@@ -30,8 +31,8 @@ pub const WALL_US: u64 = 1_800_000_000_000_000;
 /// The beacon a node with identity seed `seed` sends at `WALL_US + offset_us`.
 pub fn beacon(seed: u8, port: u16, offset_us: u64) -> Vec<u8> {
     let key = keypair(seed);
-    let b = Beacon::for_key(&key, port, WALL_US + offset_us).expect("beacon");
-    ControlMessage::Beacon(b.sign(&key)).to_vec()
+    let b = Beacon::for_key(&*key, port, WALL_US + offset_us).expect("beacon");
+    LinkMessage::Beacon(b.sign(&*key)).to_vec()
 }
 
 /// The fuzz target; see the module documentation.
@@ -55,7 +56,7 @@ pub fn run(data: &[u8]) {
     );
     let first = manager.on_beacon(from, IFINDEX, datagram, now, wall);
     if first.is_ok() {
-        let Ok(ControlMessage::Beacon(signed)) = ControlMessage::parse(datagram) else {
+        let Ok(LinkMessage::Beacon(signed)) = LinkMessage::parse(datagram) else {
             panic!("accepted a datagram that is not a beacon");
         };
         assert_ne!(signed.beacon.node_key, local_key, "accepted our own beacon");

@@ -10,15 +10,15 @@
 //! decision ([`xdp`]). A violated property panics, which libFuzzer reports as a crash.
 //!
 //! Targets drive the agent's public entry points (`SessionTable::handle_datagram`,
-//! `ControlMessage::parse`, `Router::handle_message`, `PeerManager::on_beacon`,
+//! `LinkMessage::parse`, `Router::handle_message`, `PeerManager::on_beacon`,
 //! `FileConfig::from_toml`, `myconet_content`'s parsers, the loaded XDP program), so they follow the formats as they
 //! change instead of pinning private layouts.
 
 pub mod config;
 pub mod content;
-pub mod control;
 pub mod discovery;
 pub mod header;
+pub mod link;
 pub mod routing;
 pub mod seeds;
 pub mod session;
@@ -40,9 +40,9 @@ pub const TARGETS: &[(&str, Target, &str)] = &[
         "handshake, cookie and sealed datagrams into the session core",
     ),
     (
-        "control",
-        control::run,
-        "link control messages and routing frames: exact round trip",
+        "link",
+        link::run,
+        "link messages and routing frames: exact round trip",
     ),
     (
         "routing",

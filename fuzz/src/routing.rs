@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use myconet_agent::routing::{
+use myconet_core::routing::{
     Admission, Router, RoutingConfig, owned_prefix,
     wire::{self, Tlv, Tlvs},
 };

@@ -5,12 +5,12 @@
 
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use myconet_agent::{
-    peers::control::{ControlMessage, Hello, HelloAck, frame_routing},
+use myconet_common::wire::{DEFAULT_HOP_LIMIT, HEADER_LEN, Packet, PacketType, Repr};
+use myconet_core::{
+    peers::wire::{Hello, HelloAck, LinkMessage, frame_routing},
     routing::{SignedOrigin, wire},
     session::Inbound,
 };
-use myconet_common::wire::{DEFAULT_HOP_LIMIT, HEADER_LEN, Packet, PacketType, Repr};
 
 use crate::{
     discovery,
@@ -50,9 +50,9 @@ fn session() -> Vec<(String, Vec<u8>)> {
     let now = s.now;
     let rng = ring::rand::SystemRandom::new();
     // An init from a fourth node to b (answered, or with load, a cookie).
-    let mut d = myconet_agent::session::SessionTable::new(
+    let mut d = myconet_core::session::SessionTable::new(
         keypair(4),
-        myconet_agent::session::Config::default(),
+        myconet_core::session::Config::default(),
         now,
     )
     .expect("table");
@@ -86,15 +86,15 @@ fn session() -> Vec<(String, Vec<u8>)> {
     ]
 }
 
-fn control() -> Vec<(String, Vec<u8>)> {
-    let hello = ControlMessage::Hello(Hello {
-        node_key: myconet_agent::peers::NodeKey([7; 32]),
+fn link() -> Vec<(String, Vec<u8>)> {
+    let hello = LinkMessage::Hello(Hello {
+        node_key: myconet_core::id::NodeKey([7; 32]),
         sequence: 3,
         timestamp_us: 123_456,
         observed_addr: "fd00::1".parse().expect("literal"),
         observed_port: 9651,
     });
-    let ack = ControlMessage::HelloAck(HelloAck {
+    let ack = LinkMessage::HelloAck(HelloAck {
         sequence: 3,
         echoed_timestamp_us: 123_456,
         ack_delay_us: 50,
@@ -102,7 +102,7 @@ fn control() -> Vec<(String, Vec<u8>)> {
     vec![
         ("hello".into(), hello.to_vec()),
         ("hello_ack".into(), ack.to_vec()),
-        ("keepalive".into(), ControlMessage::Keepalive.to_vec()),
+        ("keepalive".into(), LinkMessage::Keepalive.to_vec()),
         ("beacon".into(), discovery::beacon(5, 9651, 0)),
         (
             "routing_frame".into(),
@@ -292,7 +292,7 @@ pub fn all() -> Vec<Seed> {
         ],
     );
     add("session", session());
-    add("control", control());
+    add("link", link());
     add("routing", routing_payloads());
     let mut beacons = vec![
         ("beacon".to_string(), {

@@ -23,8 +23,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use myconet_agent::session::{Config, Inbound, SessionTable, Signer};
 use myconet_common::wire::field;
+use myconet_core::id::Signer;
+use myconet_core::session::{Config, Inbound, SessionTable};
 use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 
 /// A fixed identity, so every run takes the same tie-break branches.

@@ -49,8 +49,8 @@ fn session_inputs_replay() {
 }
 
 #[test]
-fn control_inputs_replay() {
-    replay("control");
+fn link_inputs_replay() {
+    replay("link");
 }
 
 #[test]
@@ -86,7 +86,7 @@ fn every_target_has_a_replay_test() {
         [
             "header",
             "session",
-            "control",
+            "link",
             "routing",
             "discovery",
             "config",

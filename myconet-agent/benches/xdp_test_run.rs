@@ -17,14 +17,12 @@
 
 use std::{net::Ipv6Addr, time::Duration};
 
-use myconet_agent::{
-    dataplane::{XdpDataplane, ifindex},
-    rib::{NextHop, RouteTarget},
-};
+use myconet_agent::os::dataplane::{XdpDataplane, ifindex};
 use myconet_common::{
     maps::{LocalAddrKey, PeerKey},
     wire::{PacketType, Repr},
 };
+use myconet_core::rib::{NextHop, RouteTarget};
 use myconet_testbed::{
     fixture::{PEER_MAC, V0_MAC, fib_namespace},
     packet,

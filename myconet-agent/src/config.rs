@@ -13,10 +13,8 @@ use clap::Parser;
 use myconet_common::wire::DEFAULT_PORT;
 use serde::Deserialize;
 
-use crate::{
-    dataplane::XdpModeChoice,
-    rib::{NextHop, Prefix},
-};
+use crate::os::dataplane::XdpModeChoice;
+use myconet_core::rib::{NextHop, Prefix};
 
 /// Command-line flags.
 #[derive(Debug, Parser)]
@@ -81,7 +79,7 @@ pub struct Cli {
     pub no_tun: bool,
     /// The content store and protocol.
     #[command(flatten)]
-    pub content: crate::content::settings::ContentFlags,
+    pub content: crate::shell::content::settings::ContentFlags,
     /// Directory on a BPF file system where the XDP links and maps are pinned, so the
     /// relay keeps forwarding while the agent restarts (default: a directory under
     /// /sys/fs/bpf/myconet derived from the state directory).
@@ -152,9 +150,9 @@ pub struct FileConfig {
     hello_interval_ms: Option<u64>,
     #[serde(default)]
     routes: Vec<FileRoute>,
-    storage: Option<crate::content::settings::StorageSection>,
-    content: Option<crate::content::settings::ContentSection>,
-    /// Ed25519 keys (hex) pinned for their /64 by the operator (`crate::pins`).
+    storage: Option<crate::shell::content::settings::StorageSection>,
+    content: Option<crate::shell::content::settings::ContentSection>,
+    /// Ed25519 keys (hex) pinned for their /64 by the operator (`myconet_core::pins`).
     #[serde(default)]
     pinned_keys: Vec<String>,
     pin_dir: Option<PathBuf>,
@@ -204,16 +202,16 @@ pub struct Settings {
     /// Interfaces to discover neighbours on.
     pub discover: Vec<String>,
     /// Neighbour timers.
-    pub peer_config: crate::peers::PeerConfig,
+    pub peer_config: myconet_core::peers::PeerConfig,
     /// Static routes.
     pub routes: Vec<(Prefix, NextHop)>,
     /// The TUN device to create, `None` for a pure relay.
     pub tun_name: Option<String>,
     /// The content store and protocol (`storage` and `content` sections).
-    pub content: crate::content::settings::ContentSettings,
-    /// Keys the operator pins for their /64, over whatever was learned (`crate::pins`).
+    pub content: crate::shell::content::settings::ContentSettings,
+    /// Keys the operator pins for their /64, over whatever was learned (`myconet_core::pins`).
     pub pinned_keys: Vec<[u8; 32]>,
-    /// Where the data plane is pinned (see `crate::bpf_pins`).
+    /// Where the data plane is pinned (see `crate::os::bpf_pins`).
     pub pin_dir: PathBuf,
     /// Whether SIGTERM/SIGINT leave the pinned data plane for the next agent.
     pub hitless_restart: bool,
@@ -287,7 +285,7 @@ fn file_peer(value: &toml::Value) -> anyhow::Result<PeerSetting> {
 }
 
 /// Default name of the overlay TUN device.
-pub const DEFAULT_TUN_NAME: &str = crate::tun::DEFAULT_NAME;
+pub const DEFAULT_TUN_NAME: &str = crate::os::tun::DEFAULT_NAME;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/myconet";
@@ -348,8 +346,8 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddrV6> {
 /// and a half without an authenticated packet, so three lost hellos in a row take a link
 /// down and two never do; sooner when a hello and the five probes after it all go
 /// unanswered (see `PeerConfig::probe_count`), which is what makes failover fast.
-fn peer_config(hello_interval_ms: Option<u64>) -> anyhow::Result<crate::peers::PeerConfig> {
-    let mut config = crate::peers::PeerConfig::default();
+fn peer_config(hello_interval_ms: Option<u64>) -> anyhow::Result<myconet_core::peers::PeerConfig> {
+    let mut config = myconet_core::peers::PeerConfig::default();
     let hello = std::time::Duration::from_millis(hello_interval_ms.unwrap_or(1000));
     if !(100..=60_000).contains(&hello.as_millis()) {
         bail!("hello_interval_ms must be 100..=60000");
@@ -447,7 +445,7 @@ impl Cli {
         }
         let mut pinned_keys = Vec::new();
         for k in &file.pinned_keys {
-            pinned_keys.push(crate::pins::parse_key(k).with_context(|| {
+            pinned_keys.push(myconet_core::pins::parse_key(k).with_context(|| {
                 format!("pinned_keys: {k:?} is not an Ed25519 public key (64 hex digits)")
             })?);
         }
@@ -469,7 +467,7 @@ impl Cli {
             .state_dir
             .or(file.state_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-        let content = crate::content::settings::ContentSettings::resolve(
+        let content = crate::shell::content::settings::ContentSettings::resolve(
             &self.content,
             file.storage,
             file.content,
@@ -478,7 +476,7 @@ impl Cli {
         let pin_dir = self
             .pin_dir
             .or(file.pin_dir)
-            .unwrap_or_else(|| crate::bpf_pins::default_dir(&state_dir));
+            .unwrap_or_else(|| crate::os::bpf_pins::default_dir(&state_dir));
         let metrics_listen =
             metrics_listen(self.metrics_listen, file.metrics, self.metrics_allow_remote)?;
         Ok(Settings {
@@ -564,7 +562,7 @@ via = "fd00::1"
         // flags can name one, and ask for hitless restarts.
         assert_eq!(
             s.pin_dir,
-            crate::bpf_pins::default_dir(Path::new(DEFAULT_STATE_DIR))
+            crate::os::bpf_pins::default_dir(Path::new(DEFAULT_STATE_DIR))
         );
         assert!(!s.hitless_restart);
         std::fs::write(

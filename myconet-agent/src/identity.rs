@@ -20,7 +20,7 @@ use std::{
 
 use myconet_common::addr;
 
-use crate::lockfile::{LockError, LockFile};
+use crate::os::lockfile::{LockError, LockFile};
 use ring::{
     rand::{SecureRandom, SystemRandom},
     signature::{Ed25519KeyPair, KeyPair},
@@ -301,6 +301,18 @@ impl Identity {
     /// The key pair, for signing.
     pub fn key_pair(&self) -> &Ed25519KeyPair {
         &self.key
+    }
+}
+
+/// The cores sign with the node's key through this (handshakes, routing origins,
+/// too-big reports, discovery beacons); the key itself stays here.
+impl myconet_core::id::Signer for Identity {
+    fn public_key(&self) -> &[u8] {
+        Identity::public_key(self)
+    }
+
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.key.sign(message).as_ref().to_vec()
     }
 }
 

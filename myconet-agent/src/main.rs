@@ -1,33 +1,38 @@
-//! `myconet-agent`: loads the XDP relay, serves the control API (`mod control` in lib.rs)
+//! `myconet-agent`: loads the XDP relay, serves the control API (`shell::api` in lib.rs)
 //! and handles what the kernel passes up, until SIGTERM or SIGINT.
 
 use std::{sync::Arc, time::Instant};
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
-use myconet_agent::{
+use myconet_agent::os::{
     bpf_pins::PinDir,
     caps::{self, CapSet},
-    config::{Cli, DataplaneChoice},
-    content::Content,
-    control::{self, ControlService, ControlSocket},
     dataplane::{self, XdpDataplane},
-    generate,
-    identity::{Identity, KEY_FILE, StateLock},
-    link::Links,
-    logging, metrics,
     netlink::{self, Netlink},
-    node::{ConfiguredInterface, Node},
-    overlay::{self, Overlay},
-    peers::{Beaconer, DiscoveryConfig, LinkEndpoint, ReceivedBeacon},
-    pins, preflight,
-    routing::RoutingConfig,
+    pin_store,
     seqno_store::SeqnoStore,
     sysctl,
     tun::{Tun, TunError, TunOptions},
-    underlay,
     watch::{self, UnderlayWatch},
 };
+use myconet_agent::shell::{
+    api::{self, ControlService, ControlSocket},
+    content::Content,
+    discovery::{Beaconer, DiscoveryConfig, ReceivedBeacon},
+    link::Links,
+    metrics,
+    node::{ConfiguredInterface, Node},
+    overlay::{self, Overlay},
+    underlay,
+};
+use myconet_agent::{
+    config::{Cli, DataplaneChoice},
+    generate,
+    identity::{Identity, KEY_FILE, StateLock},
+    logging, preflight,
+};
+use myconet_core::{id::LinkEndpoint, pins, routing::RoutingConfig};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
@@ -247,7 +252,7 @@ async fn serve(
     xdp_loaded: bool,
     content: &Arc<Content>,
 ) -> anyhow::Result<Exit> {
-    let pins = pins::load(&settings.state_dir, pins::DEFAULT_CAPACITY).shared();
+    let pins = pin_store::load(&settings.state_dir, pins::DEFAULT_CAPACITY).shared();
     for key in &settings.pinned_keys {
         pins::lock(&pins).set_operator(key);
     }
@@ -258,7 +263,7 @@ async fn serve(
         SeqnoStore::open(&settings.state_dir),
         pins.clone(),
         Instant::now(),
-        jitter_seed(),
+        myconet_agent::shell::jitter_seed(),
     )?);
     for p in &settings.peers {
         // Configured neighbours are known by endpoint; they enter the relay peer map
@@ -343,7 +348,7 @@ async fn serve(
         *asked.lock().unwrap_or_else(|p| p.into_inner()) = how;
     };
     info!(socket = %settings.socket.display(), port = settings.port, "agent ready");
-    let served = control::serve_on(
+    let served = api::serve_on(
         node.clone(),
         links,
         Some(content.service()),
@@ -373,7 +378,7 @@ async fn save_pins_forever(pins: pins::SharedPins, state_dir: std::path::PathBuf
 }
 
 fn save_pins(pins: &pins::SharedPins, state_dir: &std::path::Path) {
-    if let Err(e) = pins::save_if_changed(pins, state_dir) {
+    if let Err(e) = pin_store::save_if_changed(pins, state_dir) {
         warn!(error = %e, dir = %state_dir.display(), "cannot persist the key pins");
     }
 }
@@ -428,20 +433,6 @@ fn drop_capabilities(xdp_loaded: bool) -> anyhow::Result<()> {
         "capabilities dropped after set-up"
     );
     Ok(())
-}
-
-/// Fresh randomness for timer jitter, so neighbours' hellos do not synchronise.
-fn jitter_seed() -> u64 {
-    let mut seed = [0u8; 8];
-    // Without randomness the jitter is merely predictable; the time still varies it.
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        seed[..4].copy_from_slice(&nanos.to_le_bytes());
-    }
-    u64::from_le_bytes(seed)
 }
 
 /// Creates the TUN device and gives it the node's address, the overlay route and an MTU

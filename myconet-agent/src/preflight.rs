@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::{
+use crate::os::{
     caps::{self, CAP_NET_ADMIN},
-    config::Settings,
-    control, dataplane,
-    identity::Identity,
+    dataplane,
 };
+use crate::shell::api;
+use crate::{config::Settings, identity::Identity};
 
 /// Runs every check; the first failure is the error.
 pub fn check(settings: &Settings) -> anyhow::Result<()> {
@@ -23,7 +23,7 @@ pub fn check(settings: &Settings) -> anyhow::Result<()> {
     }
     check_dir_path("state directory", &settings.state_dir)?;
     Identity::check(&settings.state_dir)?;
-    control::check_socket_path(&settings.socket)?;
+    api::check_socket_path(&settings.socket)?;
     if let Some(name) = &settings.tun_name {
         check_tun(name, caps::effective().has(CAP_NET_ADMIN))?;
     }

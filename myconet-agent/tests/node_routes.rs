@@ -15,11 +15,9 @@ use std::{
     thread,
 };
 
-use myconet_agent::{
-    identity::Identity,
-    node::Node,
-    rib::{NextHop, Origin, Prefix},
-};
+use myconet_agent::identity::Identity;
+use myconet_agent::shell::node::Node;
+use myconet_core::rib::{NextHop, Origin, Prefix};
 
 struct TempDir(PathBuf);
 

@@ -4,10 +4,8 @@
 //! (or in docs/operations.md) fails here, and so does a default that drifts.
 
 use clap::Parser;
-use myconet_agent::{
-    config::{Cli, FileConfig, FileMetrics, FileRoute},
-    content::settings::{ContentSection, StorageSection},
-};
+use myconet_agent::config::{Cli, FileConfig, FileMetrics, FileRoute};
+use myconet_agent::shell::content::settings::{ContentSection, StorageSection};
 use serde::Deserialize;
 
 const SAMPLE: &str = include_str!("../../packaging/agent.toml");

@@ -7,12 +7,12 @@
 
 use std::{collections::BTreeSet, net::Ipv6Addr, path::Path, time::Instant};
 
-use myconet_agent::{
+use myconet_agent::os::{
     bpf_pins::{self, XdpLinkInfo},
     dataplane::{ADOPTION_GRACE, XdpDataplane, XdpModeChoice, program_version},
-    rib::{NextHop, RouteTarget},
 };
 use myconet_common::maps::PeerKey;
+use myconet_core::rib::{NextHop, RouteTarget};
 use myconet_testbed::{bpffs::BpfFs, fixture::fib_namespace};
 
 const PORT: u16 = 9651;

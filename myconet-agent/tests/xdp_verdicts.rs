@@ -9,10 +9,9 @@
 
 use std::{collections::BTreeSet, net::Ipv6Addr};
 
-use myconet_agent::{
+use myconet_agent::os::{
     dataplane::{AttachedMode, XdpDataplane, ifindex},
     egress::EgressPolicy,
-    rib::{NextHop, RouteTarget},
 };
 use myconet_common::{
     maps::{
@@ -21,6 +20,7 @@ use myconet_common::{
     },
     wire::{DEFAULT_HOP_LIMIT, HEADER_LEN, PacketType, Repr, field},
 };
+use myconet_core::rib::{NextHop, RouteTarget};
 use myconet_testbed::{
     fixture::{NEIGH2_MAC, PEER_MAC, V0_MAC, V2_MAC, fib_namespace},
     packet::{self, ETH_LEN, IPV6_LEN, UDP_LEN},
@@ -1044,9 +1044,9 @@ fn the_agent_sets_the_gate_from_its_admission_rates() {
     ns.run_in(|| {
         pin_to_cpu0();
         let fx = Fixture::new();
-        let admission = myconet_agent::overlay::session_config();
+        let admission = myconet_agent::shell::overlay::session_config();
         let limits = fx.dp.handshake_limits();
-        let with_seed = myconet_agent::dataplane::handshake_limits(&admission, limits.seed);
+        let with_seed = myconet_agent::os::dataplane::handshake_limits(&admission, limits.seed);
         assert_eq!(limits, with_seed);
         assert!(limits.enabled() && limits.seed != 0);
         let burst = admission.source_rate_limit.burst + admission.cookie_reply_rate_limit.burst;

@@ -24,7 +24,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use myconet_agent::session::forge::{ForgedInit, INIT_LEN};
+use myconet_core::session::forge::{ForgedInit, INIT_LEN};
 use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 
 /// Fresh-key inits remembered for echoing their cookie replies.

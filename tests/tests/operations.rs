@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use myconet_agent::caps::{self, CapSet};
+use myconet_agent::os::caps::{self, CapSet};
 use myconet_testbed::{
     Chain, Netns,
     agent::{AGENT_BIN, CTL_BIN, bin_dir},

@@ -148,7 +148,7 @@ fn overlay_through(relay_dataplane: &str) -> Result<()> {
     // overlay (here echo requests to all nodes on the link) is counted apart, as not
     // the overlay's, and is no loss.
     let a_before = chain.agents[0].stats()?;
-    let tun = format!("ff02::1%{}", myconet_agent::tun::DEFAULT_NAME);
+    let tun = format!("ff02::1%{}", myconet_agent::os::tun::DEFAULT_NAME);
     // No answer comes back over a TUN device; only the sends matter.
     let _ = chain.topo.node(0).netns().exec(
         "ping",

@@ -169,7 +169,7 @@ fn delta(after: &Value, before: &Value, section: &str, name: &str) -> Result<u64
 
 fn large_packets_cross_a_narrower_link(relay_dataplane: &str) -> Result<()> {
     let chain = narrow_chain(relay_dataplane)?;
-    let tun = myconet_agent::tun::DEFAULT_NAME;
+    let tun = myconet_agent::os::tun::DEFAULT_NAME;
     ensure!(
         link_mtu(&chain.topo, 0, tun)? == 1388 && link_mtu(&chain.topo, 2, tun)? == 1308,
         "TUN MTUs: a {}, c {} (expected 1388 and 1308)",

@@ -495,7 +495,7 @@ fn relay_never_redirects_into_a_veth_that_cannot_receive() -> Result<()> {
 /// counts the rest. Every packet is accounted for, and c sees exactly what b relayed.
 #[test]
 fn relay_limits_the_handshakes_one_neighbour_hands_it() -> Result<()> {
-    use myconet_agent::underlay::RELAY_HANDSHAKE_LIMIT;
+    use myconet_agent::shell::underlay::RELAY_HANDSHAKE_LIMIT;
     use myconet_common::wire::{PacketType, Repr};
     use myconet_testbed::packet;
 

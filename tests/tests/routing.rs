@@ -555,10 +555,11 @@ fn cost_scenario(topo: &Topology, agents: &mut Vec<Option<AgentProcess>>) -> Res
 /// test proves the channel works and the refusal is about ownership).
 #[test]
 fn a_neighbour_announcing_a_prefix_it_does_not_own_is_ignored() -> Result<()> {
-    use myconet_agent::{
-        peers::{LinkEndpoint, control::frame_routing},
+    use myconet_core::{
+        id::{LinkEndpoint, Signer},
+        peers::wire::frame_routing,
         routing::{SignedOrigin, owned_prefix, wire},
-        session::{Config, Inbound, SessionTable, Signer},
+        session::{Config, Inbound, SessionTable},
     };
     use ring::{rand::SystemRandom, signature::Ed25519KeyPair};
 

@@ -22,7 +22,7 @@ pub const TARGETS: &[(&str, &str)] = &[
         "session",
         "handshake, cookie, sealed datagrams into the session core",
     ),
-    ("control", "link control messages and routing frames"),
+    ("link", "link messages and routing frames"),
     ("routing", "routing TLVs and payloads into the router"),
     ("discovery", "discovery beacons into the peer manager"),
     ("config", "the agent's TOML config file"),

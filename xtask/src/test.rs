@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::{cmd, fuzz, setup};
 
@@ -48,6 +48,69 @@ impl Tally {
     }
 }
 
+/// Crates the protocol cores must never depend on: the async runtime, the eBPF loader,
+/// the XDP program and the agent (the shell). `myconet-core` builds and tests on stable
+/// Rust with no eBPF toolchain only while none of them is in its dependency tree.
+const NOT_IN_CORE: &[&str] = &["aya", "tokio", "myconet-ebpf", "myconet-agent"];
+
+/// The packages of a `cargo tree --prefix none` listing that are, or belong to, one of
+/// [`NOT_IN_CORE`] (`aya-obj` counts as aya, `tokio-macros` as tokio).
+pub fn forbidden_in_core(tree: &str) -> Vec<String> {
+    let mut found: Vec<String> = tree
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| {
+            NOT_IN_CORE.iter().any(|bad| {
+                *name == *bad || name.strip_prefix(bad).is_some_and(|r| r.starts_with('-'))
+            })
+        })
+        .map(str::to_owned)
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Fails when `myconet-core`'s normal dependencies reach tokio, aya, the XDP program or
+/// the agent (see [`NOT_IN_CORE`]).
+fn check_core_is_sans_io(root: &Path) -> Result<()> {
+    let mut tree = cmd::cargo(root);
+    tree.args([
+        "tree",
+        "-p",
+        "myconet-core",
+        "-e",
+        "normal",
+        "--prefix",
+        "none",
+    ]);
+    let line = cmd::line(&tree);
+    eprintln!("+ {line}");
+    let out = tree
+        .output()
+        .with_context(|| format!("failed to start `{line}`"))?;
+    if !out.status.success() {
+        bail!("`{line}` failed with {}", out.status);
+    }
+    let listing = String::from_utf8_lossy(&out.stdout);
+    if !listing.lines().any(|l| l.starts_with("myconet-core ")) {
+        bail!("`{line}` did not list myconet-core");
+    }
+    let found = forbidden_in_core(&listing);
+    if !found.is_empty() {
+        bail!(
+            "myconet-core depends on {} (the protocol cores must stay free of I/O runtimes \
+             and the eBPF toolchain; move that code to myconet-agent)",
+            found.join(", ")
+        );
+    }
+    println!(
+        "myconet-core: no {} in its dependencies",
+        NOT_IN_CORE.join(", ")
+    );
+    Ok(())
+}
+
 /// Runs fmt, clippy (host and eBPF), build, tests and a short run of every fuzz target;
 /// `extra` goes to `cargo test` (and skips the fuzz stage).
 pub fn run(root: &Path, extra: &[String]) -> Result<()> {
@@ -74,6 +137,7 @@ pub fn run(root: &Path, extra: &[String]) -> Result<()> {
                 cmd::run(cmd::cargo(root).args(["clippy", "--all-targets", "--", "-D", "warnings"]))
             }),
         ),
+        ("core is sans-IO", Box::new(|| check_core_is_sans_io(root))),
         (
             "clippy (eBPF)",
             Box::new(|| {
@@ -171,6 +235,19 @@ pub fn run(root: &Path, extra: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_core_check_names_runtimes_and_the_ebpf_toolchain() {
+        let clean = "myconet-core v0.1.0 (/w/myconet-core)\nmyconet-common v0.1.0\nring v0.17.14\nthiserror v2.0.21\n";
+        assert!(forbidden_in_core(clean).is_empty());
+        let dirty = format!(
+            "{clean}tokio v1.0.0\ntokio-macros v2.0.0 (proc-macro)\naya-obj v0.2.0\nmyconet-ebpf v0.1.0\nayaya v1.0.0\ntokiox v1.0.0\n"
+        );
+        assert_eq!(
+            forbidden_in_core(&dirty),
+            ["aya-obj", "myconet-ebpf", "tokio", "tokio-macros"]
+        );
+    }
 
     #[test]
     fn tally_sums_libtest_lines() {

@@ -18,15 +18,16 @@ use std::{
     net::{Ipv6Addr, SocketAddrV6},
 };
 
-use myconet_agent::{
-    dataplane::{XdpDataplane, ifindex},
-    forward::{self, Decision, DropReason, Endpoint},
-    rib::{NextHop, Origin, Prefix, Rib, RibEntry, RouteTarget},
-};
+use myconet_agent::os::dataplane::{XdpDataplane, ifindex};
 use myconet_common::{
     checksum,
     maps::{HandshakeLimits, LocalAddrKey, PeerKey, Stat},
     wire::{self, Packet, PacketType, Repr, WireError, field},
+};
+use myconet_core::{
+    forward::{self, Decision, DropReason},
+    id::LinkEndpoint,
+    rib::{NextHop, Origin, Prefix, Rib, RibEntry, RouteTarget},
 };
 use myconet_testbed::fixture::{NEIGH2_MAC, PEER_MAC, V0_MAC, V2_MAC};
 
@@ -109,7 +110,7 @@ enum Fib {
 pub struct Harness {
     dp: XdpDataplane,
     rib: Rib,
-    peers: BTreeSet<Endpoint>,
+    peers: BTreeSet<LinkEndpoint>,
     local: BTreeSet<LocalAddrKey>,
     /// Ingress interfaces frames can arrive on (v0, v2).
     pub ifaces: [u32; 2],
@@ -186,7 +187,7 @@ impl Harness {
     fn peer(&mut self, addr: &str, port: u16, scope: u32) -> anyhow::Result<()> {
         self.dp
             .add_peer(PeerKey::new(a(addr).octets(), port, scope))?;
-        self.peers.insert(Endpoint::new(a(addr), port, scope));
+        self.peers.insert(LinkEndpoint::new(a(addr), port, scope));
         Ok(())
     }
 
@@ -254,7 +255,7 @@ impl Harness {
         if repr.packet_type == PacketType::Control {
             return expect(XDP_PASS, Stat::PassControl);
         }
-        let from = Endpoint::new(addr(IP_OFF + 8), be16(UDP_OFF), ingress);
+        let from = LinkEndpoint::new(addr(IP_OFF + 8), be16(UDP_OFF), ingress);
         let is_data = repr.packet_type == PacketType::Data;
         // The userspace relay's decision.
         match forward::decide(&self.rib, &self.peers, from, &repr) {

@@ -1,4 +1,0 @@
-#![no_main]
-//! libFuzzer entry point; the target and its properties are in `myconet_fuzz::control`.
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| myconet_fuzz::control::run(data));
