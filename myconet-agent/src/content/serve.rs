@@ -494,15 +494,44 @@ fn admit(ctx: &ServeCtx, peer: u64, id: u32, active: &Active) -> Result<u32, (Er
     Err((ErrorCode::Busy, 100))
 }
 
+/// The minimum-rate account of one connection: the time the peer keeps us waiting in
+/// writes is paid from a credit of at most `write`, which each byte it takes refills by
+/// 1 / `min_rate` seconds. A peer reading at `min_rate` or faster never runs out; one
+/// reading at a fraction f of it runs out after about `write` / (1 - f) of waiting.
+#[derive(Debug, Clone, Copy)]
+struct Credit(Duration);
+
+impl Credit {
+    fn new(d: &Deadlines) -> Self {
+        Self(d.write)
+    }
+
+    /// How long the next write may wait for the peer, and what expires then.
+    fn limit(self, d: &Deadlines) -> (Duration, Expired) {
+        if d.min_rate > 0 && self.0 < d.write {
+            (self.0, Expired::Rate)
+        } else {
+            (d.write, Expired::Write)
+        }
+    }
+
+    /// The peer took `n` bytes after keeping us waiting `waited`.
+    fn took(&mut self, d: &Deadlines, n: usize, waited: Duration) {
+        if d.min_rate > 0 {
+            let earned = Duration::from_secs_f64(n as f64 / d.min_rate as f64);
+            self.0 = (self.0 + earned).saturating_sub(waited).min(d.write);
+        }
+    }
+}
+
 /// The write half of a connection under its write deadlines: every write must see
-/// the peer take a byte within `write`, and the time the peer keeps us waiting is
-/// paid from a credit (at most `write`) that each byte it takes refills by
-/// 1 / `min_rate` seconds.
+/// the peer take a byte within `write`, and the time it waits is paid from the
+/// connection's [`Credit`].
 struct Sender<'a> {
     w: OwnedWriteHalf,
     ctx: &'a ServeCtx,
     peer: u64,
-    credit: Duration,
+    credit: Credit,
 }
 
 impl<'a> Sender<'a> {
@@ -511,7 +540,7 @@ impl<'a> Sender<'a> {
             w,
             ctx,
             peer,
-            credit: ctx.deadlines.write,
+            credit: Credit::new(&ctx.deadlines),
         }
     }
 
@@ -520,22 +549,13 @@ impl<'a> Sender<'a> {
     async fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
         let d = self.ctx.deadlines;
         while !buf.is_empty() {
-            let (limit, why) = if d.min_rate > 0 && self.credit < d.write {
-                (self.credit, Expired::Rate)
-            } else {
-                (d.write, Expired::Write)
-            };
+            let (limit, why) = self.credit.limit(&d);
             let start = Instant::now();
             match tokio::time::timeout(limit, self.w.write(buf)).await {
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(Ok(n)) => {
                     buf = &buf[n..];
-                    if d.min_rate > 0 {
-                        let earned = Duration::from_secs_f64(n as f64 / d.min_rate as f64);
-                        self.credit = (self.credit + earned)
-                            .saturating_sub(start.elapsed())
-                            .min(d.write);
-                    }
+                    self.credit.took(&d, n, start.elapsed());
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
@@ -899,5 +919,92 @@ fn encode_batch(
         src,
         frames,
         outcome,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Feeds `credit` writes of `n` bytes each taking `waited`, up to `max` of them;
+    /// returns how many went before a write's wait exceeded its limit, and what expired.
+    fn run(d: &Deadlines, n: usize, waited: Duration, max: u32) -> (u32, Option<Expired>) {
+        let mut credit = Credit::new(d);
+        for i in 0..max {
+            let (limit, why) = credit.limit(d);
+            if waited > limit {
+                return (i, Some(why));
+            }
+            credit.took(d, n, waited);
+        }
+        (max, None)
+    }
+
+    #[test]
+    fn slow_honest_links_keep_their_credit_and_trickles_and_stalls_expire() {
+        let d = Deadlines::default();
+        // A 1 Mbit/s peer: 64 KiB every 0.52 s, for an hour.
+        assert_eq!(run(&d, 64 << 10, 524 * MS, 7_000), (7_000, None));
+        // A 64 kbit/s peer (twice the minimum): 8 KiB a second, for an hour.
+        assert_eq!(run(&d, 8 << 10, 1000 * MS, 3_600), (3_600, None));
+        // A trickle at half the minimum (2 KiB/s) makes progress every second, but
+        // runs out of credit in about 2 × 20 s.
+        let (went, why) = run(&d, 2 << 10, 1000 * MS, 3_600);
+        assert_eq!(why, Some(Expired::Rate));
+        assert!((35..=45).contains(&went), "{went}");
+        // One byte a second: about 20 s.
+        let (went, why) = run(&d, 1, 1000 * MS, 3_600);
+        assert_eq!(why, Some(Expired::Rate));
+        assert!((18..=21).contains(&went), "{went}");
+        // Nothing taken: the write deadline, at once.
+        assert_eq!(run(&d, 1, d.write + MS, 10), (0, Some(Expired::Write)));
+        // Without a minimum rate only the write deadline holds.
+        let no_min = Deadlines { min_rate: 0, ..d };
+        assert_eq!(run(&no_min, 1, 19_000 * MS, 1_000), (1_000, None));
+    }
+
+    #[test]
+    fn the_read_deadline_follows_the_connection_state() {
+        let d = Deadlines::default();
+        let active = Active::new();
+        let accepted = active.lock().idle_since;
+        // A new connection: its first request within the request deadline.
+        assert_eq!(
+            active.read_deadline(&d, None),
+            Some((accepted + d.request, Expired::Request))
+        );
+        {
+            let mut s = active.lock();
+            s.admitted = true;
+            s.requests.insert(
+                7,
+                Entry {
+                    internal: 1,
+                    cancelled: false,
+                },
+            );
+        }
+        // A request in progress and no frame begun: the writer's deadlines hold.
+        assert_eq!(active.read_deadline(&d, None), None);
+        // A frame begun meanwhile must be whole in time whatever is in progress.
+        let begun = Instant::now();
+        assert_eq!(
+            active.read_deadline(&d, Some(begun)),
+            Some((begun + d.request, Expired::Request))
+        );
+        active.finish(7);
+        let idle = active.lock().idle_since;
+        assert!(idle >= accepted);
+        assert_eq!(
+            active.read_deadline(&d, None),
+            Some((idle + d.idle, Expired::Idle))
+        );
+        // A begun frame's deadline comes first when it is the earlier one.
+        assert_eq!(
+            active.read_deadline(&d, Some(begun)),
+            Some((begun + d.request, Expired::Request))
+        );
     }
 }
