@@ -29,10 +29,9 @@ pub async fn run(
     mut out: mpsc::UnboundedReceiver<Vec<u8>>,
     input: mpsc::Sender<Input>,
 ) {
-    let error = match connect_and_run(provider, generation, &mut out, &input).await {
-        Ok(()) => None,
-        Err(e) => Some(e),
-    };
+    let error = connect_and_run(provider, generation, &mut out, &input)
+        .await
+        .err();
     let _ = input
         .send(Input::Closed {
             provider,

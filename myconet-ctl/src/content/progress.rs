@@ -104,11 +104,11 @@ fn providers(p: &pb::Progress) -> String {
 
 /// One plain progress line.
 pub fn line(p: &pb::Progress) -> String {
-    let pct = if p.total_bytes > 0 {
-        p.verified_bytes * 100 / p.total_bytes
-    } else {
-        0
-    };
+    let pct = p
+        .verified_bytes
+        .saturating_mul(100)
+        .checked_div(p.total_bytes)
+        .unwrap_or(0);
     let eta = if p.rate > 0.0 && p.total_bytes > p.verified_bytes {
         format!(
             ", ETA {:.0} s",

@@ -22,10 +22,15 @@ pub fn bytes(n: u64) -> String {
 fn state(p: &pb::Package) -> String {
     if p.complete {
         "complete".into()
-    } else if p.total_size == 0 {
-        "partial".into()
     } else {
-        format!("partial {}%", p.verified_bytes * 100 / p.total_size)
+        match p
+            .verified_bytes
+            .saturating_mul(100)
+            .checked_div(p.total_size)
+        {
+            Some(pct) => format!("partial {pct}%"),
+            None => "partial".into(),
+        }
     }
 }
 
