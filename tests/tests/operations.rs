@@ -250,10 +250,11 @@ fn startup_errors_say_why_and_leave_nothing_behind() -> Result<()> {
                 .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
                 .collect::<Result<_, _>>()?;
             left.sort();
-            // Only state meant to outlive the process may stay: the identity and the
+            // Only state meant to outlive the process may stay: the identity, the
             // routing seqno reservation (never reused, so it is written before the
-            // router can announce anything); no lock file, no sysctl journal.
-            left.retain(|f| f != "routing-seqno");
+            // router can announce anything) and the content store (opened, and created
+            // if new, before the network claims); no lock file, no sysctl journal.
+            left.retain(|f| f != "routing-seqno" && f != "store");
             ensure!(
                 left == ["identity.pk8"],
                 "{case}: the state directory holds {left:?}"
