@@ -116,6 +116,18 @@ impl BlobReader {
         self.len == 0
     }
 
+    /// Whether the file read was removed from the store since it was opened (its last
+    /// link is gone): the reader still reads, but its blocks stay allocated, outside
+    /// the quota's count, until it is dropped. A server holding a reader across a long
+    /// stream checks this to let go of removed blobs. Memory readers are never unlinked.
+    pub fn is_unlinked(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match &self.source {
+            Source::File(f) => f.metadata().is_ok_and(|m| m.nlink() == 0),
+            Source::Mem(_) => false,
+        }
+    }
+
     /// Reads at `offset` without moving the cursor; returns 0 at or past the end.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         if offset >= self.len {

@@ -273,3 +273,11 @@ pub struct BlobSource {
     /// Its outboard.
     pub outboard: Outboard<BlobReader>,
 }
+
+impl BlobSource {
+    /// Whether its data or outboard file was removed (or replaced) since it was opened:
+    /// see [`BlobReader::is_unlinked`].
+    pub fn is_unlinked(&self) -> bool {
+        self.data.is_unlinked() || self.outboard.data().is_unlinked()
+    }
+}

@@ -920,3 +920,27 @@ both!(
         }
     }
 );
+
+/// A source opened for serving tells when its blob was removed under it, so a server
+/// streaming from it can let go of the unlinked files (whose blocks the quota no longer
+/// counts) instead of holding them for as long as a slow peer keeps the stream open.
+#[test]
+fn a_source_knows_when_its_blob_was_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStore::open(dir.path(), StoreConfig::with_max_bytes(64 * MIB)).unwrap();
+    let d = data(9, 3 * GROUP_BYTES as usize);
+    let files: &[(&str, &[u8])] = &[("f", &d)];
+    let m = manifest("unlinked", files);
+    add(&s, &m, files, &[]).unwrap();
+    let src = s.source(&Hash::of(&d)).unwrap();
+    assert!(!src.is_unlinked());
+    s.remove(&m.id()).unwrap();
+    assert!(src.is_unlinked(), "the removed blob's files are unlinked");
+    // Still readable: the reader holds the inode until it is dropped.
+    let mut buf = vec![0u8; 16];
+    src.data.read_exact_at(0, &mut buf).unwrap();
+    assert_eq!(buf, d[..16]);
+    let mem = MemStore::new(StoreConfig::with_max_bytes(64 * MIB)).unwrap();
+    add(&mem, &m, files, &[]).unwrap();
+    assert!(!mem.source(&Hash::of(&d)).unwrap().is_unlinked());
+}

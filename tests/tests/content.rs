@@ -716,3 +716,303 @@ fn check_store(agent: &AgentProcess) -> Result<()> {
     );
     Ok(())
 }
+
+/// What one hostile connection does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hostile {
+    /// Asks for a whole blob and never reads.
+    Stall,
+    /// Asks for a whole blob and reads one byte per tick.
+    SlowReader,
+    /// Sends a request one byte per tick (slowloris).
+    Trickle,
+    /// Asks one small question, reads the answer, then says nothing.
+    Idle,
+}
+
+/// A hostile requester's connection, opened from node `from`'s namespace (so its source
+/// is that node's overlay address, which the overlay authenticates).
+struct HostileConn {
+    kind: Hostile,
+    stream: std::net::TcpStream,
+    /// The request written a byte per tick (trickle) and how much of it went.
+    pending: Vec<u8>,
+    sent: usize,
+    closed: Option<Duration>,
+}
+
+/// Whether the server closed or reset `stream` (seen without reading from it).
+fn peer_closed(stream: &std::net::TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; no wait.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// Reads one whole frame (blocking, bounded by the stream's read timeout).
+fn read_one_frame(stream: &mut std::net::TcpStream) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut header = [0u8; 8];
+    stream.read_exact(&mut header)?;
+    let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    Ok([&header[..], &body].concat())
+}
+
+/// The agent's resident memory in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    line.split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()
+        .context("VmRSS")
+}
+
+/// How many of `pid`'s open files are `path` (or what was `path`, deleted since).
+fn open_count(pid: u32, path: &Path) -> Result<usize> {
+    let want = path.display().to_string();
+    let mut n = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(target) = std::fs::read_link(fd?.path()) else {
+            continue;
+        };
+        let t = target.display().to_string();
+        if t == want || t == format!("{want} (deleted)") {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Hostile requesters cannot hold the provider's connections, memory or files: from b,
+/// one node opens all 8 connections it may to a's content port and stalls them four
+/// ways (asks for a whole 24 MiB blob and never reads; reads a byte per tick; sends a
+/// request a byte per tick; asks once and then says nothing). a closes each within its
+/// deadline (short ones set in its config: 2 s for a request, 3 s idle, 4 s without a
+/// byte taken), counts each reason, lets go of the stalled blob's file while those
+/// connections are still open, and keeps its memory bounded, while c fetches a package
+/// through the remaining slot byte for byte; afterwards b gets all its slots back.
+#[test]
+fn hostile_requesters_are_cut_off_by_the_deadlines_and_an_honest_one_is_served() -> Result<()> {
+    use myconet_content::{
+        GroupSet, Hash,
+        verified::group_count,
+        wire::{HaveTarget, Message},
+    };
+    use std::io::{Read, Write};
+
+    let dir = TempDir::new("content-hostile")?;
+    let config = dir.path().join("a.toml");
+    std::fs::write(
+        &config,
+        "[content]\nmax_connections = 9\nrequest_timeout_secs = 2\nidle_timeout_secs = 3\n\
+         write_timeout_secs = 4\n",
+    )?;
+    let cfg = s(&config)?.to_owned();
+    let chain = ContentChain::start(&bin_dir()?, 3, "chostile", move |i| {
+        if i == A {
+            vec!["--config".into(), cfg.clone()]
+        } else {
+            Vec::new()
+        }
+    })?;
+    let stall_src = dir.path().join("stall");
+    std::fs::create_dir_all(&stall_src)?;
+    let stall_size = 24 * MIB;
+    random_file(&stall_src.join("big.bin"), stall_size)?;
+    let stall_mri = chain.add(A, &[s(&stall_src)?])?;
+    let honest_src = dir.path().join("honest");
+    package_tree(&honest_src, &[8 * MIB])?;
+    let honest_mri = chain.add(A, &[s(&honest_src)?])?;
+    let info = chain.agents[A].ctl_json(&["content", "info", &stall_mri])?;
+    let file = &info["files"][0];
+    let blob: Hash = file["hash"]
+        .as_str()
+        .context("hash")?
+        .parse()
+        .map_err(|e| anyhow::anyhow!("blob hash: {e:?}"))?;
+    ensure!(json_u64(&file["size"]) == stall_size, "{info}");
+    let data_file = find_data_file(&chain.agents[A].state_dir().join("store/blobs"), stall_size)?;
+    let a_pid = chain.agents[A].pid();
+    let whole = Message::GetGroups {
+        id: 1,
+        blob,
+        size: stall_size,
+        groups: GroupSet::all(group_count(stall_size)),
+    }
+    .to_bytes();
+    let have = Message::GetHave {
+        id: 1,
+        target: HaveTarget::Blob {
+            hash: blob,
+            size: stall_size,
+        },
+    }
+    .to_bytes();
+    let a_addr = std::net::SocketAddr::from((
+        chain.overlay[A],
+        myconet_agent::shell::content::settings::DEFAULT_CONTENT_PORT,
+    ));
+    let connect = |n: usize| -> Result<Vec<std::net::TcpStream>> {
+        chain.topo.node(B).netns().run_in(|| {
+            (0..n)
+                .map(|_| {
+                    std::net::TcpStream::connect_timeout(&a_addr, Duration::from_secs(10))
+                        .context("connecting to a's content port")
+                })
+                .collect::<Result<Vec<_>>>()
+        })?
+    };
+    let baseline_rss = rss_kib(a_pid)?;
+    let before = chain.content_stats(A)?;
+
+    let kinds = [
+        Hostile::Stall,
+        Hostile::Stall,
+        Hostile::Stall,
+        Hostile::Stall,
+        Hostile::SlowReader,
+        Hostile::Trickle,
+        Hostile::Trickle,
+        Hostile::Idle,
+    ];
+    let started = Instant::now();
+    let mut conns = Vec::new();
+    for (kind, mut stream) in kinds.into_iter().zip(connect(kinds.len())?) {
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut pending = Vec::new();
+        match kind {
+            Hostile::Stall | Hostile::SlowReader => stream.write_all(&whole)?,
+            Hostile::Trickle => pending = have.clone(),
+            Hostile::Idle => {
+                stream.write_all(&have)?;
+                let reply = read_one_frame(&mut stream)?;
+                ensure!(reply[1] == 0x84, "a have reply, got type {:#x}", reply[1]);
+            }
+        }
+        stream.set_nonblocking(true)?;
+        conns.push(HostileConn {
+            kind,
+            stream,
+            pending,
+            sent: 0,
+            closed: None,
+        });
+    }
+
+    // The honest node fetches meanwhile, through the slot the hostile one left.
+    let honest_out = dir.path().join("honest-out");
+    let (peak_rss, released_while_stalled) = std::thread::scope(|scope| -> Result<_> {
+        let honest = scope.spawn(|| chain.get(C, &honest_mri, &[A], Some(&honest_out)));
+        let mut peak = baseline_rss;
+        let mut released = false;
+        let limit = Duration::from_secs(30);
+        while conns.iter().any(|c| c.closed.is_none()) && started.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(250));
+            for c in conns.iter_mut().filter(|c| c.closed.is_none()) {
+                match c.kind {
+                    Hostile::Trickle
+                        if c.sent < c.pending.len()
+                            && c.stream.write(&c.pending[c.sent..=c.sent]).is_ok() =>
+                    {
+                        c.sent += 1;
+                    }
+                    Hostile::SlowReader => {
+                        let _ = c.stream.read(&mut [0u8; 1]);
+                    }
+                    _ => {}
+                }
+                if peer_closed(&c.stream) {
+                    c.closed = Some(started.elapsed());
+                }
+            }
+            peak = peak.max(rss_kib(a_pid)?);
+            // Once the stalled streams have opened the blob, a lets go of its file
+            // while they are still open.
+            let stalled_open = conns
+                .iter()
+                .any(|c| c.kind == Hostile::Stall && c.closed.is_none());
+            let streams = content_counter(&chain.content_stats(A)?, "serve_groups_requests")?
+                - content_counter(&before, "serve_groups_requests")?;
+            if stalled_open && streams >= 5 && open_count(a_pid, &data_file)? == 0 {
+                released = true;
+            }
+        }
+        let got = honest
+            .join()
+            .map_err(|_| anyhow::anyhow!("the honest get panicked"))?;
+        got.context("the honest node's fetch during the attack")?;
+        Ok((peak, released))
+    })?;
+    for c in &conns {
+        eprintln!("{:?}: closed after {:?}", c.kind, c.closed);
+    }
+    // Each deadline plus a margin for a loaded machine.
+    for c in &conns {
+        let bound = match c.kind {
+            Hostile::Trickle => Duration::from_secs(2 + 8),
+            Hostile::Idle => Duration::from_secs(3 + 8),
+            Hostile::Stall | Hostile::SlowReader => Duration::from_secs(4 + 8),
+        };
+        ensure!(
+            c.closed.is_some_and(|t| t <= bound),
+            "a held a {:?} connection for {:?} (bound {bound:?})",
+            c.kind,
+            c.closed
+        );
+    }
+    same_tree(&honest_src, &honest_out)?;
+    let after = chain.content_stats(A)?;
+    let moved = |name: &str| -> Result<u64> {
+        Ok(content_counter(&after, name)? - content_counter(&before, name)?)
+    };
+    eprintln!(
+        "timeouts: request {} idle {} write {} rate {}; rss {} -> {} KiB",
+        moved("serve_timeouts_request")?,
+        moved("serve_timeouts_idle")?,
+        moved("serve_timeouts_write")?,
+        moved("serve_timeouts_rate")?,
+        baseline_rss,
+        peak_rss
+    );
+    ensure!(moved("serve_timeouts_request")? >= 2, "{after}");
+    ensure!(moved("serve_timeouts_idle")? >= 1, "{after}");
+    ensure!(
+        moved("serve_timeouts_write")? + moved("serve_timeouts_rate")? >= 5,
+        "{after}"
+    );
+    ensure!(
+        released_while_stalled,
+        "a kept the stalled blob's file open for as long as the stalled connections"
+    );
+    // Memory: what the stalls and the honest fetch cost a stays small (each stalled
+    // connection buffers at most one 256 KiB batch and one frame).
+    ensure!(
+        peak_rss.saturating_sub(baseline_rss) < 64 << 10,
+        "a's RSS grew from {baseline_rss} KiB to {peak_rss} KiB"
+    );
+    // The slots are free again: b's node may open all 8 and is answered on each.
+    let refused = content_counter(&after, "serve_connections_refused")?;
+    for mut stream in connect(8)? {
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(&have)?;
+        let reply = read_one_frame(&mut stream)?;
+        ensure!(reply[1] == 0x84, "a have reply, got type {:#x}", reply[1]);
+    }
+    ensure!(
+        content_counter(&chain.content_stats(A)?, "serve_connections_refused")? == refused,
+        "a refused one of b's connections after the deadlines freed them"
+    );
+    Ok(())
+}

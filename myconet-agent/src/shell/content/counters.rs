@@ -51,6 +51,17 @@ counters! {
     serve_bad_frames,
     /// Streams stopped because this node's own copy failed to read or verify.
     serve_local_errors,
+    /// Connections closed because a request frame (or a new connection's first
+    /// request) did not arrive whole within `content.request_timeout_secs`.
+    serve_timeouts_request,
+    /// Connections closed after `content.idle_timeout_secs` with no request in progress.
+    serve_timeouts_idle,
+    /// Connections reset because the peer took no byte of a write for
+    /// `content.write_timeout_secs`.
+    serve_timeouts_write,
+    /// Connections reset because the peer read below `content.min_send_rate` for
+    /// longer than its credit.
+    serve_timeouts_rate,
     /// Downloads started.
     fetch_started,
     /// Downloads that completed.

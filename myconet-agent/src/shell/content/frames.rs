@@ -58,6 +58,17 @@ pub fn finish_data(out: &mut [u8], start: usize) {
     Frame::new_unchecked(&mut out[start..]).set_header(MessageType::Data as u8, body as u32);
 }
 
+/// The header and request id of a manifest frame for request `id` carrying `len`
+/// bytes, to be written before the stored bytes themselves (a manifest may be 16 MiB:
+/// no second copy of it is made to frame it). `len` is at most the manifest limit.
+pub fn manifest_prefix(id: u32, len: usize) -> [u8; DATA_PREFIX] {
+    let mut out = [0u8; DATA_PREFIX];
+    let body = u32::try_from(len + 4).unwrap_or(u32::MAX);
+    Frame::new_unchecked(&mut out[..]).set_header(MessageType::Manifest as u8, body);
+    out[HEADER_LEN..].copy_from_slice(&id.to_be_bytes());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +102,13 @@ mod tests {
         );
         let mut short: &[u8] = &out[..10];
         assert!(read_frame(&mut short, Role::Requester).await.is_err());
+    }
+
+    #[test]
+    fn a_manifest_prefix_and_its_bytes_are_the_manifest_frame() {
+        let bytes = b"signed manifest bytes";
+        let mut framed = manifest_prefix(9, bytes.len()).to_vec();
+        framed.extend_from_slice(bytes);
+        assert_eq!(framed, Message::Manifest { id: 9, bytes }.to_bytes());
     }
 }

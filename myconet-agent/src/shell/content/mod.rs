@@ -117,6 +117,7 @@ impl Content {
             store.clone(),
             limits,
             counters.clone(),
+            settings.deadlines,
             settings.fault_corrupt,
         ));
         let (global, _) = broadcast::channel(WATCH_QUEUE);

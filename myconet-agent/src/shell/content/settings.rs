@@ -12,12 +12,21 @@
 //! upload_rate = "0"                # bytes/s per requesting node, 0: unlimited
 //! upload_burst = "4 MiB"
 //! max_connections = 256            # in total; 8 per requesting node
+//! request_timeout_secs = 10        # a request frame whole (and a new connection's first)
+//! idle_timeout_secs = 30           # no request in progress
+//! write_timeout_secs = 20          # a write the peer takes nothing of
+//! min_send_rate = "4 KiB"          # bytes/s a peer must take while it holds us; 0: none
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+
+use super::serve::Deadlines;
 
 /// Default quota of the store: `storage.max_bytes`.
 pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
@@ -34,6 +43,8 @@ pub const DEFAULT_UPLOAD_BURST: u64 = 4 << 20;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 /// Simultaneous content connections one requesting node (/64) may hold.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
+/// Longest any of the connection deadlines may be set to (an hour).
+const MAX_DEADLINE_SECS: u64 = 3600;
 
 /// Command-line flags of the two sections (flattened into the agent's flags).
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -74,6 +85,10 @@ pub struct ContentSection {
     upload_rate: Option<toml::Value>,
     upload_burst: Option<toml::Value>,
     max_connections: Option<u64>,
+    request_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
+    write_timeout_secs: Option<u64>,
+    min_send_rate: Option<toml::Value>,
 }
 
 /// Resolved, validated settings of the content service.
@@ -93,6 +108,8 @@ pub struct ContentSettings {
     pub upload_burst: u64,
     /// Simultaneous connections, all requesters together.
     pub max_connections: usize,
+    /// What a slow or stalled requester can hold a connection for.
+    pub deadlines: Deadlines,
     /// Test only: corrupt what is served (see [`ContentFlags::content_fault_corrupt`]).
     pub fault_corrupt: bool,
 }
@@ -108,6 +125,7 @@ impl ContentSettings {
             upload_rate: 0,
             upload_burst: DEFAULT_UPLOAD_BURST,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            deadlines: Deadlines::default(),
             fault_corrupt: false,
         }
     }
@@ -167,6 +185,33 @@ impl ContentSettings {
         }
         if let Some(n) = content.max_connections {
             s.max_connections = bounded(n, 1..=65_536, "content.max_connections")?;
+        }
+        let secs = |v: Option<u64>, what: &str, default: Duration| -> anyhow::Result<Duration> {
+            match v {
+                None => Ok(default),
+                Some(n) => Ok(Duration::from_secs(
+                    bounded(n, 1..=MAX_DEADLINE_SECS, what)? as u64,
+                )),
+            }
+        };
+        let d = &mut s.deadlines;
+        d.request = secs(
+            content.request_timeout_secs,
+            "content.request_timeout_secs",
+            d.request,
+        )?;
+        d.idle = secs(
+            content.idle_timeout_secs,
+            "content.idle_timeout_secs",
+            d.idle,
+        )?;
+        d.write = secs(
+            content.write_timeout_secs,
+            "content.write_timeout_secs",
+            d.write,
+        )?;
+        if let Some(v) = &content.min_send_rate {
+            d.min_rate = size_value(v).context("content.min_send_rate")?;
         }
         s.fault_corrupt = flags.content_fault_corrupt;
         Ok(s)
@@ -254,7 +299,9 @@ mod tests {
         let storage: StorageSection =
             toml::from_str("dir = \"/srv/store\"\nmax_bytes = \"1 GiB\"").unwrap();
         let content: ContentSection = toml::from_str(
-            "port = 7000\nmax_concurrent_requests = 2\nupload_rate = \"1 MiB\"\nmax_connections = 9",
+            "port = 7000\nmax_concurrent_requests = 2\nupload_rate = \"1 MiB\"\nmax_connections = 9\n\
+             request_timeout_secs = 2\nidle_timeout_secs = 3\nwrite_timeout_secs = 4\n\
+             min_send_rate = \"1 KiB\"",
         )
         .unwrap();
         let flags = ContentFlags {
@@ -268,6 +315,15 @@ mod tests {
         assert_eq!(s.max_concurrent, 2);
         assert_eq!(s.upload_rate, 1 << 20);
         assert_eq!(s.max_connections, 9);
+        assert_eq!(
+            s.deadlines,
+            Deadlines {
+                request: Duration::from_secs(2),
+                idle: Duration::from_secs(3),
+                write: Duration::from_secs(4),
+                min_rate: 1024,
+            }
+        );
     }
 
     #[test]
@@ -288,6 +344,14 @@ mod tests {
         check("", "upload_burst = 10", "upload_burst");
         check("", "port = 0", "content.port");
         check("", "max_connections = 0", "max_connections");
+        check(
+            "",
+            "request_timeout_secs = 0",
+            "content.request_timeout_secs",
+        );
+        check("", "idle_timeout_secs = 3601", "content.idle_timeout_secs");
+        check("", "write_timeout_secs = 0", "content.write_timeout_secs");
+        check("", "min_send_rate = \"fast\"", "content.min_send_rate");
         assert!(toml::from_str::<ContentSection>("prot = 1").is_err());
         assert!(toml::from_str::<StorageSection>("maxbytes = 1").is_err());
     }
