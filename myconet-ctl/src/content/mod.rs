@@ -15,7 +15,10 @@ use myconet_content::manifest::{Kind, check_language, check_spdx};
 use myconet_proto::content::v1::{self as pb, content_client::ContentClient};
 use tonic::transport::Channel;
 
-use crate::client::{self, CtlError};
+use crate::{
+    client::{self, CtlError},
+    show,
+};
 
 /// `content …`
 #[derive(Debug, Subcommand)]
@@ -168,21 +171,6 @@ fn absolute(p: &Path) -> anyhow::Result<String> {
     abs.to_str()
         .map(str::to_owned)
         .with_context(|| format!("{}: the path is not UTF-8", abs.display()))
-}
-
-/// The response as pretty JSON, or the human rendering.
-fn show<T: serde::Serialize>(
-    json: bool,
-    value: &T,
-    human: impl FnOnce(&T) -> String,
-) -> anyhow::Result<String> {
-    if json {
-        let mut s = serde_json::to_string_pretty(value).context("encoding JSON")?;
-        s.push('\n');
-        Ok(s)
-    } else {
-        Ok(human(value))
-    }
 }
 
 /// Runs one `content` command; returns what to print on standard output.
